@@ -1,0 +1,10 @@
+//! llm-ratelimit: a proxy-wasm filter for Envoy that keeps LLM API traffic inside provider quotas.
+//!
+//! The pure core (every module but `host`) never calls the host and takes time as an argument,
+//! so it is unit-tested natively and compiled to wasm32. `host` is the thin proxy-wasm layer; it
+//! exists only in the wasm32-wasip1 build that Envoy loads.
+
+pub mod priority;
+
+#[cfg(target_os = "wasi")]
+mod host;
