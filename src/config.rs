@@ -1,0 +1,385 @@
+//! The filter's configuration: the JSON in the plugin `configuration`, parsed and validated.
+//!
+//! Every field is optional and defaults to the values in the README. Anything unknown or out of
+//! range is an error that names the field, the bad value and what is allowed, so Envoy refuses to
+//! start with a message an operator can act on.
+
+use crate::priority::Priority;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// The validated configuration the filter runs with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Stat dimension for this filter instance (provider or route), e.g. `openai`.
+    pub name: String,
+    pub bucket: BucketConfig,
+    /// Per-class settings, indexed by `Priority::index()`.
+    pub classes: [ClassConfig; 4],
+    pub classify: ClassifyConfig,
+    pub queue: QueueConfig,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BucketConfig {
+    /// Tokens every class may spend.
+    pub capacity: u64,
+    /// Tokens added per second, process-wide.
+    pub refill_rate: f64,
+    /// Extra tokens above `capacity` that only classes with `use_burst` may spend.
+    pub burst_allowance: u64,
+    /// Request header whose value selects a separate bucket (per tenant / API key); `None` = one
+    /// bucket for all requests.
+    pub key_header: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassConfig {
+    /// Share of released tokens while several classes wait.
+    pub weight: f64,
+    /// Most requests of this class that may wait at once, process-wide.
+    pub queue_limit: u64,
+    /// Longest a request of this class may wait for a token.
+    pub max_wait_ms: u64,
+    /// Whether this class may spend the burst reserve.
+    pub use_burst: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassifyConfig {
+    /// Request header that names a priority class.
+    pub header: String,
+    /// Trusted: the header sets the class. Untrusted: it may only lower it.
+    pub trust_header: bool,
+    pub default: Priority,
+    /// First matching rule wins; none matching gives `default`.
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueConfig {
+    /// Whether requests without a token wait (true) or are rejected at once (false).
+    pub enabled: bool,
+    /// How often each worker releases waiting requests.
+    pub tick_ms: u64,
+}
+
+/// A classification rule: a request matching `matcher` gets `priority`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rule {
+    pub matcher: Matcher,
+    pub priority: Priority,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Matcher {
+    PathPrefix(String),
+    /// Header equals value (name lower-cased; value compared exactly).
+    Header { name: String, value: String },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: "default".into(),
+            bucket: BucketConfig { capacity: 100, refill_rate: 10.0, burst_allowance: 20, key_header: None },
+            classes: Priority::ALL.map(default_class),
+            classify: ClassifyConfig {
+                header: "x-llm-priority".into(),
+                trust_header: false,
+                default: Priority::Normal,
+                rules: Vec::new(),
+            },
+            queue: QueueConfig { enabled: true, tick_ms: 10 },
+        }
+    }
+}
+
+/// The seed's per-class defaults: weights 5 / 3 / 1 / 0.1, queue limits 50 / 200 / 1000 / 5000.
+fn default_class(p: Priority) -> ClassConfig {
+    let (weight, queue_limit, use_burst) = match p {
+        Priority::Critical => (5.0, 50, true),
+        Priority::High => (3.0, 200, true),
+        Priority::Normal => (1.0, 1000, false),
+        Priority::Low => (0.1, 5000, false),
+    };
+    ClassConfig { weight, queue_limit, max_wait_ms: 30_000, use_burst }
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration. Empty input means all defaults.
+    pub fn parse(bytes: &[u8]) -> Result<Config, String> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Config::default());
+        }
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." {
+                e.inner().to_string()
+            } else {
+                format!("{path}: {}", e.inner())
+            }
+        })?;
+        raw.validate()
+    }
+
+    pub fn class(&self, p: Priority) -> &ClassConfig {
+        &self.classes[p.index()]
+    }
+}
+
+// ---- The JSON shape: every field optional, unknown fields rejected. ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    name: Option<String>,
+    bucket: RawBucket,
+    priorities: BTreeMap<Priority, RawClass>,
+    classify: RawClassify,
+    queue: RawQueue,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawBucket {
+    capacity: Option<f64>,
+    refill_rate: Option<f64>,
+    burst_allowance: Option<f64>,
+    key_header: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawClass {
+    weight: Option<f64>,
+    queue_limit: Option<f64>,
+    max_wait_ms: Option<f64>,
+    use_burst: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawClassify {
+    header: Option<String>,
+    trust_header: Option<bool>,
+    default: Option<Priority>,
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    path_prefix: Option<String>,
+    header: Option<String>,
+    value: Option<String>,
+    priority: Priority,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawQueue {
+    enabled: Option<bool>,
+    tick_ms: Option<f64>,
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, String> {
+        let d = Config::default();
+        let name = match self.name {
+            None => d.name,
+            Some(n) => stat_token("name", n)?,
+        };
+        let b = self.bucket;
+        let bucket = BucketConfig {
+            capacity: whole("bucket.capacity", b.capacity, d.bucket.capacity, 1)?,
+            refill_rate: positive("bucket.refill_rate", b.refill_rate, d.bucket.refill_rate)?,
+            burst_allowance: whole("bucket.burst_allowance", b.burst_allowance, d.bucket.burst_allowance, 0)?,
+            key_header: b.key_header.map(|h| header_name("bucket.key_header", h)).transpose()?,
+        };
+        let mut classes = d.classes.clone();
+        for (p, raw) in self.priorities {
+            let at = |field: &str| format!("priorities.{}.{field}", p.name());
+            let c = &mut classes[p.index()];
+            c.weight = positive(&at("weight"), raw.weight, c.weight)?;
+            c.queue_limit = whole(&at("queue_limit"), raw.queue_limit, c.queue_limit, 0)?;
+            c.max_wait_ms = whole(&at("max_wait_ms"), raw.max_wait_ms, c.max_wait_ms, 0)?;
+            c.use_burst = raw.use_burst.unwrap_or(c.use_burst);
+        }
+        let k = self.classify;
+        let rules = k.rules.into_iter().enumerate().map(|(i, r)| r.validate(i)).collect::<Result<_, _>>()?;
+        let classify = ClassifyConfig {
+            header: match k.header {
+                None => d.classify.header,
+                Some(h) => header_name("classify.header", h)?,
+            },
+            trust_header: k.trust_header.unwrap_or(d.classify.trust_header),
+            default: k.default.unwrap_or(d.classify.default),
+            rules,
+        };
+        let q = self.queue;
+        let queue = QueueConfig {
+            enabled: q.enabled.unwrap_or(d.queue.enabled),
+            tick_ms: whole("queue.tick_ms", q.tick_ms, d.queue.tick_ms, 1)?,
+        };
+        Ok(Config { name, bucket, classes, classify, queue })
+    }
+}
+
+impl RawRule {
+    fn validate(self, i: usize) -> Result<Rule, String> {
+        let at = format!("classify.rules[{i}]");
+        let matcher = match (self.path_prefix, self.header, self.value) {
+            (Some(p), None, None) if p.starts_with('/') => Matcher::PathPrefix(p),
+            (Some(p), None, None) => return Err(format!("{at}.path_prefix: must start with '/', got {p:?}")),
+            (None, Some(h), Some(value)) => Matcher::Header { name: header_name(&format!("{at}.header"), h)?, value },
+            _ => {
+                return Err(format!(
+                    "{at}: a rule needs either \"path_prefix\" or both \"header\" and \"value\", plus \"priority\""
+                ))
+            }
+        };
+        Ok(Rule { matcher, priority: self.priority })
+    }
+}
+
+/// A whole number >= `min` (JSON numbers arrive as f64 so that `1.5` gets a clear message).
+fn whole(field: &str, v: Option<f64>, default: u64, min: u64) -> Result<u64, String> {
+    match v {
+        None => Ok(default),
+        Some(x) if x.fract() == 0.0 && x >= min as f64 && x <= 1e15 => Ok(x as u64),
+        Some(x) => Err(format!("{field}: must be a whole number >= {min}, got {x}")),
+    }
+}
+
+/// A finite number > 0.
+fn positive(field: &str, v: Option<f64>, default: f64) -> Result<f64, String> {
+    match v {
+        None => Ok(default),
+        Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Some(x) => Err(format!("{field}: must be a number > 0, got {x}")),
+    }
+}
+
+/// A non-empty HTTP header name, lower-cased as Envoy stores it.
+fn header_name(field: &str, h: String) -> Result<String, String> {
+    let ok = !h.is_empty() && h.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_".contains(&c));
+    if ok {
+        Ok(h.to_ascii_lowercase())
+    } else {
+        Err(format!("{field}: must be a header name of letters, digits, '-' or '_', got {h:?}"))
+    }
+}
+
+/// A token that can stand inside a stat name: no dots, so Envoy's tag regexes stay exact.
+fn stat_token(field: &str, s: String) -> Result<String, String> {
+    let ok = !s.is_empty() && s.len() <= 64 && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_".contains(&c));
+    if ok {
+        Ok(s)
+    } else {
+        Err(format!("{field}: must be 1-64 letters, digits, '-' or '_', got {s:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn err(json: &str) -> String {
+        Config::parse(json.as_bytes()).expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn empty_config_gives_seed_defaults() {
+        for input in ["", "  \n", "{}"] {
+            let c = Config::parse(input.as_bytes()).unwrap();
+            assert_eq!(c, Config::default());
+        }
+        let c = Config::default();
+        assert_eq!((c.bucket.capacity, c.bucket.refill_rate, c.bucket.burst_allowance), (100, 10.0, 20));
+        let weights: Vec<f64> = c.classes.iter().map(|c| c.weight).collect();
+        assert_eq!(weights, [5.0, 3.0, 1.0, 0.1]);
+        let limits: Vec<u64> = c.classes.iter().map(|c| c.queue_limit).collect();
+        assert_eq!(limits, [50, 200, 1000, 5000]);
+        assert_eq!(c.classify.default, Priority::Normal);
+        assert!(!c.classify.trust_header);
+    }
+
+    #[test]
+    fn partial_overrides_keep_other_defaults() {
+        let c = Config::parse(
+            br#"{"name":"openai","bucket":{"capacity":5,"refill_rate":0.5},
+                 "priorities":{"LOW":{"queue_limit":0}},
+                 "classify":{"header":"X-Prio","trust_header":true,"default":"HIGH",
+                   "rules":[{"path_prefix":"/v1/batches","priority":"LOW"},
+                            {"header":"x-team","value":"support","priority":"CRITICAL"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.name, "openai");
+        assert_eq!((c.bucket.capacity, c.bucket.refill_rate, c.bucket.burst_allowance), (5, 0.5, 20));
+        assert_eq!(c.class(Priority::Low).queue_limit, 0);
+        assert_eq!(c.class(Priority::Low).weight, 0.1);
+        assert_eq!(c.class(Priority::Normal).queue_limit, 1000);
+        assert_eq!(c.classify.header, "x-prio");
+        assert_eq!(c.classify.default, Priority::High);
+        assert_eq!(c.classify.rules[0].matcher, Matcher::PathPrefix("/v1/batches".into()));
+        assert_eq!(
+            c.classify.rules[1].matcher,
+            Matcher::Header { name: "x-team".into(), value: "support".into() }
+        );
+    }
+
+    #[test]
+    fn unknown_fields_name_the_field_and_the_allowed_ones() {
+        let e = err(r#"{"bucket":{"capacty":5}}"#);
+        assert!(e.starts_with("bucket.capacty: unknown field `capacty`, expected one of"), "{e}");
+        assert!(e.contains("`capacity`") && e.contains("`refill_rate`"), "{e}");
+        let e = err(r#"{"colour":1}"#);
+        assert!(e.contains("unknown field `colour`") && e.contains("`bucket`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_field_value_and_rule() {
+        assert_eq!(err(r#"{"bucket":{"refill_rate":-1}}"#), "bucket.refill_rate: must be a number > 0, got -1");
+        assert_eq!(err(r#"{"bucket":{"refill_rate":0}}"#), "bucket.refill_rate: must be a number > 0, got 0");
+        assert_eq!(err(r#"{"bucket":{"capacity":0}}"#), "bucket.capacity: must be a whole number >= 1, got 0");
+        assert_eq!(err(r#"{"bucket":{"capacity":2.5}}"#), "bucket.capacity: must be a whole number >= 1, got 2.5");
+        assert_eq!(
+            err(r#"{"priorities":{"HIGH":{"weight":0}}}"#),
+            "priorities.HIGH.weight: must be a number > 0, got 0"
+        );
+        let e = err(r#"{"bucket":{"capacity":"lots"}}"#);
+        assert!(e.starts_with("bucket.capacity: invalid type: string \"lots\""), "{e}");
+        let e = err(r#"{"name":"open.ai"}"#);
+        assert!(e.starts_with("name: must be 1-64 letters"), "{e}");
+    }
+
+    #[test]
+    fn unknown_priority_names_list_the_allowed_ones() {
+        let e = err(r#"{"classify":{"default":"URGENT"}}"#);
+        assert!(e.starts_with("classify.default: unknown variant `URGENT`"), "{e}");
+        assert!(e.contains("`CRITICAL`, `HIGH`, `NORMAL`, `LOW`"), "{e}");
+        let e = err(r#"{"priorities":{"MEDIUM":{}}}"#);
+        assert!(e.contains("unknown variant `MEDIUM`"), "{e}");
+    }
+
+    #[test]
+    fn malformed_rules_are_explained() {
+        let e = err(r#"{"classify":{"rules":[{"priority":"LOW"}]}}"#);
+        assert!(e.starts_with("classify.rules[0]: a rule needs either"), "{e}");
+        let e = err(r#"{"classify":{"rules":[{"path_prefix":"v1","priority":"LOW"}]}}"#);
+        assert!(e.starts_with("classify.rules[0].path_prefix: must start with '/'"), "{e}");
+        let e = err(r#"{"classify":{"rules":[{"header":"x","priority":"LOW"}]}}"#);
+        assert!(e.starts_with("classify.rules[0]:"), "{e}");
+    }
+
+    #[test]
+    fn not_json_is_an_error_not_a_panic() {
+        assert!(!err("not json").is_empty());
+        assert!(!err("[1,2]").is_empty());
+        assert!(!err(r#"{"bucket":"#).is_empty());
+    }
+}
