@@ -1,0 +1,176 @@
+//! The host calls the filter makes, each returning `Err(status)` for any status it does not
+//! expect.
+//!
+//! The SDK's `hostcalls` wrappers `panic!` on statuses they do not foresee, and a panic kills the
+//! worker's VM. These declare the same proxy-wasm ABI imports with a plain `u32` status instead.
+#![allow(clashing_extern_declarations)]
+
+use std::ptr::{null, null_mut};
+
+pub type Status = u32;
+const OK: Status = 0;
+const NOT_FOUND: Status = 1;
+pub const CAS_MISMATCH: Status = 8;
+
+const REQUEST_HEADERS: u32 = 0;
+const RESPONSE_HEADERS: u32 = 2;
+const PLUGIN_CONFIGURATION: u32 = 7;
+const STREAM_HTTP_REQUEST: u32 = 0;
+
+#[repr(u32)]
+#[derive(Clone, Copy)]
+pub enum Metric {
+    Counter = 0,
+    Gauge = 1,
+    Histogram = 2,
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_shared_data(k: *const u8, ks: usize, v: *mut *mut u8, vs: *mut usize, cas: *mut u32) -> Status;
+    fn proxy_set_shared_data(k: *const u8, ks: usize, v: *const u8, vs: usize, cas: u32) -> Status;
+    fn proxy_define_metric(t: Metric, n: *const u8, ns: usize, id: *mut u32) -> Status;
+    fn proxy_increment_metric(id: u32, offset: i64) -> Status;
+    fn proxy_record_metric(id: u32, value: u64) -> Status;
+    fn proxy_set_effective_context(id: u32) -> Status;
+    fn proxy_continue_stream(stream: u32) -> Status;
+    fn proxy_send_local_response(
+        status: u32,
+        details: *const u8,
+        details_size: usize,
+        body: *const u8,
+        body_size: usize,
+        headers: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> Status;
+    fn proxy_get_header_map_value(m: u32, k: *const u8, ks: usize, v: *mut *mut u8, vs: *mut usize) -> Status;
+    fn proxy_add_header_map_value(m: u32, k: *const u8, ks: usize, v: *const u8, vs: usize) -> Status;
+    fn proxy_replace_header_map_value(m: u32, k: *const u8, ks: usize, v: *const u8, vs: usize) -> Status;
+    fn proxy_get_current_time_nanoseconds(t: *mut u64) -> Status;
+    fn proxy_set_tick_period_milliseconds(ms: u32) -> Status;
+    fn proxy_get_buffer_bytes(b: u32, start: usize, max: usize, v: *mut *mut u8, vs: *mut usize) -> Status;
+}
+
+fn check(status: Status) -> Result<(), Status> {
+    if status == OK {
+        Ok(())
+    } else {
+        Err(status)
+    }
+}
+
+/// Takes ownership of a buffer the host allocated through the SDK's `proxy_on_memory_allocate`.
+unsafe fn owned(ptr: *mut u8, size: usize) -> Vec<u8> {
+    if ptr.is_null() {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(ptr, size, size)
+    }
+}
+
+/// Value and CAS token of a shared-data key; `(None, 0)` when the key does not exist.
+pub fn get_shared(key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
+    let (mut ptr, mut size, mut cas) = (null_mut(), 0usize, 0u32);
+    match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut ptr, &mut size, &mut cas) } {
+        OK => Ok((Some(unsafe { owned(ptr, size) }), cas)),
+        NOT_FOUND => Ok((None, 0)),
+        s => Err(s),
+    }
+}
+
+/// Writes `value` if the key is still at `cas` (0 = unconditionally); `Err(CAS_MISMATCH)` if not.
+pub fn set_shared(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+    check(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) })
+}
+
+pub fn define_metric(kind: Metric, name: &str) -> Result<u32, Status> {
+    let mut id = 0;
+    check(unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) }).map(|_| id)
+}
+
+pub fn increment_metric(id: u32, by: i64) -> Result<(), Status> {
+    check(unsafe { proxy_increment_metric(id, by) })
+}
+
+pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
+    check(unsafe { proxy_record_metric(id, value) })
+}
+
+/// Continues a paused request that belongs to this worker. Fails (and does nothing) if Envoy has
+/// already dropped the context.
+pub fn resume_request(context_id: u32) -> Result<(), Status> {
+    check(unsafe { proxy_set_effective_context(context_id) })?;
+    check(unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) })
+}
+
+/// Answers the current request locally with `status`, `headers` and `body`.
+pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), Status> {
+    let map = serialize_headers(headers);
+    check(unsafe {
+        proxy_send_local_response(status, null(), 0, body.as_ptr(), body.len(), map.as_ptr(), map.len(), -1)
+    })
+}
+
+pub fn request_header(name: &str) -> Result<Option<String>, Status> {
+    header(REQUEST_HEADERS, name)
+}
+
+pub fn response_header(name: &str) -> Result<Option<String>, Status> {
+    header(RESPONSE_HEADERS, name)
+}
+
+fn header(map: u32, name: &str) -> Result<Option<String>, Status> {
+    let (mut ptr, mut size) = (null_mut(), 0usize);
+    match unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut ptr, &mut size) } {
+        OK => Ok(Some(String::from_utf8_lossy(&unsafe { owned(ptr, size) }).into_owned())),
+        NOT_FOUND => Ok(None),
+        s => Err(s),
+    }
+}
+
+pub fn add_response_header(name: &str, value: &str) -> Result<(), Status> {
+    check(unsafe { proxy_add_header_map_value(RESPONSE_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+}
+
+pub fn set_response_header(name: &str, value: &str) -> Result<(), Status> {
+    check(unsafe {
+        proxy_replace_header_map_value(RESPONSE_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+    })
+}
+
+pub fn now_ns() -> Result<u64, Status> {
+    let mut t = 0;
+    check(unsafe { proxy_get_current_time_nanoseconds(&mut t) }).map(|_| t)
+}
+
+pub fn set_tick_period_ms(ms: u32) -> Result<(), Status> {
+    check(unsafe { proxy_set_tick_period_milliseconds(ms) })
+}
+
+pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
+    let (mut ptr, mut size) = (null_mut(), 0usize);
+    match unsafe { proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, usize::MAX, &mut ptr, &mut size) } {
+        OK => Ok(unsafe { owned(ptr, size) }),
+        NOT_FOUND => Ok(Vec::new()),
+        s => Err(s),
+    }
+}
+
+/// proxy-wasm header map encoding: count, then (key size, value size) pairs, then each key and
+/// value followed by a NUL.
+fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + headers.iter().map(|(k, v)| 10 + k.len() + v.len()).sum::<usize>());
+    out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+    for (k, v) in headers {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}

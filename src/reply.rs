@@ -1,0 +1,134 @@
+//! The local 429 the filter answers with when it limits a request itself: headers that every
+//! client understands (`Retry-After`, `retry-after-ms`, IETF `RateLimit`) and an OpenAI-shaped
+//! error body, so existing SDKs back off as they would for the provider's own 429.
+
+use crate::priority::Priority;
+
+/// Why the proxy (not the provider) refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// No token now, and the request may not wait for one.
+    NoToken,
+    /// Its class's queue is full.
+    QueueFull,
+    /// Evicted from the queue to make room for a more important request.
+    Shed,
+    /// Waited its class's maximum without getting a token.
+    Expired,
+}
+
+impl Reason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::NoToken => "no_token",
+            Reason::QueueFull => "queue_full",
+            Reason::Shed => "shed",
+            Reason::Expired => "expired",
+        }
+    }
+}
+
+/// Everything a local 429 says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limited<'a> {
+    /// Policy name in the `RateLimit` headers (the filter's `name`).
+    pub policy: &'a str,
+    pub priority: Priority,
+    pub reason: Reason,
+    /// Time until a token for this class will exist.
+    pub wait_ms: u64,
+    /// Tokens this class could still spend (0 when refused for lack of tokens).
+    pub remaining: u64,
+    /// Bucket capacity and the seconds it takes to refill it, for `RateLimit-Policy`.
+    pub quota: u64,
+    pub window_s: u64,
+}
+
+/// Status, headers and body of the local reply.
+pub fn too_many_requests(l: &Limited) -> (u32, Vec<(&'static str, String)>, String) {
+    let secs = retry_after_secs(l.wait_ms);
+    let headers = vec![
+        ("retry-after", secs.to_string()),
+        ("retry-after-ms", l.wait_ms.max(1).to_string()),
+        ("ratelimit-policy", format!("\"{}\";q={};w={}", l.policy, l.quota, l.window_s)),
+        ("ratelimit", format!("\"{}\";r={};t={}", l.policy, l.remaining, secs)),
+        ("x-llm-ratelimit-source", "proxy".to_string()),
+        ("x-llm-ratelimit-reason", l.reason.name().to_string()),
+        ("x-llm-ratelimit-priority", l.priority.name().to_string()),
+        ("x-should-retry", "true".to_string()),
+        ("content-type", "application/json".to_string()),
+    ];
+    let message = format!(
+        "Rate limit reached by the proxy for {} priority requests ({}). Please try again in {:.3}s.",
+        l.priority.name(),
+        l.reason.name(),
+        l.wait_ms as f64 / 1000.0
+    );
+    let body = serde_json::json!({
+        "error": {"message": message, "type": "requests", "param": null, "code": "rate_limit_exceeded"}
+    });
+    (429, headers, body.to_string())
+}
+
+/// Whole seconds for `Retry-After`: rounded up so a client never retries before the token
+/// exists, and at least 1 because 0 invites an immediate retry storm.
+pub fn retry_after_secs(wait_ms: u64) -> u64 {
+    wait_ms.div_ceil(1000).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn limited(wait_ms: u64) -> Limited<'static> {
+        Limited {
+            policy: "openai",
+            priority: Priority::Low,
+            reason: Reason::NoToken,
+            wait_ms,
+            remaining: 0,
+            quota: 100,
+            window_s: 10,
+        }
+    }
+
+    fn header<'a>(h: &'a [(&str, String)], name: &str) -> &'a str {
+        h.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str()).unwrap()
+    }
+
+    #[test]
+    fn retry_after_rounds_up_and_is_never_zero() {
+        assert_eq!(retry_after_secs(0), 1);
+        assert_eq!(retry_after_secs(1), 1);
+        assert_eq!(retry_after_secs(1000), 1);
+        assert_eq!(retry_after_secs(1001), 2);
+        assert_eq!(retry_after_secs(2100), 3);
+        assert_eq!(retry_after_secs(u64::MAX), u64::MAX / 1000 + 1);
+    }
+
+    #[test]
+    fn headers_carry_the_wait_the_policy_and_the_source() {
+        let (status, h, _) = too_many_requests(&limited(2100));
+        assert_eq!(status, 429);
+        assert_eq!(header(&h, "retry-after"), "3");
+        assert_eq!(header(&h, "retry-after-ms"), "2100");
+        assert_eq!(header(&h, "ratelimit"), "\"openai\";r=0;t=3");
+        assert_eq!(header(&h, "ratelimit-policy"), "\"openai\";q=100;w=10");
+        assert_eq!(header(&h, "x-llm-ratelimit-source"), "proxy");
+        assert_eq!(header(&h, "x-llm-ratelimit-priority"), "LOW");
+        assert_eq!(header(&h, "x-should-retry"), "true");
+    }
+
+    #[test]
+    fn body_has_the_openai_error_shape() {
+        let (_, _, body) = too_many_requests(&limited(174));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(v["error"]["type"], "requests");
+        assert!(v["error"]["param"].is_null());
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("try again in 0.174s"), "{msg}");
+    }
+}
