@@ -42,7 +42,10 @@ pub fn go_duration(d: Duration) -> String {
 
 /// Protobuf `Duration` JSON form used by Gemini's `RetryInfo.retryDelay`: `26s`, `26.5s`.
 pub fn proto_duration(d: Duration) -> String {
-    format!("{}s", with_fraction(d.as_secs() as u128, d.subsec_nanos() as u128, 9))
+    format!(
+        "{}s",
+        with_fraction(d.as_secs() as u128, d.subsec_nanos() as u128, 9)
+    )
 }
 
 /// `whole.frac` with `digits` fractional digits, trailing zeros trimmed.
@@ -63,7 +66,12 @@ pub fn epoch(t: SystemTime) -> Duration {
 pub fn rfc3339(epoch_secs: u64) -> String {
     let (y, mo, d) = civil_from_days((epoch_secs / 86_400) as i64);
     let s = epoch_secs % 86_400;
-    format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }
 
 /// IMF-fixdate (RFC 9110), e.g. `Fri, 29 Sep 2023 16:26:57 GMT`, for `Date`/`Retry-After`.
@@ -83,6 +91,13 @@ pub fn http_date(epoch_secs: u64) -> String {
         s / 60 % 60,
         s % 60
     )
+}
+
+/// The first day of the month after `epoch_secs`, e.g. `2026-10-01` (spend limits reset then).
+pub fn next_month_start(epoch_secs: u64) -> String {
+    let (y, m, _) = civil_from_days((epoch_secs / 86_400) as i64);
+    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    format!("{y:04}-{m:02}-01")
 }
 
 /// Days since 1970-01-01 to (year, month, day); Howard Hinnant's `civil_from_days`.
@@ -122,7 +137,10 @@ mod tests {
         assert_eq!(go_duration(ms(360_000)), "6m0s");
         assert_eq!(go_duration(ms(179_560)), "2m59.56s");
         assert_eq!(go_duration(ms(578_016)), "9m38.016s");
-        assert_eq!(go_duration(Duration::from_nanos(1_984_999_999)), "1.984999999s");
+        assert_eq!(
+            go_duration(Duration::from_nanos(1_984_999_999)),
+            "1.984999999s"
+        );
         assert_eq!(go_duration(ms(3_600_000)), "1h0m0s");
         assert_eq!(go_duration(ms(3_723_500)), "1h2m3.5s");
     }
@@ -141,7 +159,10 @@ mod tests {
     fn proto_durations() {
         assert_eq!(proto_duration(ms(26_000)), "26s");
         assert_eq!(proto_duration(ms(26_500)), "26.5s");
-        assert_eq!(proto_duration(Duration::from_nanos(34_074_824_224)), "34.074824224s");
+        assert_eq!(
+            proto_duration(Duration::from_nanos(34_074_824_224)),
+            "34.074824224s"
+        );
     }
 
     #[test]
@@ -152,5 +173,7 @@ mod tests {
         assert_eq!(http_date(1_655_120_933), "Mon, 13 Jun 2022 11:48:53 GMT");
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(next_month_start(1_790_503_245), "2026-10-01");
+        assert_eq!(next_month_start(1_703_980_800), "2024-01-01"); // 2023-12-31
     }
 }

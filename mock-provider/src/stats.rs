@@ -1,0 +1,75 @@
+//! Counters that tests read from `GET /mock/stats` to see what reached the upstream.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+#[derive(Default)]
+pub struct Stats {
+    pub requests: u64,
+    pub ok: u64,
+    pub rate_limited: u64,
+    pub terminal: u64,
+    /// Answered with an `x-mock-status` override.
+    pub forced: u64,
+    /// Requests rejected for a bad `x-mock-*` header.
+    pub bad_request: u64,
+    pub by_priority: BTreeMap<String, u64>,
+    pub by_path: BTreeMap<String, u64>,
+    pub in_flight: u64,
+    pub max_in_flight: u64,
+}
+
+/// How a request was answered.
+pub enum Outcome {
+    Ok,
+    RateLimited,
+    Terminal,
+    Forced,
+    BadRequest,
+}
+
+impl Stats {
+    /// Counts an arriving LLM request (before any latency, so in-flight is visible).
+    pub fn arrived(&mut self, path: &str, priority: &str) {
+        self.requests += 1;
+        *self.by_path.entry(path.to_string()).or_default() += 1;
+        *self.by_priority.entry(priority.to_string()).or_default() += 1;
+        self.in_flight += 1;
+        self.max_in_flight = self.max_in_flight.max(self.in_flight);
+    }
+
+    pub fn finished(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Ok => self.ok += 1,
+            Outcome::RateLimited => self.rate_limited += 1,
+            Outcome::Terminal => self.terminal += 1,
+            Outcome::Forced => self.forced += 1,
+            Outcome::BadRequest => self.bad_request += 1,
+        }
+    }
+
+    /// Zeroes everything except requests still being served.
+    pub fn reset(&mut self) {
+        *self = Stats {
+            in_flight: self.in_flight,
+            max_in_flight: self.in_flight,
+            ..Stats::default()
+        };
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "requests": self.requests,
+            "ok": self.ok,
+            "rate_limited": self.rate_limited,
+            "terminal": self.terminal,
+            "forced": self.forced,
+            "bad_request": self.bad_request,
+            "by_priority": self.by_priority,
+            "by_path": self.by_path,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+        })
+    }
+}

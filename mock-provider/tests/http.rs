@@ -1,0 +1,283 @@
+//! Starts the real binary on port 0 and talks plain HTTP/1.1 to it over TCP.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(args: &str) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mock-provider"))
+            .args(args.split_whitespace())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn mock-provider");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect(&line)
+            .to_string();
+        Server { child, addr }
+    }
+
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        let mut stream = TcpStream::connect(&self.addr).await.unwrap();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: mock\r\nconnection: close\r\n");
+        for (name, value) in headers {
+            req += &format!("{name}: {value}\r\n");
+        }
+        req += &format!(
+            "content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        Reply::parse(&raw)
+    }
+
+    async fn chat(&self, headers: &[(&str, &str)]) -> Reply {
+        let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello there!"}]}"#;
+        self.request("POST", "/v1/chat/completions", headers, body)
+            .await
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: Value,
+}
+
+impl Reply {
+    /// Responses here are small JSON with content-length (no chunking).
+    fn parse(raw: &str) -> Reply {
+        let (head, body) = raw.split_once("\r\n\r\n").expect("complete response");
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Reply {
+            status,
+            headers,
+            body: serde_json::from_str(body).unwrap_or(Value::Null),
+        }
+    }
+
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", self.headers))
+    }
+}
+
+/// Parses the Go durations the mock emits (`59.123s`, `1m0s`, `12ms`) to seconds.
+fn go_secs(s: &str) -> f64 {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse::<f64>().unwrap() / 1000.0;
+    }
+    let s = s.strip_suffix('s').unwrap();
+    match s.split_once('m') {
+        Some((m, s)) => m.parse::<f64>().unwrap() * 60.0 + s.parse::<f64>().unwrap(),
+        None => s.parse().unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn openai_quota_then_429_with_consistent_headers() {
+    let server = Server::start("--quota 2 --window-ms 5000 --style openai");
+
+    let first = server.chat(&[("x-llm-priority", "CRITICAL")]).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-ratelimit-limit-requests"), "2");
+    assert_eq!(first.header("x-ratelimit-remaining-requests"), "1");
+    assert!(go_secs(first.header("x-ratelimit-reset-requests")) <= 5.0);
+    assert!(!first.headers.contains_key("retry-after"));
+    assert_eq!(first.body["object"], "chat.completion");
+    assert_eq!(first.body["model"], "gpt-4o");
+    assert_eq!(first.body["usage"]["prompt_tokens"], 3); // 12 chars / 4
+    assert_eq!(first.body["usage"]["total_tokens"], 3 + 16);
+
+    let second = server.chat(&[]).await;
+    assert_eq!(
+        (
+            second.status,
+            second.header("x-ratelimit-remaining-requests")
+        ),
+        (200, "0")
+    );
+
+    let limited = server.chat(&[("x-llm-priority", "CRITICAL")]).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.header("x-ratelimit-remaining-requests"), "0");
+    let reset = go_secs(limited.header("x-ratelimit-reset-requests"));
+    let retry_after: f64 = limited.header("retry-after").parse().unwrap();
+    assert!(reset > 1.0 && reset <= 5.0, "reset {reset}");
+    assert!(
+        retry_after >= reset && retry_after < reset + 1.0,
+        "retry-after {retry_after} vs {reset}"
+    );
+    assert_eq!(limited.body["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(limited.body["error"]["type"], "requests");
+    let message = limited.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("Please try again in "), "{message}");
+
+    let stats = server.request("GET", "/mock/stats", &[], "").await.body;
+    assert_eq!(
+        (
+            stats["requests"].as_u64(),
+            stats["ok"].as_u64(),
+            stats["rate_limited"].as_u64()
+        ),
+        (Some(3), Some(2), Some(1))
+    );
+    assert_eq!(stats["by_priority"]["CRITICAL"], 2);
+    assert_eq!(stats["by_priority"]["none"], 1);
+    assert_eq!(stats["by_path"]["/v1/chat/completions"], 3);
+    assert_eq!(stats["settings"]["quota"], 2);
+
+    // Reset starts a fresh window.
+    server.request("POST", "/mock/reset", &[], "").await;
+    assert_eq!(server.chat(&[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn sliding_window_admits_again_after_the_advertised_wait() {
+    let server = Server::start("--quota 1 --window-ms 2000 --window sliding --style ietf");
+    assert_eq!(server.chat(&[]).await.status, 200);
+    let limited = server.chat(&[]).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.header("ratelimit-policy"), "\"default\";q=1;w=2");
+    assert_eq!(limited.header("ratelimit"), "\"default\";r=0;t=2");
+    assert_eq!(limited.header("retry-after"), "2");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(server.chat(&[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn styles_terminals_and_overrides() {
+    let server = Server::start("--quota 1 --window-ms 60000");
+    assert_eq!(server.chat(&[]).await.status, 200);
+
+    // Switch style at runtime.
+    let settings = server
+        .request("POST", "/mock/config", &[], r#"{"style":"anthropic"}"#)
+        .await;
+    assert_eq!(settings.body["style"], "anthropic");
+    let r = server
+        .request(
+            "POST",
+            "/v1/messages",
+            &[],
+            r#"{"max_tokens":5,"messages":[]}"#,
+        )
+        .await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.body["error"]["type"], "rate_limit_error");
+    assert!(r
+        .header("anthropic-ratelimit-requests-reset")
+        .ends_with('Z'));
+    let retry: u64 = r.header("retry-after").parse().unwrap();
+    assert!((50..=60).contains(&retry), "{retry}");
+
+    // Per-request style override.
+    let r = server.chat(&[("x-mock-style", "gemini")]).await;
+    assert_eq!(r.body["error"]["status"], "RESOURCE_EXHAUSTED");
+    let delay = r.body["error"]["details"][1]["retryDelay"]
+        .as_str()
+        .unwrap();
+    assert!(delay.ends_with('s') && delay.trim_end_matches('s').parse::<f64>().unwrap() > 50.0);
+
+    let r = server.chat(&[("x-mock-style", "bedrock")]).await;
+    assert!(r
+        .header("x-amzn-errortype")
+        .starts_with("ThrottlingException:"));
+
+    // Terminal kinds win over the quota, and count separately.
+    let r = server
+        .chat(&[("x-mock-terminal", "insufficient_quota")])
+        .await;
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (429, Some("insufficient_quota"))
+    );
+    let r = server.chat(&[("x-mock-terminal", "daily")]).await;
+    assert_eq!(
+        (r.header("retry-after"), r.header("retry-after-ms")),
+        ("86400", "86400000")
+    );
+
+    let r = server.chat(&[("x-mock-status", "503")]).await;
+    assert_eq!(
+        (r.status, r.body["error"]["type"].as_str()),
+        (503, Some("server_error"))
+    );
+    let r = server.chat(&[("x-mock-style", "nope")]).await;
+    assert_eq!(r.status, 400);
+
+    let r = server
+        .request("POST", "/mock/config", &[], r#"{"window":"hourly"}"#)
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("window: unknown value"));
+    assert_eq!(server.request("GET", "/nope", &[], "").await.status, 404);
+
+    let stats = server.request("GET", "/mock/stats", &[], "").await.body;
+    assert_eq!(
+        (stats["terminal"].as_u64(), stats["rate_limited"].as_u64()),
+        (Some(2), Some(3))
+    );
+}
+
+#[test]
+fn bad_flag_exits_2_naming_the_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mock-provider"))
+        .args(["--window", "hourly"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--window: unknown value 'hourly'; allowed: fixed, sliding"),
+        "{stderr}"
+    );
+}
