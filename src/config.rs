@@ -62,6 +62,9 @@ pub struct QueueConfig {
     pub enabled: bool,
     /// How often each worker releases waiting requests.
     pub tick_ms: u64,
+    /// Most requests waiting at once over all classes, process-wide; when full, a more important
+    /// arrival sheds the newest waiter of the least important class.
+    pub max_waiting: u64,
 }
 
 /// A classification rule: a request matching `matcher` gets `priority`.
@@ -90,7 +93,7 @@ impl Default for Config {
                 default: Priority::Normal,
                 rules: Vec::new(),
             },
-            queue: QueueConfig { enabled: true, tick_ms: 10 },
+            queue: QueueConfig { enabled: true, tick_ms: 10, max_waiting: 5000 },
         }
     }
 }
@@ -136,7 +139,8 @@ impl Config {
 struct RawConfig {
     name: Option<String>,
     bucket: RawBucket,
-    priorities: BTreeMap<Priority, RawClass>,
+    // String keys (not `Priority`) so an error path names the class, e.g. `priorities.LOW.weight`.
+    priorities: BTreeMap<String, RawClass>,
     classify: RawClassify,
     queue: RawQueue,
 }
@@ -182,6 +186,7 @@ struct RawRule {
 struct RawQueue {
     enabled: Option<bool>,
     tick_ms: Option<f64>,
+    max_waiting: Option<f64>,
 }
 
 impl RawConfig {
@@ -199,7 +204,10 @@ impl RawConfig {
             key_header: b.key_header.map(|h| header_name("bucket.key_header", h)).transpose()?,
         };
         let mut classes = d.classes.clone();
-        for (p, raw) in self.priorities {
+        for (name, raw) in self.priorities {
+            let p = Priority::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
+                format!("priorities: unknown variant `{name}`, expected one of `CRITICAL`, `HIGH`, `NORMAL`, `LOW`")
+            })?;
             let at = |field: &str| format!("priorities.{}.{field}", p.name());
             let c = &mut classes[p.index()];
             c.weight = positive(&at("weight"), raw.weight, c.weight)?;
@@ -222,6 +230,7 @@ impl RawConfig {
         let queue = QueueConfig {
             enabled: q.enabled.unwrap_or(d.queue.enabled),
             tick_ms: whole("queue.tick_ms", q.tick_ms, d.queue.tick_ms, 1)?,
+            max_waiting: whole("queue.max_waiting", q.max_waiting, d.queue.max_waiting, 0)?,
         };
         Ok(Config { name, bucket, classes, classify, queue })
     }
@@ -363,7 +372,9 @@ mod tests {
         assert!(e.starts_with("classify.default: unknown variant `URGENT`"), "{e}");
         assert!(e.contains("`CRITICAL`, `HIGH`, `NORMAL`, `LOW`"), "{e}");
         let e = err(r#"{"priorities":{"MEDIUM":{}}}"#);
-        assert!(e.contains("unknown variant `MEDIUM`"), "{e}");
+        assert!(e.starts_with("priorities: unknown variant `MEDIUM`, expected one of `CRITICAL`"), "{e}");
+        let e = err(r#"{"priorities":{"LOW":{"weight":"tiny"}}}"#);
+        assert!(e.starts_with("priorities.LOW.weight: invalid type: string \"tiny\""), "{e}");
     }
 
     #[test]

@@ -4,10 +4,13 @@
 //! so it is unit-tested natively and compiled to wasm32. `host` is the thin proxy-wasm layer; it
 //! exists only in the wasm32-wasip1 build that Envoy loads.
 
+pub mod admission;
 pub mod bucket;
 pub mod classify;
 pub mod config;
 pub mod priority;
+pub mod reply;
+pub mod signals;
 pub mod queue;
 
 #[cfg(target_os = "wasi")]

@@ -97,10 +97,15 @@ pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
     check(unsafe { proxy_record_metric(id, value) })
 }
 
+/// Makes the following host calls act on request `context_id`; fails if Envoy dropped it.
+pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
+    check(unsafe { proxy_set_effective_context(context_id) })
+}
+
 /// Continues a paused request that belongs to this worker. Fails (and does nothing) if Envoy has
 /// already dropped the context.
 pub fn resume_request(context_id: u32) -> Result<(), Status> {
-    check(unsafe { proxy_set_effective_context(context_id) })?;
+    set_effective_context(context_id)?;
     check(unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) })
 }
 
@@ -127,6 +132,12 @@ fn header(map: u32, name: &str) -> Result<Option<String>, Status> {
         NOT_FOUND => Ok(None),
         s => Err(s),
     }
+}
+
+pub fn set_request_header(name: &str, value: &str) -> Result<(), Status> {
+    check(unsafe {
+        proxy_replace_header_map_value(REQUEST_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
+    })
 }
 
 pub fn add_response_header(name: &str, value: &str) -> Result<(), Status> {

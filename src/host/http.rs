@@ -1,23 +1,29 @@
-//! One request's context: classify it, take a token from the process-wide bucket, and either let
-//! it through or answer a local 429.
+//! One request's context: classify it, then let it through, make it wait, or answer a local 429.
 
 use super::root::Filter;
-use super::shared::{self, Take};
-use super::abi;
+use super::{abi, shared};
+use crate::admission::Arrival;
 use crate::classify::classify;
 use crate::priority::Priority;
-use crate::reply::{self, Limited, Reason};
+use crate::queue::Waiter;
+use crate::reply::Reason;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::rc::Rc;
 
+const NANOS_PER_MS: u64 = 1_000_000;
+
 pub struct Request {
     f: Rc<Filter>,
+    id: u32,
+    class: Priority,
+    /// Bucket key while this request waits in this worker's queue.
+    waiting_on: Option<String>,
 }
 
 impl Request {
-    pub fn new(f: Rc<Filter>) -> Request {
-        Request { f }
+    pub fn new(f: Rc<Filter>, id: u32) -> Request {
+        Request { f, id, class: Priority::Normal, waiting_on: None }
     }
 
     fn header(name: &str) -> Option<String> {
@@ -34,51 +40,121 @@ impl Request {
         Action::Continue
     }
 
-    fn reject(&self, class: Priority, reason: Reason, wait_ns: u64, left: f64) -> Action {
-        let floor = self.f.bucket.reserve_floor(self.f.config.class(class).use_burst);
-        let (status, headers, body) = reply::too_many_requests(&Limited {
-            policy: &self.f.config.name,
-            priority: class,
-            reason,
-            wait_ms: wait_ns.div_ceil(1_000_000),
-            remaining: (left - floor).max(0.0) as u64,
-            quota: self.f.config.bucket.capacity,
-            window_s: self.f.window_s,
+    fn admit(&mut self, key: &str, now_ns: u64) -> Action {
+        // The least important class below ours with a waiter here: the one we may shed.
+        let local_victim = self.f.queues.try_borrow().ok().and_then(|qs| {
+            let q = qs.get(key)?;
+            Priority::ALL.into_iter().rev().find(|&p| p > self.class && q.len(p) > 0)
         });
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.f.metrics.of(class).rejected.inc();
-        if let Err(s) = abi::send_response(status, &headers, body.as_bytes()) {
-            return self.fail_open("send_local_response", s);
+        let fresh = self.f.fresh(now_ns);
+        let decided = shared::update(key, fresh, |s| {
+            let (arrival, next) = self.f.policy.arrive(s, self.class, now_ns, local_victim);
+            // A refusal changes nothing but the refill, which the next writer redoes anyway.
+            let write = !matches!(arrival, Arrival::Reject { .. });
+            ((arrival, next), write.then_some(next))
+        });
+        let (arrival, s) = match decided {
+            Ok(d) => d,
+            Err(st) => return self.fail_open("shared-data admission", st),
+        };
+        let m = self.f.metrics.of(self.class);
+        self.f.metrics.bucket_tokens.record(s.bucket.tokens.max(0.0) as u64);
+        match arrival {
+            Arrival::Admit => {
+                m.admitted.inc();
+                Action::Continue
+            }
+            Arrival::Reject { reason, wait_ns } => {
+                m.rejected.inc();
+                let (status, headers, body) = self.f.limited(self.class, reason, wait_ns, &s);
+                let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                match abi::send_response(status, &headers, body.as_bytes()) {
+                    Ok(()) => Action::Pause,
+                    Err(st) => self.fail_open("send_local_response", st),
+                }
+            }
+            Arrival::Wait | Arrival::WaitEvicting { .. } => {
+                let now_ms = now_ns / NANOS_PER_MS;
+                let deadline_ms = now_ms.saturating_add(self.f.config.class(self.class).max_wait_ms);
+                let Ok(mut queues) = self.f.queues.try_borrow_mut() else {
+                    return self.fail_open("queue borrow", 0);
+                };
+                let q = queues.entry(key.to_string()).or_insert_with(|| self.f.wait_queue());
+                let victim = match arrival {
+                    Arrival::WaitEvicting { .. } => q.evict_newest_below(self.class),
+                    _ => None,
+                };
+                q.push(Waiter { id: self.id, class: self.class, enqueued_ms: now_ms, deadline_ms });
+                drop(queues);
+                self.waiting_on = Some(key.to_string());
+                m.queued.inc();
+                self.f.metrics.levels(&s);
+                if let Some(v) = victim {
+                    self.f.metrics.of(v.class).shed.inc();
+                    self.f.refuse_waiter(&v, Reason::Shed, &s, now_ms);
+                    // Host calls after this act on our own request again.
+                    if let Err(st) = abi::set_effective_context(self.id) {
+                        log::debug!("llm-ratelimit: cannot restore context {}: status {st}", self.id);
+                    }
+                }
+                Action::Pause
+            }
         }
-        Action::Pause
     }
 }
 
-impl Context for Request {}
+impl Context for Request {
+    /// The client went away: if it was still waiting, free its place in the queue.
+    fn on_done(&mut self) -> bool {
+        let Some(key) = self.waiting_on.take() else { return true };
+        let removed = match self.f.queues.try_borrow_mut() {
+            Ok(mut qs) => qs.get_mut(&key).and_then(|q| q.remove(self.id)),
+            Err(_) => None,
+        };
+        if let Ok(mut w) = self.f.waited_ms.try_borrow_mut() {
+            w.remove(&self.id);
+        }
+        if removed.is_some() {
+            self.f.metrics.of(self.class).cancelled.inc();
+            let now = abi::now_ns().unwrap_or(0);
+            let left = shared::update(&key, self.f.fresh(now), |s| {
+                let next = self.f.policy.leave(s, self.class);
+                (next, Some(next))
+            });
+            match left {
+                Ok(s) => self.f.metrics.levels(&s),
+                Err(st) => log::warn!("llm-ratelimit: cannot update the queue depth: status {st}"),
+            }
+        }
+        true
+    }
+}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let cfg = &self.f.config;
         let path = Self::header(":path").unwrap_or_default();
-        let class = classify(&cfg.classify, &path, Self::header);
+        self.class = classify(&cfg.classify, &path, Self::header);
+        // Upstream sees the class the proxy decided, never one a client claimed.
+        if let Err(s) = abi::set_request_header(&cfg.classify.header, self.class.name()) {
+            log::debug!("llm-ratelimit: cannot set {}: status {s}", cfg.classify.header);
+        }
         let tenant = cfg.bucket.key_header.as_deref().and_then(Self::header);
         let key = self.f.bucket_key(tenant.as_deref());
         let now = match abi::now_ns() {
             Ok(t) => t,
             Err(s) => return self.fail_open("get_current_time", s),
         };
-        let floor = self.f.bucket.reserve_floor(cfg.class(class).use_burst);
-        match shared::take(&key, &self.f.bucket, now, 1.0, floor) {
-            Ok(Take::Admitted { left }) => {
-                self.f.metrics.of(class).admitted.inc();
-                self.f.metrics.bucket_tokens.record(left as u64);
-                Action::Continue
+        self.admit(&key, now)
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let waited = self.f.waited_ms.try_borrow_mut().ok().and_then(|mut w| w.remove(&self.id));
+        if let Some(ms) = waited {
+            if let Err(s) = abi::add_response_header("x-ratelimit-queued-ms", &ms.to_string()) {
+                log::debug!("llm-ratelimit: cannot add x-ratelimit-queued-ms: status {s}");
             }
-            Ok(Take::Wait { ns, left }) => {
-                self.f.metrics.bucket_tokens.record(left as u64);
-                self.reject(class, Reason::NoToken, ns, left)
-            }
-            Err(s) => self.fail_open("shared-data token bucket", s),
         }
+        Action::Continue
     }
 }

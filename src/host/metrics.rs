@@ -3,6 +3,7 @@
 //! `stats_tags` in `envoy/` turn them into Prometheus labels.
 
 use super::abi::{self, Metric};
+use crate::admission::Shared;
 use crate::priority::Priority;
 
 /// A defined metric, or `None` when the host refused to define it (then it is skipped).
@@ -21,12 +22,8 @@ impl Id {
     }
 
     pub fn inc(self) {
-        self.add(1)
-    }
-
-    pub fn add(self, by: i64) {
-        if let (Some(id), true) = (self.0, by != 0) {
-            if let Err(s) = abi::increment_metric(id, by) {
+        if let Some(id) = self.0 {
+            if let Err(s) = abi::increment_metric(id, 1) {
                 log::debug!("llm-ratelimit: increment_metric {id} failed: status {s}");
             }
         }
@@ -45,13 +42,28 @@ impl Id {
 /// Stats for one priority class.
 #[derive(Clone, Copy)]
 pub struct ClassStats {
+    /// Let through, at once or after waiting.
     pub admitted: Id,
+    /// Refused on arrival (no token and may not wait, or its queue was full).
     pub rejected: Id,
+    pub queued: Id,
+    /// Let through after waiting.
+    pub released: Id,
+    /// Evicted from the queue for a more important request.
+    pub shed: Id,
+    /// Waited its class's maximum.
+    pub expired: Id,
+    /// Client went away while waiting.
+    pub cancelled: Id,
+    /// Requests waiting now, process-wide (gauge).
+    pub queue_depth: Id,
+    /// Milliseconds waited by released requests (histogram).
+    pub queue_wait_ms: Id,
 }
 
 pub struct Metrics {
     pub class: [ClassStats; 4],
-    /// Whole tokens left in the process-wide bucket after the last decision.
+    /// Whole tokens left in the process-wide bucket after the last decision (gauge).
     pub bucket_tokens: Id,
     /// Host calls that failed; the filter let the request through (fail open).
     pub errors: Id,
@@ -61,10 +73,17 @@ impl Metrics {
     pub fn define(name: &str) -> Metrics {
         let base = format!("llm_ratelimit.provider.{name}");
         let class = Priority::ALL.map(|p| {
-            let at = |stat: &str| format!("{base}.priority.{}.{stat}", p.stat_name());
+            let at = |kind, stat: &str| Id::define(kind, &format!("{base}.priority.{}.{stat}", p.stat_name()));
             ClassStats {
-                admitted: Id::define(Metric::Counter, &at("admitted")),
-                rejected: Id::define(Metric::Counter, &at("rejected")),
+                admitted: at(Metric::Counter, "admitted"),
+                rejected: at(Metric::Counter, "rejected"),
+                queued: at(Metric::Counter, "queued"),
+                released: at(Metric::Counter, "released"),
+                shed: at(Metric::Counter, "shed"),
+                expired: at(Metric::Counter, "expired"),
+                cancelled: at(Metric::Counter, "cancelled"),
+                queue_depth: at(Metric::Gauge, "queue_depth"),
+                queue_wait_ms: at(Metric::Histogram, "queue_wait_ms"),
             }
         });
         Metrics {
@@ -76,5 +95,13 @@ impl Metrics {
 
     pub fn of(&self, p: Priority) -> &ClassStats {
         &self.class[p.index()]
+    }
+
+    /// Publishes the process-wide levels just written to shared data.
+    pub fn levels(&self, s: &Shared) {
+        self.bucket_tokens.record(s.bucket.tokens.max(0.0) as u64);
+        for p in Priority::ALL {
+            self.of(p).queue_depth.record(u64::from(s.waiting[p.index()]));
+        }
     }
 }

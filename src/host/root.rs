@@ -1,22 +1,34 @@
-//! The root context: one per worker VM. It owns the parsed configuration and the stats, and hands
-//! them to every request's context.
+//! The root context: one per worker VM. It owns the configuration, the stats and this worker's
+//! wait queues, hands them to every request's context, and on every tick expires and releases
+//! waiting requests.
 
 use super::http::Request;
 use super::metrics::Metrics;
 use super::{abi, shared};
-use crate::bucket::Bucket;
+use crate::admission::{Policy, Shared};
 use crate::config::Config;
+use crate::priority::Priority;
+use crate::queue::{WaitQueue, Waiter};
+use crate::reply::{self, Limited, Reason};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
+
+const NANOS_PER_MS: u64 = 1_000_000;
 
 /// What every request of this worker shares.
 pub struct Filter {
     pub config: Config,
-    pub bucket: Bucket,
+    pub policy: Policy,
     pub metrics: Metrics,
     /// Seconds to refill the whole bucket: the window in `RateLimit-Policy`.
     pub window_s: u64,
+    /// This worker's waiting requests, per bucket key (Envoy context ids).
+    pub queues: RefCell<HashMap<String, WaitQueue<u32>>>,
+    /// Milliseconds each released request waited, until its response headers carry it.
+    pub waited_ms: RefCell<HashMap<u32, u64>>,
 }
 
 impl Filter {
@@ -26,6 +38,79 @@ impl Filter {
             None => format!("llm_ratelimit/{}/bucket", self.config.name),
             Some(t) => format!("llm_ratelimit/{}/bucket/{}", self.config.name, tenant_id(t)),
         }
+    }
+
+    /// The state a bucket starts in: full, nobody waiting.
+    pub fn fresh(&self, now_ns: u64) -> Shared {
+        Shared::new(self.policy.bucket.full(now_ns))
+    }
+
+    pub fn wait_queue(&self) -> WaitQueue<u32> {
+        WaitQueue::new(self.policy.weights)
+    }
+
+    /// The local 429 for a request of `class`, as status, headers and body.
+    pub fn limited(&self, class: Priority, reason: Reason, wait_ns: u64, s: &Shared) -> (u32, Vec<(&'static str, String)>, String) {
+        reply::too_many_requests(&Limited {
+            policy: &self.config.name,
+            priority: class,
+            reason,
+            wait_ms: wait_ns.div_ceil(NANOS_PER_MS),
+            remaining: (s.bucket.tokens - self.policy.floors[class.index()]).max(0.0) as u64,
+            quota: self.config.bucket.capacity,
+            window_s: self.window_s,
+        })
+    }
+
+    /// Answers a waiting request (not the current one) with a local 429.
+    pub fn refuse_waiter(&self, w: &Waiter<u32>, reason: Reason, s: &Shared, now_ms: u64) {
+        let wait_ns = self.policy.expected_wait_ns(s, w.class);
+        let (status, mut headers, body) = self.limited(w.class, reason, wait_ns, s);
+        headers.push(("x-ratelimit-queued-ms", now_ms.saturating_sub(w.enqueued_ms).to_string()));
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let sent = abi::set_effective_context(w.id).and_then(|_| abi::send_response(status, &headers, body.as_bytes()));
+        if let Err(s) = sent {
+            log::debug!("llm-ratelimit: cannot answer waiting request {}: status {s}", w.id);
+        }
+    }
+
+    /// Expires and releases this worker's waiters on bucket `key`.
+    fn serve(&self, key: &str, q: &mut WaitQueue<u32>, now_ns: u64) -> Result<(), abi::Status> {
+        let now_ms = now_ns / NANOS_PER_MS;
+        for w in q.expire(now_ms) {
+            let s = shared::update(key, self.fresh(now_ns), |s| {
+                let next = self.policy.leave(s, w.class);
+                (next, Some(next))
+            })?;
+            self.metrics.of(w.class).expired.inc();
+            self.metrics.levels(&s);
+            self.refuse_waiter(&w, Reason::Expired, &s, now_ms);
+        }
+        while !q.is_empty() {
+            let released = shared::update(key, self.fresh(now_ns), |s| {
+                let s = Shared { bucket: self.policy.bucket.refill(s.bucket, now_ns), ..s };
+                match q.peek_next_class(|p| self.policy.can_release(&s, p)) {
+                    Some(p) => {
+                        let next = self.policy.release(s, p, now_ns);
+                        (next.map(|n| (p, n)), next)
+                    }
+                    None => (None, None),
+                }
+            })?;
+            let Some((p, s)) = released else { break };
+            let Some(w) = q.pop_next(|c| c == p) else { break };
+            let waited = now_ms.saturating_sub(w.enqueued_ms);
+            let m = self.metrics.of(p);
+            m.released.inc();
+            m.admitted.inc();
+            m.queue_wait_ms.record(waited);
+            self.metrics.levels(&s);
+            self.waited_ms.borrow_mut().insert(w.id, waited);
+            if let Err(st) = abi::resume_request(w.id) {
+                log::debug!("llm-ratelimit: cannot resume request {}: status {st}", w.id);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -63,23 +148,55 @@ impl RootContext for Root {
             }
         };
         let b = &config.bucket;
-        let bucket = Bucket::new(b.capacity, b.refill_rate, b.burst_allowance);
         let window_s = (b.capacity as f64 / b.refill_rate).ceil().max(1.0) as u64;
-        let filter = Filter { metrics: Metrics::define(&config.name), config, bucket, window_s };
+        let filter = Filter {
+            policy: Policy::new(&config),
+            metrics: Metrics::define(&config.name),
+            window_s,
+            queues: RefCell::default(),
+            waited_ms: RefCell::default(),
+            config,
+        };
         if filter.config.bucket.key_header.is_none() {
-            let created = abi::now_ns().and_then(|now| shared::ensure(&filter.bucket_key(None), &bucket, now));
+            let created = abi::now_ns().and_then(|now| shared::ensure(&filter.bucket_key(None), filter.fresh(now)));
             if let Err(s) = created {
                 log::warn!("llm-ratelimit: cannot create the shared bucket: status {s}");
             }
         }
-        log::info!("llm-ratelimit: configured {:?}", filter.config);
+        if filter.config.queue.enabled {
+            let tick = filter.config.queue.tick_ms.min(u32::MAX as u64) as u32;
+            if let Err(s) = abi::set_tick_period_ms(tick) {
+                log::error!("llm-ratelimit: cannot start the queue timer: status {s}");
+                return false;
+            }
+        }
+        log::info!("llm-ratelimit: configured filter {:?}", filter.config.name);
         self.filter = Some(Rc::new(filter));
         true
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_tick(&mut self) {
+        let Some(f) = &self.filter else { return };
+        let mut queues = f.queues.borrow_mut();
+        if queues.values().all(WaitQueue::is_empty) {
+            return;
+        }
+        let now = match abi::now_ns() {
+            Ok(t) => t,
+            Err(s) => return log::warn!("llm-ratelimit: no clock in on_tick: status {s}"),
+        };
+        for (key, q) in queues.iter_mut() {
+            if let Err(s) = f.serve(key, q, now) {
+                f.metrics.errors.inc();
+                log::warn!("llm-ratelimit: releasing waiters of {key} failed: status {s}");
+            }
+        }
+        queues.retain(|_, q| !q.is_empty());
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let filter = self.filter.clone()?;
-        Some(Box::new(Request::new(filter)))
+        Some(Box::new(Request::new(filter, context_id)))
     }
 
     fn get_type(&self) -> Option<ContextType> {

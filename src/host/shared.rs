@@ -1,43 +1,39 @@
-//! The process-wide token bucket in Envoy shared data. Every admission is a compare-and-swap on
-//! one 16-byte value, so all workers spend from the same bucket and the configured rate holds for
-//! the whole process at any `--concurrency`.
+//! The process-wide admission state in Envoy shared data: one 32-byte value per bucket (tokens,
+//! when they were counted, waiters per class). Every change is a compare-and-swap of the whole
+//! value, so all workers see one bucket and one set of queue depths at any `--concurrency`.
 
 use super::abi;
-use crate::bucket::{Bucket, State};
+use crate::admission::Shared;
 
-/// CAS retries before giving up on one decision; conflicts need another worker to write between
-/// our read and write, so a handful is plenty.
+/// CAS retries before giving up on one change; a conflict needs another worker to write between
+/// our read and our write, so a handful is plenty.
 const MAX_CAS_TRIES: usize = 32;
 
-pub enum Take {
-    /// Token taken; whole tokens left.
-    Admitted { left: f64 },
-    /// Not enough tokens for this class; nanoseconds until there will be.
-    Wait { ns: u64, left: f64 },
-}
-
-/// Creates the bucket full if it does not exist yet. Called from `on_configure`, before traffic,
-/// because two workers creating the same key at once would both win.
-pub fn ensure(key: &str, bucket: &Bucket, now_ns: u64) -> Result<(), abi::Status> {
-    if abi::get_shared(key)?.0.and_then(|v| State::decode(&v)).is_none() {
-        abi::set_shared(key, &bucket.full(now_ns).encode(), 0)?;
+/// Creates the value at `key` if it does not exist yet. Called from `on_configure`, before
+/// traffic, because two workers creating the same key at once would both succeed.
+pub fn ensure(key: &str, fresh: Shared) -> Result<(), abi::Status> {
+    if abi::get_shared(key)?.0.and_then(|v| Shared::decode(&v)).is_none() {
+        abi::set_shared(key, &fresh.encode(), 0)?;
     }
     Ok(())
 }
 
-/// Takes `n` tokens from the bucket at `key` without going below `floor`.
-pub fn take(key: &str, bucket: &Bucket, now_ns: u64, n: f64, floor: f64) -> Result<Take, abi::Status> {
+/// Reads the value at `key` (or `fresh` if there is none yet), lets `change` decide, and writes
+/// what it returns unless another worker wrote first, in which case it decides again.
+pub fn update<R>(
+    key: &str,
+    fresh: Shared,
+    mut change: impl FnMut(Shared) -> (R, Option<Shared>),
+) -> Result<R, abi::Status> {
     for _ in 0..MAX_CAS_TRIES {
         let (value, cas) = abi::get_shared(key)?;
-        // A missing or unreadable value (e.g. a new tenant's key) starts full.
-        let state = value.and_then(|v| State::decode(&v)).unwrap_or_else(|| bucket.full(now_ns));
-        match bucket.take(state, now_ns, n, floor) {
-            Ok(next) => match abi::set_shared(key, &next.encode(), cas) {
-                Ok(()) => return Ok(Take::Admitted { left: next.tokens }),
-                Err(abi::CAS_MISMATCH) => continue,
-                Err(s) => return Err(s),
-            },
-            Err(ns) => return Ok(Take::Wait { ns, left: bucket.refill(state, now_ns).tokens }),
+        let current = value.and_then(|v| Shared::decode(&v)).unwrap_or(fresh);
+        let (result, next) = change(current);
+        let Some(next) = next else { return Ok(result) };
+        match abi::set_shared(key, &next.encode(), cas) {
+            Ok(()) => return Ok(result),
+            Err(abi::CAS_MISMATCH) => continue,
+            Err(s) => return Err(s),
         }
     }
     Err(abi::CAS_MISMATCH)

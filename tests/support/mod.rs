@@ -1,0 +1,294 @@
+//! End-to-end harness: the real Envoy (from `.venv` or `ENVOY_BIN`) with our `.wasm`, in front of
+//! the real mock provider, each on free loopback ports. Processes are killed on drop, and a failed
+//! test prints the Envoy log.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+fn existing(candidates: &[PathBuf], what: &str) -> PathBuf {
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!("{what} not found at {candidates:?}: run the tests with `make test`, which builds and installs it")
+    })
+}
+
+fn envoy_bin() -> PathBuf {
+    let mut c: Vec<PathBuf> = std::env::var_os("ENVOY_BIN").map(PathBuf::from).into_iter().collect();
+    c.push(root().join(".venv/bin/envoy"));
+    existing(&c, "envoy")
+}
+
+fn wasm_path() -> PathBuf {
+    existing(&[root().join("target/wasm32-wasip1/release/llm_ratelimit.wasm")], "the filter .wasm")
+}
+
+fn mock_bin() -> PathBuf {
+    existing(
+        &[root().join("target/release/mock-provider"), root().join("target/debug/mock-provider")],
+        "mock-provider",
+    )
+}
+
+/// The mock LLM provider, killed on drop.
+pub struct Mock {
+    child: Child,
+    pub port: u16,
+}
+
+impl Mock {
+    /// Starts the mock with extra command-line `args` (e.g. `["--quota", "5"]`).
+    pub fn start(args: &[&str]) -> Mock {
+        let mut child = Command::new(mock_bin())
+            .args(["--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn mock-provider");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("mock banner");
+        let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("unexpected mock banner {line:?}")
+        });
+        Mock { child, port }
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        get_json(&format!("http://127.0.0.1:{}/mock/stats", self.port))
+    }
+
+    /// Requests the provider actually received.
+    pub fn received(&self) -> u64 {
+        self.stats()["requests"].as_u64().expect("requests")
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running Envoy with our filter, killed on drop.
+pub struct Envoy {
+    child: Child,
+    pub port: u16,
+    pub admin: u16,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+/// How to start Envoy: `filter_config` is the JSON put in the plugin configuration.
+pub struct EnvoyOpts<'a> {
+    pub filter_config: &'a str,
+    pub concurrency: u32,
+    pub upstream_port: u16,
+}
+
+impl Envoy {
+    pub fn start(filter_config: &str, concurrency: u32, upstream_port: u16) -> Envoy {
+        match Envoy::spawn(&EnvoyOpts { filter_config, concurrency, upstream_port }) {
+            Ok(e) => e,
+            Err(log) => panic!("Envoy did not become ready; its log:\n{log}"),
+        }
+    }
+
+    /// Starts Envoy and waits until it is ready, or returns its log if it exits or times out.
+    pub fn spawn(o: &EnvoyOpts) -> Result<Envoy, String> {
+        let dir = TempDir::new();
+        let (port, admin) = (free_port(), free_port());
+        let yaml = render_config(o.filter_config, port, admin, o.upstream_port, &wasm_path());
+        let cfg = dir.0.join("envoy.yaml");
+        std::fs::write(&cfg, yaml).expect("write envoy.yaml");
+        let log = dir.0.join("envoy.log");
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--concurrency", &o.concurrency.to_string(), "-l", "warning"])
+            .args(["--component-log-level", "wasm:info", "--disable-hot-restart"])
+            .arg("--log-path")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn envoy");
+        let mut envoy = Envoy { child, port, admin, log, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = envoy.child.try_wait() {
+                return Err(envoy.log());
+            }
+            if get(&format!("http://127.0.0.1:{admin}/ready")).is_ok_and(|r| r.status == 200) {
+                return Ok(envoy);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(envoy.log())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `wasmcustom.*` and other counters and gauges from `/stats?format=json`.
+    pub fn stats(&self) -> HashMap<String, u64> {
+        let v = get_json(&format!("http://127.0.0.1:{}/stats?format=json", self.admin));
+        let mut out = HashMap::new();
+        for s in v["stats"].as_array().into_iter().flatten() {
+            if let (Some(n), Some(x)) = (s["name"].as_str(), s["value"].as_u64()) {
+                out.insert(n.to_string(), x);
+            }
+        }
+        out
+    }
+
+    /// One of our stats by its name after `llm_ratelimit.provider.<name>.`, 0 if absent.
+    pub fn stat(&self, provider: &str, rest: &str) -> u64 {
+        let name = format!("wasmcustom.llm_ratelimit.provider.{provider}.{rest}");
+        self.stats().get(&name).copied().unwrap_or(0)
+    }
+
+    pub fn admin_text(&self, path: &str) -> String {
+        get(&format!("http://127.0.0.1:{}{path}", self.admin)).expect("admin").body
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("----- Envoy log -----\n{}\n----- end of Envoy log -----", self.log());
+        }
+    }
+}
+
+/// `envoy/envoy.yaml` with test ports, the built `.wasm` and `filter_config`: tests run the
+/// configuration users run.
+pub fn render_config(filter_config: &str, port: u16, admin: u16, upstream: u16, wasm: &Path) -> String {
+    let yaml = std::fs::read_to_string(root().join("envoy/envoy.yaml")).expect("envoy/envoy.yaml");
+    let quoted = filter_config.replace('\'', "''");
+    yaml.lines()
+        .map(|l| {
+            if l.trim_start().starts_with("value: '{") {
+                let indent = &l[..l.len() - l.trim_start().len()];
+                format!("{indent}value: '{quoted}'")
+            } else {
+                l.replace("port_value: 10000", &format!("port_value: {port}"))
+                    .replace("port_value: 9901", &format!("port_value: {admin}"))
+                    .replace("port_value: 9000", &format!("port_value: {upstream}"))
+                    .replace("target/wasm32-wasip1/release/llm_ratelimit.wasm", &wasm.display().to_string())
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A response, whatever its status.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build()
+}
+
+fn reply(r: Result<ureq::Response, ureq::Error>) -> Result<Reply, String> {
+    let resp = match r {
+        Ok(resp) | Err(ureq::Error::Status(_, resp)) => resp,
+        Err(e) => return Err(e.to_string()),
+    };
+    let status = resp.status();
+    let headers = resp
+        .headers_names()
+        .into_iter()
+        .filter_map(|n| resp.header(&n).map(|v| (n.to_ascii_lowercase(), v.to_string())))
+        .collect();
+    let mut body = String::new();
+    resp.into_reader().take(1 << 20).read_to_string(&mut body).map_err(|e| e.to_string())?;
+    Ok(Reply { status, headers, body })
+}
+
+pub fn get(url: &str) -> Result<Reply, String> {
+    reply(agent().get(url).call())
+}
+
+pub fn get_json(url: &str) -> serde_json::Value {
+    serde_json::from_str(&get(url).expect("GET").body).expect("JSON")
+}
+
+/// POSTs a small chat completion with `headers`.
+pub fn chat(url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+    let mut req = agent().post(url).set("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    reply(req.send_string(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#))
+}
+
+/// Sends `n` chat requests from `threads` threads at once; returns every reply.
+pub fn burst(url: &str, n: usize, threads: usize, headers: &[(&str, &str)]) -> Vec<Reply> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let out = std::sync::Mutex::new(Vec::with_capacity(n));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                    let r = chat(url, headers).expect("request");
+                    out.lock().expect("lock").push(r);
+                }
+            });
+        }
+    });
+    out.into_inner().expect("lock")
+}
+
+pub fn count(replies: &[Reply], status: u16) -> usize {
+    replies.iter().filter(|r| r.status == status).count()
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("llm-ratelimit-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
