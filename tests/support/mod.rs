@@ -217,7 +217,11 @@ impl Reply {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build()
+    agent_with_timeout(Duration::from_secs(120))
+}
+
+fn agent_with_timeout(t: Duration) -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout(t).build()
 }
 
 fn reply(r: Result<ureq::Response, ureq::Error>) -> Result<Reply, String> {
@@ -246,7 +250,12 @@ pub fn get_json(url: &str) -> serde_json::Value {
 
 /// POSTs a small chat completion with `headers`.
 pub fn chat(url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
-    let mut req = agent().post(url).set("content-type", "application/json");
+    chat_within(Duration::from_secs(120), url, headers)
+}
+
+/// Like `chat`, but gives up (and disconnects) after `timeout`.
+pub fn chat_within(timeout: Duration, url: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+    let mut req = agent_with_timeout(timeout).post(url).set("content-type", "application/json");
     for (k, v) in headers {
         req = req.set(k, v);
     }
