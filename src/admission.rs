@@ -67,23 +67,32 @@ impl Policy {
         s.bucket.tokens - 1.0 >= self.floors[p.index()] - 1e-9
     }
 
-    /// Decides an arrival of class `p` at `now_ns`. `local_victim` is the least important class
+    /// Decides an arrival of class `p` at `now_ns`. Nothing may go upstream before
+    /// `not_before_ns` (the provider asked to hold). `local_victim` is the least important class
     /// below `p` that has a waiter on this worker (only those can be shed from here). Returns the
     /// decision and the state to write back.
-    pub fn arrive(&self, s: Shared, p: Priority, now_ns: u64, local_victim: Option<Priority>) -> (Arrival, Shared) {
+    pub fn arrive(
+        &self,
+        s: Shared,
+        p: Priority,
+        now_ns: u64,
+        not_before_ns: u64,
+        local_victim: Option<Priority>,
+    ) -> (Arrival, Shared) {
         let mut s = Shared { bucket: self.bucket.refill(s.bucket, now_ns), ..s };
+        let hold_ns = not_before_ns.saturating_sub(now_ns);
         let queue_ahead = Priority::ALL.iter().any(|&q| s.waiting[q.index()] > 0 && self.can_release(&s, q));
-        if !queue_ahead {
+        if !queue_ahead && hold_ns == 0 {
             if let Ok(next) = self.bucket.take(s.bucket, now_ns, 1.0, self.floors[p.index()]) {
                 s.bucket = next;
                 return (Arrival::Admit, s);
             }
         }
         let i = p.index();
-        let wait_ns = self.expected_wait_ns(&s, p);
+        let wait_ns = self.expected_wait_ns(&s, p, hold_ns);
         let reject = |reason| (Arrival::Reject { reason, wait_ns }, s);
         if !self.queue_enabled || wait_ns > self.max_wait_ns[i] {
-            return reject(Reason::NoToken);
+            return reject(if hold_ns > 0 { Reason::ProviderHold } else { Reason::NoToken });
         }
         if u64::from(s.waiting[i]) >= self.queue_limits[i] {
             return reject(Reason::QueueFull);
@@ -118,10 +127,11 @@ impl Policy {
         Shared { waiting, ..s }
     }
 
-    /// Roughly how long a new waiter of class `p` would wait: until the first token for its class,
-    /// then its turn among the waiters ahead of it, released at its weighted share of the rate.
-    pub fn expected_wait_ns(&self, s: &Shared, p: Priority) -> u64 {
-        let first = self.bucket.wait_ns(s.bucket, 1.0, self.floors[p.index()]);
+    /// Roughly how long a new waiter of class `p` would wait: until the first token for its class
+    /// (and at least `hold_ns`), then its turn among the waiters ahead of it, released at its
+    /// weighted share of the rate.
+    pub fn expected_wait_ns(&self, s: &Shared, p: Priority, hold_ns: u64) -> u64 {
+        let first = self.bucket.wait_ns(s.bucket, 1.0, self.floors[p.index()]).max(hold_ns);
         let ahead = f64::from(s.waiting[p.index()]);
         let competing: f64 = Priority::ALL
             .iter()
@@ -188,10 +198,10 @@ mod tests {
     #[test]
     fn admits_while_tokens_last_then_queues() {
         let p = policy("{}");
-        let (d, s) = p.arrive(state(21.0, [0; 4]), Normal, 0, None);
+        let (d, s) = p.arrive(state(21.0, [0; 4]), Normal, 0, 0, None);
         assert_eq!(d, Arrival::Admit);
         assert_eq!(s.bucket.tokens, 20.0);
-        let (d, s) = p.arrive(s, Normal, 0, None);
+        let (d, s) = p.arrive(s, Normal, 0, 0, None);
         assert_eq!(d, Arrival::Wait);
         assert_eq!(s.waiting, [0, 0, 1, 0]);
         assert_eq!(s.bucket.tokens, 20.0);
@@ -201,10 +211,10 @@ mod tests {
     fn newcomers_do_not_jump_ahead_of_waiters_who_could_use_the_token() {
         let p = policy("{}");
         // One token above the reserve and a NORMAL waiter: a NORMAL newcomer must queue.
-        let (d, _) = p.arrive(state(21.0, [0, 0, 1, 0]), Normal, 0, None);
+        let (d, _) = p.arrive(state(21.0, [0, 0, 1, 0]), Normal, 0, 0, None);
         assert_eq!(d, Arrival::Wait);
         // Only the reserve left: LOW waiters cannot use it, so CRITICAL goes straight through.
-        let (d, s) = p.arrive(state(20.0, [0, 0, 0, 7]), Critical, 0, None);
+        let (d, s) = p.arrive(state(20.0, [0, 0, 0, 7]), Critical, 0, 0, None);
         assert_eq!(d, Arrival::Admit);
         assert_eq!(s.bucket.tokens, 19.0);
     }
@@ -213,24 +223,35 @@ mod tests {
     fn a_wait_longer_than_the_class_maximum_is_refused_at_once() {
         let p = policy(r#"{"bucket":{"refill_rate":1},"priorities":{"LOW":{"max_wait_ms":5000}}}"#);
         // LOW needs the reserve (20) refilled plus one token: 21 s at 1/s.
-        let (d, _) = p.arrive(state(0.0, [0; 4]), Low, 0, None);
+        let (d, _) = p.arrive(state(0.0, [0; 4]), Low, 0, 0, None);
         assert_eq!(d, Arrival::Reject { reason: Reason::NoToken, wait_ns: 21 * SEC });
         // CRITICAL may spend the reserve: one token in 1 s, within its 30 s.
-        let (d, _) = p.arrive(state(0.0, [0; 4]), Critical, 0, None);
+        let (d, _) = p.arrive(state(0.0, [0; 4]), Critical, 0, 0, None);
         assert_eq!(d, Arrival::Wait);
+    }
+
+    #[test]
+    fn a_provider_hold_queues_newcomers_even_with_tokens_left() {
+        let p = policy("{}");
+        let (d, s) = p.arrive(state(100.0, [0; 4]), Normal, 0, 2 * SEC, None);
+        assert_eq!(d, Arrival::Wait);
+        assert_eq!(s.bucket.tokens, 100.0);
+        // A hold longer than the class may wait is refused at once, saying why.
+        let (d, _) = p.arrive(state(100.0, [0; 4]), Normal, 0, 60 * SEC, None);
+        assert_eq!(d, Arrival::Reject { reason: Reason::ProviderHold, wait_ns: 60 * SEC });
     }
 
     #[test]
     fn queue_disabled_rejects_with_the_time_to_the_next_token() {
         let p = policy(r#"{"queue":{"enabled":false}}"#);
-        let (d, _) = p.arrive(state(20.5, [0; 4]), Normal, 0, None);
+        let (d, _) = p.arrive(state(20.5, [0; 4]), Normal, 0, 0, None);
         assert_eq!(d, Arrival::Reject { reason: Reason::NoToken, wait_ns: SEC / 20 });
     }
 
     #[test]
     fn a_full_class_queue_refuses() {
         let p = policy(r#"{"priorities":{"HIGH":{"queue_limit":2}}}"#);
-        let (d, _) = p.arrive(state(0.0, [0, 2, 0, 0]), High, 0, None);
+        let (d, _) = p.arrive(state(0.0, [0, 2, 0, 0]), High, 0, 0, None);
         assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
     }
 
@@ -238,14 +259,14 @@ mod tests {
     fn a_full_waiting_budget_sheds_a_less_important_local_waiter() {
         let p = policy(r#"{"queue":{"max_waiting":3}}"#);
         let full = state(0.0, [0, 0, 1, 2]);
-        let (d, s) = p.arrive(full, Critical, 0, Some(Low));
+        let (d, s) = p.arrive(full, Critical, 0, 0, Some(Low));
         assert_eq!(d, Arrival::WaitEvicting { victim: Low });
         assert_eq!(s.waiting, [1, 0, 1, 1]);
         // Nothing less important on this worker: refuse.
-        let (d, _) = p.arrive(full, Critical, 0, None);
+        let (d, _) = p.arrive(full, Critical, 0, 0, None);
         assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
         // LOW never sheds LOW.
-        let (d, _) = p.arrive(full, Low, 0, Some(Low));
+        let (d, _) = p.arrive(full, Low, 0, 0, Some(Low));
         assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
     }
 
@@ -254,10 +275,10 @@ mod tests {
         let p = policy(r#"{"bucket":{"refill_rate":10,"burst_allowance":0}}"#);
         let s = state(0.0, [0, 0, 10, 0]);
         // 0.1 s to the first token, then 10 NORMAL waiters ahead at the full rate: 1 s.
-        assert_eq!(p.expected_wait_ns(&s, Normal), 11 * SEC / 10);
+        assert_eq!(p.expected_wait_ns(&s, Normal, 0), 11 * SEC / 10);
         // With CRITICAL (5) also waiting, NORMAL (1) gets a sixth of the rate.
         let s = state(0.0, [3, 0, 10, 0]);
-        assert_eq!(p.expected_wait_ns(&s, Normal), SEC / 10 + 6 * SEC);
+        assert_eq!(p.expected_wait_ns(&s, Normal, 0), SEC / 10 + 6 * SEC);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! range is an error that names the field, the bad value and what is allowed, so Envoy refuses to
 //! start with a message an operator can act on.
 
+use crate::breaker;
 use crate::priority::Priority;
+use crate::signals::Provider;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -18,6 +20,7 @@ pub struct Config {
     pub classes: [ClassConfig; 4],
     pub classify: ClassifyConfig,
     pub queue: QueueConfig,
+    pub provider: ProviderConfig,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +46,8 @@ pub struct ClassConfig {
     pub max_wait_ms: u64,
     /// Whether this class may spend the burst reserve.
     pub use_burst: bool,
+    /// Router retries for this class (`x-envoy-max-retries`); `None` keeps the route's policy.
+    pub max_retries: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -65,6 +70,14 @@ pub struct QueueConfig {
     /// Most requests waiting at once over all classes, process-wide; when full, a more important
     /// arrival sheds the newest waiter of the least important class.
     pub max_waiting: u64,
+}
+
+/// How the filter reads the provider's answers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProviderConfig {
+    /// Whose rate-limit headers to read; `Auto` reads every known family.
+    pub style: Provider,
+    pub breaker: breaker::Policy,
 }
 
 /// A classification rule: a request matching `matcher` gets `priority`.
@@ -94,6 +107,18 @@ impl Default for Config {
                 rules: Vec::new(),
             },
             queue: QueueConfig { enabled: true, tick_ms: 10, max_waiting: 5000 },
+            provider: ProviderConfig {
+                style: Provider::Auto,
+                breaker: breaker::Policy {
+                    safe_threshold: 0.05,
+                    throttle_below: 0.0,
+                    max_wait_ms: 3_600_000,
+                    probe_timeout_ms: 10_000,
+                    backoff_ms: 1_000,
+                    max_backoff_ms: 60_000,
+                    terminal_block_ms: 3_600_000,
+                },
+            },
         }
     }
 }
@@ -106,7 +131,7 @@ fn default_class(p: Priority) -> ClassConfig {
         Priority::Normal => (1.0, 1000, false),
         Priority::Low => (0.1, 5000, false),
     };
-    ClassConfig { weight, queue_limit, max_wait_ms: 30_000, use_burst }
+    ClassConfig { weight, queue_limit, max_wait_ms: 30_000, use_burst, max_retries: None }
 }
 
 impl Config {
@@ -143,6 +168,7 @@ struct RawConfig {
     priorities: BTreeMap<String, RawClass>,
     classify: RawClassify,
     queue: RawQueue,
+    provider: RawProvider,
 }
 
 #[derive(Deserialize, Default)]
@@ -161,6 +187,19 @@ struct RawClass {
     queue_limit: Option<f64>,
     max_wait_ms: Option<f64>,
     use_burst: Option<bool>,
+    max_retries: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawProvider {
+    style: Option<String>,
+    safe_threshold: Option<f64>,
+    throttle_below: Option<f64>,
+    max_retry_after_s: Option<f64>,
+    probe_timeout_ms: Option<f64>,
+    backoff_ms: Option<f64>,
+    max_backoff_ms: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -214,6 +253,9 @@ impl RawConfig {
             c.queue_limit = whole(&at("queue_limit"), raw.queue_limit, c.queue_limit, 0)?;
             c.max_wait_ms = whole(&at("max_wait_ms"), raw.max_wait_ms, c.max_wait_ms, 0)?;
             c.use_burst = raw.use_burst.unwrap_or(c.use_burst);
+            if raw.max_retries.is_some() {
+                c.max_retries = Some(whole(&at("max_retries"), raw.max_retries, 0, 0)?);
+            }
         }
         let k = self.classify;
         let rules = k.rules.into_iter().enumerate().map(|(i, r)| r.validate(i)).collect::<Result<_, _>>()?;
@@ -232,7 +274,31 @@ impl RawConfig {
             tick_ms: whole("queue.tick_ms", q.tick_ms, d.queue.tick_ms, 1)?,
             max_waiting: whole("queue.max_waiting", q.max_waiting, d.queue.max_waiting, 0)?,
         };
-        Ok(Config { name, bucket, classes, classify, queue })
+        let provider = self.provider.validate(d.provider)?;
+        Ok(Config { name, bucket, classes, classify, queue, provider })
+    }
+}
+
+impl RawProvider {
+    fn validate(self, d: ProviderConfig) -> Result<ProviderConfig, String> {
+        let style = match self.style {
+            None => d.style,
+            Some(name) => Provider::parse(&name).ok_or_else(|| {
+                let all: Vec<String> = Provider::ALL.iter().map(|p| format!("`{}`", p.name())).collect();
+                format!("provider.style: unknown provider {name:?}, expected one of {}", all.join(", "))
+            })?,
+        };
+        let b = d.breaker;
+        let breaker = breaker::Policy {
+            safe_threshold: fraction("provider.safe_threshold", self.safe_threshold, b.safe_threshold)?,
+            throttle_below: fraction("provider.throttle_below", self.throttle_below, b.throttle_below)?,
+            max_wait_ms: whole("provider.max_retry_after_s", self.max_retry_after_s, b.max_wait_ms / 1000, 1)? * 1000,
+            probe_timeout_ms: whole("provider.probe_timeout_ms", self.probe_timeout_ms, b.probe_timeout_ms, 1)?,
+            backoff_ms: whole("provider.backoff_ms", self.backoff_ms, b.backoff_ms, 1)?,
+            max_backoff_ms: whole("provider.max_backoff_ms", self.max_backoff_ms, b.max_backoff_ms, 1)?,
+            terminal_block_ms: b.terminal_block_ms,
+        };
+        Ok(ProviderConfig { style, breaker })
     }
 }
 
@@ -268,6 +334,15 @@ fn positive(field: &str, v: Option<f64>, default: f64) -> Result<f64, String> {
         None => Ok(default),
         Some(x) if x.is_finite() && x > 0.0 => Ok(x),
         Some(x) => Err(format!("{field}: must be a number > 0, got {x}")),
+    }
+}
+
+/// A number from 0 to 1.
+fn fraction(field: &str, v: Option<f64>, default: f64) -> Result<f64, String> {
+    match v {
+        None => Ok(default),
+        Some(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        Some(x) => Err(format!("{field}: must be a number from 0 to 1, got {x}")),
     }
 }
 
@@ -385,6 +460,21 @@ mod tests {
         assert!(e.starts_with("classify.rules[0].path_prefix: must start with '/'"), "{e}");
         let e = err(r#"{"classify":{"rules":[{"header":"x","priority":"LOW"}]}}"#);
         assert!(e.starts_with("classify.rules[0]:"), "{e}");
+    }
+
+    #[test]
+    fn provider_settings_are_validated() {
+        let c = Config::parse(br#"{"provider":{"style":"Anthropic","safe_threshold":0.1,"max_retry_after_s":60},
+            "priorities":{"LOW":{"max_retries":0}}}"#)
+        .unwrap();
+        assert_eq!(c.provider.style, Provider::Anthropic);
+        assert_eq!(c.provider.breaker.safe_threshold, 0.1);
+        assert_eq!(c.provider.breaker.max_wait_ms, 60_000);
+        assert_eq!(c.class(Priority::Low).max_retries, Some(0));
+        assert_eq!(c.class(Priority::High).max_retries, None);
+        let e = err(r#"{"provider":{"style":"openia"}}"#);
+        assert!(e.starts_with("provider.style: unknown provider \"openia\", expected one of `auto`, `openai`"), "{e}");
+        assert_eq!(err(r#"{"provider":{"safe_threshold":2}}"#), "provider.safe_threshold: must be a number from 0 to 1, got 2");
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub enum Reason {
     Shed,
     /// Waited its class's maximum without getting a token.
     Expired,
+    /// The provider's quota is used up (it said so) for longer than the request may wait.
+    ProviderHold,
+    /// The circuit breaker is open: the provider refused with its quota nearly gone.
+    BreakerOpen,
 }
 
 impl Reason {
@@ -24,6 +28,8 @@ impl Reason {
             Reason::QueueFull => "queue_full",
             Reason::Shed => "shed",
             Reason::Expired => "expired",
+            Reason::ProviderHold => "provider_hold",
+            Reason::BreakerOpen => "breaker_open",
         }
     }
 }
@@ -42,6 +48,8 @@ pub struct Limited<'a> {
     /// Bucket capacity and the seconds it takes to refill it, for `RateLimit-Policy`.
     pub quota: u64,
     pub window_s: u64,
+    /// False for a terminal provider quota: clients should not retry soon.
+    pub retry: bool,
 }
 
 /// Status, headers and body of the local reply.
@@ -55,7 +63,7 @@ pub fn too_many_requests(l: &Limited) -> (u32, Vec<(&'static str, String)>, Stri
         ("x-llm-ratelimit-source", "proxy".to_string()),
         ("x-llm-ratelimit-reason", l.reason.name().to_string()),
         ("x-llm-ratelimit-priority", l.priority.name().to_string()),
-        ("x-should-retry", "true".to_string()),
+        ("x-should-retry", l.retry.to_string()),
         ("content-type", "application/json".to_string()),
     ];
     let message = format!(
@@ -91,6 +99,7 @@ mod tests {
             remaining: 0,
             quota: 100,
             window_s: 10,
+            retry: true,
         }
     }
 
@@ -119,6 +128,14 @@ mod tests {
         assert_eq!(header(&h, "x-llm-ratelimit-source"), "proxy");
         assert_eq!(header(&h, "x-llm-ratelimit-priority"), "LOW");
         assert_eq!(header(&h, "x-should-retry"), "true");
+    }
+
+    #[test]
+    fn terminal_quotas_tell_clients_not_to_retry() {
+        let (_, h, _) = too_many_requests(&Limited { retry: false, reason: Reason::BreakerOpen, ..limited(3_600_000) });
+        assert_eq!(header(&h, "x-should-retry"), "false");
+        assert_eq!(header(&h, "retry-after"), "3600");
+        assert_eq!(header(&h, "x-llm-ratelimit-reason"), "breaker_open");
     }
 
     #[test]

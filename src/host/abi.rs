@@ -14,6 +14,7 @@ pub const CAS_MISMATCH: Status = 8;
 
 const REQUEST_HEADERS: u32 = 0;
 const RESPONSE_HEADERS: u32 = 2;
+const RESPONSE_BODY: u32 = 1;
 const PLUGIN_CONFIGURATION: u32 = 7;
 const STREAM_HTTP_REQUEST: u32 = 0;
 
@@ -44,8 +45,8 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> Status;
+    fn proxy_get_header_map_pairs(m: u32, v: *mut *mut u8, vs: *mut usize) -> Status;
     fn proxy_get_header_map_value(m: u32, k: *const u8, ks: usize, v: *mut *mut u8, vs: *mut usize) -> Status;
-    fn proxy_add_header_map_value(m: u32, k: *const u8, ks: usize, v: *const u8, vs: usize) -> Status;
     fn proxy_replace_header_map_value(m: u32, k: *const u8, ks: usize, v: *const u8, vs: usize) -> Status;
     fn proxy_get_current_time_nanoseconds(t: *mut u64) -> Status;
     fn proxy_set_tick_period_milliseconds(ms: u32) -> Status;
@@ -121,10 +122,6 @@ pub fn request_header(name: &str) -> Result<Option<String>, Status> {
     header(REQUEST_HEADERS, name)
 }
 
-pub fn response_header(name: &str) -> Result<Option<String>, Status> {
-    header(RESPONSE_HEADERS, name)
-}
-
 fn header(map: u32, name: &str) -> Result<Option<String>, Status> {
     let (mut ptr, mut size) = (null_mut(), 0usize);
     match unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut ptr, &mut size) } {
@@ -140,9 +137,6 @@ pub fn set_request_header(name: &str, value: &str) -> Result<(), Status> {
     })
 }
 
-pub fn add_response_header(name: &str, value: &str) -> Result<(), Status> {
-    check(unsafe { proxy_add_header_map_value(RESPONSE_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
-}
 
 pub fn set_response_header(name: &str, value: &str) -> Result<(), Status> {
     check(unsafe {
@@ -160,12 +154,45 @@ pub fn set_tick_period_ms(ms: u32) -> Result<(), Status> {
 }
 
 pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
+    buffer(PLUGIN_CONFIGURATION, usize::MAX)
+}
+
+/// The buffered response body, at most `max` bytes.
+pub fn response_body(max: usize) -> Result<Vec<u8>, Status> {
+    buffer(RESPONSE_BODY, max)
+}
+
+fn buffer(kind: u32, max: usize) -> Result<Vec<u8>, Status> {
     let (mut ptr, mut size) = (null_mut(), 0usize);
-    match unsafe { proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, usize::MAX, &mut ptr, &mut size) } {
+    match unsafe { proxy_get_buffer_bytes(kind, 0, max, &mut ptr, &mut size) } {
         OK => Ok(unsafe { owned(ptr, size) }),
         NOT_FOUND => Ok(Vec::new()),
         s => Err(s),
     }
+}
+
+/// Every response header as (name, value) pairs.
+pub fn response_headers() -> Result<Vec<(String, String)>, Status> {
+    let (mut ptr, mut size) = (null_mut(), 0usize);
+    check(unsafe { proxy_get_header_map_pairs(RESPONSE_HEADERS, &mut ptr, &mut size) })?;
+    Ok(deserialize_headers(&unsafe { owned(ptr, size) }).unwrap_or_default())
+}
+
+/// Reads the encoding `serialize_headers` writes; `None` if the bytes do not follow it.
+fn deserialize_headers(b: &[u8]) -> Option<Vec<(String, String)>> {
+    let u32_at = |i: usize| Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?) as usize);
+    let n = u32_at(0)?;
+    let mut data = 4usize.checked_add(n.checked_mul(8)?)?;
+    let mut out = Vec::with_capacity(n.min(256));
+    for i in 0..n {
+        let (kl, vl) = (u32_at(4 + 8 * i)?, u32_at(8 + 8 * i)?);
+        let k = b.get(data..data.checked_add(kl)?)?;
+        data = data.checked_add(kl + 1)?;
+        let v = b.get(data..data.checked_add(vl)?)?;
+        data = data.checked_add(vl + 1)?;
+        out.push((String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()));
+    }
+    Some(out)
 }
 
 /// proxy-wasm header map encoding: count, then (key size, value size) pairs, then each key and

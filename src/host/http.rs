@@ -3,7 +3,9 @@
 use super::root::Filter;
 use super::{abi, shared};
 use crate::admission::Arrival;
+use crate::breaker::Gate;
 use crate::classify::classify;
+use crate::signals;
 use crate::priority::Priority;
 use crate::queue::Waiter;
 use crate::reply::Reason;
@@ -12,6 +14,8 @@ use proxy_wasm::types::Action;
 use std::rc::Rc;
 
 const NANOS_PER_MS: u64 = 1_000_000;
+/// Largest provider 429 body read for timing and terminal-quota hints.
+const MAX_BODY: usize = 64 * 1024;
 
 pub struct Request {
     f: Rc<Filter>,
@@ -19,11 +23,13 @@ pub struct Request {
     class: Priority,
     /// Bucket key while this request waits in this worker's queue.
     waiting_on: Option<String>,
+    /// The provider answered 429: its body is being buffered to read before the client sees it.
+    reading_429: bool,
 }
 
 impl Request {
     pub fn new(f: Rc<Filter>, id: u32) -> Request {
-        Request { f, id, class: Priority::Normal, waiting_on: None }
+        Request { f, id, class: Priority::Normal, waiting_on: None, reading_429: false }
     }
 
     fn header(name: &str) -> Option<String> {
@@ -40,7 +46,18 @@ impl Request {
         Action::Continue
     }
 
-    fn admit(&mut self, key: &str, now_ns: u64) -> Action {
+    /// Answers this request with a local 429.
+    fn refuse(&self, reason: Reason, wait_ns: u64, s: &crate::admission::Shared, retry: bool) -> Action {
+        self.f.metrics.of(self.class).rejected.inc();
+        let (status, headers, body) = self.f.limited(self.class, reason, wait_ns, s, retry);
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match abi::send_response(status, &headers, body.as_bytes()) {
+            Ok(()) => Action::Pause,
+            Err(st) => self.fail_open("send_local_response", st),
+        }
+    }
+
+    fn admit(&mut self, key: &str, now_ns: u64, not_before_ns: u64) -> Action {
         // The least important class below ours with a waiter here: the one we may shed.
         let local_victim = self.f.queues.try_borrow().ok().and_then(|qs| {
             let q = qs.get(key)?;
@@ -48,7 +65,7 @@ impl Request {
         });
         let fresh = self.f.fresh(now_ns);
         let decided = shared::update(key, fresh, |s| {
-            let (arrival, next) = self.f.policy.arrive(s, self.class, now_ns, local_victim);
+            let (arrival, next) = self.f.policy.arrive(s, self.class, now_ns, not_before_ns, local_victim);
             // A refusal changes nothing but the refill, which the next writer redoes anyway.
             let write = !matches!(arrival, Arrival::Reject { .. });
             ((arrival, next), write.then_some(next))
@@ -64,15 +81,7 @@ impl Request {
                 m.admitted.inc();
                 Action::Continue
             }
-            Arrival::Reject { reason, wait_ns } => {
-                m.rejected.inc();
-                let (status, headers, body) = self.f.limited(self.class, reason, wait_ns, &s);
-                let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                match abi::send_response(status, &headers, body.as_bytes()) {
-                    Ok(()) => Action::Pause,
-                    Err(st) => self.fail_open("send_local_response", st),
-                }
-            }
+            Arrival::Reject { reason, wait_ns } => self.refuse(reason, wait_ns, &s, true),
             Arrival::Wait | Arrival::WaitEvicting { .. } => {
                 let now_ms = now_ns / NANOS_PER_MS;
                 let deadline_ms = now_ms.saturating_add(self.f.config.class(self.class).max_wait_ms);
@@ -101,6 +110,46 @@ impl Request {
             }
         }
     }
+}
+
+impl Request {
+    /// Reads the provider's rate-limit signals from this response, updates the shared provider
+    /// state, and gives a 429 one precise `Retry-After` for the client.
+    fn learn(&self, status: u16, headers: &[(String, String)], body: Option<&[u8]>) {
+        let Ok(now_ns) = abi::now_ns() else { return };
+        let now_ms = now_ns / NANOS_PER_MS;
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let cfg = &self.f.config.provider;
+        let signals = signals::parse(cfg.style, status, &pairs, body, now_ms, cfg.breaker.max_wait_ms);
+        let verdict = match self.f.observe(status, &signals, now_ms) {
+            Ok(v) => v,
+            Err(s) => {
+                self.f.metrics.errors.inc();
+                return log::warn!("llm-ratelimit: cannot update the provider state: status {s}");
+            }
+        };
+        if status != 429 {
+            return;
+        }
+        let wait_ms = verdict.retry_at_ms.map_or(1000, |t| t.saturating_sub(now_ms));
+        let secs = crate::reply::retry_after_secs(wait_ms);
+        self.f.metrics.provider.retry_after_s.record(secs);
+        set_header("retry-after", &secs.to_string());
+        set_header("retry-after-ms", &wait_ms.max(1).to_string());
+        set_header("ratelimit", &format!("\"{}\";r=0;t={secs}", self.f.config.name));
+        set_header("x-llm-ratelimit-source", "provider");
+        set_header("x-should-retry", if verdict.terminal { "false" } else { "true" });
+    }
+}
+
+fn set_header(name: &str, value: &str) {
+    if let Err(s) = abi::set_response_header(name, value) {
+        log::debug!("llm-ratelimit: cannot set response header {name}: status {s}");
+    }
+}
+
+fn status_of(headers: &[(String, String)]) -> Option<u16> {
+    headers.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse().ok())
 }
 
 impl Context for Request {
@@ -141,20 +190,63 @@ impl HttpContext for Request {
         }
         let tenant = cfg.bucket.key_header.as_deref().and_then(Self::header);
         let key = self.f.bucket_key(tenant.as_deref());
+        if let Some(n) = cfg.class(self.class).max_retries {
+            if let Err(s) = abi::set_request_header("x-envoy-max-retries", &n.to_string()) {
+                log::debug!("llm-ratelimit: cannot set x-envoy-max-retries: status {s}");
+            }
+        }
         let now = match abi::now_ns() {
             Ok(t) => t,
             Err(s) => return self.fail_open("get_current_time", s),
         };
-        self.admit(&key, now)
+        let not_before_ns = match self.f.gate(now / NANOS_PER_MS) {
+            Ok(Gate::Pass | Gate::Probe) => 0,
+            Ok(Gate::Hold { until_ms }) => until_ms.saturating_mul(NANOS_PER_MS),
+            Ok(Gate::Open { until_ms, terminal }) => {
+                let wait_ns = until_ms.saturating_mul(NANOS_PER_MS).saturating_sub(now);
+                let s = crate::admission::Shared::new(self.f.policy.bucket.full(now));
+                return self.refuse(Reason::BreakerOpen, wait_ns, &s, !terminal);
+            }
+            Err(s) => {
+                self.f.metrics.errors.inc();
+                log::warn!("llm-ratelimit: cannot read the provider state: status {s}");
+                0
+            }
+        };
+        self.admit(&key, now, not_before_ns)
     }
 
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         let waited = self.f.waited_ms.try_borrow_mut().ok().and_then(|mut w| w.remove(&self.id));
         if let Some(ms) = waited {
-            if let Err(s) = abi::add_response_header("x-ratelimit-queued-ms", &ms.to_string()) {
-                log::debug!("llm-ratelimit: cannot add x-ratelimit-queued-ms: status {s}");
-            }
+            set_header("x-ratelimit-queued-ms", &ms.to_string());
         }
+        let headers = abi::response_headers().unwrap_or_default();
+        if headers.iter().any(|(k, _)| k == "x-llm-ratelimit-source") {
+            // Our own local reply: nothing to learn about the provider.
+            return Action::Continue;
+        }
+        let status = status_of(&headers).unwrap_or(0);
+        if status == 429 && !end_of_stream {
+            // Some providers time their 429s only in the body: read it before answering.
+            self.reading_429 = true;
+            return Action::Pause;
+        }
+        self.learn(status, &headers, None);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
+        if !self.reading_429 {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.reading_429 = false;
+        let body = abi::response_body(MAX_BODY).unwrap_or_default();
+        let headers = abi::response_headers().unwrap_or_default();
+        self.learn(429, &headers, Some(&body));
         Action::Continue
     }
 }

@@ -61,8 +61,27 @@ pub struct ClassStats {
     pub queue_wait_ms: Id,
 }
 
+/// Stats of the provider behind this filter.
+pub struct ProviderStats {
+    /// 429s the provider answered (after Envoy's router retries).
+    pub upstream_429: Id,
+    /// Times the breaker opened.
+    pub breaker_trips: Id,
+    /// Half-open probes let through.
+    pub breaker_probes: Id,
+    /// 0 closed, 1 open, 2 half-open (gauge).
+    pub breaker_state: Id,
+    /// Provider answers that were terminal quotas (insufficient_quota, spend or daily limits).
+    pub terminal_quota: Id,
+    /// Successes that reported the quota used up (or low): requests held until the reset.
+    pub throttled: Id,
+    /// Seconds of every `Retry-After` sent to clients, local or rewritten (histogram).
+    pub retry_after_s: Id,
+}
+
 pub struct Metrics {
     pub class: [ClassStats; 4],
+    pub provider: ProviderStats,
     /// Whole tokens left in the process-wide bucket after the last decision (gauge).
     pub bucket_tokens: Id,
     /// Host calls that failed; the filter let the request through (fail open).
@@ -86,8 +105,19 @@ impl Metrics {
                 queue_wait_ms: at(Metric::Histogram, "queue_wait_ms"),
             }
         });
+        let at = |kind, stat: &str| Id::define(kind, &format!("{base}.{stat}"));
+        let provider = ProviderStats {
+            upstream_429: at(Metric::Counter, "upstream_429"),
+            breaker_trips: at(Metric::Counter, "breaker.trips"),
+            breaker_probes: at(Metric::Counter, "breaker.probes"),
+            breaker_state: at(Metric::Gauge, "breaker.state"),
+            terminal_quota: at(Metric::Counter, "terminal_quota"),
+            throttled: at(Metric::Counter, "throttled"),
+            retry_after_s: at(Metric::Histogram, "retry_after_s"),
+        };
         Metrics {
             class,
+            provider,
             bucket_tokens: Id::define(Metric::Gauge, &format!("{base}.bucket.tokens")),
             errors: Id::define(Metric::Counter, &format!("{base}.errors")),
         }

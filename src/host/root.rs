@@ -6,6 +6,7 @@ use super::http::Request;
 use super::metrics::Metrics;
 use super::{abi, shared};
 use crate::admission::{Policy, Shared};
+use crate::breaker::{self, Gate, Verdict};
 use crate::config::Config;
 use crate::priority::Priority;
 use crate::queue::{WaitQueue, Waiter};
@@ -29,6 +30,8 @@ pub struct Filter {
     pub queues: RefCell<HashMap<String, WaitQueue<u32>>>,
     /// Milliseconds each released request waited, until its response headers carry it.
     pub waited_ms: RefCell<HashMap<u32, u64>>,
+    /// Shared-data key of the provider's breaker state.
+    pub provider_key: String,
 }
 
 impl Filter {
@@ -45,12 +48,54 @@ impl Filter {
         Shared::new(self.policy.bucket.full(now_ns))
     }
 
+    /// What the provider's last answers allow a request to do now.
+    pub fn gate(&self, now_ms: u64) -> Result<Gate, abi::Status> {
+        let policy = &self.config.provider.breaker;
+        let gate = shared::update(&self.provider_key, breaker::State::default(), |s| policy.gate(s, now_ms))?;
+        if gate == Gate::Probe {
+            self.metrics.provider.breaker_probes.inc();
+            self.metrics.provider.breaker_state.record(breaker::Mode::HalfOpen as u64);
+        }
+        Ok(gate)
+    }
+
+    /// Learns from one provider response: updates the shared breaker state and the stats.
+    pub fn observe(&self, status: u16, signals: &crate::signals::Signals, now_ms: u64) -> Result<Verdict, abi::Status> {
+        let policy = &self.config.provider.breaker;
+        let (verdict, state) = shared::update(&self.provider_key, breaker::State::default(), |s| {
+            let (v, next) = policy.observe(s, status, signals, now_ms);
+            ((v, next), (next != s).then_some(next))
+        })?;
+        let m = &self.metrics.provider;
+        if status == 429 {
+            m.upstream_429.inc();
+        }
+        if verdict.terminal {
+            m.terminal_quota.inc();
+        }
+        if verdict.throttled {
+            m.throttled.inc();
+        }
+        if verdict.tripped {
+            m.breaker_trips.inc();
+            let secs = state.until_ms.saturating_sub(now_ms).div_ceil(1000);
+            log::warn!(
+                "llm-ratelimit: provider {} quota exhausted ({}): breaker open for {secs} s",
+                self.config.name,
+                if verdict.terminal { "terminal" } else { "until reset" }
+            );
+        }
+        m.breaker_state.record(state.mode as u64);
+        Ok(verdict)
+    }
+
     pub fn wait_queue(&self) -> WaitQueue<u32> {
         WaitQueue::new(self.policy.weights)
     }
 
     /// The local 429 for a request of `class`, as status, headers and body.
-    pub fn limited(&self, class: Priority, reason: Reason, wait_ns: u64, s: &Shared) -> (u32, Vec<(&'static str, String)>, String) {
+    pub fn limited(&self, class: Priority, reason: Reason, wait_ns: u64, s: &Shared, retry: bool) -> (u32, Vec<(&'static str, String)>, String) {
+        self.metrics.provider.retry_after_s.record(reply::retry_after_secs(wait_ns.div_ceil(NANOS_PER_MS)));
         reply::too_many_requests(&Limited {
             policy: &self.config.name,
             priority: class,
@@ -59,13 +104,14 @@ impl Filter {
             remaining: (s.bucket.tokens - self.policy.floors[class.index()]).max(0.0) as u64,
             quota: self.config.bucket.capacity,
             window_s: self.window_s,
+            retry,
         })
     }
 
     /// Answers a waiting request (not the current one) with a local 429.
     pub fn refuse_waiter(&self, w: &Waiter<u32>, reason: Reason, s: &Shared, now_ms: u64) {
-        let wait_ns = self.policy.expected_wait_ns(s, w.class);
-        let (status, mut headers, body) = self.limited(w.class, reason, wait_ns, s);
+        let wait_ns = self.policy.expected_wait_ns(s, w.class, 0);
+        let (status, mut headers, body) = self.limited(w.class, reason, wait_ns, s, true);
         headers.push(("x-ratelimit-queued-ms", now_ms.saturating_sub(w.enqueued_ms).to_string()));
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let sent = abi::set_effective_context(w.id).and_then(|_| abi::send_response(status, &headers, body.as_bytes()));
@@ -74,8 +120,8 @@ impl Filter {
         }
     }
 
-    /// Expires and releases this worker's waiters on bucket `key`.
-    fn serve(&self, key: &str, q: &mut WaitQueue<u32>, now_ns: u64) -> Result<(), abi::Status> {
+    /// Expires this worker's waiters on bucket `key`, then releases as many as `gate` allows.
+    fn serve(&self, key: &str, q: &mut WaitQueue<u32>, now_ns: u64, gate: Gate) -> Result<(), abi::Status> {
         let now_ms = now_ns / NANOS_PER_MS;
         for w in q.expire(now_ms) {
             let s = shared::update(key, self.fresh(now_ns), |s| {
@@ -86,7 +132,13 @@ impl Filter {
             self.metrics.levels(&s);
             self.refuse_waiter(&w, Reason::Expired, &s, now_ms);
         }
-        while !q.is_empty() {
+        let mut allowed = match gate {
+            Gate::Pass => usize::MAX,
+            Gate::Probe => 1,
+            Gate::Hold { .. } | Gate::Open { .. } => 0,
+        };
+        while !q.is_empty() && allowed > 0 {
+            allowed -= 1;
             let released = shared::update(key, self.fresh(now_ns), |s| {
                 let s = Shared { bucket: self.policy.bucket.refill(s.bucket, now_ns), ..s };
                 match q.peek_next_class(|p| self.policy.can_release(&s, p)) {
@@ -155,6 +207,7 @@ impl RootContext for Root {
             window_s,
             queues: RefCell::default(),
             waited_ms: RefCell::default(),
+            provider_key: format!("llm_ratelimit/{}/provider", config.name),
             config,
         };
         if filter.config.bucket.key_header.is_none() {
@@ -185,8 +238,13 @@ impl RootContext for Root {
             Ok(t) => t,
             Err(s) => return log::warn!("llm-ratelimit: no clock in on_tick: status {s}"),
         };
+        let gate = f.gate(now / NANOS_PER_MS).unwrap_or_else(|s| {
+            f.metrics.errors.inc();
+            log::warn!("llm-ratelimit: cannot read the provider state: status {s}");
+            Gate::Pass
+        });
         for (key, q) in queues.iter_mut() {
-            if let Err(s) = f.serve(key, q, now) {
+            if let Err(s) = f.serve(key, q, now, gate) {
                 f.metrics.errors.inc();
                 log::warn!("llm-ratelimit: releasing waiters of {key} failed: status {s}");
             }
