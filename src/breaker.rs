@@ -149,7 +149,8 @@ impl Policy {
             // Quota left: this is a short back-off, not an outage. Hold, do not fail.
             return (v, State { until_ms: s.until_ms.max(until), ..s });
         }
-        v.tripped = s.mode != Mode::Open || until > s.until_ms;
+        // Only a change of position is a trip; a later answer may move the reset instant.
+        v.tripped = s.mode != Mode::Open;
         let next = State { mode: Mode::Open, until_ms: until, probe_ms: 0, terminal, trips: s.trips.saturating_add(1) };
         (v, next)
     }

@@ -23,13 +23,13 @@ pub struct Request {
     class: Priority,
     /// Bucket key while this request waits in this worker's queue.
     waiting_on: Option<String>,
-    /// The provider answered 429: its body is being buffered to read before the client sees it.
-    reading_429: bool,
+    /// The provider answered 429: its body, collected as it passes, and what its headers said.
+    body_429: Option<(Vec<u8>, signals::Signals)>,
 }
 
 impl Request {
     pub fn new(f: Rc<Filter>, id: u32) -> Request {
-        Request { f, id, class: Priority::Normal, waiting_on: None, reading_429: false }
+        Request { f, id, class: Priority::Normal, waiting_on: None, body_429: None }
     }
 
     fn header(name: &str) -> Option<String> {
@@ -113,32 +113,53 @@ impl Request {
 }
 
 impl Request {
-    /// Reads the provider's rate-limit signals from this response, updates the shared provider
-    /// state, and gives a 429 one precise `Retry-After` for the client.
-    fn learn(&self, status: u16, headers: &[(String, String)], body: Option<&[u8]>) {
+    /// Reads the provider's rate-limit signals from the response headers, updates the shared
+    /// provider state, and gives a 429 one precise `Retry-After` for the client. Returns what the
+    /// headers said, so the body can add to it.
+    fn learn(&self, status: u16, headers: &[(String, String)]) -> Option<signals::Signals> {
+        let now_ms = abi::now_ns().ok()? / NANOS_PER_MS;
+        let signals = self.parse(status, headers, None, now_ms);
+        let verdict = self.observe(status, &signals, now_ms, true)?;
+        if status == 429 {
+            let wait_ms = verdict.retry_at_ms.map_or(1000, |t| t.saturating_sub(now_ms));
+            let secs = crate::reply::retry_after_secs(wait_ms);
+            self.f.metrics.provider.retry_after_s.record(secs);
+            set_header("retry-after", &secs.to_string());
+            set_header("retry-after-ms", &wait_ms.max(1).to_string());
+            set_header("ratelimit", &format!("\"{}\";r=0;t={secs}", self.f.config.name));
+            set_header("x-llm-ratelimit-source", "provider");
+            set_header("x-should-retry", if verdict.terminal { "false" } else { "true" });
+        }
+        Some(signals)
+    }
+
+    /// Reads a 429's body once it has passed (Envoy cannot hold the headers while the filter
+    /// reads the body): timing or a terminal quota found only there updates the shared state, so
+    /// every later client is told.
+    fn learn_body(&self, body: &[u8], from_headers: &signals::Signals, headers: &[(String, String)]) {
         let Ok(now_ns) = abi::now_ns() else { return };
         let now_ms = now_ns / NANOS_PER_MS;
+        let signals = self.parse(429, headers, Some(body), now_ms);
+        if signals.retry_at() != from_headers.retry_at() || signals.terminal != from_headers.terminal {
+            self.observe(429, &signals, now_ms, false);
+        }
+    }
+
+    fn parse(&self, status: u16, headers: &[(String, String)], body: Option<&[u8]>, now_ms: u64) -> signals::Signals {
         let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let cfg = &self.f.config.provider;
-        let signals = signals::parse(cfg.style, status, &pairs, body, now_ms, cfg.breaker.max_wait_ms);
-        let verdict = match self.f.observe(status, &signals, now_ms) {
-            Ok(v) => v,
+        signals::parse(cfg.style, status, &pairs, body, now_ms, cfg.breaker.max_wait_ms)
+    }
+
+    fn observe(&self, status: u16, signals: &signals::Signals, now_ms: u64, first: bool) -> Option<crate::breaker::Verdict> {
+        match self.f.observe(status, signals, now_ms, first) {
+            Ok(v) => Some(v),
             Err(s) => {
                 self.f.metrics.errors.inc();
-                return log::warn!("llm-ratelimit: cannot update the provider state: status {s}");
+                log::warn!("llm-ratelimit: cannot update the provider state: status {s}");
+                None
             }
-        };
-        if status != 429 {
-            return;
         }
-        let wait_ms = verdict.retry_at_ms.map_or(1000, |t| t.saturating_sub(now_ms));
-        let secs = crate::reply::retry_after_secs(wait_ms);
-        self.f.metrics.provider.retry_after_s.record(secs);
-        set_header("retry-after", &secs.to_string());
-        set_header("retry-after-ms", &wait_ms.max(1).to_string());
-        set_header("ratelimit", &format!("\"{}\";r=0;t={secs}", self.f.config.name));
-        set_header("x-llm-ratelimit-source", "provider");
-        set_header("x-should-retry", if verdict.terminal { "false" } else { "true" });
     }
 }
 
@@ -227,26 +248,25 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         let status = status_of(&headers).unwrap_or(0);
-        if status == 429 && !end_of_stream {
-            // Some providers time their 429s only in the body: read it before answering.
-            self.reading_429 = true;
-            return Action::Pause;
+        let signals = self.learn(status, &headers);
+        if let (429, false, Some(signals)) = (status, end_of_stream, signals) {
+            self.body_429 = Some((Vec::new(), signals));
         }
-        self.learn(status, &headers, None);
         Action::Continue
     }
 
-    fn on_http_response_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
-        if !self.reading_429 {
-            return Action::Continue;
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some((body, _)) = &mut self.body_429 else { return Action::Continue };
+        let room = MAX_BODY.saturating_sub(body.len()).min(body_size);
+        if room > 0 {
+            body.extend(abi::response_body(room).unwrap_or_default());
         }
-        if !end_of_stream {
-            return Action::Pause;
+        if end_of_stream {
+            if let Some((body, from_headers)) = self.body_429.take() {
+                let headers = abi::response_headers().unwrap_or_default();
+                self.learn_body(&body, &from_headers, &headers);
+            }
         }
-        self.reading_429 = false;
-        let body = abi::response_body(MAX_BODY).unwrap_or_default();
-        let headers = abi::response_headers().unwrap_or_default();
-        self.learn(429, &headers, Some(&body));
         Action::Continue
     }
 }

@@ -60,14 +60,15 @@ impl Filter {
     }
 
     /// Learns from one provider response: updates the shared breaker state and the stats.
-    pub fn observe(&self, status: u16, signals: &crate::signals::Signals, now_ms: u64) -> Result<Verdict, abi::Status> {
+    /// `first` is false when the same response is read again, from its body.
+    pub fn observe(&self, status: u16, signals: &crate::signals::Signals, now_ms: u64, first: bool) -> Result<Verdict, abi::Status> {
         let policy = &self.config.provider.breaker;
         let (verdict, state) = shared::update(&self.provider_key, breaker::State::default(), |s| {
             let (v, next) = policy.observe(s, status, signals, now_ms);
             ((v, next), (next != s).then_some(next))
         })?;
         let m = &self.metrics.provider;
-        if status == 429 {
+        if status == 429 && first {
             m.upstream_429.inc();
         }
         if verdict.terminal {

@@ -264,6 +264,9 @@ impl<'a> Headers<'a> {
     }
 }
 
+/// Clock differences up to this are taken for `Date`'s rounding, not skew.
+const MAX_TRUSTED_SKEW_MS: u64 = 2_000;
+
 /// Places provider moments on the proxy's clock.
 struct Clock {
     now_ms: u64,
@@ -303,12 +306,21 @@ impl Wait {
 }
 
 impl Clock {
+    /// What absolute instants are measured against. `Date` has whole-second precision, so it
+    /// is used only to correct a real clock skew between the provider and the proxy.
+    fn base_ms(&self) -> u64 {
+        match self.date_ms {
+            Some(date) if date.abs_diff(self.now_ms) > MAX_TRUSTED_SKEW_MS => date,
+            _ => self.now_ms,
+        }
+    }
+
     /// Converts a moment: a zero or negative delay is unknown (a 429 that says "now" is not
     /// trusted, as the official SDKs do not), a delay over the cap is too long.
     fn wait(&self, when: Option<When>) -> Wait {
         let delay = match when {
             Some(When::In(ms)) => Some(ms),
-            Some(When::At(at)) => at.checked_sub(self.date_ms.unwrap_or(self.now_ms)),
+            Some(When::At(at)) => at.checked_sub(self.base_ms()),
             None => None,
         };
         match delay {

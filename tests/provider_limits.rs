@@ -1,0 +1,163 @@
+//! The filter reads the provider's rate-limit signals in every style, keeps traffic off an
+//! exhausted provider until its reset, and tells every client one precise Retry-After.
+
+mod support;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::*;
+
+/// A roomy bucket: here the provider's quota is what runs out.
+const ROOMY: &str = r#""bucket":{"capacity":1000,"refill_rate":1000},"classify":{"trust_header":true}"#;
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Restarts the mock's quota window now; returns when that window ends (epoch ms).
+fn restart_window(mock: &Mock, window_ms: u64) -> u64 {
+    let started = now_ms();
+    ureq::post(&format!("http://127.0.0.1:{}/mock/reset", mock.port)).call().expect("reset");
+    started + window_ms
+}
+
+/// After the provider reports its quota used up, requests wait for the reset instead of
+/// reaching it: at most the requests already in flight get its 429.
+fn exhausted_window_is_respected(style: &str) {
+    let mock = Mock::start(&["--quota", "4", "--window-ms", "2500", "--style", style]);
+    let envoy = Envoy::start(&format!("{{\"name\":\"ex\",{ROOMY}}}"), 2, mock.port);
+    let reset = restart_window(&mock, 2500);
+    let replies = burst(&envoy.url("/v1/chat/completions"), 10, 2, &[]);
+    assert!(now_ms() >= reset, "{style}: all 10 cannot fit before the first reset");
+    assert_eq!(count(&replies, 200), 10, "{style}: held requests succeed after the reset");
+    let limited = mock.stats()["rate_limited"].as_u64().unwrap();
+    assert!(limited <= 2, "{style}: {limited} requests reached the exhausted provider");
+    assert!(envoy.stat("ex", "throttled") >= 1, "{style}: the exhausted quota was noticed");
+}
+
+#[test]
+fn openai_style_exhaustion_holds_requests_until_the_reset() {
+    exhausted_window_is_respected("openai");
+}
+
+#[test]
+fn anthropic_style_exhaustion_holds_requests_until_the_reset() {
+    exhausted_window_is_respected("anthropic");
+}
+
+#[test]
+fn generic_and_ietf_style_exhaustion_holds_requests_until_the_reset() {
+    exhausted_window_is_respected("generic");
+    exhausted_window_is_respected("ietf");
+}
+
+/// A request that cannot wait for the reset is refused with a Retry-After that lands on it.
+fn retry_after_matches_the_reset(style: &str) {
+    let mock = Mock::start(&["--quota", "2", "--window-ms", "4000", "--style", style]);
+    let config = format!("{{\"name\":\"ra\",{ROOMY},\"priorities\":{{\"NORMAL\":{{\"max_wait_ms\":300}}}}}}");
+    let envoy = Envoy::start(&config, 2, mock.port);
+    let reset = restart_window(&mock, 4000);
+    let url = envoy.url("/v1/chat/completions");
+    for _ in 0..2 {
+        assert_eq!(chat(&url, &[]).unwrap().status, 200, "{style}");
+    }
+    for _ in 0..3 {
+        let asked = now_ms();
+        let r = chat(&url, &[]).unwrap();
+        assert_eq!(r.status, 429, "{style}: {r:?}");
+        assert_eq!(r.header("x-llm-ratelimit-reason"), Some("provider_hold"), "{style}");
+        let ms: u64 = r.header("retry-after-ms").unwrap().parse().unwrap();
+        let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        let (at, at_secs) = (asked + ms, asked + secs * 1000);
+        assert!(at + 1000 >= reset && at <= reset + 1000, "{style}: retry at {at}, reset at {reset}");
+        assert!(at_secs + 50 >= reset && at_secs <= reset + 2000, "{style}: Retry-After {secs} s, reset in {} ms", reset - asked);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(mock.stats()["rate_limited"], 0, "{style}: nothing reached the exhausted provider");
+}
+
+#[test]
+fn every_style_gets_a_retry_after_within_a_second_of_the_reset() {
+    for style in ["openai", "groq", "anthropic", "azure", "mistral", "generic", "generic-date", "ietf", "ietf-draft07"] {
+        retry_after_matches_the_reset(style);
+    }
+}
+
+/// LOW gets no router retries here, so the provider's 429 reaches the filter at once.
+const NO_LOW_RETRIES: &str = r#""priorities":{"LOW":{"max_retries":0}}"#;
+
+#[test]
+fn a_429_trips_the_breaker_and_a_half_open_probe_closes_it() {
+    // Gemini-style: no quota headers on successes, timing only in the 429 body.
+    let mock = Mock::start(&["--quota", "2", "--window-ms", "3000", "--style", "gemini"]);
+    let envoy = Envoy::start(&format!("{{\"name\":\"br\",{ROOMY},{NO_LOW_RETRIES}}}"), 2, mock.port);
+    let reset = restart_window(&mock, 3000);
+    let url = envoy.url("/v1/chat/completions");
+    let low = [("x-llm-priority", "LOW")];
+    for _ in 0..2 {
+        assert_eq!(chat(&url, &low).unwrap().status, 200);
+    }
+    let r = chat(&url, &low).unwrap();
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.header("x-llm-ratelimit-source"), Some("provider"));
+    assert_eq!(r.header("x-should-retry"), Some("true"));
+    // Gemini times its 429 only in the body, which passes after the headers: this client gets
+    // the back-off, and the body's retryDelay sets the reset every later client is told.
+    assert!(r.header("retry-after").is_some());
+    assert!(r.body.contains("RESOURCE_EXHAUSTED"), "the provider's body is kept");
+    assert_eq!(envoy.stat("br", "breaker.trips"), 1);
+    assert_eq!(envoy.stat("br", "breaker.state"), 1);
+
+    // Open: fail fast, nothing reaches the provider, every client told when to come back.
+    for _ in 0..5 {
+        let r = chat(&url, &low).unwrap();
+        assert_eq!(r.status, 429);
+        assert_eq!(r.header("x-llm-ratelimit-reason"), Some("breaker_open"));
+        let ms: u64 = r.header("retry-after-ms").unwrap().parse().unwrap();
+        assert!((now_ms() + ms).abs_diff(reset) <= 1000);
+    }
+    assert_eq!(mock.received(), 3);
+
+    // After the reset one probe goes through and closes the breaker.
+    std::thread::sleep(Duration::from_millis(reset.saturating_sub(now_ms()) + 100));
+    assert_eq!(chat(&url, &low).unwrap().status, 200);
+    assert_eq!(envoy.stat("br", "breaker.probes"), 1);
+    assert_eq!(envoy.stat("br", "breaker.state"), 0);
+    assert_eq!(chat(&url, &low).unwrap().status, 200);
+    assert_eq!(envoy.stat("br", "upstream_429"), 1);
+}
+
+#[test]
+fn a_terminal_quota_tells_clients_not_to_retry() {
+    let mock = Mock::start(&["--terminal", "insufficient_quota"]);
+    let envoy = Envoy::start(&format!("{{\"name\":\"tq\",{ROOMY},{NO_LOW_RETRIES}}}"), 1, mock.port);
+    let url = envoy.url("/v1/chat/completions");
+    let low = [("x-llm-priority", "LOW")];
+    let started = Instant::now();
+    let r = chat(&url, &low).unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("x-llm-ratelimit-source"), Some("provider"));
+    assert!(r.body.contains("insufficient_quota"), "the provider's body reaches the client");
+    assert_eq!(envoy.stat("tq", "terminal_quota"), 1);
+    // Everyone after it is told the same without bothering the provider.
+    let r = chat(&url, &[]).unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("x-llm-ratelimit-reason"), Some("breaker_open"));
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!(secs >= 600, "a terminal quota is not a short back-off: {secs} s");
+    assert_eq!(mock.received(), 1);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn garbage_rate_limit_headers_are_ignored_safely() {
+    // The mock's forced-status mode sends an error with no timing at all; the filter must back
+    // off (not say "retry now") and stay alive.
+    let mock = Mock::start(&[]);
+    let envoy = Envoy::start(&format!("{{\"name\":\"gb\",{ROOMY},{NO_LOW_RETRIES}}}"), 1, mock.port);
+    let url = envoy.url("/v1/chat/completions");
+    let r = chat(&url, &[("x-llm-priority", "LOW"), ("x-mock-status", "429")]).unwrap();
+    assert_eq!(r.status, 429);
+    let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!(secs >= 1);
+    assert!(!envoy.log().contains("panic"));
+}
