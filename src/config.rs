@@ -21,6 +21,29 @@ pub struct Config {
     pub classify: ClassifyConfig,
     pub queue: QueueConfig,
     pub provider: ProviderConfig,
+    pub role: Role,
+}
+
+/// Where this instance of the filter sits, and so what it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// One instance, in the listener's filter chain: admission, learning and 429 rewriting.
+    /// Learns only from the final response when the router retries.
+    Standalone,
+    /// In the listener's chain, beside an `observer`: admission and 429 rewriting.
+    Admission,
+    /// In the cluster's upstream filter chain: learns from every attempt the router makes.
+    Observer,
+}
+
+impl Role {
+    pub fn admits(self) -> bool {
+        self != Role::Observer
+    }
+    pub fn learns(self) -> bool {
+        self != Role::Admission
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -107,6 +130,7 @@ impl Default for Config {
                 rules: Vec::new(),
             },
             queue: QueueConfig { enabled: true, tick_ms: 10, max_waiting: 5000 },
+            role: Role::Standalone,
             provider: ProviderConfig {
                 style: Provider::Auto,
                 breaker: breaker::Policy {
@@ -169,6 +193,7 @@ struct RawConfig {
     classify: RawClassify,
     queue: RawQueue,
     provider: RawProvider,
+    role: Option<Role>,
 }
 
 #[derive(Deserialize, Default)]
@@ -275,7 +300,8 @@ impl RawConfig {
             max_waiting: whole("queue.max_waiting", q.max_waiting, d.queue.max_waiting, 0)?,
         };
         let provider = self.provider.validate(d.provider)?;
-        Ok(Config { name, bucket, classes, classify, queue, provider })
+        let role = self.role.unwrap_or(d.role);
+        Ok(Config { name, bucket, classes, classify, queue, provider, role })
     }
 }
 
@@ -472,6 +498,11 @@ mod tests {
         assert_eq!(c.provider.breaker.max_wait_ms, 60_000);
         assert_eq!(c.class(Priority::Low).max_retries, Some(0));
         assert_eq!(c.class(Priority::High).max_retries, None);
+        assert_eq!(c.role, Role::Standalone);
+        let c = Config::parse(br#"{"role":"observer"}"#).unwrap();
+        assert!(c.role.learns() && !c.role.admits());
+        let e = err(r#"{"role":"sidecar"}"#);
+        assert!(e.starts_with("role: unknown variant `sidecar`, expected one of `standalone`, `admission`, `observer`"), "{e}");
         let e = err(r#"{"provider":{"style":"openia"}}"#);
         assert!(e.starts_with("provider.style: unknown provider \"openia\", expected one of `auto`, `openai`"), "{e}");
         assert_eq!(err(r#"{"provider":{"safe_threshold":2}}"#), "provider.safe_threshold: must be a number from 0 to 1, got 2");

@@ -57,7 +57,8 @@ impl Request {
         }
     }
 
-    fn admit(&mut self, key: &str, now_ns: u64, not_before_ns: u64) -> Action {
+    /// Takes a token, waits, or refuses. A refusal because of `not_before_ns` says `hold_reason`.
+    fn admit(&mut self, key: &str, now_ns: u64, not_before_ns: u64, hold_reason: Reason) -> Action {
         // The least important class below ours with a waiter here: the one we may shed.
         let local_victim = self.f.queues.try_borrow().ok().and_then(|qs| {
             let q = qs.get(key)?;
@@ -81,6 +82,7 @@ impl Request {
                 m.admitted.inc();
                 Action::Continue
             }
+            Arrival::Reject { reason: Reason::ProviderHold, wait_ns } => self.refuse(hold_reason, wait_ns, &s, true),
             Arrival::Reject { reason, wait_ns } => self.refuse(reason, wait_ns, &s, true),
             Arrival::Wait | Arrival::WaitEvicting { .. } => {
                 let now_ms = now_ns / NANOS_PER_MS;
@@ -119,8 +121,15 @@ impl Request {
     fn learn(&self, status: u16, headers: &[(String, String)]) -> Option<signals::Signals> {
         let now_ms = abi::now_ns().ok()? / NANOS_PER_MS;
         let signals = self.parse(status, headers, None, now_ms);
-        let verdict = self.observe(status, &signals, now_ms, true)?;
-        if status == 429 {
+        let role = self.f.config.role;
+        let verdict = if role.learns() {
+            self.observe(status, &signals, now_ms, true)?
+        } else if status == 429 {
+            self.f.peek(&signals, now_ms).ok()?
+        } else {
+            return None;
+        };
+        if status == 429 && role.admits() {
             let wait_ms = verdict.retry_at_ms.map_or(1000, |t| t.saturating_sub(now_ms));
             let secs = crate::reply::retry_after_secs(wait_ms);
             self.f.metrics.provider.retry_after_s.record(secs);
@@ -203,6 +212,9 @@ impl Context for Request {
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let cfg = &self.f.config;
+        if !cfg.role.admits() {
+            return Action::Continue;
+        }
         let path = Self::header(":path").unwrap_or_default();
         self.class = classify(&cfg.classify, &path, Self::header);
         // Upstream sees the class the proxy decided, never one a client claimed.
@@ -220,21 +232,24 @@ impl HttpContext for Request {
             Ok(t) => t,
             Err(s) => return self.fail_open("get_current_time", s),
         };
-        let not_before_ns = match self.f.gate(now / NANOS_PER_MS) {
-            Ok(Gate::Pass | Gate::Probe) => 0,
-            Ok(Gate::Hold { until_ms }) => until_ms.saturating_mul(NANOS_PER_MS),
-            Ok(Gate::Open { until_ms, terminal }) => {
+        // Held or open: the request may wait for the reset if its class may wait that long
+        // (an open breaker then lets one probe go first); a terminal quota fails fast.
+        let (not_before_ns, hold_reason) = match self.f.gate(now / NANOS_PER_MS) {
+            Ok(Gate::Pass | Gate::Probe) => (0, Reason::ProviderHold),
+            Ok(Gate::Hold { until_ms }) => (until_ms.saturating_mul(NANOS_PER_MS), Reason::ProviderHold),
+            Ok(Gate::Open { until_ms, terminal: false }) => (until_ms.saturating_mul(NANOS_PER_MS), Reason::BreakerOpen),
+            Ok(Gate::Open { until_ms, terminal: true }) => {
                 let wait_ns = until_ms.saturating_mul(NANOS_PER_MS).saturating_sub(now);
                 let s = crate::admission::Shared::new(self.f.policy.bucket.full(now));
-                return self.refuse(Reason::BreakerOpen, wait_ns, &s, !terminal);
+                return self.refuse(Reason::BreakerOpen, wait_ns, &s, false);
             }
             Err(s) => {
                 self.f.metrics.errors.inc();
                 log::warn!("llm-ratelimit: cannot read the provider state: status {s}");
-                0
+                (0, Reason::ProviderHold)
             }
         };
-        self.admit(&key, now, not_before_ns)
+        self.admit(&key, now, not_before_ns, hold_reason)
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
@@ -249,7 +264,7 @@ impl HttpContext for Request {
         }
         let status = status_of(&headers).unwrap_or(0);
         let signals = self.learn(status, &headers);
-        if let (429, false, Some(signals)) = (status, end_of_stream, signals) {
+        if let (429, false, Some(signals), true) = (status, end_of_stream, signals, self.f.config.role.learns()) {
             self.body_429 = Some((Vec::new(), signals));
         }
         Action::Continue

@@ -90,6 +90,18 @@ impl Filter {
         Ok(verdict)
     }
 
+    /// What a 429 means for its client without learning from it again: the provider's own
+    /// timing, or the reset the observer in the upstream chain already recorded.
+    pub fn peek(&self, signals: &crate::signals::Signals, now_ms: u64) -> Result<Verdict, abi::Status> {
+        let state = shared::update(&self.provider_key, breaker::State::default(), |s| (s, None))?;
+        let recorded = (state.until_ms > now_ms).then_some(state.until_ms);
+        Ok(Verdict {
+            retry_at_ms: signals.retry_at().filter(|&t| t > now_ms).max(recorded),
+            terminal: signals.terminal.is_some() || state.terminal,
+            ..Verdict::default()
+        })
+    }
+
     pub fn wait_queue(&self) -> WaitQueue<u32> {
         WaitQueue::new(self.policy.weights)
     }
@@ -211,13 +223,13 @@ impl RootContext for Root {
             provider_key: format!("llm_ratelimit/{}/provider", config.name),
             config,
         };
-        if filter.config.bucket.key_header.is_none() {
+        if filter.config.role.admits() && filter.config.bucket.key_header.is_none() {
             let created = abi::now_ns().and_then(|now| shared::ensure(&filter.bucket_key(None), filter.fresh(now)));
             if let Err(s) = created {
                 log::warn!("llm-ratelimit: cannot create the shared bucket: status {s}");
             }
         }
-        if filter.config.queue.enabled {
+        if filter.config.role.admits() && filter.config.queue.enabled {
             let tick = filter.config.queue.tick_ms.min(u32::MAX as u64) as u32;
             if let Err(s) = abi::set_tick_period_ms(tick) {
                 log::error!("llm-ratelimit: cannot start the queue timer: status {s}");

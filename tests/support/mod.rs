@@ -181,16 +181,16 @@ impl Drop for Envoy {
     }
 }
 
-/// `envoy/envoy.yaml` with test ports, the built `.wasm` and `filter_config`: tests run the
-/// configuration users run.
+/// `envoy/envoy.yaml` with test ports, the built `.wasm` and `filter_config` on each filter
+/// line (keeping that line's "role"): tests run the configuration users run.
 pub fn render_config(filter_config: &str, port: u16, admin: u16, upstream: u16, wasm: &Path) -> String {
     let yaml = std::fs::read_to_string(root().join("envoy/envoy.yaml")).expect("envoy/envoy.yaml");
-    let quoted = filter_config.replace('\'', "''");
     yaml.lines()
         .map(|l| {
-            if l.trim_start().starts_with("value: '{") {
-                let indent = &l[..l.len() - l.trim_start().len()];
-                format!("{indent}value: '{quoted}'")
+            let body = l.trim_start();
+            if let Some(json) = body.strip_prefix("value: '").and_then(|j| j.strip_suffix('\'')) {
+                let indent = &l[..l.len() - body.len()];
+                format!("{indent}value: '{}'", with_role(filter_config, json).replace('\'', "''"))
             } else {
                 l.replace("port_value: 10000", &format!("port_value: {port}"))
                     .replace("port_value: 9901", &format!("port_value: {admin}"))
@@ -200,6 +200,19 @@ pub fn render_config(filter_config: &str, port: u16, admin: u16, upstream: u16, 
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `filter_config` with the "role" of the yaml line's own configuration. Text that is not a JSON
+/// object (a bad-config test) is used as it is.
+fn with_role(filter_config: &str, yaml_json: &str) -> String {
+    let role = serde_json::from_str::<serde_json::Value>(yaml_json).ok().and_then(|v| v.get("role").cloned());
+    match (serde_json::from_str::<serde_json::Value>(filter_config), role) {
+        (Ok(serde_json::Value::Object(mut m)), Some(role)) => {
+            m.insert("role".into(), role);
+            serde_json::Value::Object(m).to_string()
+        }
+        _ => filter_config.to_string(),
+    }
 }
 
 /// A response, whatever its status.

@@ -1,0 +1,343 @@
+#!/usr/bin/env python3
+"""llm-ratelimit demo: Envoy with the filter in front of the mock LLM provider, hit by a
+mixed-priority burst well above the quota. Shows who got through at once, who waited, who got a
+local 429 and why, what the provider actually received, and the filter's own Envoy stats.
+
+Run with `make demo` (builds first) or `python3 scripts/demo.py`. Python 3 stdlib only.
+Everything it starts is stopped on exit, also on Ctrl-C.
+"""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WASM = ROOT / "target/wasm32-wasip1/release/llm_ratelimit.wasm"
+MOCK = ROOT / "target/release/mock-provider"
+
+# The filter configuration for the demo: 20 tokens for everyone + 5 only HIGH/CRITICAL may spend,
+# refilled at 10/s. LOW may wait 1.5 s, NORMAL 5 s; at most 8 requests wait at once, so a full
+# queue makes HIGH/CRITICAL arrivals shed LOW/NORMAL waiters (and refuses the rest: queue_full).
+FILTER = {
+    "name": "demo",
+    "bucket": {"capacity": 20, "refill_rate": 10, "burst_allowance": 5},
+    "classify": {"header": "x-llm-priority", "trust_header": True},
+    "priorities": {"LOW": {"max_wait_ms": 1500}, "NORMAL": {"max_wait_ms": 5000}},
+    "queue": {"max_waiting": 8},
+}
+PRIORITIES = ["CRITICAL", "HIGH", "NORMAL", "LOW"]
+MIX = {"CRITICAL": 0.05, "HIGH": 0.15, "NORMAL": 0.20, "LOW": 0.60}  # share of the traffic
+RATE = 3 * FILTER["bucket"]["refill_rate"]  # arrivals per second: 3x the refill rate
+DURATION_S = 10.0
+REQUEST_TIMEOUT_S = 15.0
+REASONS = ["no_token", "queue_full", "shed", "expired"]
+
+
+# ---- Processes -------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def envoy_bin():
+    for p in (os.environ.get("ENVOY_BIN"), ROOT / ".venv/bin/envoy"):
+        if p and Path(p).is_file():
+            return str(p)
+    sys.exit("envoy not found: run `make demo` (scripts/setup.sh installs it) or set ENVOY_BIN")
+
+
+def render_config(filter_json, port, admin, upstream):
+    """envoy/envoy.yaml with our ports, the built .wasm and the demo filter config on each
+    filter line, keeping that line's "role" (exactly the substitution tests/support/mod.rs
+    makes), so the demo runs the file users run."""
+    out = []
+    for line in (ROOT / "envoy/envoy.yaml").read_text().splitlines():
+        body = line.lstrip()
+        if body.startswith("value: '{") and body.endswith("'"):
+            indent = line[: len(line) - len(body)]
+            config = dict(json.loads(filter_json), role=json.loads(body[len("value: '"):-1])["role"])
+            line = f"{indent}value: '{json.dumps(config)}'"
+        else:
+            line = (line.replace("port_value: 10000", f"port_value: {port}")
+                        .replace("port_value: 9901", f"port_value: {admin}")
+                        .replace("port_value: 9000", f"port_value: {upstream}")
+                        .replace("target/wasm32-wasip1/release/llm_ratelimit.wasm", str(WASM)))
+        out.append(line)
+    return "\n".join(out)
+
+
+def start_mock(procs):
+    """The mock provider on a free port, answering after 50 ms; returns its port."""
+    p = subprocess.Popen([str(MOCK), "--port", "0", "--latency-ms", "50"],
+                         stdout=subprocess.PIPE, text=True)
+    procs.append(p)
+    banner = p.stdout.readline().strip()  # "listening on 127.0.0.1:PORT"
+    if not banner.startswith("listening on"):
+        raise SystemExit(f"mock-provider did not start (said {banner!r})")
+    return int(banner.rsplit(":", 1)[1])
+
+
+def start_envoy(procs, tmp, upstream):
+    """Envoy with the rendered config; returns (listener port, admin port, log path)."""
+    port, admin = free_port(), free_port()
+    cfg, log = tmp / "envoy.yaml", tmp / "envoy.log"
+    cfg.write_text(render_config(json.dumps(FILTER), port, admin, upstream))
+    p = subprocess.Popen(
+        [envoy_bin(), "-c", str(cfg), "--concurrency", "2", "--disable-hot-restart",
+         "-l", "warning", "--component-log-level", "wasm:info", "--log-path", str(log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(p)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            if http_get(admin, "/ready") == "LIVE\n":
+                return port, admin, log
+        except OSError:
+            pass
+        time.sleep(0.1)
+    print("Envoy did not become ready. Its log:\n" + (log.read_text() if log.exists() else "(none)"))
+    raise SystemExit(1)
+
+
+def stop(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# ---- HTTP ------------------------------------------------------------------------------------
+
+def http_get(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return r.read().decode()
+
+
+BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def chat(port, priority):
+    """One chat completion through Envoy; returns what the client saw."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=BODY,
+                                 headers={"content-type": "application/json",
+                                          "x-llm-priority": priority})
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+            r.read()
+            status, headers = r.status, r.headers
+    except urllib.error.HTTPError as e:
+        status, headers = e.code, e.headers
+    except OSError as e:  # timeout or connection error
+        return {"priority": priority, "status": None, "error": str(e)}
+    queued = headers.get("x-ratelimit-queued-ms")
+    return {"priority": priority, "status": status,
+            "reason": headers.get("x-llm-ratelimit-reason"),
+            "queued_ms": int(queued) if queued is not None else None}
+
+
+# ---- Traffic ---------------------------------------------------------------------------------
+
+def drive(port):
+    """Open-loop Poisson arrivals at RATE/s for DURATION_S, each request in its own thread, with
+    a progress line per second. Returns every result once all requests have finished, and the
+    seconds that took."""
+    rng = random.Random(42)  # same traffic every run
+    results, lock = [], threading.Lock()
+
+    def one(priority):
+        r = chat(port, priority)
+        with lock:
+            results.append(r)
+
+    threads, start, next_report, t = [], time.monotonic(), 1.0, 0.0
+    while True:
+        t += rng.expovariate(RATE)
+        if t >= DURATION_S:
+            break
+        priority = rng.choices(list(MIX), weights=list(MIX.values()))[0]
+        while (now := time.monotonic() - start) < t:
+            if now >= next_report:
+                progress(now, len(threads), results, lock)
+                next_report += 1
+            time.sleep(min(0.01, t - now))
+        th = threading.Thread(target=one, args=(priority,), daemon=True)
+        th.start()
+        threads.append(th)
+    # Arrivals are over; queued requests are still being released or expiring.
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S + 2
+    while any(th.is_alive() for th in threads) and time.monotonic() < deadline:
+        now = time.monotonic() - start
+        if now >= next_report:
+            progress(now, len(threads), results, lock)
+            next_report += 1
+        time.sleep(0.05)
+    elapsed = time.monotonic() - start
+    progress(elapsed, len(threads), results, lock, final=True)
+    with lock:
+        unanswered = [{"priority": "?", "status": None, "error": "no answer"}] * (len(threads) - len(results))
+        return results + unanswered, elapsed
+
+
+def progress(now, sent, results, lock, final=False):
+    with lock:
+        ok = sum(r["status"] == 200 for r in results)
+        limited = sum(r["status"] == 429 for r in results)
+        done = len(results)
+    label = "done" if final else f"t={now:4.1f}s"
+    print(f"  {label:>8}  sent {sent:4d}   200 {ok:4d}   429 {limited:4d}   in flight {sent - done:3d}",
+          flush=True)
+
+
+# ---- Report ----------------------------------------------------------------------------------
+
+def pct(values, q):
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def summary(results, provider):
+    """One row per priority: what the clients got, and what the provider received."""
+    cols = ["sent", "200", "at once", "waited", "wait p50", "wait p99", *REASONS, "other", "provider"]
+    print(f"{'priority':<9}" + "".join(f"{c:>11}" for c in cols))
+    for p in PRIORITIES + ["total"]:
+        rs = [r for r in results if p in (r["priority"], "total")]
+        ok = [r for r in rs if r["status"] == 200]
+        waits = [r["queued_ms"] for r in ok if r["queued_ms"] is not None]
+        rejected = [sum(r["status"] == 429 and r["reason"] == why for r in rs) for why in REASONS]
+        other = len(rs) - len(ok) - sum(rejected)  # timeouts, errors, other statuses
+        received = sum(provider.values()) if p == "total" else provider.get(p, 0)
+        p50, p99 = (pct(waits, 0.5), pct(waits, 0.99)) if p != "total" else ("", "")
+        cells = [len(rs), len(ok), len(ok) - len(waits), len(waits), p50, p99, *rejected, other, received]
+        print(f"{p:<9}" + "".join(f"{'-' if c is None else c:>11}" for c in cells))
+    print("  200 = admitted: 'at once' or 'waited' (had x-ratelimit-queued-ms; p50/p99 of it in ms).")
+    print("  no_token..expired = local 429s by x-llm-ratelimit-reason. "
+          "provider = requests the mock received (GET /mock/stats by_priority).")
+
+
+def envoy_stats(admin):
+    """The filter's counters and gauges per priority, a few raw lines, and their Prometheus form.
+    Returns the parsed stats."""
+    text = http_get(admin, "/stats?filter=llm_ratelimit").splitlines()
+    stats = {}
+    for line in text:
+        name, _, value = line.partition(": ")
+        if value.isdigit():  # skips the queue_wait_ms histogram's summary line
+            stats[name] = int(value)
+    base = f"wasmcustom.llm_ratelimit.provider.{FILTER['name']}"
+    cols = ["admitted", "queued", "released", "rejected", "shed", "expired", "cancelled", "queue_depth"]
+    print(f"{'priority':<9}" + "".join(f"{c:>12}" for c in cols))
+    for p in PRIORITIES:
+        vals = [stats.get(f"{base}.priority.{p.lower()}.{c}", 0) for c in cols]
+        print(f"{p:<9}" + "".join(f"{v:>12}" for v in vals))
+    print("  raw lines:")
+    for suffix in (".bucket.tokens", ".errors", ".critical.admitted", ".low.shed", ".low.queue_depth"):
+        print("    " + next((l for l in text if l.startswith(base) and l.split(":")[0].endswith(suffix)), "?"))
+    print("  the same stats in GET /stats/prometheus, labelled by envoy.yaml's stats_tags:")
+    prom = http_get(admin, "/stats/prometheus").splitlines()
+    for metric, label in (("admitted", 'priority="critical"'), ("rejected", 'priority="low"'),
+                          ("queue_depth", 'priority="normal"'), ("bucket_tokens", "")):
+        line = next((l for l in prom if l.startswith(f"llm_ratelimit_{metric}{{") and label in l), None)
+        if line:
+            print("    " + line)
+    return {k[len(base) + 1:]: v for k, v in stats.items() if k.startswith(base)}
+
+
+def explain(results, provider, stats, elapsed):
+    """The closing paragraph, built from what actually happened in this run."""
+    def count(p=None, status=None, reason=None, waited=None):
+        return sum(1 for r in results
+                   if p in (None, r["priority"]) and status in (None, r["status"])
+                   and reason in (None, r.get("reason"))
+                   and waited in (None, r.get("queued_ms") is not None))
+
+    b, low_wait = FILTER["bucket"], FILTER["priorities"]["LOW"]["max_wait_ms"]
+    ok = count(status=200)
+    budget = b["capacity"] + b["burst_allowance"] + b["refill_rate"] * elapsed
+    why = {
+        "no_token": f"the expected wait was longer than the class allows, {low_wait} ms for LOW",
+        "queue_full": "the queue was full and held nothing less important to evict",
+        "shed": "evicted while waiting, to make room for a more important arrival",
+        "expired": "waited the class's max_wait_ms without getting a token",
+    }
+    reasons = [f"{n} {r} ({why[r]})" for r in REASONS if (n := count(status=429, reason=r))]
+    admitted = sum(v for k, v in stats.items() if k.endswith(".admitted"))
+    print(
+        f"{len(results)} requests arrived at ~{RATE}/s for {DURATION_S:.0f} s, against a bucket of "
+        f"{b['capacity']} tokens (+{b['burst_allowance']} that only HIGH/CRITICAL may spend) refilled "
+        f"at {b['refill_rate']}/s. {count(status=200, waited=False)} went straight through while "
+        f"the bucket had tokens; after that, requests waited inside Envoy and freed tokens went to "
+        f"the waiting classes by weight: {count(status=200, waited=True)} were released later "
+        f"(their responses carry x-ratelimit-queued-ms). CRITICAL got "
+        f"{count('CRITICAL', 200)} of {count('CRITICAL')} through, HIGH {count('HIGH', 200)} of "
+        f"{count('HIGH')}, NORMAL {count('NORMAL', 200)} of {count('NORMAL')}, LOW only "
+        f"{count('LOW', 200)} of {count('LOW')}. The others got a local 429 from the proxy, with "
+        f"retry-after/retry-after-ms and the reason in x-llm-ratelimit-reason, and never reached "
+        f"the provider: " + "; ".join(reasons) + ". "
+        f"The provider received {sum(provider.values())} requests in {elapsed:.1f} s, what the "
+        f"bucket allows in that time is {budget:.0f}; Envoy's stats count {admitted} admitted for "
+        f"the {ok} 200s the clients saw.")
+
+
+# ---- Main ------------------------------------------------------------------------------------
+
+def main():
+    for f, hint in ((WASM, "the filter"), (MOCK, "the mock provider")):
+        if not f.is_file():
+            sys.exit(f"{f} not found: build {hint} first with `make build`")
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="llm-ratelimit-demo-") as tmp:
+        try:
+            mock = start_mock(procs)
+            port, admin, log = start_envoy(procs, Path(tmp), mock)
+            envoy = procs[-1]
+            print(f"==> mock provider on 127.0.0.1:{mock} (50 ms latency); Envoy on 127.0.0.1:{port} "
+                  f"(admin {admin}, 2 workers) with envoy/envoy.yaml and this filter config:")
+            print(f"    {json.dumps(FILTER)}")
+            mix = ", ".join(f"{int(v * 100)}% {k}" for k, v in MIX.items())
+            print(f"==> sending ~{RATE}/s for {DURATION_S:.0f} s ({mix}), "
+                  f"{RATE / FILTER['bucket']['refill_rate']:.0f}x the refill rate")
+            results, elapsed = drive(port)
+            if envoy.poll() is not None:
+                print("Envoy exited during the run. Its log:\n" + log.read_text())
+                return 1
+            provider = json.loads(http_get(mock, "/mock/stats")).get("by_priority", {})
+            print("\n==> what the clients saw, per priority")
+            summary(results, provider)
+            print("\n==> the filter's Envoy stats (GET /stats?filter=llm_ratelimit)")
+            stats = envoy_stats(admin)
+            failed = [r for r in results if r["status"] not in (200, 429)]
+            if failed:
+                kinds = sorted({r.get("error") or f"HTTP {r['status']}" for r in failed})
+                print(f"\nFAILED: {len(failed)} requests got neither a 200 nor a 429: {', '.join(kinds)}."
+                      f"\nEnvoy log (last 40 lines):\n" + "\n".join(log.read_text().splitlines()[-40:]))
+                return 1
+            print("\n==> what you just saw")
+            explain(results, provider, stats, elapsed)
+            return 0
+        except KeyboardInterrupt:
+            print("\ninterrupted")
+            return 130
+        finally:
+            stop(procs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

