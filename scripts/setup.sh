@@ -14,6 +14,12 @@ if command -v rustup >/dev/null; then
   done
 fi
 
+# wasm-opt (Binaryen) shrinks the .wasm; optional, so a machine without apt still builds.
+if ! command -v wasm-opt >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  step "installing binaryen (wasm-opt) from Debian"
+  { apt-get update -qq && apt-get install -y -qq binaryen; } >/dev/null 2>&1 || echo "   (could not install binaryen; continuing without it)"
+fi
+
 if [ -n "${ENVOY_BIN:-}" ]; then
   step "using ENVOY_BIN=$ENVOY_BIN"
 elif ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then

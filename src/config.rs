@@ -22,6 +22,18 @@ pub struct Config {
     pub queue: QueueConfig,
     pub provider: ProviderConfig,
     pub role: Role,
+    pub fallback: FallbackConfig,
+}
+
+/// Cached answers while the breaker is open (off by default).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FallbackConfig {
+    pub enabled: bool,
+    /// Request header carrying the client's cache key; requests without it are never cached.
+    pub key_header: String,
+    pub max_entries: u64,
+    pub max_body_bytes: u64,
+    pub max_age_ms: u64,
 }
 
 /// Where this instance of the filter sits, and so what it does.
@@ -131,6 +143,13 @@ impl Default for Config {
             },
             queue: QueueConfig { enabled: true, tick_ms: 10, max_waiting: 5000 },
             role: Role::Standalone,
+            fallback: FallbackConfig {
+                enabled: false,
+                key_header: "x-llm-cache-key".into(),
+                max_entries: 100,
+                max_body_bytes: 65_536,
+                max_age_ms: 3_600_000,
+            },
             provider: ProviderConfig {
                 style: Provider::Auto,
                 breaker: breaker::Policy {
@@ -194,6 +213,17 @@ struct RawConfig {
     queue: RawQueue,
     provider: RawProvider,
     role: Option<Role>,
+    fallback: RawFallback,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawFallback {
+    enabled: Option<bool>,
+    key_header: Option<String>,
+    max_entries: Option<f64>,
+    max_body_bytes: Option<f64>,
+    max_age_s: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -301,7 +331,18 @@ impl RawConfig {
         };
         let provider = self.provider.validate(d.provider)?;
         let role = self.role.unwrap_or(d.role);
-        Ok(Config { name, bucket, classes, classify, queue, provider, role })
+        let f = self.fallback;
+        let fallback = FallbackConfig {
+            enabled: f.enabled.unwrap_or(d.fallback.enabled),
+            key_header: match f.key_header {
+                None => d.fallback.key_header,
+                Some(h) => header_name("fallback.key_header", h)?,
+            },
+            max_entries: whole("fallback.max_entries", f.max_entries, d.fallback.max_entries, 1)?.min(100_000),
+            max_body_bytes: whole("fallback.max_body_bytes", f.max_body_bytes, d.fallback.max_body_bytes, 1)?,
+            max_age_ms: whole("fallback.max_age_s", f.max_age_s, d.fallback.max_age_ms / 1000, 1)? * 1000,
+        };
+        Ok(Config { name, bucket, classes, classify, queue, provider, role, fallback })
     }
 }
 
@@ -499,6 +540,10 @@ mod tests {
         assert_eq!(c.class(Priority::Low).max_retries, Some(0));
         assert_eq!(c.class(Priority::High).max_retries, None);
         assert_eq!(c.role, Role::Standalone);
+        assert!(!c.fallback.enabled);
+        let f = Config::parse(br#"{"fallback":{"enabled":true,"key_header":"Idempotency-Key","max_age_s":60}}"#).unwrap().fallback;
+        assert_eq!((f.enabled, f.key_header.as_str(), f.max_age_ms, f.max_entries), (true, "idempotency-key", 60_000, 100));
+        assert_eq!(err(r#"{"fallback":{"max_entries":0}}"#), "fallback.max_entries: must be a whole number >= 1, got 0");
         let c = Config::parse(br#"{"role":"observer"}"#).unwrap();
         assert!(c.role.learns() && !c.role.admits());
         let e = err(r#"{"role":"sidecar"}"#);

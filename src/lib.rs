@@ -9,6 +9,7 @@ pub mod breaker;
 pub mod bucket;
 pub mod classify;
 pub mod config;
+pub mod fallback;
 pub mod priority;
 pub mod reply;
 pub mod signals;

@@ -172,3 +172,32 @@ fn garbage_rate_limit_headers_are_ignored_safely() {
     assert!(secs >= 1);
     assert!(!envoy.log().contains("panic"));
 }
+
+#[test]
+fn while_the_breaker_is_open_the_fallback_answers_from_cache() {
+    let mock = Mock::start(&["--quota", "1", "--window-ms", "60000", "--style", "gemini"]);
+    let config = format!(
+        "{{\"name\":\"fb\",{ROOMY},\"priorities\":{{\"LOW\":{{\"max_retries\":0,\"max_wait_ms\":500}}}},\
+         \"fallback\":{{\"enabled\":true,\"key_header\":\"x-llm-cache-key\"}}}}"
+    );
+    let envoy = Envoy::start(&config, 1, mock.port);
+    restart_window(&mock, 60_000);
+    let url = envoy.url("/v1/chat/completions");
+    let first = chat(&url, &[("x-llm-priority", "LOW"), ("x-llm-cache-key", "prompt-1")]).unwrap();
+    assert_eq!(first.status, 200);
+    assert_eq!(envoy.stat("fb", "fallback.stored"), 1);
+    // The quota is gone: this 429 opens the breaker.
+    let r = chat(&url, &[("x-llm-priority", "LOW"), ("x-llm-cache-key", "prompt-2")]).unwrap();
+    assert_eq!(r.status, 429);
+    // The same request again is answered from the cache, marked as such.
+    let cached = chat(&url, &[("x-llm-priority", "LOW"), ("x-llm-cache-key", "prompt-1")]).unwrap();
+    assert_eq!(cached.status, 200, "{cached:?}");
+    assert_eq!(cached.header("x-llm-ratelimit-fallback"), Some("cache"));
+    assert_eq!(cached.body, first.body);
+    assert_eq!(envoy.stat("fb", "fallback.served"), 1);
+    // A request the cache has never seen still gets the breaker's 429.
+    let miss = chat(&url, &[("x-llm-priority", "LOW"), ("x-llm-cache-key", "prompt-3")]).unwrap();
+    assert_eq!(miss.status, 429);
+    assert_eq!(miss.header("x-llm-ratelimit-reason"), Some("breaker_open"));
+    assert_eq!(mock.received(), 2, "cached and refused requests never reached the provider");
+}

@@ -122,6 +122,10 @@ pub fn request_header(name: &str) -> Result<Option<String>, Status> {
     header(REQUEST_HEADERS, name)
 }
 
+pub fn response_header(name: &str) -> Result<Option<String>, Status> {
+    header(RESPONSE_HEADERS, name)
+}
+
 fn header(map: u32, name: &str) -> Result<Option<String>, Status> {
     let (mut ptr, mut size) = (null_mut(), 0usize);
     match unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut ptr, &mut size) } {

@@ -25,11 +25,15 @@ pub struct Request {
     waiting_on: Option<String>,
     /// The provider answered 429: its body, collected as it passes, and what its headers said.
     body_429: Option<(Vec<u8>, signals::Signals)>,
+    /// Fallback cache key of this request, when the fallback is on and the client sent one.
+    cache_key: Option<u64>,
+    /// A success being collected for the fallback cache: content type and body so far.
+    capture: Option<(String, Vec<u8>)>,
 }
 
 impl Request {
     pub fn new(f: Rc<Filter>, id: u32) -> Request {
-        Request { f, id, class: Priority::Normal, waiting_on: None, body_429: None }
+        Request { f, id, class: Priority::Normal, waiting_on: None, body_429: None, cache_key: None, capture: None }
     }
 
     fn header(name: &str) -> Option<String> {
@@ -44,6 +48,30 @@ impl Request {
         log::warn!("llm-ratelimit: {what} failed (status {status}); letting the request through");
         self.f.metrics.errors.inc();
         Action::Continue
+    }
+
+    /// While the breaker is open: answers with a cached response to the same request, if any.
+    fn answer_from_cache(&self, now_ms: u64) -> bool {
+        let fb = &self.f.config.fallback;
+        let Some(key) = self.cache_key else { return false };
+        let Some(entry) = super::fallback::lookup(&self.f.config.name, key, now_ms, fb.max_age_ms) else { return false };
+        let age = (now_ms.saturating_sub(entry.stored_ms) / 1000).to_string();
+        let headers = [
+            ("content-type", entry.content_type.as_str()),
+            ("age", age.as_str()),
+            ("x-llm-ratelimit-fallback", "cache"),
+            ("x-llm-ratelimit-priority", self.class.name()),
+        ];
+        match abi::send_response(200, &headers, &entry.body) {
+            Ok(()) => {
+                self.f.metrics.provider.fallback_served.inc();
+                true
+            }
+            Err(s) => {
+                log::warn!("llm-ratelimit: cannot answer from the fallback cache: status {s}");
+                false
+            }
+        }
     }
 
     /// Answers this request with a local 429.
@@ -154,6 +182,18 @@ impl Request {
         }
     }
 
+    fn store_in_cache(&mut self) {
+        let (Some(key), Some((content_type, body)), Ok(now)) = (self.cache_key, self.capture.take(), abi::now_ns()) else {
+            return;
+        };
+        let entry = crate::fallback::Entry { stored_ms: now / NANOS_PER_MS, content_type, body };
+        let fb = &self.f.config.fallback;
+        match super::fallback::store(&self.f.config.name, key, &entry, fb.max_entries as usize) {
+            Ok(()) => self.f.metrics.provider.fallback_stored.inc(),
+            Err(s) => log::warn!("llm-ratelimit: cannot store in the fallback cache: status {s}"),
+        }
+    }
+
     fn parse(&self, status: u16, headers: &[(String, String)], body: Option<&[u8]>, now_ms: u64) -> signals::Signals {
         let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let cfg = &self.f.config.provider;
@@ -172,14 +212,19 @@ impl Request {
     }
 }
 
+/// Appends the current body chunk to `body` if it keeps it within `max` bytes; false if not.
+fn append_chunk(body: &mut Vec<u8>, chunk_size: usize, max: usize) -> bool {
+    if body.len().saturating_add(chunk_size) > max {
+        return false;
+    }
+    body.extend(abi::response_body(chunk_size).unwrap_or_default());
+    true
+}
+
 fn set_header(name: &str, value: &str) {
     if let Err(s) = abi::set_response_header(name, value) {
         log::debug!("llm-ratelimit: cannot set response header {name}: status {s}");
     }
-}
-
-fn status_of(headers: &[(String, String)]) -> Option<u16> {
-    headers.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| v.parse().ok())
 }
 
 impl Context for Request {
@@ -232,11 +277,19 @@ impl HttpContext for Request {
             Ok(t) => t,
             Err(s) => return self.fail_open("get_current_time", s),
         };
+        let fb = &cfg.fallback;
+        if fb.enabled {
+            if let Some(k) = Self::header(&fb.key_header) {
+                let method = Self::header(":method").unwrap_or_default();
+                self.cache_key = Some(crate::fallback::key(&method, &path, &k));
+            }
+        }
         // Held or open: the request may wait for the reset if its class may wait that long
         // (an open breaker then lets one probe go first); a terminal quota fails fast.
         let (not_before_ns, hold_reason) = match self.f.gate(now / NANOS_PER_MS) {
             Ok(Gate::Pass | Gate::Probe) => (0, Reason::ProviderHold),
             Ok(Gate::Hold { until_ms }) => (until_ms.saturating_mul(NANOS_PER_MS), Reason::ProviderHold),
+            Ok(Gate::Open { .. }) if self.answer_from_cache(now / NANOS_PER_MS) => return Action::Pause,
             Ok(Gate::Open { until_ms, terminal: false }) => (until_ms.saturating_mul(NANOS_PER_MS), Reason::BreakerOpen),
             Ok(Gate::Open { until_ms, terminal: true }) => {
                 let wait_ns = until_ms.saturating_mul(NANOS_PER_MS).saturating_sub(now);
@@ -257,29 +310,44 @@ impl HttpContext for Request {
         if let Some(ms) = waited {
             set_header("x-ratelimit-queued-ms", &ms.to_string());
         }
-        let headers = abi::response_headers().unwrap_or_default();
-        if headers.iter().any(|(k, _)| k == "x-llm-ratelimit-source") {
+        let role = self.f.config.role;
+        let header = |name| abi::response_header(name).ok().flatten();
+        if role.admits() && (header("x-llm-ratelimit-source").is_some() || header("x-llm-ratelimit-fallback").is_some()) {
             // Our own local reply: nothing to learn about the provider.
             return Action::Continue;
         }
-        let status = status_of(&headers).unwrap_or(0);
+        let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        if status == 200 && self.cache_key.is_some() && !end_of_stream {
+            self.capture = Some((header("content-type").unwrap_or_default(), Vec::new()));
+        }
+        if !role.learns() && status != 429 {
+            // The observer learns from successes; here only a 429 needs its Retry-After.
+            return Action::Continue;
+        }
+        let headers = abi::response_headers().unwrap_or_default();
         let signals = self.learn(status, &headers);
-        if let (429, false, Some(signals), true) = (status, end_of_stream, signals, self.f.config.role.learns()) {
+        if let (429, false, Some(signals), true) = (status, end_of_stream, signals, role.learns()) {
             self.body_429 = Some((Vec::new(), signals));
         }
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some((body, _)) = &mut self.body_429 else { return Action::Continue };
-        let room = MAX_BODY.saturating_sub(body.len()).min(body_size);
-        if room > 0 {
-            body.extend(abi::response_body(room).unwrap_or_default());
+        if let Some((body, _)) = &mut self.body_429 {
+            append_chunk(body, body_size, MAX_BODY);
+            if end_of_stream {
+                if let Some((body, from_headers)) = self.body_429.take() {
+                    let headers = abi::response_headers().unwrap_or_default();
+                    self.learn_body(&body, &from_headers, &headers);
+                }
+            }
         }
-        if end_of_stream {
-            if let Some((body, from_headers)) = self.body_429.take() {
-                let headers = abi::response_headers().unwrap_or_default();
-                self.learn_body(&body, &from_headers, &headers);
+        if let Some((_, body)) = &mut self.capture {
+            let max = self.f.config.fallback.max_body_bytes as usize;
+            if !append_chunk(body, body_size, max) {
+                self.capture = None; // too large to cache
+            } else if end_of_stream {
+                self.store_in_cache();
             }
         }
         Action::Continue

@@ -77,6 +77,10 @@ pub struct ProviderStats {
     pub throttled: Id,
     /// Seconds of every `Retry-After` sent to clients, local or rewritten (histogram).
     pub retry_after_s: Id,
+    /// Requests answered from the fallback cache while the breaker was open.
+    pub fallback_served: Id,
+    /// Successful responses stored in the fallback cache.
+    pub fallback_stored: Id,
 }
 
 pub struct Metrics {
@@ -114,6 +118,8 @@ impl Metrics {
             terminal_quota: at(Metric::Counter, "terminal_quota"),
             throttled: at(Metric::Counter, "throttled"),
             retry_after_s: at(Metric::Histogram, "retry_after_s"),
+            fallback_served: at(Metric::Counter, "fallback.served"),
+            fallback_stored: at(Metric::Counter, "fallback.stored"),
         };
         Metrics {
             class,

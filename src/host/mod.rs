@@ -2,6 +2,7 @@
 //! decision to the pure core. Only the wasm32-wasip1 build has it.
 
 mod abi;
+mod fallback;
 mod http;
 mod metrics;
 mod root;
