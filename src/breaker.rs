@@ -14,8 +14,9 @@
 use crate::signals::Signals;
 
 /// Breaker position.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Mode {
+    #[default]
     Closed = 0,
     Open = 1,
     HalfOpen = 2,
@@ -35,11 +36,6 @@ pub struct State {
     pub trips: u32,
 }
 
-impl Default for Mode {
-    fn default() -> Mode {
-        Mode::Closed
-    }
-}
 
 /// What an arriving or waiting request may do now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,9 +44,14 @@ pub enum Gate {
     /// Pass as the one half-open probe.
     Probe,
     /// Hold until `until_ms` (wait in the queue if that fits, else a local 429).
-    Hold { until_ms: u64 },
+    Hold {
+        until_ms: u64,
+    },
     /// Fail fast: the breaker is open until `until_ms`.
-    Open { until_ms: u64, terminal: bool },
+    Open {
+        until_ms: u64,
+        terminal: bool,
+    },
 }
 
 /// What a provider response did, for stats and the rewritten 429.
@@ -138,7 +139,8 @@ impl Policy {
             && signals.remaining_tokens != Some(0);
         let backoff = self.backoff_ms.saturating_mul(1u64 << s.trips.min(20)).min(self.max_backoff_ms);
         // No exhausted dimension named a time: the nearest reset the provider mentioned.
-        let nearest_reset = [signals.requests_reset_ms, signals.tokens_reset_ms].into_iter().flatten().filter(|&t| t > now_ms).min();
+        let nearest_reset =
+            [signals.requests_reset_ms, signals.tokens_reset_ms].into_iter().flatten().filter(|&t| t > now_ms).min();
         let until = match retry_at.or(nearest_reset) {
             Some(t) => t,
             None if terminal => now_ms.saturating_add(self.terminal_block_ms),

@@ -72,12 +72,10 @@ mod tests {
 
     #[test]
     fn first_matching_rule_wins_and_the_header_still_only_lowers() {
-        let c = cfg(
-            r#"{"classify":{"rules":[
+        let c = cfg(r#"{"classify":{"rules":[
                 {"path_prefix":"/v1/batches","priority":"LOW"},
                 {"header":"x-team","value":"support","priority":"CRITICAL"},
-                {"path_prefix":"/v1","priority":"HIGH"}]}}"#,
-        );
+                {"path_prefix":"/v1","priority":"HIGH"}]}}"#);
         assert_eq!(classify(&c, "/v1/batches/1", headers(&[("x-team", "support")])), Priority::Low);
         assert_eq!(classify(&c, "/v1/chat", headers(&[("x-team", "support")])), Priority::Critical);
         assert_eq!(classify(&c, "/v1/chat", headers(&[("x-team", "sales")])), Priority::High);

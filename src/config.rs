@@ -126,7 +126,10 @@ pub struct Rule {
 pub enum Matcher {
     PathPrefix(String),
     /// Header equals value (name lower-cased; value compared exactly).
-    Header { name: String, value: String },
+    Header {
+        name: String,
+        value: String,
+    },
 }
 
 impl Default for Config {
@@ -477,10 +480,7 @@ mod tests {
         assert_eq!(c.classify.header, "x-prio");
         assert_eq!(c.classify.default, Priority::High);
         assert_eq!(c.classify.rules[0].matcher, Matcher::PathPrefix("/v1/batches".into()));
-        assert_eq!(
-            c.classify.rules[1].matcher,
-            Matcher::Header { name: "x-team".into(), value: "support".into() }
-        );
+        assert_eq!(c.classify.rules[1].matcher, Matcher::Header { name: "x-team".into(), value: "support".into() });
     }
 
     #[test]
@@ -531,8 +531,10 @@ mod tests {
 
     #[test]
     fn provider_settings_are_validated() {
-        let c = Config::parse(br#"{"provider":{"style":"Anthropic","safe_threshold":0.1,"max_retry_after_s":60},
-            "priorities":{"LOW":{"max_retries":0}}}"#)
+        let c = Config::parse(
+            br#"{"provider":{"style":"Anthropic","safe_threshold":0.1,"max_retry_after_s":60},
+            "priorities":{"LOW":{"max_retries":0}}}"#,
+        )
         .unwrap();
         assert_eq!(c.provider.style, Provider::Anthropic);
         assert_eq!(c.provider.breaker.safe_threshold, 0.1);
@@ -541,16 +543,30 @@ mod tests {
         assert_eq!(c.class(Priority::High).max_retries, None);
         assert_eq!(c.role, Role::Standalone);
         assert!(!c.fallback.enabled);
-        let f = Config::parse(br#"{"fallback":{"enabled":true,"key_header":"Idempotency-Key","max_age_s":60}}"#).unwrap().fallback;
-        assert_eq!((f.enabled, f.key_header.as_str(), f.max_age_ms, f.max_entries), (true, "idempotency-key", 60_000, 100));
-        assert_eq!(err(r#"{"fallback":{"max_entries":0}}"#), "fallback.max_entries: must be a whole number >= 1, got 0");
+        let f = Config::parse(br#"{"fallback":{"enabled":true,"key_header":"Idempotency-Key","max_age_s":60}}"#)
+            .unwrap()
+            .fallback;
+        assert_eq!(
+            (f.enabled, f.key_header.as_str(), f.max_age_ms, f.max_entries),
+            (true, "idempotency-key", 60_000, 100)
+        );
+        assert_eq!(
+            err(r#"{"fallback":{"max_entries":0}}"#),
+            "fallback.max_entries: must be a whole number >= 1, got 0"
+        );
         let c = Config::parse(br#"{"role":"observer"}"#).unwrap();
         assert!(c.role.learns() && !c.role.admits());
         let e = err(r#"{"role":"sidecar"}"#);
-        assert!(e.starts_with("role: unknown variant `sidecar`, expected one of `standalone`, `admission`, `observer`"), "{e}");
+        assert!(
+            e.starts_with("role: unknown variant `sidecar`, expected one of `standalone`, `admission`, `observer`"),
+            "{e}"
+        );
         let e = err(r#"{"provider":{"style":"openia"}}"#);
         assert!(e.starts_with("provider.style: unknown provider \"openia\", expected one of `auto`, `openai`"), "{e}");
-        assert_eq!(err(r#"{"provider":{"safe_threshold":2}}"#), "provider.safe_threshold: must be a number from 0 to 1, got 2");
+        assert_eq!(
+            err(r#"{"provider":{"safe_threshold":2}}"#),
+            "provider.safe_threshold: must be a number from 0 to 1, got 2"
+        );
     }
 
     #[test]

@@ -11,9 +11,9 @@ pub mod classify;
 pub mod config;
 pub mod fallback;
 pub mod priority;
+pub mod queue;
 pub mod reply;
 pub mod signals;
-pub mod queue;
 
 #[cfg(target_os = "wasi")]
 mod host;

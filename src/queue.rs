@@ -60,12 +60,7 @@ impl<T: Copy + Eq> WaitQueue<T> {
     pub fn new(weights: [f64; 4]) -> Self {
         let weights = weights.map(sanitize_weight);
         let sum: f64 = weights.iter().sum();
-        WaitQueue {
-            queues: Default::default(),
-            strides: weights.map(|w| sum / w),
-            passes: [0.0; 4],
-            vtime: 0.0,
-        }
+        WaitQueue { queues: Default::default(), strides: weights.map(|w| sum / w), passes: [0.0; 4], vtime: 0.0 }
     }
 
     /// Appends a waiter to the back of its class queue (caller keeps ids unique).
@@ -138,11 +133,7 @@ impl<T: Copy + Eq> WaitQueue<T> {
     /// Makes room for a `class` request: removes the newest waiter of the lowest class strictly
     /// below `class` that has any (LOW first, then NORMAL, then HIGH); None if there is none.
     pub fn evict_newest_below(&mut self, class: Priority) -> Option<Waiter<T>> {
-        Priority::ALL
-            .into_iter()
-            .rev()
-            .filter(|c| *c > class)
-            .find_map(|c| self.queues[c.index()].pop_back())
+        Priority::ALL.into_iter().rev().filter(|c| *c > class).find_map(|c| self.queues[c.index()].pop_back())
     }
 
     /// Number of waiters in one class, for the queue-depth gauge and per-class limits.
@@ -196,12 +187,7 @@ mod tests {
     }
 
     fn waiter(id: u32, class: Priority, enqueued_ms: u64, deadline_ms: u64) -> Waiter<u32> {
-        Waiter {
-            id,
-            class,
-            enqueued_ms,
-            deadline_ms,
-        }
+        Waiter { id, class, enqueued_ms, deadline_ms }
     }
 
     /// Keeps every class backlogged for `releases` pops and returns each class's share.
@@ -262,9 +248,7 @@ mod tests {
             q.push(waiter(id, class, 0, u64::MAX));
         }
         // LOW's share is 0.1 / 9.1, so it is served about every 91 releases, never much later.
-        let low_turns: Vec<usize> = (0..1_000)
-            .filter(|_| q.pop_next(all).map(|w| w.class) == Some(Low))
-            .collect();
+        let low_turns: Vec<usize> = (0..1_000).filter(|_| q.pop_next(all).map(|w| w.class) == Some(Low)).collect();
         let max_gap = low_turns.windows(2).map(|w| w[1] - w[0]).max();
         assert_eq!(low_turns.len(), 11, "{low_turns:?}");
         assert!(max_gap.is_some_and(|g| g <= 92), "LOW turns {low_turns:?}");
@@ -276,9 +260,7 @@ mod tests {
         for id in 0..5 {
             q.push(waiter(id, Normal, id as u64, 1_000));
         }
-        let order: Vec<u32> = std::iter::from_fn(|| q.pop_next(all))
-            .map(|w| w.id)
-            .collect();
+        let order: Vec<u32> = std::iter::from_fn(|| q.pop_next(all)).map(|w| w.id).collect();
         assert_eq!(order, vec![0, 1, 2, 3, 4]);
         assert!(q.is_empty());
     }
@@ -297,15 +279,9 @@ mod tests {
         for id in 1_000..1_100 {
             q.push(waiter(id, High, 0, u64::MAX));
         }
-        let next: Vec<Priority> = (0..20)
-            .filter_map(|_| q.pop_next(all))
-            .map(|w| w.class)
-            .collect();
+        let next: Vec<Priority> = (0..20).filter_map(|_| q.pop_next(all)).map(|w| w.class).collect();
         let highs = next.iter().filter(|c| **c == High).count();
-        assert!(
-            (9..=11).contains(&highs),
-            "HIGH got {highs} of 20: {next:?}"
-        );
+        assert!((9..=11).contains(&highs), "HIGH got {highs} of 20: {next:?}");
     }
 
     #[test]
@@ -315,18 +291,12 @@ mod tests {
             q.push(waiter(id, class, 0, u64::MAX));
         }
         let reserve_only = |c: Priority| c <= High;
-        let served: Vec<Priority> = (0..4)
-            .filter_map(|_| q.pop_next(reserve_only))
-            .map(|w| w.class)
-            .collect();
+        let served: Vec<Priority> = (0..4).filter_map(|_| q.pop_next(reserve_only)).map(|w| w.class).collect();
         assert_eq!(served, vec![Critical, High, Critical, High]);
         assert_eq!((q.len(Normal), q.len(Low)), (10, 10));
         // NORMAL and LOW kept their place: once eligible they are served before the others.
         assert_eq!(q.peek_next_class(all), Some(Normal));
-        let served: Vec<Priority> = (0..4)
-            .filter_map(|_| q.pop_next(all))
-            .map(|w| w.class)
-            .collect();
+        let served: Vec<Priority> = (0..4).filter_map(|_| q.pop_next(all)).map(|w| w.class).collect();
         assert_eq!(served, vec![Normal, Low, Normal, Low]);
         // Nothing eligible, or nothing eligible is non-empty: no release.
         assert_eq!(q.pop_next(|_| false), None);
@@ -344,10 +314,7 @@ mod tests {
             assert_eq!(q.peek_next_class(all), peeked);
             assert_eq!(q.pop_next(all).map(|w| w.class), peeked);
         }
-        assert_eq!(
-            WaitQueue::<u32>::new(DEFAULT_WEIGHTS).peek_next_class(all),
-            None
-        );
+        assert_eq!(WaitQueue::<u32>::new(DEFAULT_WEIGHTS).peek_next_class(all), None);
     }
 
     #[test]
@@ -463,10 +430,7 @@ mod tests {
             q.push(waiter(id, Critical, 0, u64::MAX));
             q.push(waiter(id + 100, High, 0, u64::MAX));
         }
-        let served: Vec<Priority> = (0..4)
-            .filter_map(|_| q.pop_next(all))
-            .map(|w| w.class)
-            .collect();
+        let served: Vec<Priority> = (0..4).filter_map(|_| q.pop_next(all)).map(|w| w.class).collect();
         assert_eq!(served, vec![Critical, High, Critical, High]);
     }
 }

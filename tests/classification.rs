@@ -21,7 +21,10 @@ fn an_untrusted_header_cannot_raise_priority() {
     assert_eq!(envoy.stat("cls", "priority.normal.admitted"), 2);
     assert_eq!(envoy.stat("cls", "priority.normal.rejected"), 2);
     assert_eq!(envoy.stat("cls", "priority.critical.admitted"), 0);
-    assert_eq!(replies.iter().filter(|r| r.status == 429).map(|r| r.header("x-llm-ratelimit-priority")).next(), Some(Some("NORMAL")));
+    assert_eq!(
+        replies.iter().filter(|r| r.status == 429).map(|r| r.header("x-llm-ratelimit-priority")).next(),
+        Some(Some("NORMAL"))
+    );
 }
 
 #[test]

@@ -8,7 +8,8 @@ use support::*;
 #[test]
 fn a_local_429_says_exactly_when_to_retry() {
     let mock = Mock::start(&[]);
-    let config = r#"{"name":"reply","bucket":{"capacity":1,"refill_rate":0.5,"burst_allowance":0},"queue":{"enabled":false}}"#;
+    let config =
+        r#"{"name":"reply","bucket":{"capacity":1,"refill_rate":0.5,"burst_allowance":0},"queue":{"enabled":false}}"#;
     let envoy = Envoy::start(config, 2, mock.port);
     let url = envoy.url("/v1/chat/completions");
     assert_eq!(chat(&url, &[]).unwrap().status, 200);

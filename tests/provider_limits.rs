@@ -27,7 +27,10 @@ fn exhausted_window_is_respected(style: &str) {
     let reset = restart_window(&mock, 2500);
     let replies = burst(&envoy.url("/v1/chat/completions"), 10, 2, &[]);
     assert!(now_ms() >= reset, "{style}: all 10 cannot fit before the first reset");
-    let summary: Vec<String> = replies.iter().map(|r| format!("{} {:?} {:?}", r.status, r.header("x-llm-ratelimit-reason"), r.header("retry-after"))).collect();
+    let summary: Vec<String> = replies
+        .iter()
+        .map(|r| format!("{} {:?} {:?}", r.status, r.header("x-llm-ratelimit-reason"), r.header("retry-after")))
+        .collect();
     assert_eq!(count(&replies, 200), 10, "{style}: held requests succeed after the reset: {summary:?}");
     let limited = mock.stats()["rate_limited"].as_u64().unwrap();
     assert!(limited <= 2, "{style}: {limited} requests reached the exhausted provider");
@@ -75,7 +78,11 @@ fn retry_after_matches_the_reset(style: &str) {
             let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
             let (at, at_secs) = (asked + ms, asked + secs * 1000);
             assert!(at + 1000 >= reset && at <= reset + 1000, "{style}: retry at {at}, reset at {reset}");
-            assert!(at_secs + 50 >= reset && at_secs <= reset + 2000, "{style}: Retry-After {secs} s, reset in {} ms", reset - asked);
+            assert!(
+                at_secs + 50 >= reset && at_secs <= reset + 2000,
+                "{style}: Retry-After {secs} s, reset in {} ms",
+                reset - asked
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     });
@@ -85,7 +92,8 @@ fn retry_after_matches_the_reset(style: &str) {
 
 #[test]
 fn every_style_gets_a_retry_after_within_a_second_of_the_reset() {
-    for style in ["openai", "groq", "anthropic", "azure", "mistral", "generic", "generic-date", "ietf", "ietf-draft07"] {
+    for style in ["openai", "groq", "anthropic", "azure", "mistral", "generic", "generic-date", "ietf", "ietf-draft07"]
+    {
         retry_after_matches_the_reset(style);
     }
 }
@@ -98,7 +106,8 @@ fn a_429_trips_the_breaker_and_a_half_open_probe_closes_it() {
     // Gemini-style: no quota headers on successes, timing only in the 429 body.
     let mock = Mock::start(&["--quota", "2", "--window-ms", "3000", "--style", "gemini"]);
     // LOW may wait 500 ms: not long enough for the reset, so an open breaker refuses it at once.
-    let config = format!("{{\"name\":\"br\",{ROOMY},\"priorities\":{{\"LOW\":{{\"max_retries\":0,\"max_wait_ms\":500}}}}}}");
+    let config =
+        format!("{{\"name\":\"br\",{ROOMY},\"priorities\":{{\"LOW\":{{\"max_retries\":0,\"max_wait_ms\":500}}}}}}");
     let envoy = Envoy::start(&config, 2, mock.port);
     let reset = restart_window(&mock, 3000);
     let url = envoy.url("/v1/chat/completions");

@@ -10,7 +10,8 @@ const CLASS_COUNTERS: [&str; 7] = ["admitted", "rejected", "queued", "released",
 #[test]
 fn every_documented_stat_is_on_the_admin_endpoint() {
     let mock = Mock::start(&[]);
-    let config = r#"{"name":"st","bucket":{"capacity":3,"refill_rate":0.01,"burst_allowance":0},"queue":{"enabled":false}}"#;
+    let config =
+        r#"{"name":"st","bucket":{"capacity":3,"refill_rate":0.01,"burst_allowance":0},"queue":{"enabled":false}}"#;
     let envoy = Envoy::start(config, 2, mock.port);
     let replies = burst(&envoy.url("/v1/chat/completions"), 5, 1, &[]);
     assert_eq!(count(&replies, 200), 3);

@@ -88,22 +88,14 @@ impl Terminal {
 }
 
 fn lookup<T: Copy>(names: &[(&str, T)], s: &str) -> Result<T, String> {
-    names
-        .iter()
-        .find(|(n, _)| *n == s)
-        .map(|&(_, v)| v)
-        .ok_or_else(|| {
-            let allowed: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
-            format!("unknown value '{s}'; allowed: {}", allowed.join(", "))
-        })
+    names.iter().find(|(n, _)| *n == s).map(|&(_, v)| v).ok_or_else(|| {
+        let allowed: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+        format!("unknown value '{s}'; allowed: {}", allowed.join(", "))
+    })
 }
 
 fn name_of<T: Copy + PartialEq>(names: &[(&'static str, T)], v: T) -> &'static str {
-    names
-        .iter()
-        .find(|(_, x)| *x == v)
-        .map(|(n, _)| *n)
-        .expect("every variant is named")
+    names.iter().find(|(_, x)| *x == v).map(|(n, _)| *n).expect("every variant is named")
 }
 
 pub fn parse_window(s: &str) -> Result<WindowKind, String> {
@@ -120,9 +112,7 @@ pub const MAX_LATENCY_MS: u64 = 3_600_000;
 pub fn parse_latency(s: &str) -> Result<u64, String> {
     match s.parse::<u64>() {
         Ok(ms) if ms <= MAX_LATENCY_MS => Ok(ms),
-        _ => Err(format!(
-            "expected milliseconds 0..={MAX_LATENCY_MS}, got '{s}'"
-        )),
+        _ => Err(format!("expected milliseconds 0..={MAX_LATENCY_MS}, got '{s}'")),
     }
 }
 
@@ -173,15 +163,11 @@ impl Settings {
             let (flag, value) = match flag.split_once('=') {
                 Some((f, v)) => (f.to_string(), v.to_string()),
                 None => {
-                    let v = args
-                        .next()
-                        .ok_or_else(|| format!("--{flag} needs a value"))?;
+                    let v = args.next().ok_or_else(|| format!("--{flag} needs a value"))?;
                     (flag.to_string(), v)
                 }
             };
-            settings
-                .set(&flag.replace('-', "_"), &value, true)
-                .map_err(|e| format!("--{flag}: {e}"))?;
+            settings.set(&flag.replace('-', "_"), &value, true).map_err(|e| format!("--{flag}: {e}"))?;
         }
         Ok(Some(settings))
     }
@@ -195,8 +181,7 @@ impl Settings {
                 Value::Number(n) => n.to_string(),
                 other => return Err(format!("{key}: expected a string or number, got {other}")),
             };
-            next.set(key, &value, false)
-                .map_err(|e| format!("{key}: {e}"))?;
+            next.set(key, &value, false).map_err(|e| format!("{key}: {e}"))?;
         }
         Ok(next)
     }
@@ -210,11 +195,7 @@ impl Settings {
         match name {
             "host" | "port" if !startup => return Err("can only be set on the command line".into()),
             "host" => self.host = value.to_string(),
-            "port" => {
-                self.port = value
-                    .parse()
-                    .map_err(|_| format!("expected a port 0..=65535, got '{value}'"))?
-            }
+            "port" => self.port = value.parse().map_err(|_| format!("expected a port 0..=65535, got '{value}'"))?,
             "latency_ms" => self.latency_ms = parse_latency(value)?,
             "quota" => self.quota = number(0)?,
             "window_ms" => self.window_ms = number(1)?,
@@ -237,12 +218,7 @@ impl Settings {
     /// Whether switching from `self` to `other` needs a fresh quota window.
     pub fn quota_changed(&self, other: &Settings) -> bool {
         (self.quota, self.token_quota, self.window_ms, self.window)
-            != (
-                other.quota,
-                other.token_quota,
-                other.window_ms,
-                other.window,
-            )
+            != (other.quota, other.token_quota, other.window_ms, other.window)
     }
 
     pub fn to_json(&self) -> Value {
@@ -275,27 +251,17 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((s.port, s.host.as_str(), s.quota), (9000, "0.0.0.0", 5));
-        assert_eq!(
-            (s.window, s.style, s.terminal),
-            (WindowKind::Sliding, Style::GenericDate, Terminal::Daily)
-        );
+        assert_eq!((s.window, s.style, s.terminal), (WindowKind::Sliding, Style::GenericDate, Terminal::Daily));
         assert_eq!(args("--help").unwrap(), None);
     }
 
     #[test]
     fn errors_name_the_flag_and_allowed_values() {
         let e = args("--style foo").unwrap_err();
-        assert!(
-            e.starts_with("--style: unknown value 'foo'; allowed: openai,"),
-            "{e}"
-        );
-        assert!(args("--window-ms 0")
-            .unwrap_err()
-            .starts_with("--window-ms:"));
+        assert!(e.starts_with("--style: unknown value 'foo'; allowed: openai,"), "{e}");
+        assert!(args("--window-ms 0").unwrap_err().starts_with("--window-ms:"));
         assert!(args("--quota").unwrap_err().contains("needs a value"));
-        assert!(args("--bogus 1")
-            .unwrap_err()
-            .starts_with("--bogus: unknown setting"));
+        assert!(args("--bogus 1").unwrap_err().starts_with("--bogus: unknown setting"));
     }
 
     #[test]
@@ -307,10 +273,7 @@ mod tests {
         assert!(base.quota_changed(&next));
 
         let bad = json!({"quota": 3, "port": 1});
-        assert_eq!(
-            base.patched(bad.as_object().unwrap()).unwrap_err(),
-            "port: can only be set on the command line"
-        );
+        assert_eq!(base.patched(bad.as_object().unwrap()).unwrap_err(), "port: can only be set on the command line");
         let bad = json!({"latency_ms": -1});
         assert!(base.patched(bad.as_object().unwrap()).is_err());
     }

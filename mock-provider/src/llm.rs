@@ -24,19 +24,11 @@ enum Api {
     Anthropic,
 }
 
-pub async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     answer(state, Api::OpenAi, headers, body).await
 }
 
-pub async fn messages(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub async fn messages(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     answer(state, Api::Anthropic, headers, body).await
 }
 
@@ -86,15 +78,8 @@ async fn answer(state: Arc<AppState>, api: Api, headers: HeaderMap, body: Bytes)
         inner.stats.finished(Outcome::Terminal);
         return styles::terminal(terminal, &report);
     }
-    match inner
-        .quota
-        .try_acquire(request.prompt_tokens + request.completion_tokens, now)
-    {
-        Decision::Limited {
-            snapshot,
-            dimension,
-            retry_after,
-        } => {
+    match inner.quota.try_acquire(request.prompt_tokens + request.completion_tokens, now) {
+        Decision::Limited { snapshot, dimension, retry_after } => {
             inner.stats.finished(Outcome::RateLimited);
             drop(inner);
             report.snapshot = snapshot;
@@ -106,11 +91,7 @@ async fn answer(state: Arc<AppState>, api: Api, headers: HeaderMap, body: Bytes)
             drop(inner);
             report.snapshot = low_remaining(snapshot, settings.low_remaining);
             let headers = styles::quota_headers(style, &report);
-            styles::respond(
-                StatusCode::OK,
-                headers,
-                request.response(api, id, wall.as_secs()),
-            )
+            styles::respond(StatusCode::OK, headers, request.response(api, id, wall.as_secs()))
         }
     }
 }
@@ -120,16 +101,8 @@ fn low_remaining(s: Snapshot, k: u64) -> Snapshot {
     if k == 0 {
         return s;
     }
-    let cap = |b: Option<Budget>| {
-        b.map(|b| Budget {
-            remaining: b.remaining.min(k),
-            ..b
-        })
-    };
-    Snapshot {
-        requests: cap(s.requests),
-        tokens: cap(s.tokens),
-    }
+    let cap = |b: Option<Budget>| b.map(|b| Budget { remaining: b.remaining.min(k), ..b });
+    Snapshot { requests: cap(s.requests), tokens: cap(s.tokens) }
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -149,10 +122,7 @@ impl Overrides {
         let get = |name: &str| header(headers, name).map(str::trim);
         let named = |name: &str, e: String| format!("{name}: {e}");
         Ok(Overrides {
-            style: get("x-mock-style")
-                .map(Style::parse)
-                .transpose()
-                .map_err(|e| named("x-mock-style", e))?,
+            style: get("x-mock-style").map(Style::parse).transpose().map_err(|e| named("x-mock-style", e))?,
             latency_ms: get("x-mock-latency-ms")
                 .map(parse_latency)
                 .transpose()
@@ -161,10 +131,7 @@ impl Overrides {
                 .map(Terminal::parse)
                 .transpose()
                 .map_err(|e| named("x-mock-terminal", e))?,
-            status: get("x-mock-status")
-                .map(parse_status)
-                .transpose()
-                .map_err(|e| named("x-mock-status", e))?,
+            status: get("x-mock-status").map(parse_status).transpose().map_err(|e| named("x-mock-status", e))?,
         })
     }
 }
@@ -217,15 +184,11 @@ impl LlmRequest {
         };
         // ~4 characters per token, the usual rule of thumb.
         let chars = text_chars(&json["messages"]) + text_chars(&json["system"]);
-        let max_tokens = json["max_tokens"]
-            .as_u64()
-            .or(json["max_completion_tokens"].as_u64());
+        let max_tokens = json["max_tokens"].as_u64().or(json["max_completion_tokens"].as_u64());
         LlmRequest {
             model: json["model"].as_str().unwrap_or("mock-model").to_string(),
             prompt_tokens: chars.div_ceil(4),
-            completion_tokens: max_tokens.map_or(DEFAULT_COMPLETION_TOKENS, |n| {
-                n.clamp(1, MAX_COMPLETION_TOKENS)
-            }),
+            completion_tokens: max_tokens.map_or(DEFAULT_COMPLETION_TOKENS, |n| n.clamp(1, MAX_COMPLETION_TOKENS)),
         }
     }
 
@@ -264,11 +227,7 @@ fn text_chars(v: &Value) -> u64 {
     match v {
         Value::String(s) => s.chars().count() as u64,
         Value::Array(items) => items.iter().map(text_chars).sum(),
-        Value::Object(o) => ["content", "text"]
-            .iter()
-            .filter_map(|k| o.get(*k))
-            .map(text_chars)
-            .sum(),
+        Value::Object(o) => ["content", "text"].iter().filter_map(|k| o.get(*k)).map(text_chars).sum(),
         _ => 0,
     }
 }
@@ -279,21 +238,15 @@ mod tests {
 
     #[test]
     fn estimates_tokens() {
-        let r = LlmRequest::parse(br#"{"model":"gpt-4o","max_tokens":100,"messages":[
-            {"role":"user","content":"12345678"},
-            {"role":"user","content":[{"type":"text","text":"abcd"},{"type":"image_url","image_url":{"url":"x"}}]}]}"#);
-        assert_eq!(
-            (r.model.as_str(), r.prompt_tokens, r.completion_tokens),
-            ("gpt-4o", 3, 100)
-        );
-
         let r = LlmRequest::parse(
-            br#"{"system":[{"type":"text","text":"12345"}],"messages":[],"max_tokens":99999}"#,
+            br#"{"model":"gpt-4o","max_tokens":100,"messages":[
+            {"role":"user","content":"12345678"},
+            {"role":"user","content":[{"type":"text","text":"abcd"},{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
         );
-        assert_eq!(
-            (r.model.as_str(), r.prompt_tokens, r.completion_tokens),
-            ("mock-model", 2, 4096)
-        );
+        assert_eq!((r.model.as_str(), r.prompt_tokens, r.completion_tokens), ("gpt-4o", 3, 100));
+
+        let r = LlmRequest::parse(br#"{"system":[{"type":"text","text":"12345"}],"messages":[],"max_tokens":99999}"#);
+        assert_eq!((r.model.as_str(), r.prompt_tokens, r.completion_tokens), ("mock-model", 2, 4096));
 
         let r = LlmRequest::parse(b"not json at all");
         assert_eq!((r.prompt_tokens, r.completion_tokens), (4, 16));

@@ -42,14 +42,7 @@ pub struct Inner {
 impl AppState {
     fn new(settings: Settings) -> Self {
         let quota = new_quota(&settings);
-        AppState {
-            inner: Mutex::new(Inner {
-                settings,
-                quota,
-                stats: Stats::default(),
-            }),
-            next_id: AtomicU64::new(0),
-        }
+        AppState { inner: Mutex::new(Inner { settings, quota, stats: Stats::default() }), next_id: AtomicU64::new(0) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -64,13 +57,7 @@ impl AppState {
 
 /// A fresh quota whose windows start now.
 fn new_quota(s: &Settings) -> Quota {
-    Quota::new(
-        s.window,
-        Duration::from_millis(s.window_ms),
-        s.quota,
-        s.token_quota,
-        Instant::now(),
-    )
+    Quota::new(s.window, Duration::from_millis(s.window_ms), s.quota, s.token_quota, Instant::now())
 }
 
 #[tokio::main]
@@ -89,10 +76,7 @@ async fn main() {
     let listener = match TcpListener::bind((settings.host.as_str(), settings.port)).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!(
-                "mock-provider: cannot listen on {}:{}: {e}",
-                settings.host, settings.port
-            );
+            eprintln!("mock-provider: cannot listen on {}:{}: {e}", settings.host, settings.port);
             std::process::exit(1);
         }
     };
@@ -104,10 +88,7 @@ async fn main() {
     println!("listening on {addr}");
     std::io::stdout().flush().expect("stdout");
 
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-    {
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await {
         eprintln!("mock-provider: {e}");
         std::process::exit(1);
     }
@@ -144,12 +125,7 @@ async fn reset(State(state): State<Arc<AppState>>) -> Json<Value> {
 async fn update_config(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let patch = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(patch)) => patch,
-        _ => {
-            return styles::error(
-                StatusCode::BAD_REQUEST,
-                "expected a JSON object of settings",
-            )
-        }
+        _ => return styles::error(StatusCode::BAD_REQUEST, "expected a JSON object of settings"),
     };
     let mut inner = state.lock();
     let next = match inner.settings.patched(&patch) {
@@ -164,10 +140,7 @@ async fn update_config(State(state): State<Arc<AppState>>, body: Bytes) -> Respo
 }
 
 async fn not_found(method: Method, uri: Uri) -> Response {
-    styles::error(
-        StatusCode::NOT_FOUND,
-        &format!("no route for {method} {}", uri.path()),
-    )
+    styles::error(StatusCode::NOT_FOUND, &format!("no route for {method} {}", uri.path()))
 }
 
 async fn shutdown_signal() {

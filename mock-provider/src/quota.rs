@@ -60,11 +60,7 @@ pub enum Decision {
     /// Admitted; the snapshot already counts this request.
     Allowed(Snapshot),
     /// Rejected; nothing was counted. `retry_after` is when the blocking budget frees up.
-    Limited {
-        snapshot: Snapshot,
-        dimension: Dimension,
-        retry_after: Duration,
-    },
+    Limited { snapshot: Snapshot, dimension: Dimension, retry_after: Duration },
 }
 
 pub struct Quota {
@@ -79,13 +75,7 @@ pub struct Quota {
 }
 
 impl Quota {
-    pub fn new(
-        kind: WindowKind,
-        window: Duration,
-        request_limit: u64,
-        token_limit: u64,
-        now: Instant,
-    ) -> Self {
+    pub fn new(kind: WindowKind, window: Duration, request_limit: u64, token_limit: u64, now: Instant) -> Self {
         Quota {
             kind,
             window: window.max(Duration::from_millis(1)),
@@ -103,11 +93,7 @@ impl Quota {
     pub fn try_acquire(&mut self, tokens: u64, now: Instant) -> Decision {
         self.expire(now);
         let blocked = [
-            (
-                Dimension::Requests,
-                self.request_limit,
-                self.log.len() as u64,
-            ),
+            (Dimension::Requests, self.request_limit, self.log.len() as u64),
             (Dimension::Tokens, self.token_limit, self.tokens_in_log),
         ]
         .into_iter()
@@ -116,11 +102,7 @@ impl Quota {
         .max_by_key(|&(_, wait)| wait);
 
         if let Some((dimension, retry_after)) = blocked {
-            return Decision::Limited {
-                snapshot: self.snapshot(now),
-                dimension,
-                retry_after,
-            };
+            return Decision::Limited { snapshot: self.snapshot(now), dimension, retry_after };
         }
         // With no limits there is nothing to report, so keep no log (benchmarks).
         if self.request_limit > 0 || self.token_limit > 0 {
@@ -140,11 +122,7 @@ impl Quota {
             })
         };
         Snapshot {
-            requests: budget(
-                Dimension::Requests,
-                self.request_limit,
-                self.log.len() as u64,
-            ),
+            requests: budget(Dimension::Requests, self.request_limit, self.log.len() as u64),
             tokens: budget(Dimension::Tokens, self.token_limit, self.tokens_in_log),
         }
     }
@@ -161,9 +139,7 @@ impl Quota {
         // Entries at or after `cutoff` still count.
         let cutoff = match self.kind {
             WindowKind::Fixed => Some(self.window_start(now)),
-            WindowKind::Sliding => now
-                .checked_sub(self.window)
-                .map(|t| t + Duration::from_nanos(1)),
+            WindowKind::Sliding => now.checked_sub(self.window).map(|t| t + Duration::from_nanos(1)),
         };
         let Some(cutoff) = cutoff else { return };
         while let Some(&(t, tokens)) = self.log.front() {
@@ -220,11 +196,7 @@ mod tests {
 
     fn limited(d: Decision) -> (Dimension, Duration) {
         match d {
-            Decision::Limited {
-                dimension,
-                retry_after,
-                ..
-            } => (dimension, retry_after),
+            Decision::Limited { dimension, retry_after, .. } => (dimension, retry_after),
             other => panic!("expected Limited, got {other:?}"),
         }
     }
@@ -235,14 +207,7 @@ mod tests {
         let mut q = Quota::new(WindowKind::Fixed, WINDOW, 2, 0, t0);
 
         let s = allowed(q.try_acquire(1, t0 + secs(1.0)));
-        assert_eq!(
-            s.requests,
-            Some(Budget {
-                limit: 2,
-                remaining: 1,
-                reset: secs(9.0)
-            })
-        );
+        assert_eq!(s.requests, Some(Budget { limit: 2, remaining: 1, reset: secs(9.0) }));
         assert_eq!(s.tokens, None);
         let s = allowed(q.try_acquire(1, t0 + secs(2.5)));
         assert_eq!(s.requests.unwrap().remaining, 0);
@@ -252,11 +217,7 @@ mod tests {
             q.try_acquire(1, t0 + secs(4.0)),
             Decision::Limited {
                 snapshot: Snapshot {
-                    requests: Some(Budget {
-                        limit: 2,
-                        remaining: 0,
-                        reset: secs(6.0)
-                    }),
+                    requests: Some(Budget { limit: 2, remaining: 0, reset: secs(6.0) }),
                     tokens: None
                 },
                 dimension: Dimension::Requests,
@@ -264,19 +225,9 @@ mod tests {
             }
         );
         // Just before the boundary: still limited; at the boundary: a fresh window.
-        assert_eq!(
-            limited(q.try_acquire(1, t0 + secs(9.999))).1,
-            Duration::from_millis(1)
-        );
+        assert_eq!(limited(q.try_acquire(1, t0 + secs(9.999))).1, Duration::from_millis(1));
         let s = allowed(q.try_acquire(1, t0 + WINDOW));
-        assert_eq!(
-            s.requests,
-            Some(Budget {
-                limit: 2,
-                remaining: 1,
-                reset: WINDOW
-            })
-        );
+        assert_eq!(s.requests, Some(Budget { limit: 2, remaining: 1, reset: WINDOW }));
         // Windows stay aligned to the start, not to the first request.
         let s = allowed(q.try_acquire(1, t0 + secs(25.0)));
         assert_eq!(s.requests.unwrap().remaining, 1);
@@ -292,23 +243,13 @@ mod tests {
         assert_eq!(s.requests.unwrap().remaining, 0);
         // Capacity returns when the request at t=1 leaves the window (t=11).
         assert_eq!(s.requests.unwrap().reset, secs(7.0));
-        assert_eq!(
-            limited(q.try_acquire(1, t0 + secs(6.0))),
-            (Dimension::Requests, secs(5.0))
-        );
+        assert_eq!(limited(q.try_acquire(1, t0 + secs(6.0))), (Dimension::Requests, secs(5.0)));
         let s = allowed(q.try_acquire(1, t0 + secs(11.0)));
         assert_eq!(s.requests.unwrap().remaining, 0);
         // Next slot frees when the t=4 request expires.
         assert_eq!(limited(q.try_acquire(1, t0 + secs(12.0))).1, secs(2.0));
         let s = allowed(q.try_acquire(1, t0 + secs(30.0)));
-        assert_eq!(
-            s.requests,
-            Some(Budget {
-                limit: 2,
-                remaining: 1,
-                reset: WINDOW
-            })
-        );
+        assert_eq!(s.requests, Some(Budget { limit: 2, remaining: 1, reset: WINDOW }));
     }
 
     #[test]
@@ -317,22 +258,12 @@ mod tests {
         let mut q = Quota::new(WindowKind::Sliding, WINDOW, 0, 100, t0);
         let s = allowed(q.try_acquire(60, t0));
         assert_eq!(s.requests, None);
-        assert_eq!(
-            s.tokens,
-            Some(Budget {
-                limit: 100,
-                remaining: 40,
-                reset: WINDOW
-            })
-        );
+        assert_eq!(s.tokens, Some(Budget { limit: 100, remaining: 40, reset: WINDOW }));
         // Still 40 left, so this one is admitted and overshoots.
         let s = allowed(q.try_acquire(60, t0 + secs(2.0)));
         assert_eq!(s.tokens.unwrap().remaining, 0);
         // Used 120: dropping the first entry (t=0) brings it to 60 < 100.
-        assert_eq!(
-            limited(q.try_acquire(1, t0 + secs(3.0))),
-            (Dimension::Tokens, secs(7.0))
-        );
+        assert_eq!(limited(q.try_acquire(1, t0 + secs(3.0))), (Dimension::Tokens, secs(7.0)));
         allowed(q.try_acquire(1, t0 + secs(10.0)));
     }
 
@@ -344,10 +275,7 @@ mod tests {
         allowed(q.try_acquire(5, t0 + secs(1.0)));
         allowed(q.try_acquire(45, t0 + secs(5.0)));
         // A request slot frees at t=10; tokens drop below 50 only at t=11.
-        assert_eq!(
-            limited(q.try_acquire(1, t0 + secs(6.0))),
-            (Dimension::Tokens, secs(5.0))
-        );
+        assert_eq!(limited(q.try_acquire(1, t0 + secs(6.0))), (Dimension::Tokens, secs(5.0)));
     }
 
     #[test]
@@ -355,10 +283,7 @@ mod tests {
         let t0 = Instant::now();
         let mut q = Quota::new(WindowKind::Fixed, WINDOW, 0, 0, t0);
         for i in 0..1000 {
-            assert_eq!(
-                allowed(q.try_acquire(5, t0 + Duration::from_millis(i))),
-                Snapshot::default()
-            );
+            assert_eq!(allowed(q.try_acquire(5, t0 + Duration::from_millis(i))), Snapshot::default());
         }
         assert!(q.log.is_empty());
     }

@@ -51,11 +51,7 @@ impl Stats {
 
     /// Zeroes everything except requests still being served.
     pub fn reset(&mut self) {
-        *self = Stats {
-            in_flight: self.in_flight,
-            max_in_flight: self.in_flight,
-            ..Stats::default()
-        };
+        *self = Stats { in_flight: self.in_flight, max_in_flight: self.in_flight, ..Stats::default() };
     }
 
     pub fn to_json(&self) -> Value {

@@ -14,9 +14,7 @@ use serde_json::{json, Value};
 
 use crate::config::{Style, Terminal};
 use crate::quota::{Budget, Dimension, Snapshot};
-use crate::timefmt::{
-    ceil_ms, ceil_secs, go_duration, http_date, next_month_start, proto_duration, rfc3339,
-};
+use crate::timefmt::{ceil_ms, ceil_secs, go_duration, http_date, next_month_start, proto_duration, rfc3339};
 
 pub type Headers = Vec<(&'static str, String)>;
 
@@ -50,26 +48,17 @@ impl Report {
 /// Rate-limit headers for `style`, on 200s and 429s alike (plus retry hints on 429s).
 pub fn quota_headers(style: Style, r: &Report) -> Headers {
     let mut h = Headers::new();
-    let budgets = [
-        ("requests", r.snapshot.requests),
-        ("tokens", r.snapshot.tokens),
-    ];
+    let budgets = [("requests", r.snapshot.requests), ("tokens", r.snapshot.tokens)];
     let retry = r.limited.map(|(_, d)| d);
     match style {
         Style::OpenAi | Style::Groq => {
             for (dim, b) in budgets {
                 let Some(b) = b else { continue };
                 let (limit, remaining, reset) = match dim {
-                    "requests" => (
-                        "x-ratelimit-limit-requests",
-                        "x-ratelimit-remaining-requests",
-                        "x-ratelimit-reset-requests",
-                    ),
-                    _ => (
-                        "x-ratelimit-limit-tokens",
-                        "x-ratelimit-remaining-tokens",
-                        "x-ratelimit-reset-tokens",
-                    ),
+                    "requests" => {
+                        ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+                    }
+                    _ => ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
                 };
                 h.push((limit, b.limit.to_string()));
                 h.push((remaining, b.remaining.to_string()));
@@ -102,10 +91,7 @@ pub fn quota_headers(style: Style, r: &Report) -> Headers {
                 let Some(b) = b else { continue };
                 h.push((anthropic_header(dim, "limit"), b.limit.to_string()));
                 h.push((anthropic_header(dim, "remaining"), b.remaining.to_string()));
-                h.push((
-                    anthropic_header(dim, "reset"),
-                    rfc3339(r.epoch_after(b.reset)),
-                ));
+                h.push((anthropic_header(dim, "reset"), rfc3339(r.epoch_after(b.reset))));
             }
             if let Some(d) = retry {
                 h.push(("retry-after", ceil_secs(d).to_string()));
@@ -150,14 +136,8 @@ pub fn quota_headers(style: Style, r: &Report) -> Headers {
         Style::Ietf => {
             if let Some(b) = r.primary() {
                 let w = ceil_secs(r.window);
-                h.push((
-                    "ratelimit-policy",
-                    format!("\"default\";q={};w={w}", b.limit),
-                ));
-                h.push((
-                    "ratelimit",
-                    format!("\"default\";r={};t={}", b.remaining, ceil_secs(b.reset)),
-                ));
+                h.push(("ratelimit-policy", format!("\"default\";q={};w={w}", b.limit)));
+                h.push(("ratelimit", format!("\"default\";r={};t={}", b.remaining, ceil_secs(b.reset))));
             }
             if let Some(d) = retry {
                 h.push(("retry-after", ceil_secs(d).to_string()));
@@ -168,12 +148,7 @@ pub fn quota_headers(style: Style, r: &Report) -> Headers {
             if let Some(b) = r.primary() {
                 h.push((
                     "ratelimit",
-                    format!(
-                        "limit={}, remaining={}, reset={}",
-                        b.limit,
-                        b.remaining,
-                        ceil_secs(b.reset)
-                    ),
+                    format!("limit={}, remaining={}, reset={}", b.limit, b.remaining, ceil_secs(b.reset)),
                 ));
             }
         }
@@ -201,22 +176,14 @@ fn anthropic_header(dim: &str, field: &str) -> &'static str {
 
 fn azure_retry(d: Duration) -> Headers {
     let ms = ceil_ms(d).as_millis().to_string();
-    vec![
-        ("retry-after-ms", ms.clone()),
-        ("x-ms-retry-after-ms", ms),
-        ("retry-after", ceil_secs(d).to_string()),
-    ]
+    vec![("retry-after-ms", ms.clone()), ("x-ms-retry-after-ms", ms), ("retry-after", ceil_secs(d).to_string())]
 }
 
 /// The 429 a provider sends when the window quota is exhausted.
 pub fn rate_limited(style: Style, r: &Report) -> Response {
     let (dim, retry) = r.limited.expect("rate_limited needs a blocked dimension");
     let limit = r.snapshot.get(dim).map_or(0, |b| b.limit);
-    let per_min = if dim == Dimension::Requests {
-        "RPM"
-    } else {
-        "TPM"
-    };
+    let per_min = if dim == Dimension::Requests { "RPM" } else { "TPM" };
     let headers = quota_headers(style, r);
     let body = match style {
         Style::OpenAi | Style::Groq | Style::Generic | Style::GenericDate | Style::Ietf | Style::IetfDraft07 => {
@@ -285,10 +252,7 @@ pub fn rate_limited(style: Style, r: &Report) -> Response {
 }
 
 fn bedrock_throttling() -> (&'static str, String) {
-    (
-        "x-amzn-errortype",
-        "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/".into(),
-    )
+    ("x-amzn-errortype", "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/".into())
 }
 
 /// The 429 for a quota that waiting out the window does not fix.
@@ -318,11 +282,9 @@ pub fn terminal(kind: Terminal, r: &Report) -> Response {
                 r.request_id,
             ),
         ),
-        Terminal::Daily => respond(
-            too_many,
-            azure_retry(Duration::from_secs(86_400)),
-            azure_error("call rate limit", 86_400),
-        ),
+        Terminal::Daily => {
+            respond(too_many, azure_retry(Duration::from_secs(86_400)), azure_error("call rate limit", 86_400))
+        }
         Terminal::RequestTooLarge => respond(
             too_many,
             vec![],
@@ -348,34 +310,15 @@ pub fn terminal(kind: Terminal, r: &Report) -> Response {
 
 /// `x-mock-status: N`: that status with an OpenAI-shaped error and no timing hints.
 pub fn forced(status: StatusCode) -> Response {
-    let kind = if status.is_server_error() {
-        "server_error"
-    } else {
-        "invalid_request_error"
-    };
-    let message = format!(
-        "mock-provider: forced status {} (x-mock-status)",
-        status.as_u16()
-    );
-    respond(
-        status,
-        vec![],
-        openai_error(&message, kind, "mock_forced_status"),
-    )
+    let kind = if status.is_server_error() { "server_error" } else { "invalid_request_error" };
+    let message = format!("mock-provider: forced status {} (x-mock-status)", status.as_u16());
+    respond(status, vec![], openai_error(&message, kind, "mock_forced_status"))
 }
 
 /// Errors about the request itself (bad override header, unknown route).
 pub fn error(status: StatusCode, message: &str) -> Response {
-    let kind = if status == StatusCode::NOT_FOUND {
-        "not_found"
-    } else {
-        "invalid_request_error"
-    };
-    respond(
-        status,
-        vec![],
-        json!({"error": {"message": message, "type": kind}}),
-    )
+    let kind = if status == StatusCode::NOT_FOUND { "not_found" } else { "invalid_request_error" };
+    respond(status, vec![], json!({"error": {"message": message, "type": kind}}))
 }
 
 fn openai_error(message: &str, kind: &str, code: &str) -> Value {
@@ -418,9 +361,7 @@ pub fn respond(status: StatusCode, headers: Headers, body: Value) -> Response {
     let mut response = (status, Json(body)).into_response();
     for (name, value) in headers {
         let value = HeaderValue::from_str(&value).expect("header values are ASCII");
-        response
-            .headers_mut()
-            .insert(HeaderName::from_static(name), value);
+        response.headers_mut().insert(HeaderName::from_static(name), value);
     }
     response
 }
@@ -430,16 +371,9 @@ mod tests {
     use super::*;
 
     fn report(limited: bool) -> Report {
-        let budget = |limit, remaining, ms| Budget {
-            limit,
-            remaining,
-            reset: Duration::from_millis(ms),
-        };
+        let budget = |limit, remaining, ms| Budget { limit, remaining, reset: Duration::from_millis(ms) };
         Report {
-            snapshot: Snapshot {
-                requests: Some(budget(10, 0, 6_595_400)),
-                tokens: Some(budget(1000, 400, 1500)),
-            },
+            snapshot: Snapshot { requests: Some(budget(10, 0, 6_595_400)), tokens: Some(budget(1000, 400, 1500)) },
             limited: limited.then_some((Dimension::Requests, Duration::from_millis(6_595_400))),
             wall: Duration::from_millis(1_696_004_797_250), // 2023-09-29T16:26:37.25Z
             window: Duration::from_secs(60),
@@ -458,27 +392,18 @@ mod tests {
         assert_eq!(get(&h, "x-ratelimit-remaining-tokens"), Some("400"));
         assert_eq!(get(&h, "x-ratelimit-reset-tokens"), Some("1.5s"));
         assert_eq!(get(&h, "retry-after"), Some("6596"));
-        assert_eq!(
-            get(&quota_headers(Style::OpenAi, &report(false)), "retry-after"),
-            None
-        );
+        assert_eq!(get(&quota_headers(Style::OpenAi, &report(false)), "retry-after"), None);
     }
 
     #[test]
     fn absolute_times_round_up() {
         let h = quota_headers(Style::Anthropic, &report(true));
         // 16:26:37.25 + 1.5 s = 16:26:38.75, rounded up to :39.
-        assert_eq!(
-            get(&h, "anthropic-ratelimit-output-tokens-reset"),
-            Some("2023-09-29T16:26:39Z")
-        );
+        assert_eq!(get(&h, "anthropic-ratelimit-output-tokens-reset"), Some("2023-09-29T16:26:39Z"));
         let h = quota_headers(Style::GenericDate, &report(true));
         assert_eq!(get(&h, "date"), Some("Fri, 29 Sep 2023 16:26:37 GMT"));
         assert_eq!(get(&h, "x-ratelimit-reset"), Some("1696011393")); // now + 6595.4 s, rounded up
-        assert_eq!(
-            get(&h, "retry-after"),
-            Some("Fri, 29 Sep 2023 18:16:33 GMT")
-        );
+        assert_eq!(get(&h, "retry-after"), Some("Fri, 29 Sep 2023 18:16:33 GMT"));
     }
 
     #[test]
@@ -487,9 +412,6 @@ mod tests {
         assert_eq!(get(&h, "ratelimit-policy"), Some("\"default\";q=10;w=60"));
         assert_eq!(get(&h, "ratelimit"), Some("\"default\";r=0;t=6596"));
         let h = quota_headers(Style::IetfDraft07, &report(true));
-        assert_eq!(
-            get(&h, "ratelimit"),
-            Some("limit=10, remaining=0, reset=6596")
-        );
+        assert_eq!(get(&h, "ratelimit"), Some("limit=10, remaining=0, reset=6596"));
     }
 }

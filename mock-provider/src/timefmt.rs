@@ -42,10 +42,7 @@ pub fn go_duration(d: Duration) -> String {
 
 /// Protobuf `Duration` JSON form used by Gemini's `RetryInfo.retryDelay`: `26s`, `26.5s`.
 pub fn proto_duration(d: Duration) -> String {
-    format!(
-        "{}s",
-        with_fraction(d.as_secs() as u128, d.subsec_nanos() as u128, 9)
-    )
+    format!("{}s", with_fraction(d.as_secs() as u128, d.subsec_nanos() as u128, 9))
 }
 
 /// `whole.frac` with `digits` fractional digits, trailing zeros trimmed.
@@ -66,20 +63,13 @@ pub fn epoch(t: SystemTime) -> Duration {
 pub fn rfc3339(epoch_secs: u64) -> String {
     let (y, mo, d) = civil_from_days((epoch_secs / 86_400) as i64);
     let s = epoch_secs % 86_400;
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
+    format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
 }
 
 /// IMF-fixdate (RFC 9110), e.g. `Fri, 29 Sep 2023 16:26:57 GMT`, for `Date`/`Retry-After`.
 pub fn http_date(epoch_secs: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"]; // 1970-01-01 was a Thursday
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let days = epoch_secs / 86_400;
     let (y, mo, d) = civil_from_days(days as i64);
     let s = epoch_secs % 86_400;
@@ -137,10 +127,7 @@ mod tests {
         assert_eq!(go_duration(ms(360_000)), "6m0s");
         assert_eq!(go_duration(ms(179_560)), "2m59.56s");
         assert_eq!(go_duration(ms(578_016)), "9m38.016s");
-        assert_eq!(
-            go_duration(Duration::from_nanos(1_984_999_999)),
-            "1.984999999s"
-        );
+        assert_eq!(go_duration(Duration::from_nanos(1_984_999_999)), "1.984999999s");
         assert_eq!(go_duration(ms(3_600_000)), "1h0m0s");
         assert_eq!(go_duration(ms(3_723_500)), "1h2m3.5s");
     }
@@ -159,10 +146,7 @@ mod tests {
     fn proto_durations() {
         assert_eq!(proto_duration(ms(26_000)), "26s");
         assert_eq!(proto_duration(ms(26_500)), "26.5s");
-        assert_eq!(
-            proto_duration(Duration::from_nanos(34_074_824_224)),
-            "34.074824224s"
-        );
+        assert_eq!(proto_duration(Duration::from_nanos(34_074_824_224)), "34.074824224s");
     }
 
     #[test]

@@ -22,33 +22,18 @@ impl Server {
             .spawn()
             .expect("spawn mock-provider");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect(&line)
-            .to_string();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().strip_prefix("listening on ").expect(&line).to_string();
         Server { child, addr }
     }
 
-    async fn request(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &str,
-    ) -> Reply {
+    async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
         let mut stream = TcpStream::connect(&self.addr).await.unwrap();
         let mut req = format!("{method} {path} HTTP/1.1\r\nhost: mock\r\nconnection: close\r\n");
         for (name, value) in headers {
             req += &format!("{name}: {value}\r\n");
         }
-        req += &format!(
-            "content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
+        req += &format!("content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
         stream.write_all(req.as_bytes()).await.unwrap();
         let mut raw = String::new();
         stream.read_to_string(&mut raw).await.unwrap();
@@ -57,8 +42,7 @@ impl Server {
 
     async fn chat(&self, headers: &[(&str, &str)]) -> Reply {
         let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello there!"}]}"#;
-        self.request("POST", "/v1/chat/completions", headers, body)
-            .await
+        self.request("POST", "/v1/chat/completions", headers, body).await
     }
 }
 
@@ -80,30 +64,16 @@ impl Reply {
     fn parse(raw: &str) -> Reply {
         let (head, body) = raw.split_once("\r\n\r\n").expect("complete response");
         let mut lines = head.lines();
-        let status = lines
-            .next()
-            .unwrap()
-            .split(' ')
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
         let headers = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(n, v)| (n.to_ascii_lowercase(), v.trim().to_string()))
             .collect();
-        Reply {
-            status,
-            headers,
-            body: serde_json::from_str(body).unwrap_or(Value::Null),
-        }
+        Reply { status, headers, body: serde_json::from_str(body).unwrap_or(Value::Null) }
     }
 
     fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .map(String::as_str)
-            .unwrap_or_else(|| panic!("no {name} in {:?}", self.headers))
+        self.headers.get(name).map(String::as_str).unwrap_or_else(|| panic!("no {name} in {:?}", self.headers))
     }
 }
 
@@ -135,13 +105,7 @@ async fn openai_quota_then_429_with_consistent_headers() {
     assert_eq!(first.body["usage"]["total_tokens"], 3 + 16);
 
     let second = server.chat(&[]).await;
-    assert_eq!(
-        (
-            second.status,
-            second.header("x-ratelimit-remaining-requests")
-        ),
-        (200, "0")
-    );
+    assert_eq!((second.status, second.header("x-ratelimit-remaining-requests")), (200, "0"));
 
     let limited = server.chat(&[("x-llm-priority", "CRITICAL")]).await;
     assert_eq!(limited.status, 429);
@@ -149,10 +113,7 @@ async fn openai_quota_then_429_with_consistent_headers() {
     let reset = go_secs(limited.header("x-ratelimit-reset-requests"));
     let retry_after: f64 = limited.header("retry-after").parse().unwrap();
     assert!(reset > 1.0 && reset <= 5.0, "reset {reset}");
-    assert!(
-        retry_after >= reset && retry_after < reset + 1.0,
-        "retry-after {retry_after} vs {reset}"
-    );
+    assert!(retry_after >= reset && retry_after < reset + 1.0, "retry-after {retry_after} vs {reset}");
     assert_eq!(limited.body["error"]["code"], "rate_limit_exceeded");
     assert_eq!(limited.body["error"]["type"], "requests");
     let message = limited.body["error"]["message"].as_str().unwrap();
@@ -160,11 +121,7 @@ async fn openai_quota_then_429_with_consistent_headers() {
 
     let stats = server.request("GET", "/mock/stats", &[], "").await.body;
     assert_eq!(
-        (
-            stats["requests"].as_u64(),
-            stats["ok"].as_u64(),
-            stats["rate_limited"].as_u64()
-        ),
+        (stats["requests"].as_u64(), stats["ok"].as_u64(), stats["rate_limited"].as_u64()),
         (Some(3), Some(2), Some(1))
     );
     assert_eq!(stats["by_priority"]["CRITICAL"], 2);
@@ -196,88 +153,48 @@ async fn styles_terminals_and_overrides() {
     assert_eq!(server.chat(&[]).await.status, 200);
 
     // Switch style at runtime.
-    let settings = server
-        .request("POST", "/mock/config", &[], r#"{"style":"anthropic"}"#)
-        .await;
+    let settings = server.request("POST", "/mock/config", &[], r#"{"style":"anthropic"}"#).await;
     assert_eq!(settings.body["style"], "anthropic");
-    let r = server
-        .request(
-            "POST",
-            "/v1/messages",
-            &[],
-            r#"{"max_tokens":5,"messages":[]}"#,
-        )
-        .await;
+    let r = server.request("POST", "/v1/messages", &[], r#"{"max_tokens":5,"messages":[]}"#).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.body["error"]["type"], "rate_limit_error");
-    assert!(r
-        .header("anthropic-ratelimit-requests-reset")
-        .ends_with('Z'));
+    assert!(r.header("anthropic-ratelimit-requests-reset").ends_with('Z'));
     let retry: u64 = r.header("retry-after").parse().unwrap();
     assert!((50..=60).contains(&retry), "{retry}");
 
     // Per-request style override.
     let r = server.chat(&[("x-mock-style", "gemini")]).await;
     assert_eq!(r.body["error"]["status"], "RESOURCE_EXHAUSTED");
-    let delay = r.body["error"]["details"][1]["retryDelay"]
-        .as_str()
-        .unwrap();
+    let delay = r.body["error"]["details"][1]["retryDelay"].as_str().unwrap();
     assert!(delay.ends_with('s') && delay.trim_end_matches('s').parse::<f64>().unwrap() > 50.0);
 
     let r = server.chat(&[("x-mock-style", "bedrock")]).await;
-    assert!(r
-        .header("x-amzn-errortype")
-        .starts_with("ThrottlingException:"));
+    assert!(r.header("x-amzn-errortype").starts_with("ThrottlingException:"));
 
     // Terminal kinds win over the quota, and count separately.
-    let r = server
-        .chat(&[("x-mock-terminal", "insufficient_quota")])
-        .await;
-    assert_eq!(
-        (r.status, r.body["error"]["code"].as_str()),
-        (429, Some("insufficient_quota"))
-    );
+    let r = server.chat(&[("x-mock-terminal", "insufficient_quota")]).await;
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (429, Some("insufficient_quota")));
     let r = server.chat(&[("x-mock-terminal", "daily")]).await;
-    assert_eq!(
-        (r.header("retry-after"), r.header("retry-after-ms")),
-        ("86400", "86400000")
-    );
+    assert_eq!((r.header("retry-after"), r.header("retry-after-ms")), ("86400", "86400000"));
 
     let r = server.chat(&[("x-mock-status", "503")]).await;
-    assert_eq!(
-        (r.status, r.body["error"]["type"].as_str()),
-        (503, Some("server_error"))
-    );
+    assert_eq!((r.status, r.body["error"]["type"].as_str()), (503, Some("server_error")));
     let r = server.chat(&[("x-mock-style", "nope")]).await;
     assert_eq!(r.status, 400);
 
-    let r = server
-        .request("POST", "/mock/config", &[], r#"{"window":"hourly"}"#)
-        .await;
+    let r = server.request("POST", "/mock/config", &[], r#"{"window":"hourly"}"#).await;
     assert_eq!(r.status, 400);
-    assert!(r.body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .starts_with("window: unknown value"));
+    assert!(r.body["error"]["message"].as_str().unwrap().starts_with("window: unknown value"));
     assert_eq!(server.request("GET", "/nope", &[], "").await.status, 404);
 
     let stats = server.request("GET", "/mock/stats", &[], "").await.body;
-    assert_eq!(
-        (stats["terminal"].as_u64(), stats["rate_limited"].as_u64()),
-        (Some(2), Some(3))
-    );
+    assert_eq!((stats["terminal"].as_u64(), stats["rate_limited"].as_u64()), (Some(2), Some(3)));
 }
 
 #[test]
 fn bad_flag_exits_2_naming_the_flag() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mock-provider"))
-        .args(["--window", "hourly"])
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mock-provider")).args(["--window", "hourly"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--window: unknown value 'hourly'; allowed: fixed, sliding"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("--window: unknown value 'hourly'; allowed: fixed, sliding"), "{stderr}");
 }

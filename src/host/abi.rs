@@ -141,7 +141,6 @@ pub fn set_request_header(name: &str, value: &str) -> Result<(), Status> {
     })
 }
 
-
 pub fn set_response_header(name: &str, value: &str) -> Result<(), Status> {
     check(unsafe {
         proxy_replace_header_map_value(RESPONSE_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())

@@ -5,10 +5,10 @@ use super::{abi, shared};
 use crate::admission::Arrival;
 use crate::breaker::Gate;
 use crate::classify::classify;
-use crate::signals;
 use crate::priority::Priority;
 use crate::queue::Waiter;
 use crate::reply::Reason;
+use crate::signals;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::rc::Rc;
@@ -54,7 +54,9 @@ impl Request {
     fn answer_from_cache(&self, now_ms: u64) -> bool {
         let fb = &self.f.config.fallback;
         let Some(key) = self.cache_key else { return false };
-        let Some(entry) = super::fallback::lookup(&self.f.config.name, key, now_ms, fb.max_age_ms) else { return false };
+        let Some(entry) = super::fallback::lookup(&self.f.config.name, key, now_ms, fb.max_age_ms) else {
+            return false;
+        };
         let age = (now_ms.saturating_sub(entry.stored_ms) / 1000).to_string();
         let headers = [
             ("content-type", entry.content_type.as_str()),
@@ -140,9 +142,7 @@ impl Request {
             }
         }
     }
-}
 
-impl Request {
     /// Reads the provider's rate-limit signals from the response headers, updates the shared
     /// provider state, and gives a 429 one precise `Retry-After` for the client. Returns what the
     /// headers said, so the body can add to it.
@@ -183,7 +183,8 @@ impl Request {
     }
 
     fn store_in_cache(&mut self) {
-        let (Some(key), Some((content_type, body)), Ok(now)) = (self.cache_key, self.capture.take(), abi::now_ns()) else {
+        let (Some(key), Some((content_type, body)), Ok(now)) = (self.cache_key, self.capture.take(), abi::now_ns())
+        else {
             return;
         };
         let entry = crate::fallback::Entry { stored_ms: now / NANOS_PER_MS, content_type, body };
@@ -200,7 +201,13 @@ impl Request {
         signals::parse(cfg.style, status, &pairs, body, now_ms, cfg.breaker.max_wait_ms)
     }
 
-    fn observe(&self, status: u16, signals: &signals::Signals, now_ms: u64, first: bool) -> Option<crate::breaker::Verdict> {
+    fn observe(
+        &self,
+        status: u16,
+        signals: &signals::Signals,
+        now_ms: u64,
+        first: bool,
+    ) -> Option<crate::breaker::Verdict> {
         match self.f.observe(status, signals, now_ms, first) {
             Ok(v) => Some(v),
             Err(s) => {
@@ -290,7 +297,9 @@ impl HttpContext for Request {
             Ok(Gate::Pass | Gate::Probe) => (0, Reason::ProviderHold),
             Ok(Gate::Hold { until_ms }) => (until_ms.saturating_mul(NANOS_PER_MS), Reason::ProviderHold),
             Ok(Gate::Open { .. }) if self.answer_from_cache(now / NANOS_PER_MS) => return Action::Pause,
-            Ok(Gate::Open { until_ms, terminal: false }) => (until_ms.saturating_mul(NANOS_PER_MS), Reason::BreakerOpen),
+            Ok(Gate::Open { until_ms, terminal: false }) => {
+                (until_ms.saturating_mul(NANOS_PER_MS), Reason::BreakerOpen)
+            }
             Ok(Gate::Open { until_ms, terminal: true }) => {
                 let wait_ns = until_ms.saturating_mul(NANOS_PER_MS).saturating_sub(now);
                 let s = crate::admission::Shared::new(self.f.policy.bucket.full(now));
@@ -312,7 +321,8 @@ impl HttpContext for Request {
         }
         let role = self.f.config.role;
         let header = |name| abi::response_header(name).ok().flatten();
-        if role.admits() && (header("x-llm-ratelimit-source").is_some() || header("x-llm-ratelimit-fallback").is_some()) {
+        if role.admits() && (header("x-llm-ratelimit-source").is_some() || header("x-llm-ratelimit-fallback").is_some())
+        {
             // Our own local reply: nothing to learn about the provider.
             return Action::Continue;
         }

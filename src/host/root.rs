@@ -61,7 +61,13 @@ impl Filter {
 
     /// Learns from one provider response: updates the shared breaker state and the stats.
     /// `first` is false when the same response is read again, from its body.
-    pub fn observe(&self, status: u16, signals: &crate::signals::Signals, now_ms: u64, first: bool) -> Result<Verdict, abi::Status> {
+    pub fn observe(
+        &self,
+        status: u16,
+        signals: &crate::signals::Signals,
+        now_ms: u64,
+        first: bool,
+    ) -> Result<Verdict, abi::Status> {
         let policy = &self.config.provider.breaker;
         let (verdict, state) = shared::update(&self.provider_key, breaker::State::default(), |s| {
             let (v, next) = policy.observe(s, status, signals, now_ms);
@@ -107,7 +113,14 @@ impl Filter {
     }
 
     /// The local 429 for a request of `class`, as status, headers and body.
-    pub fn limited(&self, class: Priority, reason: Reason, wait_ns: u64, s: &Shared, retry: bool) -> (u32, Vec<(&'static str, String)>, String) {
+    pub fn limited(
+        &self,
+        class: Priority,
+        reason: Reason,
+        wait_ns: u64,
+        s: &Shared,
+        retry: bool,
+    ) -> (u32, Vec<(&'static str, String)>, String) {
         self.metrics.provider.retry_after_s.record(reply::retry_after_secs(wait_ns.div_ceil(NANOS_PER_MS)));
         reply::too_many_requests(&Limited {
             policy: &self.config.name,

@@ -44,7 +44,11 @@ pub fn ensure<T: Stored>(key: &str, fresh: T) -> Result<(), abi::Status> {
 
 /// Reads the value at `key` (or `fresh`), lets `change` decide, and writes what it returns
 /// unless another worker wrote first, in which case it decides again.
-pub fn update<T: Stored, R>(key: &str, fresh: T, mut change: impl FnMut(T) -> (R, Option<T>)) -> Result<R, abi::Status> {
+pub fn update<T: Stored, R>(
+    key: &str,
+    fresh: T,
+    mut change: impl FnMut(T) -> (R, Option<T>),
+) -> Result<R, abi::Status> {
     for _ in 0..MAX_CAS_TRIES {
         let (value, cas) = abi::get_shared(key)?;
         let current = value.and_then(|v| T::from_bytes(&v)).unwrap_or(fresh);

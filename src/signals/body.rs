@@ -42,29 +42,15 @@ pub(super) fn read(body: &[u8]) -> BodySignals {
         other => other,
     };
     let error = root.get("error").filter(|e| e.is_object()).unwrap_or(root);
-    let message = error
-        .get("message")
-        .or_else(|| root.get("message"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let message = error.get("message").or_else(|| root.get("message")).and_then(Value::as_str).unwrap_or("");
     let gemini = Gemini::read(error);
     let phrase_delay_ms = delay_phrase(message);
     let terminal = code_terminal(root, error)
         .or_else(|| message_terminal(message))
         .or(gemini.daily.then_some(Terminal::DailyQuota))
-        .or(phrase_delay_ms
-            .filter(|&ms| ms >= DAY_MS)
-            .map(|_| Terminal::DailyQuota))
-        .or(gemini
-            .retry_delay_ms
-            .filter(|&ms| ms > GEMINI_SHORT_RETRY_MS)
-            .map(|_| Terminal::LongWait));
-    BodySignals {
-        retry_delay_ms: gemini.retry_delay_ms,
-        phrase_delay_ms,
-        terminal,
-        is_gemini: gemini.present,
-    }
+        .or(phrase_delay_ms.filter(|&ms| ms >= DAY_MS).map(|_| Terminal::DailyQuota))
+        .or(gemini.retry_delay_ms.filter(|&ms| ms > GEMINI_SHORT_RETRY_MS).map(|_| Terminal::LongWait));
+    BodySignals { retry_delay_ms: gemini.retry_delay_ms, phrase_delay_ms, terminal, is_gemini: gemini.present }
 }
 
 /// The Google RPC details of a Gemini / Vertex error.
@@ -77,38 +63,21 @@ struct Gemini {
 
 impl Gemini {
     fn read(error: &Value) -> Gemini {
-        let details = error
-            .get("details")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        let details = error.get("details").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         let of_type = |suffix: &'static str| {
-            details.iter().filter(move |d| {
-                d.get("@type")
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| t.ends_with(suffix))
-            })
+            details.iter().filter(move |d| d.get("@type").and_then(Value::as_str).is_some_and(|t| t.ends_with(suffix)))
         };
-        let retry_delay_ms = of_type("google.rpc.RetryInfo").find_map(|d| {
-            d.get("retryDelay")
-                .and_then(Value::as_str)
-                .and_then(parse_go_duration)
-        });
+        let retry_delay_ms = of_type("google.rpc.RetryInfo")
+            .find_map(|d| d.get("retryDelay").and_then(Value::as_str).and_then(parse_go_duration));
         let daily = of_type("google.rpc.QuotaFailure")
             .filter_map(|d| d.get("violations").and_then(Value::as_array))
             .flatten()
             .filter_map(|v| v.get("quotaId").and_then(Value::as_str))
             .any(is_daily_quota_id);
-        let present = details
-            .iter()
-            .filter_map(|d| d.get("@type").and_then(Value::as_str))
-            .any(|t| t.contains("google.rpc."))
-            || error.get("status").and_then(Value::as_str) == Some("RESOURCE_EXHAUSTED");
-        Gemini {
-            present,
-            retry_delay_ms,
-            daily,
-        }
+        let present =
+            details.iter().filter_map(|d| d.get("@type").and_then(Value::as_str)).any(|t| t.contains("google.rpc."))
+                || error.get("status").and_then(Value::as_str) == Some("RESOURCE_EXHAUSTED");
+        Gemini { present, retry_delay_ms, daily }
     }
 }
 
@@ -120,24 +89,13 @@ fn is_daily_quota_id(quota_id: &str) -> bool {
 
 /// Error codes and types that a retry cannot fix.
 fn code_terminal(root: &Value, error: &Value) -> Option<Terminal> {
-    let fields = [
-        error.get("code"),
-        error.get("type"),
-        root.get("code"),
-        root.get("type"),
-    ];
-    fields
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .find_map(|code| match code.to_ascii_lowercase().as_str() {
-            "insufficient_quota" => Some(Terminal::InsufficientQuota),
-            "enforced_spend_limit_reached" | "billing_hard_limit_reached" => {
-                Some(Terminal::SpendLimit)
-            }
-            "request_too_large" => Some(Terminal::RequestTooLarge),
-            _ => None,
-        })
+    let fields = [error.get("code"), error.get("type"), root.get("code"), root.get("type")];
+    fields.into_iter().flatten().filter_map(Value::as_str).find_map(|code| match code.to_ascii_lowercase().as_str() {
+        "insufficient_quota" => Some(Terminal::InsufficientQuota),
+        "enforced_spend_limit_reached" | "billing_hard_limit_reached" => Some(Terminal::SpendLimit),
+        "request_too_large" => Some(Terminal::RequestTooLarge),
+        _ => None,
+    })
 }
 
 /// Messages that a retry cannot fix even under a retryable code: OpenAI's "Request too large
@@ -176,19 +134,13 @@ fn delay_phrase(message: &str) -> Option<u64> {
 
 /// A Go duration (`6.596s`), or a number with a unit word (`37 seconds`, `500 ms`, `2 minutes`).
 fn delay_at_start(text: &str) -> Option<u64> {
-    let end = text
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == 'µ'))
-        .unwrap_or(text.len());
+    let end = text.find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == 'µ')).unwrap_or(text.len());
     let (token, rest) = text.split_at(end);
     let token = token.trim_end_matches('.');
     let Some(seconds) = parse_delta_seconds(token) else {
         return parse_go_duration(token);
     };
-    let unit = rest
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .trim_end_matches(|c: char| !c.is_ascii_alphabetic());
+    let unit = rest.split_whitespace().next().unwrap_or("").trim_end_matches(|c: char| !c.is_ascii_alphabetic());
     match unit {
         "ms" | "millisecond" | "milliseconds" => parse_millis(token),
         "min" | "mins" | "minute" | "minutes" => seconds.checked_mul(60),
@@ -218,10 +170,7 @@ mod tests {
     #[test]
     fn openai_try_again_phrases() {
         for (message, ms) in [
-            (
-                "Rate limit reached for requests. Please try again in 6.596s. Visit https://x",
-                6_596,
-            ),
+            ("Rate limit reached for requests. Please try again in 6.596s. Visit https://x", 6_596),
             ("Please try again in 174ms", 174),
             ("Please try again in 9m38.016s.", 578_016),
             ("Please try again in 1.984999999s.", 1_985),
@@ -229,10 +178,7 @@ mod tests {
             ("try again in 2 minutes", 120_000),
             ("try again in 500 milliseconds", 500),
         ] {
-            let s = read_429(
-                Provider::OpenAi,
-                &openai_error(message, "requests", "rate_limit_exceeded"),
-            );
+            let s = read_429(Provider::OpenAi, &openai_error(message, "requests", "rate_limit_exceeded"));
             assert_eq!(s.retry_at_ms, Some(NOW + ms), "{message}");
             assert_eq!(s.terminal, None, "{message}");
         }
@@ -240,45 +186,21 @@ mod tests {
 
     #[test]
     fn groq_phrases() {
-        let s = read_429(
-            Provider::Groq,
-            &openai_error(
-                "Please try again in 9m38.016s.",
-                "tokens",
-                "rate_limit_exceeded",
-            ),
-        );
+        let s =
+            read_429(Provider::Groq, &openai_error("Please try again in 9m38.016s.", "tokens", "rate_limit_exceeded"));
         assert_eq!(s.retry_at(), Some(NOW + 578_016));
         let s = read_429(
             Provider::Groq,
-            &openai_error(
-                "Please try again in 1.984999999s.",
-                "tokens",
-                "rate_limit_exceeded",
-            ),
+            &openai_error("Please try again in 1.984999999s.", "tokens", "rate_limit_exceeded"),
         );
         assert_eq!(s.retry_at(), Some(NOW + 1_985));
     }
 
     #[test]
     fn phrase_is_the_last_resort_after_an_exhausted_reset() {
-        let body = openai_error(
-            "Please try again in 6.596s.",
-            "tokens",
-            "rate_limit_exceeded",
-        );
-        let headers = [
-            ("x-ratelimit-remaining-tokens", "0"),
-            ("x-ratelimit-reset-tokens", "6m0s"),
-        ];
-        let s = parse(
-            Provider::OpenAi,
-            429,
-            &headers,
-            Some(body.as_bytes()),
-            NOW,
-            DAY,
-        );
+        let body = openai_error("Please try again in 6.596s.", "tokens", "rate_limit_exceeded");
+        let headers = [("x-ratelimit-remaining-tokens", "0"), ("x-ratelimit-reset-tokens", "6m0s")];
+        let s = parse(Provider::OpenAi, 429, &headers, Some(body.as_bytes()), NOW, DAY);
         assert_eq!(s.retry_at_ms, None);
         assert_eq!(s.retry_at(), Some(NOW + 360_000));
     }
@@ -298,20 +220,14 @@ mod tests {
 
     #[test]
     fn openai_request_too_large_is_terminal() {
-        let message = "Request too large for gpt-4 in organization org-x on tokens per min (TPM): Limit 30000, Requested 31538.";
-        let s = read_429(
-            Provider::OpenAi,
-            &openai_error(message, "tokens", "rate_limit_exceeded"),
-        );
-        assert_eq!(s.terminal, Some(Terminal::RequestTooLarge));
         let message =
-            "Rate limit reached on tokens per min (TPM): Limit 30000, Used 29000, Requested 40000.";
+            "Request too large for gpt-4 in organization org-x on tokens per min (TPM): Limit 30000, Requested 31538.";
+        let s = read_429(Provider::OpenAi, &openai_error(message, "tokens", "rate_limit_exceeded"));
+        assert_eq!(s.terminal, Some(Terminal::RequestTooLarge));
+        let message = "Rate limit reached on tokens per min (TPM): Limit 30000, Used 29000, Requested 40000.";
         assert_eq!(message_terminal(message), Some(Terminal::RequestTooLarge));
         let message = "Rate limit reached on tokens per min (TPM): Limit 30000, Used 29000, Requested 2000. Please try again in 2s.";
-        let s = read_429(
-            Provider::OpenAi,
-            &openai_error(message, "tokens", "rate_limit_exceeded"),
-        );
+        let s = read_429(Provider::OpenAi, &openai_error(message, "tokens", "rate_limit_exceeded"));
         assert_eq!((s.terminal, s.retry_at_ms), (None, Some(NOW + 2_000)));
     }
 
@@ -333,34 +249,21 @@ mod tests {
     #[test]
     fn anthropic_spend_limit_is_terminal() {
         let body = r#"{"type":"error","error":{"type":"rate_limit_error","message":"This request would exceed your account's monthly spend limit. Please try again later."},"request_id":"req_1"}"#;
-        assert_eq!(
-            read_429(Provider::Anthropic, body).terminal,
-            Some(Terminal::SpendLimit)
-        );
-        let body =
-            r#"{"type":"error","error":{"type":"enforced_spend_limit_reached","message":"x"}}"#;
-        assert_eq!(
-            read_429(Provider::Anthropic, body).terminal,
-            Some(Terminal::SpendLimit)
-        );
+        assert_eq!(read_429(Provider::Anthropic, body).terminal, Some(Terminal::SpendLimit));
+        let body = r#"{"type":"error","error":{"type":"enforced_spend_limit_reached","message":"x"}}"#;
+        assert_eq!(read_429(Provider::Anthropic, body).terminal, Some(Terminal::SpendLimit));
         let body = r#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"},"request_id":"req_1"}"#;
         assert_eq!(
             read_429(Provider::Anthropic, body),
-            Signals {
-                provider: Provider::Anthropic,
-                throttled: true,
-                ..Signals::default()
-            }
+            Signals { provider: Provider::Anthropic, throttled: true, ..Signals::default() }
         );
     }
 
     #[test]
     fn anthropic_413_request_too_large() {
-        let body = r#"{"type":"error","error":{"type":"request_too_large","message":"Request exceeds the maximum size"}}"#;
-        assert_eq!(
-            read_429(Provider::Anthropic, body).terminal,
-            Some(Terminal::RequestTooLarge)
-        );
+        let body =
+            r#"{"type":"error","error":{"type":"request_too_large","message":"Request exceeds the maximum size"}}"#;
+        assert_eq!(read_429(Provider::Anthropic, body).terminal, Some(Terminal::RequestTooLarge));
     }
 
     fn gemini_body(quota_id: &str, delay: &str) -> String {
@@ -375,13 +278,8 @@ mod tests {
     #[test]
     fn gemini_retry_info() {
         for (delay, ms) in [("26s", 26_000), ("34.074824224s", 34_075)] {
-            let s = read_429(
-                Provider::Auto,
-                &gemini_body(
-                    "GenerateContentInputTokensPerModelPerMinute-FreeTier",
-                    delay,
-                ),
-            );
+            let s =
+                read_429(Provider::Auto, &gemini_body("GenerateContentInputTokensPerModelPerMinute-FreeTier", delay));
             assert_eq!(s.provider, Provider::Gemini);
             assert_eq!(s.retry_at_ms, Some(NOW + ms), "{delay}");
             assert_eq!(s.terminal, None);
@@ -390,10 +288,7 @@ mod tests {
 
     #[test]
     fn gemini_daily_quota_is_terminal() {
-        let s = read_429(
-            Provider::Gemini,
-            &gemini_body("GenerateRequestsPerDayPerProjectPerModel-FreeTier", "26s"),
-        );
+        let s = read_429(Provider::Gemini, &gemini_body("GenerateRequestsPerDayPerProjectPerModel-FreeTier", "26s"));
         assert_eq!(s.terminal, Some(Terminal::DailyQuota));
         assert!(is_daily_quota_id("DailyQuota"));
     }
@@ -408,34 +303,23 @@ mod tests {
     #[test]
     fn gemini_vertex_list_wrapper_and_no_retry_info() {
         let body = format!("[{}]", gemini_body("X", "26s"));
-        assert_eq!(
-            read_429(Provider::Auto, &body).retry_at_ms,
-            Some(NOW + 26_000)
-        );
+        assert_eq!(read_429(Provider::Auto, &body).retry_at_ms, Some(NOW + 26_000));
         let body = r#"{"error":{"code":429,"message":"Resource exhausted. Please try again later.","status":"RESOURCE_EXHAUSTED"}}"#;
         let s = read_429(Provider::Auto, body);
-        assert_eq!(
-            (s.provider, s.retry_at(), s.terminal),
-            (Provider::Gemini, None, None)
-        );
+        assert_eq!((s.provider, s.retry_at(), s.terminal), (Provider::Gemini, None, None));
     }
 
     #[test]
     fn header_retry_after_wins_over_retry_info() {
-        let s = parse(
-            Provider::Gemini,
-            429,
-            &[("retry-after", "5")],
-            Some(gemini_body("X", "26s").as_bytes()),
-            NOW,
-            DAY,
-        );
+        let s =
+            parse(Provider::Gemini, 429, &[("retry-after", "5")], Some(gemini_body("X", "26s").as_bytes()), NOW, DAY);
         assert_eq!(s.retry_at_ms, Some(NOW + 5_000));
     }
 
     #[test]
     fn mistral_body_has_no_timing() {
-        let body = r#"{"object":"error","message":"Rate limit exceeded","type":"rate_limited","param":null,"code":"1300"}"#;
+        let body =
+            r#"{"object":"error","message":"Rate limit exceeded","type":"rate_limited","param":null,"code":"1300"}"#;
         let s = read_429(Provider::Mistral, body);
         assert_eq!((s.retry_at(), s.terminal), (None, None));
     }
@@ -444,18 +328,13 @@ mod tests {
     fn success_bodies_are_never_read() {
         let body = r#"{"choices":[{"message":{"content":"Please try again in 5s"}}],"error":{"message":"try again in 5s","code":"insufficient_quota"}}"#;
         let s = parse(Provider::Auto, 200, &[], Some(body.as_bytes()), NOW, DAY);
-        assert_eq!(
-            (s.retry_at_ms, s.terminal, s.throttled),
-            (None, None, false)
-        );
+        assert_eq!((s.retry_at_ms, s.terminal, s.throttled), (None, None, false));
     }
 
     #[test]
     fn junk_bodies_are_ignored() {
-        let huge = format!(
-            "{{\"error\":{{\"message\":\"try again in 5s\",\"pad\":\"{}\"}}}}",
-            "x".repeat(MAX_BODY_BYTES)
-        );
+        let huge =
+            format!("{{\"error\":{{\"message\":\"try again in 5s\",\"pad\":\"{}\"}}}}", "x".repeat(MAX_BODY_BYTES));
         let deep = "[".repeat(60_000);
         let bodies: [&[u8]; 12] = [
             b"",
@@ -473,12 +352,7 @@ mod tests {
         ];
         for body in bodies {
             let s = parse(Provider::Auto, 429, &[], Some(body), NOW, DAY);
-            assert_eq!(
-                (s.retry_at(), s.terminal),
-                (None, None),
-                "{:?}",
-                String::from_utf8_lossy(body).get(..40)
-            );
+            assert_eq!((s.retry_at(), s.terminal), (None, None), "{:?}", String::from_utf8_lossy(body).get(..40));
         }
     }
 
@@ -505,9 +379,6 @@ mod tests {
             NOW,
             3_600_000,
         );
-        assert_eq!(
-            (s.retry_at_ms, s.terminal),
-            (None, Some(Terminal::LongWait))
-        );
+        assert_eq!((s.retry_at_ms, s.terminal), (None, Some(Terminal::LongWait)));
     }
 }

@@ -20,21 +20,13 @@ pub(super) fn read(headers: &Headers, clock: &Clock) -> Bucket {
     if members.iter().any(|member| is_dictionary_entry(member)) {
         return draft07(&members, clock);
     }
-    let policies = headers
-        .get("ratelimit-policy")
-        .map(|p| split_outside_quotes(p, ','))
-        .unwrap_or_default();
-    members
-        .iter()
-        .map(|member| draft10(member, &policies, clock))
-        .fold(Bucket::default(), Bucket::tighter)
+    let policies = headers.get("ratelimit-policy").map(|p| split_outside_quotes(p, ',')).unwrap_or_default();
+    members.iter().map(|member| draft10(member, &policies, clock)).fold(Bucket::default(), Bucket::tighter)
 }
 
 /// Draft 07 entries are `key=value` at the top level, where draft 10 has a name.
 fn is_dictionary_entry(member: &str) -> bool {
-    split_outside_quotes(member, ';')
-        .first()
-        .is_some_and(|item| item.contains('='))
+    split_outside_quotes(member, ';').first().is_some_and(|item| item.contains('='))
 }
 
 /// Draft 07: `limit=100, remaining=50, reset=5`.
@@ -43,9 +35,7 @@ fn draft07(members: &[&str], clock: &Clock) -> Bucket {
         members.iter().find_map(|member| {
             let item = split_outside_quotes(member, ';').into_iter().next()?;
             let (name, value) = item.split_once('=')?;
-            name.trim()
-                .eq_ignore_ascii_case(key)
-                .then_some(value.trim())
+            name.trim().eq_ignore_ascii_case(key).then_some(value.trim())
         })
     };
     Bucket {
@@ -61,39 +51,23 @@ fn draft10(member: &str, policies: &[&str], clock: &Clock) -> Bucket {
     let policy = policies.iter().find(|policy| item_name(policy) == name);
     Bucket {
         remaining: param(member, "r").and_then(parse_count),
-        limit: policy
-            .and_then(|policy| param(policy, "q"))
-            .and_then(parse_count),
-        reset: clock.wait(
-            param(member, "t")
-                .and_then(parse_delta_seconds)
-                .map(When::In),
-        ),
+        limit: policy.and_then(|policy| param(policy, "q")).and_then(parse_count),
+        reset: clock.wait(param(member, "t").and_then(parse_delta_seconds).map(When::In)),
     }
 }
 
 /// The member's item with quotes removed: `"burst";q=1` gives `burst`.
 fn item_name(member: &str) -> &str {
-    let item = split_outside_quotes(member, ';')
-        .into_iter()
-        .next()
-        .unwrap_or("");
-    item.strip_prefix('"')
-        .and_then(|rest| rest.strip_suffix('"'))
-        .unwrap_or(item)
+    let item = split_outside_quotes(member, ';').into_iter().next().unwrap_or("");
+    item.strip_prefix('"').and_then(|rest| rest.strip_suffix('"')).unwrap_or(item)
 }
 
 /// The value of parameter `key` of a member, if present.
 fn param<'a>(member: &'a str, key: &str) -> Option<&'a str> {
-    split_outside_quotes(member, ';')
-        .into_iter()
-        .skip(1)
-        .find_map(|param| {
-            let (name, value) = param.split_once('=')?;
-            name.trim()
-                .eq_ignore_ascii_case(key)
-                .then_some(value.trim())
-        })
+    split_outside_quotes(member, ';').into_iter().skip(1).find_map(|param| {
+        let (name, value) = param.split_once('=')?;
+        name.trim().eq_ignore_ascii_case(key).then_some(value.trim())
+    })
 }
 
 /// Splits `text` on `separator` where it is not inside a quoted string; pieces are trimmed.
@@ -148,16 +122,10 @@ mod tests {
     #[test]
     fn draft10_policy_gives_limits_by_name() {
         let s = read(&[
-            (
-                "RateLimit-Policy",
-                "\"permin\";q=50;w=60,\"perhr\";q=1000;w=3600",
-            ),
+            ("RateLimit-Policy", "\"permin\";q=50;w=60,\"perhr\";q=1000;w=3600"),
             ("RateLimit", "\"permin\";r=40;t=10, \"perhr\";r=100;t=1200"),
         ]);
-        assert_eq!(
-            (s.remaining_requests, s.limit_requests),
-            (Some(100), Some(1_000))
-        );
+        assert_eq!((s.remaining_requests, s.limit_requests), (Some(100), Some(1_000)));
         assert_eq!(s.remaining_fraction(), Some(0.1));
         assert_eq!(s.requests_reset_ms, Some(NOW + 1_200_000));
     }
@@ -165,14 +133,8 @@ mod tests {
     #[test]
     fn draft10_policy_with_unit_and_partition_key() {
         let s = read(&[
-            (
-                "RateLimit-Policy",
-                "\"burst\";q=100;w=60;qu=\"requests\";pk=:cHsdsRa894==:, \"daily\";q=1000;w=86400",
-            ),
-            (
-                "RateLimit",
-                "\"burst\";r=0;t=5;pk=:cHsdsRa894==:, \"daily\";r=0;t=7200",
-            ),
+            ("RateLimit-Policy", "\"burst\";q=100;w=60;qu=\"requests\";pk=:cHsdsRa894==:, \"daily\";q=1000;w=86400"),
+            ("RateLimit", "\"burst\";r=0;t=5;pk=:cHsdsRa894==:, \"daily\";r=0;t=7200"),
         ]);
         assert_eq!(s.limit_requests, Some(1_000));
         assert_eq!(s.retry_at(), Some(NOW + 7_200_000));
@@ -188,10 +150,7 @@ mod tests {
     #[test]
     fn draft07_dictionary() {
         let s = read(&[("RateLimit", "limit=100, remaining=50, reset=5")]);
-        assert_eq!(
-            (s.remaining_requests, s.limit_requests),
-            (Some(50), Some(100))
-        );
+        assert_eq!((s.remaining_requests, s.limit_requests), (Some(50), Some(100)));
         assert_eq!(s.requests_reset_ms, Some(NOW + 5_000));
         let s = read(&[("ratelimit", "LIMIT=100 , REMAINING=0 , RESET=5")]);
         assert_eq!(s.retry_at(), Some(NOW + 5_000));
@@ -199,18 +158,9 @@ mod tests {
 
     #[test]
     fn quoted_commas_and_semicolons_stay_in_the_name() {
-        let s = read(&[
-            ("RateLimit-Policy", "\"a,b;c\";q=10"),
-            ("RateLimit", "\"a,b;c\";r=0;t=3"),
-        ]);
-        assert_eq!(
-            (s.limit_requests, s.retry_at()),
-            (Some(10), Some(NOW + 3_000))
-        );
-        assert_eq!(
-            split_outside_quotes(r#""x\"y,z";r=1, b"#, ','),
-            vec![r#""x\"y,z";r=1"#, "b"]
-        );
+        let s = read(&[("RateLimit-Policy", "\"a,b;c\";q=10"), ("RateLimit", "\"a,b;c\";r=0;t=3")]);
+        assert_eq!((s.limit_requests, s.retry_at()), (Some(10), Some(NOW + 3_000)));
+        assert_eq!(split_outside_quotes(r#""x\"y,z";r=1, b"#, ','), vec![r#""x\"y,z";r=1"#, "b"]);
     }
 
     #[test]
@@ -228,13 +178,7 @@ mod tests {
             let s = read(&[("RateLimit", junk)]);
             assert_eq!(s.retry_at(), None, "{junk:?}");
         }
-        let s = read(&[
-            ("RateLimit", "\"d\";r=0"),
-            ("RateLimit-Policy", "garbage;;;q="),
-        ]);
-        assert_eq!(
-            (s.remaining_requests, s.limit_requests, s.retry_at()),
-            (Some(0), None, None)
-        );
+        let s = read(&[("RateLimit", "\"d\";r=0"), ("RateLimit-Policy", "garbage;;;q=")]);
+        assert_eq!((s.remaining_requests, s.limit_requests, s.retry_at()), (Some(0), None, None));
     }
 }

@@ -37,8 +37,8 @@ mod providers;
 mod values;
 
 pub use values::{
-    parse_count, parse_delta_seconds, parse_go_duration, parse_http_date, parse_millis,
-    parse_ratelimit_reset, parse_rfc3339, When,
+    parse_count, parse_delta_seconds, parse_go_duration, parse_http_date, parse_millis, parse_ratelimit_reset,
+    parse_rfc3339, When,
 };
 
 /// Which provider's conventions to read. `Auto` detects from the headers present.
@@ -75,9 +75,7 @@ impl Provider {
     /// Parses a configured name, ignoring case and surrounding blanks.
     pub fn parse(name: &str) -> Option<Provider> {
         let name = name.trim();
-        Provider::ALL
-            .into_iter()
-            .find(|p| p.name().eq_ignore_ascii_case(name))
+        Provider::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(name))
     }
 
     /// Lower-case name as written in config and stats.
@@ -145,8 +143,7 @@ impl Signals {
     /// The instant (epoch ms) when a retry can succeed: the explicit retry instant if any, else
     /// the latest known reset among exhausted dimensions (remaining 0), else `None`.
     pub fn retry_at(&self) -> Option<u64> {
-        let exhausted_reset =
-            |remaining: Option<u64>, reset: Option<u64>| reset.filter(|_| remaining == Some(0));
+        let exhausted_reset = |remaining: Option<u64>, reset: Option<u64>| reset.filter(|_| remaining == Some(0));
         self.retry_at_ms.or_else(|| {
             exhausted_reset(self.remaining_requests, self.requests_reset_ms)
                 .max(exhausted_reset(self.remaining_tokens, self.tokens_reset_ms))
@@ -184,21 +181,13 @@ pub fn parse(
     max_wait_ms: u64,
 ) -> Signals {
     let headers = Headers(headers);
-    let clock = Clock {
-        now_ms,
-        date_ms: headers.get("date").and_then(parse_http_date),
-        max_wait_ms,
-    };
-    let body = body
-        .filter(|_| status >= 400)
-        .map(body::read)
-        .unwrap_or_default();
+    let clock = Clock { now_ms, date_ms: headers.get("date").and_then(parse_http_date), max_wait_ms };
+    let body = body.filter(|_| status >= 400).map(body::read).unwrap_or_default();
     let quota = providers::read(provider, &headers, &clock);
 
     // The reference's order: an explicit retry, then the exhausted dimension's reset, then a
     // delay phrase in the message.
-    let explicit =
-        explicit_retry(&headers, &clock).or_else(|| clock.wait(body.retry_delay_ms.map(When::In)));
+    let explicit = explicit_retry(&headers, &clock).or_else(|| clock.wait(body.retry_delay_ms.map(When::In)));
     let reset = quota.exhausted_reset();
     let retry = explicit.or_else(|| match reset {
         Wait::Unknown => clock.wait(body.phrase_delay_ms.map(When::In)),
@@ -232,9 +221,7 @@ fn explicit_retry(headers: &Headers, clock: &Clock) -> Wait {
         let delay = value.and_then(parse_delta_seconds).map(When::In);
         clock.wait(delay.or_else(|| value.and_then(parse_http_date).map(When::At)))
     };
-    millis("retry-after-ms")
-        .or_else(|| millis("x-ms-retry-after-ms"))
-        .or_else(retry_after)
+    millis("retry-after-ms").or_else(|| millis("x-ms-retry-after-ms")).or_else(retry_after)
 }
 
 /// Response headers, looked up by case-insensitive name; the first occurrence wins.
@@ -243,10 +230,7 @@ struct Headers<'a>(&'a [(&'a str, &'a str)]);
 impl<'a> Headers<'a> {
     /// The trimmed value of `name`.
     fn get(&self, name: &str) -> Option<&'a str> {
-        self.0
-            .iter()
-            .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.trim())
+        self.0.iter().find(|(n, _)| n.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim())
     }
 
     /// The first of several spellings that is present.
@@ -256,11 +240,7 @@ impl<'a> Headers<'a> {
 
     /// Whether any header name starts with `prefix` (lower case).
     fn any_starting_with(&self, prefix: &str) -> bool {
-        self.0.iter().any(|(n, _)| {
-            n.trim()
-                .get(..prefix.len())
-                .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
-        })
+        self.0.iter().any(|(n, _)| n.trim().get(..prefix.len()).is_some_and(|head| head.eq_ignore_ascii_case(prefix)))
     }
 }
 
@@ -326,10 +306,7 @@ impl Clock {
         match delay {
             None | Some(0) => Wait::Unknown,
             Some(ms) if ms > self.max_wait_ms => Wait::TooLong,
-            Some(ms) => self
-                .now_ms
-                .checked_add(ms)
-                .map_or(Wait::Unknown, Wait::Until),
+            Some(ms) => self.now_ms.checked_add(ms).map_or(Wait::Unknown, Wait::Until),
         }
     }
 }
@@ -363,14 +340,9 @@ impl Bucket {
         let other_binds = match (self.is_exhausted(), other.is_exhausted()) {
             (true, true) => other.reset > self.reset,
             (exhausted, other_exhausted) if exhausted != other_exhausted => other_exhausted,
-            _ => match (
-                fraction(self.remaining, self.limit),
-                fraction(other.remaining, other.limit),
-            ) {
+            _ => match (fraction(self.remaining, self.limit), fraction(other.remaining, other.limit)) {
                 (Some(mine), Some(theirs)) => theirs < mine,
-                _ => other
-                    .remaining
-                    .is_some_and(|theirs| self.remaining.is_none_or(|mine| theirs < mine)),
+                _ => other.remaining.is_some_and(|theirs| self.remaining.is_none_or(|mine| theirs < mine)),
             },
         };
         if other_binds {
@@ -404,12 +376,7 @@ impl Quota {
 
     /// The reset that decides when exhausted dimensions come back: the latest.
     fn exhausted_reset(&self) -> Wait {
-        [self.requests, self.tokens]
-            .iter()
-            .filter(|b| b.is_exhausted())
-            .map(|b| b.reset)
-            .max()
-            .unwrap_or_default()
+        [self.requests, self.tokens].iter().filter(|b| b.is_exhausted()).map(|b| b.reset).max().unwrap_or_default()
     }
 }
 
@@ -439,83 +406,36 @@ mod tests {
 
     #[test]
     fn retry_after_seconds_and_http_dates() {
-        assert_eq!(
-            read(&[("Retry-After", "120")]).retry_at_ms,
-            Some(NOW + 120_000)
-        );
-        assert_eq!(
-            read(&[("retry-after", "Fri, 29 Sep 2023 16:26:57 GMT")]).retry_at_ms,
-            Some(NOW + 20_000)
-        );
-        assert_eq!(
-            read(&[("RETRY-AFTER", "Fri, 29 Sep 2023 16:28:38 GMT")]).retry_at_ms,
-            Some(NOW + 121_000)
-        );
-        assert_eq!(
-            read(&[("retry-after", " 0.5 ")]).retry_at_ms,
-            Some(NOW + 500)
-        );
-        let s = parse(
-            Provider::Anthropic,
-            429,
-            &[("retry-after", "30")],
-            None,
-            NOW,
-            DAY,
-        );
+        assert_eq!(read(&[("Retry-After", "120")]).retry_at_ms, Some(NOW + 120_000));
+        assert_eq!(read(&[("retry-after", "Fri, 29 Sep 2023 16:26:57 GMT")]).retry_at_ms, Some(NOW + 20_000));
+        assert_eq!(read(&[("RETRY-AFTER", "Fri, 29 Sep 2023 16:28:38 GMT")]).retry_at_ms, Some(NOW + 121_000));
+        assert_eq!(read(&[("retry-after", " 0.5 ")]).retry_at_ms, Some(NOW + 500));
+        let s = parse(Provider::Anthropic, 429, &[("retry-after", "30")], None, NOW, DAY);
         assert_eq!(s.retry_at(), Some(NOW + 30_000));
     }
 
     #[test]
     fn azure_millisecond_headers_come_first() {
-        assert_eq!(
-            read(&[("retry-after-ms", "120000")]).retry_at_ms,
-            Some(NOW + 120_000)
-        );
-        let s = read(&[
-            ("retry-after", "60"),
-            ("x-ms-retry-after-ms", "1500"),
-            ("retry-after-ms", "2000"),
-        ]);
+        assert_eq!(read(&[("retry-after-ms", "120000")]).retry_at_ms, Some(NOW + 120_000));
+        let s = read(&[("retry-after", "60"), ("x-ms-retry-after-ms", "1500"), ("retry-after-ms", "2000")]);
         assert_eq!(s.retry_at_ms, Some(NOW + 2_000));
-        let s = read(&[
-            ("retry-after", "60"),
-            ("x-ms-retry-after-ms", "1500"),
-            ("retry-after-ms", "junk"),
-        ]);
+        let s = read(&[("retry-after", "60"), ("x-ms-retry-after-ms", "1500"), ("retry-after-ms", "junk")]);
         assert_eq!(s.retry_at_ms, Some(NOW + 1_500));
         assert_eq!(s.provider, Provider::Azure);
     }
 
     #[test]
     fn http_date_is_measured_against_the_date_header() {
-        let s = read(&[
-            ("Date", "Fri, 29 Sep 2023 16:00:00 GMT"),
-            ("Retry-After", "Fri, 29 Sep 2023 16:00:30 GMT"),
-        ]);
-        assert_eq!(
-            s.retry_at_ms,
-            Some(NOW + 30_000),
-            "a provider clock 26 minutes slow cancels out"
-        );
-        let s = read(&[
-            ("Date", "garbage"),
-            ("Retry-After", "Fri, 29 Sep 2023 16:26:57 GMT"),
-        ]);
-        assert_eq!(
-            s.retry_at_ms,
-            Some(NOW + 20_000),
-            "an unreadable Date falls back to now"
-        );
+        let s = read(&[("Date", "Fri, 29 Sep 2023 16:00:00 GMT"), ("Retry-After", "Fri, 29 Sep 2023 16:00:30 GMT")]);
+        assert_eq!(s.retry_at_ms, Some(NOW + 30_000), "a provider clock 26 minutes slow cancels out");
+        let s = read(&[("Date", "garbage"), ("Retry-After", "Fri, 29 Sep 2023 16:26:57 GMT")]);
+        assert_eq!(s.retry_at_ms, Some(NOW + 20_000), "an unreadable Date falls back to now");
     }
 
     #[test]
     fn retry_after_is_never_an_epoch() {
         let s = read(&[("Retry-After", "1696004817")]);
-        assert_eq!(
-            (s.retry_at_ms, s.terminal),
-            (None, Some(Terminal::LongWait))
-        );
+        assert_eq!((s.retry_at_ms, s.terminal), (None, Some(Terminal::LongWait)));
     }
 
     #[test]
@@ -533,11 +453,7 @@ mod tests {
             "Fri, 29 Sep 2023 16:26:37 GMT",
             "\u{0}\u{fffd}é",
         ] {
-            let s = read(&[
-                ("retry-after", value),
-                ("retry-after-ms", value),
-                ("x-ms-retry-after-ms", value),
-            ]);
+            let s = read(&[("retry-after", value), ("retry-after-ms", value), ("x-ms-retry-after-ms", value)]);
             assert_eq!((s.retry_at(), s.terminal), (None, None), "{value:?}");
         }
     }
@@ -551,52 +467,28 @@ mod tests {
         let s = read(&[("Retry-After", "Fri, 31 Dec 9999 23:59:59 GMT")]);
         assert_eq!((s.retry_at(), s.terminal), (None, Some(Terminal::LongWait)));
         let s = read(&[("Retry-After", "99999999999999999999999")]);
-        assert_eq!(
-            (s.retry_at(), s.terminal),
-            (None, None),
-            "unrepresentable is junk"
-        );
+        assert_eq!((s.retry_at(), s.terminal), (None, None), "unrepresentable is junk");
     }
 
     #[test]
     fn clock_never_overflows() {
-        let s = parse(
-            Provider::Auto,
-            429,
-            &[("retry-after", "10")],
-            None,
-            u64::MAX - 5,
-            u64::MAX,
-        );
+        let s = parse(Provider::Auto, 429, &[("retry-after", "10")], None, u64::MAX - 5, u64::MAX);
         assert_eq!(s.retry_at(), None);
-        let s = parse(
-            Provider::Auto,
-            429,
-            &[("retry-after", "Fri, 29 Sep 2023 16:26:57 GMT")],
-            None,
-            0,
-            u64::MAX,
-        );
+        let s = parse(Provider::Auto, 429, &[("retry-after", "Fri, 29 Sep 2023 16:26:57 GMT")], None, 0, u64::MAX);
         assert_eq!(s.retry_at(), Some(1_696_004_817_000));
     }
 
     #[test]
     fn explicit_retry_beats_exhausted_resets() {
-        let s = read(&[
-            ("retry-after", "3"),
-            ("x-ratelimit-remaining-tokens", "0"),
-            ("x-ratelimit-reset-tokens", "6m0s"),
-        ]);
+        let s =
+            read(&[("retry-after", "3"), ("x-ratelimit-remaining-tokens", "0"), ("x-ratelimit-reset-tokens", "6m0s")]);
         assert_eq!(s.retry_at(), Some(NOW + 3_000));
         assert_eq!(s.tokens_reset_ms, Some(NOW + 360_000));
     }
 
     #[test]
     fn header_names_are_case_insensitive_and_values_trimmed() {
-        let s = read(&[
-            (" X-RATELIMIT-REMAINING-TOKENS ", " 0 "),
-            ("x-ratelimit-reset-TOKENS", "\t7.66S "),
-        ]);
+        let s = read(&[(" X-RATELIMIT-REMAINING-TOKENS ", " 0 "), ("x-ratelimit-reset-TOKENS", "\t7.66S ")]);
         assert_eq!(s.retry_at(), Some(NOW + 7_660));
     }
 
@@ -610,11 +502,7 @@ mod tests {
             ..Signals::default()
         };
         assert_eq!(s.remaining_fraction(), Some(0.1));
-        let s = Signals {
-            remaining_requests: Some(90),
-            limit_requests: Some(60),
-            ..Signals::default()
-        };
+        let s = Signals { remaining_requests: Some(90), limit_requests: Some(60), ..Signals::default() };
         assert_eq!(s.remaining_fraction(), Some(1.0), "capped");
         let s = Signals {
             remaining_requests: Some(0),
@@ -622,11 +510,7 @@ mod tests {
             remaining_tokens: Some(5),
             ..Signals::default()
         };
-        assert_eq!(
-            s.remaining_fraction(),
-            None,
-            "zero limit and missing limit are skipped"
-        );
+        assert_eq!(s.remaining_fraction(), None, "zero limit and missing limit are skipped");
     }
 
     #[test]
@@ -638,11 +522,7 @@ mod tests {
             ..Signals::default()
         };
         assert_eq!(s.retry_at(), Some(5));
-        let s = Signals {
-            remaining_requests: Some(1),
-            requests_reset_ms: Some(5),
-            ..Signals::default()
-        };
+        let s = Signals { remaining_requests: Some(1), requests_reset_ms: Some(5), ..Signals::default() };
         assert_eq!(s.retry_at(), None);
     }
 
@@ -652,10 +532,7 @@ mod tests {
         assert!(!parse(Provider::Auto, 200, &[], None, NOW, DAY).throttled);
         assert_eq!(
             parse(Provider::Auto, 200, &[], None, NOW, DAY),
-            Signals {
-                provider: Provider::Generic,
-                ..Signals::default()
-            }
+            Signals { provider: Provider::Generic, ..Signals::default() }
         );
     }
 
@@ -711,17 +588,10 @@ mod tests {
         };
         for _ in 0..3000 {
             let value: String = (0..next(12)).map(|_| PIECES[next(PIECES.len())]).collect();
-            let headers: Vec<(&str, &str)> =
-                NAMES.iter().map(|&name| (name, value.as_str())).collect();
+            let headers: Vec<(&str, &str)> = NAMES.iter().map(|&name| (name, value.as_str())).collect();
             let body = format!("{{\"error\":{{\"message\":\"try again in {value}\",\"details\":[{{\"@type\":\"google.rpc.RetryInfo\",\"retryDelay\":\"{value}\"}}]}}}}");
-            let s = parse(
-                Provider::Auto,
-                429,
-                &headers,
-                Some(body.as_bytes()),
-                next(1 << 20) as u64,
-                next(1 << 20) as u64,
-            );
+            let s =
+                parse(Provider::Auto, 429, &headers, Some(body.as_bytes()), next(1 << 20) as u64, next(1 << 20) as u64);
             let _ = (s.retry_at(), s.remaining_fraction());
             let _ = (
                 parse_go_duration(&value),

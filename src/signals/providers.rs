@@ -1,8 +1,6 @@
 //! Each provider's quota headers, read into requests and tokens buckets.
 
-use super::values::{
-    parse_count, parse_delta_seconds, parse_go_duration, parse_ratelimit_reset, parse_rfc3339,
-};
+use super::values::{parse_count, parse_delta_seconds, parse_go_duration, parse_ratelimit_reset, parse_rfc3339};
 use super::{ietf, Bucket, Clock, Headers, Provider, Quota, Terminal, When};
 
 /// Reads the quota headers a provider sends. A configured provider reads its own family plus the
@@ -49,24 +47,12 @@ pub(super) fn detect(headers: &Headers, gemini_body: bool) -> Provider {
     if gemini_body {
         return Provider::Gemini;
     }
-    MARKERS
-        .iter()
-        .find(|(prefix, _)| headers.any_starting_with(prefix))
-        .map_or(Provider::Generic, |&(_, p)| p)
+    MARKERS.iter().find(|(prefix, _)| headers.any_starting_with(prefix)).map_or(Provider::Generic, |&(_, p)| p)
 }
 
 /// A bucket from raw limit, remaining and reset values.
-fn bucket(
-    clock: &Clock,
-    limit: Option<&str>,
-    remaining: Option<&str>,
-    reset: Option<When>,
-) -> Bucket {
-    Bucket {
-        remaining: remaining.and_then(parse_count),
-        limit: limit.and_then(parse_count),
-        reset: clock.wait(reset),
-    }
+fn bucket(clock: &Clock, limit: Option<&str>, remaining: Option<&str>, reset: Option<When>) -> Bucket {
+    Bucket { remaining: remaining.and_then(parse_count), limit: limit.and_then(parse_count), reset: clock.wait(reset) }
 }
 
 /// OpenAI `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, also used by Azure (integer
@@ -76,23 +62,12 @@ fn bucket(
 fn openai(headers: &Headers, clock: &Clock) -> Quota {
     let dimension = |name: &str| {
         let field = |kind: &str| {
-            headers.first(&[
-                format!("x-ratelimit-{kind}-{name}").as_str(),
-                format!("x-rate-limit-{kind}-{name}").as_str(),
-            ])
+            headers
+                .first(&[format!("x-ratelimit-{kind}-{name}").as_str(), format!("x-rate-limit-{kind}-{name}").as_str()])
         };
-        bucket(
-            clock,
-            field("limit"),
-            field("remaining"),
-            field("reset").and_then(parse_go_duration).map(When::In),
-        )
+        bucket(clock, field("limit"), field("remaining"), field("reset").and_then(parse_go_duration).map(When::In))
     };
-    Quota {
-        requests: dimension("requests"),
-        tokens: dimension("tokens"),
-        ..Quota::default()
-    }
+    Quota { requests: dimension("requests"), tokens: dimension("tokens"), ..Quota::default() }
 }
 
 /// Anthropic `anthropic-ratelimit-*-{limit,remaining,reset}` with RFC 3339 resets. The tokens
@@ -100,21 +75,10 @@ fn openai(headers: &Headers, clock: &Clock) -> Quota {
 fn anthropic(headers: &Headers, clock: &Clock) -> Quota {
     let dimension = |name: &str| {
         let field = |kind: &str| headers.get(&format!("anthropic-ratelimit-{name}-{kind}"));
-        bucket(
-            clock,
-            field("limit"),
-            field("remaining"),
-            field("reset").and_then(parse_rfc3339).map(When::At),
-        )
+        bucket(clock, field("limit"), field("remaining"), field("reset").and_then(parse_rfc3339).map(When::At))
     };
-    let tokens = dimension("tokens")
-        .tighter(dimension("input-tokens"))
-        .tighter(dimension("output-tokens"));
-    Quota {
-        requests: dimension("requests"),
-        tokens,
-        ..Quota::default()
-    }
+    let tokens = dimension("tokens").tighter(dimension("input-tokens")).tighter(dimension("output-tokens"));
+    Quota { requests: dimension("requests"), tokens, ..Quota::default() }
 }
 
 /// Mistral, both header generations: `ratelimitbysize-*` (tokens, reset in seconds) and
@@ -125,10 +89,7 @@ fn mistral(headers: &Headers, clock: &Clock) -> Quota {
         clock,
         headers.get("ratelimitbysize-limit"),
         headers.get("ratelimitbysize-remaining"),
-        headers
-            .get("ratelimitbysize-reset")
-            .and_then(parse_delta_seconds)
-            .map(When::In),
+        headers.get("ratelimitbysize-reset").and_then(parse_delta_seconds).map(When::In),
     );
     let window = |name: &str| {
         let field = |kind: &str| headers.get(&format!("x-ratelimit-{kind}-{name}"));
@@ -145,15 +106,9 @@ fn mistral(headers: &Headers, clock: &Clock) -> Quota {
 
 /// AWS Bedrock `x-amzn-ErrorType: Code:uri`: a throttle, or a long service quota.
 fn bedrock(headers: &Headers) -> Quota {
-    let code = headers
-        .get("x-amzn-errortype")
-        .and_then(|value| value.split(':').next())
-        .unwrap_or("")
-        .trim();
+    let code = headers.get("x-amzn-errortype").and_then(|value| value.split(':').next()).unwrap_or("").trim();
     Quota {
-        terminal: code
-            .eq_ignore_ascii_case("ServiceQuotaExceededException")
-            .then_some(Terminal::ServiceQuota),
+        terminal: code.eq_ignore_ascii_case("ServiceQuotaExceededException").then_some(Terminal::ServiceQuota),
         throttled: code.eq_ignore_ascii_case("ThrottlingException"),
         ..Quota::default()
     }
@@ -166,26 +121,14 @@ fn standard(headers: &Headers, clock: &Clock) -> Quota {
         .iter()
         .map(|prefix| trio(headers, clock, prefix))
         .fold(ietf::read(headers, clock), Bucket::tighter);
-    Quota {
-        requests,
-        ..Quota::default()
-    }
+    Quota { requests, ..Quota::default() }
 }
 
 /// `{prefix}limit`, `{prefix}remaining`, `{prefix}reset`; the reset is epoch ms, epoch s or delta
 /// s by size. Only the first list member counts (old drafts sent `100, 100;w=60`).
 fn trio(headers: &Headers, clock: &Clock, prefix: &str) -> Bucket {
-    let field = |kind: &str| {
-        headers
-            .get(&format!("{prefix}{kind}"))
-            .and_then(|v| v.split([',', ';']).next())
-    };
-    bucket(
-        clock,
-        field("limit"),
-        field("remaining"),
-        field("reset").and_then(parse_ratelimit_reset),
-    )
+    let field = |kind: &str| headers.get(&format!("{prefix}{kind}")).and_then(|v| v.split([',', ';']).next());
+    bucket(clock, field("limit"), field("remaining"), field("reset").and_then(parse_ratelimit_reset))
 }
 
 #[cfg(test)]
@@ -216,14 +159,8 @@ mod tests {
             ],
         );
         assert_eq!(s.provider, Provider::OpenAi);
-        assert_eq!(
-            (s.limit_requests, s.remaining_requests),
-            (Some(60), Some(59))
-        );
-        assert_eq!(
-            (s.limit_tokens, s.remaining_tokens),
-            (Some(150_000), Some(149_984))
-        );
+        assert_eq!((s.limit_requests, s.remaining_requests), (Some(60), Some(59)));
+        assert_eq!((s.limit_tokens, s.remaining_tokens), (Some(150_000), Some(149_984)));
         assert_eq!(s.requests_reset_ms, Some(NOW + 1_000));
         assert_eq!(s.tokens_reset_ms, Some(NOW + 360_000));
         assert_eq!(s.retry_at(), None, "nothing is exhausted");
@@ -281,26 +218,15 @@ mod tests {
 
     #[test]
     fn groq_per_day_bucket_far_away_is_a_long_wait() {
-        let s = read(
-            Provider::Groq,
-            &[
-                ("x-ratelimit-remaining-requests", "0"),
-                ("x-ratelimit-reset-requests", "25h0m0s"),
-            ],
-        );
+        let s =
+            read(Provider::Groq, &[("x-ratelimit-remaining-requests", "0"), ("x-ratelimit-reset-requests", "25h0m0s")]);
         assert_eq!(s.requests_reset_ms, None);
         assert_eq!(s.terminal, Some(Terminal::LongWait));
     }
 
     #[test]
     fn azure_integer_resets_in_either_spelling() {
-        let s = read(
-            Provider::Auto,
-            &[
-                ("x-rate-limit-reset-tokens", "55"),
-                ("x-ratelimit-remaining-tokens", "0"),
-            ],
-        );
+        let s = read(Provider::Auto, &[("x-rate-limit-reset-tokens", "55"), ("x-ratelimit-remaining-tokens", "0")]);
         assert_eq!(s.provider, Provider::Azure);
         assert_eq!(s.tokens_reset_ms, Some(NOW + 55_000));
         assert_eq!(s.retry_at(), Some(NOW + 55_000));
@@ -356,22 +282,13 @@ mod tests {
                 ("anthropic-ratelimit-tokens-reset", "2023-09-29T16:26:40Z"),
                 ("anthropic-ratelimit-input-tokens-limit", "80000"),
                 ("anthropic-ratelimit-input-tokens-remaining", "0"),
-                (
-                    "anthropic-ratelimit-input-tokens-reset",
-                    "2023-09-29T16:26:47Z",
-                ),
+                ("anthropic-ratelimit-input-tokens-reset", "2023-09-29T16:26:47Z"),
                 ("anthropic-ratelimit-output-tokens-limit", "20000"),
                 ("anthropic-ratelimit-output-tokens-remaining", "1000"),
-                (
-                    "anthropic-ratelimit-output-tokens-reset",
-                    "2023-09-29T16:26:39Z",
-                ),
+                ("anthropic-ratelimit-output-tokens-reset", "2023-09-29T16:26:39Z"),
             ],
         );
-        assert_eq!(
-            (s.remaining_tokens, s.limit_tokens),
-            (Some(0), Some(80_000))
-        );
+        assert_eq!((s.remaining_tokens, s.limit_tokens), (Some(0), Some(80_000)));
         assert_eq!(s.tokens_reset_ms, Some(NOW + 10_000));
         assert_eq!(s.requests_reset_ms, Some(NOW + 60_000));
         assert_eq!(s.retry_at(), Some(NOW + 10_000));
@@ -410,11 +327,7 @@ mod tests {
     fn mistral_both_generations() {
         let s = read(
             Provider::Auto,
-            &[
-                ("ratelimitbysize-limit", "500000"),
-                ("ratelimitbysize-remaining", "0"),
-                ("ratelimitbysize-reset", "28"),
-            ],
+            &[("ratelimitbysize-limit", "500000"), ("ratelimitbysize-remaining", "0"), ("ratelimitbysize-reset", "28")],
         );
         assert_eq!(s.provider, Provider::Mistral);
         assert_eq!(s.tokens_reset_ms, Some(NOW + 28_000));
@@ -431,10 +344,7 @@ mod tests {
                 ("x-ratelimit-remaining-tokens-month", "999000000"),
             ],
         );
-        assert_eq!(
-            (s.remaining_requests, s.limit_requests),
-            (Some(30), Some(60))
-        );
+        assert_eq!((s.remaining_requests, s.limit_requests), (Some(30), Some(60)));
         assert_eq!(s.remaining_tokens, Some(400_000));
         assert_eq!(s.remaining_fraction(), Some(0.5));
         assert_eq!(s.terminal, None);
@@ -444,10 +354,7 @@ mod tests {
     fn mistral_spent_month_is_terminal() {
         let s = read(
             Provider::Auto,
-            &[
-                ("x-ratelimit-limit-tokens-month", "1000000"),
-                ("x-ratelimit-remaining-tokens-month", "0"),
-            ],
+            &[("x-ratelimit-limit-tokens-month", "1000000"), ("x-ratelimit-remaining-tokens-month", "0")],
         );
         assert_eq!(s.provider, Provider::Mistral);
         assert_eq!(s.terminal, Some(Terminal::MonthlyQuota));
@@ -458,10 +365,7 @@ mod tests {
         let s = parse(
             Provider::Auto,
             400,
-            &[(
-                "x-amzn-ErrorType",
-                "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/",
-            )],
+            &[("x-amzn-ErrorType", "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/")],
             Some(br#"{"message":"Too many tokens, please wait before trying again."}"#),
             NOW,
             DAY,
@@ -476,10 +380,7 @@ mod tests {
         let s = parse(
             Provider::Bedrock,
             400,
-            &[(
-                "X-Amzn-ErrorType",
-                "ServiceQuotaExceededException:http://internal.amazon.com/",
-            )],
+            &[("X-Amzn-ErrorType", "ServiceQuotaExceededException:http://internal.amazon.com/")],
             None,
             NOW,
             DAY,
@@ -490,22 +391,10 @@ mod tests {
 
     #[test]
     fn cohere_has_no_timing() {
-        let s = read(
-            Provider::Auto,
-            &[
-                ("x-trial-endpoint-call-limit", "10"),
-                ("x-trial-endpoint-call-remaining", "9"),
-            ],
-        );
+        let s =
+            read(Provider::Auto, &[("x-trial-endpoint-call-limit", "10"), ("x-trial-endpoint-call-remaining", "9")]);
         assert_eq!(s.provider, Provider::Cohere);
-        assert_eq!(
-            s,
-            Signals {
-                provider: Provider::Cohere,
-                throttled: true,
-                ..Signals::default()
-            }
-        );
+        assert_eq!(s, Signals { provider: Provider::Cohere, throttled: true, ..Signals::default() });
     }
 
     #[test]
@@ -526,57 +415,29 @@ mod tests {
 
     #[test]
     fn generic_reset_families() {
-        let s = read(
-            Provider::Generic,
-            &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "60")],
-        );
+        let s = read(Provider::Generic, &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "60")]);
         assert_eq!(s.retry_at(), Some(NOW + 60_000));
-        let s = read(
-            Provider::Generic,
-            &[
-                ("X-Rate-Limit-Remaining", "0"),
-                ("X-Rate-Limit-Reset", "1696004827123"),
-            ],
-        );
+        let s = read(Provider::Generic, &[("X-Rate-Limit-Remaining", "0"), ("X-Rate-Limit-Reset", "1696004827123")]);
         assert_eq!(s.retry_at(), Some(NOW + 30_123));
         let s = read(
             Provider::Generic,
-            &[
-                ("RateLimit-Limit", "100, 100;w=60"),
-                ("RateLimit-Remaining", "0"),
-                ("RateLimit-Reset", "5"),
-            ],
+            &[("RateLimit-Limit", "100, 100;w=60"), ("RateLimit-Remaining", "0"), ("RateLimit-Reset", "5")],
         );
-        assert_eq!(
-            (s.limit_requests, s.retry_at()),
-            (Some(100), Some(NOW + 5_000))
-        );
+        assert_eq!((s.limit_requests, s.retry_at()), (Some(100), Some(NOW + 5_000)));
     }
 
     #[test]
     fn epoch_reset_in_the_past_is_unknown() {
-        let s = read(
-            Provider::Generic,
-            &[
-                ("x-ratelimit-remaining", "0"),
-                ("x-ratelimit-reset", "1696004000"),
-            ],
-        );
+        let s = read(Provider::Generic, &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "1696004000")]);
         assert_eq!(s.retry_at(), None);
         assert_eq!(s.terminal, None);
     }
 
     #[test]
     fn configured_provider_ignores_other_families() {
-        let s = read(
-            Provider::OpenAi,
-            &[("anthropic-ratelimit-tokens-remaining", "0")],
-        );
+        let s = read(Provider::OpenAi, &[("anthropic-ratelimit-tokens-remaining", "0")]);
         assert_eq!((s.provider, s.remaining_tokens), (Provider::OpenAi, None));
-        let s = read(
-            Provider::Auto,
-            &[("anthropic-ratelimit-tokens-remaining", "0")],
-        );
+        let s = read(Provider::Auto, &[("anthropic-ratelimit-tokens-remaining", "0")]);
         assert_eq!(s.remaining_tokens, Some(0));
     }
 

@@ -29,9 +29,7 @@ impl Decimal<'_> {
     /// `ceil(self * unit)`, or `None` if it does not fit in a u128.
     fn times_ceil(&self, unit: u128) -> Option<u128> {
         let whole = digits_value(self.whole)?.checked_mul(unit)?;
-        let (kept, dropped) = self
-            .fraction
-            .split_at(self.fraction.len().min(MAX_FRACTION_DIGITS));
+        let (kept, dropped) = self.fraction.split_at(self.fraction.len().min(MAX_FRACTION_DIGITS));
         let nudge = u128::from(dropped.bytes().any(|b| b != b'0'));
         let scale = 10u128.checked_pow(u32::try_from(kept.len()).ok()?)?;
         let fraction = digits_value(kept)?.checked_mul(unit)?.checked_add(nudge)?;
@@ -46,23 +44,16 @@ impl Decimal<'_> {
 
 /// Value of a run of ASCII digits (empty is 0), `None` on overflow.
 fn digits_value(digits: &str) -> Option<u128> {
-    digits.chars().try_fold(0u128, |acc, c| {
-        acc.checked_mul(10)?
-            .checked_add(u128::from(c.to_digit(10)?))
-    })
+    digits.chars().try_fold(0u128, |acc, c| acc.checked_mul(10)?.checked_add(u128::from(c.to_digit(10)?)))
 }
 
 /// Splits a leading decimal number off `text`; `None` if there is none.
 fn split_decimal(text: &str) -> Option<(Decimal<'_>, &str)> {
-    let whole_end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let whole_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (whole, rest) = text.split_at(whole_end);
     let (fraction, rest) = match rest.strip_prefix('.') {
         Some(after_dot) => {
-            let end = after_dot
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(after_dot.len());
+            let end = after_dot.find(|c: char| !c.is_ascii_digit()).unwrap_or(after_dot.len());
             after_dot.split_at(end)
         }
         None => ("", rest),
@@ -154,17 +145,11 @@ pub fn parse_ratelimit_reset(text: &str) -> Option<When> {
     let number = whole_decimal(text)?;
     let whole = number.whole_value()?;
     if whole >= EPOCH_MS_FROM {
-        Some(When::At(nanos_to_ms_ceil(
-            number.times_ceil(NANOS_PER_MS)?,
-        )?))
+        Some(When::At(nanos_to_ms_ceil(number.times_ceil(NANOS_PER_MS)?)?))
     } else if whole >= EPOCH_SECONDS_FROM {
-        Some(When::At(nanos_to_ms_ceil(
-            number.times_ceil(NANOS_PER_SECOND)?,
-        )?))
+        Some(When::At(nanos_to_ms_ceil(number.times_ceil(NANOS_PER_SECOND)?)?))
     } else {
-        Some(When::In(nanos_to_ms_ceil(
-            number.times_ceil(NANOS_PER_SECOND)?,
-        )?))
+        Some(When::In(nanos_to_ms_ceil(number.times_ceil(NANOS_PER_SECOND)?)?))
     }
 }
 
@@ -245,32 +230,16 @@ fn clock_time(text: &str) -> Option<(u32, u32, u32)> {
 
 /// Month number of an English three-letter abbreviation, any case.
 fn month_number(name: &str) -> Option<u32> {
-    const MONTHS: [&str; 12] = [
-        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
-    ];
-    let index = MONTHS
-        .iter()
-        .position(|month| month.eq_ignore_ascii_case(name))?;
+    const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
+    let index = MONTHS.iter().position(|month| month.eq_ignore_ascii_case(name))?;
     u32::try_from(index + 1).ok()
 }
 
 /// Whether `name` is an English day name, short (`Sun`) or long (`Sunday`), any case.
 fn is_day_name(name: &str) -> bool {
-    const DAYS: [&str; 7] = [
-        "monday",
-        "tuesday",
-        "wednesday",
-        "thursday",
-        "friday",
-        "saturday",
-        "sunday",
-    ];
-    DAYS.iter().any(|day| {
-        day.eq_ignore_ascii_case(name)
-            || day
-                .get(..3)
-                .is_some_and(|short| short.eq_ignore_ascii_case(name))
-    })
+    const DAYS: [&str; 7] = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"];
+    DAYS.iter()
+        .any(|day| day.eq_ignore_ascii_case(name) || day.get(..3).is_some_and(|short| short.eq_ignore_ascii_case(name)))
 }
 
 fn is_gmt(zone: &str) -> bool {
@@ -284,22 +253,12 @@ pub fn parse_http_date(text: &str) -> Option<u64> {
     let words: Vec<&str> = text.split_whitespace().collect();
     let time = match words.as_slice() {
         [weekday, day, month, year, time, zone] if is_imf_weekday(weekday) && is_gmt(zone) => {
-            civil_time(
-                fixed_digits(year, 4)?,
-                month_number(month)?,
-                fixed_digits(day, 2)?,
-                time,
-            )?
+            civil_time(fixed_digits(year, 4)?, month_number(month)?, fixed_digits(day, 2)?, time)?
         }
-        [weekday, date, time, zone] if is_imf_weekday(weekday) && is_gmt(zone) => {
-            rfc850_date(date, time)?
+        [weekday, date, time, zone] if is_imf_weekday(weekday) && is_gmt(zone) => rfc850_date(date, time)?,
+        [weekday, month, day, time, year] if is_day_name(weekday) => {
+            civil_time(fixed_digits(year, 4)?, month_number(month)?, short_digits(day)?, time)?
         }
-        [weekday, month, day, time, year] if is_day_name(weekday) => civil_time(
-            fixed_digits(year, 4)?,
-            month_number(month)?,
-            short_digits(day)?,
-            time,
-        )?,
         _ => return None,
     };
     epoch_ms(time.epoch_seconds()?, 0)
@@ -312,14 +271,7 @@ fn is_imf_weekday(word: &str) -> bool {
 
 fn civil_time(year: u32, month: u32, day: u32, time: &str) -> Option<CivilTime> {
     let (hour, minute, second) = clock_time(time)?;
-    Some(CivilTime {
-        year: i64::from(year),
-        month,
-        day,
-        hour,
-        minute,
-        second,
-    })
+    Some(CivilTime { year: i64::from(year), month, day, hour, minute, second })
 }
 
 /// RFC 850 `06-Nov-94`: two-digit years below 70 are 20xx, the rest 19xx (no clock to compare).
@@ -331,20 +283,13 @@ fn rfc850_date(date: &str, time: &str) -> Option<CivilTime> {
     if parts.next().is_some() {
         return None;
     }
-    let year = if short_year < 70 {
-        2000 + short_year
-    } else {
-        1900 + short_year
-    };
+    let year = if short_year < 70 { 2000 + short_year } else { 1900 + short_year };
     civil_time(year, month, day, time)
 }
 
 /// Epoch milliseconds from seconds plus a millisecond part; `None` before 1970.
 fn epoch_ms(seconds: i64, extra_ms: u64) -> Option<u64> {
-    u64::try_from(seconds)
-        .ok()?
-        .checked_mul(MS_PER_SECOND)?
-        .checked_add(extra_ms)
+    u64::try_from(seconds).ok()?.checked_mul(MS_PER_SECOND)?.checked_add(extra_ms)
 }
 
 /// Parses an RFC 3339 timestamp (`2026-09-27T10:00:45Z`, `2026-09-27T10:00:45.5+02:00`) into
@@ -362,24 +307,9 @@ pub fn parse_rfc3339(text: &str) -> Option<u64> {
     let (hour, minute, second) = clock_time(time)?;
     let (fraction, zone) = split_fraction(rest)?;
     let offset_seconds = utc_offset_seconds(zone)?;
-    let local = CivilTime {
-        year: i64::from(year),
-        month,
-        day,
-        hour,
-        minute,
-        second,
-    }
-    .epoch_seconds()?;
-    let fraction_ms = Decimal {
-        whole: "",
-        fraction,
-    }
-    .times_ceil(u128::from(MS_PER_SECOND))?;
-    epoch_ms(
-        local.checked_sub(offset_seconds)?,
-        u64::try_from(fraction_ms).ok()?,
-    )
+    let local = CivilTime { year: i64::from(year), month, day, hour, minute, second }.epoch_seconds()?;
+    let fraction_ms = Decimal { whole: "", fraction }.times_ceil(u128::from(MS_PER_SECOND))?;
+    epoch_ms(local.checked_sub(offset_seconds)?, u64::try_from(fraction_ms).ok()?)
 }
 
 /// `YYYY-MM-DD` as (year, month, day).
@@ -396,9 +326,7 @@ fn split_fraction(text: &str) -> Option<(&str, &str)> {
     let Some(after_dot) = text.strip_prefix('.') else {
         return Some(("", text));
     };
-    let end = after_dot
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(after_dot.len());
+    let end = after_dot.find(|c: char| !c.is_ascii_digit()).unwrap_or(after_dot.len());
     (end > 0).then(|| after_dot.split_at(end))
 }
 
@@ -491,16 +419,11 @@ mod tests {
         assert_eq!(parse_delta_seconds("120"), Some(120_000));
         assert_eq!(parse_delta_seconds(" 0.5 "), Some(500));
         assert_eq!(parse_delta_seconds("0.0001"), Some(1));
-        assert_eq!(
-            parse_delta_seconds("18446744073709551"),
-            Some(18_446_744_073_709_551_000)
-        );
+        assert_eq!(parse_delta_seconds("18446744073709551"), Some(18_446_744_073_709_551_000));
         assert_eq!(parse_delta_seconds("18446744073709552"), None);
         assert_eq!(parse_millis("120000"), Some(120_000));
         assert_eq!(parse_millis("1.2"), Some(2));
-        for junk in [
-            "", "-1", "+1", "1e3", "inf", "NaN", "1s", "1,5", "0x10", "١٢",
-        ] {
+        for junk in ["", "-1", "+1", "1e3", "inf", "NaN", "1s", "1,5", "0x10", "١٢"] {
             assert_eq!(parse_delta_seconds(junk), None, "{junk:?}");
             assert_eq!(parse_millis(junk), None, "{junk:?}");
         }
@@ -518,18 +441,9 @@ mod tests {
     #[test]
     fn ratelimit_reset_is_epoch_or_delta_by_size() {
         assert_eq!(parse_ratelimit_reset("60"), Some(When::In(60_000)));
-        assert_eq!(
-            parse_ratelimit_reset("1655120964"),
-            Some(When::At(1_655_120_964_000))
-        );
-        assert_eq!(
-            parse_ratelimit_reset("1655120964123"),
-            Some(When::At(1_655_120_964_123))
-        );
-        assert_eq!(
-            parse_ratelimit_reset("999999999"),
-            Some(When::In(999_999_999_000))
-        );
+        assert_eq!(parse_ratelimit_reset("1655120964"), Some(When::At(1_655_120_964_000)));
+        assert_eq!(parse_ratelimit_reset("1655120964123"), Some(When::At(1_655_120_964_123)));
+        assert_eq!(parse_ratelimit_reset("999999999"), Some(When::In(999_999_999_000)));
         assert_eq!(parse_ratelimit_reset("1.5"), Some(When::In(1_500)));
         assert_eq!(parse_ratelimit_reset("99999999999999999999999"), None);
         assert_eq!(parse_ratelimit_reset("-5"), None);
@@ -538,43 +452,16 @@ mod tests {
 
     #[test]
     fn http_dates_in_all_three_forms() {
-        assert_eq!(
-            parse_http_date("Fri, 29 Sep 2023 16:26:57 GMT"),
-            Some(1_696_004_817_000)
-        );
-        assert_eq!(
-            parse_http_date("Fri, 29 Sep 2023 16:28:38 GMT"),
-            Some(1_696_004_918_000)
-        );
-        assert_eq!(
-            parse_http_date("Mon, 13 Jun 2022 11:48:53 GMT"),
-            Some(1_655_120_933_000)
-        );
-        assert_eq!(
-            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(784_111_777_000)
-        );
-        assert_eq!(
-            parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"),
-            Some(784_111_777_000)
-        );
-        assert_eq!(
-            parse_http_date("Sun Nov  6 08:49:37 1994"),
-            Some(784_111_777_000)
-        );
-        assert_eq!(
-            parse_http_date("  sun, 06 NOV 1994 08:49:37 gmt "),
-            Some(784_111_777_000)
-        );
+        assert_eq!(parse_http_date("Fri, 29 Sep 2023 16:26:57 GMT"), Some(1_696_004_817_000));
+        assert_eq!(parse_http_date("Fri, 29 Sep 2023 16:28:38 GMT"), Some(1_696_004_918_000));
+        assert_eq!(parse_http_date("Mon, 13 Jun 2022 11:48:53 GMT"), Some(1_655_120_933_000));
+        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(784_111_777_000));
+        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), Some(784_111_777_000));
+        assert_eq!(parse_http_date("Sun Nov  6 08:49:37 1994"), Some(784_111_777_000));
+        assert_eq!(parse_http_date("  sun, 06 NOV 1994 08:49:37 gmt "), Some(784_111_777_000));
         assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
-        assert_eq!(
-            parse_http_date("Thu, 29 Feb 2024 00:00:00 GMT"),
-            Some(1_709_164_800_000)
-        );
-        assert_eq!(
-            parse_http_date("Fri, 31 Dec 9999 23:59:59 GMT"),
-            Some(253_402_300_799_000)
-        );
+        assert_eq!(parse_http_date("Thu, 29 Feb 2024 00:00:00 GMT"), Some(1_709_164_800_000));
+        assert_eq!(parse_http_date("Fri, 31 Dec 9999 23:59:59 GMT"), Some(253_402_300_799_000));
     }
 
     #[test]
@@ -602,46 +489,16 @@ mod tests {
 
     #[test]
     fn rfc3339_with_offsets_and_fractions() {
-        assert_eq!(
-            parse_rfc3339("2026-09-27T10:00:45Z"),
-            Some(1_790_503_245_000)
-        );
-        assert_eq!(
-            parse_rfc3339("2023-09-29T16:26:37Z"),
-            Some(1_696_004_797_000)
-        );
-        assert_eq!(
-            parse_rfc3339("2023-09-29t16:26:37z"),
-            Some(1_696_004_797_000)
-        );
-        assert_eq!(
-            parse_rfc3339("2023-09-29 16:26:37Z"),
-            Some(1_696_004_797_000)
-        );
-        assert_eq!(
-            parse_rfc3339("2023-09-29T18:26:37+02:00"),
-            Some(1_696_004_797_000)
-        );
-        assert_eq!(
-            parse_rfc3339("2023-09-29T11:56:37-04:30"),
-            Some(1_696_004_797_000)
-        );
-        assert_eq!(
-            parse_rfc3339("2023-09-29T16:26:37.5Z"),
-            Some(1_696_004_797_500)
-        );
-        assert_eq!(
-            parse_rfc3339("2023-09-29T16:26:37.0001Z"),
-            Some(1_696_004_797_001)
-        );
-        assert_eq!(
-            parse_rfc3339("2023-09-29T16:26:37.123456789Z"),
-            Some(1_696_004_797_124)
-        );
-        assert_eq!(
-            parse_rfc3339("2016-12-31T23:59:60Z"),
-            Some(1_483_228_800_000)
-        );
+        assert_eq!(parse_rfc3339("2026-09-27T10:00:45Z"), Some(1_790_503_245_000));
+        assert_eq!(parse_rfc3339("2023-09-29T16:26:37Z"), Some(1_696_004_797_000));
+        assert_eq!(parse_rfc3339("2023-09-29t16:26:37z"), Some(1_696_004_797_000));
+        assert_eq!(parse_rfc3339("2023-09-29 16:26:37Z"), Some(1_696_004_797_000));
+        assert_eq!(parse_rfc3339("2023-09-29T18:26:37+02:00"), Some(1_696_004_797_000));
+        assert_eq!(parse_rfc3339("2023-09-29T11:56:37-04:30"), Some(1_696_004_797_000));
+        assert_eq!(parse_rfc3339("2023-09-29T16:26:37.5Z"), Some(1_696_004_797_500));
+        assert_eq!(parse_rfc3339("2023-09-29T16:26:37.0001Z"), Some(1_696_004_797_001));
+        assert_eq!(parse_rfc3339("2023-09-29T16:26:37.123456789Z"), Some(1_696_004_797_124));
+        assert_eq!(parse_rfc3339("2016-12-31T23:59:60Z"), Some(1_483_228_800_000));
         assert_eq!(parse_rfc3339("2000-02-29T00:00:00Z"), Some(951_782_400_000));
     }
 

@@ -35,10 +35,7 @@ fn wasm_path() -> PathBuf {
 }
 
 fn mock_bin() -> PathBuf {
-    existing(
-        &[root().join("target/release/mock-provider"), root().join("target/debug/mock-provider")],
-        "mock-provider",
-    )
+    existing(&[root().join("target/release/mock-provider"), root().join("target/debug/mock-provider")], "mock-provider")
 }
 
 /// The mock LLM provider, killed on drop.
