@@ -23,12 +23,28 @@ fn every_documented_stat_is_on_the_admin_endpoint() {
             assert!(stats.contains_key(&name), "missing {name}");
         }
     }
+    for stat in [
+        "bucket.tokens",
+        "errors",
+        "upstream_429",
+        "breaker.trips",
+        "breaker.probes",
+        "breaker.state",
+        "terminal_quota",
+        "throttled",
+        "fallback.served",
+        "fallback.stored",
+    ] {
+        let name = format!("wasmcustom.llm_ratelimit.provider.st.{stat}");
+        assert!(stats.contains_key(&name), "missing {name}");
+    }
     assert_eq!(stats["wasmcustom.llm_ratelimit.provider.st.priority.normal.admitted"], 3);
     assert_eq!(stats["wasmcustom.llm_ratelimit.provider.st.priority.normal.rejected"], 2);
     assert_eq!(stats["wasmcustom.llm_ratelimit.provider.st.bucket.tokens"], 0);
     assert_eq!(stats["wasmcustom.llm_ratelimit.provider.st.errors"], 0);
-    let histograms = envoy.admin_text("/stats?filter=queue_wait_ms");
+    let histograms = envoy.admin_text("/stats?filter=llm_ratelimit&type=Histograms");
     assert!(histograms.contains("llm_ratelimit.provider.st.priority.normal.queue_wait_ms"), "{histograms}");
+    assert!(histograms.contains("llm_ratelimit.provider.st.retry_after_s"), "{histograms}");
 
     let prom = envoy.admin_text("/stats/prometheus");
     for line in [
@@ -38,6 +54,7 @@ fn every_documented_stat_is_on_the_admin_endpoint() {
         "llm_ratelimit_queue_depth{provider=\"st\",priority=\"low\"} 0",
         "llm_ratelimit_bucket_tokens{provider=\"st\"} 0",
         "llm_ratelimit_errors{provider=\"st\"} 0",
+        "llm_ratelimit_breaker_state{provider=\"st\"} 0",
     ] {
         assert!(prom.lines().any(|l| l == line), "missing Prometheus line {line}");
     }
