@@ -183,7 +183,9 @@ impl Filter {
             m.admitted.inc();
             m.queue_wait_ms.record(waited);
             self.metrics.levels(&s);
-            self.waited_ms.borrow_mut().insert(w.id, waited);
+            if let Ok(mut w_ms) = self.waited_ms.try_borrow_mut() {
+                w_ms.insert(w.id, waited);
+            }
             if let Err(st) = abi::resume_request(w.id) {
                 log::debug!("llm-ratelimit: cannot resume request {}: status {st}", w.id);
             }
@@ -256,7 +258,8 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(f) = &self.filter else { return };
-        let mut queues = f.queues.borrow_mut();
+        // Never panics: a borrow still held (a host call re-entering the VM) skips this tick.
+        let Ok(mut queues) = f.queues.try_borrow_mut() else { return };
         if queues.values().all(WaitQueue::is_empty) {
             return;
         }
