@@ -296,6 +296,63 @@ def explain(results, provider, stats, elapsed):
         f"the {ok} 200s the clients saw.")
 
 
+# ---- Act 2: the provider's own quota runs out ------------------------------------------------
+
+PROVIDER_QUOTA, PROVIDER_WINDOW_S, ACT2_RATE, ACT2_S = 10, 6, 6, 7
+
+
+def http_post(port, path, payload):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(payload).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.read().decode()
+
+
+def provider_exhaustion(port, admin, mock):
+    """NORMAL traffic against a provider allowing PROVIDER_QUOTA requests per window (OpenAI-style
+    headers): the filter reads `x-ratelimit-remaining-requests: 0` and holds the rest until the
+    reset, instead of letting them hit the exhausted provider."""
+    http_post(mock, "/mock/config", {"quota": PROVIDER_QUOTA, "window_ms": PROVIDER_WINDOW_S * 1000,
+                                     "style": "openai", "latency_ms": 50})
+    http_post(mock, "/mock/reset", {})
+    print(f"\n==> act 2: the provider allows {PROVIDER_QUOTA} requests per {PROVIDER_WINDOW_S} s window "
+          f"(OpenAI-style headers); sending {ACT2_RATE}/s NORMAL for {ACT2_S} s")
+    results, lock, threads = [], threading.Lock(), []
+
+    def one():
+        r = chat(port, "NORMAL")
+        with lock:
+            results.append(r)
+
+    for _ in range(ACT2_RATE * ACT2_S):
+        th = threading.Thread(target=one, daemon=True)
+        th.start()
+        threads.append(th)
+        time.sleep(1 / ACT2_RATE)
+    for th in threads:
+        th.join(REQUEST_TIMEOUT_S + 2)
+    mock_stats = json.loads(http_get(mock, "/mock/stats"))
+    waited = [r["queued_ms"] for r in results if r["status"] == 200 and r["queued_ms"] is not None]
+    reasons = {}
+    for r in results:
+        if r["status"] == 429:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    stats = {line.split(": ")[0].rsplit(".", 1)[-1]: line.split(": ")[1]
+             for line in http_get(admin, "/stats?filter=llm_ratelimit.provider.demo.(throttled|upstream_429|breaker)")
+             .splitlines() if ": " in line}
+    sent = len(results)
+    print(f"   sent {sent}: {sum(r['status'] == 200 for r in results)} answered 200 "
+          f"({len(waited)} of them after waiting for the provider's reset, p50 {pct(waited, 50)} ms), "
+          f"{sum(r['status'] == 429 for r in results)} refused at once "
+          f"({', '.join(f'{n} {k}' for k, n in sorted(reasons.items())) or 'none'}), each with a Retry-After")
+    print(f"   the provider received {mock_stats['requests']} requests and answered {mock_stats['rate_limited']} "
+          f"of them with 429; without the filter all {sent} would have reached it, "
+          f"at least {max(0, sent - 2 * PROVIDER_QUOTA)} of them into an exhausted window")
+    print(f"   filter stats: throttled {stats.get('throttled', '?')}, upstream_429 {stats.get('upstream_429', '?')}, "
+          f"breaker.trips {stats.get('trips', '?')}")
+    return [r for r in results if r["status"] not in (200, 429)]
+
+
 # ---- Main ------------------------------------------------------------------------------------
 
 def main():
@@ -331,6 +388,10 @@ def main():
                 return 1
             print("\n==> what you just saw")
             explain(results, provider, stats, elapsed)
+            failed = provider_exhaustion(port, admin, mock)
+            if failed:
+                print(f"\nFAILED: {len(failed)} requests in act 2 got neither a 200 nor a 429")
+                return 1
             return 0
         except KeyboardInterrupt:
             print("\ninterrupted")
