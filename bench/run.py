@@ -122,19 +122,31 @@ def render(kind, upstream, port, admin, upstream_port=9000, capacity=None, rate=
     """envoy/envoy.yaml with our ports and: kind a/b/c/w, upstream 'direct' or 'mock'.
     w is (c)'s filter entry with bench/noop-filter's .wasm: the floor any wasm filter pays."""
     lines = (ROOT / "envoy/envoy.yaml").read_text().splitlines()
-    # The filter.
-    i = find_line(lines, lambda s: s == "- name: llm_ratelimit", "llm_ratelimit filter")
-    j = block_end(lines, i)
-    indent = len(lines[i]) - len(lines[i].lstrip())
-    if kind == "a":
-        lines[i:j] = []
-    elif kind == "b":
-        lines[i:j] = native_filter(indent, capacity, rate)
+    # The filter: "llm_ratelimit" in the listener and, where present, its observer twin
+    # ("llm_ratelimit_observer") in the cluster's upstream filters. (a) and (b) drop both; (b) puts
+    # the native filter in the listener's place. (c) gets `filter_json` on every `value: '{` line,
+    # keeping that line's "role" as the tests do; (w) runs the empty .wasm in both places.
+    if kind in ("a", "b"):
+        i = find_line(lines, lambda s: s == "- name: llm_ratelimit", "llm_ratelimit filter")
+        indent = len(lines[i]) - len(lines[i].lstrip())
+        lines[i:block_end(lines, i)] = native_filter(indent, capacity, rate) if kind == "b" else []
+        while True:
+            o = next((n for n, x in enumerate(lines) if x.strip().startswith("- name: llm_ratelimit")), None)
+            if o is None:
+                break
+            lines[o:block_end(lines, o)] = []
     else:
-        k = find_line(lines, lambda s: s.startswith("value: '{"), "filter configuration line")
-        pad = lines[k][: len(lines[k]) - len(lines[k].lstrip())]
-        fj = filter_json or ours_json(capacity, rate)
-        lines[k] = f"{pad}value: '{fj.replace(chr(39), chr(39) * 2)}'"
+        fj = json.loads(filter_json or ours_json(capacity, rate))
+        for k, line in enumerate(lines):
+            if line.strip().startswith("value: '{"):
+                pad = line[: len(line) - len(line.lstrip())]
+                try:
+                    role = json.loads(line.strip()[len("value: '"):-1].replace("''", "'")).get("role")
+                except ValueError:
+                    role = None
+                cfg = dict(fj, role=role) if role else fj
+                text = json.dumps(cfg, separators=(",", ":")).replace("'", "''")
+                lines[k] = f"{pad}value: '{text}'"
     # The route.
     if upstream == "direct":
         r = find_line(lines, lambda s: s == "route:", "route: block")
