@@ -106,7 +106,7 @@ impl Request {
             Err(st) => return self.fail_open("shared-data admission", st),
         };
         let m = self.f.metrics.of(self.class);
-        self.f.metrics.bucket_tokens.record(s.bucket.tokens.max(0.0) as u64);
+        self.f.publish_tokens(s.bucket.tokens);
         match arrival {
             Arrival::Admit => {
                 m.admitted.inc();
@@ -267,7 +267,7 @@ impl HttpContext for Request {
         if !cfg.role.admits() {
             return Action::Continue;
         }
-        let path = Self::header(":path").unwrap_or_default();
+        let path = if self.f.needs_path { Self::header(":path").unwrap_or_default() } else { String::new() };
         self.class = classify(&cfg.classify, &path, Self::header);
         // Upstream sees the class the proxy decided, never one a client claimed.
         if let Err(s) = abi::set_request_header(&cfg.classify.header, self.class.name()) {
@@ -315,18 +315,18 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
-        let waited = self.f.waited_ms.try_borrow_mut().ok().and_then(|mut w| w.remove(&self.id));
+        let waited = self.waiting_on.as_ref().and_then(|_| self.f.waited_ms.try_borrow_mut().ok()?.remove(&self.id));
         if let Some(ms) = waited {
             set_header("x-ratelimit-queued-ms", &ms.to_string());
         }
         let role = self.f.config.role;
         let header = |name| abi::response_header(name).ok().flatten();
-        if role.admits() && (header("x-llm-ratelimit-source").is_some() || header("x-llm-ratelimit-fallback").is_some())
-        {
-            // Our own local reply: nothing to learn about the provider.
+        let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0u16);
+        // Our own local replies (429s, fallback answers) teach nothing about the provider.
+        let ours = |marker| role.admits() && header(marker).is_some();
+        if (status == 429 && ours("x-llm-ratelimit-source")) || (self.cache_key.is_some() && ours("x-llm-ratelimit-fallback")) {
             return Action::Continue;
         }
-        let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
         if status == 200 && self.cache_key.is_some() && !end_of_stream {
             self.capture = Some((header("content-type").unwrap_or_default(), Vec::new()));
         }

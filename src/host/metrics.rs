@@ -133,9 +133,8 @@ impl Metrics {
         &self.class[p.index()]
     }
 
-    /// Publishes the process-wide levels just written to shared data.
+    /// Publishes the process-wide queue depths just written to shared data.
     pub fn levels(&self, s: &Shared) {
-        self.bucket_tokens.record(s.bucket.tokens.max(0.0) as u64);
         for p in Priority::ALL {
             self.of(p).queue_depth.record(u64::from(s.waiting[p.index()]));
         }

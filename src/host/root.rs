@@ -13,7 +13,7 @@ use crate::queue::{WaitQueue, Waiter};
 use crate::reply::{self, Limited, Reason};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -32,14 +32,29 @@ pub struct Filter {
     pub waited_ms: RefCell<HashMap<u32, u64>>,
     /// Shared-data key of the provider's breaker state.
     pub provider_key: String,
+    /// Shared-data key of the bucket when there are no tenants.
+    pub default_bucket_key: String,
+    /// Whether anything reads the request path (path rules, the fallback's key): saves a host
+    /// call per request when nothing does.
+    pub needs_path: bool,
+    /// The bucket level last published, so the gauge is written only when it changes.
+    pub published_tokens: Cell<u64>,
 }
 
 impl Filter {
     /// Shared-data key of the bucket for `tenant` (`None`: the one bucket of this filter).
     pub fn bucket_key(&self, tenant: Option<&str>) -> String {
         match tenant {
-            None => format!("llm_ratelimit/{}/bucket", self.config.name),
-            Some(t) => format!("llm_ratelimit/{}/bucket/{}", self.config.name, tenant_id(t)),
+            None => self.default_bucket_key.clone(),
+            Some(t) => format!("{}/{}", self.default_bucket_key, tenant_id(t)),
+        }
+    }
+
+    /// Publishes the bucket level if it changed since this worker last did.
+    pub fn publish_tokens(&self, tokens: f64) {
+        let whole = tokens.max(0.0) as u64;
+        if self.published_tokens.replace(whole) != whole {
+            self.metrics.bucket_tokens.record(whole);
         }
     }
 
@@ -156,6 +171,7 @@ impl Filter {
             })?;
             self.metrics.of(w.class).expired.inc();
             self.metrics.levels(&s);
+            self.publish_tokens(s.bucket.tokens);
             self.refuse_waiter(&w, Reason::Expired, &s, now_ms);
         }
         let mut allowed = match gate {
@@ -183,6 +199,7 @@ impl Filter {
             m.admitted.inc();
             m.queue_wait_ms.record(waited);
             self.metrics.levels(&s);
+            self.publish_tokens(s.bucket.tokens);
             if let Ok(mut w_ms) = self.waited_ms.try_borrow_mut() {
                 w_ms.insert(w.id, waited);
             }
@@ -236,6 +253,10 @@ impl RootContext for Root {
             queues: RefCell::default(),
             waited_ms: RefCell::default(),
             provider_key: format!("llm_ratelimit/{}/provider", config.name),
+            default_bucket_key: format!("llm_ratelimit/{}/bucket", config.name),
+            needs_path: config.fallback.enabled
+                || config.classify.rules.iter().any(|r| matches!(r.matcher, crate::config::Matcher::PathPrefix(_))),
+            published_tokens: Cell::new(u64::MAX),
             config,
         };
         if filter.config.role.admits() && filter.config.bucket.key_header.is_none() {
