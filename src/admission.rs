@@ -172,10 +172,6 @@ impl Shared {
         }
         Some(Shared { bucket, waiting })
     }
-
-    pub fn total_waiting(&self) -> u32 {
-        self.waiting.iter().sum()
-    }
 }
 
 #[cfg(test)]
@@ -299,6 +295,5 @@ mod tests {
         assert_eq!(Shared::decode(&s.encode()), Some(s));
         assert_eq!(Shared::decode(&s.encode()[..16]), None);
         assert_eq!(Shared::decode(b"garbage"), None);
-        assert_eq!(s.total_waiting(), 10);
     }
 }

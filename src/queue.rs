@@ -151,16 +151,6 @@ impl<T: Copy + Eq> WaitQueue<T> {
         self.queues.iter().all(VecDeque::is_empty)
     }
 
-    /// When the front (first pushed) waiter of a class started waiting, for the queue-age gauge.
-    pub fn oldest_enqueued_ms(&self, class: Priority) -> Option<u64> {
-        self.queues[class.index()].front().map(|w| w.enqueued_ms)
-    }
-
-    /// Earliest deadline among all waiters, so the timer knows when it must wake at the latest.
-    pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.queues.iter().flatten().map(|w| w.deadline_ms).min()
-    }
-
     /// Shifts all virtual times down by `vtime`; only relative passes matter, and this keeps
     /// them small enough that adding a stride always changes the pass.
     fn rebase(&mut self) {
@@ -375,24 +365,17 @@ mod tests {
     }
 
     #[test]
-    fn accessors_and_next_deadline() {
+    fn accessors_count_what_is_waiting() {
         let mut q = WaitQueue::new(DEFAULT_WEIGHTS);
-        assert_eq!(q.next_deadline_ms(), None);
-        assert_eq!(q.oldest_enqueued_ms(Normal), None);
         assert!(q.is_empty());
-
         q.push(waiter(1, Normal, 10, 500));
         q.push(waiter(2, Normal, 20, 300));
         q.push(waiter(3, Critical, 30, 400));
-        assert_eq!(q.next_deadline_ms(), Some(300));
-        assert_eq!(q.oldest_enqueued_ms(Normal), Some(10));
         assert_eq!((q.len(Normal), q.len(Critical), q.total()), (2, 1, 3));
         assert!(!q.is_empty());
-
         q.remove(2);
-        assert_eq!(q.next_deadline_ms(), Some(400));
-        q.expire(400);
-        assert_eq!(q.next_deadline_ms(), Some(500));
+        assert_eq!(q.expire(400).len(), 1);
+        assert_eq!(q.total(), 1);
     }
 
     #[test]
