@@ -36,7 +36,6 @@ pub struct State {
     pub trips: u32,
 }
 
-
 /// What an arriving or waiting request may do now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gate {

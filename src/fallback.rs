@@ -15,13 +15,9 @@ pub struct Entry {
     pub body: Vec<u8>,
 }
 
-/// A stable 64-bit key for method, path and the client's cache key (FNV-1a: the same in every
-/// worker and across restarts, no dependency).
+/// The cache key of a request: its method, path and the client's cache key.
 pub fn key(method: &str, path: &str, cache_key: &str) -> u64 {
-    [method, path, cache_key].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, part| {
-        // A separator byte keeps ("ab", "c") and ("a", "bc") apart.
-        part.bytes().chain([0xff]).fold(h, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
-    })
+    crate::hash::stable_hash(&[method, path, cache_key])
 }
 
 impl Entry {

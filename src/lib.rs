@@ -10,6 +10,7 @@ pub mod bucket;
 pub mod classify;
 pub mod config;
 pub mod fallback;
+pub mod hash;
 pub mod priority;
 pub mod queue;
 pub mod reply;

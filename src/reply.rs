@@ -73,9 +73,8 @@ pub fn too_many_requests(l: &Limited) -> (u32, Vec<(&'static str, String)>, Stri
         l.wait_ms as f64 / 1000.0
     );
     // Written directly: the message holds only our own words and numbers, nothing to escape.
-    let body = format!(
-        r#"{{"error":{{"message":"{message}","type":"requests","param":null,"code":"rate_limit_exceeded"}}}}"#
-    );
+    let body =
+        format!(r#"{{"error":{{"message":"{message}","type":"requests","param":null,"code":"rate_limit_exceeded"}}}}"#);
     (429, headers, body)
 }
 

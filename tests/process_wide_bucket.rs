@@ -16,7 +16,9 @@ fn burst_admits(concurrency: u32, priority: &str, n: usize, expected: usize) {
     let replies = burst(&envoy.url("/v1/chat/completions"), n, 16, &[("x-llm-priority", priority)]);
     let refilled = started.elapsed().as_secs_f64().ceil() as usize; // 1 token per second
     let (ok, limited) = (count(&replies, 200), count(&replies, 429));
-    eprintln!("concurrency {concurrency}, {priority}: admitted {ok} of {n}, expected {expected} + up to {refilled} refilled");
+    eprintln!(
+        "concurrency {concurrency}, {priority}: admitted {ok} of {n}, expected {expected} + up to {refilled} refilled"
+    );
     assert_eq!(ok + limited, n, "only 200s and 429s expected");
     assert!(
         ok >= expected && ok <= expected + refilled,

@@ -324,7 +324,9 @@ impl HttpContext for Request {
         let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0u16);
         // Our own local replies (429s, fallback answers) teach nothing about the provider.
         let ours = |marker| role.admits() && header(marker).is_some();
-        if (status == 429 && ours("x-llm-ratelimit-source")) || (self.cache_key.is_some() && ours("x-llm-ratelimit-fallback")) {
+        if (status == 429 && ours("x-llm-ratelimit-source"))
+            || (self.cache_key.is_some() && ours("x-llm-ratelimit-fallback"))
+        {
             return Action::Continue;
         }
         if status == 200 && self.cache_key.is_some() && !end_of_stream {

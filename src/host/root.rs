@@ -84,9 +84,9 @@ impl Filter {
         first: bool,
     ) -> Result<Verdict, abi::Status> {
         let policy = &self.config.provider.breaker;
-        let (verdict, state) = shared::update(&self.provider_key, breaker::State::default(), |s| {
+        let (verdict, state, changed) = shared::update(&self.provider_key, breaker::State::default(), |s| {
             let (v, next) = policy.observe(s, status, signals, now_ms);
-            ((v, next), (next != s).then_some(next))
+            ((v, next, next.mode != s.mode), (next != s).then_some(next))
         })?;
         let m = &self.metrics.provider;
         if status == 429 && first {
@@ -107,7 +107,9 @@ impl Filter {
                 if verdict.terminal { "terminal" } else { "until reset" }
             );
         }
-        m.breaker_state.record(state.mode as u64);
+        if changed {
+            m.breaker_state.record(state.mode as u64);
+        }
         Ok(verdict)
     }
 
@@ -216,9 +218,7 @@ fn tenant_id(t: &str) -> String {
     if t.len() <= 64 && t.bytes().all(|c| c.is_ascii_graphic()) {
         return t.to_string();
     }
-    // FNV-1a: stable across workers and restarts, no dependency.
-    let h = t.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
-    format!("#{h:016x}")
+    format!("#{:016x}", crate::hash::stable_hash(&[t]))
 }
 
 #[derive(Default)]

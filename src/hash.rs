@@ -1,0 +1,25 @@
+//! A stable 64-bit hash (FNV-1a) for shared-data keys: the same in every worker and across
+//! restarts, with no dependency.
+
+/// Hashes `parts` in order; a separator byte keeps ("ab", "c") and ("a", "bc") apart.
+pub fn stable_hash(parts: &[&str]) -> u64 {
+    parts.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, part| {
+        part.bytes().chain([0xff]).fold(h, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn stable_and_separating() {
+        assert_eq!(stable_hash(&["a", "bc"]), stable_hash(&["a", "bc"]));
+        assert_ne!(stable_hash(&["ab", "c"]), stable_hash(&["a", "bc"]));
+        assert_ne!(stable_hash(&["x"]), stable_hash(&["y"]));
+        // No parts: the FNV offset basis. Fixed forever: shared-data keys depend on it.
+        assert_eq!(stable_hash(&[]), 0xcbf2_9ce4_8422_2325);
+    }
+}
