@@ -183,8 +183,13 @@ fn default_class(p: Priority) -> ClassConfig {
 impl Config {
     /// Parses and validates the plugin configuration. Empty input means all defaults.
     pub fn parse(bytes: &[u8]) -> Result<Config, String> {
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Config::default());
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => return Ok(Config::default()),
+            Some(b'{') => {}
+            // serde would read an array as the struct's fields in order: refuse it plainly.
+            Some(_) => {
+                return Err("the configuration must be a JSON object, e.g. {\"bucket\": {\"capacity\": 100}}".into())
+            }
         }
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -394,6 +399,7 @@ fn whole(field: &str, v: Option<f64>, default: u64, min: u64) -> Result<u64, Str
     match v {
         None => Ok(default),
         Some(x) if x.fract() == 0.0 && x >= min as f64 && x <= 1e15 => Ok(x as u64),
+        Some(x) if x > 1e15 => Err(format!("{field}: must be a whole number from {min} to 10^15, got {x}")),
         Some(x) => Err(format!("{field}: must be a whole number >= {min}, got {x}")),
     }
 }
@@ -572,7 +578,13 @@ mod tests {
     #[test]
     fn not_json_is_an_error_not_a_panic() {
         assert!(!err("not json").is_empty());
-        assert!(!err("[1,2]").is_empty());
+        assert!(err("[]").starts_with("the configuration must be a JSON object"));
+        assert!(err("[1,2]").starts_with("the configuration must be a JSON object"));
+        assert!(err("null").starts_with("the configuration must be a JSON object"));
+        assert_eq!(
+            err(r#"{"bucket":{"capacity":1e20}}"#),
+            "bucket.capacity: must be a whole number from 1 to 10^15, got 100000000000000000000"
+        );
         assert!(!err(r#"{"bucket":"#).is_empty());
     }
 }

@@ -44,6 +44,7 @@ fn wrong_type_is_refused() {
 }
 
 #[test]
-fn not_json_is_refused() {
-    refused("capacity=5", "expected value at line 1 column 1");
+fn not_a_json_object_is_refused() {
+    refused("capacity=5", "the configuration must be a JSON object");
+    refused("[]", "the configuration must be a JSON object");
 }
