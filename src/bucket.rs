@@ -94,7 +94,7 @@ impl State {
     pub fn decode(bytes: &[u8]) -> Option<State> {
         let tokens = f64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
         let at_ns = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
-        (bytes.len() == 16 && tokens.is_finite()).then_some(State { tokens, at_ns })
+        (bytes.len() == Self::ENCODED_LEN && tokens.is_finite()).then_some(State { tokens, at_ns })
     }
 }
 

@@ -76,10 +76,10 @@ impl Request {
         }
     }
 
-    /// Answers this request with a local 429.
-    fn refuse(&self, reason: Reason, wait_ns: u64, s: &crate::admission::Shared, retry: bool) -> Action {
+    /// Answers this request with a local 429; `tokens` is the bucket level it saw.
+    fn refuse(&self, reason: Reason, wait_ns: u64, tokens: f64, retry: bool) -> Action {
         self.f.metrics.of(self.class).rejected.inc();
-        let (status, headers, body) = self.f.limited(self.class, reason, wait_ns, s, retry);
+        let (status, headers, body) = self.f.limited(self.class, reason, wait_ns, tokens, retry);
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         match abi::send_response(status, &headers, body.as_bytes()) {
             Ok(()) => Action::Pause,
@@ -112,8 +112,10 @@ impl Request {
                 m.admitted.inc();
                 Action::Continue
             }
-            Arrival::Reject { reason: Reason::ProviderHold, wait_ns } => self.refuse(hold_reason, wait_ns, &s, true),
-            Arrival::Reject { reason, wait_ns } => self.refuse(reason, wait_ns, &s, true),
+            Arrival::Reject { reason: Reason::ProviderHold, wait_ns } => {
+                self.refuse(hold_reason, wait_ns, s.bucket.tokens, true)
+            }
+            Arrival::Reject { reason, wait_ns } => self.refuse(reason, wait_ns, s.bucket.tokens, true),
             Arrival::Wait | Arrival::WaitEvicting { .. } => {
                 let now_ms = now_ns / NANOS_PER_MS;
                 let deadline_ms = now_ms.saturating_add(self.f.config.class(self.class).max_wait_ms);
@@ -302,8 +304,8 @@ impl HttpContext for Request {
             }
             Ok(Gate::Open { until_ms, terminal: true }) => {
                 let wait_ns = until_ms.saturating_mul(NANOS_PER_MS).saturating_sub(now);
-                let s = crate::admission::Shared::new(self.f.policy.bucket.full(now));
-                return self.refuse(Reason::BreakerOpen, wait_ns, &s, false);
+                // The bucket was not consulted: a terminal quota leaves nothing to spend.
+                return self.refuse(Reason::BreakerOpen, wait_ns, 0.0, false);
             }
             Err(s) => {
                 self.f.metrics.errors.inc();

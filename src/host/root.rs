@@ -129,13 +129,14 @@ impl Filter {
         WaitQueue::new(self.policy.weights)
     }
 
-    /// The local 429 for a request of `class`, as status, headers and body.
+    /// The local 429 for a request of `class` when the bucket holds `tokens`, as status,
+    /// headers and body.
     pub fn limited(
         &self,
         class: Priority,
         reason: Reason,
         wait_ns: u64,
-        s: &Shared,
+        tokens: f64,
         retry: bool,
     ) -> (u32, Vec<(&'static str, String)>, String) {
         self.metrics.provider.retry_after_s.record(reply::retry_after_secs(wait_ns.div_ceil(NANOS_PER_MS)));
@@ -144,7 +145,7 @@ impl Filter {
             priority: class,
             reason,
             wait_ms: wait_ns.div_ceil(NANOS_PER_MS),
-            remaining: (s.bucket.tokens - self.policy.floors[class.index()]).max(0.0) as u64,
+            remaining: (tokens - self.policy.floors[class.index()]).max(0.0) as u64,
             quota: self.config.bucket.capacity,
             window_s: self.window_s,
             retry,
@@ -154,7 +155,7 @@ impl Filter {
     /// Answers a waiting request (not the current one) with a local 429.
     pub fn refuse_waiter(&self, w: &Waiter<u32>, reason: Reason, s: &Shared, now_ms: u64) {
         let wait_ns = self.policy.expected_wait_ns(s, w.class, 0);
-        let (status, mut headers, body) = self.limited(w.class, reason, wait_ns, s, true);
+        let (status, mut headers, body) = self.limited(w.class, reason, wait_ns, s.bucket.tokens, true);
         headers.push(("x-ratelimit-queued-ms", now_ms.saturating_sub(w.enqueued_ms).to_string()));
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let sent = abi::set_effective_context(w.id).and_then(|_| abi::send_response(status, &headers, body.as_bytes()));
