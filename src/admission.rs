@@ -144,6 +144,15 @@ impl Policy {
     }
 }
 
+impl crate::store::Stored for Shared {
+    fn to_bytes(&self) -> Vec<u8> {
+        self.encode().to_vec()
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        Self::decode(b)
+    }
+}
+
 impl Shared {
     pub const ENCODED_LEN: usize = 32;
 

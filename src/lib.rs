@@ -15,6 +15,7 @@ pub mod priority;
 pub mod queue;
 pub mod reply;
 pub mod signals;
+pub mod store;
 
 #[cfg(target_os = "wasi")]
 mod host;

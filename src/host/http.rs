@@ -1,7 +1,9 @@
 //! One request's context: classify it, then let it through, make it wait, or answer a local 429.
 
 use super::root::Filter;
-use super::{abi, shared};
+use super::abi;
+use super::shared::SharedData;
+use crate::store;
 use crate::admission::Arrival;
 use crate::breaker::Gate;
 use crate::classify::classify;
@@ -95,7 +97,7 @@ impl Request {
             Priority::ALL.into_iter().rev().find(|&p| p > self.class && q.len(p) > 0)
         });
         let fresh = self.f.fresh(now_ns);
-        let decided = shared::update(key, fresh, |s| {
+        let decided = store::update(&SharedData, key, || fresh, |s| {
             let (arrival, next) = self.f.policy.arrive(s, self.class, now_ns, not_before_ns, local_victim);
             // A refusal changes nothing but the refill, which the next writer redoes anyway.
             let write = !matches!(arrival, Arrival::Reject { .. });
@@ -250,7 +252,7 @@ impl Context for Request {
         if removed.is_some() {
             self.f.metrics.of(self.class).cancelled.inc();
             let now = abi::now_ns().unwrap_or(0);
-            let left = shared::update(&key, self.f.fresh(now), |s| {
+            let left = store::update(&SharedData, &key, || self.f.fresh(now), |s| {
                 let next = self.f.policy.leave(s, self.class);
                 (next, Some(next))
             });

@@ -4,7 +4,9 @@
 
 use super::http::Request;
 use super::metrics::Metrics;
-use super::{abi, shared};
+use super::abi;
+use super::shared::SharedData;
+use crate::store;
 use crate::admission::{Policy, Shared};
 use crate::breaker::{self, Gate, Verdict};
 use crate::config::Config;
@@ -66,7 +68,7 @@ impl Filter {
     /// What the provider's last answers allow a request to do now.
     pub fn gate(&self, now_ms: u64) -> Result<Gate, abi::Status> {
         let policy = &self.config.provider.breaker;
-        let gate = shared::update(&self.provider_key, breaker::State::default(), |s| policy.gate(s, now_ms))?;
+        let gate = store::update(&SharedData, &self.provider_key, || breaker::State::default(), |s| policy.gate(s, now_ms))?;
         if gate == Gate::Probe {
             self.metrics.provider.breaker_probes.inc();
             self.metrics.provider.breaker_state.record(breaker::Mode::HalfOpen as u64);
@@ -84,7 +86,7 @@ impl Filter {
         first: bool,
     ) -> Result<Verdict, abi::Status> {
         let policy = &self.config.provider.breaker;
-        let (verdict, state, changed) = shared::update(&self.provider_key, breaker::State::default(), |s| {
+        let (verdict, state, changed) = store::update(&SharedData, &self.provider_key, || breaker::State::default(), |s| {
             let (v, next) = policy.observe(s, status, signals, now_ms);
             ((v, next, next.mode != s.mode), (next != s).then_some(next))
         })?;
@@ -116,7 +118,7 @@ impl Filter {
     /// What a 429 means for its client without learning from it again: the provider's own
     /// timing, or the reset the observer in the upstream chain already recorded.
     pub fn peek(&self, signals: &crate::signals::Signals, now_ms: u64) -> Result<Verdict, abi::Status> {
-        let state = shared::update(&self.provider_key, breaker::State::default(), |s| (s, None))?;
+        let state = store::update(&SharedData, &self.provider_key, || breaker::State::default(), |s| (s, None))?;
         let recorded = (state.until_ms > now_ms).then_some(state.until_ms);
         Ok(Verdict {
             retry_at_ms: signals.retry_at().filter(|&t| t > now_ms).max(recorded),
@@ -168,7 +170,7 @@ impl Filter {
     fn serve(&self, key: &str, q: &mut WaitQueue<u32>, now_ns: u64, gate: Gate) -> Result<(), abi::Status> {
         let now_ms = now_ns / NANOS_PER_MS;
         for w in q.expire(now_ms) {
-            let s = shared::update(key, self.fresh(now_ns), |s| {
+            let s = store::update(&SharedData, key, || self.fresh(now_ns), |s| {
                 let next = self.policy.leave(s, w.class);
                 (next, Some(next))
             })?;
@@ -184,7 +186,7 @@ impl Filter {
         };
         while !q.is_empty() && allowed > 0 {
             allowed -= 1;
-            let released = shared::update(key, self.fresh(now_ns), |s| {
+            let released = store::update(&SharedData, key, || self.fresh(now_ns), |s| {
                 let s = Shared { bucket: self.policy.bucket.refill(s.bucket, now_ns), ..s };
                 match q.peek_next_class(|p| self.policy.can_release(&s, p)) {
                     Some(p) => {
@@ -261,7 +263,7 @@ impl RootContext for Root {
             config,
         };
         if filter.config.role.admits() && filter.config.bucket.key_header.is_none() {
-            let created = abi::now_ns().and_then(|now| shared::ensure(&filter.bucket_key(None), filter.fresh(now)));
+            let created = abi::now_ns().and_then(|now| store::ensure(&SharedData, &filter.bucket_key(None), filter.fresh(now)));
             if let Err(s) = created {
                 log::warn!("llm-ratelimit: cannot create the shared bucket: status {s}");
             }
