@@ -1,25 +1,46 @@
 //! Admission: what happens to an arriving request, and which waiting request a freed token goes
-//! to. Pure decisions over the process-wide state that the host keeps in one shared-data value
-//! (bucket level plus how many requests of each class wait), so one compare-and-swap both takes a
-//! token and keeps the queue depths right for every worker.
+//! to. Pure decisions over the process-wide value the host keeps in one shared-data key per
+//! bucket: the bucket's level plus, per worker, how many of its requests wait in each class. One
+//! compare-and-swap both takes a token and keeps every worker's view of the queue right.
 //!
 //! An arrival takes a token at once only if no waiting request could have used it: newcomers
 //! never jump ahead of the queue. Otherwise it waits if its class's queue has room and its
 //! expected wait fits its class's `max_wait_ms`; when the process-wide waiting budget is full, a
 //! more important arrival takes the place of the newest waiter of the least important class.
+//!
+//! Waiter counts cannot drift: each worker writes its own entry as the length of its own queue
+//! (never an increment), refreshed at least every `HEARTBEAT_MS` while it has waiters, and an
+//! entry not refreshed for `LIVE_MS` (a lost update, a restarted VM, a reloaded plugin) no longer
+//! counts and is dropped by the next writer.
 
-use crate::bucket::{self, Bucket};
+use crate::bucket::{BucketRules, Level};
 use crate::config::Config;
 use crate::priority::Priority;
 use crate::reply::Reason;
 
 const NANOS_PER_MS: u64 = 1_000_000;
+/// How often a worker with waiters rewrites its entry.
+pub const HEARTBEAT_MS: u64 = 250;
+/// An entry older than this (or this far in the future, after a clock step) is gone.
+pub const LIVE_MS: u64 = 1_000;
+/// Most worker entries kept; more would mean more workers than Envoy runs.
+const MAX_ENTRIES: usize = 64;
 
-/// The shared value: the bucket and the process-wide number of waiters per class.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Shared {
-    pub bucket: bucket::State,
-    pub waiting: [u32; 4],
+/// One worker's waiting requests per class, as of `seen_ms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaiterEntry {
+    /// The worker VM's random id.
+    pub worker: u64,
+    pub seen_ms: u64,
+    pub counts: [u32; 4],
+}
+
+/// The shared value of one bucket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SharedBucket {
+    pub level: Level,
+    /// Entries of workers that have waiters; workers without waiters have none.
+    pub waiters: Vec<WaiterEntry>,
 }
 
 /// What to do with an arriving request.
@@ -37,8 +58,8 @@ pub enum Arrival {
 
 /// The limits admission enforces, derived once from the configuration.
 #[derive(Clone, Debug)]
-pub struct Policy {
-    pub bucket: Bucket,
+pub struct AdmissionRules {
+    pub bucket: BucketRules,
     pub queue_enabled: bool,
     pub max_waiting: u32,
     pub floors: [f64; 4],
@@ -47,11 +68,11 @@ pub struct Policy {
     pub max_wait_ns: [u64; 4],
 }
 
-impl Policy {
-    pub fn new(c: &Config) -> Policy {
+impl AdmissionRules {
+    pub fn new(c: &Config) -> AdmissionRules {
         let b = &c.bucket;
-        let bucket = Bucket::new(b.capacity, b.refill_rate, b.burst_allowance);
-        Policy {
+        let bucket = BucketRules::new(b.capacity, b.refill_rate, b.burst_allowance);
+        AdmissionRules {
             bucket,
             queue_enabled: c.queue.enabled,
             max_waiting: c.queue.max_waiting.min(u32::MAX as u64) as u32,
@@ -62,80 +83,71 @@ impl Policy {
         }
     }
 
-    /// Whether a waiting request of class `p` can take a token from `s` (already refilled).
-    pub fn can_release(&self, s: &Shared, p: Priority) -> bool {
-        s.bucket.tokens - 1.0 >= self.floors[p.index()] - 1e-9
+    /// Whether a waiting request of class `p` can take a token from `level` (already refilled).
+    pub fn can_release(&self, level: &Level, p: Priority) -> bool {
+        level.tokens - 1.0 >= self.floors[p.index()] - 1e-9
     }
 
-    /// Decides an arrival of class `p` at `now_ns`. Nothing may go upstream before
-    /// `not_before_ns` (the provider asked to hold). `local_victim` is the least important class
-    /// below `p` that has a waiter on this worker (only those can be shed from here). Returns the
-    /// decision and the state to write back.
+    /// Decides an arrival of class `p` at `now_ns`, with `waiting` requests per class
+    /// process-wide. Nothing may go upstream before `not_before_ns` (the provider asked to hold).
+    /// `local_victim` is the least important class below `p` that has a waiter on this worker
+    /// (only those can be shed from here). Returns the decision and the level to write back.
     pub fn arrive(
         &self,
-        s: Shared,
+        level: Level,
+        waiting: [u32; 4],
         p: Priority,
         now_ns: u64,
         not_before_ns: u64,
         local_victim: Option<Priority>,
-    ) -> (Arrival, Shared) {
-        let mut s = Shared { bucket: self.bucket.refill(s.bucket, now_ns), ..s };
+    ) -> (Arrival, Level) {
+        let level = self.bucket.refill(level, now_ns);
         let hold_ns = not_before_ns.saturating_sub(now_ns);
-        let queue_ahead = Priority::ALL.iter().any(|&q| s.waiting[q.index()] > 0 && self.can_release(&s, q));
+        let queue_ahead = Priority::ALL.iter().any(|&q| waiting[q.index()] > 0 && self.can_release(&level, q));
         if !queue_ahead && hold_ns == 0 {
-            if let Ok(next) = self.bucket.take(s.bucket, now_ns, 1.0, self.floors[p.index()]) {
-                s.bucket = next;
-                return (Arrival::Admit, s);
+            if let Ok(next) = self.bucket.take(level, now_ns, 1.0, self.floors[p.index()]) {
+                return (Arrival::Admit, next);
             }
         }
         let i = p.index();
-        let wait_ns = self.expected_wait_ns(&s, p, hold_ns);
-        let reject = |reason| (Arrival::Reject { reason, wait_ns }, s);
+        let wait_ns = self.expected_wait_ns(&level, &waiting, p, hold_ns);
+        let reject = |reason| (Arrival::Reject { reason, wait_ns }, level);
         if !self.queue_enabled || wait_ns > self.max_wait_ns[i] {
             return reject(if hold_ns > 0 { Reason::ProviderHold } else { Reason::NoToken });
         }
-        if u64::from(s.waiting[i]) >= self.queue_limits[i] {
+        if u64::from(waiting[i]) >= self.queue_limits[i] {
             return reject(Reason::QueueFull);
         }
-        let total: u32 = s.waiting.iter().sum();
+        let total: u32 = waiting.iter().fold(0u32, |a, &w| a.saturating_add(w));
         if total < self.max_waiting {
-            s.waiting[i] += 1;
-            return (Arrival::Wait, s);
+            return (Arrival::Wait, level);
         }
         match local_victim {
-            Some(v) if v > p && s.waiting[v.index()] > 0 => {
-                s.waiting[v.index()] -= 1;
-                s.waiting[i] += 1;
-                (Arrival::WaitEvicting { victim: v }, s)
-            }
+            Some(v) if v > p && waiting[v.index()] > 0 => (Arrival::WaitEvicting { victim: v }, level),
             _ => reject(Reason::QueueFull),
         }
     }
 
     /// Takes a token for a waiter of class `p` being released: `None` if there is none for it.
-    pub fn release(&self, s: Shared, p: Priority, now_ns: u64) -> Option<Shared> {
-        let next = self.bucket.take(s.bucket, now_ns, 1.0, self.floors[p.index()]).ok()?;
-        let mut waiting = s.waiting;
-        waiting[p.index()] = waiting[p.index()].saturating_sub(1);
-        Some(Shared { bucket: next, waiting })
+    pub fn release(&self, level: Level, p: Priority, now_ns: u64) -> Option<Level> {
+        self.bucket.take(level, now_ns, 1.0, self.floors[p.index()]).ok()
     }
 
-    /// The state after a waiter of class `p` left without a token (expired, shed, disconnected).
-    pub fn leave(&self, s: Shared, p: Priority) -> Shared {
-        let mut waiting = s.waiting;
-        waiting[p.index()] = waiting[p.index()].saturating_sub(1);
-        Shared { waiting, ..s }
+    /// Takes a token for the half-open probe if there is any at all; the probe goes regardless,
+    /// because everything else waits for its answer.
+    pub fn probe(&self, level: Level, now_ns: u64) -> Level {
+        self.bucket.take(level, now_ns, 1.0, 0.0).unwrap_or_else(|_| self.bucket.refill(level, now_ns))
     }
 
     /// Roughly how long a new waiter of class `p` would wait: until the first token for its class
     /// (and at least `hold_ns`), then its turn among the waiters ahead of it, released at its
     /// weighted share of the rate.
-    pub fn expected_wait_ns(&self, s: &Shared, p: Priority, hold_ns: u64) -> u64 {
-        let first = self.bucket.wait_ns(s.bucket, 1.0, self.floors[p.index()]).max(hold_ns);
-        let ahead = f64::from(s.waiting[p.index()]);
+    pub fn expected_wait_ns(&self, level: &Level, waiting: &[u32; 4], p: Priority, hold_ns: u64) -> u64 {
+        let first = self.bucket.wait_ns(*level, 1.0, self.floors[p.index()]).max(hold_ns);
+        let ahead = f64::from(waiting[p.index()]);
         let competing: f64 = Priority::ALL
             .iter()
-            .filter(|&&q| q == p || s.waiting[q.index()] > 0)
+            .filter(|&&q| q == p || waiting[q.index()] > 0)
             .map(|q| self.weights[q.index()])
             .sum();
         // ahead / (rate * weight / competing), ordered to keep exact values exact.
@@ -144,42 +156,89 @@ impl Policy {
     }
 }
 
-impl crate::store::Stored for Shared {
-    fn to_bytes(&self) -> Vec<u8> {
-        self.encode().to_vec()
-    }
-    fn from_bytes(b: &[u8]) -> Option<Self> {
-        Self::decode(b)
-    }
+/// Whether an entry written at `seen_ms` still counts at `now_ms`.
+fn live(seen_ms: u64, now_ms: u64) -> bool {
+    seen_ms.abs_diff(now_ms) <= LIVE_MS
 }
 
-impl Shared {
-    pub const ENCODED_LEN: usize = 32;
-
-    pub fn new(bucket: bucket::State) -> Shared {
-        Shared { bucket, waiting: [0; 4] }
+impl SharedBucket {
+    pub fn new(level: Level) -> SharedBucket {
+        SharedBucket { level, waiters: Vec::new() }
     }
 
-    pub fn encode(&self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        out[..16].copy_from_slice(&self.bucket.encode());
-        for (i, w) in self.waiting.iter().enumerate() {
-            out[16 + 4 * i..20 + 4 * i].copy_from_slice(&w.to_le_bytes());
+    /// Requests waiting per class process-wide at `now_ms`: every live entry, with this worker's
+    /// own entry replaced by `own` (its queue, which it knows exactly).
+    pub fn waiting(&self, worker: u64, own: [u32; 4], now_ms: u64) -> [u32; 4] {
+        let mut sum = own;
+        for e in self.waiters.iter().filter(|e| e.worker != worker && live(e.seen_ms, now_ms)) {
+            for (s, c) in sum.iter_mut().zip(e.counts) {
+                *s = s.saturating_add(c);
+            }
+        }
+        sum
+    }
+
+    /// This worker's entry set to `own` as of `now_ms` (removed when it has no waiters), and
+    /// entries that are no longer live dropped.
+    pub fn with_worker(mut self, worker: u64, own: [u32; 4], now_ms: u64) -> SharedBucket {
+        self.waiters.retain(|e| e.worker != worker && live(e.seen_ms, now_ms));
+        if own != [0; 4] {
+            self.waiters.push(WaiterEntry { worker, seen_ms: now_ms, counts: own });
+        }
+        if self.waiters.len() > MAX_ENTRIES {
+            self.waiters.sort_by_key(|e| std::cmp::Reverse(e.seen_ms));
+            self.waiters.truncate(MAX_ENTRIES);
+        }
+        self
+    }
+
+    /// What this worker last wrote for itself, if its entry is there.
+    pub fn own(&self, worker: u64) -> Option<&WaiterEntry> {
+        self.waiters.iter().find(|e| e.worker == worker)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Level::ENCODED_LEN + 32 * self.waiters.len());
+        out.extend_from_slice(&self.level.encode());
+        for e in &self.waiters {
+            out.extend_from_slice(&e.worker.to_le_bytes());
+            out.extend_from_slice(&e.seen_ms.to_le_bytes());
+            for c in e.counts {
+                out.extend_from_slice(&c.to_le_bytes());
+            }
         }
         out
     }
 
     /// `None` for anything that is not a value this module wrote.
-    pub fn decode(bytes: &[u8]) -> Option<Shared> {
-        if bytes.len() != Self::ENCODED_LEN {
+    pub fn decode(bytes: &[u8]) -> Option<SharedBucket> {
+        let level = Level::decode(bytes.get(..Level::ENCODED_LEN)?)?;
+        let rest = bytes.get(Level::ENCODED_LEN..)?;
+        if rest.len() % 32 != 0 || rest.len() / 32 > MAX_ENTRIES {
             return None;
         }
-        let bucket = bucket::State::decode(bytes.get(..16)?)?;
-        let mut waiting = [0u32; 4];
-        for (i, w) in waiting.iter_mut().enumerate() {
-            *w = u32::from_le_bytes(bytes.get(16 + 4 * i..20 + 4 * i)?.try_into().ok()?);
-        }
-        Some(Shared { bucket, waiting })
+        let u64_at = |c: &[u8], i: usize| Some(u64::from_le_bytes(c.get(i..i + 8)?.try_into().ok()?));
+        let u32_at = |c: &[u8], i: usize| Some(u32::from_le_bytes(c.get(i..i + 4)?.try_into().ok()?));
+        let waiters = rest
+            .chunks_exact(32)
+            .map(|c| {
+                Some(WaiterEntry {
+                    worker: u64_at(c, 0)?,
+                    seen_ms: u64_at(c, 8)?,
+                    counts: [u32_at(c, 16)?, u32_at(c, 20)?, u32_at(c, 24)?, u32_at(c, 28)?],
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(SharedBucket { level, waiters })
+    }
+}
+
+impl crate::store::Stored for SharedBucket {
+    fn to_bytes(&self) -> Vec<u8> {
+        self.encode()
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        Self::decode(b)
     }
 }
 
@@ -192,117 +251,129 @@ mod tests {
 
     const SEC: u64 = 1_000_000_000;
 
-    fn policy(json: &str) -> Policy {
-        Policy::new(&Config::parse(json.as_bytes()).unwrap())
+    fn rules(json: &str) -> AdmissionRules {
+        AdmissionRules::new(&Config::parse(json.as_bytes()).unwrap())
     }
 
-    fn state(tokens: f64, waiting: [u32; 4]) -> Shared {
-        Shared { bucket: bucket::State { tokens, at_ns: 0 }, waiting }
+    fn level(tokens: f64) -> Level {
+        Level { tokens, at_ns: 0 }
     }
 
     #[test]
     fn admits_while_tokens_last_then_queues() {
-        let p = policy("{}");
-        let (d, s) = p.arrive(state(21.0, [0; 4]), Normal, 0, 0, None);
+        let r = rules("{}");
+        let (d, l) = r.arrive(level(21.0), [0; 4], Normal, 0, 0, None);
         assert_eq!(d, Arrival::Admit);
-        assert_eq!(s.bucket.tokens, 20.0);
-        let (d, s) = p.arrive(s, Normal, 0, 0, None);
+        assert_eq!(l.tokens, 20.0);
+        let (d, l) = r.arrive(l, [0; 4], Normal, 0, 0, None);
         assert_eq!(d, Arrival::Wait);
-        assert_eq!(s.waiting, [0, 0, 1, 0]);
-        assert_eq!(s.bucket.tokens, 20.0);
+        assert_eq!(l.tokens, 20.0);
     }
 
     #[test]
     fn newcomers_do_not_jump_ahead_of_waiters_who_could_use_the_token() {
-        let p = policy("{}");
+        let r = rules("{}");
         // One token above the reserve and a NORMAL waiter: a NORMAL newcomer must queue.
-        let (d, _) = p.arrive(state(21.0, [0, 0, 1, 0]), Normal, 0, 0, None);
-        assert_eq!(d, Arrival::Wait);
+        assert_eq!(r.arrive(level(21.0), [0, 0, 1, 0], Normal, 0, 0, None).0, Arrival::Wait);
         // Only the reserve left: LOW waiters cannot use it, so CRITICAL goes straight through.
-        let (d, s) = p.arrive(state(20.0, [0, 0, 0, 7]), Critical, 0, 0, None);
+        let (d, l) = r.arrive(level(20.0), [0, 0, 0, 7], Critical, 0, 0, None);
         assert_eq!(d, Arrival::Admit);
-        assert_eq!(s.bucket.tokens, 19.0);
+        assert_eq!(l.tokens, 19.0);
     }
 
     #[test]
     fn a_wait_longer_than_the_class_maximum_is_refused_at_once() {
-        let p = policy(r#"{"bucket":{"refill_rate":1},"priorities":{"LOW":{"max_wait_ms":5000}}}"#);
+        let r = rules(r#"{"bucket":{"refill_rate":1},"priorities":{"LOW":{"max_wait_ms":5000}}}"#);
         // LOW needs the reserve (20) refilled plus one token: 21 s at 1/s.
-        let (d, _) = p.arrive(state(0.0, [0; 4]), Low, 0, 0, None);
+        let (d, _) = r.arrive(level(0.0), [0; 4], Low, 0, 0, None);
         assert_eq!(d, Arrival::Reject { reason: Reason::NoToken, wait_ns: 21 * SEC });
         // CRITICAL may spend the reserve: one token in 1 s, within its 30 s.
-        let (d, _) = p.arrive(state(0.0, [0; 4]), Critical, 0, 0, None);
-        assert_eq!(d, Arrival::Wait);
+        assert_eq!(r.arrive(level(0.0), [0; 4], Critical, 0, 0, None).0, Arrival::Wait);
     }
 
     #[test]
     fn a_provider_hold_queues_newcomers_even_with_tokens_left() {
-        let p = policy("{}");
-        let (d, s) = p.arrive(state(100.0, [0; 4]), Normal, 0, 2 * SEC, None);
+        let r = rules("{}");
+        let (d, l) = r.arrive(level(100.0), [0; 4], Normal, 0, 2 * SEC, None);
         assert_eq!(d, Arrival::Wait);
-        assert_eq!(s.bucket.tokens, 100.0);
+        assert_eq!(l.tokens, 100.0);
         // A hold longer than the class may wait is refused at once, saying why.
-        let (d, _) = p.arrive(state(100.0, [0; 4]), Normal, 0, 60 * SEC, None);
+        let (d, _) = r.arrive(level(100.0), [0; 4], Normal, 0, 60 * SEC, None);
         assert_eq!(d, Arrival::Reject { reason: Reason::ProviderHold, wait_ns: 60 * SEC });
     }
 
     #[test]
     fn queue_disabled_rejects_with_the_time_to_the_next_token() {
-        let p = policy(r#"{"queue":{"enabled":false}}"#);
-        let (d, _) = p.arrive(state(20.5, [0; 4]), Normal, 0, 0, None);
+        let r = rules(r#"{"queue":{"enabled":false}}"#);
+        let (d, _) = r.arrive(level(20.5), [0; 4], Normal, 0, 0, None);
         assert_eq!(d, Arrival::Reject { reason: Reason::NoToken, wait_ns: SEC / 20 });
     }
 
     #[test]
     fn a_full_class_queue_refuses() {
-        let p = policy(r#"{"priorities":{"HIGH":{"queue_limit":2}}}"#);
-        let (d, _) = p.arrive(state(0.0, [0, 2, 0, 0]), High, 0, 0, None);
+        let r = rules(r#"{"priorities":{"HIGH":{"queue_limit":2}}}"#);
+        let (d, _) = r.arrive(level(0.0), [0, 2, 0, 0], High, 0, 0, None);
         assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
     }
 
     #[test]
     fn a_full_waiting_budget_sheds_a_less_important_local_waiter() {
-        let p = policy(r#"{"queue":{"max_waiting":3}}"#);
-        let full = state(0.0, [0, 0, 1, 2]);
-        let (d, s) = p.arrive(full, Critical, 0, 0, Some(Low));
-        assert_eq!(d, Arrival::WaitEvicting { victim: Low });
-        assert_eq!(s.waiting, [1, 0, 1, 1]);
+        let r = rules(r#"{"queue":{"max_waiting":3}}"#);
+        let full = [0, 0, 1, 2];
+        assert_eq!(r.arrive(level(0.0), full, Critical, 0, 0, Some(Low)).0, Arrival::WaitEvicting { victim: Low });
         // Nothing less important on this worker: refuse.
-        let (d, _) = p.arrive(full, Critical, 0, 0, None);
+        let (d, _) = r.arrive(level(0.0), full, Critical, 0, 0, None);
         assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
         // LOW never sheds LOW.
-        let (d, _) = p.arrive(full, Low, 0, 0, Some(Low));
+        let (d, _) = r.arrive(level(0.0), full, Low, 0, 0, Some(Low));
         assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
     }
 
     #[test]
     fn expected_wait_counts_the_waiters_ahead_at_the_class_share() {
-        let p = policy(r#"{"bucket":{"refill_rate":10,"burst_allowance":0}}"#);
-        let s = state(0.0, [0, 0, 10, 0]);
+        let r = rules(r#"{"bucket":{"refill_rate":10,"burst_allowance":0}}"#);
         // 0.1 s to the first token, then 10 NORMAL waiters ahead at the full rate: 1 s.
-        assert_eq!(p.expected_wait_ns(&s, Normal, 0), 11 * SEC / 10);
+        assert_eq!(r.expected_wait_ns(&level(0.0), &[0, 0, 10, 0], Normal, 0), 11 * SEC / 10);
         // With CRITICAL (5) also waiting, NORMAL (1) gets a sixth of the rate.
-        let s = state(0.0, [3, 0, 10, 0]);
-        assert_eq!(p.expected_wait_ns(&s, Normal, 0), SEC / 10 + 6 * SEC);
+        assert_eq!(r.expected_wait_ns(&level(0.0), &[3, 0, 10, 0], Normal, 0), SEC / 10 + 6 * SEC);
     }
 
     #[test]
-    fn release_and_leave_keep_the_counts() {
-        let p = policy("{}");
-        let s = state(21.0, [0, 0, 2, 0]);
-        let s = p.release(s, Normal, 0).unwrap();
-        assert_eq!((s.bucket.tokens, s.waiting), (20.0, [0, 0, 1, 0]));
-        assert_eq!(p.release(s, Normal, 0), None);
-        assert!(p.release(s, High, 0).is_some());
-        assert_eq!(p.leave(s, Normal).waiting, [0; 4]);
-        assert_eq!(p.leave(p.leave(s, Normal), Normal).waiting, [0; 4]);
+    fn release_respects_the_reserve_and_the_probe_always_goes() {
+        let r = rules("{}");
+        let l = r.release(level(21.0), Normal, 0).unwrap();
+        assert_eq!(l.tokens, 20.0);
+        assert_eq!(r.release(l, Normal, 0), None);
+        assert!(r.release(l, High, 0).is_some());
+        assert_eq!(r.probe(level(0.5), 0).tokens, 0.5, "no token: the probe goes without one");
+        assert_eq!(r.probe(level(3.0), 0).tokens, 2.0);
     }
 
     #[test]
-    fn shared_state_round_trips_and_rejects_garbage() {
-        let s = Shared { bucket: bucket::State { tokens: 3.5, at_ns: 9 * SEC }, waiting: [1, 2, 3, 4] };
-        assert_eq!(Shared::decode(&s.encode()), Some(s));
-        assert_eq!(Shared::decode(&s.encode()[..16]), None);
-        assert_eq!(Shared::decode(b"garbage"), None);
+    fn waiter_counts_are_per_worker_and_heal_when_an_owner_goes_quiet() {
+        let b = SharedBucket::new(level(0.0));
+        let b = b.with_worker(1, [0, 0, 2, 0], 1_000).with_worker(2, [1, 0, 0, 3], 1_000);
+        assert_eq!(b.waiting(9, [0; 4], 1_000), [1, 0, 2, 3]);
+        // Each worker's own queue replaces what it wrote: a lost update is no drift.
+        assert_eq!(b.waiting(1, [0, 0, 5, 0], 1_000), [1, 0, 5, 3]);
+        // Worker 2 stops refreshing (a restarted VM): after LIVE_MS it no longer counts...
+        assert_eq!(b.waiting(9, [0; 4], 1_000 + LIVE_MS + 1), [0, 0, 2, 0].map(|_| 0));
+        let b = b.with_worker(1, [0, 0, 2, 0], 1_500);
+        assert_eq!(b.waiting(9, [0; 4], 2_001), [0, 0, 2, 0]);
+        // ...and the next writer drops it. A worker with no waiters has no entry.
+        let b = b.with_worker(1, [0; 4], 2_001);
+        assert!(b.waiters.is_empty());
+        // A clock step back does not keep dead entries alive forever either.
+        let b = SharedBucket::new(level(0.0)).with_worker(3, [1, 0, 0, 0], 10_000);
+        assert_eq!(b.waiting(9, [0; 4], 5_000), [0; 4]);
+    }
+
+    #[test]
+    fn shared_value_round_trips_and_rejects_garbage() {
+        let b = SharedBucket::new(Level { tokens: 3.5, at_ns: 9 * SEC }).with_worker(7, [1, 2, 3, 4], 5);
+        assert_eq!(SharedBucket::decode(&b.encode()), Some(b.clone()));
+        assert_eq!(SharedBucket::decode(&b.encode()[..20]), None);
+        assert_eq!(SharedBucket::decode(b"garbage"), None);
+        assert_eq!(SharedBucket::decode(&vec![0u8; 16 + 32 * 65]), None);
     }
 }

@@ -1,15 +1,19 @@
 //! What the provider's answers say about its quota, kept per provider in shared data so every
 //! worker acts on it: the adaptive circuit breaker and the hold until a reset.
 //!
-//! - A 429 whose remaining quota is below `safe_threshold` (or unknown) trips the breaker until
-//!   the reset instant: new requests fail fast with a precise `Retry-After`. After the reset one
-//!   probe goes first (half-open); its success closes the breaker, a 429 opens it again.
+//! One exhausted window is one event, however many answers report it:
+//! - A 429 with the quota gone (below `safe_threshold`, or unknown) trips the breaker until the
+//!   provider's reset. 429s that arrive while it is open answer requests admitted before the trip:
+//!   they may move the reset to a later instant the provider names, never add a trip or back-off.
 //! - A 429 with quota left, or a success that reports the quota used up, holds requests until the
-//!   reset instead: they wait in the queue rather than fail.
-//! - A success reporting remaining quota below `throttle_below` spaces requests out so the rest of
-//!   the quota lasts until the reset.
+//!   reset instead (they wait rather than fail). A 429 during a hold is the same event.
+//! - After the reset one probe goes first (half-open). Only the probe's answer counts: its
+//!   success closes the breaker, its 429 opens it again. Answers to older requests change
+//!   nothing. Back-off for 429s without timing doubles only when a probe fails.
 //! - Terminal quotas (insufficient_quota, spend limits, daily caps) open the breaker with
 //!   `terminal` set, so clients are told not to retry.
+//! - A success reporting remaining quota below `throttle_below` spaces requests out so the rest of
+//!   the quota lasts until the reset.
 
 use crate::signals::Signals;
 
@@ -24,140 +28,236 @@ pub enum Mode {
 
 /// The shared per-provider state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct State {
+pub struct ProviderState {
     pub mode: Mode,
     /// No request goes upstream before this instant (epoch ms): open breaker or a hold.
     pub until_ms: u64,
-    /// When the half-open probe was let through.
+    /// When the current half-open probe was let through.
     pub probe_ms: u64,
+    /// Number of the latest probe: an answer carrying it is the probe's.
+    pub probe: u32,
     /// The block is a terminal quota: clients must not retry soon.
     pub terminal: bool,
-    /// Trips in a row without a success, for the back-off when a 429 gives no timing.
-    pub trips: u32,
+    /// Probes in a row that failed, for the back-off when a 429 gives no timing.
+    pub failed_probes: u32,
+    /// A hold or trip ended at `until_ms`; the first answer after it tells whether that reset
+    /// was accurate.
+    pub checking: bool,
 }
 
 /// What an arriving or waiting request may do now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gate {
     Pass,
-    /// Pass as the one half-open probe.
-    Probe,
+    /// Pass as half-open probe number `probe`, ahead of everything held for it.
+    Probe { probe: u32 },
     /// Hold until `until_ms` (wait in the queue if that fits, else a local 429).
-    Hold {
-        until_ms: u64,
-    },
-    /// Fail fast: the breaker is open until `until_ms`.
-    Open {
-        until_ms: u64,
-        terminal: bool,
-    },
+    Hold { until_ms: u64 },
+    /// The breaker is open until `until_ms` (wait if that fits; terminal quotas fail fast).
+    Open { until_ms: u64, terminal: bool },
 }
 
-/// What a provider response did, for stats and the rewritten 429.
+impl Gate {
+    /// Nothing may go upstream before this instant (epoch ms); 0 when requests may pass.
+    pub fn not_before_ms(self) -> u64 {
+        match self {
+            Gate::Pass | Gate::Probe { .. } => 0,
+            Gate::Hold { until_ms } | Gate::Open { until_ms, .. } => until_ms,
+        }
+    }
+}
+
+/// What a provider answer did, for stats and the rewritten 429.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Verdict {
     /// When a retry can succeed (epoch ms), for a 429's `Retry-After`.
     pub retry_at_ms: Option<u64>,
+    /// The breaker opened (a trip, or a failed probe).
     pub tripped: bool,
     pub terminal: bool,
     /// A success reported the quota used up or nearly so: requests are held or spaced.
     pub throttled: bool,
     /// The half-open probe succeeded and closed the breaker.
     pub closed: bool,
+    /// First answer after a hold or trip: `true` if it succeeded (our reset was right), `false`
+    /// if it was a 429 again (our reset was early).
+    pub reset_accurate: Option<bool>,
+    /// How far a later answer placed the reset from the one we used.
+    pub reset_error_ms: Option<u64>,
 }
 
 /// The breaker's knobs.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Policy {
+pub struct BreakerRules {
     pub safe_threshold: f64,
     pub throttle_below: f64,
     /// Longest wait a provider may ask for before it counts as terminal.
     pub max_wait_ms: u64,
     /// How long a probe may take before another is let through.
     pub probe_timeout_ms: u64,
-    /// Back-off when a 429 says nothing about timing: doubles per trip up to the max.
+    /// Back-off when a 429 says nothing about timing: doubles per failed probe up to the max.
     pub backoff_ms: u64,
     pub max_backoff_ms: u64,
     /// How long a terminal quota with no reset blocks.
     pub terminal_block_ms: u64,
 }
 
-impl Policy {
+/// Longest a request is held while the probe is out before it is told to retry.
+const PROBE_HOLD_MS: u64 = 1000;
+
+impl BreakerRules {
     /// Decides for a request at `now_ms`; returns the new state to write, if it changed.
-    pub fn gate(&self, s: State, now_ms: u64) -> (Gate, Option<State>) {
+    pub fn gate(&self, s: ProviderState, now_ms: u64) -> (Gate, Option<ProviderState>) {
         match s.mode {
             Mode::Closed if now_ms < s.until_ms => (Gate::Hold { until_ms: s.until_ms }, None),
             Mode::Closed => (Gate::Pass, None),
             Mode::Open if now_ms < s.until_ms => (Gate::Open { until_ms: s.until_ms, terminal: s.terminal }, None),
             Mode::HalfOpen if now_ms < s.probe_ms.saturating_add(self.probe_timeout_ms) => {
-                // The probe is out: others wait for its answer.
-                (Gate::Hold { until_ms: now_ms + 1000 }, None)
+                // The probe is out: the others wait for its answer.
+                let until_ms = now_ms.saturating_add(PROBE_HOLD_MS).min(s.probe_ms.saturating_add(self.probe_timeout_ms));
+                (Gate::Hold { until_ms }, None)
             }
             Mode::Open | Mode::HalfOpen => {
-                (Gate::Probe, Some(State { mode: Mode::HalfOpen, probe_ms: now_ms, terminal: false, ..s }))
+                let probe = s.probe.wrapping_add(1);
+                let next = ProviderState { mode: Mode::HalfOpen, probe_ms: now_ms, probe, terminal: false, ..s };
+                (Gate::Probe { probe }, Some(next))
             }
         }
     }
 
-    /// Updates the state from one provider response with `status` and parsed `signals`.
-    pub fn observe(&self, s: State, status: u16, signals: &Signals, now_ms: u64) -> (Verdict, State) {
-        let retry_at = signals.retry_at().filter(|&t| t > now_ms);
-        if status == 429 || signals.throttled || signals.terminal.is_some() {
-            return self.limited(s, signals, retry_at, now_ms);
-        }
-        if status >= 500 {
+    /// Updates the state from one provider answer with `status` and parsed `signals`. `probe` is
+    /// the probe number the request carried, if it was let through as a probe.
+    pub fn observe(
+        &self,
+        s: ProviderState,
+        status: u16,
+        signals: &Signals,
+        probe: Option<u32>,
+        now_ms: u64,
+    ) -> (Verdict, ProviderState) {
+        let limited = status == 429 || signals.throttled || signals.terminal.is_some();
+        if !limited && status >= 500 {
             return (Verdict::default(), s);
         }
-        let mut v = Verdict { closed: s.mode == Mode::HalfOpen, ..Verdict::default() };
-        let mut next = State { mode: Mode::Closed, trips: 0, terminal: false, ..s };
-        if s.mode != Mode::Closed {
-            next.until_ms = 0;
+        let is_probe = s.mode == Mode::HalfOpen && probe == Some(s.probe);
+        let mut v = Verdict::default();
+        let mut s = s;
+        if s.checking && (is_probe || (s.mode == Mode::Closed && now_ms >= s.until_ms)) {
+            v.reset_accurate = Some(!limited);
+            s.checking = false;
+        }
+        if limited {
+            return self.limited(s, signals, is_probe, now_ms, v);
+        }
+        match s.mode {
+            // Answers to requests admitted before the trip: the breaker stays as it is.
+            Mode::Open => return (v, s),
+            Mode::HalfOpen if !is_probe => return (v, s),
+            Mode::HalfOpen => {
+                v.closed = true;
+                s = ProviderState { mode: Mode::Closed, until_ms: 0, terminal: false, failed_probes: 0, ..s };
+            }
+            Mode::Closed => {}
         }
         let exhausted = signals.remaining_requests == Some(0) || signals.remaining_tokens == Some(0);
+        let retry_at = signals.retry_at().filter(|&t| t > now_ms);
         let reset = signals.requests_reset_ms.max(signals.tokens_reset_ms).filter(|&t| t > now_ms);
         if let (true, Some(at)) = (exhausted, retry_at.or(reset)) {
             // Used up: nothing more fits before the reset.
-            next.until_ms = next.until_ms.max(at.min(now_ms.saturating_add(self.max_wait_ms)));
+            let at = at.min(now_ms.saturating_add(self.max_wait_ms));
+            if at > s.until_ms {
+                s.until_ms = at;
+                s.checking = true;
+            }
             v.throttled = true;
         } else if let (Some(f), Some(at)) = (signals.remaining_fraction(), reset) {
             if f < self.throttle_below {
                 // Spread what is left evenly until the reset.
                 let left = signals.remaining_requests.into_iter().chain(signals.remaining_tokens).min().unwrap_or(1);
                 let gap = (at - now_ms) / left.max(1);
-                next.until_ms = next.until_ms.max(now_ms.saturating_add(gap));
+                s.until_ms = s.until_ms.max(now_ms.saturating_add(gap));
                 v.throttled = true;
             }
         }
+        (v, s)
+    }
+
+    fn limited(
+        &self,
+        s: ProviderState,
+        signals: &Signals,
+        is_probe: bool,
+        now_ms: u64,
+        mut v: Verdict,
+    ) -> (Verdict, ProviderState) {
+        let retry_at = signals.retry_at().filter(|&t| t > now_ms);
+        let terminal = signals.terminal.is_some() || retry_at.is_some_and(|t| t - now_ms > self.max_wait_ms);
+        // The provider's own timing: an explicit retry instant, else the nearest reset it named.
+        let nearest_reset =
+            [signals.requests_reset_ms, signals.tokens_reset_ms].into_iter().flatten().filter(|&t| t > now_ms).min();
+        let stated = retry_at.or(nearest_reset).filter(|_| !terminal);
+        if let Some(t) = stated.filter(|_| s.until_ms > 0 && (s.mode != Mode::Closed || now_ms < s.until_ms || is_probe)) {
+            v.reset_error_ms = Some(t.abs_diff(s.until_ms));
+        }
+        let open = |until_ms: u64, failed_probes: u32| ProviderState {
+            mode: Mode::Open,
+            until_ms,
+            terminal,
+            failed_probes,
+            checking: !terminal,
+            ..s
+        };
+        let (v, next) = if terminal {
+            let until = retry_at.unwrap_or(now_ms.saturating_add(self.terminal_block_ms));
+            v.tripped = !(s.mode == Mode::Open && s.terminal);
+            (v, open(until.max(s.until_ms), s.failed_probes))
+        } else {
+            match s.mode {
+                Mode::Open => {
+                    // The same exhausted window: only the provider's timing may move the reset.
+                    let until = stated.map_or(s.until_ms, |t| t.max(s.until_ms));
+                    (v, ProviderState { until_ms: until, ..s })
+                }
+                Mode::HalfOpen if !is_probe => (v, s),
+                Mode::HalfOpen => {
+                    // The probe failed: open again; only now does the back-off grow.
+                    let failed = s.failed_probes.saturating_add(1);
+                    v.tripped = true;
+                    (v, open(stated.unwrap_or(now_ms.saturating_add(self.backoff(failed))), failed))
+                }
+                Mode::Closed => {
+                    let holding = now_ms < s.until_ms;
+                    let quota_left = signals.remaining_fraction().is_some_and(|f| f >= self.safe_threshold)
+                        && signals.remaining_requests != Some(0)
+                        && signals.remaining_tokens != Some(0);
+                    if holding || quota_left {
+                        // A short back-off, or answers to requests admitted before the hold: hold
+                        // (do not fail) until the provider's reset.
+                        let until = stated.unwrap_or(now_ms.saturating_add(self.backoff(0)));
+                        let until = if holding { until.max(s.until_ms) } else { until };
+                        (v, ProviderState { until_ms: until, checking: true, ..s })
+                    } else {
+                        v.tripped = true;
+                        (v, open(stated.unwrap_or(now_ms.saturating_add(self.backoff(s.failed_probes))), s.failed_probes))
+                    }
+                }
+            }
+        };
+        let v = Verdict {
+            retry_at_ms: Some(next.until_ms.max(now_ms.saturating_add(1))),
+            terminal,
+            ..v
+        };
         (v, next)
     }
 
-    fn limited(&self, s: State, signals: &Signals, retry_at: Option<u64>, now_ms: u64) -> (Verdict, State) {
-        let terminal = signals.terminal.is_some() || retry_at.is_some_and(|t| t - now_ms > self.max_wait_ms);
-        let quota_left = signals.remaining_fraction().is_some_and(|f| f >= self.safe_threshold)
-            && signals.remaining_requests != Some(0)
-            && signals.remaining_tokens != Some(0);
-        let backoff = self.backoff_ms.saturating_mul(1u64 << s.trips.min(20)).min(self.max_backoff_ms);
-        // No exhausted dimension named a time: the nearest reset the provider mentioned.
-        let nearest_reset =
-            [signals.requests_reset_ms, signals.tokens_reset_ms].into_iter().flatten().filter(|&t| t > now_ms).min();
-        let until = match retry_at.or(nearest_reset) {
-            Some(t) => t,
-            None if terminal => now_ms.saturating_add(self.terminal_block_ms),
-            None => now_ms.saturating_add(backoff),
-        };
-        let mut v = Verdict { retry_at_ms: Some(until), terminal, ..Verdict::default() };
-        if quota_left && !terminal && s.mode == Mode::Closed {
-            // Quota left: this is a short back-off, not an outage. Hold, do not fail.
-            return (v, State { until_ms: s.until_ms.max(until), ..s });
-        }
-        // Only a change of position is a trip; a later answer may move the reset instant.
-        v.tripped = s.mode != Mode::Open;
-        let next = State { mode: Mode::Open, until_ms: until, probe_ms: 0, terminal, trips: s.trips.saturating_add(1) };
-        (v, next)
+    /// Back-off after `failed` probes in a row: doubles each time, capped.
+    fn backoff(&self, failed: u32) -> u64 {
+        self.backoff_ms.saturating_mul(1u64 << failed.min(20)).min(self.max_backoff_ms)
     }
 }
 
-impl crate::store::Stored for State {
+impl crate::store::Stored for ProviderState {
     fn to_bytes(&self) -> Vec<u8> {
         self.encode().to_vec()
     }
@@ -166,21 +266,23 @@ impl crate::store::Stored for State {
     }
 }
 
-impl State {
-    pub const ENCODED_LEN: usize = 24;
+impl ProviderState {
+    pub const ENCODED_LEN: usize = 32;
 
-    pub fn encode(&self) -> [u8; 24] {
-        let mut out = [0u8; 24];
+    pub fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
         out[0] = self.mode as u8;
         out[1] = self.terminal as u8;
-        out[4..8].copy_from_slice(&self.trips.to_le_bytes());
+        out[2] = self.checking as u8;
+        out[4..8].copy_from_slice(&self.failed_probes.to_le_bytes());
         out[8..16].copy_from_slice(&self.until_ms.to_le_bytes());
         out[16..24].copy_from_slice(&self.probe_ms.to_le_bytes());
+        out[24..28].copy_from_slice(&self.probe.to_le_bytes());
         out
     }
 
     /// `None` for anything that is not a state this module wrote.
-    pub fn decode(b: &[u8]) -> Option<State> {
+    pub fn decode(b: &[u8]) -> Option<ProviderState> {
         if b.len() != Self::ENCODED_LEN {
             return None;
         }
@@ -190,12 +292,16 @@ impl State {
             2 => Mode::HalfOpen,
             _ => return None,
         };
-        Some(State {
+        let u32_at = |i: usize| Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?));
+        let u64_at = |i: usize| Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?));
+        Some(ProviderState {
             mode,
             terminal: *b.get(1)? == 1,
-            trips: u32::from_le_bytes(b.get(4..8)?.try_into().ok()?),
-            until_ms: u64::from_le_bytes(b.get(8..16)?.try_into().ok()?),
-            probe_ms: u64::from_le_bytes(b.get(16..24)?.try_into().ok()?),
+            checking: *b.get(2)? == 1,
+            failed_probes: u32_at(4)?,
+            until_ms: u64_at(8)?,
+            probe_ms: u64_at(16)?,
+            probe: u32_at(24)?,
         })
     }
 }
@@ -209,8 +315,8 @@ mod tests {
 
     const NOW: u64 = 1_700_000_000_000;
 
-    fn policy() -> Policy {
-        Policy {
+    fn rules() -> BreakerRules {
+        BreakerRules {
             safe_threshold: 0.05,
             throttle_below: 0.1,
             max_wait_ms: 3_600_000,
@@ -230,107 +336,172 @@ mod tests {
         }
     }
 
+    fn exhausted(reset_in_ms: u64) -> Signals {
+        signals(Some(0), Some(100), Some(reset_in_ms))
+    }
+
+    /// Lets the probe through at `at`; returns its number and the half-open state.
+    fn probe(r: &BreakerRules, s: ProviderState, at: u64) -> (u32, ProviderState) {
+        match r.gate(s, at) {
+            (Gate::Probe { probe }, Some(next)) => (probe, next),
+            other => panic!("expected a probe, got {other:?}"),
+        }
+    }
+
     #[test]
     fn an_exhausted_429_trips_until_the_reset_then_one_probe_closes_it() {
-        let p = policy();
-        let (v, s) = p.observe(State::default(), 429, &signals(Some(0), Some(100), Some(5_000)), NOW);
+        let r = rules();
+        let (v, s) = r.observe(ProviderState::default(), 429, &exhausted(5_000), None, NOW);
         assert!(v.tripped && !v.terminal);
         assert_eq!(v.retry_at_ms, Some(NOW + 5_000));
-        assert_eq!(p.gate(s, NOW + 4_999).0, Gate::Open { until_ms: NOW + 5_000, terminal: false });
-        let (g, probe) = p.gate(s, NOW + 5_000);
-        assert_eq!(g, Gate::Probe);
-        let probe = probe.unwrap();
-        assert_eq!(probe.mode, Mode::HalfOpen);
+        assert_eq!(r.gate(s, NOW + 4_999).0, Gate::Open { until_ms: NOW + 5_000, terminal: false });
+        let (n, half) = probe(&r, s, NOW + 5_000);
+        assert_eq!(half.mode, Mode::HalfOpen);
         // Only one probe: the next request is held while it is out.
-        assert!(matches!(p.gate(probe, NOW + 5_001).0, Gate::Hold { .. }));
-        let (v, closed) = p.observe(probe, 200, &signals(Some(99), Some(100), Some(60_000)), NOW + 5_100);
+        assert!(matches!(r.gate(half, NOW + 5_001).0, Gate::Hold { .. }));
+        let (v, closed) = r.observe(half, 200, &signals(Some(99), Some(100), Some(60_000)), Some(n), NOW + 5_100);
         assert!(v.closed);
+        assert_eq!(v.reset_accurate, Some(true));
         assert_eq!(closed.mode, Mode::Closed);
-        assert_eq!(p.gate(closed, NOW + 5_101).0, Gate::Pass);
+        assert_eq!(r.gate(closed, NOW + 5_101).0, Gate::Pass);
+    }
+
+    #[test]
+    fn many_429s_for_one_exhausted_window_are_one_trip_bounded_by_the_reset() {
+        let r = rules();
+        let (v, mut s) = r.observe(ProviderState::default(), 429, &exhausted(2_990), None, NOW);
+        assert!(v.tripped);
+        for i in 1..8 {
+            let (v, next) = r.observe(s, 429, &exhausted(2_990 - i * 10), None, NOW + i * 10);
+            assert!(!v.tripped, "answer {i} is the same event");
+            assert_eq!(v.retry_at_ms, Some(NOW + 2_990));
+            s = next;
+        }
+        assert_eq!((s.mode, s.until_ms, s.failed_probes), (Mode::Open, NOW + 2_990, 0));
+        // 429s with no timing while open change nothing either.
+        assert_eq!(r.observe(s, 429, &Signals::default(), None, NOW + 100).1, s);
+    }
+
+    #[test]
+    fn only_the_probe_closes_the_breaker() {
+        let r = rules();
+        let (_, open) = r.observe(ProviderState::default(), 429, &exhausted(3_000), None, NOW);
+        // A success answering a request admitted before the trip.
+        assert_eq!(r.observe(open, 200, &Signals::default(), None, NOW + 10).1, open);
+        let (n, half) = probe(&r, open, NOW + 3_000);
+        assert_eq!(r.observe(half, 200, &Signals::default(), None, NOW + 3_010).1, half);
+        assert_eq!(r.observe(half, 200, &Signals::default(), Some(n.wrapping_sub(1)), NOW + 3_010).1, half);
+        assert_eq!(r.observe(half, 429, &Signals::default(), None, NOW + 3_010).1, half, "a stale 429");
+        assert!(r.observe(half, 200, &Signals::default(), Some(n), NOW + 3_010).0.closed);
     }
 
     #[test]
     fn a_failed_probe_opens_again_and_a_lost_probe_is_replaced() {
-        let p = policy();
-        let probe = State { mode: Mode::HalfOpen, probe_ms: NOW, ..State::default() };
-        let (v, s) = p.observe(probe, 429, &signals(Some(0), Some(100), Some(2_000)), NOW + 100);
+        let r = rules();
+        let (_, open) = r.observe(ProviderState::default(), 429, &exhausted(1_000), None, NOW);
+        let (n, half) = probe(&r, open, NOW + 1_000);
+        let (v, s) = r.observe(half, 429, &exhausted(3_000), Some(n), NOW + 1_100);
         assert!(v.tripped);
-        assert_eq!((s.mode, s.until_ms), (Mode::Open, NOW + 2_000));
-        assert_eq!(p.gate(probe, NOW + 10_000).0, Gate::Probe, "probe timed out");
+        assert_eq!(v.reset_accurate, Some(false), "our reset was early");
+        assert_eq!(v.reset_error_ms, Some(2_000));
+        assert_eq!((s.mode, s.until_ms), (Mode::Open, NOW + 3_000));
+        // A probe that never answers is replaced after the timeout, under a new number.
+        let (n2, half2) = probe(&r, half, NOW + 1_000 + 10_000);
+        assert_ne!(n2, n);
+        assert_eq!(r.observe(half2, 200, &Signals::default(), Some(n), NOW + 11_001).1, half2);
     }
 
     #[test]
-    fn a_429_with_quota_left_holds_instead_of_tripping() {
-        let p = policy();
-        let (v, s) = p.observe(State::default(), 429, &signals(Some(50), Some(100), Some(3_000)), NOW);
+    fn back_off_without_timing_grows_only_when_probes_fail() {
+        let r = rules();
+        let (v, mut s) = r.observe(ProviderState::default(), 429, &Signals::default(), None, NOW);
+        assert_eq!(v.retry_at_ms, Some(NOW + 1_000));
+        for _ in 0..5 {
+            s = r.observe(s, 429, &Signals::default(), None, NOW + 10).1;
+        }
+        assert_eq!(s.until_ms, NOW + 1_000, "answers while open do not grow it");
+        let mut at = NOW + 1_000;
+        for want in [2_000, 4_000, 8_000, 16_000, 32_000, 60_000, 60_000] {
+            let (n, half) = probe(&r, s, at);
+            s = r.observe(half, 429, &Signals::default(), Some(n), at).1;
+            assert_eq!(s.until_ms - at, want);
+            at = s.until_ms;
+        }
+        let (n, half) = probe(&r, s, at);
+        s = r.observe(half, 200, &Signals::default(), Some(n), at).1;
+        assert_eq!(r.observe(s, 429, &Signals::default(), None, at).1.until_ms, at + 1_000, "reset after success");
+    }
+
+    #[test]
+    fn a_429_with_quota_left_holds_and_later_429s_stay_in_the_hold() {
+        let r = rules();
+        let (v, s) = r.observe(ProviderState::default(), 429, &signals(Some(50), Some(100), Some(3_000)), None, NOW);
         assert!(!v.tripped);
         assert_eq!(s.mode, Mode::Closed);
-        assert_eq!(p.gate(s, NOW + 1).0, Gate::Hold { until_ms: NOW + 3_000 });
-        assert_eq!(p.gate(s, NOW + 3_000).0, Gate::Pass);
-    }
-
-    #[test]
-    fn a_429_without_timing_backs_off_exponentially() {
-        let p = policy();
-        let (v1, s1) = p.observe(State::default(), 429, &Signals::default(), NOW);
-        assert_eq!(v1.retry_at_ms, Some(NOW + 1_000));
-        let (v2, s2) = p.observe(s1, 429, &Signals::default(), NOW);
-        assert_eq!(v2.retry_at_ms, Some(NOW + 2_000));
-        let mut s = s2;
-        for _ in 0..30 {
-            s = p.observe(s, 429, &Signals::default(), NOW).1;
-        }
-        assert_eq!(s.until_ms, NOW + 60_000, "capped");
+        assert_eq!(r.gate(s, NOW + 1).0, Gate::Hold { until_ms: NOW + 3_000 });
+        let (v, s2) = r.observe(s, 429, &exhausted(3_000), None, NOW + 50);
+        assert!(!v.tripped, "an in-flight 429 during the hold");
+        assert_eq!(r.gate(s2, NOW + 3_000).0, Gate::Pass);
+        // The first answer after the hold says whether the reset was right.
+        assert_eq!(r.observe(s2, 200, &Signals::default(), None, NOW + 3_100).0.reset_accurate, Some(true));
     }
 
     #[test]
     fn terminal_quotas_block_long_and_say_so() {
-        let p = policy();
+        let r = rules();
         let sig = Signals { terminal: Some(Terminal::InsufficientQuota), ..Signals::default() };
-        let (v, s) = p.observe(State::default(), 429, &sig, NOW);
+        let (v, s) = r.observe(ProviderState::default(), 429, &sig, None, NOW);
         assert!(v.terminal && v.tripped);
-        assert_eq!(p.gate(s, NOW + 1).0, Gate::Open { until_ms: NOW + 3_600_000, terminal: true });
+        assert_eq!(r.gate(s, NOW + 1).0, Gate::Open { until_ms: NOW + 3_600_000, terminal: true });
+        assert!(!r.observe(s, 429, &sig, None, NOW + 2).0.tripped, "still the same event");
         // A wait longer than the cap is terminal too.
         let far = Signals { retry_at_ms: Some(NOW + 86_400_000), ..Signals::default() };
-        assert!(p.observe(State::default(), 429, &far, NOW).0.terminal);
+        assert!(r.observe(ProviderState::default(), 429, &far, None, NOW).0.terminal);
     }
 
     #[test]
     fn a_success_that_used_the_quota_up_holds_until_the_reset() {
-        let p = policy();
-        let (v, s) = p.observe(State::default(), 200, &signals(Some(0), Some(10), Some(4_000)), NOW);
+        let r = rules();
+        let (v, s) = r.observe(ProviderState::default(), 200, &signals(Some(0), Some(10), Some(4_000)), None, NOW);
         assert!(v.throttled);
-        assert_eq!(p.gate(s, NOW + 10).0, Gate::Hold { until_ms: NOW + 4_000 });
+        assert_eq!(r.gate(s, NOW + 10).0, Gate::Hold { until_ms: NOW + 4_000 });
     }
 
     #[test]
     fn low_remaining_quota_spaces_requests_until_the_reset() {
-        let p = policy();
+        let r = rules();
         // 5 of 100 left, reset in 10 s: one request every 2 s.
-        let (v, s) = p.observe(State::default(), 200, &signals(Some(5), Some(100), Some(10_000)), NOW);
+        let (v, s) = r.observe(ProviderState::default(), 200, &signals(Some(5), Some(100), Some(10_000)), None, NOW);
         assert!(v.throttled);
         assert_eq!(s.until_ms, NOW + 2_000);
-        // Plenty left: no throttling.
-        let (v, s) = p.observe(State::default(), 200, &signals(Some(50), Some(100), Some(10_000)), NOW);
+        let (v, s) = r.observe(ProviderState::default(), 200, &signals(Some(50), Some(100), Some(10_000)), None, NOW);
         assert!(!v.throttled);
-        assert_eq!(p.gate(s, NOW).0, Gate::Pass);
+        assert_eq!(r.gate(s, NOW).0, Gate::Pass);
     }
 
     #[test]
     fn server_errors_and_garbage_change_nothing() {
-        let p = policy();
-        let s = State::default();
-        assert_eq!(p.observe(s, 503, &Signals::default(), NOW).1, s);
-        assert_eq!(p.observe(s, 200, &Signals::default(), NOW).1, s);
+        let r = rules();
+        let s = ProviderState::default();
+        assert_eq!(r.observe(s, 503, &Signals::default(), None, NOW).1, s);
+        assert_eq!(r.observe(s, 200, &Signals::default(), None, NOW).1, s);
         // A reset in the past is no reason to hold.
-        assert_eq!(p.observe(s, 200, &signals(Some(0), Some(10), None), NOW).1, s);
+        assert_eq!(r.observe(s, 200, &signals(Some(0), Some(10), None), None, NOW).1, s);
     }
 
     #[test]
     fn state_round_trips_and_rejects_garbage() {
-        let s = State { mode: Mode::HalfOpen, until_ms: 5, probe_ms: 7, terminal: true, trips: 3 };
-        assert_eq!(State::decode(&s.encode()), Some(s));
-        assert_eq!(State::decode(&[9u8; 24]), None);
-        assert_eq!(State::decode(b"short"), None);
+        let s = ProviderState {
+            mode: Mode::HalfOpen,
+            until_ms: 5,
+            probe_ms: 7,
+            probe: 9,
+            terminal: true,
+            failed_probes: 3,
+            checking: true,
+        };
+        assert_eq!(ProviderState::decode(&s.encode()), Some(s));
+        assert_eq!(ProviderState::decode(&[9u8; 32]), None);
+        assert_eq!(ProviderState::decode(b"short"), None);
     }
 }

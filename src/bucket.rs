@@ -2,8 +2,8 @@
 //! data, so every worker spends from the same process-wide bucket.
 //!
 //! ```
-//! use llm_ratelimit::bucket::{Bucket, State};
-//! let bucket = Bucket::new(100, 10.0, 20);          // capacity, refill per second, burst reserve
+//! use llm_ratelimit::bucket::BucketRules;
+//! let bucket = BucketRules::new(100, 10.0, 20);     // capacity, refill per second, burst reserve
 //! let full = bucket.full(0);
 //! // A class that may not spend the reserve keeps `burst` tokens untouched:
 //! let after = bucket.take(full, 0, 1.0, bucket.reserve_floor(false)).unwrap();
@@ -15,10 +15,13 @@
 //! batch traffic cannot drain what user-facing traffic needs.
 
 const NANOS_PER_SEC: f64 = 1e9;
+/// How far behind the last update a clock reading may be and still count as the same instant:
+/// two workers read the clock a moment apart before racing to write. Further behind is a step.
+pub const CLOCK_JITTER_NS: u64 = 100_000_000;
 
 /// Bucket parameters, fixed by the configuration.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Bucket {
+pub struct BucketRules {
     /// Most tokens the bucket holds: capacity + burst.
     pub max: f64,
     /// Tokens no class without the burst may spend.
@@ -27,21 +30,21 @@ pub struct Bucket {
     pub rate: f64,
 }
 
-/// The shared state: tokens left at instant `at_ns` (Unix epoch nanoseconds).
+/// The bucket's level: tokens left at instant `at_ns` (Unix epoch nanoseconds).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct State {
+pub struct Level {
     pub tokens: f64,
     pub at_ns: u64,
 }
 
-impl Bucket {
-    pub fn new(capacity: u64, refill_per_sec: f64, burst: u64) -> Bucket {
-        Bucket { max: (capacity + burst) as f64, burst: burst as f64, rate: refill_per_sec }
+impl BucketRules {
+    pub fn new(capacity: u64, refill_per_sec: f64, burst: u64) -> BucketRules {
+        BucketRules { max: (capacity + burst) as f64, burst: burst as f64, rate: refill_per_sec }
     }
 
     /// A full bucket at `now_ns`: what the first request of the process finds.
-    pub fn full(&self, now_ns: u64) -> State {
-        State { tokens: self.max, at_ns: now_ns }
+    pub fn full(&self, now_ns: u64) -> Level {
+        Level { tokens: self.max, at_ns: now_ns }
     }
 
     /// The level below which a class may not spend.
@@ -53,34 +56,37 @@ impl Bucket {
         }
     }
 
-    /// The state brought forward to `now_ns`. A clock that went backwards adds nothing.
-    pub fn refill(&self, s: State, now_ns: u64) -> State {
+    /// The level brought forward to `now_ns`. A clock that went backwards adds nothing and, past
+    /// `CLOCK_JITTER_NS` (workers read the clock a moment apart), restarts the count from `now_ns`
+    /// so a step back does not stall the refill for as long as the step.
+    pub fn refill(&self, s: Level, now_ns: u64) -> Level {
         if now_ns <= s.at_ns {
-            return s;
+            let stepped_back = s.at_ns - now_ns > CLOCK_JITTER_NS;
+            return if stepped_back { Level { at_ns: now_ns, ..s } } else { s };
         }
         let elapsed = (now_ns - s.at_ns) as f64 / NANOS_PER_SEC;
-        State { tokens: (s.tokens + elapsed * self.rate).min(self.max), at_ns: now_ns }
+        Level { tokens: (s.tokens + elapsed * self.rate).min(self.max), at_ns: now_ns }
     }
 
     /// Takes `n` tokens without going below `floor`, or says how long until they exist.
-    pub fn take(&self, s: State, now_ns: u64, n: f64, floor: f64) -> Result<State, u64> {
+    pub fn take(&self, s: Level, now_ns: u64, n: f64, floor: f64) -> Result<Level, u64> {
         let s = self.refill(s, now_ns);
         if s.tokens - n >= floor - 1e-9 {
-            Ok(State { tokens: s.tokens - n, ..s })
+            Ok(Level { tokens: s.tokens - n, ..s })
         } else {
             Err(self.wait_ns(s, n, floor))
         }
     }
 
     /// Nanoseconds until `s` (already refilled) holds `n` tokens above `floor`.
-    pub fn wait_ns(&self, s: State, n: f64, floor: f64) -> u64 {
+    pub fn wait_ns(&self, s: Level, n: f64, floor: f64) -> u64 {
         let missing = (floor + n - s.tokens).max(0.0);
         // `as` saturates, so an absurd wait is u64::MAX, never a wrap to "now".
         (missing / self.rate * NANOS_PER_SEC).ceil() as u64
     }
 }
 
-impl State {
+impl Level {
     pub const ENCODED_LEN: usize = 16;
 
     pub fn encode(&self) -> [u8; 16] {
@@ -91,10 +97,10 @@ impl State {
     }
 
     /// `None` for anything that is not a state this module wrote.
-    pub fn decode(bytes: &[u8]) -> Option<State> {
+    pub fn decode(bytes: &[u8]) -> Option<Level> {
         let tokens = f64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
         let at_ns = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
-        (bytes.len() == Self::ENCODED_LEN && tokens.is_finite()).then_some(State { tokens, at_ns })
+        (bytes.len() == Self::ENCODED_LEN && tokens.is_finite()).then_some(Level { tokens, at_ns })
     }
 }
 
@@ -107,7 +113,7 @@ mod tests {
     const SEC: u64 = 1_000_000_000;
 
     /// Takes single tokens at `now` until refused; returns how many were taken.
-    fn drain(b: &Bucket, s: &mut State, now: u64, floor: f64) -> u32 {
+    fn drain(b: &BucketRules, s: &mut Level, now: u64, floor: f64) -> u32 {
         let mut n = 0;
         while let Ok(next) = b.take(*s, now, 1.0, floor) {
             *s = next;
@@ -118,7 +124,7 @@ mod tests {
 
     #[test]
     fn a_full_bucket_admits_capacity_then_the_reserve_only_to_burst_classes() {
-        let b = Bucket::new(100, 10.0, 20);
+        let b = BucketRules::new(100, 10.0, 20);
         let mut s = b.full(5 * SEC);
         assert_eq!(drain(&b, &mut s, 5 * SEC, b.reserve_floor(false)), 100);
         assert_eq!(drain(&b, &mut s, 5 * SEC, b.reserve_floor(true)), 20);
@@ -127,8 +133,8 @@ mod tests {
 
     #[test]
     fn refill_is_exact_and_capped() {
-        let b = Bucket::new(100, 10.0, 20);
-        let empty = State { tokens: 0.0, at_ns: 0 };
+        let b = BucketRules::new(100, 10.0, 20);
+        let empty = Level { tokens: 0.0, at_ns: 0 };
         assert_eq!(b.refill(empty, SEC / 2).tokens, 5.0);
         assert_eq!(b.refill(empty, 3 * SEC).tokens, 30.0);
         assert_eq!(b.refill(empty, 3600 * SEC).tokens, 120.0);
@@ -138,8 +144,8 @@ mod tests {
 
     #[test]
     fn wait_is_the_time_until_a_token_exists_for_that_class() {
-        let b = Bucket::new(100, 10.0, 20);
-        let s = State { tokens: 0.0, at_ns: 0 };
+        let b = BucketRules::new(100, 10.0, 20);
+        let s = Level { tokens: 0.0, at_ns: 0 };
         // A burst class needs 1 token: 0.1 s. Another class needs the reserve refilled too: 2.1 s.
         assert_eq!(b.take(s, 0, 1.0, 0.0), Err(SEC / 10));
         assert_eq!(b.take(s, 0, 1.0, 20.0), Err(21 * SEC / 10));
@@ -149,29 +155,35 @@ mod tests {
 
     #[test]
     fn slow_rates_keep_fractions() {
-        let b = Bucket::new(1, 0.1, 0);
-        let s = State { tokens: 0.0, at_ns: 0 };
+        let b = BucketRules::new(1, 0.1, 0);
+        let s = Level { tokens: 0.0, at_ns: 0 };
         assert!(b.take(s, 9 * SEC, 1.0, 0.0).is_err());
         assert!(b.take(s, 10 * SEC, 1.0, 0.0).is_ok());
     }
 
     #[test]
-    fn a_clock_going_backwards_adds_nothing() {
-        let b = Bucket::new(10, 10.0, 0);
-        let s = State { tokens: 1.0, at_ns: 10 * SEC };
-        assert_eq!(b.refill(s, 5 * SEC), s);
+    fn a_clock_going_backwards_adds_nothing_and_does_not_stall_the_refill() {
+        let b = BucketRules::new(10, 10.0, 0);
+        let s = Level { tokens: 1.0, at_ns: 10 * SEC };
+        // A worker that read the clock a moment before the last writer: same instant.
+        assert_eq!(b.refill(s, 10 * SEC - 1_000), s);
+        // A step back of 5 s: nothing added, and the count restarts from the new clock...
+        let stepped = b.refill(s, 5 * SEC);
+        assert_eq!(stepped, Level { tokens: 1.0, at_ns: 5 * SEC });
         let after = b.take(s, 5 * SEC, 1.0, 0.0).unwrap();
-        assert_eq!(after, State { tokens: 0.0, at_ns: 10 * SEC });
+        assert_eq!(after, Level { tokens: 0.0, at_ns: 5 * SEC });
+        // ...so a second later a second's worth is back, not nothing for 5 s.
+        assert_eq!(b.refill(after, 6 * SEC).tokens, 10.0);
     }
 
     #[test]
     fn state_round_trips_and_garbage_is_rejected() {
-        let s = State { tokens: 42.5, at_ns: 1_700_000_000 * SEC };
-        assert_eq!(State::decode(&s.encode()), Some(s));
-        assert_eq!(State::decode(b""), None);
-        assert_eq!(State::decode(&[0u8; 15]), None);
-        assert_eq!(State::decode(&[0u8; 17]), None);
-        let nan = State { tokens: f64::NAN, at_ns: 0 }.encode();
-        assert_eq!(State::decode(&nan), None);
+        let s = Level { tokens: 42.5, at_ns: 1_700_000_000 * SEC };
+        assert_eq!(Level::decode(&s.encode()), Some(s));
+        assert_eq!(Level::decode(b""), None);
+        assert_eq!(Level::decode(&[0u8; 15]), None);
+        assert_eq!(Level::decode(&[0u8; 17]), None);
+        let nan = Level { tokens: f64::NAN, at_ns: 0 }.encode();
+        assert_eq!(Level::decode(&nan), None);
     }
 }

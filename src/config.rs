@@ -112,7 +112,7 @@ pub struct QueueConfig {
 pub struct ProviderConfig {
     /// Whose rate-limit headers to read; `Auto` reads every known family.
     pub style: Provider,
-    pub breaker: breaker::Policy,
+    pub breaker: breaker::BreakerRules,
 }
 
 /// A classification rule: a request matching `matcher` gets `priority`.
@@ -155,7 +155,7 @@ impl Default for Config {
             },
             provider: ProviderConfig {
                 style: Provider::Auto,
-                breaker: breaker::Policy {
+                breaker: breaker::BreakerRules {
                     safe_threshold: 0.05,
                     throttle_below: 0.0,
                     max_wait_ms: 3_600_000,
@@ -364,7 +364,7 @@ impl RawProvider {
             })?,
         };
         let b = d.breaker;
-        let breaker = breaker::Policy {
+        let breaker = breaker::BreakerRules {
             safe_threshold: fraction("provider.safe_threshold", self.safe_threshold, b.safe_threshold)?,
             throttle_below: fraction("provider.throttle_below", self.throttle_below, b.throttle_below)?,
             max_wait_ms: whole("provider.max_retry_after_s", self.max_retry_after_s, b.max_wait_ms / 1000, 1)? * 1000,

@@ -9,19 +9,19 @@
 //! used. Malformed members are ignored.
 
 use super::values::{parse_count, parse_delta_seconds, When};
-use super::{Bucket, Clock, Headers};
+use super::{QuotaDimension, Clock, Headers};
 
 /// The binding quota the `RateLimit` header reports, with its limit from `RateLimit-Policy`.
-pub(super) fn read(headers: &Headers, clock: &Clock) -> Bucket {
+pub(super) fn read(headers: &Headers, clock: &Clock) -> QuotaDimension {
     let Some(field) = headers.get("ratelimit") else {
-        return Bucket::default();
+        return QuotaDimension::default();
     };
     let members = split_outside_quotes(field, ',');
     if members.iter().any(|member| is_dictionary_entry(member)) {
         return draft07(&members, clock);
     }
     let policies = headers.get("ratelimit-policy").map(|p| split_outside_quotes(p, ',')).unwrap_or_default();
-    members.iter().map(|member| draft10(member, &policies, clock)).fold(Bucket::default(), Bucket::tighter)
+    members.iter().map(|member| draft10(member, &policies, clock)).fold(QuotaDimension::default(), QuotaDimension::tighter)
 }
 
 /// Draft 07 entries are `key=value` at the top level, where draft 10 has a name.
@@ -30,7 +30,7 @@ fn is_dictionary_entry(member: &str) -> bool {
 }
 
 /// Draft 07: `limit=100, remaining=50, reset=5`.
-fn draft07(members: &[&str], clock: &Clock) -> Bucket {
+fn draft07(members: &[&str], clock: &Clock) -> QuotaDimension {
     let entry = |key: &str| {
         members.iter().find_map(|member| {
             let item = split_outside_quotes(member, ';').into_iter().next()?;
@@ -38,7 +38,7 @@ fn draft07(members: &[&str], clock: &Clock) -> Bucket {
             name.trim().eq_ignore_ascii_case(key).then_some(value.trim())
         })
     };
-    Bucket {
+    QuotaDimension {
         remaining: entry("remaining").and_then(parse_count),
         limit: entry("limit").and_then(parse_count),
         reset: clock.wait(entry("reset").and_then(parse_delta_seconds).map(When::In)),
@@ -46,10 +46,10 @@ fn draft07(members: &[&str], clock: &Clock) -> Bucket {
 }
 
 /// One draft 10 `RateLimit` member; its limit is `q` of the policy with the same name.
-fn draft10(member: &str, policies: &[&str], clock: &Clock) -> Bucket {
+fn draft10(member: &str, policies: &[&str], clock: &Clock) -> QuotaDimension {
     let name = item_name(member);
     let policy = policies.iter().find(|policy| item_name(policy) == name);
-    Bucket {
+    QuotaDimension {
         remaining: param(member, "r").and_then(parse_count),
         limit: policy.and_then(|policy| param(policy, "q")).and_then(parse_count),
         reset: clock.wait(param(member, "t").and_then(parse_delta_seconds).map(When::In)),

@@ -313,24 +313,24 @@ impl Clock {
 
 /// One quota dimension (requests or tokens) as one header family reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Bucket {
+struct QuotaDimension {
     remaining: Option<u64>,
     limit: Option<u64>,
     reset: Wait,
 }
 
-impl Bucket {
+impl QuotaDimension {
     fn is_exhausted(&self) -> bool {
         self.remaining == Some(0)
     }
 
     fn is_empty(&self) -> bool {
-        *self == Bucket::default()
+        *self == QuotaDimension::default()
     }
 
     /// Of two reports of the same dimension, the one that binds: an exhausted one (the later
     /// reset if both are), else the lower fraction left, else the lower count left.
-    fn tighter(self, other: Bucket) -> Bucket {
+    fn tighter(self, other: QuotaDimension) -> QuotaDimension {
         if self.is_empty() {
             return other;
         }
@@ -356,8 +356,8 @@ impl Bucket {
 /// What the quota headers of a response say, across header families.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct Quota {
-    requests: Bucket,
-    tokens: Bucket,
+    requests: QuotaDimension,
+    tokens: QuotaDimension,
     terminal: Option<Terminal>,
     /// A provider throttle marker was seen (Bedrock `ThrottlingException`).
     throttled: bool,

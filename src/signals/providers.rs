@@ -1,7 +1,7 @@
 //! Each provider's quota headers, read into requests and tokens buckets.
 
 use super::values::{parse_count, parse_delta_seconds, parse_go_duration, parse_ratelimit_reset, parse_rfc3339};
-use super::{ietf, Bucket, Clock, Headers, Provider, Quota, Terminal, When};
+use super::{ietf, QuotaDimension, Clock, Headers, Provider, Quota, Terminal, When};
 
 /// Reads the quota headers a provider sends. A configured provider reads its own family plus the
 /// standard ones; `Auto` reads every family: their names do not collide, and when two report the
@@ -51,8 +51,8 @@ pub(super) fn detect(headers: &Headers, gemini_body: bool) -> Provider {
 }
 
 /// A bucket from raw limit, remaining and reset values.
-fn bucket(clock: &Clock, limit: Option<&str>, remaining: Option<&str>, reset: Option<When>) -> Bucket {
-    Bucket { remaining: remaining.and_then(parse_count), limit: limit.and_then(parse_count), reset: clock.wait(reset) }
+fn bucket(clock: &Clock, limit: Option<&str>, remaining: Option<&str>, reset: Option<When>) -> QuotaDimension {
+    QuotaDimension { remaining: remaining.and_then(parse_count), limit: limit.and_then(parse_count), reset: clock.wait(reset) }
 }
 
 /// OpenAI `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, also used by Azure (integer
@@ -120,13 +120,13 @@ fn standard(headers: &Headers, clock: &Clock) -> Quota {
     let requests = ["x-ratelimit-", "x-rate-limit-", "ratelimit-"]
         .iter()
         .map(|prefix| trio(headers, clock, prefix))
-        .fold(ietf::read(headers, clock), Bucket::tighter);
+        .fold(ietf::read(headers, clock), QuotaDimension::tighter);
     Quota { requests, ..Quota::default() }
 }
 
 /// `{prefix}limit`, `{prefix}remaining`, `{prefix}reset`; the reset is epoch ms, epoch s or delta
 /// s by size. Only the first list member counts (old drafts sent `100, 100;w=60`).
-fn trio(headers: &Headers, clock: &Clock, prefix: &str) -> Bucket {
+fn trio(headers: &Headers, clock: &Clock, prefix: &str) -> QuotaDimension {
     let field = |kind: &str| headers.get(&format!("{prefix}{kind}")).and_then(|v| v.split([',', ';']).next());
     bucket(clock, field("limit"), field("remaining"), field("reset").and_then(parse_ratelimit_reset))
 }
