@@ -145,11 +145,8 @@ impl AdmissionRules {
     pub fn expected_wait_ns(&self, level: &Level, waiting: &[u32; 4], p: Priority, hold_ns: u64) -> u64 {
         let first = self.bucket.wait_ns(*level, 1.0, self.floors[p.index()]).max(hold_ns);
         let ahead = f64::from(waiting[p.index()]);
-        let competing: f64 = Priority::ALL
-            .iter()
-            .filter(|&&q| q == p || waiting[q.index()] > 0)
-            .map(|q| self.weights[q.index()])
-            .sum();
+        let competing: f64 =
+            Priority::ALL.iter().filter(|&&q| q == p || waiting[q.index()] > 0).map(|q| self.weights[q.index()]).sum();
         // ahead / (rate * weight / competing), ordered to keep exact values exact.
         let turns_ns = ahead * competing * 1e9 / (self.bucket.rate * self.weights[p.index()]);
         first.saturating_add(turns_ns.ceil() as u64)

@@ -50,11 +50,18 @@ pub struct ProviderState {
 pub enum Gate {
     Pass,
     /// Pass as half-open probe number `probe`, ahead of everything held for it.
-    Probe { probe: u32 },
+    Probe {
+        probe: u32,
+    },
     /// Hold until `until_ms` (wait in the queue if that fits, else a local 429).
-    Hold { until_ms: u64 },
+    Hold {
+        until_ms: u64,
+    },
     /// The breaker is open until `until_ms` (wait if that fits; terminal quotas fail fast).
-    Open { until_ms: u64, terminal: bool },
+    Open {
+        until_ms: u64,
+        terminal: bool,
+    },
 }
 
 impl Gate {
@@ -114,7 +121,8 @@ impl BreakerRules {
             Mode::Open if now_ms < s.until_ms => (Gate::Open { until_ms: s.until_ms, terminal: s.terminal }, None),
             Mode::HalfOpen if now_ms < s.probe_ms.saturating_add(self.probe_timeout_ms) => {
                 // The probe is out: the others wait for its answer.
-                let until_ms = now_ms.saturating_add(PROBE_HOLD_MS).min(s.probe_ms.saturating_add(self.probe_timeout_ms));
+                let until_ms =
+                    now_ms.saturating_add(PROBE_HOLD_MS).min(s.probe_ms.saturating_add(self.probe_timeout_ms));
                 (Gate::Hold { until_ms }, None)
             }
             Mode::Open | Mode::HalfOpen => {
@@ -196,7 +204,9 @@ impl BreakerRules {
         let nearest_reset =
             [signals.requests_reset_ms, signals.tokens_reset_ms].into_iter().flatten().filter(|&t| t > now_ms).min();
         let stated = retry_at.or(nearest_reset).filter(|_| !terminal);
-        if let Some(t) = stated.filter(|_| s.until_ms > 0 && (s.mode != Mode::Closed || now_ms < s.until_ms || is_probe)) {
+        if let Some(t) =
+            stated.filter(|_| s.until_ms > 0 && (s.mode != Mode::Closed || now_ms < s.until_ms || is_probe))
+        {
             v.reset_error_ms = Some(t.abs_diff(s.until_ms));
         }
         let open = |until_ms: u64, failed_probes: u32| ProviderState {
@@ -238,16 +248,18 @@ impl BreakerRules {
                         (v, ProviderState { until_ms: until, checking: true, ..s })
                     } else {
                         v.tripped = true;
-                        (v, open(stated.unwrap_or(now_ms.saturating_add(self.backoff(s.failed_probes))), s.failed_probes))
+                        (
+                            v,
+                            open(
+                                stated.unwrap_or(now_ms.saturating_add(self.backoff(s.failed_probes))),
+                                s.failed_probes,
+                            ),
+                        )
                     }
                 }
             }
         };
-        let v = Verdict {
-            retry_at_ms: Some(next.until_ms.max(now_ms.saturating_add(1))),
-            terminal,
-            ..v
-        };
+        let v = Verdict { retry_at_ms: Some(next.until_ms.max(now_ms.saturating_add(1))), terminal, ..v };
         (v, next)
     }
 

@@ -16,6 +16,7 @@ pub mod queue;
 pub mod reply;
 pub mod signals;
 pub mod store;
+pub mod worker;
 
 #[cfg(target_os = "wasi")]
 mod host;

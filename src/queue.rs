@@ -106,6 +106,11 @@ impl<T: Copy + Eq> WaitQueue<T> {
         best
     }
 
+    /// Whether a waiter with this id is queued.
+    pub fn contains(&self, id: T) -> bool {
+        self.queues.iter().any(|q| q.iter().any(|w| w.id == id))
+    }
+
     /// Removes a waiter wherever it is (e.g. the client disconnected); None if the id is unknown.
     pub fn remove(&mut self, id: T) -> Option<Waiter<T>> {
         self.queues.iter_mut().find_map(|q| {

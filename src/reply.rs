@@ -38,7 +38,7 @@ impl Reason {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Limited<'a> {
     /// Policy name in the `RateLimit` headers (the filter's `name`).
-    pub policy: &'a str,
+    pub name: &'a str,
     pub priority: Priority,
     pub reason: Reason,
     /// Time until a token for this class will exist.
@@ -58,8 +58,8 @@ pub fn too_many_requests(l: &Limited) -> (u32, Vec<(&'static str, String)>, Stri
     let headers = vec![
         ("retry-after", secs.to_string()),
         ("retry-after-ms", l.wait_ms.max(1).to_string()),
-        ("ratelimit-policy", format!("\"{}\";q={};w={}", l.policy, l.quota, l.window_s)),
-        ("ratelimit", format!("\"{}\";r={};t={}", l.policy, l.remaining, secs)),
+        ("ratelimit-policy", format!("\"{}\";q={};w={}", l.name, l.quota, l.window_s)),
+        ("ratelimit", format!("\"{}\";r={};t={}", l.name, l.remaining, secs)),
         ("x-llm-ratelimit-source", "proxy".to_string()),
         ("x-llm-ratelimit-reason", l.reason.name().to_string()),
         ("x-llm-ratelimit-priority", l.priority.name().to_string()),
@@ -92,7 +92,7 @@ mod tests {
 
     fn limited(wait_ms: u64) -> Limited<'static> {
         Limited {
-            policy: "openai",
+            name: "openai",
             priority: Priority::Low,
             reason: Reason::NoToken,
             wait_ms,

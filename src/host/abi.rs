@@ -17,6 +17,7 @@ const RESPONSE_HEADERS: u32 = 2;
 const RESPONSE_BODY: u32 = 1;
 const PLUGIN_CONFIGURATION: u32 = 7;
 const STREAM_HTTP_REQUEST: u32 = 0;
+const STREAM_HTTP_RESPONSE: u32 = 1;
 
 #[repr(u32)]
 #[derive(Clone, Copy)]
@@ -48,6 +49,7 @@ extern "C" {
     fn proxy_get_header_map_pairs(m: u32, v: *mut *mut u8, vs: *mut usize) -> Status;
     fn proxy_get_header_map_value(m: u32, k: *const u8, ks: usize, v: *mut *mut u8, vs: *mut usize) -> Status;
     fn proxy_replace_header_map_value(m: u32, k: *const u8, ks: usize, v: *const u8, vs: usize) -> Status;
+    fn proxy_remove_header_map_value(m: u32, k: *const u8, ks: usize) -> Status;
     fn proxy_get_current_time_nanoseconds(t: *mut u64) -> Status;
     fn proxy_set_tick_period_milliseconds(ms: u32) -> Status;
     fn proxy_get_buffer_bytes(b: u32, start: usize, max: usize, v: *mut *mut u8, vs: *mut usize) -> Status;
@@ -110,6 +112,12 @@ pub fn resume_request(context_id: u32) -> Result<(), Status> {
     check(unsafe { proxy_continue_stream(STREAM_HTTP_REQUEST) })
 }
 
+/// Continues a response this worker paused (its headers held while the body was read).
+pub fn resume_response(context_id: u32) -> Result<(), Status> {
+    set_effective_context(context_id)?;
+    check(unsafe { proxy_continue_stream(STREAM_HTTP_RESPONSE) })
+}
+
 /// Answers the current request locally with `status`, `headers` and `body`.
 pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), Status> {
     let map = serialize_headers(headers);
@@ -139,6 +147,10 @@ pub fn set_request_header(name: &str, value: &str) -> Result<(), Status> {
     check(unsafe {
         proxy_replace_header_map_value(REQUEST_HEADERS, name.as_ptr(), name.len(), value.as_ptr(), value.len())
     })
+}
+
+pub fn remove_request_header(name: &str) -> Result<(), Status> {
+    check(unsafe { proxy_remove_header_map_value(REQUEST_HEADERS, name.as_ptr(), name.len()) })
 }
 
 pub fn set_response_header(name: &str, value: &str) -> Result<(), Status> {

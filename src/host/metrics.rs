@@ -3,7 +3,6 @@
 //! `stats_tags` in `envoy/` turn them into Prometheus labels.
 
 use super::abi::{self, Metric};
-use crate::admission::Shared;
 use crate::priority::Priority;
 
 /// A defined metric, or `None` when the host refused to define it (then it is skipped).
@@ -77,6 +76,12 @@ pub struct ProviderStats {
     pub throttled: Id,
     /// Seconds of every `Retry-After` sent to clients, local or rewritten (histogram).
     pub retry_after_s: Id,
+    /// The first answer after a hold or trip succeeded: the reset we used was right.
+    pub reset_accurate: Id,
+    /// The first answer after a hold or trip was a 429 again: the reset we used was early.
+    pub reset_early: Id,
+    /// How far the provider's later answers placed the reset from the one we used (histogram).
+    pub reset_error_ms: Id,
     /// Requests answered from the fallback cache while the breaker was open.
     pub fallback_served: Id,
     /// Successful responses stored in the fallback cache.
@@ -118,6 +123,9 @@ impl Metrics {
             terminal_quota: at(Metric::Counter, "terminal_quota"),
             throttled: at(Metric::Counter, "throttled"),
             retry_after_s: at(Metric::Histogram, "retry_after_s"),
+            reset_accurate: at(Metric::Counter, "reset.accurate"),
+            reset_early: at(Metric::Counter, "reset.early"),
+            reset_error_ms: at(Metric::Histogram, "reset.error_ms"),
             fallback_served: at(Metric::Counter, "fallback.served"),
             fallback_stored: at(Metric::Counter, "fallback.stored"),
         };
@@ -134,9 +142,9 @@ impl Metrics {
     }
 
     /// Publishes the process-wide queue depths just written to shared data.
-    pub fn levels(&self, s: &Shared) {
+    pub fn levels(&self, waiting: [u32; 4]) {
         for p in Priority::ALL {
-            self.of(p).queue_depth.record(u64::from(s.waiting[p.index()]));
+            self.of(p).queue_depth.record(u64::from(waiting[p.index()]));
         }
     }
 }

@@ -3,10 +3,11 @@
 
 mod abi;
 mod fallback;
-mod http;
 mod metrics;
+mod request;
 mod root;
 mod shared;
+mod worker;
 
 use proxy_wasm::traits::RootContext;
 use proxy_wasm::types::LogLevel;

@@ -9,7 +9,7 @@
 //! used. Malformed members are ignored.
 
 use super::values::{parse_count, parse_delta_seconds, When};
-use super::{QuotaDimension, Clock, Headers};
+use super::{Clock, Headers, QuotaDimension};
 
 /// The binding quota the `RateLimit` header reports, with its limit from `RateLimit-Policy`.
 pub(super) fn read(headers: &Headers, clock: &Clock) -> QuotaDimension {
@@ -21,7 +21,10 @@ pub(super) fn read(headers: &Headers, clock: &Clock) -> QuotaDimension {
         return draft07(&members, clock);
     }
     let policies = headers.get("ratelimit-policy").map(|p| split_outside_quotes(p, ',')).unwrap_or_default();
-    members.iter().map(|member| draft10(member, &policies, clock)).fold(QuotaDimension::default(), QuotaDimension::tighter)
+    members
+        .iter()
+        .map(|member| draft10(member, &policies, clock))
+        .fold(QuotaDimension::default(), QuotaDimension::tighter)
 }
 
 /// Draft 07 entries are `key=value` at the top level, where draft 10 has a name.

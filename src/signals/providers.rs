@@ -1,7 +1,7 @@
 //! Each provider's quota headers, read into requests and tokens buckets.
 
 use super::values::{parse_count, parse_delta_seconds, parse_go_duration, parse_ratelimit_reset, parse_rfc3339};
-use super::{ietf, QuotaDimension, Clock, Headers, Provider, Quota, Terminal, When};
+use super::{ietf, Clock, Headers, Provider, Quota, QuotaDimension, Terminal, When};
 
 /// Reads the quota headers a provider sends. A configured provider reads its own family plus the
 /// standard ones; `Auto` reads every family: their names do not collide, and when two report the
@@ -52,7 +52,11 @@ pub(super) fn detect(headers: &Headers, gemini_body: bool) -> Provider {
 
 /// A bucket from raw limit, remaining and reset values.
 fn bucket(clock: &Clock, limit: Option<&str>, remaining: Option<&str>, reset: Option<When>) -> QuotaDimension {
-    QuotaDimension { remaining: remaining.and_then(parse_count), limit: limit.and_then(parse_count), reset: clock.wait(reset) }
+    QuotaDimension {
+        remaining: remaining.and_then(parse_count),
+        limit: limit.and_then(parse_count),
+        reset: clock.wait(reset),
+    }
 }
 
 /// OpenAI `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, also used by Azure (integer

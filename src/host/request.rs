@@ -1,0 +1,398 @@
+//! One request's context: classify it, then let it through, make it wait, or answer a local 429;
+//! on the way back, learn from the provider's answer and give a 429 one precise `Retry-After`.
+
+use super::abi;
+use super::shared::SharedData;
+use super::worker::{Bodies, WorkerContext, PROBE_HEADER};
+use crate::breaker::{Gate, Verdict};
+use crate::classify::classify;
+use crate::config::{Config, Role};
+use crate::priority::Priority;
+use crate::signals;
+use crate::worker::{Admission, Refusal};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+use std::rc::Rc;
+
+const NANOS_PER_MS: u64 = 1_000_000;
+/// Largest provider 429 body read for timing and terminal-quota hints.
+const MAX_BODY: usize = 64 * 1024;
+
+/// A provider 429 whose body is being read.
+struct Answer429 {
+    headers: Vec<(String, String)>,
+    /// What the headers alone said.
+    from_headers: signals::Signals,
+    /// The body so far, when it flows past (not held).
+    body: Vec<u8>,
+    /// Its headers wait for the body, so the client's first 429 has the body's timing.
+    held: bool,
+    /// The shared state already learned from the headers.
+    learned: bool,
+}
+
+pub struct Request {
+    w: Rc<WorkerContext>,
+    id: u32,
+    class: Priority,
+    /// It was paused in the worker's queue.
+    queued: bool,
+    /// It was answered locally: nothing may release it any more.
+    answered: bool,
+    /// The half-open probe number it carries, when it goes as the probe.
+    probe: Option<u32>,
+    answer_429: Option<Answer429>,
+    /// Fallback cache key of this request, when the fallback is on and the client sent one.
+    cache_key: Option<u64>,
+    /// A success being collected for the fallback cache: content type and body so far.
+    capture: Option<(String, Vec<u8>)>,
+}
+
+impl Request {
+    pub fn new(w: Rc<WorkerContext>, id: u32) -> Request {
+        Request {
+            w,
+            id,
+            class: Priority::Normal,
+            queued: false,
+            answered: false,
+            probe: None,
+            answer_429: None,
+            cache_key: None,
+            capture: None,
+        }
+    }
+
+    fn header(name: &str) -> Option<String> {
+        abi::request_header(name).unwrap_or_else(|s| {
+            log::debug!("llm-ratelimit: cannot read request header {name}: status {s}");
+            None
+        })
+    }
+
+    fn role(&self) -> Role {
+        self.w.config.role
+    }
+
+    /// A host call failed: let the request through rather than fail user traffic on our fault.
+    fn fail_open(&self, what: &str, status: abi::Status) -> Action {
+        log::warn!("llm-ratelimit: #{} {what} failed (status {status}); letting the request through", self.id);
+        self.w.metrics.errors.inc();
+        Action::Continue
+    }
+
+    /// While the breaker is open: answers with a cached response to the same request, if any.
+    fn answer_from_cache(&mut self, cfg: &Config, now_ms: u64) -> bool {
+        let fb = &cfg.fallback;
+        let Some(key) = self.cache_key else { return false };
+        let Some(entry) = super::fallback::lookup(&cfg.name, key, now_ms, fb.max_age_ms) else {
+            return false;
+        };
+        let age = (now_ms.saturating_sub(entry.stored_ms) / 1000).to_string();
+        let headers = [
+            ("content-type", entry.content_type.as_str()),
+            ("age", age.as_str()),
+            ("x-llm-ratelimit-fallback", "cache"),
+            ("x-llm-ratelimit-priority", self.class.name()),
+        ];
+        match abi::send_response(200, &headers, &entry.body) {
+            Ok(()) => {
+                self.answered = true;
+                self.w.metrics.provider.fallback_served.inc();
+                true
+            }
+            Err(s) => {
+                log::warn!("llm-ratelimit: #{} cannot answer from the fallback cache: status {s}", self.id);
+                false
+            }
+        }
+    }
+
+    /// Answers this request with a local 429.
+    fn refuse(&mut self, r: &Refusal) -> Action {
+        self.w.metrics.of(self.class).rejected.inc();
+        let (status, headers, body) = self.w.limited(r);
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match abi::send_response(status, &headers, body.as_bytes()) {
+            Ok(()) => {
+                self.answered = true;
+                Action::Pause
+            }
+            Err(st) => self.fail_open("send_local_response", st),
+        }
+    }
+
+    /// Takes a token, waits, or refuses.
+    fn admit(&mut self, gate: Gate, now_ns: u64) -> Action {
+        let decided = match self.w.core.try_borrow_mut() {
+            Ok(mut w) => w.admit(&SharedData, self.id, self.class, gate, now_ns),
+            Err(_) => return self.fail_open("worker borrow", 0),
+        };
+        let (admission, levels) = match decided {
+            Ok(d) => d,
+            Err(st) => return self.fail_open("shared-data admission", st),
+        };
+        self.w.publish_levels(levels);
+        let m = self.w.metrics.of(self.class);
+        match admission {
+            Admission::Pass { probe } => {
+                m.admitted.inc();
+                self.probe = probe;
+                if let (Some(n), Role::Admission) = (probe, self.role()) {
+                    // The observer upstream reads it to know the probe's answer.
+                    if let Err(s) = abi::set_request_header(PROBE_HEADER, &n.to_string()) {
+                        log::debug!("llm-ratelimit: #{} cannot mark the probe: status {s}", self.id);
+                    }
+                }
+                Action::Continue
+            }
+            Admission::Refuse(r) => self.refuse(&r),
+            Admission::Wait { shed } => {
+                self.queued = true;
+                m.queued.inc();
+                if let Some(v) = shed {
+                    self.w.shed(&v);
+                    // Host calls after this act on our own request again.
+                    if let Err(st) = abi::set_effective_context(self.id) {
+                        log::debug!("llm-ratelimit: #{} cannot restore the context: status {st}", self.id);
+                    }
+                }
+                Action::Pause
+            }
+        }
+    }
+
+    fn parse(&self, status: u16, headers: &[(String, String)], body: Option<&[u8]>, now_ms: u64) -> signals::Signals {
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let p = &self.w.config.provider;
+        signals::parse(p.style, status, &pairs, body, now_ms, p.breaker.max_wait_ms)
+    }
+
+    /// Gives a provider 429 one precise `Retry-After` (and friends) for its client.
+    fn rewrite_429(&self, verdict: &Verdict, now_ms: u64) {
+        let wait_ms = verdict.retry_at_ms.map_or(1000, |t| t.saturating_sub(now_ms));
+        let secs = crate::reply::retry_after_secs(wait_ms);
+        self.w.metrics.provider.retry_after_s.record(secs);
+        set_header("retry-after", &secs.to_string());
+        set_header("retry-after-ms", &wait_ms.max(1).to_string());
+        set_header("ratelimit", &format!("\"{}\";r=0;t={secs}", self.w.name()));
+        set_header("x-llm-ratelimit-source", "provider");
+        set_header("x-should-retry", if verdict.terminal { "false" } else { "true" });
+    }
+
+    /// Learns from a 429 once its body is read (held or passed), and, while its headers are still
+    /// held, tells the client what the body added.
+    fn finish_429(&mut self, body: &[u8]) {
+        let Some(a) = self.answer_429.take() else { return };
+        self.w.release_response(self.id);
+        let Ok(now_ns) = abi::now_ns() else { return };
+        let now_ms = now_ns / NANOS_PER_MS;
+        let signals = self.parse(429, &a.headers, Some(body), now_ms);
+        let role = self.role();
+        let adds = signals.retry_at() != a.from_headers.retry_at() || signals.terminal != a.from_headers.terminal;
+        let verdict = if role.learns() && (!a.learned || adds) {
+            self.w.observe(429, &signals, self.probe, now_ms, !a.learned)
+        } else {
+            None
+        };
+        if a.held && role.admits() {
+            if let Some(v) = verdict.or_else(|| self.w.peek(&signals, now_ms)) {
+                self.rewrite_429(&v, now_ms);
+            }
+        }
+    }
+
+    fn store_in_cache(&mut self) {
+        let (Some(key), Some((content_type, body)), Ok(now)) = (self.cache_key, self.capture.take(), abi::now_ns())
+        else {
+            return;
+        };
+        let cfg = &self.w.config;
+        let entry = crate::fallback::Entry { stored_ms: now / NANOS_PER_MS, content_type, body };
+        match super::fallback::store(&cfg.name, key, &entry, cfg.fallback.max_entries as usize) {
+            Ok(()) => self.w.metrics.provider.fallback_stored.inc(),
+            Err(s) => log::warn!("llm-ratelimit: #{} cannot store in the fallback cache: status {s}", self.id),
+        }
+    }
+}
+
+/// Appends the current body chunk to `body` if it keeps it within `max` bytes; false if not.
+fn append_chunk(body: &mut Vec<u8>, chunk_size: usize, max: usize) -> bool {
+    if body.len().saturating_add(chunk_size) > max {
+        return false;
+    }
+    body.extend(abi::response_body(chunk_size).unwrap_or_default());
+    true
+}
+
+fn set_header(name: &str, value: &str) {
+    if let Err(s) = abi::set_response_header(name, value) {
+        log::debug!("llm-ratelimit: cannot set response header {name}: status {s}");
+    }
+}
+
+impl Context for Request {
+    /// The request is over: if it was still waiting (its client went away), free its place.
+    fn on_done(&mut self) -> bool {
+        let now = abi::now_ns().unwrap_or(0);
+        if let Some(class) = self.w.leave(self.id, now) {
+            self.w.metrics.of(class).cancelled.inc();
+        }
+        true
+    }
+}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let w = self.w.clone();
+        let cfg = &w.config;
+        if !cfg.role.admits() {
+            // The observer: which probe this attempt is, if any, then off to the provider without it.
+            if let Some(n) = Self::header(PROBE_HEADER) {
+                self.probe = n.parse().ok();
+                if let Err(s) = abi::remove_request_header(PROBE_HEADER) {
+                    log::debug!("llm-ratelimit: #{} cannot remove {PROBE_HEADER}: status {s}", self.id);
+                }
+            }
+            return Action::Continue;
+        }
+        let path = if self.w.needs_path { Self::header(":path").unwrap_or_default() } else { String::new() };
+        self.class = classify(&cfg.classify, &path, Self::header);
+        // Upstream sees the class the proxy decided, never one a client claimed.
+        if let Err(s) = abi::set_request_header(&cfg.classify.header, self.class.name()) {
+            log::debug!("llm-ratelimit: cannot set {}: status {s}", cfg.classify.header);
+        }
+        if let Some(n) = cfg.class(self.class).max_retries {
+            if let Err(s) = abi::set_request_header("x-envoy-max-retries", &n.to_string()) {
+                log::debug!("llm-ratelimit: cannot set x-envoy-max-retries: status {s}");
+            }
+        }
+        let now = match abi::now_ns() {
+            Ok(t) => t,
+            Err(s) => return self.fail_open("get_current_time", s),
+        };
+        let now_ms = now / NANOS_PER_MS;
+        if cfg.fallback.enabled {
+            if let Some(k) = Self::header(&cfg.fallback.key_header) {
+                let method = Self::header(":method").unwrap_or_default();
+                self.cache_key = Some(crate::fallback::key(&method, &path, &k));
+            }
+        }
+        let gate = match self.w.core.try_borrow().map_err(|_| 0).and_then(|w| w.gate(&SharedData, now_ms)) {
+            Ok(g) => g,
+            Err(s) => {
+                self.w.metrics.errors.inc();
+                log::warn!("llm-ratelimit: #{} cannot read the provider state: status {s}", self.id);
+                Gate::Pass
+            }
+        };
+        match gate {
+            Gate::Probe { .. } => self.w.probe_started(),
+            Gate::Open { terminal: false, .. } if self.answer_from_cache(cfg, now_ms) => return Action::Pause,
+            _ => {}
+        }
+        self.admit(gate, now)
+    }
+
+    /// Envoy with `allow_on_headers_stop_iteration` delivers the body while the headers are
+    /// paused, and a Continue here would release them: a held request holds its body too.
+    fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+        if self.answered {
+            return Action::Pause;
+        }
+        let waiting = self.queued && self.w.core.try_borrow().is_ok_and(|w| w.is_waiting(self.id));
+        if waiting {
+            if self.w.bodies.replace(Bodies::Delivered) != Bodies::Delivered {
+                log::info!("llm-ratelimit: Envoy delivers request bodies while headers are held");
+            }
+            return Action::Pause;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        if self.queued {
+            let release = self.w.core.try_borrow_mut().ok().and_then(|mut w| w.take_release(self.id));
+            if let Some(r) = release {
+                set_header("x-ratelimit-queued-ms", &r.waited_ms.to_string());
+                self.probe = self.probe.or(r.probe);
+            }
+        }
+        let role = self.role();
+        let header = |name| abi::response_header(name).ok().flatten();
+        let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0u16);
+        // Our own local replies (429s, fallback answers) teach nothing about the provider.
+        let ours = |marker| role.admits() && header(marker).is_some();
+        if self.answered
+            || (status == 429 && ours("x-llm-ratelimit-source"))
+            || (self.cache_key.is_some() && ours("x-llm-ratelimit-fallback"))
+        {
+            return Action::Continue;
+        }
+        if status == 200 && self.cache_key.is_some() && !end_of_stream {
+            self.capture = Some((header("content-type").unwrap_or_default(), Vec::new()));
+        }
+        if !role.learns() && status != 429 {
+            // The observer learns from successes; here only a 429 needs its Retry-After.
+            return Action::Continue;
+        }
+        let Ok(now_ns) = abi::now_ns() else { return Action::Continue };
+        let now_ms = now_ns / NANOS_PER_MS;
+        let headers = abi::response_headers().unwrap_or_default();
+        let signals = self.parse(status, &headers, None, now_ms);
+        let hold = status == 429
+            && !end_of_stream
+            && self.w.bodies.get() != Bodies::Withheld
+            && self.w.hold_response(self.id, now_ms);
+        let verdict = if role.learns() && !hold {
+            self.w.observe(status, &signals, self.probe, now_ms, true)
+        } else if status == 429 {
+            self.w.peek(&signals, now_ms)
+        } else {
+            None
+        };
+        if let (429, Some(v), true) = (status, verdict, role.admits()) {
+            // Said at once; a held 429 says it again with what its body adds.
+            self.rewrite_429(&v, now_ms);
+        }
+        if status == 429 && !end_of_stream {
+            self.answer_429 =
+                Some(Answer429 { headers, from_headers: signals, body: Vec::new(), held: hold, learned: !hold });
+        }
+        if hold {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(a) = &mut self.answer_429 {
+            // The tick may have let a held 429 go without its body: then it flows like any other.
+            a.held = a.held && self.w.body_arrived(self.id);
+            if a.held {
+                // Held: Envoy buffers, and `body_size` is everything so far.
+                if end_of_stream || body_size >= MAX_BODY {
+                    let body = abi::response_body(body_size.min(MAX_BODY)).unwrap_or_default();
+                    self.finish_429(&body);
+                    return Action::Continue;
+                }
+                return Action::Pause;
+            }
+            let fits = append_chunk(&mut a.body, body_size, MAX_BODY);
+            if end_of_stream || !fits {
+                let body = std::mem::take(&mut a.body);
+                self.finish_429(&body);
+            }
+        }
+        if let Some((_, body)) = &mut self.capture {
+            let max = self.w.config.fallback.max_body_bytes as usize;
+            if !append_chunk(body, body_size, max) {
+                self.capture = None; // too large to cache
+            } else if end_of_stream {
+                self.store_in_cache();
+            }
+        }
+        Action::Continue
+    }
+}

@@ -1,0 +1,305 @@
+//! What every request of one worker VM shares: the pure [`Worker`] (queue and decisions), the
+//! stats, and the responses held while their body is read. The root context ticks it; request
+//! contexts call into it.
+
+use super::abi;
+use super::metrics::Metrics;
+use super::shared::SharedData;
+use crate::breaker::{Mode, Verdict};
+use crate::config::Config;
+use crate::priority::Priority;
+use crate::reply::{self, Limited};
+use crate::signals::Signals;
+use crate::worker::{Refusal, Release, Tick, Worker};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+const NANOS_PER_MS: u64 = 1_000_000;
+/// Request header that tells the observer (upstream) which probe a request is; removed there.
+pub const PROBE_HEADER: &str = "x-llm-ratelimit-probe";
+/// How long a held 429 may wait for its body before it is let go without it: short while we do
+/// not know whether Envoy delivers bodies to paused headers (`allow_on_headers_stop_iteration`).
+const BODY_WAIT_UNKNOWN_MS: u64 = 150;
+const BODY_WAIT_MS: u64 = 2_000;
+
+/// Whether Envoy delivers a body while the filter holds the headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bodies {
+    Unknown,
+    /// A body callback arrived while headers were held: the flag is on.
+    Delivered,
+    /// A held response never saw its body: the flag is off; keep today's behaviour.
+    Withheld,
+}
+
+/// A 429 whose headers are held until its body is read.
+struct Held {
+    since_ms: u64,
+    body_seen: bool,
+}
+
+pub struct WorkerContext {
+    pub core: RefCell<Worker>,
+    /// The worker's configuration, readable while the core is borrowed.
+    pub config: Config,
+    pub metrics: Metrics,
+    /// Seconds to refill the whole bucket: the window in `RateLimit-Policy`.
+    pub window_s: u64,
+    /// Whether anything reads the request path (path rules, the fallback's key).
+    pub needs_path: bool,
+    pub bodies: Cell<Bodies>,
+    held: RefCell<HashMap<u32, Held>>,
+    /// The bucket level last published, so the gauge is written only when it changes.
+    published_tokens: Cell<u64>,
+}
+
+impl WorkerContext {
+    pub fn new(core: Worker) -> WorkerContext {
+        let c = &core.config;
+        WorkerContext {
+            config: c.clone(),
+            metrics: Metrics::define(&c.name),
+            window_s: (c.bucket.capacity as f64 / c.bucket.refill_rate).ceil().max(1.0) as u64,
+            needs_path: c.fallback.enabled
+                || c.classify.rules.iter().any(|r| matches!(r.matcher, crate::config::Matcher::PathPrefix(_))),
+            bodies: Cell::new(Bodies::Unknown),
+            held: RefCell::default(),
+            published_tokens: Cell::new(u64::MAX),
+            core: RefCell::new(core),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Publishes process-wide queue depths and the bucket level (only when it changed).
+    pub fn publish_levels(&self, levels: Option<([u32; 4], f64)>) {
+        let Some((waiting, tokens)) = levels else { return };
+        self.metrics.levels(waiting);
+        let whole = tokens.max(0.0) as u64;
+        if self.published_tokens.replace(whole) != whole {
+            self.metrics.bucket_tokens.record(whole);
+        }
+    }
+
+    /// The local 429 for `r`, as status, headers and body.
+    pub fn limited(&self, r: &Refusal) -> (u32, Vec<(&'static str, String)>, String) {
+        let wait_ms = r.wait_ns.div_ceil(NANOS_PER_MS);
+        self.metrics.provider.retry_after_s.record(reply::retry_after_secs(wait_ms));
+        let c = &self.config;
+        let floor = if c.class(r.class).use_burst { 0.0 } else { c.bucket.burst_allowance as f64 };
+        let (status, mut headers, body) = reply::too_many_requests(&Limited {
+            name: &c.name,
+            priority: r.class,
+            reason: r.reason,
+            wait_ms,
+            remaining: (r.tokens - floor).max(0.0) as u64,
+            quota: c.bucket.capacity,
+            window_s: self.window_s,
+            retry: r.retry,
+        });
+        if let Some(ms) = r.queued_ms {
+            headers.push(("x-ratelimit-queued-ms", ms.to_string()));
+        }
+        (status, headers, body)
+    }
+
+    /// Answers a waiting request (not the current one) with a local 429.
+    fn refuse_waiter(&self, r: &Refusal) {
+        let (status, headers, body) = self.limited(r);
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let sent = abi::set_effective_context(r.id).and_then(|_| abi::send_response(status, &headers, body.as_bytes()));
+        if let Err(s) = sent {
+            log::debug!("llm-ratelimit: #{} cannot answer the waiting request: status {s}", r.id);
+        }
+    }
+
+    /// Lets a released waiter go; a probe is marked for the observer upstream.
+    fn resume(&self, r: &Release, mark_probe: bool) {
+        if let (Some(n), true) = (r.probe, mark_probe) {
+            let marked =
+                abi::set_effective_context(r.id).and_then(|_| abi::set_request_header(PROBE_HEADER, &n.to_string()));
+            if let Err(s) = marked {
+                log::debug!("llm-ratelimit: #{} cannot mark the probe: status {s}", r.id);
+            }
+        }
+        if let Err(s) = abi::resume_request(r.id) {
+            log::debug!("llm-ratelimit: #{} cannot resume the request: status {s}", r.id);
+        }
+    }
+
+    /// Carries out what a tick or an arrival decided for waiters: stats, resumes, refusals.
+    pub fn carry_out(&self, t: &Tick) {
+        let mark_probe = self.config.role == crate::config::Role::Admission;
+        for r in &t.released {
+            let m = self.metrics.of(r.class);
+            m.released.inc();
+            m.admitted.inc();
+            m.queue_wait_ms.record(r.waited_ms);
+            self.resume(r, mark_probe);
+        }
+        for r in &t.expired {
+            self.metrics.of(r.class).expired.inc();
+            self.refuse_waiter(r);
+        }
+        if t.probe_started {
+            self.probe_started();
+        }
+        for s in &t.errors {
+            self.metrics.errors.inc();
+            log::warn!("llm-ratelimit: {}: shared data failed in the tick: status {s}", self.name());
+        }
+        self.publish_levels(t.levels);
+    }
+
+    pub fn probe_started(&self) {
+        self.metrics.provider.breaker_probes.inc();
+        self.metrics.provider.breaker_state.record(Mode::HalfOpen as u64);
+    }
+
+    pub fn shed(&self, r: &Refusal) {
+        self.metrics.of(r.class).shed.inc();
+        self.refuse_waiter(r);
+    }
+
+    /// One tick of this worker: held responses first, then the queue.
+    pub fn tick(&self, now_ns: u64) {
+        self.let_go_of_stale_bodies(now_ns / NANOS_PER_MS);
+        let t = {
+            let Ok(mut w) = self.core.try_borrow_mut() else { return };
+            if !w.needs_tick() {
+                return;
+            }
+            w.tick(&SharedData, now_ns)
+        };
+        // The borrow is dropped: answering a waiter runs its response callbacks synchronously.
+        self.carry_out(&t);
+    }
+
+    /// Learns from one provider answer: shared provider state and stats. `first` is false when
+    /// the same answer is read again with its body.
+    pub fn observe(
+        &self,
+        status: u16,
+        signals: &Signals,
+        probe: Option<u32>,
+        now_ms: u64,
+        first: bool,
+    ) -> Option<Verdict> {
+        let observed =
+            self.core.try_borrow().map_err(|_| 0).and_then(|w| w.observe(&SharedData, status, signals, probe, now_ms));
+        let (v, state, changed) = match observed {
+            Ok(o) => o,
+            Err(s) => {
+                self.metrics.errors.inc();
+                log::warn!("llm-ratelimit: {}: cannot update the provider state: status {s}", self.name());
+                return None;
+            }
+        };
+        let m = &self.metrics.provider;
+        if status == 429 && first {
+            m.upstream_429.inc();
+        }
+        if v.terminal && first {
+            m.terminal_quota.inc();
+        }
+        if v.throttled {
+            m.throttled.inc();
+        }
+        match v.reset_accurate {
+            Some(true) => m.reset_accurate.inc(),
+            Some(false) => m.reset_early.inc(),
+            None => {}
+        }
+        if let Some(e) = v.reset_error_ms {
+            m.reset_error_ms.record(e);
+        }
+        if v.tripped {
+            m.breaker_trips.inc();
+            let secs = state.until_ms.saturating_sub(now_ms).div_ceil(1000);
+            log::warn!(
+                "llm-ratelimit: provider {} quota exhausted ({}): breaker open for {secs} s",
+                self.name(),
+                if v.terminal { "terminal" } else { "until reset" }
+            );
+        }
+        if changed {
+            m.breaker_state.record(state.mode as u64);
+        }
+        Some(v)
+    }
+
+    /// What a 429 means for its client, without learning from it (the observer did).
+    pub fn peek(&self, signals: &Signals, now_ms: u64) -> Option<Verdict> {
+        let peeked = self.core.try_borrow().map_err(|_| 0).and_then(|w| w.peek(&SharedData, signals, now_ms));
+        peeked.map_err(|s| log::debug!("llm-ratelimit: cannot read the provider state: status {s}")).ok()
+    }
+
+    pub fn hold_response(&self, id: u32, now_ms: u64) -> bool {
+        match self.held.try_borrow_mut() {
+            Ok(mut h) => {
+                h.insert(id, Held { since_ms: now_ms, body_seen: false });
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// A body callback for held response `id`: whether it is still held (the tick may have let
+    /// it go). Its arrival proves Envoy delivers bodies to held headers.
+    pub fn body_arrived(&self, id: u32) -> bool {
+        let Ok(mut h) = self.held.try_borrow_mut() else { return false };
+        let Some(e) = h.get_mut(&id) else { return false };
+        e.body_seen = true;
+        if self.bodies.replace(Bodies::Delivered) != Bodies::Delivered {
+            log::info!("llm-ratelimit: Envoy delivers bodies while headers are held: 429 bodies are read first");
+        }
+        true
+    }
+
+    pub fn release_response(&self, id: u32) {
+        if let Ok(mut h) = self.held.try_borrow_mut() {
+            h.remove(&id);
+        }
+    }
+
+    /// Held 429s whose body did not come in time go on without it, so nothing ever hangs.
+    fn let_go_of_stale_bodies(&self, now_ms: u64) {
+        let limit = if self.bodies.get() == Bodies::Delivered { BODY_WAIT_MS } else { BODY_WAIT_UNKNOWN_MS };
+        let stale: Vec<(u32, bool)> = match self.held.try_borrow_mut() {
+            Ok(mut h) if !h.is_empty() => {
+                let ids: Vec<(u32, bool)> = h
+                    .iter()
+                    .filter(|(_, e)| now_ms.saturating_sub(e.since_ms) >= limit || now_ms < e.since_ms)
+                    .map(|(id, e)| (*id, e.body_seen))
+                    .collect();
+                for (id, _) in &ids {
+                    h.remove(id);
+                }
+                ids
+            }
+            _ => return,
+        };
+        for (id, body_seen) in stale {
+            if !body_seen && self.bodies.get() == Bodies::Unknown {
+                self.bodies.set(Bodies::Withheld);
+                log::info!(
+                    "llm-ratelimit: Envoy does not deliver bodies while headers are held \
+                     (allow_on_headers_stop_iteration is off): 429 bodies are read after their headers"
+                );
+            }
+            if let Err(s) = abi::resume_response(id) {
+                log::debug!("llm-ratelimit: #{id} cannot resume the response: status {s}");
+            }
+        }
+    }
+
+    /// Waiter `id` of the current context left (client gone): free its place.
+    pub fn leave(&self, id: u32, now_ns: u64) -> Option<Priority> {
+        self.release_response(id);
+        let (class, levels) = self.core.try_borrow_mut().ok()?.leave(&SharedData, id, now_ns)?;
+        self.publish_levels(levels);
+        Some(class)
+    }
+}

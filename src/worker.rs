@@ -1,0 +1,397 @@
+//! One worker's part of the filter: its wait queue, and every decision it makes with the
+//! process-wide state (the provider's breaker, the shared bucket) kept in a [`Store`].
+//!
+//! Pure: it never calls the host. Time comes in as an argument, shared data through the `Store`
+//! trait, and the answers (pass, wait, refuse, release) go back to the host layer, which turns
+//! them into host calls. Tests and the simulation drive several `Worker`s over one `MemStore`.
+
+use crate::admission::{AdmissionRules, Arrival, SharedBucket, HEARTBEAT_MS};
+use crate::breaker::{BreakerRules, Gate, Mode, ProviderState, Verdict};
+use crate::bucket::Level;
+use crate::config::Config;
+use crate::priority::Priority;
+use crate::queue::{WaitQueue, Waiter};
+use crate::reply::Reason;
+use crate::signals::Signals;
+use crate::store::{self, Status, Store};
+use std::collections::HashMap;
+
+const NANOS_PER_MS: u64 = 1_000_000;
+
+/// A local 429 the host must send.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Refusal {
+    /// The request (Envoy context id) to answer.
+    pub id: u32,
+    pub class: Priority,
+    pub reason: Reason,
+    /// When a retry can succeed.
+    pub wait_ns: u64,
+    /// Tokens the bucket held, for the `RateLimit` header.
+    pub tokens: f64,
+    /// False for a terminal quota: clients should not retry soon.
+    pub retry: bool,
+    /// How long it waited first, for a request refused while waiting.
+    pub queued_ms: Option<u64>,
+}
+
+/// What to do with an arriving request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Admission {
+    /// Continue upstream; `probe` is set when it goes as the half-open probe.
+    Pass {
+        probe: Option<u32>,
+    },
+    /// Paused in this worker's queue; `shed` is a waiter evicted to make room, to be answered.
+    Wait {
+        shed: Option<Refusal>,
+    },
+    Refuse(Refusal),
+}
+
+/// A waiter let through by a tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Release {
+    pub id: u32,
+    pub class: Priority,
+    pub waited_ms: u64,
+    /// Set when it goes as the half-open probe.
+    pub probe: Option<u32>,
+}
+
+/// What one tick did, for the host to carry out.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tick {
+    pub released: Vec<Release>,
+    /// Waiters whose `max_wait_ms` passed.
+    pub expired: Vec<Refusal>,
+    /// A half-open probe was let through by this tick.
+    pub probe_started: bool,
+    /// Process-wide waiters and tokens after the last write, for the gauges.
+    pub levels: Option<([u32; 4], f64)>,
+    /// Shared-data failures (the tick went on with what it could do).
+    pub errors: Vec<Status>,
+}
+
+/// The per-worker state.
+pub struct Worker {
+    pub config: Config,
+    pub rules: AdmissionRules,
+    /// This worker VM's random id: its entry among the bucket's waiter counts.
+    pub id: u64,
+    pub provider_key: String,
+    pub bucket_key: String,
+    queue: WaitQueue<u32>,
+    /// The waiter counts this worker last wrote for itself, and when.
+    published: ([u32; 4], u64),
+    /// Requests released from the queue, until their response reads how long they waited.
+    released: HashMap<u32, Release>,
+}
+
+impl Worker {
+    pub fn new(config: Config, id: u64) -> Worker {
+        let name = &config.name;
+        Worker {
+            rules: AdmissionRules::new(&config),
+            id,
+            provider_key: format!("llm_ratelimit/{name}/provider"),
+            bucket_key: format!("llm_ratelimit/{name}/bucket"),
+            queue: WaitQueue::new(config.classes.clone().map(|c| c.weight)),
+            published: ([0; 4], 0),
+            released: HashMap::new(),
+            config,
+        }
+    }
+
+    fn breaker(&self) -> &BreakerRules {
+        &self.config.provider.breaker
+    }
+
+    /// A full bucket with nobody waiting: what the first request of the process finds.
+    pub fn fresh_bucket(&self, now_ns: u64) -> SharedBucket {
+        SharedBucket::new(self.rules.bucket.full(now_ns))
+    }
+
+    /// Creates the shared bucket before traffic (two workers creating it at once would both win).
+    pub fn ensure_bucket(&self, store: &impl Store, now_ns: u64) -> Result<(), Status> {
+        store::ensure(store, &self.bucket_key, self.fresh_bucket(now_ns))
+    }
+
+    /// This worker's waiters per class.
+    pub fn local_counts(&self) -> [u32; 4] {
+        Priority::ALL.map(|p| self.queue.len(p).min(u32::MAX as usize) as u32)
+    }
+
+    /// Whether request `id` is paused in this worker's queue.
+    pub fn is_waiting(&self, id: u32) -> bool {
+        self.queue.contains(id)
+    }
+
+    /// Whether the tick has work: waiters to serve, or counts to correct in shared data.
+    pub fn needs_tick(&self) -> bool {
+        !self.queue.is_empty() || self.published.0 != [0; 4]
+    }
+
+    /// The release of request `id`, once, for its response headers.
+    pub fn take_release(&mut self, id: u32) -> Option<Release> {
+        self.released.remove(&id)
+    }
+
+    /// What the provider's last answers allow a request to do now. A `Probe` changed the shared
+    /// state: the caller must let exactly that request through.
+    pub fn gate(&self, store: &impl Store, now_ms: u64) -> Result<Gate, Status> {
+        store::update(store, &self.provider_key, ProviderState::default, |s| self.breaker().gate(s, now_ms))
+    }
+
+    /// The provider state as it is, for the gauges and log lines.
+    pub fn provider_state(&self, store: &impl Store) -> Result<ProviderState, Status> {
+        Ok(store::read(store, &self.provider_key)?.unwrap_or_default())
+    }
+
+    /// Learns from one provider answer; `probe` is the probe number the request carried.
+    pub fn observe(
+        &self,
+        store: &impl Store,
+        status: u16,
+        signals: &Signals,
+        probe: Option<u32>,
+        now_ms: u64,
+    ) -> Result<(Verdict, ProviderState, bool), Status> {
+        store::update(store, &self.provider_key, ProviderState::default, |s| {
+            let (v, next) = self.breaker().observe(s, status, signals, probe, now_ms);
+            ((v, next, next.mode != s.mode), (next != s).then_some(next))
+        })
+    }
+
+    /// What a 429 means for its client without learning from it again: the provider's own
+    /// timing, or the reset already recorded (by an observer in the upstream chain).
+    pub fn peek(&self, store: &impl Store, signals: &Signals, now_ms: u64) -> Result<Verdict, Status> {
+        let s = self.provider_state(store)?;
+        let recorded = (s.until_ms > now_ms).then_some(s.until_ms);
+        Ok(Verdict {
+            retry_at_ms: signals.retry_at().filter(|&t| t > now_ms).max(recorded),
+            terminal: signals.terminal.is_some() || (s.terminal && s.mode == Mode::Open),
+            ..Verdict::default()
+        })
+    }
+
+    /// Decides an arriving request `id` of `class` under `gate` (from [`Worker::gate`]).
+    pub fn admit(
+        &mut self,
+        store: &impl Store,
+        id: u32,
+        class: Priority,
+        gate: Gate,
+        now_ns: u64,
+    ) -> Result<(Admission, Option<([u32; 4], f64)>), Status> {
+        let now_ms = now_ns / NANOS_PER_MS;
+        let refusal =
+            |reason, wait_ns, tokens, retry| Refusal { id, class, reason, wait_ns, tokens, retry, queued_ms: None };
+        if let Gate::Open { until_ms, terminal: true } = gate {
+            // A terminal quota leaves nothing to spend: the bucket is not consulted.
+            let wait_ns = until_ms.saturating_sub(now_ms).saturating_mul(NANOS_PER_MS);
+            return Ok((Admission::Refuse(refusal(Reason::BreakerOpen, wait_ns, 0.0, false)), None));
+        }
+        let own = self.local_counts();
+        let me = self.id;
+        if let Gate::Probe { probe } = gate {
+            // The probe never waits behind the requests that wait for its answer.
+            let written = store::update(
+                store,
+                &self.bucket_key,
+                || self.fresh_bucket(now_ns),
+                |s| {
+                    let level = self.rules.probe(s.level, now_ns);
+                    let next = SharedBucket { level, ..s }.with_worker(me, own, now_ms);
+                    ((next.waiting(me, own, now_ms), level.tokens), Some(next))
+                },
+            )?;
+            self.published = (own, now_ms);
+            return Ok((Admission::Pass { probe: Some(probe) }, Some(written)));
+        }
+        let hold_reason = if matches!(gate, Gate::Open { .. }) { Reason::BreakerOpen } else { Reason::ProviderHold };
+        let not_before_ns = gate.not_before_ms().saturating_mul(NANOS_PER_MS);
+        // The least important class below ours with a waiter here: the one we may shed.
+        let local_victim = Priority::ALL.into_iter().rev().find(|&p| p > class && self.queue.len(p) > 0);
+        let (arrival, waiting, tokens) = store::update(
+            store,
+            &self.bucket_key,
+            || self.fresh_bucket(now_ns),
+            |s| {
+                let waiting = s.waiting(me, own, now_ms);
+                let (arrival, level) = self.rules.arrive(s.level, waiting, class, now_ns, not_before_ns, local_victim);
+                let mut after = own;
+                match arrival {
+                    Arrival::Wait => after[class.index()] += 1,
+                    Arrival::WaitEvicting { victim } => {
+                        after[class.index()] += 1;
+                        after[victim.index()] = after[victim.index()].saturating_sub(1);
+                    }
+                    Arrival::Admit | Arrival::Reject { .. } => {}
+                }
+                // A refusal changes nothing but the refill, which the next writer redoes anyway.
+                let next = match arrival {
+                    Arrival::Reject { .. } => None,
+                    _ => Some(SharedBucket { level, ..s.clone() }.with_worker(me, after, now_ms)),
+                };
+                let waiting = next.as_ref().map_or(waiting, |n| n.waiting(me, after, now_ms));
+                ((arrival, waiting, level.tokens), next)
+            },
+        )?;
+        let levels = Some((waiting, tokens));
+        let admission = match arrival {
+            Arrival::Admit => Admission::Pass { probe: None },
+            Arrival::Reject { reason: Reason::ProviderHold, wait_ns } => {
+                Admission::Refuse(refusal(hold_reason, wait_ns, tokens, true))
+            }
+            Arrival::Reject { reason, wait_ns } => Admission::Refuse(refusal(reason, wait_ns, tokens, true)),
+            Arrival::Wait | Arrival::WaitEvicting { .. } => {
+                let shed = match arrival {
+                    Arrival::WaitEvicting { .. } => self.queue.evict_newest_below(class).map(|v| Refusal {
+                        id: v.id,
+                        class: v.class,
+                        reason: Reason::Shed,
+                        wait_ns: self.rules.expected_wait_ns(&Level { tokens, at_ns: now_ns }, &waiting, v.class, 0),
+                        tokens,
+                        retry: true,
+                        queued_ms: Some(now_ms.saturating_sub(v.enqueued_ms)),
+                    }),
+                    _ => None,
+                };
+                let deadline_ms = now_ms.saturating_add(self.config.class(class).max_wait_ms);
+                self.queue.push(Waiter { id, class, enqueued_ms: now_ms, deadline_ms });
+                self.published = (self.local_counts(), now_ms);
+                Admission::Wait { shed }
+            }
+        };
+        Ok((admission, levels))
+    }
+
+    /// The client of waiting request `id` went away: forget it, and say so in shared data
+    /// (if that write fails, the next tick corrects it). Returns its class if it was waiting,
+    /// and the process-wide levels after the write.
+    pub fn leave(&mut self, store: &impl Store, id: u32, now_ns: u64) -> Option<(Priority, Option<([u32; 4], f64)>)> {
+        self.released.remove(&id);
+        let w = self.queue.remove(id)?;
+        Some((w.class, self.publish(store, now_ns).ok()))
+    }
+
+    /// Writes this worker's waiter counts as they are now.
+    fn publish(&mut self, store: &impl Store, now_ns: u64) -> Result<([u32; 4], f64), Status> {
+        let (own, me, now_ms) = (self.local_counts(), self.id, now_ns / NANOS_PER_MS);
+        let written = store::update(
+            store,
+            &self.bucket_key,
+            || self.fresh_bucket(now_ns),
+            |s| {
+                let next = s.with_worker(me, own, now_ms);
+                ((next.waiting(me, own, now_ms), next.level.tokens), Some(next))
+            },
+        )?;
+        self.published = (own, now_ms);
+        Ok(written)
+    }
+
+    /// Every `tick_ms`: answers waiters whose time is up, lets through as many as the provider
+    /// and the bucket allow (one, as the probe, when the breaker is half-open), and keeps this
+    /// worker's waiter counts fresh in shared data.
+    pub fn tick(&mut self, store: &impl Store, now_ns: u64) -> Tick {
+        let now_ms = now_ns / NANOS_PER_MS;
+        let mut t = Tick::default();
+        // Expired waiters are answered whatever shared data says.
+        let expired = self.queue.expire(now_ms);
+        let gate = self.gate(store, now_ms).unwrap_or_else(|s| {
+            t.errors.push(s);
+            Gate::Pass
+        });
+        let mut allowed = match gate {
+            Gate::Pass => usize::MAX,
+            Gate::Probe { .. } => 1,
+            Gate::Hold { .. } | Gate::Open { .. } => 0,
+        };
+        t.probe_started = matches!(gate, Gate::Probe { .. });
+        let me = self.id;
+        while allowed > 0 && !self.queue.is_empty() {
+            allowed -= 1;
+            let own = self.local_counts();
+            let picked = store::update(
+                store,
+                &self.bucket_key,
+                || self.fresh_bucket(now_ns),
+                |s| {
+                    let level = self.rules.bucket.refill(s.level, now_ns);
+                    let (class, level) = match gate {
+                        Gate::Probe { .. } => match self.queue.peek_next_class(|_| true) {
+                            Some(p) => (p, self.rules.probe(level, now_ns)),
+                            None => return (None, None),
+                        },
+                        _ => match self.queue.peek_next_class(|p| self.rules.can_release(&level, p)) {
+                            Some(p) => match self.rules.release(level, p, now_ns) {
+                                Some(l) => (p, l),
+                                None => return (None, None),
+                            },
+                            None => return (None, None),
+                        },
+                    };
+                    let mut after = own;
+                    after[class.index()] = after[class.index()].saturating_sub(1);
+                    let next = SharedBucket { level, ..s }.with_worker(me, after, now_ms);
+                    let levels = (next.waiting(me, after, now_ms), level.tokens);
+                    (Some((class, levels)), Some(next))
+                },
+            );
+            let (class, levels) = match picked {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(s) => {
+                    t.errors.push(s);
+                    break;
+                }
+            };
+            let Some(w) = self.queue.pop_next(|c| c == class) else { break };
+            self.published = (self.local_counts(), now_ms);
+            t.levels = Some(levels);
+            let probe = match gate {
+                Gate::Probe { probe } => Some(probe),
+                _ => None,
+            };
+            let r = Release { id: w.id, class: w.class, waited_ms: now_ms.saturating_sub(w.enqueued_ms), probe };
+            self.released.insert(w.id, r);
+            t.released.push(r);
+        }
+        if t.probe_started && t.released.is_empty() {
+            // Nobody here to send: the probe slot is left to time out and be taken again.
+            t.probe_started = false;
+        }
+        let stale = now_ms.saturating_sub(self.published.1) >= HEARTBEAT_MS || now_ms < self.published.1;
+        if t.levels.is_none() && (self.published.0 != self.local_counts() || (stale && !self.queue.is_empty())) {
+            match self.publish(store, now_ns) {
+                Ok(levels) => t.levels = Some(levels),
+                Err(s) => t.errors.push(s),
+            }
+        }
+        if !expired.is_empty() {
+            let known = t.levels.or_else(|| {
+                let s: SharedBucket = store::read(store, &self.bucket_key).ok()??;
+                let level = self.rules.bucket.refill(s.level, now_ns);
+                Some((s.waiting(me, self.local_counts(), now_ms), level.tokens))
+            });
+            let (waiting, tokens) = known.unwrap_or((self.local_counts(), 0.0));
+            let hold_ns = gate.not_before_ms().saturating_sub(now_ms).saturating_mul(NANOS_PER_MS);
+            let level = Level { tokens, at_ns: now_ns };
+            t.expired = expired
+                .into_iter()
+                .map(|w| Refusal {
+                    id: w.id,
+                    class: w.class,
+                    reason: Reason::Expired,
+                    wait_ns: self.rules.expected_wait_ns(&level, &waiting, w.class, hold_ns),
+                    tokens,
+                    retry: true,
+                    queued_ms: Some(now_ms.saturating_sub(w.enqueued_ms)),
+                })
+                .collect();
+        }
+        t
+    }
+}
