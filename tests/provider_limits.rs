@@ -184,29 +184,57 @@ fn garbage_rate_limit_headers_are_ignored_safely() {
 
 #[test]
 fn while_the_breaker_is_open_the_fallback_answers_from_cache() {
-    let mock = Mock::start(&["--quota", "1", "--window-ms", "60000", "--style", "gemini"]);
+    let mock = Mock::start(&["--quota", "2", "--window-ms", "60000", "--style", "gemini"]);
     let config = format!(
-        "{{\"name\":\"fb\",{ROOMY},\"priorities\":{{\"LOW\":{{\"max_retries\":0,\"max_wait_ms\":500}}}},\
+        "{{\"name\":\"fb\",\"bucket\":{{\"capacity\":1000,\"refill_rate\":1000,\"key_header\":\"x-tenant\"}},\
+         \"classify\":{{\"trust_header\":true}},\"priorities\":{{\"LOW\":{{\"max_retries\":0,\"max_wait_ms\":500}}}},\
          \"fallback\":{{\"enabled\":true,\"key_header\":\"x-llm-cache-key\"}}}}"
     );
     let envoy = Envoy::start(&config, 1, mock.port);
     restart_window(&mock, 60_000);
     let url = envoy.url("/v1/chat/completions");
-    let first = chat(&url, &[("x-llm-priority", "LOW"), ("x-llm-cache-key", "prompt-1")]).unwrap();
+    let acme = [("x-tenant", "acme"), ("authorization", "Bearer sk-acme")];
+    let ask = |who: &[(&str, &str)], key: &str| {
+        let mut headers = vec![("x-llm-priority", "LOW"), ("x-llm-cache-key", key)];
+        headers.extend_from_slice(who);
+        chat(&url, &headers).unwrap()
+    };
+    let first = ask(&acme, "prompt-1");
     assert_eq!(first.status, 200);
-    assert_eq!(envoy.stat("fb", "fallback.stored"), 1);
+    // With neither tenant nor credential a request is still cached, under its key.
+    let anonymous = ask(&[], "prompt-anon");
+    assert_eq!(anonymous.status, 200);
+    assert_eq!(envoy.stat("fb", "fallback.stored"), 2);
     // The quota is gone: this 429 opens the breaker.
-    let r = chat(&url, &[("x-llm-priority", "LOW"), ("x-llm-cache-key", "prompt-2")]).unwrap();
+    let r = ask(&acme, "prompt-2");
     assert_eq!(r.status, 429);
     // The same request again is answered from the cache, marked as such.
-    let cached = chat(&url, &[("x-llm-priority", "LOW"), ("x-llm-cache-key", "prompt-1")]).unwrap();
+    let cached = ask(&acme, "prompt-1");
     assert_eq!(cached.status, 200, "{cached:?}");
     assert_eq!(cached.header("x-llm-ratelimit-fallback"), Some("cache"));
     assert_eq!(cached.body, first.body);
-    assert_eq!(envoy.stat("fb", "fallback.served"), 1);
+    let cached = ask(&[], "prompt-anon");
+    assert_eq!(cached.status, 200, "{cached:?}");
+    assert_eq!(cached.body, anonymous.body);
+    assert_eq!(envoy.stat("fb", "fallback.served"), 2);
+    // The same key from another tenant or credential, or from nobody, never reads acme's answer.
+    let others: [&[(&str, &str)]; 5] = [
+        &[("x-tenant", "other"), ("authorization", "Bearer sk-acme")],
+        &[("x-tenant", "acme"), ("authorization", "Bearer sk-other")],
+        &[("x-tenant", "acme"), ("x-api-key", "Bearer sk-acme")],
+        &[("x-tenant", "acme")],
+        &[],
+    ];
+    for who in others {
+        let miss = ask(who, "prompt-1");
+        assert_eq!(miss.status, 429, "{who:?}: {miss:?}");
+        assert_eq!(miss.header("x-llm-ratelimit-reason"), Some("breaker_open"), "{who:?}");
+        assert_eq!(miss.header("x-llm-ratelimit-fallback"), None, "{who:?}");
+    }
     // A request the cache has never seen still gets the breaker's 429.
-    let miss = chat(&url, &[("x-llm-priority", "LOW"), ("x-llm-cache-key", "prompt-3")]).unwrap();
+    let miss = ask(&acme, "prompt-3");
     assert_eq!(miss.status, 429);
     assert_eq!(miss.header("x-llm-ratelimit-reason"), Some("breaker_open"));
-    assert_eq!(mock.received(), 2, "cached and refused requests never reached the provider");
+    assert_eq!(envoy.stat("fb", "fallback.served"), 2);
+    assert_eq!(mock.received(), 3, "cached and refused requests never reached the provider");
 }

@@ -10,7 +10,6 @@ use std::ptr::{null, null_mut};
 pub type Status = u32;
 const OK: Status = 0;
 const NOT_FOUND: Status = 1;
-pub const CAS_MISMATCH: Status = 8;
 
 const REQUEST_HEADERS: u32 = 0;
 const RESPONSE_HEADERS: u32 = 2;

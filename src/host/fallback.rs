@@ -1,40 +1,26 @@
-//! The fallback cache in shared data, for every worker: one value per cached response and one
-//! index of keys, oldest first, that bounds how many are kept.
+//! The fallback cache for the request path: the core's slot table (`crate::fallback`) in shared
+//! data, sized and aged by the config, with host failures logged. Everything that decides lives
+//! in the core, generic over `Store`, and is tested there against `MemStore`.
 
-use super::abi;
-use crate::fallback::{self, Entry};
+use crate::config::FallbackConfig;
+use crate::fallback::{self, Entry, Identity};
+use crate::store::{Status, Store};
 
-const MAX_CAS_TRIES: usize = 32;
-
-fn entry_key(name: &str, key: u64) -> String {
-    format!("llm_ratelimit/{name}/cache/{key:016x}")
+/// The cached response for exactly this request's identity, if there is one younger than
+/// `fallback.max_age_s`. A shared-data failure is a miss.
+pub fn lookup(store: &impl Store, name: &str, id: &Identity, now_ms: u64, cfg: &FallbackConfig) -> Option<Entry> {
+    fallback::lookup(store, name, id, now_ms, slots(cfg), cfg.max_age_ms).unwrap_or_else(|s| {
+        log::warn!("llm-ratelimit: cannot read the fallback cache: status {s}");
+        None
+    })
 }
 
-/// The cached response for `key`, if there is one younger than `max_age_ms`.
-pub fn lookup(name: &str, key: u64, now_ms: u64, max_age_ms: u64) -> Option<Entry> {
-    let (value, _) = abi::get_shared(&entry_key(name, key)).ok()?;
-    Entry::decode(&value?).filter(|e| e.fresh(now_ms, max_age_ms))
+/// Stores `entry` for `id` in one of its slots.
+pub fn store(store: &impl Store, name: &str, id: &Identity, entry: &Entry, cfg: &FallbackConfig) -> Result<(), Status> {
+    fallback::store(store, name, id, entry, slots(cfg), cfg.max_age_ms)
 }
 
-/// Stores `entry` under `key` and evicts what no longer fits in `max_entries`.
-pub fn store(name: &str, key: u64, entry: &Entry, max_entries: usize) -> Result<(), abi::Status> {
-    abi::set_shared(&entry_key(name, key), &entry.encode(), 0)?;
-    let index_key = format!("llm_ratelimit/{name}/cache_index");
-    for _ in 0..MAX_CAS_TRIES {
-        let (value, cas) = abi::get_shared(&index_key)?;
-        let mut index = fallback::decode_index(&value.unwrap_or_default());
-        let evicted = fallback::remember(&mut index, key, max_entries);
-        match abi::set_shared(&index_key, &fallback::encode_index(&index), cas) {
-            Ok(()) => {
-                for old in evicted {
-                    // Shared data cannot delete: an empty value reads as evicted.
-                    abi::set_shared(&entry_key(name, old), &[], 0)?;
-                }
-                return Ok(());
-            }
-            Err(abi::CAS_MISMATCH) => continue,
-            Err(s) => return Err(s),
-        }
-    }
-    Err(abi::CAS_MISMATCH)
+/// `fallback.max_entries` (at most 100 000, by config) as a slot count.
+fn slots(cfg: &FallbackConfig) -> usize {
+    usize::try_from(cfg.max_entries).unwrap_or(usize::MAX)
 }

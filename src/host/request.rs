@@ -42,8 +42,8 @@ pub struct Request {
     /// The half-open probe number it carries, when it goes as the probe.
     probe: Option<u32>,
     answer_429: Option<Answer429>,
-    /// Fallback cache key of this request, when the fallback is on and the client sent one.
-    cache_key: Option<u64>,
+    /// Fallback cache identity of this request, when the fallback is on and the client sent a key.
+    cache_key: Option<crate::fallback::Identity>,
     /// A success being collected for the fallback cache: content type and body so far.
     capture: Option<(String, Vec<u8>)>,
 }
@@ -84,8 +84,8 @@ impl Request {
     /// While the breaker is open: answers with a cached response to the same request, if any.
     fn answer_from_cache(&mut self, cfg: &Config, now_ms: u64) -> bool {
         let fb = &cfg.fallback;
-        let Some(key) = self.cache_key else { return false };
-        let Some(entry) = super::fallback::lookup(&cfg.name, key, now_ms, fb.max_age_ms) else {
+        let Some(key) = &self.cache_key else { return false };
+        let Some(entry) = super::fallback::lookup(&SharedData, &cfg.name, key, now_ms, fb) else {
             return false;
         };
         let age = (now_ms.saturating_sub(entry.stored_ms) / 1000).to_string();
@@ -203,13 +203,13 @@ impl Request {
     }
 
     fn store_in_cache(&mut self) {
-        let (Some(key), Some((content_type, body)), Ok(now)) = (self.cache_key, self.capture.take(), abi::now_ns())
+        let (Some(key), Some((content_type, body)), Ok(now)) = (&self.cache_key, self.capture.take(), abi::now_ns())
         else {
             return;
         };
         let cfg = &self.w.config;
         let entry = crate::fallback::Entry { stored_ms: now / NANOS_PER_MS, content_type, body };
-        match super::fallback::store(&cfg.name, key, &entry, cfg.fallback.max_entries as usize) {
+        match super::fallback::store(&SharedData, &cfg.name, key, &entry, &cfg.fallback) {
             Ok(()) => self.w.metrics.provider.fallback_stored.inc(),
             Err(s) => log::warn!("llm-ratelimit: #{} cannot store in the fallback cache: status {s}", self.id),
         }
@@ -273,10 +273,9 @@ impl HttpContext for Request {
         };
         let now_ms = now / NANOS_PER_MS;
         if cfg.fallback.enabled {
-            if let Some(k) = Self::header(&cfg.fallback.key_header) {
-                let method = Self::header(":method").unwrap_or_default();
-                self.cache_key = Some(crate::fallback::key(&method, &path, &k));
-            }
+            let tenant = cfg.bucket.key_header.as_deref().and_then(Self::header);
+            self.cache_key =
+                crate::fallback::Identity::of_request(&cfg.fallback.key_header, &path, tenant.as_deref(), Self::header);
         }
         let gate = match self.w.core.try_borrow().map_err(|_| 0).and_then(|w| w.gate(&SharedData, now_ms)) {
             Ok(g) => g,
