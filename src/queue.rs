@@ -106,6 +106,15 @@ impl<T: Copy + Eq> WaitQueue<T> {
         best
     }
 
+    /// The clock stepped back by `ms`: every time kept here moves back too, so deadlines stay
+    /// the same distance away in real time.
+    pub fn shift_back(&mut self, ms: u64) {
+        for w in self.queues.iter_mut().flatten() {
+            w.enqueued_ms = w.enqueued_ms.saturating_sub(ms);
+            w.deadline_ms = w.deadline_ms.saturating_sub(ms);
+        }
+    }
+
     /// Whether a waiter with this id is queued.
     pub fn contains(&self, id: T) -> bool {
         self.queues.iter().any(|q| q.iter().any(|w| w.id == id))

@@ -17,6 +17,8 @@ use crate::store::{self, Status, Store};
 use std::collections::HashMap;
 
 const NANOS_PER_MS: u64 = 1_000_000;
+/// What `published` says after a failed write: nothing matches it, so the next tick writes.
+const LOST: [u32; 4] = [u32::MAX; 4];
 
 /// A local 429 the host must send.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -86,6 +88,8 @@ pub struct Worker {
     published: ([u32; 4], u64),
     /// Requests released from the queue, until their response reads how long they waited.
     released: HashMap<u32, Release>,
+    /// The clock at the last tick, to notice a step back.
+    last_tick_ms: u64,
 }
 
 impl Worker {
@@ -99,6 +103,7 @@ impl Worker {
             queue: WaitQueue::new(config.classes.clone().map(|c| c.weight)),
             published: ([0; 4], 0),
             released: HashMap::new(),
+            last_tick_ms: 0,
             config,
         }
     }
@@ -273,7 +278,11 @@ impl Worker {
     pub fn leave(&mut self, store: &impl Store, id: u32, now_ns: u64) -> Option<(Priority, Option<([u32; 4], f64)>)> {
         self.released.remove(&id);
         let w = self.queue.remove(id)?;
-        Some((w.class, self.publish(store, now_ns).ok()))
+        let written = self.publish(store, now_ns);
+        if written.is_err() {
+            self.published = (LOST, 0);
+        }
+        Some((w.class, written.ok()))
     }
 
     /// Writes this worker's waiter counts as they are now.
@@ -298,12 +307,22 @@ impl Worker {
     pub fn tick(&mut self, store: &impl Store, now_ns: u64) -> Tick {
         let now_ms = now_ns / NANOS_PER_MS;
         let mut t = Tick::default();
+        if now_ms < self.last_tick_ms {
+            // The wall clock stepped back: keep every waiter's deadline as far away as it was.
+            self.queue.shift_back(self.last_tick_ms - now_ms);
+        }
+        self.last_tick_ms = now_ms;
         // Expired waiters are answered whatever shared data says.
         let expired = self.queue.expire(now_ms);
-        let gate = self.gate(store, now_ms).unwrap_or_else(|s| {
-            t.errors.push(s);
-            Gate::Pass
-        });
+        // Only a worker with someone to send may take the half-open probe's place.
+        let gate = if self.queue.is_empty() {
+            Gate::Hold { until_ms: now_ms }
+        } else {
+            self.gate(store, now_ms).unwrap_or_else(|s| {
+                t.errors.push(s);
+                Gate::Pass
+            })
+        };
         let mut allowed = match gate {
             Gate::Pass => usize::MAX,
             Gate::Probe { .. } => 1,
@@ -367,7 +386,11 @@ impl Worker {
         if t.levels.is_none() && (self.published.0 != self.local_counts() || (stale && !self.queue.is_empty())) {
             match self.publish(store, now_ns) {
                 Ok(levels) => t.levels = Some(levels),
-                Err(s) => t.errors.push(s),
+                Err(s) => {
+                    // Whatever the shared value says of us now, the next tick writes it again.
+                    self.published = (LOST, 0);
+                    t.errors.push(s);
+                }
             }
         }
         if !expired.is_empty() {
@@ -377,7 +400,12 @@ impl Worker {
                 Some((s.waiting(me, self.local_counts(), now_ms), level.tokens))
             });
             let (waiting, tokens) = known.unwrap_or((self.local_counts(), 0.0));
-            let hold_ns = gate.not_before_ms().saturating_sub(now_ms).saturating_mul(NANOS_PER_MS);
+            let not_before_ms = match gate {
+                // Nobody left here to gate: what the provider state says, without taking a probe.
+                _ if self.queue.is_empty() => self.provider_state(store).map_or(0, |s| s.until_ms),
+                g => g.not_before_ms(),
+            };
+            let hold_ns = not_before_ms.saturating_sub(now_ms).saturating_mul(NANOS_PER_MS);
             let level = Level { tokens, at_ns: now_ns };
             t.expired = expired
                 .into_iter()
