@@ -61,11 +61,16 @@ impl BucketRules {
     /// so a step back does not stall the refill for as long as the step.
     pub fn refill(&self, s: Level, now_ns: u64) -> Level {
         if now_ns <= s.at_ns {
-            let stepped_back = s.at_ns - now_ns > CLOCK_JITTER_NS;
-            return if stepped_back { Level { at_ns: now_ns, ..s } } else { s };
+            return if self.stepped_back(s, now_ns) { Level { at_ns: now_ns, ..s } } else { s };
         }
         let elapsed = (now_ns - s.at_ns) as f64 / NANOS_PER_SEC;
         Level { tokens: (s.tokens + elapsed * self.rate).min(self.max), at_ns: now_ns }
+    }
+
+    /// Whether `now_ns` is a clock step back from `s`: the refilled level then restarts its count
+    /// from `now_ns`, and callers write it even when they take nothing, or the stall persists.
+    pub fn stepped_back(&self, s: Level, now_ns: u64) -> bool {
+        s.at_ns.saturating_sub(now_ns) > CLOCK_JITTER_NS
     }
 
     /// Takes `n` tokens without going below `floor`, or says how long until they exist.

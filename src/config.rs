@@ -23,6 +23,20 @@ pub struct Config {
     pub provider: ProviderConfig,
     pub role: Role,
     pub fallback: FallbackConfig,
+    /// Per-tenant buckets inside the provider's (`None`: no tenant limits).
+    pub tenant: Option<TenantConfig>,
+}
+
+/// Each tenant (a value of `key_header`) gets its own bucket, and needs a token from it as well
+/// as from the provider-wide `bucket`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantConfig {
+    pub key_header: String,
+    pub capacity: u64,
+    pub refill_rate: f64,
+    pub burst_allowance: u64,
+    /// Size of the bounded tenant table; tenants beyond it share an overflow bucket.
+    pub slots: u64,
 }
 
 /// Cached answers while the breaker is open (off by default).
@@ -66,9 +80,6 @@ pub struct BucketConfig {
     pub refill_rate: f64,
     /// Extra tokens above `capacity` that only classes with `use_burst` may spend.
     pub burst_allowance: u64,
-    /// Request header whose value selects a separate bucket (per tenant / API key); `None` = one
-    /// bucket for all requests.
-    pub key_header: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -136,7 +147,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             name: "default".into(),
-            bucket: BucketConfig { capacity: 100, refill_rate: 10.0, burst_allowance: 20, key_header: None },
+            bucket: BucketConfig { capacity: 100, refill_rate: 10.0, burst_allowance: 20 },
+            tenant: None,
             classes: Priority::ALL.map(default_class),
             classify: ClassifyConfig {
                 header: "x-llm-priority".into(),
@@ -222,6 +234,17 @@ struct RawConfig {
     provider: RawProvider,
     role: Option<Role>,
     fallback: RawFallback,
+    tenant: Option<RawTenant>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawTenant {
+    key_header: Option<String>,
+    capacity: Option<f64>,
+    refill_rate: Option<f64>,
+    burst_allowance: Option<f64>,
+    slots: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -303,7 +326,26 @@ impl RawConfig {
             capacity: whole("bucket.capacity", b.capacity, d.bucket.capacity, 1)?,
             refill_rate: positive("bucket.refill_rate", b.refill_rate, d.bucket.refill_rate)?,
             burst_allowance: whole("bucket.burst_allowance", b.burst_allowance, d.bucket.burst_allowance, 0)?,
-            key_header: b.key_header.map(|h| header_name("bucket.key_header", h)).transpose()?,
+        };
+        if b.key_header.is_some() {
+            return Err("bucket.key_header: tenant buckets moved to \"tenant\" and now nest inside the provider \
+                        bucket, e.g. {\"tenant\": {\"key_header\": \"x-llm-tenant\", \"capacity\": 10}}"
+                .into());
+        }
+        let tenant = match self.tenant {
+            None => None,
+            Some(t) => Some(TenantConfig {
+                key_header: header_name("tenant.key_header", t.key_header.unwrap_or_else(|| "x-llm-tenant".into()))?,
+                capacity: whole("tenant.capacity", t.capacity, 10, 1)?,
+                refill_rate: positive("tenant.refill_rate", t.refill_rate, 1.0)?,
+                burst_allowance: whole("tenant.burst_allowance", t.burst_allowance, 0, 0)?,
+                slots: match whole("tenant.slots", t.slots, u64::from(crate::tenants::DEFAULT_SLOTS), 1)? {
+                    n if n > 65_536 => {
+                        return Err(format!("tenant.slots: must be a whole number from 1 to 65536, got {n}"))
+                    }
+                    n => n,
+                },
+            }),
         };
         let mut classes = d.classes.clone();
         for (name, raw) in self.priorities {
@@ -350,7 +392,7 @@ impl RawConfig {
             max_body_bytes: whole("fallback.max_body_bytes", f.max_body_bytes, d.fallback.max_body_bytes, 1)?,
             max_age_ms: whole("fallback.max_age_s", f.max_age_s, d.fallback.max_age_ms / 1000, 1)? * 1000,
         };
-        Ok(Config { name, bucket, classes, classify, queue, provider, role, fallback })
+        Ok(Config { name, bucket, classes, classify, queue, provider, role, fallback, tenant })
     }
 }
 

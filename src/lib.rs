@@ -16,6 +16,7 @@ pub mod queue;
 pub mod reply;
 pub mod signals;
 pub mod store;
+pub mod tenants;
 pub mod worker;
 
 #[cfg(target_os = "wasi")]

@@ -19,6 +19,8 @@ pub enum Reason {
     ProviderHold,
     /// The circuit breaker is open: the provider refused with its quota nearly gone.
     BreakerOpen,
+    /// The request's tenant has used up its own bucket.
+    TenantLimit,
 }
 
 impl Reason {
@@ -30,6 +32,7 @@ impl Reason {
             Reason::Expired => "expired",
             Reason::ProviderHold => "provider_hold",
             Reason::BreakerOpen => "breaker_open",
+            Reason::TenantLimit => "tenant_limit",
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::queue::{WaitQueue, Waiter};
 use crate::reply::Reason;
 use crate::signals::Signals;
 use crate::store::{self, Status, Store};
+use crate::tenants::{self, TenantRules, TenantTake};
 use std::collections::HashMap;
 
 const NANOS_PER_MS: u64 = 1_000_000;
@@ -35,6 +36,16 @@ pub struct Refusal {
     pub retry: bool,
     /// How long it waited first, for a request refused while waiting.
     pub queued_ms: Option<u64>,
+}
+
+/// What `admit` decided, with what the host publishes about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub admission: Admission,
+    /// Process-wide waiters and tokens after the write, for the gauges.
+    pub levels: Option<([u32; 4], f64)>,
+    /// What the tenant table did, when tenant limits are on.
+    pub tenant: Option<tenants::TakeOutcome>,
 }
 
 /// What to do with an arriving request.
@@ -83,6 +94,8 @@ pub struct Worker {
     pub id: u64,
     pub provider_key: String,
     pub bucket_key: String,
+    /// Tenant limits, and the prefix of the tenant table's keys.
+    pub tenants: Option<(TenantRules, String)>,
     queue: WaitQueue<u32>,
     /// The waiter counts this worker last wrote for itself, and when.
     published: ([u32; 4], u64),
@@ -100,6 +113,11 @@ impl Worker {
             id,
             provider_key: format!("llm_ratelimit/{name}/provider"),
             bucket_key: format!("llm_ratelimit/{name}/bucket"),
+            tenants: config.tenant.as_ref().map(|t| {
+                let slots = t.slots.min(u64::from(u32::MAX)) as u32;
+                let rules = TenantRules::new(t.capacity, t.refill_rate, t.burst_allowance, slots);
+                (rules, format!("llm_ratelimit/{name}"))
+            }),
             queue: WaitQueue::new(config.classes.clone().map(|c| c.weight)),
             published: ([0; 4], 0),
             released: HashMap::new(),
@@ -119,7 +137,11 @@ impl Worker {
 
     /// Creates the shared bucket before traffic (two workers creating it at once would both win).
     pub fn ensure_bucket(&self, store: &impl Store, now_ns: u64) -> Result<(), Status> {
-        store::ensure(store, &self.bucket_key, self.fresh_bucket(now_ns))
+        store::ensure(store, &self.bucket_key, self.fresh_bucket(now_ns))?;
+        match &self.tenants {
+            Some((rules, prefix)) => tenants::ensure(store, prefix, rules, now_ns),
+            None => Ok(()),
+        }
     }
 
     /// This worker's waiters per class.
@@ -180,8 +202,50 @@ impl Worker {
         })
     }
 
-    /// Decides an arriving request `id` of `class` under `gate` (from [`Worker::gate`]).
+    /// Decides an arriving request `id` of `class` from `tenant` under `gate` (from
+    /// [`Worker::gate`]). With tenant limits it needs a token from its tenant's bucket and from
+    /// the provider-wide bucket; the tenant's goes back if the provider's refuses.
     pub fn admit(
+        &mut self,
+        store: &impl Store,
+        id: u32,
+        class: Priority,
+        tenant: Option<&str>,
+        gate: Gate,
+        now_ns: u64,
+    ) -> Result<Decision, Status> {
+        let taken = match (&self.tenants, gate) {
+            // The probe goes whatever its tenant spent: everything waits for its answer.
+            (Some((rules, prefix)), Gate::Pass | Gate::Hold { .. } | Gate::Open { terminal: false, .. }) => {
+                let use_burst = self.config.class(class).use_burst;
+                let t = tenants::take(store, prefix, rules, tenant.unwrap_or(""), use_burst, now_ns)?;
+                if let TenantTake::Short { wait_ns, .. } = t.take {
+                    let r = Refusal {
+                        id,
+                        class,
+                        reason: Reason::TenantLimit,
+                        wait_ns,
+                        tokens: 0.0,
+                        retry: true,
+                        queued_ms: None,
+                    };
+                    return Ok(Decision { admission: Admission::Refuse(r), levels: None, tenant: Some(t) });
+                }
+                Some(t)
+            }
+            _ => None,
+        };
+        let (admission, levels) = self.admit_provider(store, id, class, gate, now_ns)?;
+        if let (Admission::Refuse(_), Some(t), Some((rules, prefix))) = (&admission, &taken, &self.tenants) {
+            if let Err(s) = tenants::refund(store, prefix, rules, tenant.unwrap_or(""), t.slot(), now_ns) {
+                log::debug!("llm-ratelimit: #{id} cannot give the tenant's token back: status {s}");
+            }
+        }
+        Ok(Decision { admission, levels, tenant: taken })
+    }
+
+    /// The provider-wide part of `admit`: the breaker's gate, the shared bucket and the queue.
+    fn admit_provider(
         &mut self,
         store: &impl Store,
         id: u32,
@@ -234,9 +298,10 @@ impl Worker {
                     }
                     Arrival::Admit | Arrival::Reject { .. } => {}
                 }
-                // A refusal changes nothing but the refill, which the next writer redoes anyway.
+                // A refusal changes nothing but the refill, which the next writer redoes anyway
+                // (unless the clock stepped back: then the restarted count must be kept).
                 let next = match arrival {
-                    Arrival::Reject { .. } => None,
+                    Arrival::Reject { .. } if !self.rules.bucket.stepped_back(s.level, now_ns) => None,
                     _ => Some(SharedBucket { level, ..s.clone() }.with_worker(me, after, now_ms)),
                 };
                 let waiting = next.as_ref().map_or(waiting, |n| n.waiting(me, after, now_ms));

@@ -223,9 +223,9 @@ impl Sim {
                 let class = Priority::ALL[class];
                 let w = &mut self.workers[worker];
                 let gate = w.gate(&self.store, now_ms).unwrap_or(Gate::Pass);
-                let Ok((admission, _)) = w.admit(&self.store, id, class, gate, now_ns) else { return };
+                let Ok(decision) = w.admit(&self.store, id, class, None, gate, now_ns) else { return };
                 let deadline = self.now + w.config.class(class).max_wait_ms;
-                match admission {
+                match decision.admission {
                     Admission::Pass { probe } => self.send(worker, probe),
                     Admission::Wait { shed } => {
                         self.waiting.insert(id, (worker, deadline));

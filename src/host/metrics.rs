@@ -88,9 +88,26 @@ pub struct ProviderStats {
     pub fallback_stored: Id,
 }
 
+/// Stats of the tenant table (when tenant limits are on).
+pub struct TenantStats {
+    /// Tenants that claimed a free slot.
+    pub claimed: Id,
+    /// Tenants that took the slot of an idle tenant whose bucket had refilled.
+    pub displaced: Id,
+    /// Requests that spent from the shared overflow bucket (table full of active tenants).
+    pub overflow: Id,
+    /// Requests refused because their tenant's bucket was empty.
+    pub limited: Id,
+    /// Slots in the table (gauge).
+    pub slots: Id,
+    /// Slots holding a tenant, counted every few seconds (gauge).
+    pub slots_used: Id,
+}
+
 pub struct Metrics {
     pub class: [ClassStats; 4],
     pub provider: ProviderStats,
+    pub tenants: TenantStats,
     /// Whole tokens left in the process-wide bucket after the last decision (gauge).
     pub bucket_tokens: Id,
     /// Host calls that failed; the filter let the request through (fail open).
@@ -129,9 +146,18 @@ impl Metrics {
             fallback_served: at(Metric::Counter, "fallback.served"),
             fallback_stored: at(Metric::Counter, "fallback.stored"),
         };
+        let tenants = TenantStats {
+            claimed: at(Metric::Counter, "tenants.claimed"),
+            displaced: at(Metric::Counter, "tenants.displaced"),
+            overflow: at(Metric::Counter, "tenants.overflow"),
+            limited: at(Metric::Counter, "tenants.limited"),
+            slots: at(Metric::Gauge, "tenants.slots"),
+            slots_used: at(Metric::Gauge, "tenants.slots_used"),
+        };
         Metrics {
             class,
             provider,
+            tenants,
             bucket_tokens: Id::define(Metric::Gauge, &format!("{base}.bucket.tokens")),
             errors: Id::define(Metric::Counter, &format!("{base}.errors")),
         }

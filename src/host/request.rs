@@ -9,7 +9,7 @@ use crate::classify::classify;
 use crate::config::{Config, Role};
 use crate::priority::Priority;
 use crate::signals;
-use crate::worker::{Admission, Refusal};
+use crate::worker::{Admission, Decision, Refusal};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::rc::Rc;
@@ -124,15 +124,27 @@ impl Request {
 
     /// Takes a token, waits, or refuses.
     fn admit(&mut self, gate: Gate, now_ns: u64) -> Action {
+        let tenant = self.w.config.tenant.as_ref().and_then(|t| Self::header(&t.key_header));
         let decided = match self.w.core.try_borrow_mut() {
-            Ok(mut w) => w.admit(&SharedData, self.id, self.class, gate, now_ns),
+            Ok(mut w) => w.admit(&SharedData, self.id, self.class, tenant.as_deref(), gate, now_ns),
             Err(_) => return self.fail_open("worker borrow", 0),
         };
-        let (admission, levels) = match decided {
+        let Decision { admission, levels, tenant } = match decided {
             Ok(d) => d,
             Err(st) => return self.fail_open("shared-data admission", st),
         };
         self.w.publish_levels(levels);
+        if let Some(t) = tenant {
+            let m = &self.w.metrics.tenants;
+            for (happened, stat) in [(t.claimed, m.claimed), (t.displaced, m.displaced), (t.overflow(), m.overflow)] {
+                if happened {
+                    stat.inc();
+                }
+            }
+            if matches!(t.take, crate::tenants::TenantTake::Short { .. }) {
+                m.limited.inc();
+            }
+        }
         let m = self.w.metrics.of(self.class);
         match admission {
             Admission::Pass { probe } => {
@@ -273,7 +285,7 @@ impl HttpContext for Request {
         };
         let now_ms = now / NANOS_PER_MS;
         if cfg.fallback.enabled {
-            let tenant = cfg.bucket.key_header.as_deref().and_then(Self::header);
+            let tenant = cfg.tenant.as_ref().and_then(|t| Self::header(&t.key_header));
             self.cache_key =
                 crate::fallback::Identity::of_request(&cfg.fallback.key_header, &path, tenant.as_deref(), Self::header);
         }

@@ -21,6 +21,8 @@ pub const PROBE_HEADER: &str = "x-llm-ratelimit-probe";
 /// not know whether Envoy delivers bodies to paused headers (`allow_on_headers_stop_iteration`).
 const BODY_WAIT_UNKNOWN_MS: u64 = 150;
 const BODY_WAIT_MS: u64 = 2_000;
+/// How often a worker counts the tenant table's used slots for the gauge.
+const TENANT_CENSUS_MS: u64 = 10_000;
 
 /// Whether Envoy delivers a body while the filter holds the headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +53,8 @@ pub struct WorkerContext {
     held: RefCell<HashMap<u32, Held>>,
     /// The bucket level last published, so the gauge is written only when it changes.
     published_tokens: Cell<u64>,
+    /// When the tenant table was last counted.
+    census_ms: Cell<u64>,
 }
 
 impl WorkerContext {
@@ -65,6 +69,7 @@ impl WorkerContext {
             bodies: Cell::new(Bodies::Unknown),
             held: RefCell::default(),
             published_tokens: Cell::new(u64::MAX),
+            census_ms: Cell::new(0),
             core: RefCell::new(core),
         }
     }
@@ -166,6 +171,7 @@ impl WorkerContext {
     /// One tick of this worker: held responses first, then the queue.
     pub fn tick(&self, now_ns: u64) {
         self.let_go_of_stale_bodies(now_ns / NANOS_PER_MS);
+        self.count_tenants(now_ns);
         let t = {
             let Ok(mut w) = self.core.try_borrow_mut() else { return };
             if !w.needs_tick() {
@@ -175,6 +181,21 @@ impl WorkerContext {
         };
         // The borrow is dropped: answering a waiter runs its response callbacks synchronously.
         self.carry_out(&t);
+    }
+
+    /// Every `TENANT_CENSUS_MS`, the used slots of the tenant table (it reads every slot).
+    fn count_tenants(&self, now_ns: u64) {
+        let now_ms = now_ns / NANOS_PER_MS;
+        if self.config.tenant.is_none() || now_ms.abs_diff(self.census_ms.get()) < TENANT_CENSUS_MS {
+            return;
+        }
+        let Some((rules, prefix)) = self.core.try_borrow().ok().and_then(|w| w.tenants.clone()) else { return };
+        self.census_ms.set(now_ms);
+        self.metrics.tenants.slots.record(u64::from(rules.slots));
+        match crate::tenants::census(&SharedData, &prefix, &rules, now_ns) {
+            Ok(c) => self.metrics.tenants.slots_used.record(u64::from(c.used)),
+            Err(s) => log::debug!("llm-ratelimit: cannot count the tenant table: status {s}"),
+        }
     }
 
     /// Learns from one provider answer: shared provider state and stats. `first` is false when
