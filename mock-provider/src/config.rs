@@ -9,9 +9,12 @@ use crate::quota::WindowKind;
 pub const USAGE: &str = "\
 usage: mock-provider [--port N] [--host ADDR] [--latency-ms N] [--quota N] [--window-ms N]
                      [--window fixed|sliding] [--style STYLE] [--token-quota N]
-                     [--low-remaining N] [--terminal KIND]
+                     [--request-window-ms N] [--low-remaining N] [--terminal KIND]
   --quota 0 and --token-quota 0 mean unlimited; --port 0 picks a free port.
-  STYLE: openai groq azure anthropic gemini mistral cohere bedrock generic generic-date ietf ietf-draft07
+  --request-window-ms counts requests over their own window (0: the --window-ms one),
+  e.g. Groq's requests per day next to tokens per minute.
+  STYLE: openai groq azure anthropic gemini mistral cohere bedrock generic generic-date generic-ms
+         ietf ietf-draft07
   KIND:  none insufficient_quota spend_limit daily request_too_large gemini_daily";
 
 /// How a provider reports its limits (headers and 429 bodies).
@@ -27,12 +30,13 @@ pub enum Style {
     Bedrock,
     Generic,
     GenericDate,
+    GenericMs,
     Ietf,
     IetfDraft07,
 }
 
 impl Style {
-    const NAMES: [(&'static str, Style); 12] = [
+    const NAMES: [(&'static str, Style); 13] = [
         ("openai", Style::OpenAi),
         ("groq", Style::Groq),
         ("azure", Style::Azure),
@@ -43,6 +47,7 @@ impl Style {
         ("bedrock", Style::Bedrock),
         ("generic", Style::Generic),
         ("generic-date", Style::GenericDate),
+        ("generic-ms", Style::GenericMs),
         ("ietf", Style::Ietf),
         ("ietf-draft07", Style::IetfDraft07),
     ];
@@ -123,6 +128,8 @@ pub struct Settings {
     pub latency_ms: u64,
     pub quota: u64,
     pub window_ms: u64,
+    /// The requests' own window; 0 means `window_ms`.
+    pub request_window_ms: u64,
     pub window: WindowKind,
     pub style: Style,
     pub token_quota: u64,
@@ -138,6 +145,7 @@ impl Default for Settings {
             latency_ms: 0,
             quota: 0,
             window_ms: 60_000,
+            request_window_ms: 0,
             window: WindowKind::Fixed,
             style: Style::OpenAi,
             token_quota: 0,
@@ -199,6 +207,7 @@ impl Settings {
             "latency_ms" => self.latency_ms = parse_latency(value)?,
             "quota" => self.quota = number(0)?,
             "window_ms" => self.window_ms = number(1)?,
+            "request_window_ms" => self.request_window_ms = number(0)?,
             "window" => self.window = parse_window(value)?,
             "style" => self.style = Style::parse(value)?,
             "token_quota" => self.token_quota = number(0)?,
@@ -206,8 +215,8 @@ impl Settings {
             "terminal" => self.terminal = Terminal::parse(value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting; known: latency_ms, quota, window_ms, window, style, \
-                     token_quota, low_remaining, terminal{}",
+                    "unknown setting; known: latency_ms, quota, window_ms, request_window_ms, window, \
+                     style, token_quota, low_remaining, terminal{}",
                     if startup { ", host, port" } else { "" }
                 ))
             }
@@ -217,8 +226,8 @@ impl Settings {
 
     /// Whether switching from `self` to `other` needs a fresh quota window.
     pub fn quota_changed(&self, other: &Settings) -> bool {
-        (self.quota, self.token_quota, self.window_ms, self.window)
-            != (other.quota, other.token_quota, other.window_ms, other.window)
+        (self.quota, self.token_quota, self.window_ms, self.request_window_ms, self.window)
+            != (other.quota, other.token_quota, other.window_ms, other.request_window_ms, other.window)
     }
 
     pub fn to_json(&self) -> Value {
@@ -228,6 +237,7 @@ impl Settings {
             "latency_ms": self.latency_ms,
             "quota": self.quota,
             "window_ms": self.window_ms,
+            "request_window_ms": self.request_window_ms,
             "window": match self.window { WindowKind::Fixed => "fixed", WindowKind::Sliding => "sliding" },
             "style": self.style.as_str(),
             "token_quota": self.token_quota,

@@ -57,7 +57,11 @@ impl AppState {
 
 /// A fresh quota whose windows start now.
 fn new_quota(s: &Settings) -> Quota {
-    Quota::new(s.window, Duration::from_millis(s.window_ms), s.quota, s.token_quota, Instant::now())
+    let quota = Quota::new(s.window, Duration::from_millis(s.window_ms), s.quota, s.token_quota, Instant::now());
+    match s.request_window_ms {
+        0 => quota,
+        ms => quota.with_request_window(Duration::from_millis(ms)),
+    }
 }
 
 #[tokio::main]

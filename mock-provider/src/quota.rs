@@ -65,26 +65,32 @@ pub enum Decision {
 
 pub struct Quota {
     kind: WindowKind,
-    window: Duration,
-    request_limit: u64, // 0 = unlimited
-    token_limit: u64,   // 0 = unlimited
     start: Instant,
-    /// Admitted requests still inside the window: (when, tokens).
+    requests: Counter,
+    tokens: Counter,
+}
+
+/// One budget: what it admitted that still counts, over its own window.
+struct Counter {
+    window: Duration,
+    limit: u64, // 0 = unlimited
+    /// Admitted requests still inside the window: (when, weight).
     log: VecDeque<(Instant, u64)>,
-    tokens_in_log: u64,
+    used: u64,
 }
 
 impl Quota {
     pub fn new(kind: WindowKind, window: Duration, request_limit: u64, token_limit: u64, now: Instant) -> Self {
-        Quota {
-            kind,
-            window: window.max(Duration::from_millis(1)),
-            request_limit,
-            token_limit,
-            start: now,
-            log: VecDeque::new(),
-            tokens_in_log: 0,
-        }
+        let window = window.max(Duration::from_millis(1));
+        let counter = |limit| Counter { window, limit, log: VecDeque::new(), used: 0 };
+        Quota { kind, start: now, requests: counter(request_limit), tokens: counter(token_limit) }
+    }
+
+    /// Counts requests over their own `window` (Groq's requests-per-day next to tokens per
+    /// minute) instead of the shared one.
+    pub fn with_request_window(mut self, window: Duration) -> Self {
+        self.requests.window = window.max(Duration::from_millis(1));
+        self
     }
 
     /// Admits a request costing `tokens` unless a budget is already exhausted.
@@ -92,81 +98,83 @@ impl Quota {
     /// so the token count may overshoot by one request.)
     pub fn try_acquire(&mut self, tokens: u64, now: Instant) -> Decision {
         self.expire(now);
-        let blocked = [
-            (Dimension::Requests, self.request_limit, self.log.len() as u64),
-            (Dimension::Tokens, self.token_limit, self.tokens_in_log),
-        ]
-        .into_iter()
-        .filter(|&(_, limit, used)| limit > 0 && used >= limit)
-        .map(|(dim, limit, _)| (dim, self.time_until_below(dim, limit, now)))
-        .max_by_key(|&(_, wait)| wait);
+        let blocked = [(Dimension::Requests, &self.requests), (Dimension::Tokens, &self.tokens)]
+            .into_iter()
+            .filter(|(_, c)| c.limit > 0 && c.used >= c.limit)
+            .map(|(dim, c)| (dim, c.time_until_below(self.kind, self.start, c.limit, now)))
+            .max_by_key(|&(_, wait)| wait);
 
         if let Some((dimension, retry_after)) = blocked {
             return Decision::Limited { snapshot: self.snapshot(now), dimension, retry_after };
         }
-        // With no limits there is nothing to report, so keep no log (benchmarks).
-        if self.request_limit > 0 || self.token_limit > 0 {
-            self.log.push_back((now, tokens));
-            self.tokens_in_log += tokens;
-        }
+        // An unlimited budget has nothing to report, so it keeps no log (benchmarks).
+        self.requests.admit(now, 1);
+        self.tokens.admit(now, tokens);
         Decision::Allowed(self.snapshot(now))
     }
 
     pub fn snapshot(&mut self, now: Instant) -> Snapshot {
         self.expire(now);
-        let budget = |dim, limit: u64, used: u64| {
-            (limit > 0).then(|| Budget {
-                limit,
-                remaining: limit.saturating_sub(used),
-                reset: self.time_until_below(dim, used.min(limit).max(1), now),
-            })
-        };
-        Snapshot {
-            requests: budget(Dimension::Requests, self.request_limit, self.log.len() as u64),
-            tokens: budget(Dimension::Tokens, self.token_limit, self.tokens_in_log),
-        }
-    }
-
-    /// Start of the current fixed window.
-    fn window_start(&self, now: Instant) -> Instant {
-        let window = self.window.as_nanos();
-        let elapsed = now.saturating_duration_since(self.start).as_nanos();
-        self.start + Duration::from_nanos((elapsed / window * window) as u64)
+        let (kind, start) = (self.kind, self.start);
+        Snapshot { requests: self.requests.budget(kind, start, now), tokens: self.tokens.budget(kind, start, now) }
     }
 
     /// Drops entries that no longer count.
     fn expire(&mut self, now: Instant) {
+        let (kind, start) = (self.kind, self.start);
+        self.requests.expire(kind, start, now);
+        self.tokens.expire(kind, start, now);
+    }
+}
+
+impl Counter {
+    fn admit(&mut self, now: Instant, weight: u64) {
+        if self.limit > 0 {
+            self.log.push_back((now, weight));
+            self.used += weight;
+        }
+    }
+
+    fn budget(&self, kind: WindowKind, start: Instant, now: Instant) -> Option<Budget> {
+        (self.limit > 0).then(|| Budget {
+            limit: self.limit,
+            remaining: self.limit.saturating_sub(self.used),
+            reset: self.time_until_below(kind, start, self.used.min(self.limit).max(1), now),
+        })
+    }
+
+    /// Start of the current fixed window (windows are aligned to `start`).
+    fn window_start(&self, start: Instant, now: Instant) -> Instant {
+        let window = self.window.as_nanos();
+        let elapsed = now.saturating_duration_since(start).as_nanos();
+        start + Duration::from_nanos((elapsed / window * window) as u64)
+    }
+
+    fn expire(&mut self, kind: WindowKind, start: Instant, now: Instant) {
         // Entries at or after `cutoff` still count.
-        let cutoff = match self.kind {
-            WindowKind::Fixed => Some(self.window_start(now)),
+        let cutoff = match kind {
+            WindowKind::Fixed => Some(self.window_start(start, now)),
             WindowKind::Sliding => now.checked_sub(self.window).map(|t| t + Duration::from_nanos(1)),
         };
         let Some(cutoff) = cutoff else { return };
-        while let Some(&(t, tokens)) = self.log.front() {
+        while let Some(&(t, weight)) = self.log.front() {
             if t >= cutoff {
                 break;
             }
-            self.tokens_in_log -= tokens;
+            self.used -= weight;
             self.log.pop_front();
         }
     }
 
-    /// How long until usage of `dim` drops below `limit` (0 if it already is and
-    /// the log is empty). Fixed: the window end. Sliding: when enough of the
-    /// oldest entries have left the window.
-    fn time_until_below(&self, dim: Dimension, limit: u64, now: Instant) -> Duration {
-        match self.kind {
-            WindowKind::Fixed => (self.window_start(now) + self.window) - now,
+    /// How long until usage drops below `limit` (0 if it already is and the log is empty).
+    /// Fixed: the window end. Sliding: when enough of the oldest entries have left the window.
+    fn time_until_below(&self, kind: WindowKind, start: Instant, limit: u64, now: Instant) -> Duration {
+        match kind {
+            WindowKind::Fixed => (self.window_start(start, now) + self.window) - now,
             WindowKind::Sliding => {
-                let mut used = match dim {
-                    Dimension::Requests => self.log.len() as u64,
-                    Dimension::Tokens => self.tokens_in_log,
-                };
-                for &(t, tokens) in &self.log {
-                    used -= match dim {
-                        Dimension::Requests => 1,
-                        Dimension::Tokens => tokens,
-                    };
+                let mut used = self.used;
+                for &(t, weight) in &self.log {
+                    used -= weight;
                     if used < limit {
                         return (t + self.window).saturating_duration_since(now);
                     }
@@ -285,6 +293,23 @@ mod tests {
         for i in 0..1000 {
             assert_eq!(allowed(q.try_acquire(5, t0 + Duration::from_millis(i))), Snapshot::default());
         }
-        assert!(q.log.is_empty());
+        assert!(q.requests.log.is_empty() && q.tokens.log.is_empty());
+    }
+
+    #[test]
+    fn requests_may_count_over_their_own_window() {
+        let t0 = Instant::now();
+        // Groq-like: requests per day, tokens per 10 s.
+        let day = Duration::from_secs(86_400);
+        let mut q = Quota::new(WindowKind::Fixed, WINDOW, 100, 30, t0).with_request_window(day);
+        allowed(q.try_acquire(17, t0));
+        let s = allowed(q.try_acquire(17, t0 + secs(1.0)));
+        assert_eq!(s.requests, Some(Budget { limit: 100, remaining: 98, reset: day - secs(1.0) }));
+        assert_eq!(s.tokens, Some(Budget { limit: 30, remaining: 0, reset: secs(9.0) }));
+        assert_eq!(limited(q.try_acquire(17, t0 + secs(2.0))), (Dimension::Tokens, secs(8.0)));
+        // The token window rolls over; the requests keep counting for the day.
+        let s = allowed(q.try_acquire(17, t0 + WINDOW));
+        assert_eq!(s.requests.unwrap().remaining, 97);
+        assert_eq!(s.tokens.unwrap().remaining, 13);
     }
 }

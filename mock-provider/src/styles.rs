@@ -64,6 +64,9 @@ pub fn quota_headers(style: Style, r: &Report) -> Headers {
                 h.push((remaining, b.remaining.to_string()));
                 h.push((reset, go_duration(ceil_ms(b.reset))));
             }
+            if style == Style::Groq {
+                h.push(("x-groq-region", "us-west-1".into()));
+            }
             if let Some(d) = retry {
                 h.push(("retry-after", ceil_secs(d).to_string()));
             }
@@ -117,11 +120,16 @@ pub fn quota_headers(style: Style, r: &Report) -> Headers {
                 h.push(("x-trial-endpoint-call-remaining", b.remaining.to_string()));
             }
         }
-        Style::Generic | Style::GenericDate => {
+        Style::Generic | Style::GenericDate | Style::GenericMs => {
             if let Some(b) = r.primary() {
                 h.push(("x-ratelimit-limit", b.limit.to_string()));
                 h.push(("x-ratelimit-remaining", b.remaining.to_string()));
-                h.push(("x-ratelimit-reset", r.epoch_after(b.reset).to_string()));
+                let reset = match style {
+                    // Epoch milliseconds, and no Retry-After: the reset is only here.
+                    Style::GenericMs => ceil_ms(r.wall + b.reset).as_millis().to_string(),
+                    _ => r.epoch_after(b.reset).to_string(),
+                };
+                h.push(("x-ratelimit-reset", reset));
             }
             if style == Style::GenericDate {
                 // Our own Date (not hyper's cached one) so Retry-After - Date is exact.
@@ -129,7 +137,7 @@ pub fn quota_headers(style: Style, r: &Report) -> Headers {
                 if let Some(d) = retry {
                     h.push(("retry-after", http_date(r.epoch_after(d))));
                 }
-            } else if let Some(d) = retry {
+            } else if let (Style::Generic, Some(d)) = (style, retry) {
                 h.push(("retry-after", ceil_secs(d).to_string()));
             }
         }
@@ -186,7 +194,13 @@ pub fn rate_limited(style: Style, r: &Report) -> Response {
     let per_min = if dim == Dimension::Requests { "RPM" } else { "TPM" };
     let headers = quota_headers(style, r);
     let body = match style {
-        Style::OpenAi | Style::Groq | Style::Generic | Style::GenericDate | Style::Ietf | Style::IetfDraft07 => {
+        Style::OpenAi
+        | Style::Groq
+        | Style::Generic
+        | Style::GenericDate
+        | Style::GenericMs
+        | Style::Ietf
+        | Style::IetfDraft07 => {
             let used = r.snapshot.get(dim).map_or(0, |b| b.limit - b.remaining);
             openai_error(
                 &format!(
@@ -404,6 +418,15 @@ mod tests {
         assert_eq!(get(&h, "date"), Some("Fri, 29 Sep 2023 16:26:37 GMT"));
         assert_eq!(get(&h, "x-ratelimit-reset"), Some("1696011393")); // now + 6595.4 s, rounded up
         assert_eq!(get(&h, "retry-after"), Some("Fri, 29 Sep 2023 18:16:33 GMT"));
+    }
+
+    #[test]
+    fn generic_ms_reset_is_epoch_milliseconds_without_retry_after() {
+        let h = quota_headers(Style::GenericMs, &report(true));
+        // 16:26:37.25 + 6595.4 s, in ms.
+        assert_eq!(get(&h, "x-ratelimit-reset"), Some("1696011392650"));
+        assert_eq!(get(&h, "x-ratelimit-remaining"), Some("0"));
+        assert_eq!(get(&h, "retry-after"), None);
     }
 
     #[test]

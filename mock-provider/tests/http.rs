@@ -77,16 +77,18 @@ impl Reply {
     }
 }
 
-/// Parses the Go durations the mock emits (`59.123s`, `1m0s`, `12ms`) to seconds.
+/// Parses the Go durations the mock emits (`59.123s`, `1m0s`, `12ms`, `23h59m59.5s`) to seconds.
 fn go_secs(s: &str) -> f64 {
     if let Some(ms) = s.strip_suffix("ms") {
         return ms.parse::<f64>().unwrap() / 1000.0;
     }
+    let (h, s) = s.split_once('h').map_or((0.0, s), |(h, s)| (h.parse::<f64>().unwrap(), s));
     let s = s.strip_suffix('s').unwrap();
-    match s.split_once('m') {
-        Some((m, s)) => m.parse::<f64>().unwrap() * 60.0 + s.parse::<f64>().unwrap(),
-        None => s.parse().unwrap(),
-    }
+    h * 3600.0
+        + match s.split_once('m') {
+            Some((m, s)) => m.parse::<f64>().unwrap() * 60.0 + s.parse::<f64>().unwrap(),
+            None => s.parse::<f64>().unwrap(),
+        }
 }
 
 #[tokio::test]
@@ -197,4 +199,40 @@ fn bad_flag_exits_2_naming_the_flag() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--window: unknown value 'hourly'; allowed: fixed, sliding"), "{stderr}");
+}
+
+#[tokio::test]
+async fn generic_ms_reports_the_reset_in_epoch_milliseconds_only() {
+    let server = Server::start("--quota 1 --window-ms 4000 --style generic-ms");
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let before = now_ms();
+    let ok = server.chat(&[]).await;
+    assert_eq!((ok.status, ok.header("x-ratelimit-remaining")), (200, "0"));
+    let reset: u64 = ok.header("x-ratelimit-reset").parse().unwrap();
+    assert!(reset > before + 3000 && reset <= now_ms() + 4000, "reset {reset}, asked at {before}");
+    let limited = server.chat(&[]).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.header("x-ratelimit-reset"), reset.to_string());
+    assert!(!limited.headers.contains_key("retry-after"), "the reset is only in x-ratelimit-reset");
+}
+
+#[tokio::test]
+async fn groq_requests_per_day_next_to_an_exhausted_token_window() {
+    // 19 tokens a request (12 chars / 4 + 16 completion): the second one uses up 30.
+    let server =
+        Server::start("--style groq --quota 1000 --request-window-ms 86400000 --token-quota 30 --window-ms 4000");
+    let first = server.chat(&[]).await;
+    assert_eq!(first.header("x-groq-region"), "us-west-1");
+    assert_eq!(first.header("x-ratelimit-remaining-tokens"), "11");
+    assert_eq!(server.chat(&[]).await.header("x-ratelimit-remaining-tokens"), "0");
+    let limited = server.chat(&[]).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.body["error"]["type"], "tokens");
+    assert_eq!(limited.header("x-ratelimit-remaining-requests"), "998");
+    assert!(go_secs(limited.header("x-ratelimit-reset-requests")) > 86_000.0);
+    let tokens_reset = go_secs(limited.header("x-ratelimit-reset-tokens"));
+    assert!(tokens_reset > 3.0 && tokens_reset <= 4.0, "{tokens_reset}");
+    assert_eq!(limited.header("retry-after"), "4");
+    let settings = server.request("GET", "/mock/stats", &[], "").await.body["settings"].clone();
+    assert_eq!(settings["request_window_ms"], 86_400_000);
 }

@@ -71,6 +71,28 @@ impl Mock {
     pub fn received(&self) -> u64 {
         self.stats()["requests"].as_u64().expect("requests")
     }
+
+    /// One counter of `/mock/stats` (`requests`, `ok`, `rate_limited`, `in_flight`, ...).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.stats()[name].as_u64().unwrap_or_else(|| panic!("no {name} in /mock/stats"))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Restarts the quota window (and zeroes the counters) when the wall clock's millisecond
+    /// within the second is `phase_ms`; returns when that window ends (epoch ms). Choosing the
+    /// phase puts the reset just before a whole second, so styles that can only say whole
+    /// seconds (epoch seconds, HTTP dates) are off by little more than `1000 - phase_ms`.
+    pub fn restart_window_at_phase(&self, window_ms: u64, phase_ms: u64) -> u64 {
+        let wait = (phase_ms + 1000 - epoch_ms() % 1000) % 1000;
+        std::thread::sleep(Duration::from_millis(wait));
+        let before = epoch_ms();
+        ureq::post(&self.url("/mock/reset")).call().expect("reset");
+        let after = epoch_ms();
+        (before + after) / 2 + window_ms
+    }
 }
 
 impl Drop for Mock {
@@ -117,6 +139,8 @@ impl Envoy {
             .arg(&cfg)
             .args(["--concurrency", &o.concurrency.to_string(), "-l", "warning"])
             .args(["--component-log-level", "wasm:info", "--disable-hot-restart"])
+            // The log file is flushed every 10 s by default: too late for tests that read it.
+            .args(["--file-flush-interval-msec", "100"])
             .arg("--log-path")
             .arg(&log)
             .stdout(Stdio::null())
@@ -287,6 +311,83 @@ pub fn burst(url: &str, n: usize, threads: usize, headers: &[(&str, &str)]) -> V
         }
     });
     out.into_inner().expect("lock")
+}
+
+/// Milliseconds since the Unix epoch (the mock and Envoy use the same clock).
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64
+}
+
+/// A reply with when its request was sent and when it was answered (epoch ms).
+#[derive(Debug)]
+pub struct Timed {
+    pub sent: u64,
+    pub done: u64,
+    pub reply: Result<Reply, String>,
+}
+
+impl Timed {
+    pub fn status(&self) -> u16 {
+        self.reply.as_ref().map_or(0, |r| r.status)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.reply.as_ref().ok().and_then(|r| r.header(name))
+    }
+
+    /// `status reason source retry-after retry-after-ms @ms-after-t0`, for failure messages.
+    pub fn summary(&self, t0: u64) -> String {
+        match &self.reply {
+            Ok(r) => format!(
+                "{} {} {} ra={} ra_ms={} sent@{} done@{}",
+                r.status,
+                r.header("x-llm-ratelimit-reason").unwrap_or("-"),
+                r.header("x-llm-ratelimit-source").unwrap_or("-"),
+                r.header("retry-after").unwrap_or("-"),
+                r.header("retry-after-ms").unwrap_or("-"),
+                self.sent as i64 - t0 as i64,
+                self.done as i64 - t0 as i64,
+            ),
+            Err(e) => format!("error {e} sent@{} done@{}", self.sent as i64 - t0 as i64, self.done as i64 - t0 as i64),
+        }
+    }
+}
+
+/// `chat_within`, timed.
+pub fn timed_chat(timeout: Duration, url: &str, headers: &[(&str, &str)]) -> Timed {
+    let sent = epoch_ms();
+    let reply = chat_within(timeout, url, headers);
+    Timed { sent, done: epoch_ms(), reply }
+}
+
+/// `n` chat requests released at the same instant from `n` threads; timed replies in order.
+pub fn simultaneous(n: usize, url: &str, headers: &[(&str, &str)]) -> Vec<Timed> {
+    let barrier = std::sync::Barrier::new(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    timed_chat(Duration::from_secs(60), url, headers)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("request thread")).collect()
+    })
+}
+
+/// Polls `f` every 20 ms until it is true or `timeout` passes; returns whether it became true.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 pub fn count(replies: &[Reply], status: u16) -> usize {
