@@ -7,9 +7,12 @@
 //!   they may move the reset to a later instant the provider names, never add a trip or back-off.
 //! - A 429 with quota left, or a success that reports the quota used up, holds requests until the
 //!   reset instead (they wait rather than fail). A 429 during a hold is the same event.
-//! - After the reset one probe goes first (half-open). Only the probe's answer counts: its
-//!   success closes the breaker, its 429 opens it again. Answers to older requests change
-//!   nothing. Back-off for 429s without timing doubles only when a probe fails.
+//! - When the provider named its reset, the breaker closes at that instant: traffic resumes at
+//!   the bucket's pace, and a 429 then trips it again (`reset.early`). When it named none (a
+//!   back-off guess, or a terminal quota's block), one probe goes first after it (half-open).
+//!   Only the probe's answer counts: its success closes the breaker, its 429 opens it again.
+//!   Answers to older requests change nothing. Back-off for 429s without timing doubles only
+//!   when a probe fails.
 //! - Terminal quotas (insufficient_quota, spend limits, daily caps) open the breaker with
 //!   `terminal` set, so clients are told not to retry.
 //! - A success reporting remaining quota below `throttle_below` spaces requests out so the rest of
@@ -43,12 +46,25 @@ pub struct ProviderState {
     /// A hold or trip ended at `until_ms`; the first answer after it tells whether that reset
     /// was accurate.
     pub checking: bool,
+    /// The breaker opened on a guess (back-off without timing, or a terminal quota): after it a
+    /// probe goes first. When the provider named its reset, the breaker closes at that instant.
+    pub guessed: bool,
+    /// Requests per window the provider allowed when it last ran out (0: unknown). After that
+    /// hold, only this many go before the provider says more.
+    pub limit: u32,
+    /// Counting down the requests left in the provider's window since a hold ended.
+    pub counting: bool,
+    pub left: u32,
+    /// None left: held until this instant for the provider to name its next reset.
+    pub dry_until_ms: u64,
 }
 
 /// What an arriving or waiting request may do now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gate {
     Pass,
+    /// Pass, and count it against what the provider has left (`BreakerRules::spend`).
+    Counted,
     /// Pass as half-open probe number `probe`, ahead of everything held for it.
     Probe {
         probe: u32,
@@ -68,7 +84,7 @@ impl Gate {
     /// Nothing may go upstream before this instant (epoch ms); 0 when requests may pass.
     pub fn not_before_ms(self) -> u64 {
         match self {
-            Gate::Pass | Gate::Probe { .. } => 0,
+            Gate::Pass | Gate::Counted | Gate::Probe { .. } => 0,
             Gate::Hold { until_ms } | Gate::Open { until_ms, .. } => until_ms,
         }
     }
@@ -111,14 +127,36 @@ pub struct BreakerRules {
 
 /// Longest a request is held while the probe is out before it is told to retry.
 const PROBE_HOLD_MS: u64 = 1000;
+/// How long the provider's count may stay at zero before the filter stops counting (the answer
+/// naming the next reset never came: demand fell, or the provider stopped reporting).
+const DRY_HOLD_MS: u64 = 1000;
 
 impl BreakerRules {
     /// Decides for a request at `now_ms`; returns the new state to write, if it changed.
     pub fn gate(&self, s: ProviderState, now_ms: u64) -> (Gate, Option<ProviderState>) {
         match s.mode {
             Mode::Closed if now_ms < s.until_ms => (Gate::Hold { until_ms: s.until_ms }, None),
+            // A hold for an exhausted window ended: the new window has `limit` requests.
+            Mode::Closed if !s.counting && s.limit > 0 && s.until_ms > 0 => {
+                let next = ProviderState { counting: true, left: s.limit, dry_until_ms: 0, ..s };
+                (Gate::Counted, Some(next))
+            }
+            Mode::Closed if s.counting && s.left > 0 => (Gate::Counted, None),
+            Mode::Closed if s.counting && s.dry_until_ms == 0 => {
+                let dry_until_ms = now_ms.saturating_add(DRY_HOLD_MS);
+                (Gate::Hold { until_ms: dry_until_ms }, Some(ProviderState { dry_until_ms, ..s }))
+            }
+            Mode::Closed if s.counting && now_ms < s.dry_until_ms => (Gate::Hold { until_ms: s.dry_until_ms }, None),
+            Mode::Closed if s.counting => (Gate::Pass, Some(ProviderState { counting: false, limit: 0, ..s })),
             Mode::Closed => (Gate::Pass, None),
             Mode::Open if now_ms < s.until_ms => (Gate::Open { until_ms: s.until_ms, terminal: s.terminal }, None),
+            // The provider said when its quota comes back: that instant closes the breaker, and
+            // the first answers after it tell whether it was right.
+            Mode::Open if !s.guessed => {
+                let next =
+                    ProviderState { mode: Mode::Closed, counting: s.limit > 0, left: s.limit, dry_until_ms: 0, ..s };
+                (if s.limit > 0 { Gate::Counted } else { Gate::Pass }, Some(next))
+            }
             Mode::HalfOpen if now_ms < s.probe_ms.saturating_add(self.probe_timeout_ms) => {
                 // The probe is out: the others wait for its answer.
                 let until_ms =
@@ -131,6 +169,11 @@ impl BreakerRules {
                 (Gate::Probe { probe }, Some(next))
             }
         }
+    }
+
+    /// A `Counted` request went upstream: one fewer left in the provider's window.
+    pub fn spend(&self, s: ProviderState) -> Option<ProviderState> {
+        (s.counting && s.left > 0).then_some(ProviderState { left: s.left - 1, ..s })
     }
 
     /// Updates the state from one provider answer with `status` and parsed `signals`. `probe` is
@@ -171,13 +214,20 @@ impl BreakerRules {
         let retry_at = signals.retry_at().filter(|&t| t > now_ms);
         let reset = signals.requests_reset_ms.max(signals.tokens_reset_ms).filter(|&t| t > now_ms);
         if let (true, Some(at)) = (exhausted, retry_at.or(reset)) {
-            // Used up: nothing more fits before the reset.
+            // Used up: nothing more fits before the reset, and then only the window's limit.
             let at = at.min(now_ms.saturating_add(self.max_wait_ms));
             if at > s.until_ms {
                 s.until_ms = at;
                 s.checking = true;
+                s.counting = false;
+                s.limit = window_limit(signals);
             }
             v.throttled = true;
+        } else if s.counting {
+            // The provider's own count can only lower ours: answers in flight are already spent.
+            if let Some(r) = signals.remaining_requests {
+                s.left = s.left.min(r.min(u64::from(u32::MAX)) as u32);
+            }
         } else if let (Some(f), Some(at)) = (signals.remaining_fraction(), reset) {
             if f < self.throttle_below {
                 // Spread what is left evenly until the reset.
@@ -209,31 +259,34 @@ impl BreakerRules {
         {
             v.reset_error_ms = Some(t.abs_diff(s.until_ms));
         }
-        let open = |until_ms: u64, failed_probes: u32| ProviderState {
+        let open = |until_ms: u64, failed_probes: u32, guessed: bool| ProviderState {
             mode: Mode::Open,
             until_ms,
             terminal,
             failed_probes,
             checking: !terminal,
+            guessed,
+            counting: false,
+            limit: window_limit(signals).max(if s.counting { s.limit } else { 0 }),
             ..s
         };
         let (v, next) = if terminal {
             let until = retry_at.unwrap_or(now_ms.saturating_add(self.terminal_block_ms));
             v.tripped = !(s.mode == Mode::Open && s.terminal);
-            (v, open(until.max(s.until_ms), s.failed_probes))
+            (v, open(until.max(s.until_ms), s.failed_probes, true))
         } else {
             match s.mode {
                 Mode::Open => {
                     // The same exhausted window: only the provider's timing may move the reset.
                     let until = stated.map_or(s.until_ms, |t| t.max(s.until_ms));
-                    (v, ProviderState { until_ms: until, ..s })
+                    (v, ProviderState { until_ms: until, guessed: s.guessed && stated.is_none(), ..s })
                 }
                 Mode::HalfOpen if !is_probe => (v, s),
                 Mode::HalfOpen => {
                     // The probe failed: open again; only now does the back-off grow.
                     let failed = s.failed_probes.saturating_add(1);
                     v.tripped = true;
-                    (v, open(stated.unwrap_or(now_ms.saturating_add(self.backoff(failed))), failed))
+                    (v, open(stated.unwrap_or(now_ms.saturating_add(self.backoff(failed))), failed, stated.is_none()))
                 }
                 Mode::Closed => {
                     let holding = now_ms < s.until_ms;
@@ -248,13 +301,8 @@ impl BreakerRules {
                         (v, ProviderState { until_ms: until, checking: true, ..s })
                     } else {
                         v.tripped = true;
-                        (
-                            v,
-                            open(
-                                stated.unwrap_or(now_ms.saturating_add(self.backoff(s.failed_probes))),
-                                s.failed_probes,
-                            ),
-                        )
+                        let until = stated.unwrap_or(now_ms.saturating_add(self.backoff(s.failed_probes)));
+                        (v, open(until, s.failed_probes, stated.is_none()))
                     }
                 }
             }
@@ -269,6 +317,14 @@ impl BreakerRules {
     }
 }
 
+/// The provider's requests per window, when the answer says the requests ran out.
+fn window_limit(signals: &Signals) -> u32 {
+    match (signals.remaining_requests, signals.limit_requests) {
+        (Some(0), Some(l)) => l.min(u64::from(u32::MAX)) as u32,
+        _ => 0,
+    }
+}
+
 impl crate::store::Stored for ProviderState {
     fn to_bytes(&self) -> Vec<u8> {
         self.encode().to_vec()
@@ -279,17 +335,22 @@ impl crate::store::Stored for ProviderState {
 }
 
 impl ProviderState {
-    pub const ENCODED_LEN: usize = 32;
+    pub const ENCODED_LEN: usize = 48;
 
-    pub fn encode(&self) -> [u8; 32] {
-        let mut out = [0u8; 32];
+    pub fn encode(&self) -> [u8; 48] {
+        let mut out = [0u8; 48];
         out[0] = self.mode as u8;
         out[1] = self.terminal as u8;
         out[2] = self.checking as u8;
+        out[3] = self.guessed as u8;
         out[4..8].copy_from_slice(&self.failed_probes.to_le_bytes());
         out[8..16].copy_from_slice(&self.until_ms.to_le_bytes());
         out[16..24].copy_from_slice(&self.probe_ms.to_le_bytes());
         out[24..28].copy_from_slice(&self.probe.to_le_bytes());
+        out[28] = self.counting as u8;
+        out[32..36].copy_from_slice(&self.limit.to_le_bytes());
+        out[36..40].copy_from_slice(&self.left.to_le_bytes());
+        out[40..48].copy_from_slice(&self.dry_until_ms.to_le_bytes());
         out
     }
 
@@ -310,10 +371,15 @@ impl ProviderState {
             mode,
             terminal: *b.get(1)? == 1,
             checking: *b.get(2)? == 1,
+            guessed: *b.get(3)? == 1,
             failed_probes: u32_at(4)?,
             until_ms: u64_at(8)?,
             probe_ms: u64_at(16)?,
             probe: u32_at(24)?,
+            counting: *b.get(28)? == 1,
+            limit: u32_at(32)?,
+            left: u32_at(36)?,
+            dry_until_ms: u64_at(40)?,
         })
     }
 }
@@ -361,21 +427,69 @@ mod tests {
     }
 
     #[test]
-    fn an_exhausted_429_trips_until_the_reset_then_one_probe_closes_it() {
+    fn an_exhausted_429_trips_until_the_reset_and_the_reset_closes_it() {
         let r = rules();
         let (v, s) = r.observe(ProviderState::default(), 429, &exhausted(5_000), None, NOW);
         assert!(v.tripped && !v.terminal);
         assert_eq!(v.retry_at_ms, Some(NOW + 5_000));
         assert_eq!(r.gate(s, NOW + 4_999).0, Gate::Open { until_ms: NOW + 5_000, terminal: false });
-        let (n, half) = probe(&r, s, NOW + 5_000);
+        // The provider named its reset: no probe, traffic resumes at that instant, counted
+        // against the window's limit of 100.
+        let (g, closed) = r.gate(s, NOW + 5_000);
+        assert_eq!(g, Gate::Counted);
+        let closed = closed.unwrap();
+        assert_eq!(closed.mode, Mode::Closed);
+        assert_eq!(r.observe(closed, 200, &Signals::default(), None, NOW + 5_050).0.reset_accurate, Some(true));
+        // Had the reset been early, the next 429 trips again and says so.
+        let (v, again) = r.observe(closed, 429, &exhausted(7_000), None, NOW + 5_050);
+        assert!(v.tripped);
+        assert_eq!(v.reset_accurate, Some(false));
+        assert_eq!(again.until_ms, NOW + 7_000);
+    }
+
+    #[test]
+    fn after_an_exhausted_window_only_its_limit_goes_until_the_provider_names_the_next_reset() {
+        let r = rules();
+        let (_, held) = r.observe(ProviderState::default(), 200, &signals(Some(0), Some(3), Some(1_000)), None, NOW);
+        assert_eq!(r.gate(held, NOW + 999).0, Gate::Hold { until_ms: NOW + 1_000 });
+        let (g, s) = r.gate(held, NOW + 1_000);
+        assert_eq!(g, Gate::Counted);
+        let mut s = s.unwrap();
+        for _ in 0..3 {
+            assert_eq!(r.gate(s, NOW + 1_010).0, Gate::Counted);
+            s = r.spend(s).unwrap();
+        }
+        // All three are out: hold until an answer names the next reset...
+        let (g, dry) = r.gate(s, NOW + 1_020);
+        assert_eq!(g, Gate::Hold { until_ms: NOW + 2_020 });
+        let dry = dry.unwrap();
+        let (_, next) = r.observe(dry, 200, &signals(Some(0), Some(3), Some(2_000)), None, NOW + 1_030);
+        assert_eq!(r.gate(next, NOW + 1_040).0, Gate::Hold { until_ms: NOW + 2_000 });
+        assert_eq!(r.gate(next, NOW + 2_000).0, Gate::Counted);
+        // ...or, when none comes, stop counting after a second.
+        assert_eq!(r.gate(dry, NOW + 2_020).0, Gate::Pass);
+        // An answer saying fewer are left lowers the count; one saying more does not raise it.
+        let (_, s) = r.gate(held, NOW + 1_000);
+        let s = s.unwrap();
+        assert_eq!(r.observe(s, 200, &signals(Some(1), Some(3), Some(2_000)), None, NOW + 1_001).1.left, 1);
+        assert_eq!(r.observe(s, 200, &signals(Some(9), Some(3), Some(2_000)), None, NOW + 1_001).1.left, 3);
+    }
+
+    #[test]
+    fn a_429_without_timing_opens_until_a_back_off_then_one_probe_closes_it() {
+        let r = rules();
+        let (v, s) = r.observe(ProviderState::default(), 429, &Signals::default(), None, NOW);
+        assert!(v.tripped);
+        assert_eq!(r.gate(s, NOW + 999).0, Gate::Open { until_ms: NOW + 1_000, terminal: false });
+        let (n, half) = probe(&r, s, NOW + 1_000);
         assert_eq!(half.mode, Mode::HalfOpen);
         // Only one probe: the next request is held while it is out.
-        assert!(matches!(r.gate(half, NOW + 5_001).0, Gate::Hold { .. }));
-        let (v, closed) = r.observe(half, 200, &signals(Some(99), Some(100), Some(60_000)), Some(n), NOW + 5_100);
+        assert!(matches!(r.gate(half, NOW + 1_001).0, Gate::Hold { .. }));
+        let (v, closed) = r.observe(half, 200, &signals(Some(99), Some(100), Some(60_000)), Some(n), NOW + 1_100);
         assert!(v.closed);
         assert_eq!(v.reset_accurate, Some(true));
         assert_eq!(closed.mode, Mode::Closed);
-        assert_eq!(r.gate(closed, NOW + 5_101).0, Gate::Pass);
+        assert_eq!(r.gate(closed, NOW + 1_101).0, Gate::Pass);
     }
 
     #[test]
@@ -395,26 +509,26 @@ mod tests {
     }
 
     #[test]
-    fn only_the_probe_closes_the_breaker() {
+    fn only_the_probe_closes_a_breaker_opened_on_a_guess() {
         let r = rules();
-        let (_, open) = r.observe(ProviderState::default(), 429, &exhausted(3_000), None, NOW);
+        let (_, open) = r.observe(ProviderState::default(), 429, &Signals::default(), None, NOW);
         // A success answering a request admitted before the trip.
         assert_eq!(r.observe(open, 200, &Signals::default(), None, NOW + 10).1, open);
-        let (n, half) = probe(&r, open, NOW + 3_000);
-        assert_eq!(r.observe(half, 200, &Signals::default(), None, NOW + 3_010).1, half);
-        assert_eq!(r.observe(half, 200, &Signals::default(), Some(n.wrapping_sub(1)), NOW + 3_010).1, half);
-        assert_eq!(r.observe(half, 429, &Signals::default(), None, NOW + 3_010).1, half, "a stale 429");
-        assert!(r.observe(half, 200, &Signals::default(), Some(n), NOW + 3_010).0.closed);
+        let (n, half) = probe(&r, open, NOW + 1_000);
+        assert_eq!(r.observe(half, 200, &Signals::default(), None, NOW + 1_010).1, half);
+        assert_eq!(r.observe(half, 200, &Signals::default(), Some(n.wrapping_sub(1)), NOW + 1_010).1, half);
+        assert_eq!(r.observe(half, 429, &Signals::default(), None, NOW + 1_010).1, half, "a stale 429");
+        assert!(r.observe(half, 200, &Signals::default(), Some(n), NOW + 1_010).0.closed);
     }
 
     #[test]
     fn a_failed_probe_opens_again_and_a_lost_probe_is_replaced() {
         let r = rules();
-        let (_, open) = r.observe(ProviderState::default(), 429, &exhausted(1_000), None, NOW);
+        let (_, open) = r.observe(ProviderState::default(), 429, &Signals::default(), None, NOW);
         let (n, half) = probe(&r, open, NOW + 1_000);
         let (v, s) = r.observe(half, 429, &exhausted(3_000), Some(n), NOW + 1_100);
         assert!(v.tripped);
-        assert_eq!(v.reset_accurate, Some(false), "our reset was early");
+        assert_eq!(v.reset_accurate, Some(false), "our back-off was too short");
         assert_eq!(v.reset_error_ms, Some(2_000));
         assert_eq!((s.mode, s.until_ms), (Mode::Open, NOW + 3_000));
         // A probe that never answers is replaced after the timeout, under a new number.
@@ -511,9 +625,14 @@ mod tests {
             terminal: true,
             failed_probes: 3,
             checking: true,
+            guessed: true,
+            limit: 5,
+            counting: true,
+            left: 2,
+            dry_until_ms: 11,
         };
         assert_eq!(ProviderState::decode(&s.encode()), Some(s));
-        assert_eq!(ProviderState::decode(&[9u8; 32]), None);
+        assert_eq!(ProviderState::decode(&[9u8; 48]), None);
         assert_eq!(ProviderState::decode(b"short"), None);
     }
 }

@@ -170,6 +170,11 @@ impl Worker {
         store::update(store, &self.provider_key, ProviderState::default, |s| self.breaker().gate(s, now_ms))
     }
 
+    /// A request let through under `Gate::Counted` went upstream: count it.
+    pub fn spend(&self, store: &impl Store) -> Result<(), Status> {
+        store::update(store, &self.provider_key, ProviderState::default, |s| ((), self.breaker().spend(s)))
+    }
+
     /// The provider state as it is, for the gauges and log lines.
     pub fn provider_state(&self, store: &impl Store) -> Result<ProviderState, Status> {
         Ok(store::read(store, &self.provider_key)?.unwrap_or_default())
@@ -202,6 +207,21 @@ impl Worker {
         })
     }
 
+    /// Until when an attempt the router sends upstream (a retry, in the observer) must wait: the
+    /// provider's hold or open breaker, if it ends within what the request's class may wait.
+    /// Router retries then land on the reset instead of on the router's jittered back-off.
+    pub fn attempt_hold(
+        &self,
+        store: &impl Store,
+        class: Option<Priority>,
+        now_ms: u64,
+    ) -> Result<Option<u64>, Status> {
+        let s = self.provider_state(store)?;
+        let max_wait_ms = class.map_or(0, |c| self.config.class(c).max_wait_ms);
+        let holding = s.until_ms > now_ms && !(s.mode == Mode::Open && s.terminal);
+        Ok((holding && s.until_ms - now_ms <= max_wait_ms).then_some(s.until_ms))
+    }
+
     /// Decides an arriving request `id` of `class` from `tenant` under `gate` (from
     /// [`Worker::gate`]). With tenant limits it needs a token from its tenant's bucket and from
     /// the provider-wide bucket; the tenant's goes back if the provider's refuses.
@@ -216,7 +236,10 @@ impl Worker {
     ) -> Result<Decision, Status> {
         let taken = match (&self.tenants, gate) {
             // The probe goes whatever its tenant spent: everything waits for its answer.
-            (Some((rules, prefix)), Gate::Pass | Gate::Hold { .. } | Gate::Open { terminal: false, .. }) => {
+            (
+                Some((rules, prefix)),
+                Gate::Pass | Gate::Counted | Gate::Hold { .. } | Gate::Open { terminal: false, .. },
+            ) => {
                 let use_burst = self.config.class(class).use_burst;
                 let t = tenants::take(store, prefix, rules, tenant.unwrap_or(""), use_burst, now_ns)?;
                 if let TenantTake::Short { wait_ns, .. } = t.take {
@@ -236,6 +259,9 @@ impl Worker {
             _ => None,
         };
         let (admission, levels) = self.admit_provider(store, id, class, gate, now_ns)?;
+        if let (Gate::Counted, Admission::Pass { .. }) = (gate, &admission) {
+            self.spend(store)?;
+        }
         if let (Admission::Refuse(_), Some(t), Some((rules, prefix))) = (&admission, &taken, &self.tenants) {
             if let Err(s) = tenants::refund(store, prefix, rules, tenant.unwrap_or(""), t.slot(), now_ns) {
                 log::debug!("llm-ratelimit: #{id} cannot give the tenant's token back: status {s}");
@@ -321,7 +347,7 @@ impl Worker {
                         id: v.id,
                         class: v.class,
                         reason: Reason::Shed,
-                        wait_ns: self.rules.expected_wait_ns(&Level { tokens, at_ns: now_ns }, &waiting, v.class, 0),
+                        wait_ns: self.rules.expected_wait_ns(&Level { tokens, at_ns: now_ns }, &[0; 4], v.class, 0),
                         tokens,
                         retry: true,
                         queued_ms: Some(now_ms.saturating_sub(v.enqueued_ms)),
@@ -380,7 +406,7 @@ impl Worker {
         // Expired waiters are answered whatever shared data says.
         let expired = self.queue.expire(now_ms);
         // Only a worker with someone to send may take the half-open probe's place.
-        let gate = if self.queue.is_empty() {
+        let mut gate = if self.queue.is_empty() {
             Gate::Hold { until_ms: now_ms }
         } else {
             self.gate(store, now_ms).unwrap_or_else(|s| {
@@ -388,15 +414,9 @@ impl Worker {
                 Gate::Pass
             })
         };
-        let mut allowed = match gate {
-            Gate::Pass => usize::MAX,
-            Gate::Probe { .. } => 1,
-            Gate::Hold { .. } | Gate::Open { .. } => 0,
-        };
         t.probe_started = matches!(gate, Gate::Probe { .. });
         let me = self.id;
-        while allowed > 0 && !self.queue.is_empty() {
-            allowed -= 1;
+        while matches!(gate, Gate::Pass | Gate::Counted | Gate::Probe { .. }) && !self.queue.is_empty() {
             let own = self.local_counts();
             let picked = store::update(
                 store,
@@ -442,6 +462,17 @@ impl Worker {
             let r = Release { id: w.id, class: w.class, waited_ms: now_ms.saturating_sub(w.enqueued_ms), probe };
             self.released.insert(w.id, r);
             t.released.push(r);
+            gate = match gate {
+                // One probe only; while the provider's window is counted, ask again each time.
+                Gate::Probe { .. } => break,
+                Gate::Counted => {
+                    if let Err(s) = self.spend(store) {
+                        t.errors.push(s);
+                    }
+                    self.gate(store, now_ms).unwrap_or(Gate::Hold { until_ms: now_ms })
+                }
+                g => g,
+            };
         }
         if t.probe_started && t.released.is_empty() {
             // Nobody here to send: the probe slot is left to time out and be taken again.
@@ -478,7 +509,8 @@ impl Worker {
                     id: w.id,
                     class: w.class,
                     reason: Reason::Expired,
-                    wait_ns: self.rules.expected_wait_ns(&level, &waiting, w.class, hold_ns),
+                    // What it waited for, not its turn behind others: the reset or the next token.
+                    wait_ns: self.rules.expected_wait_ns(&level, &[0; 4], w.class, hold_ns),
                     tokens,
                     retry: true,
                     queued_ms: Some(now_ms.saturating_sub(w.enqueued_ms)),

@@ -265,6 +265,17 @@ impl HttpContext for Request {
                 if let Err(s) = abi::remove_request_header(PROBE_HEADER) {
                     log::debug!("llm-ratelimit: #{} cannot remove {PROBE_HEADER}: status {s}", self.id);
                 }
+                return Action::Continue;
+            }
+            // A router retry of a request the provider refused: it waits here for the reset.
+            let class = Self::header(&cfg.classify.header).as_deref().and_then(Priority::parse);
+            let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
+            let until =
+                self.w.core.try_borrow().map_err(|_| 0).and_then(|w| w.attempt_hold(&SharedData, class, now_ms));
+            if let Ok(Some(until)) = until {
+                if self.w.hold_attempt(self.id, until) {
+                    return Action::Pause;
+                }
             }
             return Action::Continue;
         }
@@ -308,7 +319,7 @@ impl HttpContext for Request {
     /// Envoy with `allow_on_headers_stop_iteration` delivers the body while the headers are
     /// paused, and a Continue here would release them: a held request holds its body too.
     fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
-        if self.answered {
+        if self.answered || self.w.attempt_held(self.id) {
             return Action::Pause;
         }
         let waiting = self.queued && self.w.core.try_borrow().is_ok_and(|w| w.is_waiting(self.id));

@@ -51,6 +51,8 @@ pub struct WorkerContext {
     pub needs_path: bool,
     pub bodies: Cell<Bodies>,
     held: RefCell<HashMap<u32, Held>>,
+    /// Attempts (router retries) the observer holds until the provider's reset: id -> until.
+    attempts: RefCell<HashMap<u32, u64>>,
     /// The bucket level last published, so the gauge is written only when it changes.
     published_tokens: Cell<u64>,
     /// When the tenant table was last counted.
@@ -68,6 +70,7 @@ impl WorkerContext {
                 || c.classify.rules.iter().any(|r| matches!(r.matcher, crate::config::Matcher::PathPrefix(_))),
             bodies: Cell::new(Bodies::Unknown),
             held: RefCell::default(),
+            attempts: RefCell::default(),
             published_tokens: Cell::new(u64::MAX),
             census_ms: Cell::new(0),
             core: RefCell::new(core),
@@ -171,6 +174,7 @@ impl WorkerContext {
     /// One tick of this worker: held responses first, then the queue.
     pub fn tick(&self, now_ns: u64) {
         self.let_go_of_stale_bodies(now_ns / NANOS_PER_MS);
+        self.send_held_attempts(now_ns / NANOS_PER_MS);
         self.count_tenants(now_ns);
         let t = {
             let Ok(mut w) = self.core.try_borrow_mut() else { return };
@@ -316,9 +320,40 @@ impl WorkerContext {
         }
     }
 
+    /// Holds upstream attempt `id` until `until_ms`; false if it cannot be held.
+    pub fn hold_attempt(&self, id: u32, until_ms: u64) -> bool {
+        self.attempts.try_borrow_mut().map(|mut a| a.insert(id, until_ms)).is_ok()
+    }
+
+    pub fn attempt_held(&self, id: u32) -> bool {
+        self.attempts.try_borrow().is_ok_and(|a| a.contains_key(&id))
+    }
+
+    /// Sends the held attempts whose reset has come.
+    fn send_held_attempts(&self, now_ms: u64) {
+        let due: Vec<u32> = match self.attempts.try_borrow_mut() {
+            Ok(mut a) if !a.is_empty() => {
+                let due: Vec<u32> = a.iter().filter(|(_, &until)| until <= now_ms).map(|(id, _)| *id).collect();
+                for id in &due {
+                    a.remove(id);
+                }
+                due
+            }
+            _ => return,
+        };
+        for id in due {
+            if let Err(s) = abi::resume_request(id) {
+                log::debug!("llm-ratelimit: #{id} cannot send the held attempt: status {s}");
+            }
+        }
+    }
+
     /// Waiter `id` of the current context left (client gone): free its place.
     pub fn leave(&self, id: u32, now_ns: u64) -> Option<Priority> {
         self.release_response(id);
+        if let Ok(mut a) = self.attempts.try_borrow_mut() {
+            a.remove(&id);
+        }
         let (class, levels) = self.core.try_borrow_mut().ok()?.leave(&SharedData, id, now_ns)?;
         self.publish_levels(levels);
         Some(class)
