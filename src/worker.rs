@@ -62,6 +62,14 @@ pub enum Admission {
     Refuse(Refusal),
 }
 
+/// What an upstream attempt does (see [`Worker::attempt`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Attempt {
+    Go,
+    Hold { until_ms: u64 },
+    Refuse(Refusal),
+}
+
 /// A waiter let through by a tick.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Release {
@@ -80,6 +88,8 @@ pub struct Tick {
     pub expired: Vec<Refusal>,
     /// A half-open probe was let through by this tick.
     pub probe_started: bool,
+    /// The breaker's new position, when this tick moved it.
+    pub moved: Option<Mode>,
     /// Process-wide waiters and tokens after the last write, for the gauges.
     pub levels: Option<([u32; 4], f64)>,
     /// Shared-data failures (the tick went on with what it could do).
@@ -167,7 +177,16 @@ impl Worker {
     /// What the provider's last answers allow a request to do now. A `Probe` changed the shared
     /// state: the caller must let exactly that request through.
     pub fn gate(&self, store: &impl Store, now_ms: u64) -> Result<Gate, Status> {
-        store::update(store, &self.provider_key, ProviderState::default, |s| self.breaker().gate(s, now_ms))
+        self.gate_and_mode(store, now_ms).map(|(g, _)| g)
+    }
+
+    /// Like `gate`, and the breaker's new position when this call moved it.
+    pub fn gate_and_mode(&self, store: &impl Store, now_ms: u64) -> Result<(Gate, Option<Mode>), Status> {
+        store::update(store, &self.provider_key, ProviderState::default, |s| {
+            let (gate, next) = self.breaker().gate(s, now_ms);
+            let moved = next.filter(|n| n.mode != s.mode).map(|n| n.mode);
+            ((gate, moved), next)
+        })
     }
 
     /// A request let through under `Gate::Counted` went upstream: count it.
@@ -207,19 +226,22 @@ impl Worker {
         })
     }
 
-    /// Until when an attempt the router sends upstream (a retry, in the observer) must wait: the
-    /// provider's hold or open breaker, if it ends within what the request's class may wait.
-    /// Router retries then land on the reset instead of on the router's jittered back-off.
-    pub fn attempt_hold(
-        &self,
-        store: &impl Store,
-        class: Option<Priority>,
-        now_ms: u64,
-    ) -> Result<Option<u64>, Status> {
+    /// What an attempt the router sends upstream (in the observer: a retry of a request the
+    /// provider refused) does while the provider is held or its breaker open: wait for the reset
+    /// if that fits the request's class, else be answered here, never reaching the provider.
+    /// Router retries then land on the reset rather than on the router's jittered back-off.
+    pub fn attempt(&self, store: &impl Store, class: Priority, now_ms: u64) -> Result<Attempt, Status> {
         let s = self.provider_state(store)?;
-        let max_wait_ms = class.map_or(0, |c| self.config.class(c).max_wait_ms);
-        let holding = s.until_ms > now_ms && !(s.mode == Mode::Open && s.terminal);
-        Ok((holding && s.until_ms - now_ms <= max_wait_ms).then_some(s.until_ms))
+        if s.until_ms <= now_ms || s.mode == Mode::HalfOpen {
+            return Ok(Attempt::Go);
+        }
+        let terminal = s.mode == Mode::Open && s.terminal;
+        if !terminal && s.until_ms - now_ms <= self.config.class(class).max_wait_ms {
+            return Ok(Attempt::Hold { until_ms: s.until_ms });
+        }
+        let reason = if s.mode == Mode::Open { Reason::BreakerOpen } else { Reason::ProviderHold };
+        let wait_ns = (s.until_ms - now_ms).saturating_mul(NANOS_PER_MS);
+        Ok(Attempt::Refuse(Refusal { id: 0, class, reason, wait_ns, tokens: 0.0, retry: !terminal, queued_ms: None }))
     }
 
     /// Decides an arriving request `id` of `class` from `tenant` under `gate` (from
@@ -409,10 +431,16 @@ impl Worker {
         let mut gate = if self.queue.is_empty() {
             Gate::Hold { until_ms: now_ms }
         } else {
-            self.gate(store, now_ms).unwrap_or_else(|s| {
-                t.errors.push(s);
-                Gate::Pass
-            })
+            match self.gate_and_mode(store, now_ms) {
+                Ok((g, moved)) => {
+                    t.moved = moved;
+                    g
+                }
+                Err(s) => {
+                    t.errors.push(s);
+                    Gate::Pass
+                }
+            }
         };
         t.probe_started = matches!(gate, Gate::Probe { .. });
         let me = self.id;
@@ -490,12 +518,11 @@ impl Worker {
             }
         }
         if !expired.is_empty() {
-            let known = t.levels.or_else(|| {
+            let tokens = t.levels.map(|(_, tokens)| tokens).or_else(|| {
                 let s: SharedBucket = store::read(store, &self.bucket_key).ok()??;
-                let level = self.rules.bucket.refill(s.level, now_ns);
-                Some((s.waiting(me, self.local_counts(), now_ms), level.tokens))
+                Some(self.rules.bucket.refill(s.level, now_ns).tokens)
             });
-            let (waiting, tokens) = known.unwrap_or((self.local_counts(), 0.0));
+            let tokens = tokens.unwrap_or(0.0);
             let not_before_ms = match gate {
                 // Nobody left here to gate: what the provider state says, without taking a probe.
                 _ if self.queue.is_empty() => self.provider_state(store).map_or(0, |s| s.until_ms),

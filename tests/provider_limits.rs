@@ -102,7 +102,7 @@ fn every_style_gets_a_retry_after_within_a_second_of_the_reset() {
 const NO_LOW_RETRIES: &str = r#""priorities":{"LOW":{"max_retries":0}}"#;
 
 #[test]
-fn a_429_trips_the_breaker_and_a_half_open_probe_closes_it() {
+fn a_429_trips_the_breaker_until_the_named_reset_which_closes_it() {
     // Gemini-style: no quota headers on successes, timing only in the 429 body.
     let mock = Mock::start(&["--quota", "2", "--window-ms", "3000", "--style", "gemini"]);
     // LOW may wait 500 ms: not long enough for the reset, so an open breaker refuses it at once.
@@ -115,13 +115,14 @@ fn a_429_trips_the_breaker_and_a_half_open_probe_closes_it() {
     for _ in 0..2 {
         assert_eq!(chat(&url, &low).unwrap().status, 200);
     }
+    let asked = now_ms();
     let r = chat(&url, &low).unwrap();
     assert_eq!(r.status, 429, "{r:?}");
     assert_eq!(r.header("x-llm-ratelimit-source"), Some("provider"));
     assert_eq!(r.header("x-should-retry"), Some("true"));
-    // Gemini times its 429 only in the body, which passes after the headers: this client gets
-    // the back-off, and the body's retryDelay sets the reset every later client is told.
-    assert!(r.header("retry-after").is_some());
+    // The body's retryDelay was read before the headers went on: this first client has it.
+    let ms: u64 = r.header("retry-after-ms").unwrap().parse().unwrap();
+    assert!((asked + ms).abs_diff(reset) <= 1000, "told {ms} ms, reset in {} ms", reset - asked);
     assert!(r.body.contains("RESOURCE_EXHAUSTED"), "the provider's body is kept");
     assert_eq!(envoy.stat("br", "breaker.trips"), 1);
     assert_eq!(envoy.stat("br", "breaker.state"), 1);
@@ -136,13 +137,52 @@ fn a_429_trips_the_breaker_and_a_half_open_probe_closes_it() {
     }
     assert_eq!(mock.received(), 3);
 
-    // After the reset one probe goes through and closes the breaker.
+    // The provider named its reset: at that instant the breaker closes, no probe needed, and
+    // the first answer after it says the reset was right.
     std::thread::sleep(Duration::from_millis(reset.saturating_sub(now_ms()) + 100));
     assert_eq!(chat(&url, &low).unwrap().status, 200);
-    assert_eq!(envoy.stat("br", "breaker.probes"), 1);
-    assert_eq!(envoy.stat("br", "breaker.state"), 0);
     assert_eq!(chat(&url, &low).unwrap().status, 200);
+    assert_eq!(envoy.stat("br", "breaker.probes"), 0);
+    assert_eq!(envoy.stat("br", "breaker.state"), 0);
+    assert_eq!(envoy.stat("br", "reset.accurate"), 1);
+    assert_eq!(envoy.stat("br", "reset.early"), 0);
     assert_eq!(envoy.stat("br", "upstream_429"), 1);
+}
+
+#[test]
+fn without_timing_the_breaker_backs_off_and_one_probe_decides() {
+    // Cohere-style: no timing anywhere. The breaker guesses 1 s, the probe then finds the window
+    // still exhausted (early: the back-off doubles), and the next probe closes it.
+    let mock = Mock::start(&["--quota", "2", "--window-ms", "2500", "--style", "cohere"]);
+    let config = format!(
+        "{{\"name\":\"pb\",{ROOMY},\"provider\":{{\"backoff_ms\":1000}},\
+         \"priorities\":{{\"NORMAL\":{{\"max_retries\":0,\"max_wait_ms\":10000}}}}}}"
+    );
+    let envoy = Envoy::start(&config, 2, mock.port);
+    let reset = restart_window(&mock, 2500);
+    let url = envoy.url("/v1/chat/completions");
+    for _ in 0..2 {
+        assert_eq!(chat(&url, &[]).unwrap().status, 200);
+    }
+    let r = chat(&url, &[]).unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("1"), "the guessed back-off: {r:?}");
+    // Waiters queue behind the probe and are served once it succeeds (the new window has room
+    // for the second probe and one more).
+    let replies = burst(&url, 3, 3, &[]);
+    let summary: Vec<String> = replies
+        .iter()
+        .map(|r| {
+            format!("{} {:?} {:?}", r.status, r.header("x-llm-ratelimit-reason"), r.header("x-llm-ratelimit-source"))
+        })
+        .collect();
+    assert_eq!(count(&replies, 200), 2, "the failed probe's own client gets its 429: {summary:?}");
+    assert!(now_ms() >= reset);
+    assert_eq!(envoy.stat("pb", "breaker.probes"), 2, "one probe per half-open period");
+    assert_eq!(envoy.stat("pb", "reset.early"), 1);
+    assert_eq!(envoy.stat("pb", "reset.accurate"), 1);
+    assert_eq!(envoy.stat("pb", "breaker.state"), 0);
+    assert_eq!(mock.stats()["rate_limited"].as_u64().unwrap(), 2, "the first 429 and the failed probe");
 }
 
 #[test]

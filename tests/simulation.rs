@@ -153,11 +153,9 @@ impl Sim {
     /// workers' clock) plus rounding, or the back-off when the provider says nothing.
     fn latest_retry_ms(&self) -> u64 {
         let reset = self.window_end().saturating_add_signed(self.skew);
-        let backoff = match self.style {
-            Style::Silent => (BACKOFF_MS << self.failed_probes.min(3)).min(8_000),
-            // A 429 answered after its window rolled over carries a reset already past: unknown.
-            _ => BACKOFF_MS,
-        };
+        // Without timing (or with a reset already past, for a 429 answered after its window
+        // rolled over) the filter backs off: doubled per failed probe, never otherwise.
+        let backoff = (BACKOFF_MS << self.failed_probes.min(3)).min(8_000);
         // A hold or back-off may start just before the window turns over; a waiter's turn
         // behind the others comes on top, at the bucket's pace (1000/s, LOW at a 0.1 weight).
         let turns = self.waiting.len() as u64 * 100;

@@ -9,7 +9,7 @@ use crate::classify::classify;
 use crate::config::{Config, Role};
 use crate::priority::Priority;
 use crate::signals;
-use crate::worker::{Admission, Decision, Refusal};
+use crate::worker::{Admission, Attempt, Decision, Refusal};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use std::rc::Rc;
@@ -267,15 +267,17 @@ impl HttpContext for Request {
                 }
                 return Action::Continue;
             }
-            // A router retry of a request the provider refused: it waits here for the reset.
+            // A router retry of a request the provider refused: it waits here for the reset, or
+            // is answered here when it cannot wait that long.
             let class = Self::header(&cfg.classify.header).as_deref().and_then(Priority::parse);
+            self.class = class.unwrap_or(cfg.classify.default);
             let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
-            let until =
-                self.w.core.try_borrow().map_err(|_| 0).and_then(|w| w.attempt_hold(&SharedData, class, now_ms));
-            if let Ok(Some(until)) = until {
-                if self.w.hold_attempt(self.id, until) {
-                    return Action::Pause;
-                }
+            let attempt =
+                self.w.core.try_borrow().map_err(|_| 0).and_then(|w| w.attempt(&SharedData, self.class, now_ms));
+            match attempt {
+                Ok(Attempt::Hold { until_ms }) if self.w.hold_attempt(self.id, until_ms) => return Action::Pause,
+                Ok(Attempt::Refuse(r)) => return self.refuse(&Refusal { id: self.id, ..r }),
+                _ => {}
             }
             return Action::Continue;
         }
@@ -300,8 +302,13 @@ impl HttpContext for Request {
             self.cache_key =
                 crate::fallback::Identity::of_request(&cfg.fallback.key_header, &path, tenant.as_deref(), Self::header);
         }
-        let gate = match self.w.core.try_borrow().map_err(|_| 0).and_then(|w| w.gate(&SharedData, now_ms)) {
-            Ok(g) => g,
+        let gate = match self.w.core.try_borrow().map_err(|_| 0).and_then(|w| w.gate_and_mode(&SharedData, now_ms)) {
+            Ok((g, moved)) => {
+                if let Some(mode) = moved {
+                    self.w.metrics.provider.breaker_state.record(mode as u64);
+                }
+                g
+            }
             Err(s) => {
                 self.w.metrics.errors.inc();
                 log::warn!("llm-ratelimit: #{} cannot read the provider state: status {s}", self.id);

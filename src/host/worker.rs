@@ -151,6 +151,9 @@ impl WorkerContext {
             self.metrics.of(r.class).expired.inc();
             self.refuse_waiter(r);
         }
+        if let Some(mode) = t.moved {
+            self.metrics.provider.breaker_state.record(mode as u64);
+        }
         if t.probe_started {
             self.probe_started();
         }
