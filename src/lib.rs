@@ -11,6 +11,7 @@ pub mod classify;
 pub mod config;
 pub mod fallback;
 pub mod hash;
+pub mod idmap;
 pub mod priority;
 pub mod queue;
 pub mod reply;

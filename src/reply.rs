@@ -70,10 +70,11 @@ pub fn too_many_requests(l: &Limited) -> (u32, Vec<(&'static str, String)>, Stri
         ("content-type", "application/json".to_string()),
     ];
     let message = format!(
-        "Rate limit reached by the proxy for {} priority requests ({}). Please try again in {:.3}s.",
+        "Rate limit reached by the proxy for {} priority requests ({}). Please try again in {}.{:03}s.",
         l.priority.name(),
         l.reason.name(),
-        l.wait_ms as f64 / 1000.0
+        l.wait_ms / 1000,
+        l.wait_ms % 1000
     );
     // Written directly: the message holds only our own words and numbers, nothing to escape.
     let body =

@@ -38,13 +38,27 @@ pub fn update<T: Stored, R>(
     fresh: impl Fn() -> T,
     mut change: impl FnMut(T) -> (R, Option<T>),
 ) -> Result<R, Status> {
+    let mut result = None;
+    update_bytes(store, key, &mut |bytes| {
+        let current = bytes.and_then(T::from_bytes).unwrap_or_else(&fresh);
+        let (r, next) = change(current);
+        result = Some(r);
+        next.map(|n| n.to_bytes())
+    })?;
+    // `update_bytes` returns Ok only after calling `change` at least once.
+    result.ok_or(CAS_MISMATCH)
+}
+
+/// Decides the bytes to write from the bytes read (`None`: write nothing).
+type ChangeBytes<'a> = dyn FnMut(Option<&[u8]>) -> Option<Vec<u8>> + 'a;
+
+/// The compare-and-swap loop of `update` on raw bytes: one copy in the `.wasm` for every type.
+fn update_bytes(store: &dyn Store, key: &str, change: &mut ChangeBytes) -> Result<(), Status> {
     for _ in 0..MAX_CAS_TRIES {
         let (value, cas) = store.get(key)?;
-        let current = value.and_then(|v| T::from_bytes(&v)).unwrap_or_else(&fresh);
-        let (result, next) = change(current);
-        let Some(next) = next else { return Ok(result) };
-        match store.set(key, &next.to_bytes(), cas) {
-            Ok(()) => return Ok(result),
+        let Some(next) = change(value.as_deref()) else { return Ok(()) };
+        match store.set(key, &next, cas) {
+            Ok(()) => return Ok(()),
             Err(CAS_MISMATCH) => continue,
             Err(s) => return Err(s),
         }

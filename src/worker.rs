@@ -9,17 +9,20 @@ use crate::admission::{AdmissionRules, Arrival, SharedBucket, HEARTBEAT_MS};
 use crate::breaker::{BreakerRules, Gate, Mode, ProviderState, Verdict};
 use crate::bucket::Level;
 use crate::config::Config;
+use crate::idmap::IdMap;
 use crate::priority::Priority;
 use crate::queue::{WaitQueue, Waiter};
 use crate::reply::Reason;
 use crate::signals::Signals;
 use crate::store::{self, Status, Store};
 use crate::tenants::{self, TenantRules, TenantTake};
-use std::collections::HashMap;
 
 const NANOS_PER_MS: u64 = 1_000_000;
 /// What `published` says after a failed write: nothing matches it, so the next tick writes.
 const LOST: [u32; 4] = [u32::MAX; 4];
+
+/// Process-wide waiters per class and whole tokens, after a write: what the gauges show.
+pub type Levels = ([u32; 4], f64);
 
 /// A local 429 the host must send.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,7 +46,7 @@ pub struct Refusal {
 pub struct Decision {
     pub admission: Admission,
     /// Process-wide waiters and tokens after the write, for the gauges.
-    pub levels: Option<([u32; 4], f64)>,
+    pub levels: Option<Levels>,
     /// What the tenant table did, when tenant limits are on.
     pub tenant: Option<tenants::TakeOutcome>,
 }
@@ -91,7 +94,7 @@ pub struct Tick {
     /// The breaker's new position, when this tick moved it.
     pub moved: Option<Mode>,
     /// Process-wide waiters and tokens after the last write, for the gauges.
-    pub levels: Option<([u32; 4], f64)>,
+    pub levels: Option<Levels>,
     /// Shared-data failures (the tick went on with what it could do).
     pub errors: Vec<Status>,
 }
@@ -110,7 +113,7 @@ pub struct Worker {
     /// The waiter counts this worker last wrote for itself, and when.
     published: ([u32; 4], u64),
     /// Requests released from the queue, until their response reads how long they waited.
-    released: HashMap<u32, Release>,
+    released: IdMap<Release>,
     /// The clock at the last tick, to notice a step back.
     last_tick_ms: u64,
 }
@@ -130,7 +133,7 @@ impl Worker {
             }),
             queue: WaitQueue::new(config.classes.clone().map(|c| c.weight)),
             published: ([0; 4], 0),
-            released: HashMap::new(),
+            released: IdMap::new(),
             last_tick_ms: 0,
             config,
         }
@@ -300,7 +303,7 @@ impl Worker {
         class: Priority,
         gate: Gate,
         now_ns: u64,
-    ) -> Result<(Admission, Option<([u32; 4], f64)>), Status> {
+    ) -> Result<(Admission, Option<Levels>), Status> {
         let now_ms = now_ns / NANOS_PER_MS;
         let refusal =
             |reason, wait_ns, tokens, retry| Refusal { id, class, reason, wait_ns, tokens, retry, queued_ms: None };
@@ -388,7 +391,7 @@ impl Worker {
     /// The client of waiting request `id` went away: forget it, and say so in shared data
     /// (if that write fails, the next tick corrects it). Returns its class if it was waiting,
     /// and the process-wide levels after the write.
-    pub fn leave(&mut self, store: &impl Store, id: u32, now_ns: u64) -> Option<(Priority, Option<([u32; 4], f64)>)> {
+    pub fn leave(&mut self, store: &impl Store, id: u32, now_ns: u64) -> Option<(Priority, Option<Levels>)> {
         self.released.remove(&id);
         let w = self.queue.remove(id)?;
         let written = self.publish(store, now_ns);
@@ -399,7 +402,7 @@ impl Worker {
     }
 
     /// Writes this worker's waiter counts as they are now.
-    fn publish(&mut self, store: &impl Store, now_ns: u64) -> Result<([u32; 4], f64), Status> {
+    fn publish(&mut self, store: &impl Store, now_ns: u64) -> Result<Levels, Status> {
         let (own, me, now_ms) = (self.local_counts(), self.id, now_ns / NANOS_PER_MS);
         let written = store::update(
             store,

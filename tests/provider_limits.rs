@@ -225,13 +225,11 @@ fn garbage_rate_limit_headers_are_ignored_safely() {
 #[test]
 fn while_the_breaker_is_open_the_fallback_answers_from_cache() {
     let mock = Mock::start(&["--quota", "2", "--window-ms", "60000", "--style", "gemini"]);
-    let config = format!(
-        "{{\"name\":\"fb\",\"bucket\":{{\"capacity\":1000,\"refill_rate\":1000}},\
-         \"tenant\":{{\"key_header\":\"x-tenant\",\"capacity\":100,\"refill_rate\":100}},\
-         \"classify\":{{\"trust_header\":true}},\"priorities\":{{\"LOW\":{{\"max_retries\":0,\"max_wait_ms\":500}}}},\
-         \"fallback\":{{\"enabled\":true,\"key_header\":\"x-llm-cache-key\"}}}}"
-    );
-    let envoy = Envoy::start(&config, 1, mock.port);
+    let config = r#"{"name":"fb","bucket":{"capacity":1000,"refill_rate":1000},
+        "tenant":{"key_header":"x-tenant","capacity":100,"refill_rate":100},
+        "classify":{"trust_header":true},"priorities":{"LOW":{"max_retries":0,"max_wait_ms":500}},
+        "fallback":{"enabled":true,"key_header":"x-llm-cache-key"}}"#;
+    let envoy = Envoy::start(config, 1, mock.port);
     restart_window(&mock, 60_000);
     let url = envoy.url("/v1/chat/completions");
     let acme = [("x-tenant", "acme"), ("authorization", "Bearer sk-acme")];

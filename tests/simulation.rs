@@ -238,7 +238,11 @@ impl Sim {
                 self.tick(worker);
             }
             Event::TickAll => {
-                let lost = (0..self.workers.len()).fold(false, |lost, w| self.tick(w) || lost);
+                // Every worker ticks, whatever the others' writes did.
+                let mut lost = false;
+                for w in 0..self.workers.len() {
+                    lost |= self.tick(w);
+                }
                 // Writes lost on purpose this round are healed by the next one.
                 if !lost {
                     self.check_counts();

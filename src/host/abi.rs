@@ -54,6 +54,17 @@ extern "C" {
     fn proxy_get_buffer_bytes(b: u32, start: usize, max: usize, v: *mut *mut u8, vs: *mut usize) -> Status;
 }
 
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    fn random_get(buf: *mut u8, len: usize) -> u16;
+}
+
+/// Eight random bytes from the host (WASI), or `None` if it has none to give.
+pub fn random_u64() -> Option<u64> {
+    let mut b = [0u8; 8];
+    (unsafe { random_get(b.as_mut_ptr(), b.len()) } == 0).then(|| u64::from_le_bytes(b))
+}
+
 fn check(status: Status) -> Result<(), Status> {
     if status == OK {
         Ok(())

@@ -21,10 +21,7 @@ impl Context for Root {}
 /// A random id for this worker VM: its entry among the shared waiter counts. A reloaded plugin
 /// or restarted VM gets a new one, and the old entry stops counting once it is not refreshed.
 fn worker_id(now_ns: u64) -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_ns);
-    h.finish()
+    abi::random_u64().unwrap_or_else(|| crate::hash::stable_hash(&[&now_ns.to_string()]))
 }
 
 impl RootContext for Root {

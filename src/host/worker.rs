@@ -7,12 +7,12 @@ use super::metrics::Metrics;
 use super::shared::SharedData;
 use crate::breaker::{Mode, Verdict};
 use crate::config::Config;
+use crate::idmap::IdMap;
 use crate::priority::Priority;
 use crate::reply::{self, Limited};
 use crate::signals::Signals;
 use crate::worker::{Refusal, Release, Tick, Worker};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 
 const NANOS_PER_MS: u64 = 1_000_000;
 /// Request header that tells the observer (upstream) which probe a request is; removed there.
@@ -50,9 +50,9 @@ pub struct WorkerContext {
     /// Whether anything reads the request path (path rules, the fallback's key).
     pub needs_path: bool,
     pub bodies: Cell<Bodies>,
-    held: RefCell<HashMap<u32, Held>>,
+    held: RefCell<IdMap<Held>>,
     /// Attempts (router retries) the observer holds until the provider's reset: id -> until.
-    attempts: RefCell<HashMap<u32, u64>>,
+    attempts: RefCell<IdMap<u64>>,
     /// The bucket level last published, so the gauge is written only when it changes.
     published_tokens: Cell<u64>,
     /// When the tenant table was last counted.
@@ -82,7 +82,7 @@ impl WorkerContext {
     }
 
     /// Publishes process-wide queue depths and the bucket level (only when it changed).
-    pub fn publish_levels(&self, levels: Option<([u32; 4], f64)>) {
+    pub fn publish_levels(&self, levels: Option<crate::worker::Levels>) {
         let Some((waiting, tokens)) = levels else { return };
         self.metrics.levels(waiting);
         let whole = tokens.max(0.0) as u64;
