@@ -692,4 +692,27 @@ mod tests {
         );
         assert!(!err(r#"{"bucket":"#).is_empty());
     }
+
+    #[test]
+    fn error_paths_are_read_off_the_text() {
+        assert_eq!(json_path_at(br#"{"a":{"b":[1,{"c":2}]}}"#, 19), "a.b[1].c");
+        assert_eq!(json_path_at(br#"{"a":1,"b":"x\"y"}"#, 17), "b");
+        assert_eq!(json_path_at(b"", 5), "");
+        let e = err("{\n  \"queue\": {\n    \"tick_ms\": \"fast\"\n  }\n}");
+        assert!(e.starts_with("queue.tick_ms: invalid type: string \"fast\""), "{e}");
+        let e = err(r#"{"classify":{"rules":[{"priority":"LOW","path_prefix":"/a"},{"priority":"HIGHEST"}]}}"#);
+        assert!(e.starts_with("classify.rules[1].priority: unknown variant `HIGHEST`"), "{e}");
+    }
+
+    #[test]
+    fn tenants_are_configured_apart_from_the_provider_bucket() {
+        let c = Config::parse(br#"{"tenant":{"key_header":"X-Team","capacity":5,"slots":16}}"#).unwrap();
+        let t = c.tenant.unwrap();
+        assert_eq!((t.key_header.as_str(), t.capacity, t.refill_rate, t.slots), ("x-team", 5, 1.0, 16));
+        assert!(err(r#"{"bucket":{"key_header":"x-tenant"}}"#).starts_with("bucket.key_header: tenant buckets moved"));
+        assert!(
+            err(r#"{"tenant":{"slots":100000}}"#).starts_with("tenant.slots: must be a whole number from 1 to 65536")
+        );
+        assert!(err(r#"{"tenant":{"capacty":1}}"#).starts_with("tenant.capacty: unknown field"));
+    }
 }

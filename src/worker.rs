@@ -455,19 +455,20 @@ impl Worker {
                 || self.fresh_bucket(now_ns),
                 |s| {
                     let level = self.rules.bucket.refill(s.level, now_ns);
-                    let (class, level) = match gate {
-                        Gate::Probe { .. } => match self.queue.peek_next_class(|_| true) {
-                            Some(p) => (p, self.rules.probe(level, now_ns)),
-                            None => return (None, None),
-                        },
-                        _ => match self.queue.peek_next_class(|p| self.rules.can_release(&level, p)) {
-                            Some(p) => match self.rules.release(level, p, now_ns) {
-                                Some(l) => (p, l),
-                                None => return (None, None),
-                            },
-                            None => return (None, None),
-                        },
+                    // Nobody to release: write nothing, unless the clock stepped back (the count
+                    // restarts from now, or the refill would stall for as long as the step).
+                    let stepped = self.rules.bucket.stepped_back(s.level, now_ns);
+                    let nothing = |s: SharedBucket| (None, stepped.then_some(SharedBucket { level, ..s }));
+                    let picked = match gate {
+                        Gate::Probe { .. } => {
+                            self.queue.peek_next_class(|_| true).map(|p| (p, self.rules.probe(level, now_ns)))
+                        }
+                        _ => self
+                            .queue
+                            .peek_next_class(|p| self.rules.can_release(&level, p))
+                            .and_then(|p| Some((p, self.rules.release(level, p, now_ns)?))),
                     };
+                    let Some((class, level)) = picked else { return nothing(s) };
                     let mut after = own;
                     after[class.index()] = after[class.index()].saturating_sub(1);
                     let next = SharedBucket { level, ..s }.with_worker(me, after, now_ms);
@@ -548,5 +549,108 @@ impl Worker {
                 .collect();
         }
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const MS: u64 = 1_000_000;
+    const T0: u64 = 1_700_000_000_000;
+
+    fn worker(json: &str, id: u64) -> Worker {
+        Worker::new(Config::parse(json.as_bytes()).unwrap(), id)
+    }
+
+    /// Opens the breaker on a guess (no timing) at `T0`, for `backoff_ms`.
+    fn trip(w: &Worker, store: &MemStore) {
+        w.observe(store, 429, &Signals::default(), None, T0).unwrap();
+    }
+
+    fn arrive(w: &mut Worker, store: &MemStore, id: u32, at_ms: u64) -> Admission {
+        let gate = w.gate(store, at_ms).unwrap();
+        w.admit(store, id, Priority::Normal, None, gate, at_ms * MS).unwrap().admission
+    }
+
+    #[test]
+    fn the_probe_goes_ahead_of_the_waiters_held_for_it() {
+        let store = MemStore::default();
+        let mut w = worker("{}", 1);
+        trip(&w, &store);
+        for id in 1..=3 {
+            assert_eq!(arrive(&mut w, &store, id, T0 + 10), Admission::Wait { shed: None });
+        }
+        // After the back-off an arrival is the probe: it passes though three wait ahead of it.
+        assert!(matches!(arrive(&mut w, &store, 9, T0 + 1_000), Admission::Pass { probe: Some(_) }));
+        // The waiters stay held for its answer, then go at once.
+        assert!(w.tick(&store, (T0 + 1_010) * MS).released.is_empty());
+        let probe = w.provider_state(&store).unwrap().probe;
+        w.observe(&store, 200, &Signals::default(), Some(probe), T0 + 1_050).unwrap();
+        assert_eq!(w.tick(&store, (T0 + 1_060) * MS).released.len(), 3);
+    }
+
+    #[test]
+    fn a_tick_takes_the_probe_only_with_someone_to_send() {
+        let store = MemStore::default();
+        let mut w = worker("{}", 1);
+        trip(&w, &store);
+        assert!(!w.tick(&store, (T0 + 2_000) * MS).probe_started);
+        assert_eq!(w.provider_state(&store).unwrap().mode, Mode::Open, "the probe slot is still free");
+        assert_eq!(arrive(&mut w, &store, 1, T0 + 500), Admission::Wait { shed: None });
+        let t = w.tick(&store, (T0 + 1_000) * MS);
+        assert!(t.probe_started);
+        assert_eq!(t.released.len(), 1);
+        assert!(t.released[0].probe.is_some());
+    }
+
+    #[test]
+    fn a_lost_count_write_heals_on_the_next_tick() {
+        let store = MemStore::default();
+        let mut w = worker(r#"{"bucket":{"capacity":1,"refill_rate":0.1,"burst_allowance":0}}"#, 7);
+        assert_eq!(arrive(&mut w, &store, 1, T0), Admission::Pass { probe: None });
+        assert_eq!(arrive(&mut w, &store, 2, T0), Admission::Wait { shed: None });
+        // The client leaves and the write of the new count loses every CAS.
+        store.conflicts.set(1_000);
+        assert_eq!(w.leave(&store, 2, T0 * MS).map(|(c, _)| c), Some(Priority::Normal));
+        store.conflicts.set(0);
+        let shared: SharedBucket = store::read(&store, &w.bucket_key).unwrap().unwrap();
+        assert_eq!(shared.waiting(0, [0; 4], T0), [0, 0, 1, 0], "the phantom waiter is still there");
+        assert!(w.needs_tick());
+        w.tick(&store, (T0 + 10) * MS);
+        let shared: SharedBucket = store::read(&store, &w.bucket_key).unwrap().unwrap();
+        assert_eq!(shared.waiting(0, [0; 4], T0 + 10), [0; 4]);
+        assert!(!w.needs_tick());
+    }
+
+    #[test]
+    fn a_clock_step_back_keeps_deadlines_and_the_refill_going() {
+        let store = MemStore::default();
+        let mut w = worker(r#"{"bucket":{"capacity":1,"refill_rate":1,"burst_allowance":0}}"#, 3);
+        assert_eq!(arrive(&mut w, &store, 1, T0), Admission::Pass { probe: None });
+        assert_eq!(arrive(&mut w, &store, 2, T0), Admission::Wait { shed: None });
+        w.tick(&store, (T0 + 100) * MS);
+        // The clock steps back 10 s: the waiter's token comes 1 s of real time after it queued.
+        let back = T0 - 10_000;
+        assert!(w.tick(&store, (back + 200) * MS).released.is_empty());
+        assert_eq!(w.tick(&store, (back + 1_300) * MS).released.len(), 1, "no stall for the step");
+    }
+
+    #[test]
+    fn a_retry_waits_for_the_reset_only_when_its_class_may_wait_that_long() {
+        let store = MemStore::default();
+        let w = worker(r#"{"priorities":{"LOW":{"max_wait_ms":500}}}"#, 1);
+        let exhausted =
+            Signals { remaining_requests: Some(0), requests_reset_ms: Some(T0 + 3_000), ..Signals::default() };
+        w.observe(&store, 429, &exhausted, None, T0).unwrap();
+        assert_eq!(w.attempt(&store, Priority::Normal, T0 + 10).unwrap(), Attempt::Hold { until_ms: T0 + 3_000 });
+        match w.attempt(&store, Priority::Low, T0 + 10).unwrap() {
+            Attempt::Refuse(r) => assert_eq!((r.reason, r.wait_ns), (Reason::BreakerOpen, 2_990 * MS)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(w.attempt(&store, Priority::Low, T0 + 3_000).unwrap(), Attempt::Go);
     }
 }
