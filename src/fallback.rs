@@ -21,7 +21,7 @@
 //! The path is kept as sent, query included: a credential passed in the query (`?key=`) is part
 //! of the identity as it is, not hashed.
 
-use crate::hash::stable_hash;
+use crate::hash::{mix, stable_hash};
 use crate::store::{Status, Store, CAS_MISMATCH};
 
 /// Candidate slots per identity: more keeps more of the newest entries when slots are scarce, at
@@ -131,12 +131,6 @@ pub fn candidates(hash: u64, slots: usize) -> Vec<usize> {
     out
 }
 
-/// SplitMix64's finalizer: spreads nearby inputs over all 64 bits.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 /// The stored value of `entry` for `id`: the whole identity (the credential only as its hash),
 /// then the response. Every variable part carries its length, so nothing is ever truncated.

@@ -8,6 +8,13 @@ pub fn stable_hash(parts: &[&str]) -> u64 {
     })
 }
 
+/// SplitMix64's finalizer: spreads nearby inputs over all 64 bits (for picking table slots).
+pub fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,7 +60,7 @@
 //! ```
 
 use crate::bucket::{BucketRules, Level};
-use crate::hash::stable_hash;
+use crate::hash::{mix, stable_hash};
 use crate::store::{self, Status, Store, Stored, CAS_MISMATCH};
 
 /// Slots when the configuration names none.
@@ -396,11 +396,6 @@ fn candidates(tenant: &str, slots: u32) -> Vec<u32> {
     out
 }
 
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 /// A bucket refilled to full by `now_ns`: its tenant loses nothing if it is displaced.
 fn idle(b: &BucketRules, s: Level, now_ns: u64) -> bool {
