@@ -131,7 +131,6 @@ pub fn candidates(hash: u64, slots: usize) -> Vec<usize> {
     out
 }
 
-
 /// The stored value of `entry` for `id`: the whole identity (the credential only as its hash),
 /// then the response. Every variable part carries its length, so nothing is ever truncated.
 pub fn encode(id: &Identity, entry: &Entry) -> Vec<u8> {

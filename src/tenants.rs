@@ -396,7 +396,6 @@ fn candidates(tenant: &str, slots: u32) -> Vec<u32> {
     out
 }
 
-
 /// A bucket refilled to full by `now_ns`: its tenant loses nothing if it is displaced.
 fn idle(b: &BucketRules, s: Level, now_ns: u64) -> bool {
     b.refill(s, now_ns).tokens >= b.max - EPSILON

@@ -268,7 +268,12 @@ impl HttpContext for Request {
                 return Action::Continue;
             }
             // A router retry of a request the provider refused: it waits here for the reset, or
-            // is answered here when it cannot wait that long.
+            // is answered here when it cannot wait that long. A first attempt was just admitted
+            // (Envoy says which attempt this is with the virtual host's
+            // `include_request_attempt_count`): it costs no shared-data read.
+            if Self::header("x-envoy-attempt-count").as_deref() == Some("1") {
+                return Action::Continue;
+            }
             let class = Self::header(&cfg.classify.header).as_deref().and_then(Priority::parse);
             self.class = class.unwrap_or(cfg.classify.default);
             let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;

@@ -53,8 +53,9 @@ pub struct WorkerContext {
     held: RefCell<IdMap<Held>>,
     /// Attempts (router retries) the observer holds until the provider's reset: id -> until.
     attempts: RefCell<IdMap<u64>>,
-    /// The bucket level last published, so the gauge is written only when it changes.
+    /// The bucket level and queue depths last published, so gauges are written only on change.
     published_tokens: Cell<u64>,
+    published_waiting: Cell<[u32; 4]>,
     /// When the tenant table was last counted.
     census_ms: Cell<u64>,
 }
@@ -72,6 +73,7 @@ impl WorkerContext {
             held: RefCell::default(),
             attempts: RefCell::default(),
             published_tokens: Cell::new(u64::MAX),
+            published_waiting: Cell::new([u32::MAX; 4]),
             census_ms: Cell::new(0),
             core: RefCell::new(core),
         }
@@ -84,7 +86,10 @@ impl WorkerContext {
     /// Publishes process-wide queue depths and the bucket level (only when it changed).
     pub fn publish_levels(&self, levels: Option<crate::worker::Levels>) {
         let Some((waiting, tokens)) = levels else { return };
-        self.metrics.levels(waiting);
+        // Gauges are host calls: written only when they change, not on every admission.
+        if self.published_waiting.replace(waiting) != waiting {
+            self.metrics.levels(waiting);
+        }
         let whole = tokens.max(0.0) as u64;
         if self.published_tokens.replace(whole) != whole {
             self.metrics.bucket_tokens.record(whole);
