@@ -136,11 +136,7 @@ impl BreakerRules {
     pub fn gate(&self, s: ProviderState, now_ms: u64) -> (Gate, Option<ProviderState>) {
         match s.mode {
             Mode::Closed if now_ms < s.until_ms => (Gate::Hold { until_ms: s.until_ms }, None),
-            // A hold for an exhausted window ended: the new window has `limit` requests.
-            Mode::Closed if !s.counting && s.limit > 0 && s.until_ms > 0 => {
-                let next = ProviderState { counting: true, left: s.limit, dry_until_ms: 0, ..s };
-                (Gate::Counted, Some(next))
-            }
+            Mode::Closed if self.window_opens(&s, now_ms) => (Gate::Counted, Some(self.count_window(s))),
             Mode::Closed if s.counting && s.left > 0 => (Gate::Counted, None),
             Mode::Closed if s.counting && s.dry_until_ms == 0 => {
                 let dry_until_ms = now_ms.saturating_add(DRY_HOLD_MS);
@@ -171,9 +167,19 @@ impl BreakerRules {
         }
     }
 
+    /// A hold for an exhausted window whose limit is known has ended: the new window is counted.
+    pub fn window_opens(&self, s: &ProviderState, now_ms: u64) -> bool {
+        s.mode == Mode::Closed && !s.counting && s.limit > 0 && s.until_ms > 0 && now_ms >= s.until_ms
+    }
+
+    /// `s` counting a new window of `limit` requests.
+    pub fn count_window(&self, s: ProviderState) -> ProviderState {
+        ProviderState { counting: true, left: s.limit, dry_until_ms: 0, ..s }
+    }
+
     /// A `Counted` request went upstream: one fewer left in the provider's window.
     pub fn spend(&self, s: ProviderState) -> Option<ProviderState> {
-        (s.counting && s.left > 0).then_some(ProviderState { left: s.left - 1, ..s })
+        (s.counting && s.left > 0).then(|| ProviderState { left: s.left - 1, ..s })
     }
 
     /// Updates the state from one provider answer with `status` and parsed `signals`. `probe` is

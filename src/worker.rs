@@ -234,17 +234,34 @@ impl Worker {
     /// if that fits the request's class, else be answered here, never reaching the provider.
     /// Router retries then land on the reset rather than on the router's jittered back-off.
     pub fn attempt(&self, store: &impl Store, class: Priority, now_ms: u64) -> Result<Attempt, Status> {
-        let s = self.provider_state(store)?;
-        if s.until_ms <= now_ms || s.mode == Mode::HalfOpen {
-            return Ok(Attempt::Go);
-        }
-        let terminal = s.mode == Mode::Open && s.terminal;
-        if !terminal && s.until_ms - now_ms <= self.config.class(class).max_wait_ms {
-            return Ok(Attempt::Hold { until_ms: s.until_ms });
-        }
-        let reason = if s.mode == Mode::Open { Reason::BreakerOpen } else { Reason::ProviderHold };
-        let wait_ns = (s.until_ms - now_ms).saturating_mul(NANOS_PER_MS);
-        Ok(Attempt::Refuse(Refusal { id: 0, class, reason, wait_ns, tokens: 0.0, retry: !terminal, queued_ms: None }))
+        let max_wait_ms = self.config.class(class).max_wait_ms;
+        store::update(store, &self.provider_key, ProviderState::default, |s| {
+            // While an exhausted window's requests are counted, a retry is one of them.
+            let s = if self.breaker().window_opens(&s, now_ms) { self.breaker().count_window(s) } else { s };
+            let dry = s.counting && s.left == 0;
+            let until_ms = if dry { s.until_ms.max(s.dry_until_ms) } else { s.until_ms };
+            if until_ms <= now_ms || s.mode == Mode::HalfOpen {
+                return (Attempt::Go, self.breaker().spend(s));
+            }
+            let terminal = s.mode == Mode::Open && s.terminal;
+            if !terminal && until_ms - now_ms <= max_wait_ms {
+                return (Attempt::Hold { until_ms }, None);
+            }
+            let reason = if s.mode == Mode::Open { Reason::BreakerOpen } else { Reason::ProviderHold };
+            let wait_ns = (until_ms - now_ms).saturating_mul(NANOS_PER_MS);
+            (
+                Attempt::Refuse(Refusal {
+                    id: 0,
+                    class,
+                    reason,
+                    wait_ns,
+                    tokens: 0.0,
+                    retry: !terminal,
+                    queued_ms: None,
+                }),
+                None,
+            )
+        })
     }
 
     /// Decides an arriving request `id` of `class` from `tenant` under `gate` (from
@@ -652,5 +669,24 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(w.attempt(&store, Priority::Low, T0 + 3_000).unwrap(), Attempt::Go);
+    }
+
+    #[test]
+    fn retries_count_against_the_window_the_provider_allows() {
+        let store = MemStore::default();
+        let w = worker("{}", 1);
+        let exhausted = Signals {
+            remaining_requests: Some(0),
+            limit_requests: Some(2),
+            requests_reset_ms: Some(T0 + 1_000),
+            ..Signals::default()
+        };
+        w.observe(&store, 200, &exhausted, None, T0).unwrap();
+        assert_eq!(w.attempt(&store, Priority::Normal, T0 + 10).unwrap(), Attempt::Hold { until_ms: T0 + 1_000 });
+        // At the reset the window holds two: two retries go, the third waits for the next reset.
+        assert_eq!(w.attempt(&store, Priority::Normal, T0 + 1_000).unwrap(), Attempt::Go);
+        assert_eq!(w.attempt(&store, Priority::Normal, T0 + 1_000).unwrap(), Attempt::Go);
+        assert!(matches!(w.gate(&store, T0 + 1_001).unwrap(), Gate::Hold { .. }));
+        assert!(matches!(w.attempt(&store, Priority::Normal, T0 + 1_001).unwrap(), Attempt::Hold { .. }));
     }
 }

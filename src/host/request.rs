@@ -280,7 +280,9 @@ impl HttpContext for Request {
             let attempt =
                 self.w.core.try_borrow().map_err(|_| 0).and_then(|w| w.attempt(&SharedData, self.class, now_ms));
             match attempt {
-                Ok(Attempt::Hold { until_ms }) if self.w.hold_attempt(self.id, until_ms) => return Action::Pause,
+                Ok(Attempt::Hold { until_ms }) if self.w.hold_attempt(self.id, self.class, until_ms) => {
+                    return Action::Pause
+                }
                 Ok(Attempt::Refuse(r)) => return self.refuse(&Refusal { id: self.id, ..r }),
                 _ => {}
             }

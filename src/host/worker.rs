@@ -11,7 +11,7 @@ use crate::idmap::IdMap;
 use crate::priority::Priority;
 use crate::reply::{self, Limited};
 use crate::signals::Signals;
-use crate::worker::{Refusal, Release, Tick, Worker};
+use crate::worker::{Attempt, Refusal, Release, Tick, Worker};
 use std::cell::{Cell, RefCell};
 
 const NANOS_PER_MS: u64 = 1_000_000;
@@ -51,8 +51,8 @@ pub struct WorkerContext {
     pub needs_path: bool,
     pub bodies: Cell<Bodies>,
     held: RefCell<IdMap<Held>>,
-    /// Attempts (router retries) the observer holds until the provider's reset: id -> until.
-    attempts: RefCell<IdMap<u64>>,
+    /// Attempts (router retries) the observer holds until the provider's reset: id -> until, class.
+    attempts: RefCell<IdMap<(u64, Priority)>>,
     /// The bucket level and queue depths last published, so gauges are written only on change.
     published_tokens: Cell<u64>,
     published_waiting: Cell<[u32; 4]>,
@@ -328,30 +328,39 @@ impl WorkerContext {
         }
     }
 
-    /// Holds upstream attempt `id` until `until_ms`; false if it cannot be held.
-    pub fn hold_attempt(&self, id: u32, until_ms: u64) -> bool {
-        self.attempts.try_borrow_mut().map(|mut a| a.insert(id, until_ms)).is_ok()
+    /// Holds upstream attempt `id` of `class` until `until_ms`; false if it cannot be held.
+    pub fn hold_attempt(&self, id: u32, class: Priority, until_ms: u64) -> bool {
+        self.attempts.try_borrow_mut().map(|mut a| a.insert(id, (until_ms, class))).is_ok()
     }
 
     pub fn attempt_held(&self, id: u32) -> bool {
         self.attempts.try_borrow().is_ok_and(|a| a.contains_key(&id))
     }
 
-    /// Sends the held attempts whose reset has come.
+    /// Held attempts whose reset has come are decided again (the window's count may have run
+    /// out meanwhile): sent, held longer, or answered here.
     fn send_held_attempts(&self, now_ms: u64) {
-        let due: Vec<u32> = match self.attempts.try_borrow_mut() {
+        let due: Vec<(u32, Priority)> = match self.attempts.try_borrow_mut() {
             Ok(mut a) if !a.is_empty() => {
-                let due: Vec<u32> = a.iter().filter(|(_, &until)| until <= now_ms).map(|(id, _)| *id).collect();
-                for id in &due {
+                let due: Vec<(u32, Priority)> =
+                    a.iter().filter(|(_, (until, _))| *until <= now_ms).map(|(id, (_, class))| (*id, *class)).collect();
+                for (id, _) in &due {
                     a.remove(id);
                 }
                 due
             }
             _ => return,
         };
-        for id in due {
-            if let Err(s) = abi::resume_request(id) {
-                log::debug!("llm-ratelimit: #{id} cannot send the held attempt: status {s}");
+        for (id, class) in due {
+            let decided = self.core.try_borrow().map_err(|_| 0).and_then(|w| w.attempt(&SharedData, class, now_ms));
+            match decided {
+                Ok(Attempt::Hold { until_ms }) if self.hold_attempt(id, class, until_ms) => {}
+                Ok(Attempt::Refuse(r)) => self.refuse_waiter(&Refusal { id, ..r }),
+                _ => {
+                    if let Err(s) = abi::resume_request(id) {
+                        log::debug!("llm-ratelimit: #{id} cannot send the held attempt: status {s}");
+                    }
+                }
             }
         }
     }
