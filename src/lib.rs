@@ -18,6 +18,7 @@ pub mod reply;
 pub mod signals;
 pub mod store;
 pub mod tenants;
+pub mod tokens;
 pub mod worker;
 
 #[cfg(target_os = "wasi")]
