@@ -3,7 +3,7 @@
 
 use super::abi;
 use super::shared::SharedData;
-use super::worker::{Bodies, WorkerContext, PROBE_HEADER};
+use super::worker::{Bodies, WorkerContext, PROBE_HEADER, REENTERED};
 use crate::breaker::{Gate, Verdict};
 use crate::classify::classify;
 use crate::config::{Config, Role};
@@ -127,7 +127,7 @@ impl Request {
         let tenant = self.w.config.tenant.as_ref().and_then(|t| Self::header(&t.key_header));
         let decided = match self.w.core.try_borrow_mut() {
             Ok(mut w) => w.admit(&SharedData, self.id, self.class, tenant.as_deref(), gate, now_ns),
-            Err(_) => return self.fail_open("worker borrow", 0),
+            Err(_) => return self.fail_open("worker borrow", REENTERED),
         };
         let Decision { admission, levels, tenant } = match decided {
             Ok(d) => d,
@@ -277,8 +277,7 @@ impl HttpContext for Request {
             let class = Self::header(&cfg.classify.header).as_deref().and_then(Priority::parse);
             self.class = class.unwrap_or(cfg.classify.default);
             let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
-            let attempt =
-                self.w.core.try_borrow().map_err(|_| 0).and_then(|w| w.attempt(&SharedData, self.class, now_ms));
+            let attempt = self.w.with_core(|w| w.attempt(&SharedData, self.class, now_ms));
             match attempt {
                 Ok(Attempt::Hold { until_ms }) if self.w.hold_attempt(self.id, self.class, until_ms) => {
                     return Action::Pause
@@ -309,7 +308,7 @@ impl HttpContext for Request {
             self.cache_key =
                 crate::fallback::Identity::of_request(&cfg.fallback.key_header, &path, tenant.as_deref(), Self::header);
         }
-        let gate = match self.w.core.try_borrow().map_err(|_| 0).and_then(|w| w.gate_and_mode(&SharedData, now_ms)) {
+        let gate = match self.w.with_core(|w| w.gate_and_mode(&SharedData, now_ms)) {
             Ok((g, moved)) => {
                 if let Some(mode) = moved {
                     self.w.metrics.provider.breaker_state.record(mode as u64);
@@ -338,9 +337,7 @@ impl HttpContext for Request {
         }
         let waiting = self.queued && self.w.core.try_borrow().is_ok_and(|w| w.is_waiting(self.id));
         if waiting {
-            if self.w.bodies.replace(Bodies::Delivered) != Bodies::Delivered {
-                log::info!("llm-ratelimit: Envoy delivers request bodies while headers are held");
-            }
+            self.w.bodies_delivered();
             return Action::Pause;
         }
         Action::Continue

@@ -11,10 +11,13 @@ use crate::idmap::IdMap;
 use crate::priority::Priority;
 use crate::reply::{self, Limited};
 use crate::signals::Signals;
+use crate::store::Status;
 use crate::worker::{Attempt, Refusal, Release, Tick, Worker};
 use std::cell::{Cell, RefCell};
 
 const NANOS_PER_MS: u64 = 1_000_000;
+/// The "status" of a call that found the core already borrowed; no host status uses it.
+pub const REENTERED: Status = u32::MAX;
 /// Request header that tells the observer (upstream) which probe a request is; removed there.
 pub const PROBE_HEADER: &str = "x-llm-ratelimit-probe";
 /// How long a held 429 may wait for its body before it is let go without it: short while we do
@@ -44,6 +47,8 @@ pub struct WorkerContext {
     pub core: RefCell<Worker>,
     /// The worker's configuration, readable while the core is borrowed.
     pub config: Config,
+    /// Per class, the bucket level it may not spend below (the core's, for the local 429).
+    floors: [f64; 4],
     pub metrics: Metrics,
     /// Seconds to refill the whole bucket: the window in `RateLimit-Policy`.
     pub window_s: u64,
@@ -65,6 +70,7 @@ impl WorkerContext {
         let c = &core.config;
         WorkerContext {
             config: c.clone(),
+            floors: core.rules.floors,
             metrics: Metrics::define(&c.name),
             window_s: (c.bucket.capacity as f64 / c.bucket.refill_rate).ceil().max(1.0) as u64,
             needs_path: c.fallback.enabled
@@ -81,6 +87,12 @@ impl WorkerContext {
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Runs `f` on the core; a borrow still held (a host call re-entering the VM) is the error
+    /// `REENTERED`, handled like any failed host call.
+    pub fn with_core<R>(&self, f: impl FnOnce(&Worker) -> Result<R, Status>) -> Result<R, Status> {
+        self.core.try_borrow().map_err(|_| REENTERED).and_then(|w| f(&w))
     }
 
     /// Publishes process-wide queue depths and the bucket level (only when it changed).
@@ -101,7 +113,7 @@ impl WorkerContext {
         let wait_ms = r.wait_ns.div_ceil(NANOS_PER_MS);
         self.metrics.provider.retry_after_s.record(reply::retry_after_secs(wait_ms));
         let c = &self.config;
-        let floor = if c.class(r.class).use_burst { 0.0 } else { c.bucket.burst_allowance as f64 };
+        let floor = self.floors[r.class.index()];
         let (status, mut headers, body) = reply::too_many_requests(&Limited {
             name: &c.name,
             priority: r.class,
@@ -220,8 +232,7 @@ impl WorkerContext {
         now_ms: u64,
         first: bool,
     ) -> Option<Verdict> {
-        let observed =
-            self.core.try_borrow().map_err(|_| 0).and_then(|w| w.observe(&SharedData, status, signals, probe, now_ms));
+        let observed = self.with_core(|w| w.observe(&SharedData, status, signals, probe, now_ms));
         let (v, state, changed) = match observed {
             Ok(o) => o,
             Err(s) => {
@@ -265,7 +276,7 @@ impl WorkerContext {
 
     /// What a 429 means for its client, without learning from it (the observer did).
     pub fn peek(&self, signals: &Signals, now_ms: u64) -> Option<Verdict> {
-        let peeked = self.core.try_borrow().map_err(|_| 0).and_then(|w| w.peek(&SharedData, signals, now_ms));
+        let peeked = self.with_core(|w| w.peek(&SharedData, signals, now_ms));
         peeked.map_err(|s| log::debug!("llm-ratelimit: cannot read the provider state: status {s}")).ok()
     }
 
@@ -285,10 +296,16 @@ impl WorkerContext {
         let Ok(mut h) = self.held.try_borrow_mut() else { return false };
         let Some(e) = h.get_mut(&id) else { return false };
         e.body_seen = true;
+        self.bodies_delivered();
+        true
+    }
+
+    /// A body arrived while its headers were held: Envoy delivers them
+    /// (`allow_on_headers_stop_iteration`), so 429 bodies are read before their headers go on.
+    pub fn bodies_delivered(&self) {
         if self.bodies.replace(Bodies::Delivered) != Bodies::Delivered {
             log::info!("llm-ratelimit: Envoy delivers bodies while headers are held: 429 bodies are read first");
         }
-        true
     }
 
     pub fn release_response(&self, id: u32) {
@@ -352,7 +369,7 @@ impl WorkerContext {
             _ => return,
         };
         for (id, class) in due {
-            let decided = self.core.try_borrow().map_err(|_| 0).and_then(|w| w.attempt(&SharedData, class, now_ms));
+            let decided = self.with_core(|w| w.attempt(&SharedData, class, now_ms));
             match decided {
                 Ok(Attempt::Hold { until_ms }) if self.hold_attempt(id, class, until_ms) => {}
                 Ok(Attempt::Refuse(r)) => self.refuse_waiter(&Refusal { id, ..r }),
