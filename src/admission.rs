@@ -8,6 +8,10 @@
 //! expected wait fits its class's `max_wait_ms`; when the process-wide waiting budget is full, a
 //! more important arrival takes the place of the newest waiter of the least important class.
 //!
+//! With token limits, the same value holds one level per token bucket (the provider's, then one
+//! per `tokens.per_model` entry): a request takes its request token and its estimated LLM tokens
+//! in the same compare-and-swap, all or nothing, and waits in the same queue when either is short.
+//!
 //! Waiter counts cannot drift: each worker writes its own entry as the length of its own queue
 //! (never an increment), refreshed at least every `HEARTBEAT_MS` while it has waiters, and an
 //! entry not refreshed for `LIVE_MS` (a lost update, a restarted VM, a reloaded plugin) no longer
@@ -25,6 +29,8 @@ pub const HEARTBEAT_MS: u64 = 250;
 pub const LIVE_MS: u64 = 1_000;
 /// Most worker entries kept; more would mean more workers than Envoy runs.
 const MAX_ENTRIES: usize = 64;
+/// Most token levels in one value: the provider's and one per `tokens.per_model` entry.
+const MAX_TOKEN_LEVELS: u64 = crate::config::MAX_MODELS as u64 + 1;
 
 /// One worker's waiting requests per class, as of `seen_ms`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,10 +41,20 @@ pub struct WaiterEntry {
     pub counts: [u32; 4],
 }
 
+/// LLM tokens a request needs from token bucket `bucket` (0: `tokens`, `i + 1`: the `i`th
+/// `tokens.per_model` entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Need {
+    pub bucket: u8,
+    pub tokens: u64,
+}
+
 /// The shared value of one bucket.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SharedBucket {
     pub level: Level,
+    /// One level per token bucket; empty without token limits.
+    pub token_levels: Vec<Level>,
     /// Entries of workers that have waiters; workers without waiters have none.
     pub waiters: Vec<WaiterEntry>,
 }
@@ -60,6 +76,9 @@ pub enum Arrival {
 #[derive(Clone, Debug)]
 pub struct AdmissionRules {
     pub bucket: BucketRules,
+    /// The token buckets, in `Need::bucket` order; empty without token limits.
+    pub token_buckets: Vec<BucketRules>,
+    pub use_burst: [bool; 4],
     pub queue_enabled: bool,
     pub max_waiting: u32,
     pub floors: [f64; 4],
@@ -72,8 +91,15 @@ impl AdmissionRules {
     pub fn new(c: &Config) -> AdmissionRules {
         let b = &c.bucket;
         let bucket = BucketRules::new(b.capacity, b.refill_rate, b.burst_allowance);
+        let token_buckets = c.tokens.as_ref().map_or_else(Vec::new, |t| {
+            let provider = BucketRules::new(t.capacity, t.refill_rate, t.burst_allowance);
+            let models = t.per_model.iter().map(|(_, m)| BucketRules::new(m.capacity, m.refill_rate, 0));
+            std::iter::once(provider).chain(models).collect()
+        });
         AdmissionRules {
             bucket,
+            token_buckets,
+            use_burst: c.classes.clone().map(|k| k.use_burst),
             queue_enabled: c.queue.enabled,
             max_waiting: c.queue.max_waiting.min(u32::MAX as u64) as u32,
             floors: c.classes.clone().map(|k| bucket.reserve_floor(k.use_burst)),
@@ -88,55 +114,156 @@ impl AdmissionRules {
         level.tokens - 1.0 >= self.floors[p.index()] - 1e-9
     }
 
-    /// Decides an arrival of class `p` at `now_ns`, with `waiting` requests per class
-    /// process-wide. Nothing may go upstream before `not_before_ns` (the provider asked to hold).
-    /// `local_victim` is the least important class below `p` that has a waiter on this worker
-    /// (only those can be shed from here). Returns the decision and the level to write back.
+    /// A full bucket at `now_ns`, token buckets included, with nobody waiting.
+    pub fn full(&self, now_ns: u64) -> SharedBucket {
+        SharedBucket {
+            level: self.bucket.full(now_ns),
+            token_levels: self.token_buckets.iter().map(|b| b.full(now_ns)).collect(),
+            waiters: Vec::new(),
+        }
+    }
+
+    /// `s` with token levels that match the configured token buckets (a reload may change them:
+    /// the new ones start full).
+    pub fn fit(&self, mut s: SharedBucket, now_ns: u64) -> SharedBucket {
+        if s.token_levels.len() != self.token_buckets.len() {
+            s.token_levels = self.full(now_ns).token_levels;
+        }
+        s
+    }
+
+    /// The token bucket `need` draws on, and the level below which class `p` may not spend it.
+    fn token_bucket(&self, need: Need, p: Priority) -> Option<(&BucketRules, f64)> {
+        let b = self.token_buckets.get(usize::from(need.bucket))?;
+        Some((b, b.reserve_floor(self.use_burst[p.index()])))
+    }
+
+    /// Whether `need` is more than class `p` could ever take from its token bucket.
+    pub fn too_large(&self, need: Option<Need>, p: Priority) -> bool {
+        need.and_then(|n| self.token_bucket(n, p)).is_some_and(|(b, floor)| need_tokens(need) > b.max - floor)
+    }
+
+    /// Takes a request token and the `need`ed LLM tokens for class `p`, all or nothing: the
+    /// levels after, or how long until both exist.
+    pub fn take(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now_ns: u64) -> Result<SharedBucket, u64> {
+        let taken = self.bucket.take(s.level, now_ns, 1.0, self.floors[p.index()]);
+        let tokens = match need.and_then(|n| Some((n, self.token_bucket(n, p)?))) {
+            Some((n, (b, floor))) => {
+                let i = usize::from(n.bucket);
+                let level = s.token_levels.get(i).copied().unwrap_or_else(|| b.full(now_ns));
+                Some((i, b.take(level, now_ns, n.tokens as f64, floor)))
+            }
+            None => None,
+        };
+        match (taken, tokens) {
+            (Ok(level), None) => Ok(SharedBucket { level, ..s.clone() }),
+            (Ok(level), Some((i, Ok(t)))) => {
+                let mut next = SharedBucket { level, ..s.clone() };
+                next.token_levels[i] = t;
+                Ok(next)
+            }
+            (Err(a), Some((_, Err(b)))) => Err(a.max(b)),
+            (Err(a), _) | (_, Some((_, Err(a)))) => Err(a),
+        }
+    }
+
+    /// Whether `need` is the part that is short: the request token exists, the LLM tokens do not.
+    fn tokens_short(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now_ns: u64) -> bool {
+        self.bucket.take(s.level, now_ns, 1.0, self.floors[p.index()]).is_ok()
+            && self.take(s, need, p, now_ns).is_err()
+    }
+
+    /// Whether a waiter of class `p` needing `need` could be released from `s` now.
+    pub fn can_take(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now_ns: u64) -> bool {
+        self.take(s, need, p, now_ns).is_ok()
+    }
+
+    /// Decides an arrival of class `p` needing `need` LLM tokens at `now_ns`, with `waiting`
+    /// requests per class process-wide. Nothing may go upstream before `not_before_ns` (the
+    /// provider asked to hold). `local_victim` is the least important class below `p` that has a
+    /// waiter on this worker (only those can be shed from here). Returns the decision and the
+    /// bucket levels to write back.
+    #[allow(clippy::too_many_arguments)]
     pub fn arrive(
         &self,
-        level: Level,
+        s: &SharedBucket,
+        need: Option<Need>,
         waiting: [u32; 4],
         p: Priority,
         now_ns: u64,
         not_before_ns: u64,
         local_victim: Option<Priority>,
-    ) -> (Arrival, Level) {
-        let level = self.bucket.refill(level, now_ns);
+    ) -> (Arrival, SharedBucket) {
+        let refilled = SharedBucket { level: self.bucket.refill(s.level, now_ns), ..s.clone() };
+        if self.too_large(need, p) {
+            return (Arrival::Reject { reason: Reason::TooLarge, wait_ns: 0 }, refilled);
+        }
         let hold_ns = not_before_ns.saturating_sub(now_ns);
+        let level = refilled.level;
         let queue_ahead = Priority::ALL.iter().any(|&q| waiting[q.index()] > 0 && self.can_release(&level, q));
+        let taken = self.take(&refilled, need, p, now_ns);
         if !queue_ahead && hold_ns == 0 {
-            if let Ok(next) = self.bucket.take(level, now_ns, 1.0, self.floors[p.index()]) {
+            if let Ok(next) = taken {
                 return (Arrival::Admit, next);
             }
         }
         let i = p.index();
-        let wait_ns = self.expected_wait_ns(&level, &waiting, p, hold_ns);
-        let reject = |reason| (Arrival::Reject { reason, wait_ns }, level);
+        let token_wait_ns = taken.err().unwrap_or(0);
+        let wait_ns = self.expected_wait_ns(&level, &waiting, p, hold_ns).max(token_wait_ns);
+        let reject = |reason| (Arrival::Reject { reason, wait_ns }, refilled.clone());
         if !self.queue_enabled || wait_ns > self.max_wait_ns[i] {
-            return reject(if hold_ns > 0 { Reason::ProviderHold } else { Reason::NoToken });
+            return reject(if hold_ns > 0 {
+                Reason::ProviderHold
+            } else if self.tokens_short(&refilled, need, p, now_ns) {
+                Reason::TokenLimit
+            } else {
+                Reason::NoToken
+            });
         }
         if u64::from(waiting[i]) >= self.queue_limits[i] {
             return reject(Reason::QueueFull);
         }
         let total: u32 = waiting.iter().fold(0u32, |a, &w| a.saturating_add(w));
         if total < self.max_waiting {
-            return (Arrival::Wait, level);
+            return (Arrival::Wait, refilled);
         }
         match local_victim {
-            Some(v) if v > p && waiting[v.index()] > 0 => (Arrival::WaitEvicting { victim: v }, level),
+            Some(v) if v > p && waiting[v.index()] > 0 => (Arrival::WaitEvicting { victim: v }, refilled),
             _ => reject(Reason::QueueFull),
         }
     }
 
-    /// Takes a token for a waiter of class `p` being released: `None` if there is none for it.
-    pub fn release(&self, level: Level, p: Priority, now_ns: u64) -> Option<Level> {
-        self.bucket.take(level, now_ns, 1.0, self.floors[p.index()]).ok()
+    /// Takes what a waiter of class `p` being released needs: `None` if it is not there.
+    pub fn release(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now_ns: u64) -> Option<SharedBucket> {
+        self.take(s, need, p, now_ns).ok()
     }
 
-    /// Takes a token for the half-open probe if there is any at all; the probe goes regardless,
-    /// because everything else waits for its answer.
-    pub fn probe(&self, level: Level, now_ns: u64) -> Level {
-        self.bucket.take(level, now_ns, 1.0, 0.0).unwrap_or_else(|_| self.bucket.refill(level, now_ns))
+    /// Takes what the half-open probe needs, as far as there is any; the probe goes regardless,
+    /// because everything else waits for its answer (its LLM tokens may leave a debt).
+    pub fn probe(&self, s: &SharedBucket, need: Option<Need>, now_ns: u64) -> SharedBucket {
+        let level = self.bucket.take(s.level, now_ns, 1.0, 0.0).unwrap_or_else(|_| self.bucket.refill(s.level, now_ns));
+        let next = SharedBucket { level, ..s.clone() };
+        match need {
+            Some(n) => self.settle(next, n, 0, n.tokens, now_ns),
+            None => next,
+        }
+    }
+
+    /// `need` was taken, and `actual` tokens were used: gives back the difference, or takes the
+    /// excess. A debt is bounded by one bucket, so one misestimate never locks the bucket for
+    /// longer than one full refill.
+    pub fn reconcile(&self, s: SharedBucket, need: Need, actual: u64, now_ns: u64) -> SharedBucket {
+        self.settle(s, need, need.tokens, actual, now_ns)
+    }
+
+    fn settle(&self, mut s: SharedBucket, need: Need, taken: u64, used: u64, now_ns: u64) -> SharedBucket {
+        let i = usize::from(need.bucket);
+        if let (Some(b), Some(l)) = (self.token_buckets.get(i), s.token_levels.get_mut(i)) {
+            let refilled = b.refill(*l, now_ns);
+            let tokens = (refilled.tokens + taken as f64 - used as f64).clamp(-b.max, b.max);
+            *l = Level { tokens, ..refilled };
+        }
+        s
     }
 
     /// Roughly how long a new waiter of class `p` would wait: until the first token for its class
@@ -153,6 +280,10 @@ impl AdmissionRules {
     }
 }
 
+fn need_tokens(need: Option<Need>) -> f64 {
+    need.map_or(0.0, |n| n.tokens as f64)
+}
+
 /// Whether an entry written at `seen_ms` still counts at `now_ms`.
 fn live(seen_ms: u64, now_ms: u64) -> bool {
     seen_ms.abs_diff(now_ms) <= LIVE_MS
@@ -160,7 +291,7 @@ fn live(seen_ms: u64, now_ms: u64) -> bool {
 
 impl SharedBucket {
     pub fn new(level: Level) -> SharedBucket {
-        SharedBucket { level, waiters: Vec::new() }
+        SharedBucket { level, token_levels: Vec::new(), waiters: Vec::new() }
     }
 
     /// Requests waiting per class process-wide at `now_ms`: every live entry, with this worker's
@@ -194,9 +325,16 @@ impl SharedBucket {
         self.waiters.iter().find(|e| e.worker == worker)
     }
 
+    /// The request level, the number of token levels (8 bytes), the token levels, then the
+    /// waiter entries (32 bytes each).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Level::ENCODED_LEN + 32 * self.waiters.len());
+        let levels = 1 + self.token_levels.len();
+        let mut out = Vec::with_capacity(8 + Level::ENCODED_LEN * levels + 32 * self.waiters.len());
         out.extend_from_slice(&self.level.encode());
+        out.extend_from_slice(&(self.token_levels.len() as u64).to_le_bytes());
+        for l in &self.token_levels {
+            out.extend_from_slice(&l.encode());
+        }
         for e in &self.waiters {
             out.extend_from_slice(&e.worker.to_le_bytes());
             out.extend_from_slice(&e.seen_ms.to_le_bytes());
@@ -209,8 +347,15 @@ impl SharedBucket {
 
     /// `None` for anything that is not a value this module wrote.
     pub fn decode(bytes: &[u8]) -> Option<SharedBucket> {
-        let level = Level::decode(bytes.get(..Level::ENCODED_LEN)?)?;
-        let rest = bytes.get(Level::ENCODED_LEN..)?;
+        const L: usize = Level::ENCODED_LEN;
+        let level = Level::decode(bytes.get(..L)?)?;
+        let n = u64::from_le_bytes(bytes.get(L..L + 8)?.try_into().ok()?);
+        if n > MAX_TOKEN_LEVELS {
+            return None;
+        }
+        let start = L + 8 + L * n as usize;
+        let token_levels = bytes.get(L + 8..start)?.chunks_exact(L).map(Level::decode).collect::<Option<Vec<_>>>()?;
+        let rest = bytes.get(start..)?;
         if rest.len() % 32 != 0 || rest.len() / 32 > MAX_ENTRIES {
             return None;
         }
@@ -226,7 +371,7 @@ impl SharedBucket {
                 })
             })
             .collect::<Option<Vec<_>>>()?;
-        Some(SharedBucket { level, waiters })
+        Some(SharedBucket { level, token_levels, waiters })
     }
 }
 
@@ -256,60 +401,64 @@ mod tests {
         Level { tokens, at_ns: 0 }
     }
 
+    fn bucket(tokens: f64) -> SharedBucket {
+        SharedBucket::new(level(tokens))
+    }
+
     #[test]
     fn admits_while_tokens_last_then_queues() {
         let r = rules("{}");
-        let (d, l) = r.arrive(level(21.0), [0; 4], Normal, 0, 0, None);
+        let (d, l) = r.arrive(&bucket(21.0), None, [0; 4], Normal, 0, 0, None);
         assert_eq!(d, Arrival::Admit);
-        assert_eq!(l.tokens, 20.0);
-        let (d, l) = r.arrive(l, [0; 4], Normal, 0, 0, None);
+        assert_eq!(l.level.tokens, 20.0);
+        let (d, l) = r.arrive(&l, None, [0; 4], Normal, 0, 0, None);
         assert_eq!(d, Arrival::Wait);
-        assert_eq!(l.tokens, 20.0);
+        assert_eq!(l.level.tokens, 20.0);
     }
 
     #[test]
     fn newcomers_do_not_jump_ahead_of_waiters_who_could_use_the_token() {
         let r = rules("{}");
         // One token above the reserve and a NORMAL waiter: a NORMAL newcomer must queue.
-        assert_eq!(r.arrive(level(21.0), [0, 0, 1, 0], Normal, 0, 0, None).0, Arrival::Wait);
+        assert_eq!(r.arrive(&bucket(21.0), None, [0, 0, 1, 0], Normal, 0, 0, None).0, Arrival::Wait);
         // Only the reserve left: LOW waiters cannot use it, so CRITICAL goes straight through.
-        let (d, l) = r.arrive(level(20.0), [0, 0, 0, 7], Critical, 0, 0, None);
+        let (d, l) = r.arrive(&bucket(20.0), None, [0, 0, 0, 7], Critical, 0, 0, None);
         assert_eq!(d, Arrival::Admit);
-        assert_eq!(l.tokens, 19.0);
+        assert_eq!(l.level.tokens, 19.0);
     }
 
     #[test]
     fn a_wait_longer_than_the_class_maximum_is_refused_at_once() {
         let r = rules(r#"{"bucket":{"refill_rate":1},"priorities":{"LOW":{"max_wait_ms":5000}}}"#);
         // LOW needs the reserve (20) refilled plus one token: 21 s at 1/s.
-        let (d, _) = r.arrive(level(0.0), [0; 4], Low, 0, 0, None);
+        let (d, _) = r.arrive(&bucket(0.0), None, [0; 4], Low, 0, 0, None);
         assert_eq!(d, Arrival::Reject { reason: Reason::NoToken, wait_ns: 21 * SEC });
         // CRITICAL may spend the reserve: one token in 1 s, within its 30 s.
-        assert_eq!(r.arrive(level(0.0), [0; 4], Critical, 0, 0, None).0, Arrival::Wait);
+        assert_eq!(r.arrive(&bucket(0.0), None, [0; 4], Critical, 0, 0, None).0, Arrival::Wait);
     }
 
     #[test]
     fn a_provider_hold_queues_newcomers_even_with_tokens_left() {
         let r = rules("{}");
-        let (d, l) = r.arrive(level(100.0), [0; 4], Normal, 0, 2 * SEC, None);
+        let (d, l) = r.arrive(&bucket(100.0), None, [0; 4], Normal, 0, 2 * SEC, None);
         assert_eq!(d, Arrival::Wait);
-        assert_eq!(l.tokens, 100.0);
+        assert_eq!(l.level.tokens, 100.0);
         // A hold longer than the class may wait is refused at once, saying why.
-        let (d, _) = r.arrive(level(100.0), [0; 4], Normal, 0, 60 * SEC, None);
+        let (d, _) = r.arrive(&bucket(100.0), None, [0; 4], Normal, 0, 60 * SEC, None);
         assert_eq!(d, Arrival::Reject { reason: Reason::ProviderHold, wait_ns: 60 * SEC });
     }
 
     #[test]
     fn queue_disabled_rejects_with_the_time_to_the_next_token() {
         let r = rules(r#"{"queue":{"enabled":false}}"#);
-        let (d, _) = r.arrive(level(20.5), [0; 4], Normal, 0, 0, None);
+        let (d, _) = r.arrive(&bucket(20.5), None, [0; 4], Normal, 0, 0, None);
         assert_eq!(d, Arrival::Reject { reason: Reason::NoToken, wait_ns: SEC / 20 });
     }
 
     #[test]
     fn a_full_class_queue_refuses() {
         let r = rules(r#"{"priorities":{"HIGH":{"queue_limit":2}}}"#);
-        let (d, _) = r.arrive(level(0.0), [0, 2, 0, 0], High, 0, 0, None);
+        let (d, _) = r.arrive(&bucket(0.0), None, [0, 2, 0, 0], High, 0, 0, None);
         assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
     }
 
@@ -317,12 +466,12 @@ mod tests {
     fn a_full_waiting_budget_sheds_a_less_important_local_waiter() {
         let r = rules(r#"{"queue":{"max_waiting":3}}"#);
         let full = [0, 0, 1, 2];
-        assert_eq!(r.arrive(level(0.0), full, Critical, 0, 0, Some(Low)).0, Arrival::WaitEvicting { victim: Low });
+        assert_eq!(r.arrive(&bucket(0.0), None, full, Critical, 0, 0, Some(Low)).0, Arrival::WaitEvicting { victim: Low });
         // Nothing less important on this worker: refuse.
-        let (d, _) = r.arrive(level(0.0), full, Critical, 0, 0, None);
+        let (d, _) = r.arrive(&bucket(0.0), None, full, Critical, 0, 0, None);
         assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
         // LOW never sheds LOW.
-        let (d, _) = r.arrive(level(0.0), full, Low, 0, 0, Some(Low));
+        let (d, _) = r.arrive(&bucket(0.0), None, full, Low, 0, 0, Some(Low));
         assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
     }
 
@@ -338,12 +487,12 @@ mod tests {
     #[test]
     fn release_respects_the_reserve_and_the_probe_always_goes() {
         let r = rules("{}");
-        let l = r.release(level(21.0), Normal, 0).unwrap();
-        assert_eq!(l.tokens, 20.0);
-        assert_eq!(r.release(l, Normal, 0), None);
-        assert!(r.release(l, High, 0).is_some());
-        assert_eq!(r.probe(level(0.5), 0).tokens, 0.5, "no token: the probe goes without one");
-        assert_eq!(r.probe(level(3.0), 0).tokens, 2.0);
+        let l = r.release(&bucket(21.0), None, Normal, 0).unwrap();
+        assert_eq!(l.level.tokens, 20.0);
+        assert_eq!(r.release(&l, None, Normal, 0), None);
+        assert!(r.release(&l, None, High, 0).is_some());
+        assert_eq!(r.probe(&bucket(0.5), None, 0).level.tokens, 0.5, "no token: the probe goes without one");
+        assert_eq!(r.probe(&bucket(3.0), None, 0).level.tokens, 2.0);
     }
 
     #[test]
@@ -372,5 +521,92 @@ mod tests {
         assert_eq!(SharedBucket::decode(&b.encode()[..20]), None);
         assert_eq!(SharedBucket::decode(b"garbage"), None);
         assert_eq!(SharedBucket::decode(&vec![0u8; 16 + 32 * 65]), None);
+    }
+
+    fn with_tokens(json: &str, tokens: f64) -> (AdmissionRules, SharedBucket) {
+        let r = rules(json);
+        let mut b = r.full(0);
+        b.token_levels[0].tokens = tokens;
+        (r, b)
+    }
+
+    fn need(tokens: u64) -> Option<Need> {
+        Some(Need { bucket: 0, tokens })
+    }
+
+    #[test]
+    fn a_request_takes_its_request_token_and_its_llm_tokens_together_or_neither() {
+        let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":100}}"#, 300.0);
+        let (d, l) = r.arrive(&b, need(250), [0; 4], Normal, 0, 0, None);
+        assert_eq!(d, Arrival::Admit);
+        assert_eq!((l.level.tokens, l.token_levels[0].tokens), (119.0, 50.0));
+        // 250 more are short by 200: it waits 2 s at 100/s, and takes nothing meanwhile.
+        let (d, l2) = r.arrive(&l, need(250), [0; 4], Normal, 0, 0, None);
+        assert_eq!(d, Arrival::Wait);
+        assert_eq!((l2.level.tokens, l2.token_levels[0].tokens), (119.0, 50.0));
+        assert!(!r.can_take(&l, need(250), Normal, SEC));
+        assert!(r.can_take(&l, need(250), Normal, 2 * SEC));
+        // Not allowed to wait: refused as a token limit, with the time until the tokens exist.
+        let (r, _) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":100},"queue":{"enabled":false}}"#, 0.0);
+        let d = r.arrive(&l, need(250), [0; 4], Normal, 0, 0, None).0;
+        assert_eq!(d, Arrival::Reject { reason: Reason::TokenLimit, wait_ns: 2 * SEC });
+    }
+
+    #[test]
+    fn more_than_the_whole_token_bucket_is_too_large_and_never_waits() {
+        let json = r#"{"tokens":{"capacity":1000,"refill_rate":100,"burst_allowance":500}}"#;
+        let (r, b) = with_tokens(json, 1500.0);
+        // NORMAL may not spend the burst: 1000 is its most; CRITICAL may spend 1500.
+        assert_eq!(r.arrive(&b, need(1001), [0; 4], Normal, 0, 0, None).0, Arrival::Reject {
+            reason: Reason::TooLarge,
+            wait_ns: 0
+        });
+        assert_eq!(r.arrive(&b, need(1000), [0; 4], Normal, 0, 0, None).0, Arrival::Admit);
+        assert_eq!(r.arrive(&b, need(1500), [0; 4], Critical, 0, 0, None).0, Arrival::Admit);
+        assert!(r.too_large(need(1501), Critical));
+        assert!(!r.too_large(None, Low));
+    }
+
+    #[test]
+    fn per_model_buckets_are_apart_from_the_provider_token_bucket() {
+        let r = rules(r#"{"tokens":{"capacity":1000,"per_model":{"big":{"capacity":100},"small":{"capacity":50}}}}"#);
+        let b = r.full(0);
+        assert_eq!(b.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [1000.0, 100.0, 50.0]);
+        let small = Some(Need { bucket: 2, tokens: 50 });
+        let (d, l) = r.arrive(&b, small, [0; 4], Normal, 0, 0, None);
+        assert_eq!(d, Arrival::Admit);
+        assert_eq!(l.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [1000.0, 100.0, 0.0]);
+        // 50 more at 50 a minute: longer than NORMAL's 30 s.
+        let d = r.arrive(&l, small, [0; 4], Normal, 0, 0, None).0;
+        assert_eq!(d, Arrival::Reject { reason: Reason::TokenLimit, wait_ns: 60 * SEC });
+        assert_eq!(r.arrive(&l, need(50), [0; 4], Normal, 0, 0, None).0, Arrival::Admit);
+    }
+
+    #[test]
+    fn reconciling_refunds_or_charges_the_difference_within_one_bucket() {
+        let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":10}}"#, 400.0);
+        let n = Need { bucket: 0, tokens: 500 };
+        assert_eq!(r.reconcile(b.clone(), n, 200, 0).token_levels[0].tokens, 700.0);
+        assert_eq!(r.reconcile(b.clone(), n, 900, 0).token_levels[0].tokens, 0.0);
+        // Refunds never overfill; a debt is at most one bucket.
+        assert_eq!(r.reconcile(b.clone(), n, 0, 0).token_levels[0].tokens, 900.0);
+        assert_eq!(r.reconcile(b.clone(), Need { bucket: 0, tokens: 0 }, 9_000, 0).token_levels[0].tokens, -1000.0);
+        // The probe goes without its tokens, leaving a debt the refill pays.
+        let p = r.probe(&b, need(600), 0);
+        assert_eq!(p.token_levels[0].tokens, -200.0);
+        // A bucket index that does not exist changes nothing.
+        assert_eq!(r.reconcile(b.clone(), Need { bucket: 9, tokens: 5 }, 0, 0), b);
+    }
+
+    #[test]
+    fn token_levels_round_trip_and_follow_the_configuration() {
+        let r = rules(r#"{"tokens":{"capacity":1000,"per_model":{"m":{"capacity":10}}}}"#);
+        let b = r.full(5).with_worker(7, [1, 0, 0, 0], 5);
+        assert_eq!(SharedBucket::decode(&b.encode()), Some(b.clone()));
+        // A value written before token limits were configured gets full token buckets.
+        let old = SharedBucket::new(level(3.0));
+        let fitted = r.fit(SharedBucket::decode(&old.encode()).unwrap(), 9);
+        assert_eq!((fitted.level.tokens, fitted.token_levels.len()), (3.0, 2));
+        assert_eq!(fitted.token_levels[1], Level { tokens: 10.0, at_ns: 9 });
     }
 }

@@ -25,7 +25,35 @@ pub struct Config {
     pub fallback: FallbackConfig,
     /// Per-tenant buckets inside the provider's (`None`: no tenant limits).
     pub tenant: Option<TenantConfig>,
+    /// LLM-token limits (`None`: requests only, and no body is held).
+    pub tokens: Option<TokensConfig>,
 }
+
+/// Token limits: each request needs its estimated LLM tokens from a process-wide token bucket
+/// as well as a request token, and is reconciled from the provider's `usage` after.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokensConfig {
+    pub capacity: u64,
+    pub refill_rate: f64,
+    /// Tokens above `capacity` only `use_burst` classes may spend.
+    pub burst_allowance: u64,
+    /// Output tokens assumed when a request names no maximum.
+    pub output_default: u64,
+    pub chars_per_token: f64,
+    /// Largest request body held and read; larger ones are estimated from their size.
+    pub max_body_bytes: u64,
+    /// Models with their own bucket (no burst), in name order: bucket `i + 1` is `per_model[i]`.
+    pub per_model: Vec<(String, ModelLimit)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelLimit {
+    pub capacity: u64,
+    pub refill_rate: f64,
+}
+
+/// Most `tokens.per_model` entries: each is a level in the provider's one shared bucket value.
+pub const MAX_MODELS: usize = 64;
 
 /// Each tenant (a value of `key_header`) gets its own bucket, and needs a token from it as well
 /// as from the provider-wide `bucket`.
@@ -149,6 +177,7 @@ impl Default for Config {
             name: "default".into(),
             bucket: BucketConfig { capacity: 100, refill_rate: 10.0, burst_allowance: 20 },
             tenant: None,
+            tokens: None,
             classes: Priority::ALL.map(default_class),
             classify: ClassifyConfig {
                 header: "x-llm-priority".into(),
@@ -297,6 +326,26 @@ struct RawConfig {
     role: Option<Role>,
     fallback: RawFallback,
     tenant: Option<RawTenant>,
+    tokens: Option<RawTokens>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawTokens {
+    capacity: Option<f64>,
+    refill_rate: Option<f64>,
+    burst_allowance: Option<f64>,
+    output_default: Option<f64>,
+    chars_per_token: Option<f64>,
+    max_body_bytes: Option<f64>,
+    per_model: BTreeMap<String, RawModel>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawModel {
+    capacity: Option<f64>,
+    refill_rate: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -409,6 +458,7 @@ impl RawConfig {
                 },
             }),
         };
+        let tokens = self.tokens.map(RawTokens::validate).transpose()?;
         let mut classes = d.classes.clone();
         for (name, raw) in self.priorities {
             let p = Priority::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
@@ -455,7 +505,45 @@ impl RawConfig {
             max_body_bytes: whole("fallback.max_body_bytes", f.max_body_bytes, d.fallback.max_body_bytes, 1)?,
             max_age_ms: whole("fallback.max_age_s", f.max_age_s, d.fallback.max_age_ms / 1000, 1)? * 1000,
         };
-        Ok(Config { name, bucket, classes, classify, queue, provider, role, fallback, tenant })
+        Ok(Config { name, bucket, classes, classify, queue, provider, role, fallback, tenant, tokens })
+    }
+}
+
+impl RawTokens {
+    fn validate(self) -> Result<TokensConfig, String> {
+        if self.capacity.is_none() {
+            return Err("tokens.capacity: required to limit tokens (leave out \"tokens\" for no token limit)".into());
+        }
+        if self.per_model.len() > MAX_MODELS {
+            return Err(format!("tokens.per_model: at most {MAX_MODELS} models, got {}", self.per_model.len()));
+        }
+        let per_model = self
+            .per_model
+            .into_iter()
+            .map(|(name, m)| {
+                let at = |f: &str| format!("tokens.per_model.{name}.{f}");
+                if name.is_empty() || name.len() > 256 {
+                    return Err(format!("tokens.per_model: a model name must be 1-256 bytes, got {name:?}"));
+                }
+                if m.capacity.is_none() {
+                    return Err(format!("{}: required", at("capacity")));
+                }
+                let capacity = whole(&at("capacity"), m.capacity, 0, 1)?;
+                let limit = ModelLimit { capacity, refill_rate: positive(&at("refill_rate"), m.refill_rate, per_minute(capacity))? };
+                Ok((name, limit))
+            })
+            .collect::<Result<_, String>>()?;
+        let capacity = whole("tokens.capacity", self.capacity, 0, 1)?;
+        Ok(TokensConfig {
+            capacity,
+            // Providers state token limits per minute: by default the bucket refills in one.
+            refill_rate: positive("tokens.refill_rate", self.refill_rate, per_minute(capacity))?,
+            burst_allowance: whole("tokens.burst_allowance", self.burst_allowance, 0, 0)?,
+            output_default: whole("tokens.output_default", self.output_default, 1024, 0)?,
+            chars_per_token: positive("tokens.chars_per_token", self.chars_per_token, 4.0)?,
+            max_body_bytes: whole("tokens.max_body_bytes", self.max_body_bytes, 1 << 20, 1)?,
+            per_model,
+        })
     }
 }
 
@@ -507,6 +595,10 @@ fn whole(field: &str, v: Option<f64>, default: u64, min: u64) -> Result<u64, Str
         Some(x) if x > 1e15 => Err(format!("{field}: must be a whole number from {min} to 10^15, got {x}")),
         Some(x) => Err(format!("{field}: must be a whole number >= {min}, got {x}")),
     }
+}
+
+fn per_minute(capacity: u64) -> f64 {
+    capacity as f64 / 60.0
 }
 
 /// A finite number > 0.

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 
+use crate::admission::Need;
 use crate::priority::Priority;
 
 /// Weights at or below zero, and NaN, are clamped up to this so every class is still served.
@@ -30,6 +31,8 @@ pub struct Waiter<T> {
     pub enqueued_ms: u64,
     /// Absolute time it must not wait past; `expire` removes it at or after this.
     pub deadline_ms: u64,
+    /// The LLM tokens it needs besides its request token (with token limits).
+    pub need: Option<Need>,
 }
 
 /// The four class queues and the stride-scheduler state; one per worker thread.
@@ -104,6 +107,11 @@ impl<T: Copy + Eq> WaitQueue<T> {
             }
         }
         best
+    }
+
+    /// The oldest waiter of `class`: the next that class would release.
+    pub fn head(&self, class: Priority) -> Option<&Waiter<T>> {
+        self.queues[class.index()].front()
     }
 
     /// The clock stepped back by `ms`: every time kept here moves back too, so deadlines stay
@@ -191,7 +199,7 @@ mod tests {
     }
 
     fn waiter(id: u32, class: Priority, enqueued_ms: u64, deadline_ms: u64) -> Waiter<u32> {
-        Waiter { id, class, enqueued_ms, deadline_ms }
+        Waiter { id, class, enqueued_ms, deadline_ms, need: None }
     }
 
     /// Keeps every class backlogged for `releases` pops and returns each class's share.

@@ -21,6 +21,10 @@ pub enum Reason {
     BreakerOpen,
     /// The request's tenant has used up its own bucket.
     TenantLimit,
+    /// Not enough LLM tokens for the request's estimate, and it may not wait for them.
+    TokenLimit,
+    /// The request's estimate is more than the whole token bucket: it can never pass.
+    TooLarge,
 }
 
 impl Reason {
@@ -33,6 +37,8 @@ impl Reason {
             Reason::ProviderHold => "provider_hold",
             Reason::BreakerOpen => "breaker_open",
             Reason::TenantLimit => "tenant_limit",
+            Reason::TokenLimit => "token_limit",
+            Reason::TooLarge => "too_large",
         }
     }
 }
@@ -69,16 +75,27 @@ pub fn too_many_requests(l: &Limited) -> (u32, Vec<(&'static str, String)>, Stri
         ("x-should-retry", l.retry.to_string()),
         ("content-type", "application/json".to_string()),
     ];
-    let message = format!(
-        "Rate limit reached by the proxy for {} priority requests ({}). Please try again in {}.{:03}s.",
-        l.priority.name(),
-        l.reason.name(),
-        l.wait_ms / 1000,
-        l.wait_ms % 1000
-    );
+    let (message, kind) = match l.reason {
+        Reason::TooLarge => (
+            "Request too large for the proxy's token limit (too_large): its estimated tokens exceed the whole \
+             token bucket, so it can never pass. Do not retry it; make it smaller."
+                .to_string(),
+            "tokens",
+        ),
+        r => (
+            format!(
+                "Rate limit reached by the proxy for {} priority requests ({}). Please try again in {}.{:03}s.",
+                l.priority.name(),
+                r.name(),
+                l.wait_ms / 1000,
+                l.wait_ms % 1000
+            ),
+            if r == Reason::TokenLimit { "tokens" } else { "requests" },
+        ),
+    };
     // Written directly: the message holds only our own words and numbers, nothing to escape.
     let body =
-        format!(r#"{{"error":{{"message":"{message}","type":"requests","param":null,"code":"rate_limit_exceeded"}}}}"#);
+        format!(r#"{{"error":{{"message":"{message}","type":"{kind}","param":null,"code":"rate_limit_exceeded"}}}}"#);
     (429, headers, body)
 }
 
@@ -151,5 +168,9 @@ mod tests {
         assert!(v["error"]["param"].is_null());
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains("try again in 0.174s"), "{msg}");
+        let (_, h, body) = too_many_requests(&Limited { reason: Reason::TooLarge, retry: false, ..limited(0) });
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!((v["error"]["type"].as_str(), header(&h, "x-should-retry")), (Some("tokens"), "false"));
+        assert!(v["error"]["message"].as_str().unwrap().contains("can never pass"));
     }
 }

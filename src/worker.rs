@@ -5,7 +5,7 @@
 //! trait, and the answers (pass, wait, refuse, release) go back to the host layer, which turns
 //! them into host calls. Tests and the simulation drive several `Worker`s over one `MemStore`.
 
-use crate::admission::{AdmissionRules, Arrival, SharedBucket, HEARTBEAT_MS};
+use crate::admission::{AdmissionRules, Arrival, Need, SharedBucket, HEARTBEAT_MS};
 use crate::breaker::{BreakerRules, Gate, Mode, ProviderState, Verdict};
 use crate::bucket::Level;
 use crate::config::Config;
@@ -21,8 +21,13 @@ const NANOS_PER_MS: u64 = 1_000_000;
 /// What `published` says after a failed write: nothing matches it, so the next tick writes.
 const LOST: [u32; 4] = [u32::MAX; 4];
 
-/// Process-wide waiters per class and whole tokens, after a write: what the gauges show.
-pub type Levels = ([u32; 4], f64);
+/// Process-wide waiters per class, request tokens and (with token limits) the provider token
+/// bucket's level, after a write: what the gauges show.
+pub type Levels = ([u32; 4], f64, Option<f64>);
+
+fn levels(s: &SharedBucket, waiting: [u32; 4]) -> Levels {
+    (waiting, s.level.tokens, s.token_levels.first().map(|l| l.tokens))
+}
 
 /// A local 429 the host must send.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -145,7 +150,29 @@ impl Worker {
 
     /// A full bucket with nobody waiting: what the first request of the process finds.
     pub fn fresh_bucket(&self, now_ns: u64) -> SharedBucket {
-        SharedBucket::new(self.rules.bucket.full(now_ns))
+        self.rules.full(now_ns)
+    }
+
+    /// Updates the shared bucket with `f`, which sees token levels that match the configuration.
+    fn update_bucket<R>(
+        &self,
+        store: &impl Store,
+        now_ns: u64,
+        f: impl FnMut(SharedBucket) -> (R, Option<SharedBucket>),
+    ) -> Result<R, Status> {
+        let mut f = f;
+        store::update(store, &self.bucket_key, || self.fresh_bucket(now_ns), |s| f(self.rules.fit(s, now_ns)))
+    }
+
+    /// Request `need` was taken and the provider reports `actual` tokens used: gives the
+    /// difference back, or takes the excess. Returns the levels after, for the gauges.
+    pub fn reconcile(&self, store: &impl Store, need: Need, actual: u64, now_ns: u64) -> Result<Levels, Status> {
+        let me = self.id;
+        let (own, now_ms) = (self.local_counts(), now_ns / NANOS_PER_MS);
+        self.update_bucket(store, now_ns, |s| {
+            let next = self.rules.reconcile(s, need, actual, now_ns);
+            (levels(&next, next.waiting(me, own, now_ms)), Some(next))
+        })
     }
 
     /// Creates the shared bucket before traffic (two workers creating it at once would both win).
@@ -264,15 +291,18 @@ impl Worker {
         })
     }
 
-    /// Decides an arriving request `id` of `class` from `tenant` under `gate` (from
-    /// [`Worker::gate`]). With tenant limits it needs a token from its tenant's bucket and from
-    /// the provider-wide bucket; the tenant's goes back if the provider's refuses.
+    /// Decides an arriving request `id` of `class` from `tenant`, needing `need` LLM tokens,
+    /// under `gate` (from [`Worker::gate`]). With tenant limits it needs a token from its
+    /// tenant's bucket and from the provider-wide bucket; the tenant's goes back if the
+    /// provider's refuses.
+    #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &mut self,
         store: &impl Store,
         id: u32,
         class: Priority,
         tenant: Option<&str>,
+        need: Option<Need>,
         gate: Gate,
         now_ns: u64,
     ) -> Result<Decision, Status> {
@@ -300,7 +330,7 @@ impl Worker {
             }
             _ => None,
         };
-        let (admission, levels) = self.admit_provider(store, id, class, gate, now_ns)?;
+        let (admission, levels) = self.admit_provider(store, id, class, need, gate, now_ns)?;
         if let (Gate::Counted, Admission::Pass { .. }) = (gate, &admission) {
             self.spend(store)?;
         }
@@ -318,6 +348,7 @@ impl Worker {
         store: &impl Store,
         id: u32,
         class: Priority,
+        need: Option<Need>,
         gate: Gate,
         now_ns: u64,
     ) -> Result<(Admission, Option<Levels>), Status> {
@@ -333,16 +364,10 @@ impl Worker {
         let me = self.id;
         if let Gate::Probe { probe } = gate {
             // The probe never waits behind the requests that wait for its answer.
-            let written = store::update(
-                store,
-                &self.bucket_key,
-                || self.fresh_bucket(now_ns),
-                |s| {
-                    let level = self.rules.probe(s.level, now_ns);
-                    let next = SharedBucket { level, ..s }.with_worker(me, own, now_ms);
-                    ((next.waiting(me, own, now_ms), level.tokens), Some(next))
-                },
-            )?;
+            let written = self.update_bucket(store, now_ns, |s| {
+                let next = self.rules.probe(&s, need, now_ns).with_worker(me, own, now_ms);
+                (levels(&next, next.waiting(me, own, now_ms)), Some(next))
+            })?;
             self.published = (own, now_ms);
             return Ok((Admission::Pass { probe: Some(probe) }, Some(written)));
         }
@@ -350,13 +375,10 @@ impl Worker {
         let not_before_ns = gate.not_before_ms().saturating_mul(NANOS_PER_MS);
         // The least important class below ours with a waiter here: the one we may shed.
         let local_victim = Priority::ALL.into_iter().rev().find(|&p| p > class && self.queue.len(p) > 0);
-        let (arrival, waiting, tokens) = store::update(
-            store,
-            &self.bucket_key,
-            || self.fresh_bucket(now_ns),
-            |s| {
+        let (arrival, written) = self.update_bucket(store, now_ns, |s| {
                 let waiting = s.waiting(me, own, now_ms);
-                let (arrival, level) = self.rules.arrive(s.level, waiting, class, now_ns, not_before_ns, local_victim);
+                let (arrival, taken) =
+                    self.rules.arrive(&s, need, waiting, class, now_ns, not_before_ns, local_victim);
                 let mut after = own;
                 match arrival {
                     Arrival::Wait => after[class.index()] += 1,
@@ -370,13 +392,16 @@ impl Worker {
                 // (unless the clock stepped back: then the restarted count must be kept).
                 let next = match arrival {
                     Arrival::Reject { .. } if !self.rules.bucket.stepped_back(s.level, now_ns) => None,
-                    _ => Some(SharedBucket { level, ..s.clone() }.with_worker(me, after, now_ms)),
+                    _ => Some(taken.clone().with_worker(me, after, now_ms)),
                 };
-                let waiting = next.as_ref().map_or(waiting, |n| n.waiting(me, after, now_ms));
-                ((arrival, waiting, level.tokens), next)
-            },
-        )?;
-        let levels = Some((waiting, tokens));
+                let written = match &next {
+                    Some(n) => levels(n, n.waiting(me, after, now_ms)),
+                    None => levels(&taken, waiting),
+                };
+                ((arrival, written), next)
+        })?;
+        let tokens = written.1;
+        let levels = Some(written);
         let admission = match arrival {
             Arrival::Admit => Admission::Pass { probe: None },
             Arrival::Reject { reason: Reason::ProviderHold, wait_ns } => {
@@ -397,7 +422,7 @@ impl Worker {
                     _ => None,
                 };
                 let deadline_ms = now_ms.saturating_add(self.config.class(class).max_wait_ms);
-                self.queue.push(Waiter { id, class, enqueued_ms: now_ms, deadline_ms });
+                self.queue.push(Waiter { id, class, enqueued_ms: now_ms, deadline_ms, need });
                 self.published = (self.local_counts(), now_ms);
                 Admission::Wait { shed }
             }
@@ -421,15 +446,10 @@ impl Worker {
     /// Writes this worker's waiter counts as they are now.
     fn publish(&mut self, store: &impl Store, now_ns: u64) -> Result<Levels, Status> {
         let (own, me, now_ms) = (self.local_counts(), self.id, now_ns / NANOS_PER_MS);
-        let written = store::update(
-            store,
-            &self.bucket_key,
-            || self.fresh_bucket(now_ns),
-            |s| {
-                let next = s.with_worker(me, own, now_ms);
-                ((next.waiting(me, own, now_ms), next.level.tokens), Some(next))
-            },
-        )?;
+        let written = self.update_bucket(store, now_ns, |s| {
+            let next = s.with_worker(me, own, now_ms);
+            (levels(&next, next.waiting(me, own, now_ms)), Some(next))
+        })?;
         self.published = (own, now_ms);
         Ok(written)
     }
@@ -466,33 +486,29 @@ impl Worker {
         let me = self.id;
         while matches!(gate, Gate::Pass | Gate::Counted | Gate::Probe { .. }) && !self.queue.is_empty() {
             let own = self.local_counts();
-            let picked = store::update(
-                store,
-                &self.bucket_key,
-                || self.fresh_bucket(now_ns),
-                |s| {
-                    let level = self.rules.bucket.refill(s.level, now_ns);
-                    // Nobody to release: write nothing, unless the clock stepped back (the count
-                    // restarts from now, or the refill would stall for as long as the step).
-                    let stepped = self.rules.bucket.stepped_back(s.level, now_ns);
-                    let nothing = |s: SharedBucket| (None, stepped.then_some(SharedBucket { level, ..s }));
-                    let picked = match gate {
-                        Gate::Probe { .. } => {
-                            self.queue.peek_next_class(|_| true).map(|p| (p, self.rules.probe(level, now_ns)))
-                        }
-                        _ => self
-                            .queue
-                            .peek_next_class(|p| self.rules.can_release(&level, p))
-                            .and_then(|p| Some((p, self.rules.release(level, p, now_ns)?))),
-                    };
-                    let Some((class, level)) = picked else { return nothing(s) };
-                    let mut after = own;
-                    after[class.index()] = after[class.index()].saturating_sub(1);
-                    let next = SharedBucket { level, ..s }.with_worker(me, after, now_ms);
-                    let levels = (next.waiting(me, after, now_ms), level.tokens);
-                    (Some((class, levels)), Some(next))
-                },
-            );
+            let picked = self.update_bucket(store, now_ns, |s| {
+                let refilled = SharedBucket { level: self.rules.bucket.refill(s.level, now_ns), ..s.clone() };
+                // Nobody to release: write nothing, unless the clock stepped back (the count
+                // restarts from now, or the refill would stall for as long as the step).
+                let stepped = self.rules.bucket.stepped_back(s.level, now_ns);
+                let need = |p: Priority| self.queue.head(p).and_then(|w| w.need);
+                let picked = match gate {
+                    Gate::Probe { .. } => {
+                        self.queue.peek_next_class(|_| true).map(|p| (p, self.rules.probe(&refilled, need(p), now_ns)))
+                    }
+                    // A class whose oldest waiter's tokens are short is skipped, not served out
+                    // of order: within a class, requests go in arrival order.
+                    _ => self
+                        .queue
+                        .peek_next_class(|p| self.rules.can_take(&refilled, need(p), p, now_ns))
+                        .and_then(|p| Some((p, self.rules.release(&refilled, need(p), p, now_ns)?))),
+                };
+                let Some((class, taken)) = picked else { return (None, stepped.then_some(refilled)) };
+                let mut after = own;
+                after[class.index()] = after[class.index()].saturating_sub(1);
+                let next = taken.with_worker(me, after, now_ms);
+                (Some((class, levels(&next, next.waiting(me, after, now_ms)))), Some(next))
+            });
             let (class, levels) = match picked {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
@@ -539,7 +555,7 @@ impl Worker {
             }
         }
         if !expired.is_empty() {
-            let tokens = t.levels.map(|(_, tokens)| tokens).or_else(|| {
+            let tokens = t.levels.map(|(_, tokens, _)| tokens).or_else(|| {
                 let s: SharedBucket = store::read(store, &self.bucket_key).ok()??;
                 Some(self.rules.bucket.refill(s.level, now_ns).tokens)
             });
@@ -590,7 +606,7 @@ mod tests {
 
     fn arrive(w: &mut Worker, store: &MemStore, id: u32, at_ms: u64) -> Admission {
         let gate = w.gate(store, at_ms).unwrap();
-        w.admit(store, id, Priority::Normal, None, gate, at_ms * MS).unwrap().admission
+        w.admit(store, id, Priority::Normal, None, None, gate, at_ms * MS).unwrap().admission
     }
 
     #[test]

@@ -221,7 +221,7 @@ impl Sim {
                 let class = Priority::ALL[class];
                 let w = &mut self.workers[worker];
                 let gate = w.gate(&self.store, now_ms).unwrap_or(Gate::Pass);
-                let Ok(decision) = w.admit(&self.store, id, class, None, gate, now_ns) else { return };
+                let Ok(decision) = w.admit(&self.store, id, class, None, None, gate, now_ns) else { return };
                 let deadline = self.now + w.config.class(class).max_wait_ms;
                 match decision.admission {
                     Admission::Pass { probe } => self.send(worker, probe),

@@ -13,6 +13,7 @@ const NOT_FOUND: Status = 1;
 
 const REQUEST_HEADERS: u32 = 0;
 const RESPONSE_HEADERS: u32 = 2;
+const REQUEST_BODY: u32 = 0;
 const RESPONSE_BODY: u32 = 1;
 const PLUGIN_CONFIGURATION: u32 = 7;
 const STREAM_HTTP_REQUEST: u32 = 0;
@@ -180,6 +181,11 @@ pub fn set_tick_period_ms(ms: u32) -> Result<(), Status> {
 
 pub fn plugin_configuration() -> Result<Vec<u8>, Status> {
     buffer(PLUGIN_CONFIGURATION, usize::MAX)
+}
+
+/// The buffered request body, at most `max` bytes.
+pub fn request_body(max: usize) -> Result<Vec<u8>, Status> {
+    buffer(REQUEST_BODY, max)
 }
 
 /// The buffered response body, at most `max` bytes.

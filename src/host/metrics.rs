@@ -21,8 +21,12 @@ impl Id {
     }
 
     pub fn inc(self) {
-        if let Some(id) = self.0 {
-            if let Err(s) = abi::increment_metric(id, 1) {
+        self.add(1);
+    }
+
+    pub fn add(self, n: u64) {
+        if let (Some(id), true) = (self.0, n > 0) {
+            if let Err(s) = abi::increment_metric(id, n.min(i64::MAX as u64) as i64) {
                 log::debug!("llm-ratelimit: increment_metric {id} failed: status {s}");
             }
         }
@@ -86,6 +90,27 @@ pub struct ProviderStats {
     pub fallback_served: Id,
     /// Successful responses stored in the fallback cache.
     pub fallback_stored: Id,
+    /// The provider's own view, from the last answer that carried it (gauges).
+    pub remaining_requests: Id,
+    pub remaining_tokens: Id,
+    pub limit_requests: Id,
+    pub limit_tokens: Id,
+}
+
+/// Stats of the token limit (when `tokens` is configured).
+pub struct TokenStats {
+    /// Tokens reserved by estimate for admitted requests.
+    pub estimated: Id,
+    /// Tokens the provider reported used (or charged without a report), input plus output.
+    pub actual: Id,
+    pub input: Id,
+    pub output: Id,
+    /// |actual - estimate| as a percentage of the estimate, per reconciled request (histogram).
+    pub estimate_error_pct: Id,
+    /// Whole tokens left in the provider's token bucket after the last decision (gauge).
+    pub bucket: Id,
+    /// Requests refused because their estimate exceeds the whole token bucket.
+    pub too_large: Id,
 }
 
 /// Stats of the tenant table (when tenant limits are on).
@@ -108,6 +133,7 @@ pub struct Metrics {
     pub class: [ClassStats; 4],
     pub provider: ProviderStats,
     pub tenants: TenantStats,
+    pub tokens: TokenStats,
     /// Whole tokens left in the process-wide bucket after the last decision (gauge).
     pub bucket_tokens: Id,
     /// Host calls that failed; the filter let the request through (fail open).
@@ -145,6 +171,19 @@ impl Metrics {
             reset_error_ms: at(Metric::Histogram, "reset.error_ms"),
             fallback_served: at(Metric::Counter, "fallback.served"),
             fallback_stored: at(Metric::Counter, "fallback.stored"),
+            remaining_requests: at(Metric::Gauge, "provider.remaining_requests"),
+            remaining_tokens: at(Metric::Gauge, "provider.remaining_tokens"),
+            limit_requests: at(Metric::Gauge, "provider.limit_requests"),
+            limit_tokens: at(Metric::Gauge, "provider.limit_tokens"),
+        };
+        let tokens = TokenStats {
+            estimated: at(Metric::Counter, "tokens.estimated"),
+            actual: at(Metric::Counter, "tokens.actual"),
+            input: at(Metric::Counter, "tokens.input"),
+            output: at(Metric::Counter, "tokens.output"),
+            estimate_error_pct: at(Metric::Histogram, "tokens.estimate_error_pct"),
+            bucket: at(Metric::Gauge, "tokens.bucket"),
+            too_large: at(Metric::Counter, "tokens.too_large"),
         };
         let tenants = TenantStats {
             claimed: at(Metric::Counter, "tenants.claimed"),
@@ -158,6 +197,7 @@ impl Metrics {
             class,
             provider,
             tenants,
+            tokens,
             bucket_tokens: Id::define(Metric::Gauge, &format!("{base}.bucket.tokens")),
             errors: Id::define(Metric::Counter, &format!("{base}.errors")),
         }

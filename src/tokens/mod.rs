@@ -1,6 +1,8 @@
 //! Token limits (TPM), the pure parts: what a request will cost, estimated from its body before
-//! admission (`estimate`), and what it did cost, read from the provider's `usage` after, whole or
-//! streamed (`usage`). Not wired into admission yet: the README's "Not built yet" says so.
+//! admission (`estimate`), what it did cost, read from the provider's `usage` after, whole or
+//! streamed (`usage`), and one request's reservation against what its answer reports (`meter`).
+//! Admission takes the estimate from the token bucket (`admission`); the host reconciles.
 
 pub mod estimate;
+pub mod meter;
 pub mod usage;

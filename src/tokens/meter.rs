@@ -1,0 +1,207 @@
+//! One admitted request's LLM tokens: what it reserved, and what its answer says it used.
+//!
+//! The host feeds the response as it passes (never holding it): a JSON body is collected up to a
+//! bound and read whole at the end; a server-sent event stream is read chunk by chunk. What the
+//! request used is then, in order of preference:
+//! - the `usage` the provider reported;
+//! - for a stream without one: the estimated input plus the streamed text's size in tokens;
+//! - otherwise (no answer, client gone, body too large or unreadable): the estimate;
+//! - nothing at all for an answer that is not a success (the provider served nothing).
+//!
+//! ```
+//! use llm_ratelimit::admission::Need;
+//! use llm_ratelimit::tokens::meter::Meter;
+//!
+//! let mut m = Meter::new(Need { bucket: 0, tokens: 1100 }, 100, 4.0);
+//! m.answer(200, "application/json", 1 << 20);
+//! m.feed(br#"{"usage":{"prompt_tokens":90,"completion_tokens":30,"total_tokens":120}}"#);
+//! let used = m.used();
+//! assert_eq!((used.input, used.output, used.reported), (90, 30, true));
+//! ```
+
+use super::usage::{self, StreamUsage, Usage};
+use crate::admission::Need;
+
+/// What the answer is being read as.
+#[derive(Debug)]
+enum Reading {
+    /// No answer yet (or one with no body).
+    Nothing,
+    /// Not a success: nothing was used.
+    Failed,
+    /// A JSON body, collected up to `max` bytes (`None` once it outgrew them).
+    Json { body: Option<Vec<u8>>, max: usize },
+    Stream(Box<StreamUsage>),
+}
+
+/// Tokens one request used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Used {
+    pub input: u64,
+    pub output: u64,
+    /// The provider reported them (else they are the estimate, or counted from the stream).
+    pub reported: bool,
+}
+
+impl Used {
+    pub fn total(&self) -> u64 {
+        self.input.saturating_add(self.output)
+    }
+}
+
+/// The tokens of one admitted request.
+#[derive(Debug)]
+pub struct Meter {
+    /// What it reserved, and from which bucket.
+    pub need: Need,
+    /// The estimated input part of the reservation.
+    input: u64,
+    chars_per_token: f64,
+    reading: Reading,
+}
+
+impl Meter {
+    pub fn new(need: Need, estimated_input: u64, chars_per_token: f64) -> Meter {
+        Meter { need, input: estimated_input.min(need.tokens), chars_per_token, reading: Reading::Nothing }
+    }
+
+    /// The answer's status and content type are known: how to read what follows.
+    pub fn answer(&mut self, status: u16, content_type: &str, max_body: usize) {
+        let media = content_type.split(';').next().unwrap_or("").trim();
+        self.reading = if !(200..300).contains(&status) {
+            Reading::Failed
+        } else if media.eq_ignore_ascii_case("text/event-stream") {
+            Reading::Stream(Box::default())
+        } else {
+            Reading::Json { body: Some(Vec::new()), max: max_body }
+        };
+    }
+
+    /// Whether the body is worth reading (for the host: skip the copy otherwise).
+    pub fn wants_body(&self) -> bool {
+        matches!(self.reading, Reading::Stream(_) | Reading::Json { body: Some(_), .. })
+    }
+
+    /// One chunk of the answer's body, in order.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        match &mut self.reading {
+            Reading::Stream(s) => s.feed(chunk),
+            Reading::Json { body, max } => {
+                let fits = body.as_ref().is_some_and(|b| b.len().saturating_add(chunk.len()) <= *max);
+                match body {
+                    Some(b) if fits => b.extend_from_slice(chunk),
+                    // Too large to read whole: charged at the estimate.
+                    _ => *body = None,
+                }
+            }
+            Reading::Nothing | Reading::Failed => {}
+        }
+    }
+
+    /// What the request used, once its answer is over (or will never come).
+    pub fn used(&mut self) -> Used {
+        let estimate = Used { input: self.input, output: self.need.tokens - self.input, reported: false };
+        let reported = |u: Usage| Used { input: u.input, output: u.output, reported: true };
+        match &mut self.reading {
+            Reading::Failed => Used { input: 0, output: 0, reported: false },
+            Reading::Nothing => estimate,
+            Reading::Json { body, .. } => body.as_deref().and_then(usage::from_body).map_or(estimate, reported),
+            Reading::Stream(s) => match s.finish() {
+                Some(u) => reported(u),
+                None => {
+                    let per_token = if self.chars_per_token > 0.0 { self.chars_per_token } else { 4.0 };
+                    let output = (s.text_chars() as f64 / per_token).ceil() as u64;
+                    Used { output, ..estimate }
+                }
+            },
+        }
+    }
+}
+
+/// `|actual - estimate|` as a whole percentage of the estimate (0 for a zero estimate).
+pub fn error_pct(estimate: u64, actual: u64) -> u64 {
+    if estimate == 0 {
+        return 0;
+    }
+    (estimate.abs_diff(actual) as f64 * 100.0 / estimate as f64).round() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const NEED: Need = Need { bucket: 0, tokens: 1000 };
+
+    fn meter() -> Meter {
+        Meter::new(NEED, 200, 4.0)
+    }
+
+    #[test]
+    fn a_json_answer_reports_its_usage_whatever_the_chunking() {
+        let body = br#"{"type":"message","usage":{"input_tokens":180,"cache_read_input_tokens":20,"output_tokens":57}}"#;
+        for split in 0..body.len() {
+            let mut m = meter();
+            m.answer(200, "application/json; charset=utf-8", 1 << 20);
+            m.feed(&body[..split]);
+            m.feed(&body[split..]);
+            assert_eq!(m.used(), Used { input: 200, output: 57, reported: true });
+        }
+    }
+
+    #[test]
+    fn a_stream_reports_its_usage_or_is_charged_by_its_text() {
+        let stream = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":150,\"output_tokens\":1}}}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42}}\n\n";
+        let mut m = meter();
+        m.answer(200, "text/event-stream", 0);
+        m.feed(stream);
+        assert_eq!(m.used(), Used { input: 150, output: 42, reported: true });
+
+        // No usage in the stream: the estimated input plus the streamed text at 4 chars a token.
+        let mut m = meter();
+        m.answer(200, "Text/Event-Stream", 0);
+        m.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"0123456789\"}}]}\n\ndata: [DONE]\n\n");
+        assert_eq!(m.used(), Used { input: 200, output: 3, reported: false });
+    }
+
+    #[test]
+    fn no_answer_an_unreadable_one_or_one_too_large_costs_the_estimate() {
+        let estimate = Used { input: 200, output: 800, reported: false };
+        assert_eq!(meter().used(), estimate, "client gone before the answer");
+        let mut m = meter();
+        m.answer(200, "application/json", 10);
+        m.feed(br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
+        assert_eq!(m.used(), estimate, "larger than the bound");
+        let mut m = meter();
+        m.answer(200, "application/json", 100);
+        m.feed(b"not json");
+        assert_eq!(m.used(), estimate);
+    }
+
+    #[test]
+    fn a_failed_answer_used_nothing() {
+        for status in [429, 500, 400, 0] {
+            let mut m = meter();
+            m.answer(status, "application/json", 100);
+            assert!(!m.wants_body());
+            m.feed(br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
+            assert_eq!(m.used().total(), 0);
+        }
+    }
+
+    #[test]
+    fn estimated_input_never_exceeds_the_reservation() {
+        let mut m = Meter::new(Need { bucket: 0, tokens: 10 }, 50, 4.0);
+        assert_eq!(m.used(), Used { input: 10, output: 0, reported: false });
+    }
+
+    #[test]
+    fn error_pct_is_relative_to_the_estimate() {
+        assert_eq!(error_pct(1000, 900), 10);
+        assert_eq!(error_pct(1000, 1500), 50);
+        assert_eq!(error_pct(0, 5), 0);
+        assert_eq!(error_pct(3, 4), 33);
+    }
+}
