@@ -407,7 +407,9 @@ impl Worker {
             Arrival::Reject { reason: Reason::ProviderHold, wait_ns } => {
                 Admission::Refuse(refusal(hold_reason, wait_ns, tokens, true))
             }
-            Arrival::Reject { reason, wait_ns } => Admission::Refuse(refusal(reason, wait_ns, tokens, true)),
+            Arrival::Reject { reason, wait_ns } => {
+                Admission::Refuse(refusal(reason, wait_ns, tokens, reason != Reason::TooLarge))
+            },
             Arrival::Wait | Arrival::WaitEvicting { .. } => {
                 let shed = match arrival {
                     Arrival::WaitEvicting { .. } => self.queue.evict_newest_below(class).map(|v| Refusal {

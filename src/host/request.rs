@@ -9,6 +9,7 @@ use crate::classify::classify;
 use crate::config::{Config, Role};
 use crate::priority::Priority;
 use crate::signals;
+use crate::tokens::{estimate, meter::Meter};
 use crate::worker::{Admission, Attempt, Decision, Refusal};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
@@ -46,6 +47,14 @@ pub struct Request {
     cache_key: Option<crate::fallback::Identity>,
     /// A success being collected for the fallback cache: content type and body so far.
     capture: Option<(String, Vec<u8>)>,
+    /// The request path, kept while the body is read (the model may be in it).
+    path: String,
+    /// Its headers are held until its body is read, to estimate its tokens.
+    reading: bool,
+    /// Its token estimate, until it is admitted: what it needs, and the input part.
+    estimate: Option<(crate::admission::Need, u64)>,
+    /// Its tokens, once admitted, until its answer settles them.
+    meter: Option<Meter>,
 }
 
 impl Request {
@@ -60,6 +69,10 @@ impl Request {
             answer_429: None,
             cache_key: None,
             capture: None,
+            path: String::new(),
+            reading: false,
+            estimate: None,
+            meter: None,
         }
     }
 
@@ -108,9 +121,18 @@ impl Request {
         }
     }
 
+    /// It was let through (at once or from the queue): its estimate is now reserved.
+    fn start_meter(&mut self) {
+        let (Some((need, input)), Some(rules)) = (self.estimate.take(), &self.w.estimate) else { return };
+        self.meter = Some(Meter::new(need, input, rules.chars_per_token));
+    }
+
     /// Answers this request with a local 429.
     fn refuse(&mut self, r: &Refusal) -> Action {
         self.w.metrics.of(self.class).rejected.inc();
+        if r.reason == crate::reply::Reason::TooLarge {
+            self.w.metrics.tokens.too_large.inc();
+        }
         let (status, headers, body) = self.w.limited(r);
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         match abi::send_response(status, &headers, body.as_bytes()) {
@@ -125,8 +147,9 @@ impl Request {
     /// Takes a token, waits, or refuses.
     fn admit(&mut self, gate: Gate, now_ns: u64) -> Action {
         let tenant = self.w.config.tenant.as_ref().and_then(|t| Self::header(&t.key_header));
+        let need = self.estimate.map(|(n, _)| n);
         let decided = match self.w.core.try_borrow_mut() {
-            Ok(mut w) => w.admit(&SharedData, self.id, self.class, tenant.as_deref(), gate, now_ns),
+            Ok(mut w) => w.admit(&SharedData, self.id, self.class, tenant.as_deref(), need, gate, now_ns),
             Err(_) => return self.fail_open("worker borrow", REENTERED),
         };
         let Decision { admission, levels, tenant } = match decided {
@@ -149,6 +172,7 @@ impl Request {
         match admission {
             Admission::Pass { probe } => {
                 m.admitted.inc();
+                self.start_meter();
                 self.probe = probe;
                 if let (Some(n), Role::Admission) = (probe, self.role()) {
                     // The observer upstream reads it to know the probe's answer.
@@ -214,6 +238,67 @@ impl Request {
         }
     }
 
+    /// The body of a request held to estimate its tokens: read whole (or as far as
+    /// `tokens.max_body_bytes`, which must not exceed Envoy's buffer limit), then decided.
+    fn read_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        let w = self.w.clone();
+        if !w.body_arrived(self.id) {
+            // Let go by the tick, bodiless (Envoy does not deliver bodies to held headers).
+            self.reading = false;
+            return Action::Continue;
+        }
+        let (Some(rules), Some(t)) = (&w.estimate, &w.config.tokens) else { return Action::Continue };
+        let max = usize::try_from(t.max_body_bytes).unwrap_or(usize::MAX);
+        if !end_of_stream && size < max {
+            return Action::Pause;
+        }
+        self.reading = false;
+        w.release_response(self.id);
+        let e = if end_of_stream && size <= max {
+            estimate::from_body(rules, &self.path, &abi::request_body(size).unwrap_or_default())
+        } else {
+            estimate::from_unread(rules, &self.path, content_length().unwrap_or(size as u64))
+        };
+        self.estimate = w.need(&e).map(|n| (n, e.input));
+        match abi::now_ns() {
+            Ok(now) => self.decide(now),
+            Err(s) => self.fail_open("get_current_time", s),
+        }
+    }
+
+    /// The provider's gate, an answer from the fallback cache while its breaker is open, then
+    /// admission.
+    fn decide(&mut self, now: u64) -> Action {
+        let w = self.w.clone();
+        let now_ms = now / NANOS_PER_MS;
+        let gate = match w.with_core(|w| w.gate_and_mode(&SharedData, now_ms)) {
+            Ok((g, moved)) => {
+                if let Some(mode) = moved {
+                    w.metrics.provider.breaker_state.record(mode as u64);
+                }
+                g
+            }
+            Err(s) => {
+                w.metrics.errors.inc();
+                log::warn!("llm-ratelimit: #{} cannot read the provider state: status {s}", self.id);
+                Gate::Pass
+            }
+        };
+        match gate {
+            Gate::Probe { .. } => w.probe_started(),
+            Gate::Open { terminal: false, .. } if self.answer_from_cache(&w.config, now_ms) => return Action::Pause,
+            _ => {}
+        }
+        self.admit(gate, now)
+    }
+
+    /// An admitted request's answer is over, or will never come: its tokens are settled.
+    fn settle(&mut self) {
+        if let Some(m) = self.meter.take() {
+            self.w.settle(m, abi::now_ns().unwrap_or(0));
+        }
+    }
+
     fn store_in_cache(&mut self) {
         let (Some(key), Some((content_type, body)), Ok(now)) = (&self.cache_key, self.capture.take(), abi::now_ns())
         else {
@@ -226,6 +311,11 @@ impl Request {
             Err(s) => log::warn!("llm-ratelimit: #{} cannot store in the fallback cache: status {s}", self.id),
         }
     }
+}
+
+
+fn content_length() -> Option<u64> {
+    Request::header("content-length").and_then(|v| v.trim().parse().ok())
 }
 
 /// Appends the current body chunk to `body` if it keeps it within `max` bytes; false if not.
@@ -244,8 +334,11 @@ fn set_header(name: &str, value: &str) {
 }
 
 impl Context for Request {
-    /// The request is over: if it was still waiting (its client went away), free its place.
+    /// The request is over: if it was still waiting (its client went away), free its place; if
+    /// its tokens are not settled yet, settle them.
     fn on_done(&mut self) -> bool {
+        // An answer cut short (client gone) is settled with what was seen of it.
+        self.settle();
         let now = abi::now_ns().unwrap_or(0);
         if let Some(class) = self.w.leave(self.id, now) {
             self.w.metrics.of(class).cancelled.inc();
@@ -255,7 +348,7 @@ impl Context for Request {
 }
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         let w = self.w.clone();
         let cfg = &w.config;
         if !cfg.role.admits() {
@@ -308,30 +401,28 @@ impl HttpContext for Request {
             self.cache_key =
                 crate::fallback::Identity::of_request(&cfg.fallback.key_header, &path, tenant.as_deref(), Self::header);
         }
-        let gate = match self.w.with_core(|w| w.gate_and_mode(&SharedData, now_ms)) {
-            Ok((g, moved)) => {
-                if let Some(mode) = moved {
-                    self.w.metrics.provider.breaker_state.record(mode as u64);
-                }
-                g
+        if let (Some(rules), Some(t), false) = (&w.estimate, &cfg.tokens, end_of_stream) {
+            // Token limits: the estimate comes from the body, read before the headers go on,
+            // unless it is larger than we hold (then from its size).
+            let length = content_length();
+            let fits = length.is_none_or(|n| n <= t.max_body_bytes);
+            if fits && w.bodies.get() != Bodies::Withheld && w.hold_request(self.id, now_ms) {
+                self.reading = true;
+                self.path = path;
+                return Action::Pause;
             }
-            Err(s) => {
-                self.w.metrics.errors.inc();
-                log::warn!("llm-ratelimit: #{} cannot read the provider state: status {s}", self.id);
-                Gate::Pass
-            }
-        };
-        match gate {
-            Gate::Probe { .. } => self.w.probe_started(),
-            Gate::Open { terminal: false, .. } if self.answer_from_cache(cfg, now_ms) => return Action::Pause,
-            _ => {}
+            let e = estimate::from_unread(rules, &path, length.unwrap_or(0));
+            self.estimate = w.need(&e).map(|n| (n, e.input));
         }
-        self.admit(gate, now)
+        self.decide(now)
     }
 
     /// Envoy with `allow_on_headers_stop_iteration` delivers the body while the headers are
     /// paused, and a Continue here would release them: a held request holds its body too.
-    fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.reading {
+            return self.read_body(body_size, end_of_stream);
+        }
         if self.answered || self.w.attempt_held(self.id) {
             return Action::Pause;
         }
@@ -349,11 +440,18 @@ impl HttpContext for Request {
             if let Some(r) = release {
                 set_header("x-ratelimit-queued-ms", &r.waited_ms.to_string());
                 self.probe = self.probe.or(r.probe);
+                self.start_meter();
             }
         }
         let role = self.role();
         let header = |name| abi::response_header(name).ok().flatten();
         let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0u16);
+        if let (Some(m), Some(t)) = (&mut self.meter, &self.w.config.tokens) {
+            m.answer(status, &header("content-type").unwrap_or_default(), t.max_body_bytes as usize);
+            if end_of_stream {
+                self.settle();
+            }
+        }
         // Our own local replies (429s, fallback answers) teach nothing about the provider.
         let ours = |marker| role.admits() && header(marker).is_some();
         if self.answered
@@ -400,6 +498,15 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(m) = &mut self.meter {
+            // Read as it passes, never held: a stream reaches its client chunk by chunk.
+            if m.wants_body() {
+                m.feed(&abi::response_body(body_size).unwrap_or_default());
+            }
+            if end_of_stream {
+                self.settle();
+            }
+        }
         if let Some(a) = &mut self.answer_429 {
             // The tick may have let a held 429 go without its body: then it flows like any other.
             a.held = a.held && self.w.body_arrived(self.id);

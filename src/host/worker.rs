@@ -12,6 +12,9 @@ use crate::priority::Priority;
 use crate::reply::{self, Limited};
 use crate::signals::Signals;
 use crate::store::Status;
+use crate::admission::Need;
+use crate::tokens::estimate::{Estimate, EstimateRules};
+use crate::tokens::meter::{self, Meter};
 use crate::worker::{Attempt, Refusal, Release, Tick, Worker};
 use std::cell::{Cell, RefCell};
 
@@ -37,10 +40,12 @@ pub enum Bodies {
     Withheld,
 }
 
-/// A 429 whose headers are held until its body is read.
+/// Headers held until their body is read: a 429's, or a request's whose tokens are estimated
+/// from its body.
 struct Held {
     since_ms: u64,
     body_seen: bool,
+    request: bool,
 }
 
 pub struct WorkerContext {
@@ -58,8 +63,13 @@ pub struct WorkerContext {
     held: RefCell<IdMap<Held>>,
     /// Attempts (router retries) the observer holds until the provider's reset: id -> until, class.
     attempts: RefCell<IdMap<(u64, Priority)>>,
+    /// How request bodies are estimated, when token limits are on.
+    pub estimate: Option<EstimateRules>,
     /// The bucket level and queue depths last published, so gauges are written only on change.
     published_tokens: Cell<u64>,
+    published_token_bucket: Cell<u64>,
+    /// The provider's remaining and limit, requests and tokens, as last published.
+    published_provider: Cell<[Option<u64>; 4]>,
     published_waiting: Cell<[u32; 4]>,
     /// When the tenant table was last counted.
     census_ms: Cell<u64>,
@@ -74,11 +84,19 @@ impl WorkerContext {
             metrics: Metrics::define(&c.name),
             window_s: (c.bucket.capacity as f64 / c.bucket.refill_rate).ceil().max(1.0) as u64,
             needs_path: c.fallback.enabled
+                || c.tokens.is_some()
                 || c.classify.rules.iter().any(|r| matches!(r.matcher, crate::config::Matcher::PathPrefix(_))),
             bodies: Cell::new(Bodies::Unknown),
             held: RefCell::default(),
             attempts: RefCell::default(),
+            estimate: c.tokens.as_ref().map(|t| EstimateRules {
+                chars_per_token: t.chars_per_token,
+                output_default: t.output_default,
+                ..EstimateRules::default()
+            }),
             published_tokens: Cell::new(u64::MAX),
+            published_token_bucket: Cell::new(u64::MAX),
+            published_provider: Cell::new([None; 4]),
             published_waiting: Cell::new([u32::MAX; 4]),
             census_ms: Cell::new(0),
             core: RefCell::new(core),
@@ -97,7 +115,13 @@ impl WorkerContext {
 
     /// Publishes process-wide queue depths and the bucket level (only when it changed).
     pub fn publish_levels(&self, levels: Option<crate::worker::Levels>) {
-        let Some((waiting, tokens)) = levels else { return };
+        let Some((waiting, tokens, token_bucket)) = levels else { return };
+        if let Some(t) = token_bucket {
+            let whole = t.max(0.0) as u64;
+            if self.published_token_bucket.replace(whole) != whole {
+                self.metrics.tokens.bucket.record(whole);
+            }
+        }
         // Gauges are host calls: written only when they change, not on every admission.
         if self.published_waiting.replace(waiting) != waiting {
             self.metrics.levels(waiting);
@@ -242,6 +266,7 @@ impl WorkerContext {
             }
         };
         let m = &self.metrics.provider;
+        self.publish_provider_view(signals);
         if status == 429 && first {
             m.upstream_429.inc();
         }
@@ -274,6 +299,50 @@ impl WorkerContext {
         Some(v)
     }
 
+    /// The provider's own remaining and limits, beside our buckets (only what changed).
+    fn publish_provider_view(&self, s: &Signals) {
+        let now = [s.remaining_requests, s.remaining_tokens, s.limit_requests, s.limit_tokens];
+        let before = self.published_provider.get();
+        let m = &self.metrics.provider;
+        let gauges = [m.remaining_requests, m.remaining_tokens, m.limit_requests, m.limit_tokens];
+        for ((v, was), gauge) in now.iter().zip(before).zip(gauges) {
+            if let Some(v) = v.filter(|v| Some(*v) != was) {
+                gauge.record(v);
+            }
+        }
+        self.published_provider.set([0, 1, 2, 3].map(|i| now[i].or(before[i])));
+    }
+
+    /// The token bucket an estimated request draws on: its model's, if `tokens.per_model` names
+    /// it, else the provider's.
+    pub fn need(&self, e: &Estimate) -> Option<Need> {
+        let t = self.config.tokens.as_ref()?;
+        let model = e.model.as_deref().and_then(|m| t.per_model.binary_search_by(|(n, _)| n.as_str().cmp(m)).ok());
+        Some(Need { bucket: model.map_or(0, |i| i + 1) as u8, tokens: e.total() })
+    }
+
+    /// An admitted request's answer is over (or will never come): gives back or takes the
+    /// difference between its reservation and what it used, and counts both.
+    pub fn settle(&self, mut m: Meter, now_ns: u64) {
+        let used = m.used();
+        let settled = self.with_core(|w| w.reconcile(&SharedData, m.need, used.total(), now_ns));
+        match settled {
+            Ok(levels) => self.publish_levels(Some(levels)),
+            Err(s) => {
+                self.metrics.errors.inc();
+                log::warn!("llm-ratelimit: {}: cannot reconcile a request's tokens: status {s}", self.name());
+            }
+        }
+        let t = &self.metrics.tokens;
+        t.estimated.add(m.need.tokens);
+        t.actual.add(used.total());
+        t.input.add(used.input);
+        t.output.add(used.output);
+        if used.reported {
+            t.estimate_error_pct.record(meter::error_pct(m.need.tokens, used.total()));
+        }
+    }
+
     /// What a 429 means for its client, without learning from it (the observer did).
     pub fn peek(&self, signals: &Signals, now_ms: u64) -> Option<Verdict> {
         let peeked = self.with_core(|w| w.peek(&SharedData, signals, now_ms));
@@ -281,13 +350,16 @@ impl WorkerContext {
     }
 
     pub fn hold_response(&self, id: u32, now_ms: u64) -> bool {
-        match self.held.try_borrow_mut() {
-            Ok(mut h) => {
-                h.insert(id, Held { since_ms: now_ms, body_seen: false });
-                true
-            }
-            Err(_) => false,
-        }
+        self.hold(id, now_ms, false)
+    }
+
+    /// Holds request `id`'s headers until its body is read.
+    pub fn hold_request(&self, id: u32, now_ms: u64) -> bool {
+        self.hold(id, now_ms, true)
+    }
+
+    fn hold(&self, id: u32, now_ms: u64, request: bool) -> bool {
+        self.held.try_borrow_mut().map(|mut h| h.insert(id, Held { since_ms: now_ms, body_seen: false, request })).is_ok()
     }
 
     /// A body callback for held response `id`: whether it is still held (the tick may have let
@@ -314,33 +386,46 @@ impl WorkerContext {
         }
     }
 
-    /// Held 429s whose body did not come in time go on without it, so nothing ever hangs.
+    /// Held 429s whose body did not come in time go on without it, so nothing ever hangs. A
+    /// request's body comes at its client's pace, bounded by Envoy's stream timeouts; only while
+    /// it is unknown whether Envoy delivers bodies to held headers is it let go (unlimited) when
+    /// none came in time.
     fn let_go_of_stale_bodies(&self, now_ms: u64) {
-        let limit = if self.bodies.get() == Bodies::Delivered { BODY_WAIT_MS } else { BODY_WAIT_UNKNOWN_MS };
-        let stale: Vec<(u32, bool)> = match self.held.try_borrow_mut() {
+        let bodies = self.bodies.get();
+        let limit = if bodies == Bodies::Delivered { BODY_WAIT_MS } else { BODY_WAIT_UNKNOWN_MS };
+        let stale: Vec<(u32, bool, bool)> = match self.held.try_borrow_mut() {
             Ok(mut h) if !h.is_empty() => {
-                let ids: Vec<(u32, bool)> = h
+                let ids: Vec<(u32, bool, bool)> = h
                     .iter()
+                    .filter(|(_, e)| !e.request || (bodies == Bodies::Unknown && !e.body_seen))
                     .filter(|(_, e)| now_ms.saturating_sub(e.since_ms) >= limit || now_ms < e.since_ms)
-                    .map(|(id, e)| (*id, e.body_seen))
+                    .map(|(id, e)| (*id, e.body_seen, e.request))
                     .collect();
-                for (id, _) in &ids {
+                for (id, ..) in &ids {
                     h.remove(id);
                 }
                 ids
             }
             _ => return,
         };
-        for (id, body_seen) in stale {
+        for (id, body_seen, request) in stale {
             if !body_seen && self.bodies.get() == Bodies::Unknown {
                 self.bodies.set(Bodies::Withheld);
                 log::info!(
                     "llm-ratelimit: Envoy does not deliver bodies while headers are held \
-                     (allow_on_headers_stop_iteration is off): 429 bodies are read after their headers"
+                     (allow_on_headers_stop_iteration is off): 429 bodies are read after their headers, and \
+                     request tokens are estimated from content-length"
                 );
             }
-            if let Err(s) = abi::resume_response(id) {
-                log::debug!("llm-ratelimit: #{id} cannot resume the response: status {s}");
+            let resumed = if request {
+                log::warn!("llm-ratelimit: #{id}: no request body came while its headers were held: let through unlimited");
+                self.metrics.errors.inc();
+                abi::resume_request(id)
+            } else {
+                abi::resume_response(id)
+            };
+            if let Err(s) = resumed {
+                log::debug!("llm-ratelimit: #{id} cannot resume: status {s}");
             }
         }
     }

@@ -5,7 +5,7 @@
 //! understood falls back to the body's size, never to 0 for a non-empty body.
 //!
 //! ```
-//! use llm_ratelimit::tokens::estimate::{from_body, from_size, EstimateRules};
+//! use llm_ratelimit::tokens::estimate::{from_body, from_size, from_unread, EstimateRules};
 //!
 //! let rules = EstimateRules::default(); // 4 chars per token, 1024 output tokens, 1000 per image
 //! let body = br#"{"model":"gpt-4o","max_tokens":100,"stream":true,
@@ -20,6 +20,8 @@
 //! assert_eq!((e.model.as_deref(), e.stream), (Some("gemini-1.5-pro"), true));
 //!
 //! assert_eq!(from_size(&rules, 4_001).input, 1001);
+//! let e = from_unread(&rules, "/v1beta/models/gemini-2.0-flash:generateContent", 4_000_000);
+//! assert_eq!((e.input, e.model.as_deref()), (1_000_000, Some("gemini-2.0-flash")));
 //! ```
 //!
 //! # Input tokens
@@ -151,6 +153,13 @@ pub fn from_body(rules: &EstimateRules, path: &str, body: &[u8]) -> Estimate {
 /// The estimate for a body that was not read (too large, or not JSON): its input from its size.
 pub fn from_size(rules: &EstimateRules, bytes: u64) -> Estimate {
     Estimate { input: text_tokens(rules, bytes), output: rules.output_default, model: None, stream: false }
+}
+
+/// The estimate for a body of `bytes` that was not read (too large to hold): its size, and the
+/// model and streaming the path names.
+pub fn from_unread(rules: &EstimateRules, path: &str, bytes: u64) -> Estimate {
+    let (model, stream) = read_path(path);
+    Estimate { model: model.map(str::to_owned), stream, ..from_size(rules, bytes) }
 }
 
 /// `ceil(chars / chars_per_token)`, saturating.

@@ -296,6 +296,15 @@ pub fn chat_within(timeout: Duration, url: &str, headers: &[(&str, &str)]) -> Re
     reply(req.send_string(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#))
 }
 
+/// POSTs `body` (JSON) with `headers`.
+pub fn post(url: &str, body: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
+    let mut req = agent().post(url).set("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    reply(req.send_string(body))
+}
+
 /// Sends `n` chat requests from `threads` threads at once; returns every reply.
 pub fn burst(url: &str, n: usize, threads: usize, headers: &[(&str, &str)]) -> Vec<Reply> {
     let next = std::sync::atomic::AtomicUsize::new(0);
