@@ -5,7 +5,9 @@
 mod config;
 mod llm;
 mod quota;
+mod shapes;
 mod stats;
+mod stream;
 mod styles;
 mod timefmt;
 
@@ -101,7 +103,9 @@ async fn main() {
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(llm::chat_completions))
+        .route("/v1/responses", post(llm::responses))
         .route("/v1/messages", post(llm::messages))
+        .route("/v1beta/models/{*rest}", post(llm::gemini))
         .route("/mock/stats", get(stats))
         .route("/mock/reset", post(reset))
         .route("/mock/config", post(update_config))
