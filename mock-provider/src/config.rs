@@ -14,7 +14,8 @@ usage: mock-provider [--port N] [--host ADDR] [--latency-ms N] [--quota N] [--wi
   --quota 0 and --token-quota 0 mean unlimited; --port 0 picks a free port.
   --output-tokens N: every reply is N tokens long, or max_tokens if that is less
   (0, the default: max_tokens, else 16); header x-mock-output-tokens overrides it.
-  Streams (\"stream\":true, Gemini :streamGenerateContent) come as SSE in uneven chunks.
+  The token quota is charged prompt (text chars/4) plus reply tokens.
+  Streams (\"stream\":true; Gemini :streamGenerateContent, SSE with ?alt=sse) come in uneven chunks.
   --request-window-ms counts requests over their own window (0: the --window-ms one),
   e.g. Groq's requests per day next to tokens per minute.
   STYLE: openai groq azure anthropic gemini mistral cohere bedrock generic generic-date generic-ms
@@ -291,6 +292,8 @@ mod tests {
         assert!(args("--window-ms 0").unwrap_err().starts_with("--window-ms:"));
         assert!(args("--quota").unwrap_err().contains("needs a value"));
         assert!(args("--bogus 1").unwrap_err().starts_with("--bogus: unknown setting"));
+        assert_eq!(args("--output-tokens 5000").unwrap_err(), "--output-tokens: expected tokens 0..=4096, got '5000'");
+        assert_eq!(args("--output-tokens 12").unwrap().unwrap().output_tokens, 12);
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! mock-provider: a small HTTP server that behaves like an LLM API, with a
 //! configurable window quota and provider-specific rate-limit headers and 429s.
 //! Upstream for the end-to-end tests, the demo and the benchmarks.
+//!
+//! LLM endpoints (whole JSON, or streamed when asked, always with token usage):
+//! `POST /v1/chat/completions`, `POST /v1/responses`, `POST /v1/messages`,
+//! `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent`.
+//! Control: `GET /mock/stats`, `POST /mock/reset`, `POST /mock/config`.
 
 mod config;
 mod llm;
