@@ -10,7 +10,12 @@ pub const USAGE: &str = "\
 usage: mock-provider [--port N] [--host ADDR] [--latency-ms N] [--quota N] [--window-ms N]
                      [--window fixed|sliding] [--style STYLE] [--token-quota N]
                      [--request-window-ms N] [--low-remaining N] [--terminal KIND]
+                     [--output-tokens N]
   --quota 0 and --token-quota 0 mean unlimited; --port 0 picks a free port.
+  --output-tokens N: every reply is N tokens long, or max_tokens if that is less
+  (0, the default: max_tokens, else 16); header x-mock-output-tokens overrides it.
+  The token quota is charged prompt (text chars/4) plus reply tokens.
+  Streams (\"stream\":true; Gemini :streamGenerateContent, SSE with ?alt=sse) come in uneven chunks.
   --request-window-ms counts requests over their own window (0: the --window-ms one),
   e.g. Groq's requests per day next to tokens per minute.
   STYLE: openai groq azure anthropic gemini mistral cohere bedrock generic generic-date generic-ms
@@ -121,6 +126,16 @@ pub fn parse_latency(s: &str) -> Result<u64, String> {
     }
 }
 
+/// The longest reply, in tokens (max_tokens above it are clamped to it).
+pub const MAX_OUTPUT_TOKENS: u64 = 4096;
+
+pub fn parse_output_tokens(s: &str, min: u64) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if (min..=MAX_OUTPUT_TOKENS).contains(&n) => Ok(n),
+        _ => Err(format!("expected tokens {min}..={MAX_OUTPUT_TOKENS}, got '{s}'")),
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     pub host: String,
@@ -135,6 +150,8 @@ pub struct Settings {
     pub token_quota: u64,
     pub low_remaining: u64,
     pub terminal: Terminal,
+    /// Reply length in tokens, capped by the request's max tokens; 0: the max tokens, else 16.
+    pub output_tokens: u64,
 }
 
 impl Default for Settings {
@@ -151,6 +168,7 @@ impl Default for Settings {
             token_quota: 0,
             low_remaining: 0,
             terminal: Terminal::None,
+            output_tokens: 0,
         }
     }
 }
@@ -213,10 +231,11 @@ impl Settings {
             "token_quota" => self.token_quota = number(0)?,
             "low_remaining" => self.low_remaining = number(0)?,
             "terminal" => self.terminal = Terminal::parse(value)?,
+            "output_tokens" => self.output_tokens = parse_output_tokens(value, 0)?,
             _ => {
                 return Err(format!(
                     "unknown setting; known: latency_ms, quota, window_ms, request_window_ms, window, \
-                     style, token_quota, low_remaining, terminal{}",
+                     style, token_quota, low_remaining, terminal, output_tokens{}",
                     if startup { ", host, port" } else { "" }
                 ))
             }
@@ -243,6 +262,7 @@ impl Settings {
             "token_quota": self.token_quota,
             "low_remaining": self.low_remaining,
             "terminal": self.terminal.as_str(),
+            "output_tokens": self.output_tokens,
         })
     }
 }
@@ -272,6 +292,8 @@ mod tests {
         assert!(args("--window-ms 0").unwrap_err().starts_with("--window-ms:"));
         assert!(args("--quota").unwrap_err().contains("needs a value"));
         assert!(args("--bogus 1").unwrap_err().starts_with("--bogus: unknown setting"));
+        assert_eq!(args("--output-tokens 5000").unwrap_err(), "--output-tokens: expected tokens 0..=4096, got '5000'");
+        assert_eq!(args("--output-tokens 12").unwrap().unwrap().output_tokens, 12);
     }
 
     #[test]

@@ -1,44 +1,78 @@
-//! The two LLM endpoints: OpenAI chat completions and Anthropic messages.
-//! Both go through `answer`, which applies overrides, latency, terminal
-//! states and the quota, then renders the result in the chosen style.
+//! The LLM endpoints: OpenAI chat completions and Responses, Anthropic messages
+//! and Gemini generateContent / streamGenerateContent. All go through `answer`,
+//! which applies overrides, latency, terminal states and the quota, then renders
+//! the result in the chosen style, whole or streamed (`shapes`, `stream`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
-use serde_json::{json, Value};
 
-use crate::config::{parse_latency, Style, Terminal};
+use crate::config::{parse_latency, parse_output_tokens, Style, Terminal};
 use crate::quota::{Budget, Decision, Snapshot};
+use crate::shapes::{Api, Framing, LlmRequest, Reply};
 use crate::stats::Outcome;
-use crate::styles::{self, Report};
+use crate::stream;
+use crate::styles::{self, Headers, Report};
 use crate::timefmt::epoch;
 use crate::AppState;
 
-#[derive(Clone, Copy)]
-enum Api {
-    OpenAi,
-    Anthropic,
+/// Which endpoint was asked, and how (the Gemini URL carries the model and the framing).
+struct Route {
+    api: Api,
+    path: String,
+    /// `None`: from the body's `"stream"`.
+    framing: Option<Framing>,
+    model: Option<String>,
+}
+
+impl Route {
+    fn new(api: Api, path: &str) -> Self {
+        Route { api, path: path.into(), framing: None, model: None }
+    }
 }
 
 pub async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    answer(state, Api::OpenAi, headers, body).await
+    answer(state, Route::new(Api::Chat, "/v1/chat/completions"), headers, body).await
+}
+
+pub async fn responses(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    answer(state, Route::new(Api::Responses, "/v1/responses"), headers, body).await
 }
 
 pub async fn messages(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    answer(state, Api::Anthropic, headers, body).await
+    answer(state, Route::new(Api::Anthropic, "/v1/messages"), headers, body).await
 }
 
-async fn answer(state: Arc<AppState>, api: Api, headers: HeaderMap, body: Bytes) -> Response {
-    let path = match api {
-        Api::OpenAi => "/v1/chat/completions",
-        Api::Anthropic => "/v1/messages",
+/// `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent` (SSE with
+/// `?alt=sse`, else a streamed JSON array).
+pub async fn gemini(
+    State(state): State<Arc<AppState>>,
+    Path(rest): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = format!("/v1beta/models/{rest}");
+    let sse = query.is_some_and(|q| q.split('&').any(|kv| kv == "alt=sse"));
+    let (model, framing) = match rest.rsplit_once(':') {
+        Some((model, "generateContent")) if !model.is_empty() => (model, Framing::Json),
+        Some((model, "streamGenerateContent")) if !model.is_empty() => {
+            (model, if sse { Framing::Sse } else { Framing::JsonArray })
+        }
+        _ => return styles::error(StatusCode::NOT_FOUND, &format!("no route for POST {path}")),
     };
+    let route = Route { api: Api::Gemini, framing: Some(framing), model: Some(model.into()), path };
+    answer(state, route, headers, body).await
+}
+
+async fn answer(state: Arc<AppState>, route: Route, headers: HeaderMap, body: Bytes) -> Response {
     let priority = header(&headers, "x-llm-priority").unwrap_or("none");
-    let _in_flight = InFlight::start(&state, path, priority);
+    let in_flight = InFlight::start(&state, &route.path, priority);
 
     let settings = state.lock().settings.clone();
     let o = match Overrides::parse(&headers) {
@@ -62,7 +96,13 @@ async fn answer(state: Arc<AppState>, api: Api, headers: HeaderMap, body: Bytes)
         return styles::forced(status);
     }
 
-    let request = LlmRequest::parse(&body);
+    let mut request = LlmRequest::parse(route.api, &body);
+    if let Some(model) = route.model {
+        request.model = model;
+    }
+    let framing = route.framing.unwrap_or(if request.stream { Framing::Sse } else { Framing::Json });
+    let wanted = o.output_tokens.or((settings.output_tokens > 0).then_some(settings.output_tokens));
+    let completion_tokens = request.completion_tokens(wanted);
     let id = state.next_id();
     let (now, wall) = (Instant::now(), epoch(SystemTime::now()));
     let mut report = Report {
@@ -78,7 +118,7 @@ async fn answer(state: Arc<AppState>, api: Api, headers: HeaderMap, body: Bytes)
         inner.stats.finished(Outcome::Terminal);
         return styles::terminal(terminal, &report);
     }
-    match inner.quota.try_acquire(request.prompt_tokens + request.completion_tokens, now) {
+    match inner.quota.try_acquire(request.prompt_tokens + completion_tokens, now) {
         Decision::Limited { snapshot, dimension, retry_after } => {
             inner.stats.finished(Outcome::RateLimited);
             drop(inner);
@@ -87,13 +127,30 @@ async fn answer(state: Arc<AppState>, api: Api, headers: HeaderMap, body: Bytes)
             styles::rate_limited(style, &report)
         }
         Decision::Allowed(snapshot) => {
+            let reply = Reply::new(route.api, id, wall.as_secs(), &request, completion_tokens);
+            let (input, output) = reply.usage();
             inner.stats.finished(Outcome::Ok);
+            inner.stats.answered(input, output, framing != Framing::Json);
             drop(inner);
             report.snapshot = low_remaining(snapshot, settings.low_remaining);
             let headers = styles::quota_headers(style, &report);
-            styles::respond(StatusCode::OK, headers, request.response(api, id, wall.as_secs()))
+            match framing {
+                Framing::Json => styles::respond(StatusCode::OK, headers, reply.json()),
+                _ => streamed(headers, framing, &reply, in_flight),
+            }
         }
     }
+}
+
+/// A 200 whose body is sent in uneven chunks; the request stays in flight until it ends.
+fn streamed(headers: Headers, framing: Framing, reply: &Reply, in_flight: InFlight) -> Response {
+    let bytes = reply.stream_bytes(framing);
+    let mut response = Response::new(stream::body(stream::split(&bytes), in_flight));
+    let content_type = if framing == Framing::Sse { "text/event-stream" } else { "application/json" };
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    styles::add_headers(&mut response, headers);
+    response
 }
 
 /// `low_remaining: K` pretends the provider is nearly exhausted: remaining <= K.
@@ -109,12 +166,15 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Per-request `x-mock-*` headers, so one instance can play many providers.
+/// Per-request `x-mock-*` headers, so one instance can play many providers:
+/// `x-mock-style`, `x-mock-latency-ms`, `x-mock-terminal`, `x-mock-status`, and
+/// `x-mock-output-tokens` (1..=4096: the reply's length, capped by max tokens).
 struct Overrides {
     style: Option<Style>,
     latency_ms: Option<u64>,
     terminal: Option<Terminal>,
     status: Option<StatusCode>,
+    output_tokens: Option<u64>,
 }
 
 impl Overrides {
@@ -132,6 +192,10 @@ impl Overrides {
                 .transpose()
                 .map_err(|e| named("x-mock-terminal", e))?,
             status: get("x-mock-status").map(parse_status).transpose().map_err(|e| named("x-mock-status", e))?,
+            output_tokens: get("x-mock-output-tokens")
+                .map(|v| parse_output_tokens(v, 1))
+                .transpose()
+                .map_err(|e| named("x-mock-output-tokens", e))?,
         })
     }
 }
@@ -158,98 +222,5 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.lock().stats.in_flight -= 1;
-    }
-}
-
-/// What the mock needs from a request body. Never fails: a missing or broken
-/// body still gets a 200, with tokens estimated from its length.
-struct LlmRequest {
-    model: String,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-}
-
-const DEFAULT_COMPLETION_TOKENS: u64 = 16;
-const MAX_COMPLETION_TOKENS: u64 = 4096;
-const REPLY: &str = "This is a mock response from mock-provider.";
-
-impl LlmRequest {
-    fn parse(body: &[u8]) -> Self {
-        let Ok(json) = serde_json::from_slice::<Value>(body) else {
-            return LlmRequest {
-                model: "mock-model".into(),
-                prompt_tokens: (body.len() as u64).div_ceil(4),
-                completion_tokens: DEFAULT_COMPLETION_TOKENS,
-            };
-        };
-        // ~4 characters per token, the usual rule of thumb.
-        let chars = text_chars(&json["messages"]) + text_chars(&json["system"]);
-        let max_tokens = json["max_tokens"].as_u64().or(json["max_completion_tokens"].as_u64());
-        LlmRequest {
-            model: json["model"].as_str().unwrap_or("mock-model").to_string(),
-            prompt_tokens: chars.div_ceil(4),
-            completion_tokens: max_tokens.map_or(DEFAULT_COMPLETION_TOKENS, |n| n.clamp(1, MAX_COMPLETION_TOKENS)),
-        }
-    }
-
-    fn response(&self, api: Api, id: u64, created: u64) -> Value {
-        let (p, c) = (self.prompt_tokens, self.completion_tokens);
-        match api {
-            Api::OpenAi => json!({
-                "id": format!("chatcmpl-mock-{id}"),
-                "object": "chat.completion",
-                "created": created,
-                "model": self.model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": REPLY},
-                    "finish_reason": "stop",
-                }],
-                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
-            }),
-            Api::Anthropic => json!({
-                "id": format!("msg_mock_{id}"),
-                "type": "message",
-                "role": "assistant",
-                "model": self.model,
-                "content": [{"type": "text", "text": REPLY}],
-                "stop_reason": "end_turn",
-                "stop_sequence": null,
-                "usage": {"input_tokens": p, "output_tokens": c},
-            }),
-        }
-    }
-}
-
-/// Characters of text in message contents: plain strings, content-part arrays
-/// (`[{"type":"text","text":...}]`) and Anthropic system blocks alike.
-fn text_chars(v: &Value) -> u64 {
-    match v {
-        Value::String(s) => s.chars().count() as u64,
-        Value::Array(items) => items.iter().map(text_chars).sum(),
-        Value::Object(o) => ["content", "text"].iter().filter_map(|k| o.get(*k)).map(text_chars).sum(),
-        _ => 0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn estimates_tokens() {
-        let r = LlmRequest::parse(
-            br#"{"model":"gpt-4o","max_tokens":100,"messages":[
-            {"role":"user","content":"12345678"},
-            {"role":"user","content":[{"type":"text","text":"abcd"},{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
-        );
-        assert_eq!((r.model.as_str(), r.prompt_tokens, r.completion_tokens), ("gpt-4o", 3, 100));
-
-        let r = LlmRequest::parse(br#"{"system":[{"type":"text","text":"12345"}],"messages":[],"max_tokens":99999}"#);
-        assert_eq!((r.model.as_str(), r.prompt_tokens, r.completion_tokens), ("mock-model", 2, 4096));
-
-        let r = LlmRequest::parse(b"not json at all");
-        assert_eq!((r.prompt_tokens, r.completion_tokens), (4, 16));
-        assert_eq!(LlmRequest::parse(b"").prompt_tokens, 0);
     }
 }

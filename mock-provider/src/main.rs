@@ -1,11 +1,18 @@
 //! mock-provider: a small HTTP server that behaves like an LLM API, with a
 //! configurable window quota and provider-specific rate-limit headers and 429s.
 //! Upstream for the end-to-end tests, the demo and the benchmarks.
+//!
+//! LLM endpoints (whole JSON, or streamed when asked, always with token usage):
+//! `POST /v1/chat/completions`, `POST /v1/responses`, `POST /v1/messages`,
+//! `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent`.
+//! Control: `GET /mock/stats`, `POST /mock/reset`, `POST /mock/config`.
 
 mod config;
 mod llm;
 mod quota;
+mod shapes;
 mod stats;
+mod stream;
 mod styles;
 mod timefmt;
 
@@ -101,7 +108,9 @@ async fn main() {
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(llm::chat_completions))
+        .route("/v1/responses", post(llm::responses))
         .route("/v1/messages", post(llm::messages))
+        .route("/v1beta/models/{*rest}", post(llm::gemini))
         .route("/mock/stats", get(stats))
         .route("/mock/reset", post(reset))
         .route("/mock/config", post(update_config))

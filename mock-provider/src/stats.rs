@@ -16,8 +16,15 @@ pub struct Stats {
     pub bad_request: u64,
     pub by_priority: BTreeMap<String, u64>,
     pub by_path: BTreeMap<String, u64>,
+    /// Requests being served, streams until their last byte is sent.
     pub in_flight: u64,
     pub max_in_flight: u64,
+    /// Sums of the usage in 200 answers (the tokens charged to the token quota;
+    /// for an OpenAI chat stream without `include_usage`, the usage it did not report).
+    pub tokens_input: u64,
+    pub tokens_output: u64,
+    /// 200 answers sent as a stream.
+    pub streamed: u64,
 }
 
 /// How a request was answered.
@@ -49,6 +56,13 @@ impl Stats {
         }
     }
 
+    /// Counts the usage of a 200 answer.
+    pub fn answered(&mut self, input_tokens: u64, output_tokens: u64, streamed: bool) {
+        self.tokens_input += input_tokens;
+        self.tokens_output += output_tokens;
+        self.streamed += u64::from(streamed);
+    }
+
     /// Zeroes everything except requests still being served.
     pub fn reset(&mut self) {
         *self = Stats { in_flight: self.in_flight, max_in_flight: self.in_flight, ..Stats::default() };
@@ -66,6 +80,9 @@ impl Stats {
             "by_path": self.by_path,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "tokens_input": self.tokens_input,
+            "tokens_output": self.tokens_output,
+            "streamed": self.streamed,
         })
     }
 }

@@ -373,11 +373,15 @@ fn gemini_error(metric: &str, quota_id: &str, retry_delay: &str) -> Value {
 
 pub fn respond(status: StatusCode, headers: Headers, body: Value) -> Response {
     let mut response = (status, Json(body)).into_response();
+    add_headers(&mut response, headers);
+    response
+}
+
+pub fn add_headers(response: &mut Response, headers: Headers) {
     for (name, value) in headers {
         let value = HeaderValue::from_str(&value).expect("header values are ASCII");
         response.headers_mut().insert(HeaderName::from_static(name), value);
     }
-    response
 }
 
 #[cfg(test)]

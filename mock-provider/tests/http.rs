@@ -35,8 +35,8 @@ impl Server {
         }
         req += &format!("content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
         stream.write_all(req.as_bytes()).await.unwrap();
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).await.unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
         Reply::parse(&raw)
     }
 
@@ -57,19 +57,47 @@ struct Reply {
     status: u16,
     headers: HashMap<String, String>,
     body: Value,
+    /// The body as text, de-chunked.
+    text: String,
+    /// How many pieces a chunked body came in (0 without chunking).
+    pieces: usize,
 }
 
 impl Reply {
-    /// Responses here are small JSON with content-length (no chunking).
-    fn parse(raw: &str) -> Reply {
-        let (head, body) = raw.split_once("\r\n\r\n").expect("complete response");
+    /// Small JSON answers come with content-length; streamed ones chunked.
+    fn parse(raw: &[u8]) -> Reply {
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("complete response");
+        let (head, mut rest) = (std::str::from_utf8(&raw[..split]).unwrap(), &raw[split + 4..]);
         let mut lines = head.lines();
         let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-        let headers = lines
+        let headers: HashMap<String, String> = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(n, v)| (n.to_ascii_lowercase(), v.trim().to_string()))
             .collect();
-        Reply { status, headers, body: serde_json::from_str(body).unwrap_or(Value::Null) }
+        let (mut body, mut pieces) = (Vec::new(), 0);
+        if headers.get("transfer-encoding").is_some_and(|v| v == "chunked") {
+            loop {
+                let eol = rest.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+                let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap(), 16).unwrap();
+                if size == 0 {
+                    break;
+                }
+                body.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+                rest = &rest[eol + 2 + size + 2..];
+                pieces += 1;
+            }
+        } else {
+            body = rest.to_vec();
+        }
+        let text = String::from_utf8(body).expect("UTF-8 once whole");
+        Reply { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text, pieces, headers }
+    }
+
+    /// The `data:` payloads of an SSE body, parsed (`[DONE]` left out).
+    fn events(&self) -> Vec<Value> {
+        let text = self.text.replace("\r\n", "\n");
+        let data = text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]");
+        data.map(|d| serde_json::from_str(d).unwrap()).collect()
     }
 
     fn header(&self, name: &str) -> &str {
@@ -236,4 +264,75 @@ async fn groq_requests_per_day_next_to_an_exhausted_token_window() {
     assert_eq!(limited.header("retry-after"), "4");
     let settings = server.request("GET", "/mock/stats", &[], "").await.body["settings"].clone();
     assert_eq!(settings["request_window_ms"], 86_400_000);
+}
+
+#[tokio::test]
+async fn streamed_answers_arrive_in_pieces_and_count_their_tokens() {
+    let server = Server::start("--token-quota 1000 --window-ms 60000 --style openai");
+    // 12 prompt chars = 3 tokens; 20 output tokens asked, under max_tokens 30.
+    let body = r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"max_tokens":30,
+        "messages":[{"role":"user","content":"hello there!"}]}"#;
+    let r = server.request("POST", "/v1/chat/completions", &[("x-mock-output-tokens", "20")], body).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), "text/event-stream");
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), "977"); // charged 3 + 20
+    assert!(r.pieces > 10, "{} pieces", r.pieces);
+    assert!(r.text.ends_with("data: [DONE]\n\n"));
+    let events = r.events();
+    let text: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text.chars().count(), 80);
+    let usage = &events.last().unwrap()["usage"];
+    assert_eq!((usage["prompt_tokens"].as_u64(), usage["completion_tokens"].as_u64()), (Some(3), Some(20)));
+
+    // Anthropic: usage in message_start (input) and message_delta (output).
+    let body =
+        r#"{"model":"claude","stream":true,"max_tokens":7,"messages":[{"role":"user","content":"hello there!"}]}"#;
+    let r = server.request("POST", "/v1/messages", &[], body).await;
+    assert_eq!(r.header("content-type"), "text/event-stream");
+    assert!(r.text.starts_with("event: message_start\n"));
+    let events = r.events();
+    assert_eq!(events[0]["message"]["usage"]["input_tokens"], 3);
+    let delta = events.iter().find(|e| e["type"] == "message_delta").unwrap();
+    assert_eq!(delta["usage"]["output_tokens"], 7);
+
+    // Gemini SSE: the last chunk has the final counts.
+    let body = r#"{"contents":[{"parts":[{"text":"hello there!"}]}],"generationConfig":{"maxOutputTokens":5}}"#;
+    let r = server.request("POST", "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", &[], body).await;
+    assert_eq!(r.header("content-type"), "text/event-stream");
+    let events = r.events();
+    let usage = &events.last().unwrap()["usageMetadata"];
+    assert_eq!((usage["candidatesTokenCount"].as_u64(), usage["totalTokenCount"].as_u64()), (Some(5), Some(8)));
+
+    let stats = server.request("GET", "/mock/stats", &[], "").await.body;
+    assert_eq!((stats["tokens_input"].as_u64(), stats["tokens_output"].as_u64()), (Some(9), Some(32)));
+    assert_eq!((stats["streamed"].as_u64(), stats["ok"].as_u64()), (Some(3), Some(3)));
+    assert_eq!(stats["in_flight"], 0);
+    server.request("POST", "/mock/reset", &[], "").await;
+    let stats = server.request("GET", "/mock/stats", &[], "").await.body;
+    assert_eq!((stats["tokens_input"].as_u64(), stats["streamed"].as_u64()), (Some(0), Some(0)));
+}
+
+#[tokio::test]
+async fn responses_and_gemini_whole_answers() {
+    let server = Server::start("--output-tokens 9");
+    let body = r#"{"model":"gpt-4.1","instructions":"be brief","input":"hello there!"}"#;
+    let r = server.request("POST", "/v1/responses", &[], body).await;
+    assert_eq!((r.status, r.body["object"].as_str()), (200, Some("response")));
+    assert_eq!(r.body["usage"], serde_json::json!({"input_tokens": 5, "output_tokens": 9, "total_tokens": 14}));
+    assert_eq!(r.body["output"][0]["content"][0]["text"].as_str().unwrap().chars().count(), 36);
+
+    let body = r#"{"contents":[{"parts":[{"text":"hello there!"}]}],"generationConfig":{"maxOutputTokens":4}}"#;
+    let r = server.request("POST", "/v1beta/models/gemini-2.0-flash:generateContent", &[], body).await;
+    assert_eq!(r.header("content-type"), "application/json");
+    assert_eq!(r.body["usageMetadata"]["candidatesTokenCount"], 4); // max tokens below --output-tokens
+    assert_eq!(r.body["modelVersion"], "gemini-2.0-flash");
+
+    // Without alt=sse: one JSON array, streamed.
+    let r = server.request("POST", "/v1beta/models/gemini-2.0-flash:streamGenerateContent", &[], body).await;
+    assert!(r.pieces > 1 && r.body.is_array(), "{}", r.text);
+    assert_eq!(r.body.as_array().unwrap().last().unwrap()["usageMetadata"]["totalTokenCount"], 7);
+
+    assert_eq!(server.request("POST", "/v1beta/models/gemini:countTokens", &[], "{}").await.status, 404);
+    let r = server.chat(&[("x-mock-output-tokens", "0")]).await;
+    assert_eq!(r.status, 400);
 }
