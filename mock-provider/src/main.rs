@@ -116,6 +116,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/mock/config", post(update_config))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
+        // Real APIs take multi-megabyte prompts (axum's default is 2 MB).
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state)
 }
 
