@@ -169,8 +169,7 @@ impl AdmissionRules {
 
     /// Whether `need` is the part that is short: the request token exists, the LLM tokens do not.
     fn tokens_short(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now_ns: u64) -> bool {
-        self.bucket.take(s.level, now_ns, 1.0, self.floors[p.index()]).is_ok()
-            && self.take(s, need, p, now_ns).is_err()
+        self.bucket.take(s.level, now_ns, 1.0, self.floors[p.index()]).is_ok() && self.take(s, need, p, now_ns).is_err()
     }
 
     /// Whether a waiter of class `p` needing `need` could be released from `s` now.
@@ -466,7 +465,10 @@ mod tests {
     fn a_full_waiting_budget_sheds_a_less_important_local_waiter() {
         let r = rules(r#"{"queue":{"max_waiting":3}}"#);
         let full = [0, 0, 1, 2];
-        assert_eq!(r.arrive(&bucket(0.0), None, full, Critical, 0, 0, Some(Low)).0, Arrival::WaitEvicting { victim: Low });
+        assert_eq!(
+            r.arrive(&bucket(0.0), None, full, Critical, 0, 0, Some(Low)).0,
+            Arrival::WaitEvicting { victim: Low }
+        );
         // Nothing less important on this worker: refuse.
         let (d, _) = r.arrive(&bucket(0.0), None, full, Critical, 0, 0, None);
         assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
@@ -557,10 +559,10 @@ mod tests {
         let json = r#"{"tokens":{"capacity":1000,"refill_rate":100,"burst_allowance":500}}"#;
         let (r, b) = with_tokens(json, 1500.0);
         // NORMAL may not spend the burst: 1000 is its most; CRITICAL may spend 1500.
-        assert_eq!(r.arrive(&b, need(1001), [0; 4], Normal, 0, 0, None).0, Arrival::Reject {
-            reason: Reason::TooLarge,
-            wait_ns: 0
-        });
+        assert_eq!(
+            r.arrive(&b, need(1001), [0; 4], Normal, 0, 0, None).0,
+            Arrival::Reject { reason: Reason::TooLarge, wait_ns: 0 }
+        );
         assert_eq!(r.arrive(&b, need(1000), [0; 4], Normal, 0, 0, None).0, Arrival::Admit);
         assert_eq!(r.arrive(&b, need(1500), [0; 4], Critical, 0, 0, None).0, Arrival::Admit);
         assert!(r.too_large(need(1501), Critical));

@@ -529,7 +529,10 @@ impl RawTokens {
                     return Err(format!("{}: required", at("capacity")));
                 }
                 let capacity = whole(&at("capacity"), m.capacity, 0, 1)?;
-                let limit = ModelLimit { capacity, refill_rate: positive(&at("refill_rate"), m.refill_rate, per_minute(capacity))? };
+                let limit = ModelLimit {
+                    capacity,
+                    refill_rate: positive(&at("refill_rate"), m.refill_rate, per_minute(capacity))?,
+                };
                 Ok((name, limit))
             })
             .collect::<Result<_, String>>()?;

@@ -376,29 +376,28 @@ impl Worker {
         // The least important class below ours with a waiter here: the one we may shed.
         let local_victim = Priority::ALL.into_iter().rev().find(|&p| p > class && self.queue.len(p) > 0);
         let (arrival, written) = self.update_bucket(store, now_ns, |s| {
-                let waiting = s.waiting(me, own, now_ms);
-                let (arrival, taken) =
-                    self.rules.arrive(&s, need, waiting, class, now_ns, not_before_ns, local_victim);
-                let mut after = own;
-                match arrival {
-                    Arrival::Wait => after[class.index()] += 1,
-                    Arrival::WaitEvicting { victim } => {
-                        after[class.index()] += 1;
-                        after[victim.index()] = after[victim.index()].saturating_sub(1);
-                    }
-                    Arrival::Admit | Arrival::Reject { .. } => {}
+            let waiting = s.waiting(me, own, now_ms);
+            let (arrival, taken) = self.rules.arrive(&s, need, waiting, class, now_ns, not_before_ns, local_victim);
+            let mut after = own;
+            match arrival {
+                Arrival::Wait => after[class.index()] += 1,
+                Arrival::WaitEvicting { victim } => {
+                    after[class.index()] += 1;
+                    after[victim.index()] = after[victim.index()].saturating_sub(1);
                 }
-                // A refusal changes nothing but the refill, which the next writer redoes anyway
-                // (unless the clock stepped back: then the restarted count must be kept).
-                let next = match arrival {
-                    Arrival::Reject { .. } if !self.rules.bucket.stepped_back(s.level, now_ns) => None,
-                    _ => Some(taken.clone().with_worker(me, after, now_ms)),
-                };
-                let written = match &next {
-                    Some(n) => levels(n, n.waiting(me, after, now_ms)),
-                    None => levels(&taken, waiting),
-                };
-                ((arrival, written), next)
+                Arrival::Admit | Arrival::Reject { .. } => {}
+            }
+            // A refusal changes nothing but the refill, which the next writer redoes anyway
+            // (unless the clock stepped back: then the restarted count must be kept).
+            let next = match arrival {
+                Arrival::Reject { .. } if !self.rules.bucket.stepped_back(s.level, now_ns) => None,
+                _ => Some(taken.clone().with_worker(me, after, now_ms)),
+            };
+            let written = match &next {
+                Some(n) => levels(n, n.waiting(me, after, now_ms)),
+                None => levels(&taken, waiting),
+            };
+            ((arrival, written), next)
         })?;
         let tokens = written.1;
         let levels = Some(written);
@@ -409,7 +408,7 @@ impl Worker {
             }
             Arrival::Reject { reason, wait_ns } => {
                 Admission::Refuse(refusal(reason, wait_ns, tokens, reason != Reason::TooLarge))
-            },
+            }
             Arrival::Wait | Arrival::WaitEvicting { .. } => {
                 let shed = match arrival {
                     Arrival::WaitEvicting { .. } => self.queue.evict_newest_below(class).map(|v| Refusal {

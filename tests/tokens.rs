@@ -105,3 +105,176 @@ fn without_a_token_limit_nothing_is_estimated() {
     assert_eq!(envoy.stat("nt", "tokens.estimated"), 0);
     assert_eq!(envoy.stat("nt", "tokens.actual"), 0);
 }
+
+/// One request of each provider shape, whole and streamed: (path, body).
+fn shapes(prompt: &str, max: u64) -> Vec<(String, String)> {
+    let gemini = format!(
+        r#"{{"contents":[{{"role":"user","parts":[{{"text":"{prompt}"}}]}}],"generationConfig":{{"maxOutputTokens":{max}}}}}"#
+    );
+    vec![
+        (
+            "/v1/chat/completions".into(),
+            format!(r#"{{"model":"gpt-4o","max_tokens":{max},"messages":[{{"role":"user","content":"{prompt}"}}]}}"#),
+        ),
+        (
+            "/v1/chat/completions".into(),
+            format!(
+                r#"{{"model":"gpt-4o","max_tokens":{max},"stream":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+            ),
+        ),
+        (
+            "/v1/chat/completions".into(),
+            format!(
+                r#"{{"model":"gpt-4o","max_tokens":{max},"stream":true,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+            ),
+        ),
+        ("/v1/responses".into(), format!(r#"{{"model":"gpt-4o","max_output_tokens":{max},"input":"{prompt}"}}"#)),
+        (
+            "/v1/responses".into(),
+            format!(r#"{{"model":"gpt-4o","max_output_tokens":{max},"stream":true,"input":"{prompt}"}}"#),
+        ),
+        (
+            "/v1/messages".into(),
+            format!(
+                r#"{{"model":"claude-sonnet-4","max_tokens":{max},"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+            ),
+        ),
+        (
+            "/v1/messages".into(),
+            format!(
+                r#"{{"model":"claude-sonnet-4","max_tokens":{max},"stream":true,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+            ),
+        ),
+        ("/v1beta/models/gemini-2.0-flash:generateContent".into(), gemini.clone()),
+        ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse".into(), gemini),
+    ]
+}
+
+/// The tokens the mock served so far: input + output of every 200 it sent.
+fn served(mock: &Mock) -> u64 {
+    mock.counter("tokens_input") + mock.counter("tokens_output")
+}
+
+#[test]
+fn streamed_and_whole_answers_of_every_provider_are_reconciled_from_their_usage() {
+    // Replies of 20 tokens, whatever maximum the request asks for.
+    let mock = Mock::start(&["--output-tokens", "20"]);
+    let envoy = Envoy::start(r#"{"name":"rc","tokens":{"capacity":100000,"refill_rate":0.01}}"#, 2, mock.port);
+    let prompt = "Tell me about token buckets in forty words or fewer, please.".repeat(4);
+    for (path, body) in shapes(&prompt, 500) {
+        let (served_before, actual_before) = (served(&mock), envoy.stat("rc", "tokens.actual"));
+        let estimated_before = envoy.stat("rc", "tokens.estimated");
+        let r = post(&envoy.url(&path), &body, &[]).unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        let ok = eventually(std::time::Duration::from_secs(2), || {
+            envoy.stat("rc", "tokens.actual") - actual_before == served(&mock) - served_before
+        });
+        let (estimated, actual) = (
+            envoy.stat("rc", "tokens.estimated") - estimated_before,
+            envoy.stat("rc", "tokens.actual") - actual_before,
+        );
+        assert!(
+            ok,
+            "{path} {body}: the filter settled {actual}, the provider served {}",
+            served(&mock) - served_before
+        );
+        // The estimate reserved the maximum (500 out); the answer used 20.
+        assert_eq!(estimated - actual, 480, "{path} {body}");
+    }
+    // Every reservation was settled: the bucket is back where the usage alone puts it.
+    let left = envoy.stat("rc", "tokens.bucket");
+    assert_eq!(left, 100_000 - served(&mock), "bucket {left}");
+}
+
+#[test]
+fn the_provider_sees_at_most_the_token_capacity_plus_one_request_s_error() {
+    // Estimates of 600 (200 in, 400 out) for answers of 250: refunds let more through than
+    // the estimate alone would (5), and what the provider serves stays within the capacity.
+    let mock = Mock::start(&["--output-tokens", "50"]);
+    let config = r#"{"name":"tpm","tokens":{"capacity":3000,"refill_rate":1},
+        "priorities":{"NORMAL":{"max_wait_ms":2000}}}"#;
+    let envoy = Envoy::start(config, 2, mock.port);
+    let url = envoy.url("/v1/chat/completions");
+    let body = chat_body("gpt-4o", 800, 400);
+    let t0 = std::time::Instant::now();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let statuses = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 40 {
+                    let r = post(&url, &body, &[]).unwrap();
+                    statuses.lock().unwrap().push(r.status);
+                }
+            });
+        }
+    });
+    let elapsed = t0.elapsed().as_secs_f64();
+    let statuses = statuses.into_inner().unwrap();
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(statuses.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
+    let served = served(&mock);
+    assert_eq!(served, ok as u64 * 250, "{ok} answered");
+    let bound = 3000.0 + elapsed * 1.0 + 600.0;
+    assert!((served as f64) <= bound, "the provider served {served} tokens in {elapsed:.1} s (bound {bound})");
+    assert!(ok > 5, "refunds let more than capacity / estimate through: {ok}");
+}
+
+#[test]
+fn odd_and_hostile_bodies_are_estimated_safely() {
+    let mock = Mock::start(&[]);
+    let envoy = Envoy::start(r#"{"name":"ob","tokens":{"capacity":100000}}"#, 1, mock.port);
+    let url = envoy.url("/v1/chat/completions");
+    for (body, status) in [
+        ("not json at all", 200),
+        ("", 200),
+        (r#"{"max_tokens":-5,"messages":[{"role":"user","content":"hi"}]}"#, 200),
+        (r#"{"messages":[{"role":"user","content":{"deeply":[[[[["odd"]]]]]}}],"max_tokens":"many"}"#, 200),
+        (r#"{"max_tokens":1e300,"messages":[]}"#, 429),
+        (&format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)), 200),
+    ] {
+        let r = post(&url, body, &[]).unwrap();
+        assert_eq!(r.status, status, "{}: {r:?}", &body[..body.len().min(80)]);
+    }
+    // A chunked body (no content-length) is read the same way.
+    let chunked = ureq::post(&url)
+        .set("content-type", "application/json")
+        .send(std::io::Cursor::new(chat_body("gpt-4o", 400, 10).into_bytes()))
+        .map(|r| r.status());
+    assert_eq!(chunked.ok(), Some(200));
+    assert_eq!(envoy.stat("ob", "tokens.too_large"), 1);
+    assert_eq!(envoy.stat("ob", "errors"), 0);
+}
+
+#[test]
+fn clients_that_go_away_mid_body_or_mid_stream_leave_nothing_behind() {
+    use std::io::{Read, Write};
+    let mock = Mock::start(&["--output-tokens", "2000", "--latency-ms", "20"]);
+    let config = r#"{"name":"gone","tokens":{"capacity":100000,"refill_rate":0.01}}"#;
+    let envoy = Envoy::start(config, 2, mock.port);
+    for _ in 0..20 {
+        // Headers and part of the body, then gone: the held request is dropped.
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", envoy.port)).unwrap();
+        let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"messages\":";
+        s.write_all(head.as_bytes()).unwrap();
+        drop(s);
+        // A stream read for a moment, then gone: settled with what was seen.
+        let body = r#"{"model":"m","max_tokens":4000,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", envoy.port)).unwrap();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut first = [0u8; 64];
+        let _ = s.read(&mut first);
+        drop(s);
+    }
+    let settled = eventually(std::time::Duration::from_secs(5), || envoy.stat("gone", "tokens.estimated") == 20 * 4001);
+    assert!(settled, "estimated {}", envoy.stat("gone", "tokens.estimated"));
+    // Each cut stream was charged at most its estimate.
+    assert!(envoy.stat("gone", "tokens.actual") <= 20 * 4001);
+    let r = post(&envoy.url("/v1/chat/completions"), &chat_body("gpt-4o", 40, 10), &[]).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(envoy.stat("gone", "errors"), 0);
+}

@@ -313,7 +313,6 @@ impl Request {
     }
 }
 
-
 fn content_length() -> Option<u64> {
     Request::header("content-length").and_then(|v| v.trim().parse().ok())
 }

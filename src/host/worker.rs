@@ -5,6 +5,7 @@
 use super::abi;
 use super::metrics::Metrics;
 use super::shared::SharedData;
+use crate::admission::Need;
 use crate::breaker::{Mode, Verdict};
 use crate::config::Config;
 use crate::idmap::IdMap;
@@ -12,7 +13,6 @@ use crate::priority::Priority;
 use crate::reply::{self, Limited};
 use crate::signals::Signals;
 use crate::store::Status;
-use crate::admission::Need;
 use crate::tokens::estimate::{Estimate, EstimateRules};
 use crate::tokens::meter::{self, Meter};
 use crate::worker::{Attempt, Refusal, Release, Tick, Worker};
@@ -359,7 +359,10 @@ impl WorkerContext {
     }
 
     fn hold(&self, id: u32, now_ms: u64, request: bool) -> bool {
-        self.held.try_borrow_mut().map(|mut h| h.insert(id, Held { since_ms: now_ms, body_seen: false, request })).is_ok()
+        self.held
+            .try_borrow_mut()
+            .map(|mut h| h.insert(id, Held { since_ms: now_ms, body_seen: false, request }))
+            .is_ok()
     }
 
     /// A body callback for held response `id`: whether it is still held (the tick may have let
@@ -418,7 +421,9 @@ impl WorkerContext {
                 );
             }
             let resumed = if request {
-                log::warn!("llm-ratelimit: #{id}: no request body came while its headers were held: let through unlimited");
+                log::warn!(
+                    "llm-ratelimit: #{id}: no request body came while its headers were held: let through unlimited"
+                );
                 self.metrics.errors.inc();
                 abi::resume_request(id)
             } else {

@@ -30,7 +30,10 @@ enum Reading {
     /// Not a success: nothing was used.
     Failed,
     /// A JSON body, collected up to `max` bytes (`None` once it outgrew them).
-    Json { body: Option<Vec<u8>>, max: usize },
+    Json {
+        body: Option<Vec<u8>>,
+        max: usize,
+    },
     Stream(Box<StreamUsage>),
 }
 
@@ -140,7 +143,8 @@ mod tests {
 
     #[test]
     fn a_json_answer_reports_its_usage_whatever_the_chunking() {
-        let body = br#"{"type":"message","usage":{"input_tokens":180,"cache_read_input_tokens":20,"output_tokens":57}}"#;
+        let body =
+            br#"{"type":"message","usage":{"input_tokens":180,"cache_read_input_tokens":20,"output_tokens":57}}"#;
         for split in 0..body.len() {
             let mut m = meter();
             m.answer(200, "application/json; charset=utf-8", 1 << 20);
