@@ -88,11 +88,12 @@ def start_mock(procs):
     return int(banner.rsplit(":", 1)[1])
 
 
-def start_envoy(procs, tmp, upstream):
+def start_envoy(procs, tmp, upstream, filter_config=None):
     """Envoy with the rendered config; returns (listener port, admin port, log path)."""
+    filter_config = filter_config or FILTER
     port, admin = free_port(), free_port()
-    cfg, log = tmp / "envoy.yaml", tmp / "envoy.log"
-    cfg.write_text(render_config(json.dumps(FILTER), port, admin, upstream))
+    cfg, log = tmp / f"envoy-{filter_config['name']}.yaml", tmp / f"envoy-{filter_config['name']}.log"
+    cfg.write_text(render_config(json.dumps(filter_config), port, admin, upstream))
     p = subprocess.Popen(
         [envoy_bin(), "-c", str(cfg), "--concurrency", "2", "--disable-hot-restart",
          "-l", "warning", "--component-log-level", "wasm:info", "--log-path", str(log)],
@@ -342,7 +343,7 @@ def provider_exhaustion(port, admin, mock):
              .splitlines() if ": " in line}
     sent = len(results)
     print(f"   sent {sent}: {sum(r['status'] == 200 for r in results)} answered 200 "
-          f"({len(waited)} of them after waiting for the provider's reset, p50 {pct(waited, 50)} ms), "
+          f"({len(waited)} of them after waiting for the provider's reset, p50 {pct(waited, 0.5)} ms), "
           f"{sum(r['status'] == 429 for r in results)} refused at once "
           f"({', '.join(f'{n} {k}' for k, n in sorted(reasons.items())) or 'none'}), each with a Retry-After")
     print(f"   the provider received {mock_stats['requests']} requests and answered {mock_stats['rate_limited']} "
@@ -351,6 +352,102 @@ def provider_exhaustion(port, admin, mock):
     print(f"   filter stats: throttled {stats.get('throttled', '?')}, upstream_429 {stats.get('upstream_429', '?')}, "
           f"breaker.trips {stats.get('trips', '?')}")
     return [r for r in results if r["status"] not in (200, 429)]
+
+
+# ---- Act 3: a token-heavy batch beside interactive traffic ----------------------------------
+
+# A token limit scaled down from a tokens-per-minute quota: 20000 tokens refilled at 2000/s, of
+# which the last 3000 only HIGH/CRITICAL may spend. Requests are plentiful (100, 50/s): here the
+# tokens are what runs out.
+TOKENS_FILTER = {
+    "name": "tokens",
+    "bucket": {"capacity": 100, "refill_rate": 50},
+    "classify": {"header": "x-llm-priority", "trust_header": True},
+    "tokens": {"capacity": 20000, "refill_rate": 2000, "burst_allowance": 3000},
+    "priorities": {"LOW": {"max_wait_ms": 4000}},
+}
+BATCH = {"priority": "LOW", "rate": 4, "prompt_chars": 16000, "max_tokens": 1000}  # ~5000 tokens each
+INTERACTIVE = {"priority": "HIGH", "rate": 5, "prompt_chars": 200, "max_tokens": 200}  # ~250 each
+ACT3_S = 6
+
+
+def llm_call(port, kind):
+    """One chat completion of the given kind; the mock answers with 100 tokens."""
+    body = json.dumps({"model": "gpt-4o", "max_tokens": kind["max_tokens"],
+                       "messages": [{"role": "user", "content": "x" * kind["prompt_chars"]}]}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"content-type": "application/json", "x-llm-priority": kind["priority"],
+                                          "x-mock-output-tokens": "100"})
+    sent = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+            r.read()
+            status, headers = r.status, r.headers
+    except urllib.error.HTTPError as e:
+        status, headers = e.code, e.headers
+    except OSError as e:
+        return {"status": None, "error": str(e)}
+    return {"status": status, "reason": headers.get("x-llm-ratelimit-reason"),
+            "ms": int((time.monotonic() - sent) * 1000)}
+
+
+def token_limits(procs, tmp, mock):
+    """A batch job of large prompts (LOW) beside interactive requests (HIGH) against a token
+    limit: the batch is held to what the token bucket allows, interactive traffic keeps flowing."""
+    http_post(mock, "/mock/config", {"quota": 0, "token_quota": 0, "latency_ms": 50})
+    http_post(mock, "/mock/reset", {})
+    port, admin, log = start_envoy(procs, tmp, mock, TOKENS_FILTER)
+    t = TOKENS_FILTER["tokens"]
+    print(f"\n==> act 3: a token limit of {t['capacity']} tokens refilled at {t['refill_rate']}/s "
+          f"(the last {t['burst_allowance']} for HIGH/CRITICAL only); for {ACT3_S} s, a batch job sends "
+          f"{BATCH['rate']}/s LOW requests of ~5000 tokens and an app sends {INTERACTIVE['rate']}/s HIGH "
+          f"requests of ~250")
+    print(f"    {json.dumps(TOKENS_FILTER)}")
+    results = {"batch": [], "interactive": []}
+    lock, threads, start = threading.Lock(), [], time.monotonic()
+
+    def one(name, kind):
+        r = llm_call(port, kind)
+        with lock:
+            results[name].append(r)
+
+    schedule = sorted([(i / BATCH["rate"], "batch", BATCH) for i in range(BATCH["rate"] * ACT3_S)]
+                      + [(i / INTERACTIVE["rate"], "interactive", INTERACTIVE)
+                         for i in range(INTERACTIVE["rate"] * ACT3_S)], key=lambda x: x[0])
+    for at, name, kind in schedule:
+        time.sleep(max(0.0, at - (time.monotonic() - start)))
+        th = threading.Thread(target=one, args=(name, kind), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join(REQUEST_TIMEOUT_S + 2)
+    elapsed = time.monotonic() - start
+    for name in ("interactive", "batch"):
+        rs = results[name]
+        ok = [r["ms"] for r in rs if r["status"] == 200]
+        reasons = {}
+        for r in rs:
+            if r["status"] == 429:
+                reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        print(f"   {name:11} sent {len(rs)}: {len(ok)} answered 200 (latency p50 {pct(ok, 0.5)} ms, "
+              f"p99 {pct(ok, 0.99)} ms), {sum(r['status'] == 429 for r in rs)} refused "
+              f"({', '.join(f'{n} {k}' for k, n in sorted(reasons.items())) or 'none'})")
+    served = json.loads(http_get(mock, "/mock/stats"))
+    tokens = served["tokens_input"] + served["tokens_output"]
+    allowed = t["capacity"] + t["burst_allowance"] + t["refill_rate"] * elapsed
+    stats = {line.split(": ")[0].rsplit(".", 1)[-1]: line.split(": ")[1]
+             for line in http_get(admin, "/stats?filter=llm_ratelimit.provider.tokens.tokens").splitlines()
+             if ": " in line}
+    print(f"   the provider served {tokens} tokens in {elapsed:.1f} s; the bucket allows at most "
+          f"{allowed:.0f} (capacity + burst + refill x time). Without the filter the batch alone "
+          f"would have sent ~{BATCH['rate'] * ACT3_S * 4100} tokens")
+    print(f"   filter stats: tokens.estimated {stats.get('estimated', '?')}, tokens.actual {stats.get('actual', '?')} "
+          f"(reserved by estimate, settled from each answer's usage), tokens.bucket {stats.get('bucket', '?')}")
+    failed = [r for rs in results.values() for r in rs if r["status"] not in (200, 429)]
+    if not failed and tokens > allowed:
+        print(f"FAILED: the provider served more tokens ({tokens}) than the token bucket allows ({allowed:.0f})")
+        failed = [{"status": None}]
+    return failed
 
 
 # ---- Main ------------------------------------------------------------------------------------
@@ -391,6 +488,10 @@ def main():
             failed = provider_exhaustion(port, admin, mock)
             if failed:
                 print(f"\nFAILED: {len(failed)} requests in act 2 got neither a 200 nor a 429")
+                return 1
+            failed = token_limits(procs, Path(tmp), mock)
+            if failed:
+                print(f"\nFAILED: {len(failed)} requests in act 3 got neither a 200 nor a 429")
                 return 1
             return 0
         except KeyboardInterrupt:
