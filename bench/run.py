@@ -38,7 +38,8 @@ WASM = ROOT / "target/wasm32-wasip1/release/llm_ratelimit.wasm"
 MOCK = ROOT / "target/release/mock-provider"
 LUA = ROOT / "bench/post.lua"
 PATH = "/v1/chat/completions"
-BODY = '{"model":"bench","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
+# A realistic chat completion (system prompt, a short conversation, ~1 KB), as bench/post.lua sends.
+BODY = (ROOT / "bench/chat.json").read_text().strip()
 
 REPS = int(os.environ.get("BENCH_REPS", "3"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
@@ -51,7 +52,10 @@ LOW = dict(capacity=1, rate=1)
 ACC = dict(capacity=100, rate=100)
 
 NAMES = {"a": "(a) no filter", "b": "(b) native local_ratelimit", "c": "(c) llm-ratelimit",
-         "w": "(w) empty wasm filter"}
+         "w": "(w) empty wasm filter", "t": "(t) llm-ratelimit with a token limit"}
+# (t): (c) plus a token limit that never binds: every POST body is held, read and estimated, and
+# every answer's usage read and settled.
+TOKENS = {"tokens": {"capacity": 1_000_000_000_000, "refill_rate": 1_000_000_000_000}}
 NOOP = ROOT / "target/bench-noop/wasm32-wasip1/release/bench_noop_filter.wasm"
 # The run measures a copy of the .wasm taken at its start, so a rebuild meanwhile changes nothing.
 MEASURED = ROOT / "target/bench/llm_ratelimit.wasm"
@@ -323,7 +327,8 @@ def wrk(url, seconds, post=False, threads=2, connections=32):
     """Closed-loop maximum throughput: responses/s (any status), and the non-2xx count."""
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "2s",
-         *(["-s", str(LUA)] if post else []), url], capture_output=True, text=True, timeout=seconds + 30).stdout
+         *(["-s", str(LUA)] if post else []), url], capture_output=True, text=True, timeout=seconds + 30,
+        cwd=ROOT).stdout
     total = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -458,12 +463,16 @@ def scenario_paths(upstream, res):
     up = {"upstream_port": mock.port} if mock else {}
     setups = [("admit", "a", HIGH), ("admit", "b", HIGH), ("admit", "w", HIGH), ("admit", "c", HIGH),
               ("reject", "b", LOW), ("reject", "c", LOW)]
+    if upstream == "mock":  # GETs to direct_response have no body to read
+        setups.insert(4, ("admit", "t", HIGH))
     envoys = {}
     try:
         for path, kind, lim in setups:
             kw = dict(up)
             if kind != "a":
                 kw.update(capacity=lim["capacity"], rate=lim["rate"])
+            if kind == "t":
+                kw.update(filter_json=ours_json(lim["capacity"], lim["rate"], extra=TOKENS))
             envoys[(path, kind)] = Envoy(kind, upstream, 2, **kw)
         # direct_response: GET, so connections are kept alive and the figures are the filter's
         # (Envoy closes the connection after any local reply sent before the request body was
@@ -650,7 +659,7 @@ def report(res, m, elapsed):
         w("|---|---|---|---|---|---|---|---|---|---|---|")
         fig = {}
         for path in ("admit", "reject"):
-            for kind in ("a", "b", "w", "c"):
+            for kind in ("a", "b", "w", "c", "t"):
                 key = f"{upstream}/{path}/{kind}"
                 if key not in res:
                     key = f"{upstream}/admit/a" if kind == "a" else None
@@ -665,7 +674,7 @@ def report(res, m, elapsed):
         for path in ("admit", "reject"):
             a = fig.get((path, "a"))
             b = fig.get((path, "b"))
-            for kind in ("a", "b", "w", "c"):
+            for kind in ("a", "b", "w", "c", "t"):
                 if (path, kind) not in fig:
                     continue
                 key = f"{upstream}/{path}/{kind}" if kind != "a" else f"{upstream}/admit/a"
@@ -679,6 +688,12 @@ def report(res, m, elapsed):
                   f"{fmt(p50)}{spread(p50s)} | {fmt(p99)}{spread(p99s)} | {ratio(p99, a[2])} | "
                   f"{ratio(p99, b[2])} | {fmt(p99 - a[2]) if kind != 'a' else '–'} | {non2:.1%} |")
         w("")
+        if ("admit", "t") in fig and ("admit", "c") in fig:
+            (t_t, _, t_p99), (c_t, _, c_p99) = fig[("admit", "t")], fig[("admit", "c")]
+            w(f"Token limits (t) against the request-only path (c), same body: throughput {t_t / c_t:.2f}×, "
+              f"p99 {t_p99 - c_p99:+.0f} µs. (t) holds each request's headers until its body is read, "
+              "estimates its tokens, reserves them in the same compare-and-swap as the request token, "
+              "and reads the answer's `usage` to settle them.\n")
         if upstream == "direct" and ("admit", "c") in fig and ("admit", "b") in fig:
             c_t, b_t = fig[("admit", "c")][0], fig[("admit", "b")][0]
             wt = fig.get(("admit", "w"), (None,))[0]
