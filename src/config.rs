@@ -7,8 +7,7 @@
 use crate::breaker;
 use crate::priority::Priority;
 use crate::signals::Provider;
-use serde::Deserialize;
-use std::collections::BTreeMap;
+use serde_json::{Map, Value};
 
 /// The validated configuration the filter runs with.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,8 +78,7 @@ pub struct FallbackConfig {
 }
 
 /// Where this instance of the filter sits, and so what it does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     /// One instance, in the listener's filter chain: admission, learning and 429 rewriting.
     /// Learns only from the final response when the router retries.
@@ -232,8 +230,8 @@ impl Config {
                 return Err("the configuration must be a JSON object, e.g. {\"bucket\": {\"capacity\": 100}}".into())
             }
         }
-        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| locate(bytes, &e))?;
-        raw.validate()
+        let json: Value = serde_json::from_slice(bytes).map_err(|e| locate(bytes, &e))?;
+        RawConfig::read(&json)?.validate()
     }
 
     pub fn class(&self, p: Priority) -> &ClassConfig {
@@ -311,15 +309,122 @@ fn json_path_at(text: &[u8], offset: usize) -> String {
     path
 }
 
-// ---- The JSON shape: every field optional, unknown fields rejected. ----
+// ---- The JSON shape: every field optional, unknown fields rejected. Read from a
+// `serde_json::Value` field by field (serde's derives for these structs cost the `.wasm` some
+// 30 KB), with serde's wording for the errors. ----
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+/// One JSON object of the configuration; `at` is its path (`""` at the top).
+struct Fields<'a> {
+    at: String,
+    map: &'a Map<String, Value>,
+}
+
+/// What a value is, as serde's errors say it.
+fn kind(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("boolean `{b}`"),
+        Value::Number(n) => format!("number `{n}`"),
+        Value::String(s) => format!("string {s:?}"),
+        Value::Array(_) => "sequence".into(),
+        Value::Object(_) => "map".into(),
+    }
+}
+
+fn join(at: &str, key: &str) -> String {
+    if at.is_empty() {
+        key.to_string()
+    } else {
+        format!("{at}.{key}")
+    }
+}
+
+/// `names` as serde lists what it expected: `a`, `b`, `c`.
+fn one_of(names: &[&str]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+impl<'a> Fields<'a> {
+    /// `v` as an object whose fields are all `known`.
+    fn of(at: String, v: &'a Value, known: &[&str]) -> Result<Fields<'a>, String> {
+        let Value::Object(map) = v else { return Err(format!("{at}: invalid type: {}, expected a map", kind(v))) };
+        if let Some(k) = map.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(format!("{}: unknown field `{k}`, expected one of {}", join(&at, k), one_of(known)));
+        }
+        Ok(Fields { at, map })
+    }
+
+    /// A field; `null` counts as absent.
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn invalid(&self, key: &str, v: &Value, expected: &str) -> String {
+        format!("{}: invalid type: {}, expected {expected}", join(&self.at, key), kind(v))
+    }
+
+    fn num(&self, key: &str) -> Result<Option<f64>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64()),
+            Some(v) => Err(self.invalid(key, v, "a number")),
+        }
+    }
+
+    fn flag(&self, key: &str) -> Result<Option<bool>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.invalid(key, v, "a boolean")),
+        }
+    }
+
+    fn text(&self, key: &str) -> Result<Option<String>, String> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(self.invalid(key, v, "a string")),
+        }
+    }
+
+    /// A nested object whose fields are all `known`; `None` when absent.
+    fn object(&self, key: &str, known: &[&str]) -> Result<Option<Fields<'a>>, String> {
+        self.get(key).map(|v| Fields::of(join(&self.at, key), v, known)).transpose()
+    }
+
+    /// A nested object whose keys are names the caller checks, each value read by `read`.
+    fn named<T>(
+        &self,
+        key: &str,
+        read: impl Fn(&str, &'a Value) -> Result<T, String>,
+    ) -> Result<Vec<(String, T)>, String> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Object(m)) => m.iter().map(|(k, v)| Ok((k.clone(), read(k, v)?))).collect(),
+            Some(v) => Err(self.invalid(key, v, "a map")),
+        }
+    }
+
+    /// One of `names` (exactly as written), as serde names an unknown enum variant.
+    fn variant<T: Copy>(&self, key: &str, names: &[&str], values: &[T]) -> Result<Option<T>, String> {
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let Value::String(s) = v else { return Err(self.invalid(key, v, "a string")) };
+        match names.iter().position(|n| n == s) {
+            Some(i) => Ok(Some(values[i])),
+            None => Err(format!("{}: unknown variant `{s}`, expected one of {}", join(&self.at, key), one_of(names))),
+        }
+    }
+
+    fn priority(&self, key: &str) -> Result<Option<Priority>, String> {
+        self.variant(key, &Priority::ALL.map(Priority::name), &Priority::ALL)
+    }
+}
+
+#[derive(Default)]
 struct RawConfig {
     name: Option<String>,
     bucket: RawBucket,
-    // String keys (not `Priority`) so an error path names the class, e.g. `priorities.LOW.weight`.
-    priorities: BTreeMap<String, RawClass>,
+    priorities: Vec<(String, RawClass)>,
     classify: RawClassify,
     queue: RawQueue,
     provider: RawProvider,
@@ -329,8 +434,7 @@ struct RawConfig {
     tokens: Option<RawTokens>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 struct RawTokens {
     capacity: Option<f64>,
     refill_rate: Option<f64>,
@@ -338,18 +442,16 @@ struct RawTokens {
     output_default: Option<f64>,
     chars_per_token: Option<f64>,
     max_body_bytes: Option<f64>,
-    per_model: BTreeMap<String, RawModel>,
+    per_model: Vec<(String, RawModel)>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 struct RawModel {
     capacity: Option<f64>,
     refill_rate: Option<f64>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 struct RawTenant {
     key_header: Option<String>,
     capacity: Option<f64>,
@@ -358,8 +460,7 @@ struct RawTenant {
     slots: Option<f64>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 struct RawFallback {
     enabled: Option<bool>,
     key_header: Option<String>,
@@ -368,8 +469,7 @@ struct RawFallback {
     max_age_s: Option<f64>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 struct RawBucket {
     capacity: Option<f64>,
     refill_rate: Option<f64>,
@@ -377,8 +477,7 @@ struct RawBucket {
     key_header: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 struct RawClass {
     weight: Option<f64>,
     queue_limit: Option<f64>,
@@ -387,8 +486,7 @@ struct RawClass {
     max_retries: Option<f64>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 struct RawProvider {
     style: Option<String>,
     safe_threshold: Option<f64>,
@@ -399,8 +497,7 @@ struct RawProvider {
     max_backoff_ms: Option<f64>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 struct RawClassify {
     header: Option<String>,
     trust_header: Option<bool>,
@@ -408,8 +505,6 @@ struct RawClassify {
     rules: Vec<RawRule>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRule {
     path_prefix: Option<String>,
     header: Option<String>,
@@ -417,8 +512,7 @@ struct RawRule {
     priority: Priority,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 struct RawQueue {
     enabled: Option<bool>,
     tick_ms: Option<f64>,
@@ -426,6 +520,124 @@ struct RawQueue {
 }
 
 impl RawConfig {
+    /// Reads the JSON shape; `validate` then checks the values.
+    fn read(v: &Value) -> Result<RawConfig, String> {
+        const TOP: [&str; 10] =
+            ["name", "bucket", "priorities", "classify", "queue", "provider", "role", "fallback", "tenant", "tokens"];
+        let top = Fields::of(String::new(), v, &TOP)?;
+        let mut raw = RawConfig { name: top.text("name")?, ..RawConfig::default() };
+        if let Some(f) = top.object("bucket", &["capacity", "refill_rate", "burst_allowance", "key_header"])? {
+            raw.bucket = RawBucket {
+                capacity: f.num("capacity")?,
+                refill_rate: f.num("refill_rate")?,
+                burst_allowance: f.num("burst_allowance")?,
+                key_header: f.text("key_header")?,
+            };
+        }
+        raw.priorities = top.named("priorities", |name, v| {
+            const CLASS: [&str; 5] = ["weight", "queue_limit", "max_wait_ms", "use_burst", "max_retries"];
+            let f = Fields::of(format!("priorities.{name}"), v, &CLASS)?;
+            Ok(RawClass {
+                weight: f.num("weight")?,
+                queue_limit: f.num("queue_limit")?,
+                max_wait_ms: f.num("max_wait_ms")?,
+                use_burst: f.flag("use_burst")?,
+                max_retries: f.num("max_retries")?,
+            })
+        })?;
+        if let Some(f) = top.object("classify", &["header", "trust_header", "default", "rules"])? {
+            let rules = match f.get("rules") {
+                None => Vec::new(),
+                Some(Value::Array(rules)) => {
+                    rules.iter().enumerate().map(|(i, r)| RawRule::read(i, r)).collect::<Result<_, _>>()?
+                }
+                Some(v) => return Err(f.invalid("rules", v, "a sequence")),
+            };
+            raw.classify = RawClassify {
+                header: f.text("header")?,
+                trust_header: f.flag("trust_header")?,
+                default: f.priority("default")?,
+                rules,
+            };
+        }
+        if let Some(f) = top.object("queue", &["enabled", "tick_ms", "max_waiting"])? {
+            raw.queue = RawQueue {
+                enabled: f.flag("enabled")?,
+                tick_ms: f.num("tick_ms")?,
+                max_waiting: f.num("max_waiting")?,
+            };
+        }
+        const PROVIDER: [&str; 7] = [
+            "style",
+            "safe_threshold",
+            "throttle_below",
+            "max_retry_after_s",
+            "probe_timeout_ms",
+            "backoff_ms",
+            "max_backoff_ms",
+        ];
+        if let Some(f) = top.object("provider", &PROVIDER)? {
+            raw.provider = RawProvider {
+                style: f.text("style")?,
+                safe_threshold: f.num("safe_threshold")?,
+                throttle_below: f.num("throttle_below")?,
+                max_retry_after_s: f.num("max_retry_after_s")?,
+                probe_timeout_ms: f.num("probe_timeout_ms")?,
+                backoff_ms: f.num("backoff_ms")?,
+                max_backoff_ms: f.num("max_backoff_ms")?,
+            };
+        }
+        raw.role = top.variant(
+            "role",
+            &["standalone", "admission", "observer"],
+            &[Role::Standalone, Role::Admission, Role::Observer],
+        )?;
+        const FALLBACK: [&str; 5] = ["enabled", "key_header", "max_entries", "max_body_bytes", "max_age_s"];
+        if let Some(f) = top.object("fallback", &FALLBACK)? {
+            raw.fallback = RawFallback {
+                enabled: f.flag("enabled")?,
+                key_header: f.text("key_header")?,
+                max_entries: f.num("max_entries")?,
+                max_body_bytes: f.num("max_body_bytes")?,
+                max_age_s: f.num("max_age_s")?,
+            };
+        }
+        if let Some(f) = top.object("tenant", &["key_header", "capacity", "refill_rate", "burst_allowance", "slots"])? {
+            raw.tenant = Some(RawTenant {
+                key_header: f.text("key_header")?,
+                capacity: f.num("capacity")?,
+                refill_rate: f.num("refill_rate")?,
+                burst_allowance: f.num("burst_allowance")?,
+                slots: f.num("slots")?,
+            });
+        }
+        const TOKENS: [&str; 7] = [
+            "capacity",
+            "refill_rate",
+            "burst_allowance",
+            "output_default",
+            "chars_per_token",
+            "max_body_bytes",
+            "per_model",
+        ];
+        if let Some(f) = top.object("tokens", &TOKENS)? {
+            let per_model = f.named("per_model", |name, v| {
+                let m = Fields::of(format!("tokens.per_model.{name}"), v, &["capacity", "refill_rate"])?;
+                Ok(RawModel { capacity: m.num("capacity")?, refill_rate: m.num("refill_rate")? })
+            })?;
+            raw.tokens = Some(RawTokens {
+                capacity: f.num("capacity")?,
+                refill_rate: f.num("refill_rate")?,
+                burst_allowance: f.num("burst_allowance")?,
+                output_default: f.num("output_default")?,
+                chars_per_token: f.num("chars_per_token")?,
+                max_body_bytes: f.num("max_body_bytes")?,
+                per_model,
+            });
+        }
+        Ok(raw)
+    }
+
     fn validate(self) -> Result<Config, String> {
         let d = Config::default();
         let name = match self.name {
@@ -574,6 +786,17 @@ impl RawProvider {
 }
 
 impl RawRule {
+    fn read(i: usize, v: &Value) -> Result<RawRule, String> {
+        let f = Fields::of(format!("classify.rules[{i}]"), v, &["path_prefix", "header", "value", "priority"])?;
+        let priority = f.priority("priority")?.ok_or_else(|| format!("{}: missing field `priority`", f.at))?;
+        Ok(RawRule {
+            path_prefix: f.text("path_prefix")?,
+            header: f.text("header")?,
+            value: f.text("value")?,
+            priority,
+        })
+    }
+
     fn validate(self, i: usize) -> Result<Rule, String> {
         let at = format!("classify.rules[{i}]");
         let matcher = match (self.path_prefix, self.header, self.value) {
@@ -809,5 +1032,52 @@ mod tests {
             err(r#"{"tenant":{"slots":100000}}"#).starts_with("tenant.slots: must be a whole number from 1 to 65536")
         );
         assert!(err(r#"{"tenant":{"capacty":1}}"#).starts_with("tenant.capacty: unknown field"));
+    }
+
+    #[test]
+    fn token_limits_are_off_by_default_and_checked_field_by_field() {
+        assert_eq!(Config::default().tokens, None);
+        let c = Config::parse(br#"{"tokens":{"capacity":90000,"per_model":{"gpt-4o":{"capacity":30000},"a":{"capacity":6,"refill_rate":2}}}}"#)
+            .unwrap();
+        let t = c.tokens.unwrap();
+        assert_eq!((t.capacity, t.refill_rate, t.burst_allowance), (90000, 1500.0, 0));
+        assert_eq!((t.output_default, t.chars_per_token, t.max_body_bytes), (1024, 4.0, 1 << 20));
+        // Name order: bucket i + 1 is per_model[i].
+        let models: Vec<(&str, u64, f64)> =
+            t.per_model.iter().map(|(n, m)| (n.as_str(), m.capacity, m.refill_rate)).collect();
+        assert_eq!(models, [("a", 6, 2.0), ("gpt-4o", 30000, 500.0)]);
+        assert!(err(r#"{"tokens":{}}"#).starts_with("tokens.capacity: required"));
+        assert_eq!(err(r#"{"tokens":{"capacity":0}}"#), "tokens.capacity: must be a whole number >= 1, got 0");
+        assert!(err(r#"{"tokens":{"capacity":9,"chars_per_token":0}}"#)
+            .starts_with("tokens.chars_per_token: must be a number > 0"));
+        assert!(err(r#"{"tokens":{"capacity":9,"max_body_bytes":"big"}}"#)
+            .starts_with("tokens.max_body_bytes: invalid type: string \"big\", expected a number"));
+        assert!(err(r#"{"tokens":{"capacity":9,"per_model":{"m":{}}}}"#)
+            .starts_with("tokens.per_model.m.capacity: required"));
+        assert!(err(r#"{"tokens":{"capacity":9,"per_model":{"m":{"capacity":1,"rate":2}}}}"#)
+            .starts_with("tokens.per_model.m.rate: unknown field `rate`, expected one of `capacity`, `refill_rate`"));
+        assert!(
+            err(r#"{"tokens":{"capacity":9,"per_model":[]}}"#).starts_with("tokens.per_model: invalid type: sequence")
+        );
+        assert!(err(r#"{"tokens":{"capacty":9}}"#).starts_with("tokens.capacty: unknown field"));
+        assert!(err(r#"{"tokens":7}"#).starts_with("tokens: invalid type: number `7`, expected a map"));
+        let many: Vec<String> = (0..65).map(|i| format!(r#""m{i}":{{"capacity":1}}"#)).collect();
+        let e = err(&format!(r#"{{"tokens":{{"capacity":9,"per_model":{{{}}}}}}}"#, many.join(",")));
+        assert!(e.starts_with("tokens.per_model: at most 64 models"), "{e}");
+    }
+
+    #[test]
+    fn wrong_json_types_and_missing_fields_name_the_field() {
+        assert!(err(r#"{"queue":{"enabled":"yes"}}"#)
+            .starts_with("queue.enabled: invalid type: string \"yes\", expected a boolean"));
+        assert!(err(r#"{"bucket":[1]}"#).starts_with("bucket: invalid type: sequence, expected a map"));
+        assert!(
+            err(r#"{"classify":{"rules":{}}}"#).starts_with("classify.rules: invalid type: map, expected a sequence")
+        );
+        assert!(err(r#"{"classify":{"rules":[{"path_prefix":"/a"}]}}"#)
+            .starts_with("classify.rules[0]: missing field `priority`"));
+        assert!(err(r#"{"name":5}"#).starts_with("name: invalid type: number `5`, expected a string"));
+        // null is the same as absent, as before.
+        assert_eq!(Config::parse(br#"{"bucket":{"capacity":null},"tenant":null}"#).unwrap(), Config::default());
     }
 }

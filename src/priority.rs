@@ -1,10 +1,7 @@
 //! The four priority classes and what the operator can set per class.
 
-use serde::Deserialize;
-
 /// A request's priority class, most important first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Priority {
     Critical,
     High,
