@@ -6,7 +6,7 @@ use support::*;
 
 fn refused(filter_config: &str, expected: &str) {
     let mock = Mock::start(&[]);
-    match Envoy::spawn(&EnvoyOpts { filter_config, concurrency: 1, upstream_port: mock.port }) {
+    match Envoy::spawn(&EnvoyOpts { filter_config, concurrency: 1, upstream_port: mock.port, edit: None }) {
         Ok(envoy) => panic!("Envoy accepted {filter_config}; log:\n{}", envoy.log()),
         Err(log) => assert!(
             log.contains(&format!("llm-ratelimit: invalid configuration: {expected}")),

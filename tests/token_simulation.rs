@@ -20,6 +20,8 @@
 //! - within one class on one worker, releases go in arrival order; a shed waiter is the newest
 //!   of the least important class below the arrival's; no waiter expires early, and none is
 //!   still paused past its deadline once its worker has ticked;
+//! - a tick whose writes all went through leaves no class's oldest waiter behind while what it
+//!   needs is there;
 //! - the workers' queues hold exactly the waiters that exist, and once every worker has ticked
 //!   the shared waiter counts equal them.
 //!
@@ -64,7 +66,7 @@ fn config(burst: u64) -> Config {
             "tokens":{{"capacity":{CAPACITY},"refill_rate":{REFILL},"burst_allowance":{burst},
                        "per_model":{{"a":{{"capacity":{a_cap},"refill_rate":{a_rate}}},
                                     "b":{{"capacity":{b_cap},"refill_rate":{b_rate}}}}}}},
-            "queue":{{"max_waiting":8}},
+            "queue":{{"max_waiting":6}},
             "priorities":{{"CRITICAL":{{"max_wait_ms":4000}},"HIGH":{{"max_wait_ms":3000}},
                            "NORMAL":{{"max_wait_ms":2000}},"LOW":{{"max_wait_ms":1000,"queue_limit":3}}}}}}"#
     );
@@ -220,6 +222,11 @@ impl Ledger {
         } else {
             self.burst
         }
+    }
+
+    /// Whether `n` is there for `class` at `now_ns`.
+    fn has(&self, class: Priority, n: u64, now_ns: u64) -> bool {
+        self.refill(self.model, now_ns).tokens - n as f64 >= self.floor(class) - 1e-9
     }
 
     /// Request `id` of `class` was admitted at `now_ns` taking `n`: it must have been there.
@@ -380,7 +387,7 @@ impl Sim {
                     assert_eq!((victim.worker, victim.class), (worker, r.class), "shed #{} from elsewhere", r.id);
                     let lowest = self.waiting.values().filter(|v| v.worker == worker).map(|v| v.class).max();
                     assert!(r.class > class && Some(r.class) == lowest, "{:?} shed for {class:?}", r.class);
-                    let newest = self.waiting.iter().filter(|(_, v)| v.worker == worker && v.class == r.class).last();
+                    let newest = self.waiting.iter().rfind(|(_, v)| v.worker == worker && v.class == r.class);
                     assert_eq!(newest.map(|(i, _)| *i), Some(r.id), "shed a waiter that was not the newest");
                     self.waiting.remove(&r.id);
                 }
@@ -473,6 +480,18 @@ impl Sim {
             let older = self.waiting.range(..r.id).find(|(_, o)| o.worker == worker && o.class == r.class);
             assert!(older.is_none(), "#{} ({:?}) released before #{} of its class", r.id, r.class, older.unwrap().0);
             self.admitted(worker, r.id, r.class, v.need, clock_ms);
+        }
+        // A tick that could write stops only when no class's oldest waiter has what it needs.
+        if t.errors.is_empty() {
+            for class in Priority::ALL {
+                let oldest = self.waiting.iter().find(|(_, v)| v.worker == worker && v.class == class);
+                if let Some((id, v)) = oldest {
+                    let now_ns = clock_ms * MS;
+                    let fits = self.requests.has(class, 1, now_ns)
+                        && v.need.is_none_or(|n| self.tokens[usize::from(n.bucket)].has(class, n.tokens, now_ns));
+                    assert!(!fits, "the tick left #{id} ({class:?}) waiting with what it needs there");
+                }
+            }
         }
         for (id, v) in &self.waiting {
             if v.worker == worker {

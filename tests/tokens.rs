@@ -95,15 +95,72 @@ fn per_model_limits_are_apart_from_the_provider_token_limit() {
     assert_eq!(other.status, 200, "other models draw on the provider's bucket");
 }
 
+/// Sends the headers and the first bytes of a 1000-byte body, and leaves the rest unsent.
+fn half_sent(envoy: &Envoy) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", envoy.port)).unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+                content-length: 1000\r\n\r\n{\"messages\":";
+    s.write_all(head.as_bytes()).unwrap();
+    s
+}
+
+/// Requests the router has started upstream (headers sent on), whether or not they finished.
+fn started_upstream(envoy: &Envoy) -> u64 {
+    envoy.stats().get("cluster.llm_provider.upstream_rq_total").copied().unwrap_or(0)
+}
+
 #[test]
-fn without_a_token_limit_nothing_is_estimated() {
+fn headers_wait_for_their_body_only_with_a_token_limit() {
     let mock = Mock::start(&[]);
+    // Without a token limit, headers go on at once and the body streams after them.
     let envoy = Envoy::start(r#"{"name":"nt"}"#, 1, mock.port);
-    let url = envoy.url("/v1/chat/completions");
-    let r = post(&url, &chat_body("gpt-4o", 400, 100), &[]).unwrap();
+    let _open = half_sent(&envoy);
+    assert!(eventually(std::time::Duration::from_secs(2), || started_upstream(&envoy) == 1));
+    let r = post(&envoy.url("/v1/chat/completions"), &chat_body("gpt-4o", 400, 100), &[]).unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(envoy.stat("nt", "tokens.estimated"), 0);
-    assert_eq!(envoy.stat("nt", "tokens.actual"), 0);
+    drop(envoy);
+    // With one, they wait for the body: nothing goes upstream before it is read.
+    let envoy = Envoy::start(r#"{"name":"wt","tokens":{"capacity":100000}}"#, 1, mock.port);
+    let open = half_sent(&envoy);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(started_upstream(&envoy), 0, "headers went on before the body was read");
+    drop(open);
+    let r = post(&envoy.url("/v1/chat/completions"), &chat_body("gpt-4o", 400, 100), &[]).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(started_upstream(&envoy), 1);
+    assert_eq!(envoy.stat("wt", "errors"), 0);
+}
+
+#[test]
+fn without_allow_on_headers_stop_iteration_requests_are_estimated_from_content_length() {
+    let mock = Mock::start(&[]);
+    let opts = EnvoyOpts {
+        filter_config: r#"{"name":"nf","tokens":{"capacity":100000}}"#,
+        concurrency: 1,
+        upstream_port: mock.port,
+        edit: Some(|yaml| {
+            yaml.replace("allow_on_headers_stop_iteration: true", "allow_on_headers_stop_iteration: false")
+        }),
+    };
+    let envoy = Envoy::spawn(&opts).unwrap_or_else(|log| panic!("{log}"));
+    let url = envoy.url("/v1/chat/completions");
+    // The first request waits for a body Envoy never delivers, then goes unlimited.
+    let t0 = std::time::Instant::now();
+    let r = post(&url, &chat_body("gpt-4o", 400, 100), &[]).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert_eq!(envoy.stat("nf", "errors"), 1);
+    // Then no request is held: each is estimated from its content-length and goes at once.
+    let t0 = std::time::Instant::now();
+    for _ in 0..5 {
+        assert_eq!(post(&url, &chat_body("gpt-4o", 400, 100), &[]).unwrap().status, 200);
+    }
+    assert!(t0.elapsed() < std::time::Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert!(eventually(std::time::Duration::from_secs(2), || envoy.stat("nf", "tokens.estimated") > 0));
+    let logged = eventually(std::time::Duration::from_secs(3), || envoy.log().contains("stop_iteration is off"));
+    assert!(logged, "the log says why");
 }
 
 /// One request of each provider shape, whole and streamed: (path, body).

@@ -26,6 +26,8 @@ pub const PROBE_HEADER: &str = "x-llm-ratelimit-probe";
 /// How long a held 429 may wait for its body before it is let go without it: short while we do
 /// not know whether Envoy delivers bodies to paused headers (`allow_on_headers_stop_iteration`).
 const BODY_WAIT_UNKNOWN_MS: u64 = 150;
+/// The same for a request held for its body: longer, since a client may pause before its body.
+const REQUEST_BODY_WAIT_UNKNOWN_MS: u64 = 1_000;
 const BODY_WAIT_MS: u64 = 2_000;
 /// How often a worker counts the tenant table's used slots for the gauge.
 const TENANT_CENSUS_MS: u64 = 10_000;
@@ -392,7 +394,7 @@ impl WorkerContext {
     /// Held 429s whose body did not come in time go on without it, so nothing ever hangs. A
     /// request's body comes at its client's pace, bounded by Envoy's stream timeouts; only while
     /// it is unknown whether Envoy delivers bodies to held headers is it let go (unlimited) when
-    /// none came in time.
+    /// none came within a second.
     fn let_go_of_stale_bodies(&self, now_ms: u64) {
         let bodies = self.bodies.get();
         let limit = if bodies == Bodies::Delivered { BODY_WAIT_MS } else { BODY_WAIT_UNKNOWN_MS };
@@ -401,7 +403,10 @@ impl WorkerContext {
                 let ids: Vec<(u32, bool, bool)> = h
                     .iter()
                     .filter(|(_, e)| !e.request || (bodies == Bodies::Unknown && !e.body_seen))
-                    .filter(|(_, e)| now_ms.saturating_sub(e.since_ms) >= limit || now_ms < e.since_ms)
+                    .filter(|(_, e)| {
+                        let limit = if e.request { REQUEST_BODY_WAIT_UNKNOWN_MS } else { limit };
+                        now_ms.saturating_sub(e.since_ms) >= limit || now_ms < e.since_ms
+                    })
                     .map(|(id, e)| (*id, e.body_seen, e.request))
                     .collect();
                 for (id, ..) in &ids {

@@ -116,11 +116,13 @@ pub struct EnvoyOpts<'a> {
     pub filter_config: &'a str,
     pub concurrency: u32,
     pub upstream_port: u16,
+    /// A change to the rendered `envoy.yaml` (e.g. a flag turned off); `None` runs it as it is.
+    pub edit: Option<fn(String) -> String>,
 }
 
 impl Envoy {
     pub fn start(filter_config: &str, concurrency: u32, upstream_port: u16) -> Envoy {
-        match Envoy::spawn(&EnvoyOpts { filter_config, concurrency, upstream_port }) {
+        match Envoy::spawn(&EnvoyOpts { filter_config, concurrency, upstream_port, edit: None }) {
             Ok(e) => e,
             Err(log) => panic!("Envoy did not become ready; its log:\n{log}"),
         }
@@ -131,6 +133,7 @@ impl Envoy {
         let dir = TempDir::new();
         let (port, admin) = (free_port(), free_port());
         let yaml = render_config(o.filter_config, port, admin, o.upstream_port, &wasm_path());
+        let yaml = o.edit.map_or(yaml.clone(), |edit| edit(yaml));
         let cfg = dir.0.join("envoy.yaml");
         std::fs::write(&cfg, yaml).expect("write envoy.yaml");
         let log = dir.0.join("envoy.log");
