@@ -106,6 +106,8 @@ pub struct BucketConfig {
     pub refill_rate: f64,
     /// Extra tokens above `capacity` that only classes with `use_burst` may spend.
     pub burst_allowance: u64,
+    /// Most requests one worker leases at once (1: every admission is a compare-and-swap).
+    pub max_lease: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -173,7 +175,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             name: "default".into(),
-            bucket: BucketConfig { capacity: 100, refill_rate: 10.0, burst_allowance: 20 },
+            bucket: BucketConfig { capacity: 100, refill_rate: 10.0, burst_allowance: 20, max_lease: 32 },
             tenant: None,
             tokens: None,
             classes: Priority::ALL.map(default_class),
@@ -474,6 +476,7 @@ struct RawBucket {
     capacity: Option<f64>,
     refill_rate: Option<f64>,
     burst_allowance: Option<f64>,
+    max_lease: Option<f64>,
     key_header: Option<String>,
 }
 
@@ -526,11 +529,14 @@ impl RawConfig {
             ["name", "bucket", "priorities", "classify", "queue", "provider", "role", "fallback", "tenant", "tokens"];
         let top = Fields::of(String::new(), v, &TOP)?;
         let mut raw = RawConfig { name: top.text("name")?, ..RawConfig::default() };
-        if let Some(f) = top.object("bucket", &["capacity", "refill_rate", "burst_allowance", "key_header"])? {
+        if let Some(f) =
+            top.object("bucket", &["capacity", "refill_rate", "burst_allowance", "max_lease", "key_header"])?
+        {
             raw.bucket = RawBucket {
                 capacity: f.num("capacity")?,
                 refill_rate: f.num("refill_rate")?,
                 burst_allowance: f.num("burst_allowance")?,
+                max_lease: f.num("max_lease")?,
                 key_header: f.text("key_header")?,
             };
         }
@@ -649,6 +655,12 @@ impl RawConfig {
             capacity: whole("bucket.capacity", b.capacity, d.bucket.capacity, 1)?,
             refill_rate: positive("bucket.refill_rate", b.refill_rate, d.bucket.refill_rate)?,
             burst_allowance: whole("bucket.burst_allowance", b.burst_allowance, d.bucket.burst_allowance, 0)?,
+            max_lease: match whole("bucket.max_lease", b.max_lease, d.bucket.max_lease, 1)? {
+                n if n > 10_000 => {
+                    return Err(format!("bucket.max_lease: must be a whole number from 1 to 10000, got {n}"))
+                }
+                n => n,
+            },
         };
         if b.key_header.is_some() {
             return Err("bucket.key_header: tenant buckets moved to \"tenant\" and now nest inside the provider \

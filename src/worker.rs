@@ -20,6 +20,27 @@ use crate::tenants::{self, TenantRules, TenantTake};
 const NANOS_PER_MS: u64 = 1_000_000;
 /// What `published` says after a failed write: nothing matches it, so the next tick writes.
 const LOST: [u32; 4] = [u32::MAX; 4];
+/// How long a provider state read says "let it through" without reading it again. At 1000
+/// requests/s per worker, at most one request goes on a state a millisecond old.
+const PROVIDER_FRESH_MS: u64 = 1;
+/// A lease takes at most this share of the tokens above every class's floor, so leases stop
+/// well before the bucket runs low and every worker can take one.
+const LEASE_SHARE: f64 = 8.0;
+
+/// Tokens this worker took from the shared bucket ahead of its requests (a lease), spent with no
+/// shared-data call, and LLM-token settlements not written yet. Both go back on the next tick.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Lease {
+    pub requests: f64,
+    /// Per token bucket: leased tokens plus refunds, minus charges (negative: a debt).
+    pub tokens: Vec<f64>,
+    /// Admissions since the last tick: how large the next lease should be.
+    used: u32,
+    /// How many requests the next lease takes (1: none beyond the request itself).
+    size: u32,
+    /// Average LLM-token need of admitted requests, to size token leases.
+    avg_need: f64,
+}
 
 /// Process-wide waiters per class, request tokens and (with token limits) the provider token
 /// bucket's level, after a write: what the gauges show.
@@ -121,6 +142,10 @@ pub struct Worker {
     released: IdMap<Release>,
     /// The clock at the last tick, to notice a step back.
     last_tick_ms: u64,
+    lease: Lease,
+    /// The provider state last read and when, to let requests through without reading it again
+    /// within `PROVIDER_FRESH_MS`.
+    provider_seen: std::cell::Cell<Option<(ProviderState, u64)>>,
 }
 
 impl Worker {
@@ -140,6 +165,8 @@ impl Worker {
             published: ([0; 4], 0),
             released: IdMap::new(),
             last_tick_ms: 0,
+            lease: Lease { size: 1, ..Lease::default() },
+            provider_seen: std::cell::Cell::new(None),
             config,
         }
     }
@@ -164,15 +191,75 @@ impl Worker {
         store::update(store, &self.bucket_key, || self.fresh_bucket(now_ns), |s| f(self.rules.fit(s, now_ns)))
     }
 
-    /// Request `need` was taken and the provider reports `actual` tokens used: gives the
-    /// difference back, or takes the excess. Returns the levels after, for the gauges.
-    pub fn reconcile(&self, store: &impl Store, need: Need, actual: u64, now_ns: u64) -> Result<Levels, Status> {
-        let me = self.id;
-        let (own, now_ms) = (self.local_counts(), now_ns / NANOS_PER_MS);
+    /// Request `need` was taken and the provider reports `actual` tokens used: the difference
+    /// is given back or taken on the next tick (held here until then, like a lease).
+    pub fn reconcile(&mut self, need: Need, actual: u64) {
+        let n = self.rules.token_buckets.len();
+        let tokens = &mut self.lease.tokens;
+        tokens.resize(n.max(tokens.len()), 0.0);
+        if let Some(t) = tokens.get_mut(usize::from(need.bucket)) {
+            *t += need.tokens as f64 - actual as f64;
+        }
+    }
+
+    /// Admits a request from this worker's lease, if it holds enough for it.
+    fn take_from_lease(&mut self, need: Option<Need>) -> bool {
+        let l = &mut self.lease;
+        if l.requests < 1.0 {
+            return false;
+        }
+        if let Some(n) = need {
+            match l.tokens.get_mut(usize::from(n.bucket)) {
+                Some(t) if *t >= n.tokens as f64 => *t -= n.tokens as f64,
+                _ => return false,
+            }
+        }
+        l.requests -= 1.0;
+        l.used = l.used.saturating_add(1);
+        true
+    }
+
+    /// What to lease beside an admission that left `s`: requests, and LLM tokens from the
+    /// bucket `need` draws on. Nothing when leases are off, or near any class's floor.
+    fn lease_extra(&self, s: &SharedBucket, need: Option<Need>) -> (f64, Option<(usize, f64)>) {
+        let top_floor = self.rules.floors.iter().fold(0.0f64, |a, &b| a.max(b));
+        let room = ((s.level.tokens - top_floor) / LEASE_SHARE).floor();
+        let requests = f64::from(self.lease.size.saturating_sub(1)).min(room).max(0.0);
+        if requests < 1.0 {
+            return (0.0, None);
+        }
+        let Some(n) = need else { return (requests, None) };
+        let i = usize::from(n.bucket);
+        let (Some(b), Some(level)) = (self.rules.token_buckets.get(i), s.token_levels.get(i)) else {
+            return (requests, None);
+        };
+        let room = ((level.tokens - b.burst) / LEASE_SHARE).floor();
+        let avg = self.lease.avg_need.max(n.tokens as f64);
+        (requests, Some((i, (requests * avg).min(room).max(0.0))))
+    }
+
+    /// Gives this worker's lease and settlements back to the shared bucket, and sizes the next
+    /// lease by how many requests the last one served.
+    fn return_lease(&mut self, store: &impl Store, now_ns: u64) -> Result<(), Status> {
+        let l = &mut self.lease;
+        l.size = l.used.saturating_add(1).min(self.config.bucket.max_lease.max(1) as u32);
+        l.used = 0;
+        if !self.holds_lease() {
+            return Ok(());
+        }
+        let (requests, tokens) = (self.lease.requests, self.lease.tokens.clone());
         self.update_bucket(store, now_ns, |s| {
-            let next = self.rules.reconcile(s, need, actual, now_ns);
-            (levels(&next, next.waiting(me, own, now_ms)), Some(next))
-        })
+            let mut next = SharedBucket { level: self.rules.bucket.refill(s.level, now_ns), ..s };
+            next.level.tokens = (next.level.tokens + requests).min(self.rules.bucket.max);
+            for ((b, l), t) in self.rules.token_buckets.iter().zip(&mut next.token_levels).zip(&tokens) {
+                let refilled = b.refill(*l, now_ns);
+                *l = Level { tokens: (refilled.tokens + t).clamp(-b.max, b.max), ..refilled };
+            }
+            ((), Some(next))
+        })?;
+        self.lease.requests = 0.0;
+        self.lease.tokens.iter_mut().for_each(|t| *t = 0.0);
+        Ok(())
     }
 
     /// Creates the shared bucket before traffic (two workers creating it at once would both win).
@@ -196,7 +283,17 @@ impl Worker {
 
     /// Whether the tick has work: waiters to serve, or counts to correct in shared data.
     pub fn needs_tick(&self) -> bool {
-        !self.queue.is_empty() || self.published.0 != [0; 4]
+        !self.queue.is_empty() || self.published.0 != [0; 4] || self.holds_lease()
+    }
+
+    /// Whether this worker holds leased tokens or settlements to write back.
+    pub fn holds_lease(&self) -> bool {
+        self.lease.requests > 0.0 || self.lease.tokens.iter().any(|&t| t != 0.0)
+    }
+
+    /// What this worker holds beside the shared value (for tests and the simulation).
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     /// The release of request `id`, once, for its response headers.
@@ -212,15 +309,24 @@ impl Worker {
 
     /// Like `gate`, and the breaker's new position when this call moved it.
     pub fn gate_and_mode(&self, store: &impl Store, now_ms: u64) -> Result<(Gate, Option<Mode>), Status> {
-        store::update(store, &self.provider_key, ProviderState::default, |s| {
+        if let Some((s, seen_ms)) = self.provider_seen.get() {
+            let fresh = now_ms >= seen_ms && now_ms - seen_ms < PROVIDER_FRESH_MS;
+            if fresh && self.breaker().gate(s, now_ms) == (Gate::Pass, None) {
+                return Ok((Gate::Pass, None));
+            }
+        }
+        let (gate, moved, seen) = store::update(store, &self.provider_key, ProviderState::default, |s| {
             let (gate, next) = self.breaker().gate(s, now_ms);
             let moved = next.filter(|n| n.mode != s.mode).map(|n| n.mode);
-            ((gate, moved), next)
-        })
+            ((gate, moved, next.unwrap_or(s)), next)
+        })?;
+        self.provider_seen.set(Some((seen, now_ms)));
+        Ok((gate, moved))
     }
 
     /// A request let through under `Gate::Counted` went upstream: count it.
     pub fn spend(&self, store: &impl Store) -> Result<(), Status> {
+        self.provider_seen.set(None);
         store::update(store, &self.provider_key, ProviderState::default, |s| ((), self.breaker().spend(s)))
     }
 
@@ -238,6 +344,7 @@ impl Worker {
         probe: Option<u32>,
         now_ms: u64,
     ) -> Result<(Verdict, ProviderState, bool), Status> {
+        self.provider_seen.set(None);
         store::update(store, &self.provider_key, ProviderState::default, |s| {
             let (v, next) = self.breaker().observe(s, status, signals, probe, now_ms);
             ((v, next, next.mode != s.mode), (next != s).then_some(next))
@@ -371,13 +478,30 @@ impl Worker {
             self.published = (own, now_ms);
             return Ok((Admission::Pass { probe: Some(probe) }, Some(written)));
         }
+        if let Some(n) = need {
+            // An average of recent needs sizes token leases.
+            let avg = &mut self.lease.avg_need;
+            *avg = if *avg == 0.0 { n.tokens as f64 } else { 0.9 * *avg + 0.1 * n.tokens as f64 };
+        }
+        if gate == Gate::Pass && self.queue.is_empty() && self.take_from_lease(need) {
+            return Ok((Admission::Pass { probe: None }, None));
+        }
         let hold_reason = if matches!(gate, Gate::Open { .. }) { Reason::BreakerOpen } else { Reason::ProviderHold };
         let not_before_ns = gate.not_before_ms().saturating_mul(NANOS_PER_MS);
         // The least important class below ours with a waiter here: the one we may shed.
         let local_victim = Priority::ALL.into_iter().rev().find(|&p| p > class && self.queue.len(p) > 0);
-        let (arrival, written) = self.update_bucket(store, now_ns, |s| {
+        let (arrival, written, leased) = self.update_bucket(store, now_ns, |s| {
             let waiting = s.waiting(me, own, now_ms);
-            let (arrival, taken) = self.rules.arrive(&s, need, waiting, class, now_ns, not_before_ns, local_victim);
+            let (arrival, mut taken) = self.rules.arrive(&s, need, waiting, class, now_ns, not_before_ns, local_victim);
+            // With tokens to spare and nobody waiting, take a lease for the next requests here.
+            let leased = match arrival {
+                Arrival::Admit if gate == Gate::Pass && waiting == [0; 4] => self.lease_extra(&taken, need),
+                _ => (0.0, None),
+            };
+            taken.level.tokens -= leased.0;
+            if let Some((i, t)) = leased.1 {
+                taken.token_levels[i].tokens -= t;
+            }
             let mut after = own;
             match arrival {
                 Arrival::Wait => after[class.index()] += 1,
@@ -397,12 +521,21 @@ impl Worker {
                 Some(n) => levels(n, n.waiting(me, after, now_ms)),
                 None => levels(&taken, waiting),
             };
-            ((arrival, written), next)
+            ((arrival, written, leased), next)
         })?;
+        self.lease.requests += leased.0;
+        if let Some((i, t)) = leased.1 {
+            let n = self.rules.token_buckets.len();
+            self.lease.tokens.resize(n.max(self.lease.tokens.len()), 0.0);
+            self.lease.tokens[i] += t;
+        }
         let tokens = written.1;
         let levels = Some(written);
         let admission = match arrival {
-            Arrival::Admit => Admission::Pass { probe: None },
+            Arrival::Admit => {
+                self.lease.used = self.lease.used.saturating_add(1);
+                Admission::Pass { probe: None }
+            }
             Arrival::Reject { reason: Reason::ProviderHold, wait_ns } => {
                 Admission::Refuse(refusal(hold_reason, wait_ns, tokens, true))
             }
@@ -466,6 +599,9 @@ impl Worker {
             self.queue.shift_back(self.last_tick_ms - now_ms);
         }
         self.last_tick_ms = now_ms;
+        if let Err(s) = self.return_lease(store, now_ns) {
+            t.errors.push(s);
+        }
         // Expired waiters are answered whatever shared data says.
         let expired = self.queue.expire(now_ms);
         // Only a worker with someone to send may take the half-open probe's place.
@@ -705,5 +841,86 @@ mod tests {
         assert_eq!(w.attempt(&store, Priority::Normal, T0 + 1_000).unwrap(), Attempt::Go);
         assert!(matches!(w.gate(&store, T0 + 1_001).unwrap(), Gate::Hold { .. }));
         assert!(matches!(w.attempt(&store, Priority::Normal, T0 + 1_001).unwrap(), Attempt::Hold { .. }));
+    }
+
+    #[test]
+    fn a_busy_worker_leases_tokens_and_gives_back_what_it_did_not_spend() {
+        let store = MemStore::default();
+        let json = r#"{"bucket":{"capacity":1000,"refill_rate":0.001,"burst_allowance":0,"max_lease":16}}"#;
+        let mut w = worker(json, 1);
+        let level = |store: &MemStore| store::read::<SharedBucket>(store, &w_key()).unwrap().unwrap().level.tokens;
+        fn w_key() -> String {
+            "llm_ratelimit/default/bucket".into()
+        }
+        // The first tick has seen no traffic: no lease, one compare-and-swap per admission.
+        for id in 0..4 {
+            assert_eq!(arrive(&mut w, &store, id, T0), Admission::Pass { probe: None });
+        }
+        assert_eq!(level(&store).round(), 996.0);
+        w.tick(&store, T0 * MS);
+        // 4 admissions last tick: the next takes a lease of 4 more, then the lease serves them.
+        assert_eq!(arrive(&mut w, &store, 10, T0 + 1), Admission::Pass { probe: None });
+        assert_eq!(level(&store).round(), 991.0);
+        assert_eq!(w.lease().requests, 4.0);
+        for id in 11..14 {
+            assert_eq!(arrive(&mut w, &store, id, T0 + 1), Admission::Pass { probe: None });
+        }
+        assert_eq!(level(&store).round(), 991.0, "admitted from the lease: no shared-data write");
+        // The tick gives the unspent token back: exactly 8 taken for 8 admissions.
+        w.tick(&store, (T0 + 2) * MS);
+        assert_eq!(level(&store).round(), 992.0);
+        assert!(!w.holds_lease());
+    }
+
+    #[test]
+    fn no_lease_near_the_floor_or_while_anyone_waits() {
+        let store = MemStore::default();
+        let json = r#"{"bucket":{"capacity":20,"refill_rate":0.001,"burst_allowance":10,"max_lease":16}}"#;
+        let mut w = worker(json, 1);
+        for id in 0..8 {
+            arrive(&mut w, &store, id, T0);
+        }
+        w.tick(&store, T0 * MS);
+        // 30 - 8 = 22 left, 12 above the reserve: a lease may take an eighth of that, 1.
+        arrive(&mut w, &store, 20, T0 + 1);
+        assert_eq!(w.lease().requests, 1.0);
+        w.tick(&store, (T0 + 2) * MS);
+        // Drain to the reserve: NORMAL then waits, and no lease is taken while it does.
+        let mut id = 30;
+        while arrive(&mut w, &store, id, T0 + 3) == (Admission::Pass { probe: None }) {
+            id += 1;
+        }
+        assert_eq!(w.lease().requests, 0.0);
+        let mut other = worker(json, 2);
+        assert_eq!(
+            other.admit(&store, 99, Priority::Critical, None, None, Gate::Pass, (T0 + 3) * MS).unwrap().admission,
+            Admission::Pass { probe: None }
+        );
+        assert_eq!(other.lease().requests, 0.0, "a waiter elsewhere: no lease");
+    }
+
+    #[test]
+    fn settlements_are_held_until_the_tick_writes_them() {
+        let store = MemStore::default();
+        let json = r#"{"bucket":{"max_lease":1},"tokens":{"capacity":1000,"refill_rate":0.001}}"#;
+        let mut w = worker(json, 1);
+        let need = Need { bucket: 0, tokens: 300 };
+        let gate = w.gate(&store, T0).unwrap();
+        assert!(matches!(
+            w.admit(&store, 1, Priority::Normal, None, Some(need), gate, T0 * MS).unwrap().admission,
+            Admission::Pass { .. }
+        ));
+        let tokens = |store: &MemStore| {
+            store::read::<SharedBucket>(store, "llm_ratelimit/default/bucket").unwrap().unwrap().token_levels[0]
+                .tokens
+                .round()
+        };
+        assert_eq!(tokens(&store), 700.0);
+        w.reconcile(need, 100);
+        assert_eq!(tokens(&store), 700.0);
+        assert!(w.needs_tick());
+        w.tick(&store, T0 * MS);
+        assert_eq!(tokens(&store), 900.0);
+        assert!(!w.needs_tick());
     }
 }

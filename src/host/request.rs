@@ -295,7 +295,7 @@ impl Request {
     /// An admitted request's answer is over, or will never come: its tokens are settled.
     fn settle(&mut self) {
         if let Some(m) = self.meter.take() {
-            self.w.settle(m, abi::now_ns().unwrap_or(0));
+            self.w.settle(m);
         }
     }
 

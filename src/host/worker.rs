@@ -323,16 +323,15 @@ impl WorkerContext {
         Some(Need { bucket: model.map_or(0, |i| i + 1) as u8, tokens: e.total() })
     }
 
-    /// An admitted request's answer is over (or will never come): gives back or takes the
-    /// difference between its reservation and what it used, and counts both.
-    pub fn settle(&self, mut m: Meter, now_ns: u64) {
+    /// An admitted request's answer is over (or will never come): the difference between its
+    /// reservation and what it used is given back or taken (on the next tick), and both counted.
+    pub fn settle(&self, mut m: Meter) {
         let used = m.used();
-        let settled = self.with_core(|w| w.reconcile(&SharedData, m.need, used.total(), now_ns));
-        match settled {
-            Ok(levels) => self.publish_levels(Some(levels)),
-            Err(s) => {
+        match self.core.try_borrow_mut() {
+            Ok(mut w) => w.reconcile(m.need, used.total()),
+            Err(_) => {
                 self.metrics.errors.inc();
-                log::warn!("llm-ratelimit: {}: cannot reconcile a request's tokens: status {s}", self.name());
+                log::warn!("llm-ratelimit: {}: cannot reconcile a request's tokens: re-entered", self.name());
             }
         }
         let t = &self.metrics.tokens;
