@@ -77,8 +77,7 @@ pub fn too_many_requests(l: &Limited) -> (u32, Vec<(&'static str, String)>, Stri
     ];
     let (message, kind) = match l.reason {
         Reason::TooLarge => (
-            "Request too large for the proxy's token limit (too_large): its estimated tokens exceed the whole \
-             token bucket, so it can never pass. Do not retry it; make it smaller."
+            "Request too large for the proxy's token limit (too_large): it can never pass. Do not retry it."
                 .to_string(),
             "tokens",
         ),

@@ -240,26 +240,27 @@ impl Worker {
 
     /// Gives this worker's lease and settlements back to the shared bucket, and sizes the next
     /// lease by how many requests the last one served.
-    fn return_lease(&mut self, store: &impl Store, now_ns: u64) -> Result<(), Status> {
+    fn return_lease(&mut self, store: &impl Store, now_ns: u64) -> Result<Option<Levels>, Status> {
         let l = &mut self.lease;
         l.size = l.used.saturating_add(1).min(self.config.bucket.max_lease.max(1) as u32);
         l.used = 0;
         if !self.holds_lease() {
-            return Ok(());
+            return Ok(None);
         }
         let (requests, tokens) = (self.lease.requests, self.lease.tokens.clone());
-        self.update_bucket(store, now_ns, |s| {
+        let (me, own, now_ms) = (self.id, self.local_counts(), now_ns / NANOS_PER_MS);
+        let written = self.update_bucket(store, now_ns, |s| {
             let mut next = SharedBucket { level: self.rules.bucket.refill(s.level, now_ns), ..s };
             next.level.tokens = (next.level.tokens + requests).min(self.rules.bucket.max);
             for ((b, l), t) in self.rules.token_buckets.iter().zip(&mut next.token_levels).zip(&tokens) {
                 let refilled = b.refill(*l, now_ns);
                 *l = Level { tokens: (refilled.tokens + t).clamp(-b.max, b.max), ..refilled };
             }
-            ((), Some(next))
+            (levels(&next, next.waiting(me, own, now_ms)), Some(next))
         })?;
         self.lease.requests = 0.0;
         self.lease.tokens.iter_mut().for_each(|t| *t = 0.0);
-        Ok(())
+        Ok(Some(written))
     }
 
     /// Creates the shared bucket before traffic (two workers creating it at once would both win).
@@ -599,8 +600,9 @@ impl Worker {
             self.queue.shift_back(self.last_tick_ms - now_ms);
         }
         self.last_tick_ms = now_ms;
-        if let Err(s) = self.return_lease(store, now_ns) {
-            t.errors.push(s);
+        match self.return_lease(store, now_ns) {
+            Ok(levels) => t.levels = levels,
+            Err(s) => t.errors.push(s),
         }
         // Expired waiters are answered whatever shared data says.
         let expired = self.queue.expire(now_ms);

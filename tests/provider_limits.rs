@@ -277,3 +277,23 @@ fn while_the_breaker_is_open_the_fallback_answers_from_cache() {
     assert_eq!(envoy.stat("fb", "fallback.served"), 2);
     assert_eq!(mock.received(), 3, "cached and refused requests never reached the provider");
 }
+
+#[test]
+fn retries_are_counted_per_class_and_by_the_attempt_that_succeeded() {
+    let mock = Mock::start(&[]);
+    let envoy = Envoy::start(r#"{"name":"rt"}"#, 1, mock.port);
+    let url = envoy.url("/v1/chat/completions");
+    // Two 429s that say "retry in 100 ms", then a success on the third attempt.
+    let r = chat(&url, &[("x-mock-fail-attempts", "2")]).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-envoy-attempt-count"), Some("3"));
+    assert_eq!(envoy.stat("rt", "priority.normal.retry.attempts"), 2);
+    assert_eq!(envoy.stat("rt", "priority.normal.retry.succeeded"), 1);
+    assert_eq!(envoy.stat("rt", "priority.normal.retry.exhausted"), 0);
+    let histograms = envoy.admin_text("/stats?filter=retry.succeeded_attempt&type=Histograms");
+    assert!(histograms.contains("llm_ratelimit.provider.rt.retry.succeeded_attempt"), "{histograms}");
+    // Always 429: the router gives up after the route's 4 retries, and the request is exhausted.
+    let r = chat(&url, &[("x-mock-fail-attempts", "9")]).unwrap();
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(envoy.stat("rt", "priority.normal.retry.exhausted"), 1);
+}

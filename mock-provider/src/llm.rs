@@ -91,6 +91,13 @@ async fn answer(state: Arc<AppState>, route: Route, headers: HeaderMap, body: By
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
 
+    if let Some(n) = o.fail_attempts {
+        let attempt = header(&headers, "x-envoy-attempt-count").and_then(|a| a.trim().parse().ok()).unwrap_or(1u64);
+        if attempt <= n {
+            state.lock().stats.finished(Outcome::RateLimited);
+            return styles::retry_soon();
+        }
+    }
     if let Some(status) = o.status {
         state.lock().stats.finished(Outcome::Forced);
         return styles::forced(status);
@@ -167,14 +174,17 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// Per-request `x-mock-*` headers, so one instance can play many providers:
-/// `x-mock-style`, `x-mock-latency-ms`, `x-mock-terminal`, `x-mock-status`, and
-/// `x-mock-output-tokens` (1..=4096: the reply's length, capped by max tokens).
+/// `x-mock-style`, `x-mock-latency-ms`, `x-mock-terminal`, `x-mock-status`,
+/// `x-mock-output-tokens` (1..=4096: the reply's length, capped by max tokens), and
+/// `x-mock-fail-attempts` (N: a 429 that says "retry in 100 ms" to router attempts 1..=N, read
+/// from Envoy's `x-envoy-attempt-count`).
 struct Overrides {
     style: Option<Style>,
     latency_ms: Option<u64>,
     terminal: Option<Terminal>,
     status: Option<StatusCode>,
     output_tokens: Option<u64>,
+    fail_attempts: Option<u64>,
 }
 
 impl Overrides {
@@ -196,6 +206,10 @@ impl Overrides {
                 .map(|v| parse_output_tokens(v, 1))
                 .transpose()
                 .map_err(|e| named("x-mock-output-tokens", e))?,
+            fail_attempts: get("x-mock-fail-attempts")
+                .map(|v| v.parse::<u64>().map_err(|_| format!("expected a whole number, got '{v}'")))
+                .transpose()
+                .map_err(|e| named("x-mock-fail-attempts", e))?,
         })
     }
 }

@@ -329,6 +329,13 @@ pub fn forced(status: StatusCode) -> Response {
     respond(status, vec![], openai_error(&message, kind, "mock_forced_status"))
 }
 
+/// A 429 for `x-mock-fail-attempts`: a short limit that is over in 100 ms.
+pub fn retry_soon() -> Response {
+    let headers = vec![("retry-after-ms", "100".to_string()), ("retry-after", "1".to_string())];
+    let body = openai_error("Rate limit reached. Please try again in 100ms.", "requests", "rate_limit_exceeded");
+    respond(StatusCode::TOO_MANY_REQUESTS, headers, body)
+}
+
 /// Errors about the request itself (bad override header, unknown route).
 pub fn error(status: StatusCode, message: &str) -> Response {
     let kind = if status == StatusCode::NOT_FOUND { "not_found" } else { "invalid_request_error" };

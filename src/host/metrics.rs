@@ -4,6 +4,34 @@
 
 use super::abi::{self, Metric};
 use crate::priority::Priority;
+use std::cell::RefCell;
+
+thread_local! {
+    /// Counter increments not yet written: (metric id, amount). Counters are written on the next
+    /// tick, not on every request (a host call each); they lag by at most one `tick_ms`. A VM
+    /// runs on one worker thread, so this is per worker VM.
+    static PENDING: RefCell<Vec<(u32, u64)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the pending increments (one non-generic access: each `with` is code).
+fn with_pending(f: &mut dyn FnMut(&mut Vec<(u32, u64)>)) {
+    PENDING.with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            f(&mut p);
+        }
+    });
+}
+
+/// Writes every pending counter increment (each tick).
+pub fn flush() {
+    let mut pending = Vec::new();
+    with_pending(&mut |p| std::mem::swap(p, &mut pending));
+    for (id, n) in pending {
+        if let Err(s) = abi::increment_metric(id, n.min(i64::MAX as u64) as i64) {
+            log::debug!("llm-ratelimit: increment_metric {id} failed: status {s}");
+        }
+    }
+}
 
 /// A defined metric, or `None` when the host refused to define it (then it is skipped).
 #[derive(Clone, Copy, Default)]
@@ -24,12 +52,13 @@ impl Id {
         self.add(1);
     }
 
+    /// Adds `n` to a counter, written on the next tick.
     pub fn add(self, n: u64) {
-        if let (Some(id), true) = (self.0, n > 0) {
-            if let Err(s) = abi::increment_metric(id, n.min(i64::MAX as u64) as i64) {
-                log::debug!("llm-ratelimit: increment_metric {id} failed: status {s}");
-            }
-        }
+        let (Some(id), true) = (self.0, n > 0) else { return };
+        with_pending(&mut |p| match p.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, total)) => *total = total.saturating_add(n),
+            None => p.push((id, n)),
+        });
     }
 
     /// Sets a gauge or records a histogram sample.
@@ -62,6 +91,12 @@ pub struct ClassStats {
     pub queue_depth: Id,
     /// Milliseconds waited by released requests (histogram).
     pub queue_wait_ms: Id,
+    /// Router attempts after the first (retries) that reached the upstream filters.
+    pub retry_attempts: Id,
+    /// Retried requests whose last attempt succeeded (2xx).
+    pub retry_succeeded: Id,
+    /// Retried requests that ended on a 429 or 503 (the router gave up).
+    pub retry_exhausted: Id,
 }
 
 /// Stats of the provider behind this filter.
@@ -90,6 +125,8 @@ pub struct ProviderStats {
     pub fallback_served: Id,
     /// Successful responses stored in the fallback cache.
     pub fallback_stored: Id,
+    /// Which attempt a retried request succeeded on (histogram).
+    pub retry_succeeded_attempt: Id,
     /// The provider's own view, from the last answer that carried it (gauges).
     pub remaining_requests: Id,
     pub remaining_tokens: Id,
@@ -155,6 +192,9 @@ impl Metrics {
                 cancelled: at(Metric::Counter, "cancelled"),
                 queue_depth: at(Metric::Gauge, "queue_depth"),
                 queue_wait_ms: at(Metric::Histogram, "queue_wait_ms"),
+                retry_attempts: at(Metric::Counter, "retry.attempts"),
+                retry_succeeded: at(Metric::Counter, "retry.succeeded"),
+                retry_exhausted: at(Metric::Counter, "retry.exhausted"),
             }
         });
         let at = |kind, stat: &str| Id::define(kind, &format!("{base}.{stat}"));
@@ -171,6 +211,7 @@ impl Metrics {
             reset_error_ms: at(Metric::Histogram, "reset.error_ms"),
             fallback_served: at(Metric::Counter, "fallback.served"),
             fallback_stored: at(Metric::Counter, "fallback.stored"),
+            retry_succeeded_attempt: at(Metric::Histogram, "retry.succeeded_attempt"),
             remaining_requests: at(Metric::Gauge, "provider.remaining_requests"),
             remaining_tokens: at(Metric::Gauge, "provider.remaining_tokens"),
             limit_requests: at(Metric::Gauge, "provider.limit_requests"),

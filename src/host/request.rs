@@ -55,6 +55,8 @@ pub struct Request {
     estimate: Option<(crate::admission::Need, u64)>,
     /// Its tokens, once admitted, until its answer settles them.
     meter: Option<Meter>,
+    /// Which attempt of the router's this is (the observer reads `x-envoy-attempt-count`).
+    attempt: u32,
 }
 
 impl Request {
@@ -73,6 +75,7 @@ impl Request {
             reading: false,
             estimate: None,
             meter: None,
+            attempt: 0,
         }
     }
 
@@ -292,6 +295,14 @@ impl Request {
         self.admit(gate, now)
     }
 
+    /// A retried request that ended on a 429 or 503: the router gave up (its attempt count comes
+    /// on the final answer with the virtual host's `include_attempt_count_in_response`).
+    fn count_retries(&self, status: u16, attempts: u32) {
+        if attempts > 1 && matches!(status, 429 | 503) {
+            self.w.metrics.of(self.class).retry_exhausted.inc();
+        }
+    }
+
     /// An admitted request's answer is over, or will never come: its tokens are settled.
     fn settle(&mut self) {
         if let Some(m) = self.meter.take() {
@@ -363,11 +374,15 @@ impl HttpContext for Request {
             // is answered here when it cannot wait that long. A first attempt was just admitted
             // (Envoy says which attempt this is with the virtual host's
             // `include_request_attempt_count`): it costs no shared-data read.
-            if Self::header("x-envoy-attempt-count").as_deref() == Some("1") {
+            self.attempt = Self::header("x-envoy-attempt-count").and_then(|n| n.parse().ok()).unwrap_or(0);
+            if self.attempt == 1 {
                 return Action::Continue;
             }
             let class = Self::header(&cfg.classify.header).as_deref().and_then(Priority::parse);
             self.class = class.unwrap_or(cfg.classify.default);
+            if self.attempt > 1 {
+                self.w.metrics.of(self.class).retry_attempts.inc();
+            }
             let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
             let attempt = self.w.with_core(|w| w.attempt(&SharedData, self.class, now_ms));
             match attempt {
@@ -380,10 +395,20 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         let path = if self.w.needs_path { Self::header(":path").unwrap_or_default() } else { String::new() };
-        self.class = classify(&cfg.classify, &path, Self::header);
-        // Upstream sees the class the proxy decided, never one a client claimed.
-        if let Err(s) = abi::set_request_header(&cfg.classify.header, self.class.name()) {
-            log::debug!("llm-ratelimit: cannot set {}: status {s}", cfg.classify.header);
+        let sent = std::cell::RefCell::new(None);
+        self.class = classify(&cfg.classify, &path, |name| {
+            let v = Self::header(name);
+            if name == cfg.classify.header {
+                sent.replace(v.clone());
+            }
+            v
+        });
+        // Upstream sees the class the proxy decided, never one a client claimed (rewritten only
+        // when it differs: a host call saved on most requests).
+        if sent.into_inner().as_deref() != Some(self.class.name()) {
+            if let Err(s) = abi::set_request_header(&cfg.classify.header, self.class.name()) {
+                log::debug!("llm-ratelimit: cannot set {}: status {s}", cfg.classify.header);
+            }
         }
         if let Some(n) = cfg.class(self.class).max_retries {
             if let Err(s) = abi::set_request_header("x-envoy-max-retries", &n.to_string()) {
@@ -462,6 +487,10 @@ impl HttpContext for Request {
         if status == 200 && self.cache_key.is_some() && !end_of_stream {
             self.capture = Some((header("content-type").unwrap_or_default(), Vec::new()));
         }
+        if role == Role::Observer && self.attempt > 1 && (200..300).contains(&status) {
+            self.w.metrics.of(self.class).retry_succeeded.inc();
+            self.w.metrics.provider.retry_succeeded_attempt.record(u64::from(self.attempt));
+        }
         if !role.learns() && status != 429 {
             // The observer learns from successes; here only a 429 needs its Retry-After.
             return Action::Continue;
@@ -469,6 +498,10 @@ impl HttpContext for Request {
         let Ok(now_ns) = abi::now_ns() else { return Action::Continue };
         let now_ms = now_ns / NANOS_PER_MS;
         let headers = abi::response_headers().unwrap_or_default();
+        if role.admits() {
+            let attempts = headers.iter().find(|(k, _)| k == "x-envoy-attempt-count").and_then(|(_, v)| v.parse().ok());
+            self.count_retries(status, attempts.unwrap_or(0));
+        }
         let signals = self.parse(status, &headers, None, now_ms);
         let hold = status == 429
             && !end_of_stream

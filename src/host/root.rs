@@ -54,7 +54,7 @@ impl RootContext for Root {
             log::error!("llm-ratelimit: cannot start the timer: status {s}");
             return false;
         }
-        log::info!("llm-ratelimit: configured filter {:?} ({:?})", core.config.name, core.config.role);
+        log::info!("llm-ratelimit: configured filter {:?} ({})", core.config.name, core.config.role.name());
         self.worker = Some(Rc::new(WorkerContext::new(core)));
         true
     }

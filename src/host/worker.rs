@@ -217,8 +217,13 @@ impl WorkerContext {
         self.refuse_waiter(r);
     }
 
-    /// One tick of this worker: held responses first, then the queue.
+    /// One tick of this worker: held responses first, then the queue, then the counters.
     pub fn tick(&self, now_ns: u64) {
+        self.tick_core(now_ns);
+        super::metrics::flush();
+    }
+
+    fn tick_core(&self, now_ns: u64) {
         self.let_go_of_stale_bodies(now_ns / NANOS_PER_MS);
         self.send_held_attempts(now_ns / NANOS_PER_MS);
         self.count_tenants(now_ns);
@@ -380,7 +385,7 @@ impl WorkerContext {
     /// (`allow_on_headers_stop_iteration`), so 429 bodies are read before their headers go on.
     pub fn bodies_delivered(&self) {
         if self.bodies.replace(Bodies::Delivered) != Bodies::Delivered {
-            log::info!("llm-ratelimit: Envoy delivers bodies while headers are held: 429 bodies are read first");
+            log::info!("llm-ratelimit: allow_on_headers_stop_iteration is on: bodies are read before their headers");
         }
     }
 
@@ -419,9 +424,7 @@ impl WorkerContext {
             if !body_seen && self.bodies.get() == Bodies::Unknown {
                 self.bodies.set(Bodies::Withheld);
                 log::info!(
-                    "llm-ratelimit: Envoy does not deliver bodies while headers are held \
-                     (allow_on_headers_stop_iteration is off): 429 bodies are read after their headers, and \
-                     request tokens are estimated from content-length"
+                    "llm-ratelimit: allow_on_headers_stop_iteration is off: bodies are read after their headers"
                 );
             }
             let resumed = if request {

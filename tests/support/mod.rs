@@ -172,8 +172,10 @@ impl Envoy {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `wasmcustom.*` and other counters and gauges from `/stats?format=json`.
+    /// `wasmcustom.*` and other counters and gauges from `/stats?format=json`. The filter writes
+    /// its counters on each tick (10 ms): wait a few ticks first.
     pub fn stats(&self) -> HashMap<String, u64> {
+        std::thread::sleep(Duration::from_millis(40));
         let v = get_json(&format!("http://127.0.0.1:{}/stats?format=json", self.admin));
         let mut out = HashMap::new();
         for s in v["stats"].as_array().into_iter().flatten() {
