@@ -143,10 +143,7 @@ impl Config {
     pub fn limit(&self, domain: &str, entries: &[(&str, &str)]) -> Option<&Limit> {
         let mut node = self.domains.get(domain)?;
         for (i, (key, value)) in entries.iter().enumerate() {
-            let next = node
-                .children
-                .get(&format!("{key}_{value}"))
-                .or_else(|| node.children.get(*key))?;
+            let next = node.children.get(&format!("{key}_{value}")).or_else(|| node.children.get(*key))?;
             if i == entries.len() - 1 {
                 return next.limit.as_ref();
             }

@@ -85,7 +85,7 @@ pub struct Decision {
 /// Where the counters live.
 pub enum Target {
     Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 #[derive(Clone)]
@@ -218,7 +218,10 @@ mod tests {
     #[test]
     fn keys_are_hash_tagged_and_unambiguous() {
         let p = Duration::from_secs(60);
-        assert_eq!(key("", "d", &[("provider", "openai"), ("unit", "tokens")], p), "{d_provider_openai_unit_tokens}:60");
+        assert_eq!(
+            key("", "d", &[("provider", "openai"), ("unit", "tokens")], p),
+            "{d_provider_openai_unit_tokens}:60"
+        );
         assert_ne!(key("", "d", &[("a_b", "c")], p), key("", "d", &[("a", "b_c")], p));
         assert_eq!(key("x:", "d", &[("k", "{v}")], p), "x:{d_k_%7Bv%7D}:60");
     }

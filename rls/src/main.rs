@@ -61,13 +61,15 @@ fn settings(args: &[String]) -> Result<Settings, String> {
             Some((n, v)) => (n.to_string(), v.to_string()),
             None => (name.to_string(), it.next().ok_or_else(|| format!("--{name} needs a value"))?.clone()),
         };
-        let known = ["config", "redis", "redis-cluster", "grpc-host", "grpc-port", "http-host", "http-port", "redis-timeout"];
+        let known =
+            ["config", "redis", "redis-cluster", "grpc-host", "grpc-port", "http-host", "http-port", "redis-timeout"];
         if !known.contains(&name.as_str()) {
             return Err(format!("unknown flag --{name}"));
         }
         flags.insert(name, value);
     }
-    let get = |flag: &str, var: &str, default: &str| flags.get(flag).cloned().or_else(|| env(var)).unwrap_or(default.into());
+    let get =
+        |flag: &str, var: &str, default: &str| flags.get(flag).cloned().or_else(|| env(var)).unwrap_or(default.into());
 
     let config = match flags.get("config").cloned().or_else(|| env("CONFIG")) {
         Some(path) => PathBuf::from(path),
@@ -97,7 +99,7 @@ fn settings(args: &[String]) -> Result<Settings, String> {
                 .retries(1)
                 .build()
                 .map_err(|e| format!("--redis-cluster: {e}"))?;
-            (limiter::Target::Cluster(client), format!("cluster {}", nodes.join(",")))
+            (limiter::Target::Cluster(Box::new(client)), format!("cluster {}", nodes.join(",")))
         }
         None => {
             let u = url(&get("redis", "REDIS_URL", "redis://127.0.0.1:6379"));
@@ -121,7 +123,9 @@ fn settings(args: &[String]) -> Result<Settings, String> {
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
-    parse_duration(s).filter(|d| !d.is_zero()).ok_or_else(|| format!("--redis-timeout: '{s}' is not a duration like 40ms or 1s"))
+    parse_duration(s)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("--redis-timeout: '{s}' is not a duration like 40ms or 1s"))
 }
 
 #[tokio::main]

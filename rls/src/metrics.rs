@@ -37,7 +37,11 @@ impl Metrics {
         let counters = [
             ("rls_requests_total", "ShouldRateLimit calls answered", &self.requests),
             ("rls_over_limit_total", "Calls answered OVER_LIMIT", &self.over_limit),
-            ("rls_shadow_over_limit_total", "Descriptors over their limit in shadow_mode (answered OK)", &self.shadow_over_limit),
+            (
+                "rls_shadow_over_limit_total",
+                "Descriptors over their limit in shadow_mode (answered OK)",
+                &self.shadow_over_limit,
+            ),
             ("rls_descriptors_ok_total", "Descriptors within their limit", &self.descriptors_ok),
             ("rls_descriptors_over_limit_total", "Descriptors over their limit", &self.descriptors_over_limit),
             ("rls_descriptors_no_limit_total", "Descriptors with no limit, or unlimited", &self.descriptors_no_limit),
@@ -48,7 +52,10 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
         }
         let name = "rls_redis_latency_seconds";
-        let _ = writeln!(out, "# HELP {name} Time of one descriptor's script in Redis, as this service sees it\n# TYPE {name} histogram");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time of one descriptor's script in Redis, as this service sees it\n# TYPE {name} histogram"
+        );
         let mut cumulative = 0;
         for (bound, count) in BUCKETS.iter().zip(&self.latency_buckets) {
             cumulative += count.load(Relaxed);

@@ -42,7 +42,13 @@ impl Service {
         let limit = match &d.limit {
             Some(o) => match Unit::try_from(o.unit) {
                 Ok(unit) if unit != Unit::Unknown => {
-                    own = Limit { requests_per_unit: o.requests_per_unit, unit, unlimited: false, shadow_mode: false, name: String::new() };
+                    own = Limit {
+                        requests_per_unit: o.requests_per_unit,
+                        unit,
+                        unlimited: false,
+                        shadow_mode: false,
+                        name: String::new(),
+                    };
                     Some(&own)
                 }
                 _ => None,
@@ -88,7 +94,10 @@ pub struct Grpc(pub Arc<Service>);
 
 #[tonic::async_trait]
 impl RateLimitService for Grpc {
-    async fn should_rate_limit(&self, request: Request<RateLimitRequest>) -> Result<Response<RateLimitResponse>, Status> {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
         let request = request.into_inner();
         let this = &self.0;
         if request.domain.is_empty() || request.descriptors.is_empty() {

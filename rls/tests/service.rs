@@ -29,7 +29,10 @@ async fn limits_enforced_and_statuses_filled() {
             assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
         }
     }
-    let r = c.call(vec![descriptor(&[("m", "a")]), descriptor(&[("m", "b")]), descriptor(&[("free", "x")])], 1).await.unwrap();
+    let r = c
+        .call(vec![descriptor(&[("m", "a")]), descriptor(&[("m", "b")]), descriptor(&[("free", "x")])], 1)
+        .await
+        .unwrap();
     assert_eq!(r.overall_code, Code::OverLimit as i32);
     let codes: Vec<i32> = r.statuses.iter().map(|s| s.code).collect();
     assert_eq!(codes, [Code::OverLimit as i32, Code::Ok as i32, Code::Ok as i32]);
@@ -40,7 +43,8 @@ async fn limits_enforced_and_statuses_filled() {
     assert!(c.hit(&[("shadow", "s")]).await);
     assert!(c.hit(&[("shadow", "s")]).await);
     // Bad requests.
-    let err = c.0.should_rate_limit(RateLimitRequest { domain: "test".into(), ..Default::default() }).await.unwrap_err();
+    let err =
+        c.0.should_rate_limit(RateLimitRequest { domain: "test".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let (status, metrics) = rls.get("/metrics");
     assert_eq!(status, 200);
@@ -56,7 +60,7 @@ async fn hits_addend_weights_the_hits() {
     let rls = Rls::start(&["--redis", &format!("127.0.0.1:{}", redis.port)]);
     let mut c = rls.client().await;
     let tok = || vec![descriptor(&[("tok", "t")])];
-    let mut expect = |r: RateLimitResponse, code: Code, remaining: u32| {
+    let expect = |r: RateLimitResponse, code: Code, remaining: u32| {
         assert_eq!((r.statuses[0].code, r.statuses[0].limit_remaining), (code as i32, remaining));
     };
     expect(c.call(tok(), 400).await.unwrap(), Code::Ok, 600);
@@ -164,7 +168,8 @@ async fn concurrent_clients_lose_no_update() {
     }
     let admitted: u32 = tasks.join_all().await.into_iter().sum();
     assert_eq!(admitted, 1000, "8 x 150 calls against 1000 per minute");
-    let stored: u64 = redis.cli(&["HVALS", "{test_tok_shared}:60"]).split_whitespace().map(|v| v.parse::<u64>().unwrap()).sum();
+    let stored: u64 =
+        redis.cli(&["HVALS", "{test_tok_shared}:60"]).split_whitespace().map(|v| v.parse::<u64>().unwrap()).sum();
     assert_eq!(stored, 1000);
 }
 
@@ -207,14 +212,22 @@ async fn redis_down_is_a_fast_error_and_recovery_follows() {
 #[test]
 fn bad_limits_exit_2_naming_the_field() {
     let file = temp_dir("bad").join("bad.yaml");
-    std::fs::write(&file, "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n").unwrap();
+    std::fs::write(
+        &file,
+        "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_llm-ratelimit-rls"))
         .args(["--config", file.to_str().unwrap()])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("bad.yaml: descriptors[0].rate_limit.unit: invalid rate limit unit 'fortnight'"), "{stderr}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llm-ratelimit-rls")).args(["--nope", "1"]).output().unwrap();
+    assert!(
+        stderr.contains("bad.yaml: descriptors[0].rate_limit.unit: invalid rate limit unit 'fortnight'"),
+        "{stderr}"
+    );
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_llm-ratelimit-rls")).args(["--nope", "1"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 pub use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+#[allow(unused_imports)]
 pub use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{rate_limit::Unit, Code};
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 pub use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
@@ -161,7 +162,11 @@ pub fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
 }
 
 impl Client {
-    pub async fn call(&mut self, descriptors: Vec<RateLimitDescriptor>, hits: u32) -> Result<RateLimitResponse, tonic::Status> {
+    pub async fn call(
+        &mut self,
+        descriptors: Vec<RateLimitDescriptor>,
+        hits: u32,
+    ) -> Result<RateLimitResponse, tonic::Status> {
         let request = RateLimitRequest { domain: "test".into(), descriptors, hits_addend: hits };
         self.0.should_rate_limit(request).await.map(|r| r.into_inner())
     }
