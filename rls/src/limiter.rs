@@ -1,7 +1,7 @@
 //! The sliding window in Redis: one atomic Lua script per descriptor and call.
 //!
 //! Each key is a hash of up to `SLOTS + 1` sub-windows ("slots") of `period / SLOTS` each, field =
-//! slot number since the epoch, value = hits admitted in it. A call counts every slot from
+//! slot number since the epoch, value = hits admitted in it, plus their running total. A call counts every slot from
 //! `current - SLOTS` to `current`: that span starts at least one period back and at most one
 //! period plus one slot back, so the count is never below the hits of the last period (never
 //! admits more than the limit in any window of one period, at any instant) and a hit is
@@ -19,8 +19,11 @@ use tokio::sync::Mutex;
 pub const SLOTS: u64 = 100;
 
 const SCRIPT: &str = r#"
--- KEYS[1]: the descriptor's hash of slots.
+-- KEYS[1]: the descriptor's hash: slot number -> hits admitted in it, and t = hits in the counted
+-- slots, o = oldest slot that may hold hits, m = newest slot with hits (so a call touches only
+-- the slots that left the window since the last call, not all of them).
 -- ARGV: limit, window in microseconds, hits to add (0: only look), slots per window.
+local key = KEYS[1]
 local limit = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
 local hits = tonumber(ARGV[3])
@@ -30,43 +33,56 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local cur = math.floor(now / slot_len)
 local first = cur - n
-local flat = redis.call('HGETALL', KEYS[1])
-local used, live, stale = 0, {}, {}
-for i = 1, #flat, 2 do
-  local s = tonumber(flat[i])
-  if s < first then
-    stale[#stale + 1] = flat[i]
-  else
-    local c = tonumber(flat[i + 1])
-    used = used + c
-    live[#live + 1] = {s, c}
-  end
-end
-if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
+local function field(s) return string.format('%d', s) end
 -- a slot s stops counting when first > s, at (s + n + 1) * slot_len
 local function gone(s) return (s + n + 1) * slot_len - now end
+local head = redis.call('HMGET', key, 't', 'o', 'm')
+local used = tonumber(head[1]) or 0
+local oldest = tonumber(head[2])
+local newest = tonumber(head[3])
+if oldest and oldest < first then
+  if newest < first then
+    redis.call('DEL', key)
+    used, oldest, newest = 0, nil, nil
+  else
+    -- at most n slots: a write at m moved o to at least m - n
+    for s = oldest, first - 1 do
+      local c = tonumber(redis.call('HGET', key, field(s)))
+      if c then
+        used = used - c
+        redis.call('HDEL', key, field(s))
+      end
+    end
+    oldest = first
+    redis.call('HSET', key, 't', used, 'o', field(oldest))
+  end
+end
 local admitted = 0
 if used + hits <= limit then
   admitted = 1
   if hits > 0 then
-    redis.call('HINCRBY', KEYS[1], string.format('%d', cur), hits)
+    redis.call('HINCRBY', key, field(cur), hits)
     used = used + hits
-    live[#live + 1] = {cur, hits}
-    redis.call('PEXPIRE', KEYS[1], math.ceil(gone(cur) / 1000))
+    newest = cur
+    oldest = oldest or cur
+    redis.call('HSET', key, 't', used, 'o', field(oldest), 'm', field(cur))
+    redis.call('PEXPIRE', key, math.ceil(gone(cur) / 1000))
   end
 end
 -- Until reset: when admitted, until the whole limit is free again; when denied, until these
 -- hits would fit.
-table.sort(live, function(a, b) return a[1] < b[1] end)
 local reset = 0
 if admitted == 1 then
-  if #live > 0 then reset = gone(live[#live][1]) end
-else
+  if newest then reset = gone(newest) end
+elseif oldest then
   local left = used
-  for i = 1, #live do
-    left = left - live[i][2]
-    reset = gone(live[i][1])
-    if left + hits <= limit then break end
+  for s = oldest, newest do
+    local c = tonumber(redis.call('HGET', key, field(s)))
+    if c then
+      left = left - c
+      reset = gone(s)
+      if left + hits <= limit then break end
+    end
   end
 end
 local remaining = limit - used

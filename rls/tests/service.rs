@@ -91,13 +91,17 @@ async fn until_fraction(frac: f64) {
     tokio::time::sleep(Duration::from_secs_f64(target - t)).await;
 }
 
-async fn burst(c: &Client, entries: &'static [(&'static str, &'static str)], n: usize) -> usize {
+async fn burst(c: &Client, value: &str, n: usize) -> usize {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..n {
-        let mut c = c.clone();
-        tasks.spawn(async move { c.hit(entries).await });
+        let (mut c, value) = (c.clone(), value.to_string());
+        tasks.spawn(async move { c.hit(&[("k", &value)]).await });
     }
     tasks.join_all().await.into_iter().filter(|&ok| ok).count()
+}
+
+async fn sleep_until(t: f64) {
+    tokio::time::sleep(Duration::from_secs_f64((t - now()).max(0.0))).await;
 }
 
 #[tokio::test]
@@ -105,16 +109,30 @@ async fn sliding_window_does_not_double_at_a_second_boundary() {
     let redis = Redis::start();
     let rls = Rls::start(&["--redis", &format!("redis://127.0.0.1:{}", redis.port)]);
     let c = rls.client().await;
-    // 2x the limit (50/s) straddling a second boundary: 50 just before, 50 just after.
-    until_fraction(0.93).await;
-    let before = burst(&c, &[("k", "boundary")], 50).await;
-    until_fraction(0.05).await;
-    let after = burst(&c, &[("k", "boundary")], 50).await;
-    assert_eq!(before, 50);
-    assert!(before + after <= 50, "admitted {before} + {after} across the boundary, limit 50");
-    // Once the first burst is a second old, the window has room again.
-    until_fraction(0.97).await;
-    assert_eq!(burst(&c, &[("k", "boundary")], 50).await, 50);
+    // 2x the limit (50/s) straddling a second boundary: 50 just before, 50 just after. A run
+    // whose bursts were delayed (a loaded machine) so that they did not straddle is run again.
+    for attempt in 0..4 {
+        let key = format!("boundary{attempt}");
+        until_fraction(0.93).await;
+        let t0 = now();
+        let boundary = t0.ceil();
+        let before = burst(&c, &key, 50).await;
+        if now() > boundary + 0.04 {
+            continue;
+        }
+        sleep_until(boundary + 0.05).await;
+        let after = burst(&c, &key, 50).await;
+        if now() > t0 + 0.98 {
+            continue;
+        }
+        assert_eq!(before, 50);
+        assert!(before + after <= 50, "admitted {before} + {after} across the boundary, limit 50");
+        // Once the first burst is a second old, the window has room again.
+        sleep_until(t0 + 1.05).await;
+        assert_eq!(burst(&c, &key, 50).await, 50);
+        return;
+    }
+    panic!("the bursts never straddled a second boundary: machine too loaded");
 }
 
 #[tokio::test]
@@ -137,12 +155,12 @@ async fn sliding_window_holds_at_every_instant() {
     // client and Redis), at most the limit.
     let worst = admitted.iter().map(|&t| admitted.iter().filter(|&&u| u <= t && u > t - 0.98).count()).max().unwrap();
     let memory = redis.cli(&["MEMORY", "USAGE", "{test_k_steady}:1"]);
-    let slots = redis.cli(&["HLEN", "{test_k_steady}:1"]);
+    let slots = redis.cli(&["HLEN", "{test_k_steady}:1"]).trim().parse::<u32>().unwrap() - 3;
     eprintln!(
         "steady 2x: admitted {} in {:.2} s (limit 50/s), most in any 1 s window {worst}; key: {} slots, {} bytes",
         admitted.len(),
         start.elapsed().as_secs_f64(),
-        slots.trim(),
+        slots,
         memory.trim()
     );
     assert!(worst <= 50, "{worst} admitted within one second");
@@ -168,8 +186,7 @@ async fn concurrent_clients_lose_no_update() {
     }
     let admitted: u32 = tasks.join_all().await.into_iter().sum();
     assert_eq!(admitted, 1000, "8 x 150 calls against 1000 per minute");
-    let stored: u64 =
-        redis.cli(&["HVALS", "{test_tok_shared}:60"]).split_whitespace().map(|v| v.parse::<u64>().unwrap()).sum();
+    let stored: u64 = redis.cli(&["HGET", "{test_tok_shared}:60", "t"]).trim().parse().unwrap();
     assert_eq!(stored, 1000);
 }
 
