@@ -5,7 +5,7 @@ WASM_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-flo
 	--enable-mutable-globals --enable-multivalue --enable-reference-types
 MOCK := target/release/mock-provider
 
-.PHONY: demo test build setup bench clean
+.PHONY: demo test build setup bench clean rls
 
 demo: setup build
 	python3 scripts/demo.py
@@ -35,3 +35,7 @@ clean:
 bench: build
 	bench/install-tools.sh
 	python3 bench/run.py
+
+# The rate limit service (rls/): one limit across many Envoy instances, over Redis.
+rls:
+	cargo build --release -p llm-ratelimit-rls

@@ -3,17 +3,31 @@
 //! or a per-model one, some larger than a class may ever take), ticks, clock advances, answers
 //! that settle each admitted request (exact, failed, under or over its estimate, some far over),
 //! client disconnects and lost CAS writes. Each worker reads the clock a few ms apart from the
-//! others. proptest shrinks a failing schedule to a short, readable list of events.
+//! others. Half the schedules run with `bucket.max_lease` 1 (every admission a compare-and-swap),
+//! the others with 4 or the default, so workers lease requests and LLM tokens ahead and spend
+//! them with no shared-data call. proptest shrinks a failing schedule to a short, readable list
+//! of events.
 //!
 //! A reference ledger replays, per bucket, exactly what the decisions the workers reported must
-//! have done to the shared levels: each admission (on arrival or released by a tick) takes one
-//! request token and its need, each successful reconcile gives back `need - actual` (or takes the
-//! excess), clamped to one bucket either way. Properties, checked after every event:
-//! - every admission had its request token and its LLM tokens above its class's floor;
-//! - the store's levels equal the ledger's (a need taken twice, or never, shows at once);
+//! have done to the shared level and to what each worker holds beside it (its lease and its
+//! settlements not written yet): an admission through the store takes one request token and its
+//! need from the shared level, and moves the lease it took with it from the shared level to its
+//! worker; an admission from a lease takes them from the worker; a reconcile adds `need - actual`
+//! to its worker's balance; a tick that writes moves every balance back into the shared level,
+//! capped (and, for LLM tokens, a debt floored) at one bucket, as the core does. Properties,
+//! checked after every event:
+//! - every admission through the store had its request token and its LLM tokens above its
+//!   class's floor; an admission from a lease had them in tokens its worker leased (taken above
+//!   every class's floor), only with its own queue empty;
+//! - a lease is at most `min(admissions since the worker's previous tick, max_lease - 1)` requests
+//!   and an eighth of the requests above the highest floor, its LLM tokens at most an eighth of
+//!   the tokens above the burst and `requests × the largest need seen`, and is taken only while
+//!   nobody waits process-wide;
+//! - the store's levels and every worker's balances equal the ledger's (a need taken twice, or
+//!   never, a lease lost or counted twice, shows at once);
 //! - the tokens spent (the need of every admitted request while unsettled, its actual use once
 //!   answered) stay within `max + refill_rate × elapsed + the excess charged after the fact`,
-//!   and so does `spent + level` (see [`Ledger::check`] for why both must hold);
+//!   and so does `spent + level + leases` (see [`Ledger::check`] for why both must hold);
 //! - admitted requests stay within the request bucket the same way;
 //! - a need larger than its class may ever take is refused at once as `too_large`, never to
 //!   retry, and nothing else is;
@@ -22,8 +36,10 @@
 //!   still paused past its deadline once its worker has ticked;
 //! - a tick whose writes all went through leaves no class's oldest waiter behind while what it
 //!   needs is there;
+//! - a tick keeps its worker's lease only when the write back failed, and says so;
 //! - the workers' queues hold exactly the waiters that exist, and once every worker has ticked
-//!   the shared waiter counts equal them.
+//!   the shared waiter counts equal them; once every worker has ticked with no failed write, no
+//!   worker holds a lease and the store alone is the ledger.
 //!
 //! At the end time passes with every worker ticking: no waiter is left, and once the buckets
 //! have refilled, a request as large as its class may take passes at once from each bucket.
@@ -37,7 +53,7 @@ use llm_ratelimit::config::Config;
 use llm_ratelimit::priority::Priority;
 use llm_ratelimit::reply::Reason;
 use llm_ratelimit::store::{self, MemStore};
-use llm_ratelimit::worker::{Admission, Worker};
+use llm_ratelimit::worker::{Admission, Lease, Worker};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
@@ -45,10 +61,10 @@ use std::collections::BTreeMap;
 
 const START_MS: u64 = 1_700_000_000_000;
 const MS: u64 = 1_000_000;
-/// The request bucket.
-const REQ_CAPACITY: u64 = 8;
-const REQ_REFILL: f64 = 4.0;
-const REQ_BURST: u64 = 2;
+/// Request buckets `(capacity, refill_rate, burst_allowance)`: a tight one (10 + 2: a lease of
+/// one request only while it is nearly full) and a roomy one (40 + 4: leases of up to 4).
+const TIGHT: (u64, f64, u64) = (10, 4.0, 2);
+const ROOMY: (u64, f64, u64) = (40, 8.0, 4);
 /// The provider token bucket (its burst is 0 or `GEN_BURST`, per schedule).
 const CAPACITY: u64 = 1_000;
 const REFILL: f64 = 200.0;
@@ -58,11 +74,30 @@ const MODELS: [(u64, f64); 2] = [(400, 50.0), (150, 20.0)];
 /// Workers read the wall clock up to this far ahead of worker 0 (less than the bucket's jitter
 /// allowance: never a clock step).
 const MAX_SKEW_MS: u64 = 50;
+/// A lease takes at most this share of what lies above the highest floor (the core's
+/// `LEASE_SHARE`).
+const LEASE_SHARE: f64 = 8.0;
+/// The core's default `bucket.max_lease`.
+const DEFAULT_MAX_LEASE: u64 = 32;
 
-fn config(burst: u64) -> Config {
+/// What one schedule runs with.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    /// The request bucket: `TIGHT` or `ROOMY`.
+    requests: (u64, f64, u64),
+    /// The provider token bucket's burst.
+    burst: u64,
+    /// `bucket.max_lease`; `None` leaves it out (the default).
+    max_lease: Option<u64>,
+}
+
+fn config(setup: Setup) -> Config {
     let [(a_cap, a_rate), (b_cap, b_rate)] = MODELS;
+    let (req_cap, req_rate, req_burst) = setup.requests;
+    let burst = setup.burst;
+    let max_lease = setup.max_lease.map_or_else(String::new, |m| format!(r#","max_lease":{m}"#));
     let json = format!(
-        r#"{{"bucket":{{"capacity":{REQ_CAPACITY},"refill_rate":{REQ_REFILL},"burst_allowance":{REQ_BURST}}},
+        r#"{{"bucket":{{"capacity":{req_cap},"refill_rate":{req_rate},"burst_allowance":{req_burst}{max_lease}}},
             "tokens":{{"capacity":{CAPACITY},"refill_rate":{REFILL},"burst_allowance":{burst},
                        "per_model":{{"a":{{"capacity":{a_cap},"refill_rate":{a_rate}}},
                                     "b":{{"capacity":{b_cap},"refill_rate":{b_rate}}}}}}},
@@ -70,7 +105,9 @@ fn config(burst: u64) -> Config {
             "priorities":{{"CRITICAL":{{"max_wait_ms":4000}},"HIGH":{{"max_wait_ms":3000}},
                            "NORMAL":{{"max_wait_ms":2000}},"LOW":{{"max_wait_ms":1000,"queue_limit":3}}}}}}"#
     );
-    Config::parse(json.as_bytes()).unwrap()
+    let config = Config::parse(json.as_bytes()).unwrap();
+    assert_eq!(config.bucket.max_lease, setup.max_lease.unwrap_or(DEFAULT_MAX_LEASE));
+    config
 }
 
 /// Whether a class may spend a bucket's burst (the defaults: CRITICAL and HIGH).
@@ -108,6 +145,13 @@ enum Event {
         worker: usize,
         class: usize,
         need: Option<Need>,
+    },
+    /// `n` arrivals alike at once on one worker (a client's burst): what a lease serves.
+    Burst {
+        worker: usize,
+        class: usize,
+        need: Option<Need>,
+        n: usize,
     },
     Tick {
         worker: usize,
@@ -152,6 +196,16 @@ fn need() -> impl Strategy<Value = Option<Need>> {
     ]
 }
 
+/// Needs small enough for a lease to hold several.
+fn small_need() -> impl Strategy<Value = Option<Need>> {
+    prop_oneof![
+        1 => Just(None),
+        3 => (0..CAPACITY / 10).prop_map(|tokens| Some(Need { bucket: 0, tokens })),
+        1 => (0..MODELS[0].0 / 10).prop_map(|tokens| Some(Need { bucket: 1, tokens })),
+        1 => (0..MODELS[1].0 / 10).prop_map(|tokens| Some(Need { bucket: 2, tokens })),
+    ]
+}
+
 fn usage() -> impl Strategy<Value = Usage> {
     prop_oneof![
         3 => Just(Usage::Exact),
@@ -164,24 +218,44 @@ fn usage() -> impl Strategy<Value = Usage> {
 fn event(workers: usize) -> impl Strategy<Value = Event> {
     prop_oneof![
         8 => (0..workers, 0..4usize, need()).prop_map(|(worker, class, need)| Event::Arrive { worker, class, need }),
+        3 => (0..workers, 0..4usize, small_need(), 2..8usize)
+            .prop_map(|(worker, class, need, n)| Event::Burst { worker, class, need, n }),
         4 => (0..workers).prop_map(|worker| Event::Tick { worker }),
         1 => Just(Event::TickAll),
-        3 => (1..1_500u64).prop_map(|ms| Event::Advance { ms }),
+        5 => (1..1_500u64).prop_map(|ms| Event::Advance { ms }),
         5 => (0..64usize, usage()).prop_map(|(pick, usage)| Event::Answer { pick, usage }),
         1 => (0..64usize).prop_map(|pick| Event::Disconnect { pick }),
         1 => (1..40u32).prop_map(|n| Event::Conflicts { n }),
     ]
 }
 
+fn setup() -> impl Strategy<Value = Setup> {
+    (
+        prop_oneof![1 => Just(TIGHT), 2 => Just(ROOMY)],
+        prop_oneof![Just(0u64), Just(GEN_BURST)],
+        prop_oneof![2 => Just(Some(1u64)), 1 => Just(Some(4)), 1 => Just(None)],
+    )
+        .prop_map(|(requests, burst, max_lease)| Setup { requests, burst, max_lease })
+}
+
 /// One bucket as the decisions reported say it must be, and what was spent from it.
 struct Ledger {
     name: &'static str,
     max: f64,
+    /// The highest class floor: what no lease may dig into.
     burst: f64,
     rate: f64,
-    /// The level replayed from the decisions (same arithmetic as the bucket: refill, then take
-    /// or settle).
-    model: Level,
+    /// Whether a write back may leave a debt (LLM tokens, down to `-max`); request leases are
+    /// never negative, and their write back only caps at `max`.
+    debt: bool,
+    /// The shared level replayed from the decisions (same arithmetic as the bucket: refill, then
+    /// take, lease or write back).
+    store: Level,
+    /// Per worker: what it holds beside the shared level, its lease plus its settlements not
+    /// written yet (negative: a debt).
+    held: Vec<f64>,
+    /// Per worker: the part of `held` it leased and has not spent, taken above every floor.
+    leased: Vec<f64>,
     /// Tokens spent: the need of every admitted request while unsettled, its actual once settled.
     spent: f64,
     /// Tokens charged after the fact: the sum of `max(0, actual - need)` over settled requests.
@@ -189,14 +263,17 @@ struct Ledger {
 }
 
 impl Ledger {
-    fn new(name: &'static str, capacity: u64, rate: f64, burst: u64) -> Ledger {
+    fn new(name: &'static str, (capacity, rate, burst): (u64, f64, u64), workers: usize, debt: bool) -> Ledger {
         let max = (capacity + burst) as f64;
         Ledger {
             name,
             max,
             burst: burst as f64,
             rate,
-            model: Level { tokens: max, at_ns: START_MS * MS },
+            debt,
+            store: Level { tokens: max, at_ns: START_MS * MS },
+            held: vec![0.0; workers],
+            leased: vec![0.0; workers],
             spent: 0.0,
             excess: 0.0,
         }
@@ -224,14 +301,15 @@ impl Ledger {
         }
     }
 
-    /// Whether `n` is there for `class` at `now_ns`.
+    /// Whether `n` is in the shared level for `class` at `now_ns`.
     fn has(&self, class: Priority, n: u64, now_ns: u64) -> bool {
-        self.refill(self.model, now_ns).tokens - n as f64 >= self.floor(class) - 1e-9
+        self.refill(self.store, now_ns).tokens - n as f64 >= self.floor(class) - 1e-9
     }
 
-    /// Request `id` of `class` was admitted at `now_ns` taking `n`: it must have been there.
+    /// Request `id` of `class` was admitted through the store at `now_ns` taking `n`: it must
+    /// have been there.
     fn take(&mut self, id: u32, class: Priority, n: u64, now_ns: u64) {
-        let l = self.refill(self.model, now_ns);
+        let l = self.refill(self.store, now_ns);
         let floor = self.floor(class);
         assert!(
             l.tokens - n as f64 >= floor - 1e-9,
@@ -239,37 +317,107 @@ impl Ledger {
             self.name,
             l.tokens
         );
-        self.model = Level { tokens: l.tokens - n as f64, ..l };
+        self.store = Level { tokens: l.tokens - n as f64, ..l };
         self.spent += n as f64;
     }
 
-    /// A request that took `need` used `actual`; `applied` if the reconcile was written.
-    fn settle(&mut self, need: u64, actual: u64, now_ns: u64, applied: bool) {
-        if applied {
-            let l = self.refill(self.model, now_ns);
-            let tokens = (l.tokens + need as f64 - actual as f64).clamp(-self.max, self.max);
-            self.model = Level { tokens, ..l };
+    /// The admission of `id` (just taken from the shared level) also leased `x` to `worker`: at
+    /// most an eighth of what is left above the highest floor.
+    fn lease_out(&mut self, id: u32, worker: usize, x: f64) {
+        let above = self.store.tokens - self.burst;
+        // The core floors the share; a hair of rounding must not move it.
+        let most = (above / LEASE_SHARE + 1e-6).floor().max(0.0);
+        assert!(
+            x >= 0.0 && x <= most + 1e-9,
+            "{}: #{id}'s admission leased {x} to worker {worker}, with {above} above the highest floor",
+            self.name
+        );
+        self.store.tokens -= x;
+        self.held[worker] += x;
+        self.leased[worker] += x;
+    }
+
+    /// Request `id` of `class` was admitted from `worker`'s lease taking `n` at `now_ns`: its
+    /// worker must hold them. It spends first what it leased (taken above every floor); the rest
+    /// are settlement refunds, which no floor checked: they must have been there for its class
+    /// had the worker written its settlements back and taken the rest through the store.
+    fn spend_lease(&mut self, id: u32, worker: usize, class: Priority, n: u64, now_ns: u64) {
+        let (held, leased) = (self.held[worker], self.leased[worker]);
+        assert!(
+            held - n as f64 >= -1e-9,
+            "{}: #{id} ({class:?}) admitted from worker {worker}'s lease taking {n}, which holds {held}",
+            self.name
+        );
+        let from_lease = (n as f64).min(leased.max(0.0));
+        let refunds = n as f64 - from_lease;
+        if refunds > 0.0 {
+            let level = self.refill(self.store, now_ns).tokens + held - leased;
+            let floor = self.floor(class);
+            assert!(
+                level - refunds >= floor - 1e-9,
+                "{}: #{id} ({class:?}) admitted from worker {worker}'s lease taking {n}: {from_lease} leased, \
+                 {refunds} of its settlements, with {level} in the store once they are written (its floor is {floor})",
+                self.name
+            );
         }
+        self.held[worker] -= n as f64;
+        self.leased[worker] -= from_lease;
+        self.spent += n as f64;
+    }
+
+    /// A request `worker` admitted taking `need` used `actual`: the difference waits in the
+    /// worker's balance for its next tick.
+    fn settle(&mut self, worker: usize, need: u64, actual: u64) {
+        self.held[worker] += need as f64 - actual as f64;
         self.spent += actual as f64 - need as f64;
         self.excess += actual.saturating_sub(need) as f64;
     }
 
-    /// Checks the store's `level` against the ledger, `elapsed_s` after the start, at `now_ns`
-    /// (the latest any worker's clock has read).
+    /// `worker`'s tick wrote its balance back at `now_ns`: the refilled level plus the balance,
+    /// capped at one bucket (a debt floored at one bucket), as one write. The cap applies here,
+    /// not at each settlement.
+    fn write_back(&mut self, worker: usize, now_ns: u64) {
+        let l = self.refill(self.store, now_ns);
+        let sum = l.tokens + self.held[worker];
+        let tokens = if self.debt { sum.clamp(-self.max, self.max) } else { sum.min(self.max) };
+        self.store = Level { tokens, ..l };
+        self.held[worker] = 0.0;
+        self.leased[worker] = 0.0;
+    }
+
+    /// Checks the store's `level` and the workers' balances `held` against the ledger,
+    /// `elapsed_s` after the start, at `now_ns` (the latest any worker's clock has read).
     ///
-    /// With S the tokens spent, E the excess charged after the fact and L the level, the bucket
-    /// keeps `L = max + rate × t - S - (refill lost to the cap) - (refunds lost to the cap)
-    /// + (debt forgiven by the clamp at -max) + (excess of lost reconciles)`; a forgiven debt
-    /// is at most its own excess, so `S + L <= max + rate × t + E`. Between takes
-    /// `max + rate × t + E - S` only grows (refill; a settle moves S by `actual - need` and E by
-    /// at least that), and right after a take it is at least L, which the take left at or above
-    /// its floor: so `S <= max + rate × t + E` as well, debt or no debt.
-    fn check(&self, level: Level, elapsed_s: f64, now_ns: u64) {
-        let stored = self.refill(level, now_ns).tokens;
-        let model = self.refill(self.model, now_ns).tokens;
+    /// The ledger keeps the shared level and each worker's balance apart, because the refill is
+    /// capped on the shared level alone: while a lease is out the shared level refills up to
+    /// `max` and the lease is cut back to one bucket when it is written back, so no identity on
+    /// `level + Σ held` alone could say what a write back leaves. Replaying both, the identity is
+    /// exact at every step: each worker's balance, and `level + Σ held`, equal the ledger's.
+    ///
+    /// With S the tokens spent, E the excess charged after the fact and T = L + Σ held (the
+    /// shared level plus every worker's balance), the buckets keep `T = max + rate × t - S -
+    /// (refill lost to the cap) - (write backs cut at max) + (debt forgiven at -max)`. A write
+    /// back forgives at most the excess settled into it (its balance is at least minus that, the
+    /// level it adds to at least -max), so `S + T <= max + rate × t + E`. And `max + rate × t +
+    /// E - S` only grows between admissions (refill; a settle moves S by `actual - need` and E by
+    /// at least that), while before each admission it is at least what the admission takes: at
+    /// least the shared level plus E's part already written back minus the debt forgiven (never
+    /// negative: debts only enter the level through write backs), plus every worker's unspent
+    /// lease and refunds; an admission through the store takes at most the level, one from a
+    /// lease at most that worker's balance. So `S <= max + rate × t + E` as well, leases or not.
+    fn check(&self, level: Level, held: &[f64], elapsed_s: f64, now_ns: u64) {
+        for (k, (&h, &m)) in held.iter().zip(&self.held).enumerate() {
+            assert!(
+                (h - m).abs() <= 1e-6,
+                "{}: worker {k} holds {h} beside the store, the decisions reported leave it {m}",
+                self.name
+            );
+        }
+        let stored = self.refill(level, now_ns).tokens + held.iter().sum::<f64>();
+        let model = self.refill(self.store, now_ns).tokens + self.held.iter().sum::<f64>();
         assert!(
             (stored - model).abs() <= 1e-6,
-            "{}: the store holds {stored} tokens, the decisions reported leave {model}",
+            "{}: the store and the leases hold {stored} tokens, the decisions reported leave {model}",
             self.name
         );
         let allowed = self.max + self.rate * elapsed_s + self.excess;
@@ -281,11 +429,24 @@ impl Ledger {
         );
         assert!(
             self.spent + stored <= allowed + 1e-6,
-            "{}: {} tokens spent and {stored} left, more than the {allowed} the bucket allows after {elapsed_s} s",
+            "{}: {} tokens spent and {stored} left (leases included), more than the {allowed} the bucket allows \
+             after {elapsed_s} s",
             self.name,
             self.spent
         );
     }
+}
+
+/// What a worker holds beside the store: leased requests, and its balance per token bucket.
+type Holding = (f64, [f64; 3]);
+
+fn holding(l: &Lease) -> Holding {
+    let mut tokens = [0.0; 3];
+    for (t, &h) in tokens.iter_mut().zip(&l.tokens) {
+        *t = h;
+    }
+    assert!(l.tokens.len() <= tokens.len(), "a lease of {} token buckets", l.tokens.len());
+    (l.requests, tokens)
 }
 
 struct Waiting {
@@ -303,6 +464,15 @@ struct Flight {
     need: Option<Need>,
 }
 
+/// How often the leased path ran, to tell a schedule that exercised it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stats {
+    leases: u32,
+    from_lease: u32,
+    write_backs: u32,
+    kept: u32,
+}
+
 struct Sim {
     store: MemStore,
     workers: Vec<Worker>,
@@ -315,15 +485,27 @@ struct Sim {
     requests: Ledger,
     /// In `Need::bucket` order.
     tokens: Vec<Ledger>,
+    max_lease: u32,
+    /// Per worker: requests `admit` let through since its last tick.
+    admitted: Vec<u32>,
+    /// Per worker: the most requests its next lease may hold, the admission included (what its
+    /// last tick saw, plus one).
+    lease_size: Vec<u32>,
+    /// Per worker: the largest need it was asked to admit (its average need is below it).
+    max_need: Vec<u64>,
+    stats: Stats,
 }
 
 impl Sim {
-    fn new(workers: usize, burst: u64, skew: &[u64]) -> Sim {
-        let config = config(burst);
+    fn new(workers: usize, setup: Setup, skew: &[u64]) -> Sim {
+        let config = config(setup);
+        let max_lease = config.bucket.max_lease.max(1) as u32;
         let workers: Vec<Worker> = (0..workers).map(|i| Worker::new(config.clone(), 1000 + i as u64)).collect();
         let store = MemStore::default();
         workers[0].ensure_bucket(&store, START_MS * MS).unwrap();
         let skew = (0..workers.len()).map(|k| if k == 0 { 0 } else { skew[k - 1] }).collect();
+        let n = workers.len();
+        let [a, b] = MODELS;
         Sim {
             store,
             workers,
@@ -332,12 +514,17 @@ impl Sim {
             next_id: 1,
             waiting: BTreeMap::new(),
             in_flight: Vec::new(),
-            requests: Ledger::new("request bucket", REQ_CAPACITY, REQ_REFILL, REQ_BURST),
+            requests: Ledger::new("request bucket", setup.requests, n, false),
             tokens: vec![
-                Ledger::new("token bucket", CAPACITY, REFILL, burst),
-                Ledger::new("model a", MODELS[0].0, MODELS[0].1, 0),
-                Ledger::new("model b", MODELS[1].0, MODELS[1].1, 0),
+                Ledger::new("token bucket", (CAPACITY, REFILL, setup.burst), n, true),
+                Ledger::new("model a", (a.0, a.1, 0), n, true),
+                Ledger::new("model b", (b.0, b.1, 0), n, true),
             ],
+            max_lease,
+            admitted: vec![0; n],
+            lease_size: vec![1; n],
+            max_need: vec![0; n],
+            stats: Stats::default(),
         }
     }
 
@@ -345,41 +532,103 @@ impl Sim {
         self.now + self.skew[worker]
     }
 
-    /// Request `id` of `class` was let through by `worker` at its `clock_ms`.
-    fn admitted(&mut self, worker: usize, id: u32, class: Priority, need: Option<Need>, clock_ms: u64) {
-        let now_ns = clock_ms * MS;
+    /// Request `id` of `class` took its request token and its need from the shared level.
+    fn take(&mut self, id: u32, class: Priority, need: Option<Need>, now_ns: u64) {
         self.requests.take(id, class, 1, now_ns);
         if let Some(n) = need {
             self.tokens[usize::from(n.bucket)].take(id, class, n.tokens, now_ns);
         }
-        self.in_flight.push(Flight { worker, id, need });
+    }
+
+    /// The admission of `id` through the store on `worker` left its lease at `after` (from
+    /// `before`): what it leased must fit every bound, and moves from the shared level to it.
+    fn lease_out(
+        &mut self,
+        worker: usize,
+        id: u32,
+        need: Option<Need>,
+        (before, after): (Holding, Holding),
+        quiet: bool,
+    ) {
+        let requests = after.0 - before.0;
+        let size = self.lease_size[worker];
+        assert!(
+            requests >= 0.0 && requests.fract() == 0.0 && requests <= f64::from(size - 1),
+            "#{id}: worker {worker} leased {requests} requests, its last tick saw {} admissions (max_lease {})",
+            size - 1,
+            self.max_lease
+        );
+        assert!(requests == 0.0 || quiet, "#{id}: worker {worker} leased {requests} requests while requests wait");
+        self.requests.lease_out(id, worker, requests);
+        for (i, ledger) in self.tokens.iter_mut().enumerate() {
+            let t = after.1[i] - before.1[i];
+            match need {
+                Some(n) if usize::from(n.bucket) == i && requests > 0.0 => {
+                    // Sized by the worker's average need, which is at most the largest it saw.
+                    let most = requests * self.max_need[worker] as f64;
+                    assert!(t <= most + 1e-6, "#{id}: worker {worker} leased {t} tokens for {requests} requests");
+                    ledger.lease_out(id, worker, t);
+                }
+                _ => assert_eq!(t, 0.0, "#{id}: worker {worker} leased {t} tokens of bucket {i} with {need:?}"),
+            }
+        }
+        if requests > 0.0 {
+            self.stats.leases += 1;
+        }
     }
 
     fn arrive(&mut self, worker: usize, class: Priority, need: Option<Need>) -> Option<Admission> {
         let id = self.next_id;
         self.next_id += 1;
         let clock_ms = self.clock_ms(worker);
+        let now_ns = clock_ms * MS;
         let too_large = need.is_some_and(|n| n.tokens as f64 > self.tokens[usize::from(n.bucket)].limit(class));
+        if let Some(n) = need {
+            self.max_need[worker] = self.max_need[worker].max(n.tokens);
+        }
         let w = &mut self.workers[worker];
-        let decision = w.admit(&self.store, id, class, None, need, Gate::Pass, clock_ms * MS);
+        let own = w.local_counts();
+        // What the admission's compare-and-swap reads (a lost write changes nothing in between).
+        let shared: SharedBucket = store::read(&self.store, &w.bucket_key).unwrap().unwrap();
+        let quiet = shared.waiting(w.id, own, clock_ms) == [0; 4];
+        let before = holding(w.lease());
+        let decision = w.admit(&self.store, id, class, None, need, Gate::Pass, now_ns);
+        let after = holding(w.lease());
         let Ok(decision) = decision else {
-            // Every CAS lost: nothing was written, nothing queued.
+            // Every CAS lost: nothing was written, nothing queued, nothing leased.
             assert!(!w.is_waiting(id), "#{id} queued by an arrival that failed");
             assert!(!too_large, "#{id} too large, yet the bucket was written");
+            assert_eq!(before, after, "#{id}: an arrival that failed changed the lease");
             return None;
         };
         let admission = decision.admission;
+        if !matches!(admission, Admission::Pass { .. }) {
+            assert_eq!(before, after, "#{id} was not let through, yet its worker's lease changed");
+        }
         match &admission {
             Admission::Pass { probe } => {
                 assert!(!too_large, "#{id} ({class:?}) needs {need:?}, more than it may ever take, yet passed");
                 assert_eq!(*probe, None);
-                self.admitted(worker, id, class, need, clock_ms);
+                if decision.levels.is_none() {
+                    // Served from the worker's lease, with no shared-data call.
+                    assert_eq!(own, [0; 4], "#{id} served from the lease ahead of its own worker's waiters");
+                    self.requests.spend_lease(id, worker, class, 1, now_ns);
+                    if let Some(n) = need {
+                        self.tokens[usize::from(n.bucket)].spend_lease(id, worker, class, n.tokens, now_ns);
+                    }
+                    self.stats.from_lease += 1;
+                } else {
+                    self.take(id, class, need, now_ns);
+                    self.lease_out(worker, id, need, (before, after), quiet);
+                }
+                self.admitted[worker] += 1;
+                self.in_flight.push(Flight { worker, id, need });
             }
             Admission::Wait { shed } => {
                 assert!(!too_large, "#{id} ({class:?}) needs {need:?}, more than it may ever take, yet waits");
                 assert!(self.workers[worker].is_waiting(id));
                 // Waiting writes the request bucket's refill, and takes nothing.
-                self.requests.model = self.requests.refill(self.requests.model, clock_ms * MS);
+                self.requests.store = self.requests.refill(self.requests.store, now_ns);
                 if let Some(r) = shed {
                     assert_eq!(r.reason, Reason::Shed);
                     assert!(r.retry);
@@ -413,15 +662,20 @@ impl Sim {
         let f = self.in_flight.remove(pick % self.in_flight.len());
         let Some(need) = f.need else { return };
         let actual = usage.actual(need.tokens);
-        let clock_ms = self.clock_ms(f.worker);
-        let applied = self.workers[f.worker].reconcile(&self.store, need, actual, clock_ms * MS).is_ok();
-        self.tokens[usize::from(need.bucket)].settle(need.tokens, actual, clock_ms * MS, applied);
+        self.workers[f.worker].reconcile(need, actual);
+        self.tokens[usize::from(need.bucket)].settle(f.worker, need.tokens, actual);
     }
 
     fn run(&mut self, e: &Event) {
         match *e {
             Event::Arrive { worker, class, need } => {
                 self.arrive(worker, Priority::ALL[class], need);
+            }
+            Event::Burst { worker, class, need, n } => {
+                for _ in 0..n {
+                    self.arrive(worker, Priority::ALL[class], need);
+                    self.check();
+                }
             }
             Event::Tick { worker } => {
                 self.tick(worker);
@@ -434,6 +688,7 @@ impl Sim {
                 // Writes lost on purpose this round are healed by the next one.
                 if !lost {
                     self.check_counts();
+                    self.check_no_leases();
                 }
             }
             Event::Advance { ms } => self.now += ms,
@@ -464,7 +719,27 @@ impl Sim {
     /// Ticks `worker`; true if a shared-data write failed.
     fn tick(&mut self, worker: usize) -> bool {
         let clock_ms = self.clock_ms(worker);
-        let t = self.workers[worker].tick(&self.store, clock_ms * MS);
+        let now_ns = clock_ms * MS;
+        let w = &mut self.workers[worker];
+        let (held, before, buckets) = (w.holds_lease(), holding(w.lease()), w.lease().tokens.len());
+        assert!(!held || w.needs_tick(), "worker {worker} holds a lease and says it needs no tick");
+        let t = w.tick(&self.store, now_ns);
+        // The lease goes back first, in one write: all of it, or none of it and an error.
+        if held && !w.holds_lease() {
+            self.requests.write_back(worker, now_ns);
+            // The write refills the token buckets the worker has a balance for.
+            for ledger in self.tokens.iter_mut().take(buckets) {
+                ledger.write_back(worker, now_ns);
+            }
+            self.stats.write_backs += 1;
+        } else {
+            assert_eq!(holding(w.lease()), before, "worker {worker}'s tick changed its lease without writing it");
+            assert!(!held || !t.errors.is_empty(), "worker {worker}'s tick kept its lease, reporting no failure");
+            self.stats.kept += u32::from(held);
+        }
+        // The next lease is sized by the admissions since the last tick.
+        self.lease_size[worker] = (self.admitted[worker] + 1).min(self.max_lease);
+        self.admitted[worker] = 0;
         // The queue expires its waiters before it releases any.
         for r in &t.expired {
             let v = self.waiting.remove(&r.id).unwrap_or_else(|| panic!("expired #{}, not waiting", r.id));
@@ -479,14 +754,14 @@ impl Sim {
             assert!(v.deadline_ms > clock_ms, "#{} released past its deadline", r.id);
             let older = self.waiting.range(..r.id).find(|(_, o)| o.worker == worker && o.class == r.class);
             assert!(older.is_none(), "#{} ({:?}) released before #{} of its class", r.id, r.class, older.unwrap().0);
-            self.admitted(worker, r.id, r.class, v.need, clock_ms);
+            self.take(r.id, r.class, v.need, now_ns);
+            self.in_flight.push(Flight { worker, id: r.id, need: v.need });
         }
         // A tick that could write stops only when no class's oldest waiter has what it needs.
         if t.errors.is_empty() {
             for class in Priority::ALL {
                 let oldest = self.waiting.iter().find(|(_, v)| v.worker == worker && v.class == class);
                 if let Some((id, v)) = oldest {
-                    let now_ns = clock_ms * MS;
                     let fits = self.requests.has(class, 1, now_ns)
                         && v.need.is_none_or(|n| self.tokens[usize::from(n.bucket)].has(class, n.tokens, now_ns));
                     assert!(!fits, "the tick left #{id} ({class:?}) waiting with what it needs there");
@@ -505,7 +780,11 @@ impl Sim {
         !t.errors.is_empty()
     }
 
-    /// The queues hold exactly the waiters that exist; the levels are the ledger's.
+    fn shared(&self) -> SharedBucket {
+        store::read(&self.store, &self.workers[0].bucket_key).unwrap().unwrap()
+    }
+
+    /// The queues hold exactly the waiters that exist; the levels and balances are the ledger's.
     fn check(&self) {
         for (k, w) in self.workers.iter().enumerate() {
             let mut counts = [0u32; 4];
@@ -515,20 +794,22 @@ impl Sim {
             }
             assert_eq!(w.local_counts(), counts, "worker {k} queues other waiters than exist");
         }
-        let shared: SharedBucket = store::read(&self.store, &self.workers[0].bucket_key).unwrap().unwrap();
+        let shared = self.shared();
         let now_ns = (self.now + MAX_SKEW_MS) * MS;
         let elapsed_s = (now_ns - START_MS * MS) as f64 / 1e9;
-        self.requests.check(shared.level, elapsed_s, now_ns);
+        let held: Vec<Holding> = self.workers.iter().map(|w| holding(w.lease())).collect();
+        let requests: Vec<f64> = held.iter().map(|h| h.0).collect();
+        self.requests.check(shared.level, &requests, elapsed_s, now_ns);
         assert_eq!(shared.token_levels.len(), self.tokens.len());
-        for (ledger, level) in self.tokens.iter().zip(&shared.token_levels) {
-            ledger.check(*level, elapsed_s, now_ns);
+        for (i, (ledger, level)) in self.tokens.iter().zip(&shared.token_levels).enumerate() {
+            let tokens: Vec<f64> = held.iter().map(|h| h.1[i]).collect();
+            ledger.check(*level, &tokens, elapsed_s, now_ns);
         }
     }
 
     /// Every worker has just ticked: the shared counts are exactly the waiters that exist.
     fn check_counts(&self) {
-        let shared: SharedBucket = store::read(&self.store, &self.workers[0].bucket_key).unwrap().unwrap();
-        let shared = shared.waiting(u64::MAX, [0; 4], self.now);
+        let shared = self.shared().waiting(u64::MAX, [0; 4], self.now);
         let mut local = [0u32; 4];
         for w in &self.workers {
             for (l, c) in local.iter_mut().zip(w.local_counts()) {
@@ -537,10 +818,30 @@ impl Sim {
         }
         assert_eq!(shared, local, "shared waiter counts drifted from the queues");
     }
+
+    /// Every worker has just ticked with no failed write: every lease and settlement is back in
+    /// the store, which alone is the ledger.
+    fn check_no_leases(&self) {
+        for (k, w) in self.workers.iter().enumerate() {
+            assert!(!w.holds_lease(), "worker {k} still holds {:?} after a tick that wrote", w.lease());
+        }
+        let shared = self.shared();
+        let now_ns = (self.now + MAX_SKEW_MS) * MS;
+        let levels = std::iter::once((&self.requests, shared.level)).chain(self.tokens.iter().zip(shared.token_levels));
+        for (ledger, level) in levels {
+            assert!(ledger.held.iter().all(|&h| h == 0.0), "{}: the ledger still holds {:?}", ledger.name, ledger.held);
+            let (stored, model) = (ledger.refill(level, now_ns).tokens, ledger.refill(ledger.store, now_ns).tokens);
+            assert!(
+                (stored - model).abs() <= 1e-6,
+                "{}: with no lease out the store holds {stored}, the decisions reported leave {model}",
+                ledger.name
+            );
+        }
+    }
 }
 
-fn simulate(workers: usize, burst: u64, skew: &[u64], events: &[Event]) {
-    let mut sim = Sim::new(workers, burst, skew);
+fn simulate(workers: usize, setup: Setup, skew: &[u64], events: &[Event]) -> Stats {
+    let mut sim = Sim::new(workers, setup, skew);
     for e in events {
         sim.run(e);
     }
@@ -559,6 +860,7 @@ fn simulate(workers: usize, burst: u64, skew: &[u64], events: &[Event]) {
     assert!(sim.waiting.is_empty(), "waiters stranded after every deadline: {:?}", sim.waiting.keys());
     sim.run(&Event::TickAll);
     sim.check_counts();
+    sim.check_no_leases();
     // Once the buckets have refilled, the most a class may take passes at once from each.
     sim.now += 20_000;
     for (bucket, class) in [(0u8, Priority::Critical), (0, Priority::Normal), (1, Priority::Low), (2, Priority::High)] {
@@ -570,6 +872,7 @@ fn simulate(workers: usize, burst: u64, skew: &[u64], events: &[Event]) {
         sim.now += 20_000;
         sim.check();
     }
+    sim.stats
 }
 
 fn cases() -> u32 {
@@ -591,9 +894,83 @@ proptest! {
     #[test]
     fn token_admission_keeps_its_ledger_under_any_interleaving(
         (workers, events) in (2..=4usize).prop_flat_map(|w| (Just(w), vec(event(w), 1..150))),
-        burst in prop_oneof![Just(0u64), Just(GEN_BURST)],
+        setup in setup(),
         skew in vec(0..=MAX_SKEW_MS, 3),
     ) {
-        simulate(workers, burst, &skew, &events);
+        simulate(workers, setup, &skew, &events);
     }
+}
+
+fn arrive(worker: usize, class: Priority, need: Option<(u8, u64)>) -> Event {
+    let need = need.map(|(bucket, tokens)| Need { bucket, tokens });
+    Event::Arrive { worker, class: class.index(), need }
+}
+
+/// Leases on, a roomy request bucket, the provider token bucket with a burst of `GEN_BURST`.
+const LEASING: Setup = Setup { requests: ROOMY, burst: GEN_BURST, max_lease: None };
+
+/// The leased path the properties cover is there: a lease is taken, spent, kept through a lost
+/// write back, then written back.
+#[test]
+fn the_simulation_takes_spends_and_returns_leases() {
+    let events = [
+        Event::Burst { worker: 0, class: 0, need: None, n: 3 },
+        Event::Tick { worker: 0 },
+        // The first takes a lease of 3 requests and 118 tokens, which serves the next two.
+        Event::Burst { worker: 0, class: 0, need: Some(Need { bucket: 0, tokens: 50 }), n: 4 },
+        Event::Conflicts { n: 32 },
+        Event::Tick { worker: 0 },
+        Event::TickAll,
+    ];
+    let stats = simulate(2, LEASING, &[0, 0, 0], &events);
+    assert!(stats.leases >= 1 && stats.from_lease >= 2, "{stats:?}");
+    assert!(stats.kept >= 1 && stats.write_backs >= 1, "{stats:?}");
+}
+
+// A worker's `lease().tokens` holds its leased tokens and its unwritten settlements alike, and
+// `take_from_lease` spends either: a refund admits requests no check of the shared bucket would.
+
+/// CRITICAL takes all 1300 tokens and fails: a 1300 refund waits on worker 0, which then leases
+/// one request; a NORMAL request needing 1200 (it may never take more than 1000) passes from it.
+#[test]
+fn a_refund_held_for_the_tick_lets_no_too_large_request_through() {
+    let events = [
+        arrive(0, Priority::Critical, Some((0, 1300))),
+        Event::Tick { worker: 0 },
+        Event::Answer { pick: 0, usage: Usage::Failed },
+        arrive(0, Priority::Critical, None),
+        arrive(0, Priority::Normal, Some((0, 1200))),
+    ];
+    simulate(2, LEASING, &[0, 0, 0], &events);
+}
+
+/// CRITICAL takes all 1300 tokens and uses 300: a 1000 refund waits on worker 0; NORMAL takes
+/// all 1000 of it, leaving nothing of the 300 only CRITICAL and HIGH may spend.
+#[test]
+fn a_refund_held_for_the_tick_is_not_spent_below_the_class_floor() {
+    let events = [
+        arrive(0, Priority::Critical, Some((0, 1300))),
+        Event::Tick { worker: 0 },
+        Event::Answer { pick: 0, usage: Usage::Off(-77) },
+        arrive(0, Priority::Critical, None),
+        arrive(0, Priority::Normal, Some((0, 1000))),
+    ];
+    simulate(2, LEASING, &[0, 0, 0], &events);
+}
+
+/// Worker 1 writes a 2000-token overrun back: the bucket is 800 in debt. Worker 0's 100 refund
+/// still admits a request needing 100 (through the store it would wait for 800 to refill).
+#[test]
+fn a_refund_held_for_the_tick_is_not_spent_while_the_bucket_is_in_debt() {
+    let events = [
+        arrive(0, Priority::Critical, Some((0, 100))),
+        arrive(1, Priority::Critical, Some((0, 0))),
+        Event::Tick { worker: 0 },
+        Event::Answer { pick: 1, usage: Usage::Over(2000) },
+        Event::Tick { worker: 1 },
+        Event::Answer { pick: 0, usage: Usage::Failed },
+        arrive(0, Priority::Critical, None),
+        arrive(0, Priority::Critical, Some((0, 100))),
+    ];
+    simulate(2, LEASING, &[0, 0, 0], &events);
 }
