@@ -32,8 +32,11 @@ const LEASE_SHARE: f64 = 8.0;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Lease {
     pub requests: f64,
-    /// Per token bucket: leased tokens plus refunds, minus charges (negative: a debt).
+    /// Per token bucket: LLM tokens leased, spent only by admissions from the lease.
     pub tokens: Vec<f64>,
+    /// Per token bucket: refunds minus charges not written yet (negative: a debt). Kept apart
+    /// from `tokens`: spending a refund here would skip the class floors and the debt.
+    pub settled: Vec<f64>,
     /// Admissions since the last tick: how large the next lease should be.
     used: u32,
     /// How many requests the next lease takes (1: none beyond the request itself).
@@ -195,9 +198,9 @@ impl Worker {
     /// is given back or taken on the next tick (held here until then, like a lease).
     pub fn reconcile(&mut self, need: Need, actual: u64) {
         let n = self.rules.token_buckets.len();
-        let tokens = &mut self.lease.tokens;
-        tokens.resize(n.max(tokens.len()), 0.0);
-        if let Some(t) = tokens.get_mut(usize::from(need.bucket)) {
+        let settled = &mut self.lease.settled;
+        settled.resize(n.max(settled.len()), 0.0);
+        if let Some(t) = settled.get_mut(usize::from(need.bucket)) {
             *t += need.tokens as f64 - actual as f64;
         }
     }
@@ -247,7 +250,9 @@ impl Worker {
         if !self.holds_lease() {
             return Ok(None);
         }
-        let (requests, tokens) = (self.lease.requests, self.lease.tokens.clone());
+        let l = &self.lease;
+        let held = |i: usize| l.tokens.get(i).copied().unwrap_or(0.0) + l.settled.get(i).copied().unwrap_or(0.0);
+        let (requests, tokens): (f64, Vec<f64>) = (l.requests, (0..self.rules.token_buckets.len()).map(held).collect());
         let (me, own, now_ms) = (self.id, self.local_counts(), now_ns / NANOS_PER_MS);
         let written = self.update_bucket(store, now_ns, |s| {
             let mut next = SharedBucket { level: self.rules.bucket.refill(s.level, now_ns), ..s };
@@ -259,7 +264,7 @@ impl Worker {
             (levels(&next, next.waiting(me, own, now_ms)), Some(next))
         })?;
         self.lease.requests = 0.0;
-        self.lease.tokens.iter_mut().for_each(|t| *t = 0.0);
+        self.lease.tokens.iter_mut().chain(&mut self.lease.settled).for_each(|t| *t = 0.0);
         Ok(Some(written))
     }
 
@@ -289,7 +294,8 @@ impl Worker {
 
     /// Whether this worker holds leased tokens or settlements to write back.
     pub fn holds_lease(&self) -> bool {
-        self.lease.requests > 0.0 || self.lease.tokens.iter().any(|&t| t != 0.0)
+        let l = &self.lease;
+        l.requests > 0.0 || l.tokens.iter().chain(&l.settled).any(|&t| t != 0.0)
     }
 
     /// What this worker holds beside the shared value (for tests and the simulation).
@@ -600,10 +606,11 @@ impl Worker {
             self.queue.shift_back(self.last_tick_ms - now_ms);
         }
         self.last_tick_ms = now_ms;
-        match self.return_lease(store, now_ns) {
-            Ok(levels) => t.levels = levels,
-            Err(s) => t.errors.push(s),
-        }
+        // Not `t.levels`: that write carries no waiter counts, which the heartbeat below writes.
+        let returned = self.return_lease(store, now_ns).unwrap_or_else(|s| {
+            t.errors.push(s);
+            None
+        });
         // Expired waiters are answered whatever shared data says.
         let expired = self.queue.expire(now_ms);
         // Only a worker with someone to send may take the half-open probe's place.
@@ -692,6 +699,9 @@ impl Worker {
                     t.errors.push(s);
                 }
             }
+        }
+        if t.levels.is_none() {
+            t.levels = returned;
         }
         if !expired.is_empty() {
             let tokens = t.levels.map(|(_, tokens, _)| tokens).or_else(|| {
