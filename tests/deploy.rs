@@ -47,7 +47,9 @@ fn compose_mounts_existing_files_and_publishes_each_host_port_once() {
             }
         }
         if let Some(build) = svc.get("build") {
-            let dockerfile = root().join(build["context"].as_str().expect("context")).join(build["dockerfile"].as_str().expect("dockerfile"));
+            let dockerfile = root()
+                .join(build["context"].as_str().expect("context"))
+                .join(build["dockerfile"].as_str().expect("dockerfile"));
             assert!(dockerfile.is_file(), "{name}: no {}", dockerfile.display());
         }
         for dep in svc["depends_on"].as_array().into_iter().flatten() {
@@ -81,7 +83,11 @@ fn prometheus_alertmanager_and_grafana_find_each_other_in_compose() {
         let rule = rule.as_str().expect("rule file");
         let source = format!("deploy/prometheus/{rule}");
         assert!(root().join(&source).is_file(), "rule file {source}");
-        assert_eq!(prom_mounts.get(&source).map(String::as_str), config_dir.join(rule).to_str(), "{source} beside the config");
+        assert_eq!(
+            prom_mounts.get(&source).map(String::as_str),
+            config_dir.join(rule).to_str(),
+            "{source} beside the config"
+        );
     }
 
     // It scrapes Envoy's admin: the port envoy/envoy.yaml gives the admin, on the service whose
@@ -93,19 +99,27 @@ fn prometheus_alertmanager_and_grafana_find_each_other_in_compose() {
         .and_then(|a| a.split("port_value:").nth(1))
         .and_then(|p| p.trim_start().split(|c: char| !c.is_ascii_digit()).next())
         .expect("admin port in envoy/envoy.yaml");
-    let envoy_host = services["envoy"]["network_mode"].as_str().and_then(|m| m.strip_prefix("service:")).expect("envoy network");
+    let envoy_host =
+        services["envoy"]["network_mode"].as_str().and_then(|m| m.strip_prefix("service:")).expect("envoy network");
     let scrape = &prom["scrape_configs"][0];
     assert_eq!(scrape["metrics_path"], json!("/stats/prometheus"));
     assert_eq!(scrape["static_configs"][0]["targets"], json!([format!("{envoy_host}:{admin_port}")]));
-    assert!(container_ports(&services[envoy_host]).contains(admin_port), "{envoy_host} does not publish the admin port");
+    assert!(
+        container_ports(&services[envoy_host]).contains(admin_port),
+        "{envoy_host} does not publish the admin port"
+    );
 
     // Alerts go to the Alertmanager service, which reads deploy/alertmanager.
-    let am = prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"][0].as_str().expect("alertmanager target");
+    let am =
+        prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"][0].as_str().expect("alertmanager target");
     let (am_host, am_port) = am.split_once(':').expect("host:port");
     assert!(container_ports(&services[am_host]).contains(am_port), "{am}");
     let am_mounts = mounts(&services[am_host]);
     let am_config = am_mounts.get("deploy/alertmanager/alertmanager.yml").expect("alertmanager.yml mounted");
-    assert!(services[am_host]["command"].as_array().expect("command").contains(&json!(format!("--config.file={am_config}"))));
+    assert!(services[am_host]["command"]
+        .as_array()
+        .expect("command")
+        .contains(&json!(format!("--config.file={am_config}"))));
     let alertmanager = &yaml(&read("deploy/alertmanager/alertmanager.yml"))[0];
     let receiver = alertmanager["route"]["receiver"].as_str().expect("receiver");
     let receivers = alertmanager["receivers"].as_array().expect("receivers");
@@ -119,8 +133,14 @@ fn prometheus_alertmanager_and_grafana_find_each_other_in_compose() {
     let (host, port) = url.strip_prefix("http://").and_then(|h| h.split_once(':')).expect("http://host:port");
     assert!(services.contains_key(host) && container_ports(&services[host]).contains(port), "{url}");
     let g = mounts(&services["grafana"]);
-    assert_eq!(g.get("deploy/grafana/provisioning/datasources").map(String::as_str), Some("/etc/grafana/provisioning/datasources"));
-    assert_eq!(g.get("deploy/grafana/provisioning/dashboards").map(String::as_str), Some("/etc/grafana/provisioning/dashboards"));
+    assert_eq!(
+        g.get("deploy/grafana/provisioning/datasources").map(String::as_str),
+        Some("/etc/grafana/provisioning/datasources")
+    );
+    assert_eq!(
+        g.get("deploy/grafana/provisioning/dashboards").map(String::as_str),
+        Some("/etc/grafana/provisioning/dashboards")
+    );
     let provider = &yaml(&read("deploy/grafana/provisioning/dashboards/llm-ratelimit.yaml"))[0]["providers"][0];
     let dash_target = g.get("deploy/grafana/llm-ratelimit.json").expect("dashboard mounted");
     assert_eq!(Path::new(dash_target).parent().and_then(Path::to_str), provider["options"]["path"].as_str());
@@ -129,7 +149,12 @@ fn prometheus_alertmanager_and_grafana_find_each_other_in_compose() {
 #[test]
 fn dashboard_is_well_formed_and_plots_every_signal() {
     let dash: Value = serde_json::from_str(&read("deploy/grafana/llm-ratelimit.json")).expect("dashboard JSON");
-    let vars: BTreeSet<String> = dash["templating"]["list"].as_array().expect("templating").iter().map(|v| v["name"].as_str().expect("name").to_string()).collect();
+    let vars: BTreeSet<String> = dash["templating"]["list"]
+        .as_array()
+        .expect("templating")
+        .iter()
+        .map(|v| v["name"].as_str().expect("name").to_string())
+        .collect();
     let panels = dash["panels"].as_array().expect("panels");
     let mut ids = BTreeSet::new();
     let mut cells = BTreeSet::new();
@@ -137,7 +162,8 @@ fn dashboard_is_well_formed_and_plots_every_signal() {
     for p in panels {
         assert!(ids.insert(p["id"].as_u64().expect("id")), "duplicate panel id {}", p["id"]);
         let g = &p["gridPos"];
-        let (x, y, w, h) = (g["x"].as_u64().unwrap(), g["y"].as_u64().unwrap(), g["w"].as_u64().unwrap(), g["h"].as_u64().unwrap());
+        let (x, y, w, h) =
+            (g["x"].as_u64().unwrap(), g["y"].as_u64().unwrap(), g["w"].as_u64().unwrap(), g["h"].as_u64().unwrap());
         assert!(x + w <= 24, "{} is wider than the grid", p["title"]);
         for cx in x..x + w {
             for cy in y..y + h {
@@ -224,7 +250,11 @@ fn envoy_gateway_wasm_config_is_accepted_by_the_filter() {
     let docs = yaml(&read("deploy/envoy-gateway/extension-policy.yaml"));
     let policy = docs.iter().find(|d| d["kind"] == json!("EnvoyExtensionPolicy")).expect("EnvoyExtensionPolicy");
     let wasm = &policy["spec"]["wasm"][0];
-    assert_eq!(parse_config(&wasm["config"]).role, Role::Standalone, "no upstream filters in Envoy Gateway: standalone");
+    assert_eq!(
+        parse_config(&wasm["config"]).role,
+        Role::Standalone,
+        "no upstream filters in Envoy Gateway: standalone"
+    );
     assert_eq!(wasm["rootID"].as_str(), Some(envoy_root_id().as_str()));
     assert_eq!(wasm["code"]["type"], json!("Image"));
     assert!(wasm["code"]["image"]["url"].is_string());
@@ -383,7 +413,10 @@ fn block(lines: &[Line], i: &mut usize, indent: usize) -> Value {
     skip_blank(lines, i);
     if lines[*i].text == "-" || lines[*i].text.starts_with("- ") {
         let mut seq = Vec::new();
-        while *i < lines.len() && lines[*i].indent == indent && (lines[*i].text == "-" || lines[*i].text.starts_with("- ")) {
+        while *i < lines.len()
+            && lines[*i].indent == indent
+            && (lines[*i].text == "-" || lines[*i].text.starts_with("- "))
+        {
             let item = lines[*i].text[1..].trim_start().to_string();
             if item.is_empty() {
                 *i += 1;
@@ -400,7 +433,11 @@ fn block(lines: &[Line], i: &mut usize, indent: usize) -> Value {
                 while end < lines.len() && (lines[end].text.is_empty() || lines[end].indent >= col) {
                     end += 1;
                 }
-                owned.extend(lines[start..end].iter().map(|l| Line { indent: l.indent, text: l.text.clone(), raw: l.raw.clone() }));
+                owned.extend(lines[start..end].iter().map(|l| Line {
+                    indent: l.indent,
+                    text: l.text.clone(),
+                    raw: l.raw.clone(),
+                }));
                 let mut j = 0;
                 seq.push(block(&owned, &mut j, col));
                 *i = end;
@@ -422,7 +459,9 @@ fn block(lines: &[Line], i: &mut usize, indent: usize) -> Value {
         let value = if rest.is_empty() {
             *i += 1;
             skip_blank(lines, i);
-            if *i < lines.len() && (lines[*i].indent > indent || (lines[*i].indent == indent && lines[*i].text.starts_with("- "))) {
+            if *i < lines.len()
+                && (lines[*i].indent > indent || (lines[*i].indent == indent && lines[*i].text.starts_with("- ")))
+            {
                 let child = lines[*i].indent;
                 block(lines, i, child)
             } else {
@@ -438,7 +477,8 @@ fn block(lines: &[Line], i: &mut usize, indent: usize) -> Value {
             while body.last().is_some_and(|l| l.trim().is_empty()) {
                 body.pop();
             }
-            let cut = body.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
+            let cut =
+                body.iter().filter(|l| !l.trim().is_empty()).map(|l| l.len() - l.trim_start().len()).min().unwrap_or(0);
             let mut s: String = body.iter().map(|l| format!("{}\n", l.get(cut..).unwrap_or(""))).collect();
             if rest == "|-" {
                 s.pop();
@@ -511,7 +551,9 @@ fn flow(text: &str) -> Value {
     let inner = &text.trim()[1..text.trim().len() - 1];
     let items = split_top(inner);
     if text.trim().starts_with('[') {
-        Value::Array(items.iter().map(|s| if s.starts_with('[') || s.starts_with('{') { flow(s) } else { scalar(s) }).collect())
+        Value::Array(
+            items.iter().map(|s| if s.starts_with('[') || s.starts_with('{') { flow(s) } else { scalar(s) }).collect(),
+        )
     } else {
         let mut m = Map::new();
         for item in items {
