@@ -25,9 +25,11 @@ const PENDING: &[&str] =
 /// - `reset.error_ms` is observed when the provider's later answers (429s for a window already
 ///   held, a failed probe) place the reset elsewhere than the one used; the mock provider's
 ///   resets are exact.
-/// - `upstream_rq_retry_success` as a share of `upstream_rq_retry` is 0/0 while the router has
-///   retried nothing: it retries provider 429s, which the observer's holds mostly prevent.
-const MAY_BE_EMPTY: &[&str] = &["llm_ratelimit_reset_error_ms_bucket", "envoy_cluster_upstream_rq_retry_success"];
+/// - Retry shares (`upstream_rq_retry_success` of `upstream_rq_retry`, the filter's
+///   `retry_exhausted` of `retry_attempts`) are 0/0 while the router has retried nothing: it
+///   retries provider 429s, which the observer's holds mostly prevent.
+const MAY_BE_EMPTY: &[&str] =
+    &["llm_ratelimit_reset_error_ms_bucket", "envoy_cluster_upstream_rq_retry_success", "llm_ratelimit_retry_attempts"];
 
 #[test]
 fn promtool_checks_the_config_and_passes_the_alert_unit_tests() {
