@@ -26,6 +26,22 @@ pub struct Config {
     pub tenant: Option<TenantConfig>,
     /// LLM-token limits (`None`: requests only, and no body is held).
     pub tokens: Option<TokensConfig>,
+    /// Alerts the filter sends itself (`None`: it only logs and counts).
+    pub alert: Option<AlertConfig>,
+}
+
+/// Where and how the filter alerts when a provider's quota runs out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlertConfig {
+    /// The Envoy cluster to POST to (e.g. Alertmanager's).
+    pub cluster: String,
+    pub path: String,
+    pub format: crate::alert::Format,
+    /// One alert per provider and event per interval, process-wide.
+    pub min_interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Shed waiters per minute on one worker that raise an alert (0: never).
+    pub shed_per_minute: u64,
 }
 
 /// Token limits: each request needs its estimated LLM tokens from a process-wide token bucket
@@ -186,6 +202,7 @@ impl Default for Config {
             bucket: BucketConfig { capacity: 100, refill_rate: 10.0, burst_allowance: 20, max_lease: 32 },
             tenant: None,
             tokens: None,
+            alert: None,
             classes: Priority::ALL.map(default_class),
             classify: ClassifyConfig {
                 header: "x-llm-priority".into(),
@@ -380,6 +397,17 @@ struct RawConfig {
     fallback: RawFallback,
     tenant: Option<RawTenant>,
     tokens: Option<RawTokens>,
+    alert: Option<RawAlert>,
+}
+
+#[derive(Default)]
+struct RawAlert {
+    cluster: Option<String>,
+    path: Option<String>,
+    format: Option<crate::alert::Format>,
+    min_interval_s: Option<f64>,
+    timeout_ms: Option<f64>,
+    shed_per_minute: Option<f64>,
 }
 
 #[derive(Default)]
@@ -471,8 +499,19 @@ struct RawQueue {
 impl RawConfig {
     /// Reads the JSON shape; `validate` then checks the values.
     fn read(v: &Value) -> Result<RawConfig, String> {
-        const TOP: [&str; 10] =
-            ["name", "bucket", "priorities", "classify", "queue", "provider", "role", "fallback", "tenant", "tokens"];
+        const TOP: [&str; 11] = [
+            "name",
+            "bucket",
+            "priorities",
+            "classify",
+            "queue",
+            "provider",
+            "role",
+            "fallback",
+            "tenant",
+            "tokens",
+            "alert",
+        ];
         let top = Fields::of(String::new(), v, &TOP)?;
         let mut raw = RawConfig { name: top.text("name")?, ..RawConfig::default() };
         if let Some(f) =
@@ -587,6 +626,18 @@ impl RawConfig {
                 per_model,
             });
         }
+        const ALERT: [&str; 6] = ["cluster", "path", "format", "min_interval_s", "timeout_ms", "shed_per_minute"];
+        if let Some(f) = top.object("alert", &ALERT)? {
+            use crate::alert::Format;
+            raw.alert = Some(RawAlert {
+                cluster: f.text("cluster")?,
+                path: f.text("path")?,
+                format: f.variant("format", &["alertmanager", "json"], &[Format::Alertmanager, Format::Json])?,
+                min_interval_s: f.num("min_interval_s")?,
+                timeout_ms: f.num("timeout_ms")?,
+                shed_per_minute: f.num("shed_per_minute")?,
+            });
+        }
         Ok(raw)
     }
 
@@ -629,6 +680,24 @@ impl RawConfig {
             }),
         };
         let tokens = self.tokens.map(RawTokens::validate).transpose()?;
+        let alert = match self.alert {
+            None => None,
+            Some(a) => Some(AlertConfig {
+                cluster: match a.cluster {
+                    Some(c) if !c.is_empty() => c,
+                    _ => return Err("alert.cluster: required: the Envoy cluster to send alerts to".into()),
+                },
+                path: match a.path {
+                    None => "/api/v2/alerts".into(),
+                    Some(p) if p.starts_with('/') => p,
+                    Some(p) => return Err(format!("alert.path: must start with '/', got {p:?}")),
+                },
+                format: a.format.unwrap_or(crate::alert::Format::Alertmanager),
+                min_interval_ms: whole("alert.min_interval_s", a.min_interval_s, 300, 1)? * 1000,
+                timeout_ms: whole("alert.timeout_ms", a.timeout_ms, 1000, 1)?,
+                shed_per_minute: whole("alert.shed_per_minute", a.shed_per_minute, 100, 0)?,
+            }),
+        };
         let mut classes = d.classes.clone();
         for (name, raw) in self.priorities {
             let p = Priority::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
@@ -675,7 +744,7 @@ impl RawConfig {
             max_body_bytes: whole("fallback.max_body_bytes", f.max_body_bytes, d.fallback.max_body_bytes, 1)?,
             max_age_ms: whole("fallback.max_age_s", f.max_age_s, d.fallback.max_age_ms / 1000, 1)? * 1000,
         };
-        Ok(Config { name, bucket, classes, classify, queue, provider, role, fallback, tenant, tokens })
+        Ok(Config { name, bucket, classes, classify, queue, provider, role, fallback, tenant, tokens, alert })
     }
 }
 
@@ -1036,5 +1105,21 @@ mod tests {
         assert!(err(r#"{"name":5}"#).starts_with("name: invalid type: number `5`, expected a string"));
         // null is the same as absent, as before.
         assert_eq!(Config::parse(br#"{"bucket":{"capacity":null},"tenant":null}"#).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn alerts_are_off_by_default_and_need_a_cluster() {
+        assert_eq!(Config::default().alert, None);
+        let a = Config::parse(br#"{"alert":{"cluster":"alertmanager"}}"#).unwrap().alert.unwrap();
+        assert_eq!(
+            (a.path.as_str(), a.format, a.min_interval_ms),
+            ("/api/v2/alerts", crate::alert::Format::Alertmanager, 300_000)
+        );
+        assert_eq!((a.timeout_ms, a.shed_per_minute), (1000, 100));
+        assert!(err(r#"{"alert":{}}"#).starts_with("alert.cluster: required"));
+        assert!(
+            err(r#"{"alert":{"cluster":"x","format":"slack"}}"#).starts_with("alert.format: unknown variant `slack`")
+        );
+        assert!(err(r#"{"alert":{"cluster":"x","path":"v2"}}"#).starts_with("alert.path: must start with '/'"));
     }
 }

@@ -5,6 +5,7 @@
 //! exists only in the wasm32-wasip1 build that Envoy loads.
 
 pub mod admission;
+pub mod alert;
 pub mod breaker;
 pub mod bucket;
 pub mod classify;
