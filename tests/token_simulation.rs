@@ -1,30 +1,34 @@
 //! Deterministic simulation of token-limit admission: several workers share one store while a
 //! seeded random schedule interleaves arrivals needing LLM tokens (from the provider token bucket
-//! or a per-model one, some larger than a class may ever take), ticks, clock advances, answers
+//! or a per-model one, some larger than a class may ever take; bursts of small alike ones on one
+//! worker, what leases serve), ticks, clock advances, answers
 //! that settle each admitted request (exact, failed, under or over its estimate, some far over),
 //! client disconnects and lost CAS writes. Each worker reads the clock a few ms apart from the
-//! others. Half the schedules run with `bucket.max_lease` 1 (every admission a compare-and-swap),
-//! the others with 4 or the default, so workers lease requests and LLM tokens ahead and spend
-//! them with no shared-data call. proptest shrinks a failing schedule to a short, readable list
-//! of events.
+//! others; the provider always lets requests through (its cached state never changes). Half the
+//! schedules run with `bucket.max_lease` 1 (every admission a compare-and-swap), the others with
+//! 4 or the default, so workers lease requests and LLM tokens ahead and spend them with no
+//! shared-data call. proptest shrinks a failing schedule to a short, readable list of events.
 //!
 //! A reference ledger replays, per bucket, exactly what the decisions the workers reported must
-//! have done to the shared level and to what each worker holds beside it (its lease and its
-//! settlements not written yet): an admission through the store takes one request token and its
-//! need from the shared level, and moves the lease it took with it from the shared level to its
-//! worker; an admission from a lease takes them from the worker; a reconcile adds `need - actual`
-//! to its worker's balance; a tick that writes moves every balance back into the shared level,
-//! capped (and, for LLM tokens, a debt floored) at one bucket, as the core does. Properties,
-//! checked after every event:
+//! have done to the shared level and to what each worker holds beside it, kept apart: its lease
+//! (requests and LLM tokens) and its settlements not written yet. An admission through the store
+//! takes one request token and its need from the shared level, and moves the lease it took with
+//! it from the shared level to its worker's lease; an admission from a lease takes them from the
+//! worker's lease alone; a reconcile adds `need - actual` to its worker's settlements, which
+//! nothing spends; a tick that writes moves lease and settlements back into the shared level in
+//! one write, capped (and, for LLM tokens, a debt floored) at one bucket, as the core does.
+//! Properties, checked after every event:
 //! - every admission through the store had its request token and its LLM tokens above its
-//!   class's floor; an admission from a lease had them in tokens its worker leased (taken above
-//!   every class's floor), only with its own queue empty;
+//!   class's floor; an admission from a lease (only with its worker's queue empty) had them in
+//!   what its worker leased (taken above every class's floor), never in its settlements: a
+//!   refund goes to the shared level, and to admissions only through the store's checks;
 //! - a lease is at most `min(admissions since the worker's previous tick, max_lease - 1)` requests
 //!   and an eighth of the requests above the highest floor, its LLM tokens at most an eighth of
 //!   the tokens above the burst and `requests × the largest need seen`, and is taken only while
 //!   nobody waits process-wide;
-//! - the store's levels and every worker's balances equal the ledger's (a need taken twice, or
-//!   never, a lease lost or counted twice, shows at once);
+//! - the store's levels and every worker's lease and settlements equal the ledger's (a need
+//!   taken twice, or never, a lease or a settlement lost, counted twice or mixed up, shows at
+//!   once);
 //! - the tokens spent (the need of every admitted request while unsettled, its actual use once
 //!   answered) stay within `max + refill_rate × elapsed + the excess charged after the fact`,
 //!   and so does `spent + level + leases` (see [`Ledger::check`] for why both must hold);
@@ -77,8 +81,6 @@ const MAX_SKEW_MS: u64 = 50;
 /// A lease takes at most this share of what lies above the highest floor (the core's
 /// `LEASE_SHARE`).
 const LEASE_SHARE: f64 = 8.0;
-/// The core's default `bucket.max_lease`.
-const DEFAULT_MAX_LEASE: u64 = 32;
 
 /// What one schedule runs with.
 #[derive(Clone, Copy, Debug)]
@@ -105,9 +107,7 @@ fn config(setup: Setup) -> Config {
             "priorities":{{"CRITICAL":{{"max_wait_ms":4000}},"HIGH":{{"max_wait_ms":3000}},
                            "NORMAL":{{"max_wait_ms":2000}},"LOW":{{"max_wait_ms":1000,"queue_limit":3}}}}}}"#
     );
-    let config = Config::parse(json.as_bytes()).unwrap();
-    assert_eq!(config.bucket.max_lease, setup.max_lease.unwrap_or(DEFAULT_MAX_LEASE));
-    config
+    Config::parse(json.as_bytes()).unwrap()
 }
 
 /// Whether a class may spend a bucket's burst (the defaults: CRITICAL and HIGH).
@@ -251,11 +251,12 @@ struct Ledger {
     /// The shared level replayed from the decisions (same arithmetic as the bucket: refill, then
     /// take, lease or write back).
     store: Level,
-    /// Per worker: what it holds beside the shared level, its lease plus its settlements not
-    /// written yet (negative: a debt).
-    held: Vec<f64>,
-    /// Per worker: the part of `held` it leased and has not spent, taken above every floor.
+    /// Per worker: what it leased and has not spent (taken above every floor), the only part of
+    /// what it holds beside the shared level that admissions from its lease may spend.
     leased: Vec<f64>,
+    /// Per worker: its settlements not written yet, refunds minus charges (negative: a debt);
+    /// only a write back moves them. Always 0 for requests.
+    settled: Vec<f64>,
     /// Tokens spent: the need of every admitted request while unsettled, its actual once settled.
     spent: f64,
     /// Tokens charged after the fact: the sum of `max(0, actual - need)` over settled requests.
@@ -272,8 +273,8 @@ impl Ledger {
             rate,
             debt,
             store: Level { tokens: max, at_ns: START_MS * MS },
-            held: vec![0.0; workers],
             leased: vec![0.0; workers],
+            settled: vec![0.0; workers],
             spent: 0.0,
             excess: 0.0,
         }
@@ -333,88 +334,81 @@ impl Ledger {
             self.name
         );
         self.store.tokens -= x;
-        self.held[worker] += x;
         self.leased[worker] += x;
     }
 
-    /// Request `id` of `class` was admitted from `worker`'s lease taking `n` at `now_ns`: its
-    /// worker must hold them. It spends first what it leased (taken above every floor); the rest
-    /// are settlement refunds, which no floor checked: they must have been there for its class
-    /// had the worker written its settlements back and taken the rest through the store.
-    fn spend_lease(&mut self, id: u32, worker: usize, class: Priority, n: u64, now_ns: u64) {
-        let (held, leased) = (self.held[worker], self.leased[worker]);
+    /// Request `id` of `class` was admitted from `worker`'s lease taking `n`: its worker must
+    /// have leased them (above every floor, so any class may spend them). Its settlements are
+    /// not there to spend: a refund no floor or debt was checked against would admit requests
+    /// no check of the shared level would.
+    fn spend_lease(&mut self, id: u32, worker: usize, class: Priority, n: u64) {
+        let (leased, settled) = (self.leased[worker], self.settled[worker]);
         assert!(
-            held - n as f64 >= -1e-9,
-            "{}: #{id} ({class:?}) admitted from worker {worker}'s lease taking {n}, which holds {held}",
+            leased - n as f64 >= -1e-9,
+            "{}: #{id} ({class:?}) admitted from worker {worker}'s lease taking {n}, which leased {leased} \
+             (its settlements, {settled}, are not spendable)",
             self.name
         );
-        let from_lease = (n as f64).min(leased.max(0.0));
-        let refunds = n as f64 - from_lease;
-        if refunds > 0.0 {
-            let level = self.refill(self.store, now_ns).tokens + held - leased;
-            let floor = self.floor(class);
-            assert!(
-                level - refunds >= floor - 1e-9,
-                "{}: #{id} ({class:?}) admitted from worker {worker}'s lease taking {n}: {from_lease} leased, \
-                 {refunds} of its settlements, with {level} in the store once they are written (its floor is {floor})",
-                self.name
-            );
-        }
-        self.held[worker] -= n as f64;
-        self.leased[worker] -= from_lease;
+        self.leased[worker] -= n as f64;
         self.spent += n as f64;
     }
 
     /// A request `worker` admitted taking `need` used `actual`: the difference waits in the
-    /// worker's balance for its next tick.
+    /// worker's settlements for its next tick.
     fn settle(&mut self, worker: usize, need: u64, actual: u64) {
-        self.held[worker] += need as f64 - actual as f64;
+        self.settled[worker] += need as f64 - actual as f64;
         self.spent += actual as f64 - need as f64;
         self.excess += actual.saturating_sub(need) as f64;
     }
 
-    /// `worker`'s tick wrote its balance back at `now_ns`: the refilled level plus the balance,
-    /// capped at one bucket (a debt floored at one bucket), as one write. The cap applies here,
-    /// not at each settlement.
+    /// `worker`'s tick wrote its lease and settlements back at `now_ns`: the refilled level
+    /// plus both, capped at one bucket (a debt floored at one bucket), as one write. The cap
+    /// applies here, not at each settlement.
     fn write_back(&mut self, worker: usize, now_ns: u64) {
         let l = self.refill(self.store, now_ns);
-        let sum = l.tokens + self.held[worker];
+        let sum = l.tokens + (self.leased[worker] + self.settled[worker]);
         let tokens = if self.debt { sum.clamp(-self.max, self.max) } else { sum.min(self.max) };
         self.store = Level { tokens, ..l };
-        self.held[worker] = 0.0;
         self.leased[worker] = 0.0;
+        self.settled[worker] = 0.0;
     }
 
-    /// Checks the store's `level` and the workers' balances `held` against the ledger,
-    /// `elapsed_s` after the start, at `now_ns` (the latest any worker's clock has read).
+    /// Checks the store's `level` and the workers' leases `leased` and settlements `settled`
+    /// against the ledger, `elapsed_s` after the start, at `now_ns` (the latest any worker's
+    /// clock has read).
     ///
-    /// The ledger keeps the shared level and each worker's balance apart, because the refill is
-    /// capped on the shared level alone: while a lease is out the shared level refills up to
+    /// The ledger keeps the shared level and what each worker holds apart, because the refill
+    /// is capped on the shared level alone: while a lease is out the shared level refills up to
     /// `max` and the lease is cut back to one bucket when it is written back, so no identity on
     /// `level + Σ held` alone could say what a write back leaves. Replaying both, the identity is
-    /// exact at every step: each worker's balance, and `level + Σ held`, equal the ledger's.
+    /// exact at every step: each worker's lease and settlements, and `level + Σ held`, equal the
+    /// ledger's.
     ///
-    /// With S the tokens spent, E the excess charged after the fact and T = L + Σ held (the
-    /// shared level plus every worker's balance), the buckets keep `T = max + rate × t - S -
-    /// (refill lost to the cap) - (write backs cut at max) + (debt forgiven at -max)`. A write
-    /// back forgives at most the excess settled into it (its balance is at least minus that, the
-    /// level it adds to at least -max), so `S + T <= max + rate × t + E`. And `max + rate × t +
-    /// E - S` only grows between admissions (refill; a settle moves S by `actual - need` and E by
-    /// at least that), while before each admission it is at least what the admission takes: at
-    /// least the shared level plus E's part already written back minus the debt forgiven (never
-    /// negative: debts only enter the level through write backs), plus every worker's unspent
-    /// lease and refunds; an admission through the store takes at most the level, one from a
-    /// lease at most that worker's balance. So `S <= max + rate × t + E` as well, leases or not.
-    fn check(&self, level: Level, held: &[f64], elapsed_s: f64, now_ns: u64) {
-        for (k, (&h, &m)) in held.iter().zip(&self.held).enumerate() {
-            assert!(
-                (h - m).abs() <= 1e-6,
-                "{}: worker {k} holds {h} beside the store, the decisions reported leave it {m}",
-                self.name
-            );
+    /// With S the tokens spent, E the excess charged after the fact and T = L + Σ leased + Σ
+    /// settled (the shared level plus what every worker holds), the buckets keep `T = max + rate
+    /// × t - S - (refill lost to the cap) - (write backs cut at max) + (debt forgiven at -max)`.
+    /// A write back forgives at most the excess settled into it (its settlements are at least
+    /// minus that, its lease and the level it adds to at least 0 and -max), so `S + T <= max +
+    /// rate × t + E`. And `max + rate × t + E - S` only grows between admissions (refill; a
+    /// settle moves S by `actual - need` and E by at least that), while before each admission it
+    /// is at least what the admission takes: it is at least `L + (E written back) - (debt
+    /// forgiven)`, never below L nor below 0 (a level goes negative only by a write back of
+    /// excess), plus every worker's unspent lease, plus its settlements and its unwritten excess
+    /// (never negative together); an admission through the store takes at most L, one from a
+    /// lease at most its worker's unspent lease. So `S <= max + rate × t + E` too.
+    fn check(&self, level: Level, leased: &[f64], settled: &[f64], elapsed_s: f64, now_ns: u64) {
+        for (what, got, model) in [("leased", leased, &self.leased), ("settled", settled, &self.settled)] {
+            for (k, (&h, &m)) in got.iter().zip(model).enumerate() {
+                assert!(
+                    (h - m).abs() <= 1e-6,
+                    "{}: worker {k} has {h} {what} beside the store, the decisions reported leave it {m}",
+                    self.name
+                );
+            }
         }
-        let stored = self.refill(level, now_ns).tokens + held.iter().sum::<f64>();
-        let model = self.refill(self.store, now_ns).tokens + self.held.iter().sum::<f64>();
+        let held = |l: &[f64], s: &[f64]| l.iter().chain(s).sum::<f64>();
+        let stored = self.refill(level, now_ns).tokens + held(leased, settled);
+        let model = self.refill(self.store, now_ns).tokens + held(&self.leased, &self.settled);
         assert!(
             (stored - model).abs() <= 1e-6,
             "{}: the store and the leases hold {stored} tokens, the decisions reported leave {model}",
@@ -437,16 +431,17 @@ impl Ledger {
     }
 }
 
-/// What a worker holds beside the store: leased requests, and its balance per token bucket.
-type Holding = (f64, [f64; 3]);
+/// What a worker holds beside the store, all of it going back on its next tick: leased
+/// requests, and per token bucket its leased tokens and, apart, its unwritten settlements.
+type Holding = (f64, [f64; 3], [f64; 3]);
 
 fn holding(l: &Lease) -> Holding {
-    let mut tokens = [0.0; 3];
-    for (t, &h) in tokens.iter_mut().zip(&l.tokens) {
-        *t = h;
-    }
+    let (mut tokens, mut settled) = ([0.0; 3], [0.0; 3]);
     assert!(l.tokens.len() <= tokens.len(), "a lease of {} token buckets", l.tokens.len());
-    (l.requests, tokens)
+    assert!(l.settled.len() <= settled.len(), "settlements for {} token buckets", l.settled.len());
+    tokens[..l.tokens.len()].copy_from_slice(&l.tokens);
+    settled[..l.settled.len()].copy_from_slice(&l.settled);
+    (l.requests, tokens, settled)
 }
 
 struct Waiting {
@@ -554,11 +549,13 @@ impl Sim {
         let size = self.lease_size[worker];
         assert!(
             requests >= 0.0 && requests.fract() == 0.0 && requests <= f64::from(size - 1),
-            "#{id}: worker {worker} leased {requests} requests, its last tick saw {} admissions (max_lease {})",
+            "#{id}: worker {worker} leased {requests} requests, more than {} (admissions before its last tick, at \
+             most max_lease {} - 1)",
             size - 1,
             self.max_lease
         );
         assert!(requests == 0.0 || quiet, "#{id}: worker {worker} leased {requests} requests while requests wait");
+        assert_eq!(after.2, before.2, "#{id}: an admission moved worker {worker}'s settlements");
         self.requests.lease_out(id, worker, requests);
         for (i, ledger) in self.tokens.iter_mut().enumerate() {
             let t = after.1[i] - before.1[i];
@@ -612,9 +609,9 @@ impl Sim {
                 if decision.levels.is_none() {
                     // Served from the worker's lease, with no shared-data call.
                     assert_eq!(own, [0; 4], "#{id} served from the lease ahead of its own worker's waiters");
-                    self.requests.spend_lease(id, worker, class, 1, now_ns);
+                    self.requests.spend_lease(id, worker, class, 1);
                     if let Some(n) = need {
-                        self.tokens[usize::from(n.bucket)].spend_lease(id, worker, class, n.tokens, now_ns);
+                        self.tokens[usize::from(n.bucket)].spend_lease(id, worker, class, n.tokens);
                     }
                     self.stats.from_lease += 1;
                 } else {
@@ -721,14 +718,14 @@ impl Sim {
         let clock_ms = self.clock_ms(worker);
         let now_ns = clock_ms * MS;
         let w = &mut self.workers[worker];
-        let (held, before, buckets) = (w.holds_lease(), holding(w.lease()), w.lease().tokens.len());
+        let (held, before) = (w.holds_lease(), holding(w.lease()));
         assert!(!held || w.needs_tick(), "worker {worker} holds a lease and says it needs no tick");
         let t = w.tick(&self.store, now_ns);
-        // The lease goes back first, in one write: all of it, or none of it and an error.
+        // Lease and settlements go back first, in one write that refills every bucket: all of
+        // them, or none and an error.
         if held && !w.holds_lease() {
             self.requests.write_back(worker, now_ns);
-            // The write refills the token buckets the worker has a balance for.
-            for ledger in self.tokens.iter_mut().take(buckets) {
+            for ledger in &mut self.tokens {
                 ledger.write_back(worker, now_ns);
             }
             self.stats.write_backs += 1;
@@ -799,11 +796,12 @@ impl Sim {
         let elapsed_s = (now_ns - START_MS * MS) as f64 / 1e9;
         let held: Vec<Holding> = self.workers.iter().map(|w| holding(w.lease())).collect();
         let requests: Vec<f64> = held.iter().map(|h| h.0).collect();
-        self.requests.check(shared.level, &requests, elapsed_s, now_ns);
+        self.requests.check(shared.level, &requests, &vec![0.0; held.len()], elapsed_s, now_ns);
         assert_eq!(shared.token_levels.len(), self.tokens.len());
         for (i, (ledger, level)) in self.tokens.iter().zip(&shared.token_levels).enumerate() {
-            let tokens: Vec<f64> = held.iter().map(|h| h.1[i]).collect();
-            ledger.check(*level, &tokens, elapsed_s, now_ns);
+            let leased: Vec<f64> = held.iter().map(|h| h.1[i]).collect();
+            let settled: Vec<f64> = held.iter().map(|h| h.2[i]).collect();
+            ledger.check(*level, &leased, &settled, elapsed_s, now_ns);
         }
     }
 
@@ -829,7 +827,13 @@ impl Sim {
         let now_ns = (self.now + MAX_SKEW_MS) * MS;
         let levels = std::iter::once((&self.requests, shared.level)).chain(self.tokens.iter().zip(shared.token_levels));
         for (ledger, level) in levels {
-            assert!(ledger.held.iter().all(|&h| h == 0.0), "{}: the ledger still holds {:?}", ledger.name, ledger.held);
+            assert!(
+                ledger.leased.iter().chain(&ledger.settled).all(|&h| h == 0.0),
+                "{}: the ledger still holds {:?} leased, {:?} settled",
+                ledger.name,
+                ledger.leased,
+                ledger.settled
+            );
             let (stored, model) = (ledger.refill(level, now_ns).tokens, ledger.refill(ledger.store, now_ns).tokens);
             assert!(
                 (stored - model).abs() <= 1e-6,
@@ -841,10 +845,20 @@ impl Sim {
 }
 
 fn simulate(workers: usize, setup: Setup, skew: &[u64], events: &[Event]) -> Stats {
+    finish(replay(workers, setup, skew, events))
+}
+
+/// Runs `events`, checking every property after each.
+fn replay(workers: usize, setup: Setup, skew: &[u64], events: &[Event]) -> Sim {
     let mut sim = Sim::new(workers, setup, skew);
     for e in events {
         sim.run(e);
     }
+    sim
+}
+
+/// Lets every waiter go, every answer in and every lease back, then checks what is left.
+fn finish(mut sim: Sim) -> Stats {
     // Settle: time passes past every deadline with every worker ticking and every answer in.
     for _ in 0..40 {
         sim.now += 250;
@@ -927,11 +941,25 @@ fn the_simulation_takes_spends_and_returns_leases() {
     assert!(stats.kept >= 1 && stats.write_backs >= 1, "{stats:?}");
 }
 
-// A worker's `lease().tokens` holds its leased tokens and its unwritten settlements alike, and
-// `take_from_lease` spends either: a refund admits requests no check of the shared bucket would.
+// Regressions: a worker's leased tokens and its unwritten settlements were once one balance,
+// and `take_from_lease` spent either: a refund admitted requests no check of the shared bucket
+// would. Each schedule below leaves worker 0 holding a lease of one request (no LLM tokens) and
+// a refund; the request that follows must be decided by the shared bucket, not by the refund.
+
+/// Runs `events`, then `need` arriving on worker 0 as `class`: its decision.
+fn after_a_refund(events: &[Event], class: Priority, need: (u8, u64)) -> (Sim, Option<Admission>) {
+    let mut sim = replay(2, LEASING, &[0, 0, 0], events);
+    let lease = sim.workers[0].lease();
+    assert_eq!(lease.requests, 1.0, "{lease:?}");
+    assert!(lease.tokens.iter().all(|&t| t == 0.0) && lease.settled[0] > 0.0, "{lease:?}");
+    let a = sim.arrive(0, class, Some(Need { bucket: need.0, tokens: need.1 }));
+    sim.check();
+    (sim, a)
+}
 
 /// CRITICAL takes all 1300 tokens and fails: a 1300 refund waits on worker 0, which then leases
-/// one request; a NORMAL request needing 1200 (it may never take more than 1000) passes from it.
+/// one request. A NORMAL request needing 1200 (it may never take more than 1000) is refused as
+/// too large, not let through from the refund.
 #[test]
 fn a_refund_held_for_the_tick_lets_no_too_large_request_through() {
     let events = [
@@ -939,13 +967,16 @@ fn a_refund_held_for_the_tick_lets_no_too_large_request_through() {
         Event::Tick { worker: 0 },
         Event::Answer { pick: 0, usage: Usage::Failed },
         arrive(0, Priority::Critical, None),
-        arrive(0, Priority::Normal, Some((0, 1200))),
     ];
-    simulate(2, LEASING, &[0, 0, 0], &events);
+    let (sim, a) = after_a_refund(&events, Priority::Normal, (0, 1200));
+    assert!(matches!(a, Some(Admission::Refuse(r)) if r.reason == Reason::TooLarge), "{a:?}");
+    finish(sim);
 }
 
-/// CRITICAL takes all 1300 tokens and uses 300: a 1000 refund waits on worker 0; NORMAL takes
-/// all 1000 of it, leaving nothing of the 300 only CRITICAL and HIGH may spend.
+/// CRITICAL takes all 1300 tokens and uses 300: a 1001 refund waits on worker 0, which then
+/// leases one request. A NORMAL request needing 1000 is refused (`token_limit`, 6.5 s to wait
+/// for its 1000 above the 300 only CRITICAL and HIGH may spend, longer than it may wait), not
+/// let through from the refund, which would have left nothing of those 300.
 #[test]
 fn a_refund_held_for_the_tick_is_not_spent_below_the_class_floor() {
     let events = [
@@ -953,13 +984,15 @@ fn a_refund_held_for_the_tick_is_not_spent_below_the_class_floor() {
         Event::Tick { worker: 0 },
         Event::Answer { pick: 0, usage: Usage::Off(-77) },
         arrive(0, Priority::Critical, None),
-        arrive(0, Priority::Normal, Some((0, 1000))),
     ];
-    simulate(2, LEASING, &[0, 0, 0], &events);
+    let (sim, a) = after_a_refund(&events, Priority::Normal, (0, 1000));
+    assert!(matches!(a, Some(Admission::Refuse(r)) if r.reason == Reason::TokenLimit), "{a:?}");
+    finish(sim);
 }
 
-/// Worker 1 writes a 2000-token overrun back: the bucket is 800 in debt. Worker 0's 100 refund
-/// still admits a request needing 100 (through the store it would wait for 800 to refill).
+/// Worker 1 writes a 2000-token overrun back: the bucket is 800 in debt. Worker 0 holds a 100
+/// refund and leases one request. A CRITICAL request needing 100 is refused (`token_limit`, 4.5 s
+/// to refill the debt and its 100, longer than it may wait), not let through from the refund.
 #[test]
 fn a_refund_held_for_the_tick_is_not_spent_while_the_bucket_is_in_debt() {
     let events = [
@@ -970,7 +1003,42 @@ fn a_refund_held_for_the_tick_is_not_spent_while_the_bucket_is_in_debt() {
         Event::Tick { worker: 1 },
         Event::Answer { pick: 0, usage: Usage::Failed },
         arrive(0, Priority::Critical, None),
-        arrive(0, Priority::Critical, Some((0, 100))),
     ];
-    simulate(2, LEASING, &[0, 0, 0], &events);
+    let (sim, a) = after_a_refund(&events, Priority::Critical, (0, 100));
+    assert!(matches!(a, Some(Admission::Refuse(r)) if r.reason == Reason::TokenLimit), "{a:?}");
+    finish(sim);
+}
+
+/// Worker 0's tick writes a 10-token refund back, then expires its NORMAL waiter: the shared
+/// counts must lose it by the end of that tick, not the next (here they were left at [1, 0, 1, 0]).
+#[test]
+fn a_tick_that_writes_a_settlement_back_still_publishes_its_waiters() {
+    let events = [
+        arrive(0, Priority::Critical, Some((0, 1000))),
+        arrive(0, Priority::Normal, Some((0, 100))),
+        Event::Answer { pick: 0, usage: Usage::Off(-1) },
+        Event::Advance { ms: 2000 },
+        arrive(0, Priority::Critical, Some((0, 900))),
+        Event::TickAll,
+    ];
+    simulate(2, Setup { requests: ROOMY, burst: 0, max_lease: Some(1) }, &[0, 0, 0], &events);
+}
+
+/// Worker 0 holds a CRITICAL waiter the tokens cannot serve for 3.5 s, and writes a settlement
+/// back on each tick: each tick must still refresh its waiter count, or after `LIVE_MS` the
+/// waiter no longer counts anywhere (here the shared counts were [0, 0, 0, 0]).
+#[test]
+fn a_tick_that_writes_a_settlement_back_still_refreshes_its_waiters() {
+    let events = [
+        arrive(0, Priority::Critical, Some((0, 1000))),
+        Event::Burst { worker: 0, class: 0, need: Some(Need { bucket: 2, tokens: 10 }), n: 2 },
+        arrive(0, Priority::Critical, Some((0, 700))),
+        Event::Advance { ms: 600 },
+        Event::Answer { pick: 1, usage: Usage::Failed },
+        Event::TickAll,
+        Event::Advance { ms: 600 },
+        Event::Answer { pick: 1, usage: Usage::Failed },
+        Event::TickAll,
+    ];
+    simulate(2, Setup { requests: ROOMY, burst: 0, max_lease: Some(1) }, &[0, 0, 0], &events);
 }
