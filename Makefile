@@ -35,6 +35,7 @@ clean:
 bench: build
 	bench/install-tools.sh
 	python3 bench/run.py
+	python3 bench/ablation.py
 
 # The rate limit service (rls/): one limit across many Envoy instances, over Redis.
 rls:

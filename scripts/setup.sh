@@ -50,5 +50,11 @@ if [ "${1:-}" = "--test" ]; then
     step "installing prometheus (prometheus, promtool) from Debian"
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } >/dev/null 2>&1 || echo "   (could not install prometheus; tests/monitoring.rs will skip)"
   fi
+  # Alertmanager (tests/alerts.rs: the filter's own alerts arrive in a real one).
+  if ! command -v prometheus-alertmanager >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    step "installing prometheus-alertmanager from Debian"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus-alertmanager; } >/dev/null 2>&1 || echo "   (could not install prometheus-alertmanager)"
+  fi
+  command -v prometheus-alertmanager >/dev/null || { echo "prometheus-alertmanager is needed for tests/alerts.rs (apt-get install prometheus-alertmanager)" >&2; exit 1; }
   command -v node >/dev/null || { echo "Node.js is needed for the wasm32 tests (apt-get install nodejs)" >&2; exit 1; }
 fi

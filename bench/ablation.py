@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Ablation of the admit path (`make bench` runs it after bench/run.py): the filter as built at
+successive commits, each adding one lever, measured in one run against the same Envoy setup
+(direct_response, --concurrency 2, wrk closed loop), interleaved within each repetition so
+drift hits all alike; plus the current build with leases off (`bucket.max_lease: 1`). Appends
+its table to BENCHMARKS.md. Python 3 standard library only; builds each commit in a temporary
+git worktree with the current Makefile's wasm-opt flags.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402  (the benchmark's Envoy, wrk and report helpers)
+
+ROOT = run.ROOT
+OUT = ROOT / "target/ablation"
+# (label, commit or None for the working tree's build, extra filter JSON)
+STEPS = [
+    ("every admission a compare-and-swap, the provider state read and counters written per request",
+     "6bd9eed", {}),
+    ("+ leases (bucket.max_lease 32) and the provider state cached for 1 ms", "b073d88", {}),
+    ("+ counters written per tick, the priority header rewritten only when it differs", "0e9bc44", {}),
+    ("current build, leases off (bucket.max_lease 1)", None, {"bucket": {"max_lease": 1}}),
+    ("current build", None, {}),
+]
+WASM_OPT = ["-Oz", "--flatten", "--rereloop", "-Oz", "--merge-similar-functions", "-Oz", "--converge",
+            "--enable-bulk-memory", "--enable-sign-ext", "--enable-nontrapping-float-to-int",
+            "--enable-mutable-globals", "--enable-multivalue", "--enable-reference-types"]
+
+
+def build(commit):
+    """The optimized .wasm of `commit` (cached by commit)."""
+    out = OUT / f"{commit}.wasm"
+    if out.is_file():
+        return out
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="llm-ablation-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), commit], check=True)
+        try:
+            run.log(f"building {commit}")
+            subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "-p", "llm-ratelimit",
+                            "--target-dir", str(OUT / "target")], cwd=tree, check=True)
+            raw = OUT / "target/wasm32-wasip1/release/llm_ratelimit.wasm"
+            subprocess.run(["wasm-opt", *WASM_OPT, str(raw), "-o", str(out)], check=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    return out
+
+
+def main():
+    if not run.NOOP.is_file():
+        subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
+                        str(ROOT / "bench/noop-filter/Cargo.toml"), "--target-dir", str(ROOT / "target/bench-noop")],
+                       check=True)
+    wasms = [build(c) if c else run.WASM for _, c, _ in STEPS]
+    run.MEASURED.parent.mkdir(parents=True, exist_ok=True)
+    lim = run.HIGH
+    envoys, res = [], {}
+    try:
+        envoys.append(("w", run.Envoy("w", "direct", 2, capacity=lim["capacity"], rate=lim["rate"])))
+        for (label, _, extra), wasm in zip(STEPS, wasms):
+            copy = OUT / f"measured-{len(envoys)}.wasm"
+            copy.write_bytes(wasm.read_bytes())
+            run.MEASURED = copy  # render() puts this path in the config
+            envoys.append((label, run.Envoy("c", "direct", 2, capacity=lim["capacity"], rate=lim["rate"],
+                                            filter_json=run.ours_json(lim["capacity"], lim["rate"], extra=extra))))
+        for _, e in envoys:
+            run.wrk(e.url, 1)
+        for rep in range(run.REPS):
+            run.log(f"ablation: repetition {rep + 1}/{run.REPS}")
+            for label, e in envoys:
+                res.setdefault(label, []).append(run.wrk(e.url, run.SECONDS)["rps"])
+    finally:
+        for _, e in envoys:
+            e.stop()
+        run.cleanup()
+    floor = run.med(res["w"])
+    lines = ["## Ablation: the admit path, lever by lever\n",
+             f"direct_response, `--concurrency 2`, wrk closed loop, {run.REPS} × {run.SECONDS:g} s, medians "
+             "(min–max); every row measured in the same run, interleaved. Each row is the filter built at the "
+             "commit that added the lever (cumulative), with today's wasm-opt flags; (w) is the empty wasm filter.\n",
+             "| build | req/s | ÷ (w) |", "|---|---|---|",
+             f"| (w) empty wasm filter | {run.fmt(floor)}{run.spread(res['w'])} | 1.00 |"]
+    for (label, commit, _), wasm in zip(STEPS, wasms):
+        t = run.med(res[label])
+        name = f"`{commit}` {label}" if commit else label
+        lines.append(f"| {name} ({wasm.stat().st_size:,} bytes) | {run.fmt(t)}{run.spread(res[label])} | {t / floor:.2f} |")
+    out = Path(os.environ.get("BENCH_OUT", str(ROOT / "BENCHMARKS.md")))
+    text = out.read_text() if out.is_file() else ""
+    marker = "## Ablation: the admit path, lever by lever"
+    if marker in text:
+        text = text[:text.index(marker)].rstrip() + "\n"
+    out.write_text(text + "\n" + "\n".join(lines) + "\n")
+    (ROOT / "target/bench/ablation.json").write_text(json.dumps(res, indent=1))
+    run.log(f"ablation written to {out}")
+
+
+if __name__ == "__main__":
+    if "--quick" in sys.argv:
+        run.REPS, run.SECONDS = 1, 1
+    main()
