@@ -2,7 +2,7 @@
 //! dispatcher, and the traits our contexts implement (the SDK's names and signatures).
 //!
 //! Ours because (1) size: the SDK's hashbrown maps, Debug strings and wrappers of every host call
-//! cost the `.wasm` ~20 KB; (2) no panics: the SDK panics on a context id it does not know, and a
+//! cost the `.wasm` ~38 KB; (2) no panics: the SDK panics on a context id it does not know, and a
 //! panic kills the worker's VM. Here a callback for an unknown context gets the neutral answer
 //! (`Continue`, `true`) and nothing else happens.
 //!
