@@ -10,13 +10,13 @@ pub struct IdMap<V> {
 
 impl<V> Default for IdMap<V> {
     fn default() -> Self {
-        IdMap { entries: Vec::new() }
+        Self::new()
     }
 }
 
 impl<V> IdMap<V> {
-    pub fn new() -> Self {
-        Self::default()
+    pub const fn new() -> Self {
+        IdMap { entries: Vec::new() }
     }
 
     /// Sets the value of `id`, returning the one it replaces.

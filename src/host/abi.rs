@@ -53,6 +53,7 @@ extern "C" {
     fn proxy_get_current_time_nanoseconds(t: *mut u64) -> Status;
     fn proxy_set_tick_period_milliseconds(ms: u32) -> Status;
     fn proxy_get_buffer_bytes(b: u32, start: usize, max: usize, v: *mut *mut u8, vs: *mut usize) -> Status;
+    fn proxy_log(level: u32, m: *const u8, ms: usize) -> Status;
 }
 
 #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -74,7 +75,7 @@ fn check(status: Status) -> Result<(), Status> {
     }
 }
 
-/// Takes ownership of a buffer the host allocated through the SDK's `proxy_on_memory_allocate`.
+/// Takes ownership of a buffer the host allocated through `proxy_on_memory_allocate`.
 unsafe fn owned(ptr: *mut u8, size: usize) -> Vec<u8> {
     if ptr.is_null() {
         Vec::new()
@@ -96,6 +97,11 @@ pub fn get_shared(key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
 /// Writes `value` if the key is still at `cas` (0 = unconditionally); `Err(CAS_MISMATCH)` if not.
 pub fn set_shared(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
     check(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) })
+}
+
+/// Writes `message` to Envoy's log at proxy-wasm `level` (trace 0 … critical 5).
+pub fn log(level: u32, message: &str) -> Result<(), Status> {
+    check(unsafe { proxy_log(level, message.as_ptr(), message.len()) })
 }
 
 pub fn define_metric(kind: Metric, name: &str) -> Result<u32, Status> {

@@ -1,18 +1,25 @@
 //! The thin proxy-wasm layer: it reads headers, the clock and shared data, and hands every
-//! decision to the pure core. Only the wasm32-wasip1 build has it.
+//! decision to the pure core. Only the wasm32-wasip1 build has it. The host calls are in `abi`,
+//! the entry points Envoy calls in `dispatch`: no SDK (see `dispatch` for why).
 
 mod abi;
+mod dispatch;
 mod fallback;
+mod logger;
 mod metrics;
 mod request;
 mod root;
 mod shared;
 mod worker;
 
-use proxy_wasm::traits::RootContext;
-use proxy_wasm::types::LogLevel;
+extern "C" {
+    fn __wasm_call_ctors();
+}
 
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Trace);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::Root::default()) });
-}}
+/// What Envoy calls first in a WASI reactor (as the SDK's `main!` defined it): the static
+/// constructors, then the logger.
+#[no_mangle]
+pub extern "C" fn _initialize() {
+    unsafe { __wasm_call_ctors() };
+    logger::init();
+}

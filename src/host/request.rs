@@ -2,6 +2,7 @@
 //! on the way back, learn from the provider's answer and give a 429 one precise `Retry-After`.
 
 use super::abi;
+use super::dispatch::{Action, Context, HttpContext};
 use super::shared::SharedData;
 use super::worker::{Bodies, WorkerContext, PROBE_HEADER, REENTERED};
 use crate::breaker::{Gate, Verdict};
@@ -11,8 +12,6 @@ use crate::priority::Priority;
 use crate::signals;
 use crate::tokens::{estimate, meter::Meter};
 use crate::worker::{Admission, Attempt, Decision, Refusal};
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::Action;
 use std::rc::Rc;
 
 const NANOS_PER_MS: u64 = 1_000_000;

@@ -2,13 +2,12 @@
 //! context, hands it to every request, and ticks it.
 
 use super::abi;
+use super::dispatch::{Context, ContextType, HttpContext, RootContext};
 use super::request::Request;
 use super::shared::SharedData;
 use super::worker::WorkerContext;
 use crate::config::Config;
 use crate::worker::Worker;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::ContextType;
 use std::rc::Rc;
 
 #[derive(Default)]
