@@ -131,9 +131,20 @@ pub fn claim(store: &impl Store, key: &str, event: &Event, now_ms: u64, min_inte
     )
 }
 
-/// `s` as a JSON string literal.
+/// `s` as a JSON string literal (by hand: serde_json's serializer costs the `.wasm` kilobytes).
 fn json_string(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// Epoch milliseconds as RFC 3339 in UTC, e.g. `2026-11-30T00:50:00.000Z`.

@@ -65,7 +65,8 @@ fn to_alertmanager(yaml: String) -> String {
 fn start_envoy(am_port: u16, mock: &Mock) -> Envoy {
     PORT.store(am_port, std::sync::atomic::Ordering::Relaxed);
     let config = r#"{"name":"al","alert":{"cluster":"alertmanager","min_interval_s":60}}"#;
-    let opts = EnvoyOpts { filter_config: config, concurrency: 2, upstream_port: mock.port, edit: Some(to_alertmanager) };
+    let opts =
+        EnvoyOpts { filter_config: config, concurrency: 2, upstream_port: mock.port, edit: Some(to_alertmanager) };
     Envoy::spawn(&opts).unwrap_or_else(|log| panic!("{log}"))
 }
 
@@ -83,7 +84,9 @@ fn a_trip_alerts_once_across_workers_and_the_close_resolves_it() {
     let url = envoy.url("/v1/chat/completions");
     trip(&url);
     let fired = eventually(Duration::from_secs(5), || {
-        am.alerts().iter().any(|a| a["labels"]["alertname"] == "LLMProviderQuotaExhausted" && a["labels"]["provider"] == "al")
+        am.alerts()
+            .iter()
+            .any(|a| a["labels"]["alertname"] == "LLMProviderQuotaExhausted" && a["labels"]["provider"] == "al")
     });
     assert!(fired, "no alert in Alertmanager: {:?}", am.alerts());
     assert_eq!(envoy.stat("al", "alerts.sent"), 1);

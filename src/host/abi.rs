@@ -13,6 +13,7 @@ const NOT_FOUND: Status = 1;
 
 const REQUEST_HEADERS: u32 = 0;
 const RESPONSE_HEADERS: u32 = 2;
+const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 const REQUEST_BODY: u32 = 0;
 const RESPONSE_BODY: u32 = 1;
 const PLUGIN_CONFIGURATION: u32 = 7;
@@ -54,6 +55,18 @@ extern "C" {
     fn proxy_set_tick_period_milliseconds(ms: u32) -> Status;
     fn proxy_get_buffer_bytes(b: u32, start: usize, max: usize, v: *mut *mut u8, vs: *mut usize) -> Status;
     fn proxy_log(level: u32, m: *const u8, ms: usize) -> Status;
+    fn proxy_http_call(
+        upstream: *const u8,
+        upstream_size: usize,
+        headers: *const u8,
+        headers_size: usize,
+        body: *const u8,
+        body_size: usize,
+        trailers: *const u8,
+        trailers_size: usize,
+        timeout_ms: u32,
+        token: *mut u32,
+    ) -> Status;
 }
 
 #[link(wasm_import_module = "wasi_snapshot_preview1")]
@@ -149,6 +162,34 @@ pub fn request_header(name: &str) -> Result<Option<String>, Status> {
 
 pub fn response_header(name: &str) -> Result<Option<String>, Status> {
     header(RESPONSE_HEADERS, name)
+}
+
+/// A header of the answer to an HTTP call (in `on_http_call_response`).
+pub fn http_call_response_header(name: &str) -> Result<Option<String>, Status> {
+    header(HTTP_CALL_RESPONSE_HEADERS, name)
+}
+
+/// Sends an HTTP request to Envoy cluster `cluster`; the answer comes to the root context's
+/// `on_http_call_response` with the returned token.
+pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u32) -> Result<u32, Status> {
+    let headers = serialize_headers(headers);
+    let trailers = serialize_headers(&[]);
+    let mut token = 0u32;
+    check(unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            headers.as_ptr(),
+            headers.len(),
+            body.as_ptr(),
+            body.len(),
+            trailers.as_ptr(),
+            trailers.len(),
+            timeout_ms,
+            &mut token,
+        )
+    })?;
+    Ok(token)
 }
 
 fn header(map: u32, name: &str) -> Result<Option<String>, Status> {

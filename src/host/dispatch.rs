@@ -53,6 +53,9 @@ pub trait RootContext: Context {
 
     fn on_tick(&mut self) {}
 
+    /// The answer to an HTTP call this root made (`num_headers` 0: none came, e.g. a timeout).
+    fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize) {}
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         None
     }
@@ -256,12 +259,14 @@ pub extern "C" fn proxy_on_upstream_connection_close(_context_id: u32, _peer_typ
 
 #[no_mangle]
 pub extern "C" fn proxy_on_http_call_response(
-    _context_id: u32,
-    _token_id: u32,
-    _num_headers: usize,
+    context_id: u32,
+    token_id: u32,
+    num_headers: usize,
     _body_size: usize,
     _num_trailers: usize,
 ) {
+    // Only root contexts make calls (from their tick).
+    with(&ROOTS, context_id, (), |r| r.on_http_call_response(token_id, num_headers))
 }
 
 #[no_mangle]

@@ -128,6 +128,9 @@ pub struct ProviderStats {
     pub fallback_served: Id,
     /// Successful responses stored in the fallback cache.
     pub fallback_stored: Id,
+    /// Alerts the receiver took (2xx), and alerts that failed (no answer, not 2xx, no cluster).
+    pub alerts_sent: Id,
+    pub alerts_failed: Id,
     /// Which attempt a retried request succeeded on (histogram).
     pub retry_succeeded_attempt: Id,
     /// The provider's own view, from the last answer that carried it (gauges).
@@ -215,6 +218,8 @@ impl Metrics {
             fallback_served: at(Metric::Counter, "fallback.served"),
             fallback_stored: at(Metric::Counter, "fallback.stored"),
             retry_succeeded_attempt: at(Metric::Histogram, "retry.succeeded_attempt"),
+            alerts_sent: at(Metric::Counter, "alerts.sent"),
+            alerts_failed: at(Metric::Counter, "alerts.failed"),
             remaining_requests: at(Metric::Gauge, "provider.remaining_requests"),
             remaining_tokens: at(Metric::Gauge, "provider.remaining_tokens"),
             limit_requests: at(Metric::Gauge, "provider.limit_requests"),

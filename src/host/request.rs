@@ -276,7 +276,7 @@ impl Request {
         let gate = match w.with_core(|w| w.gate_and_mode(&SharedData, now_ms)) {
             Ok((g, moved)) => {
                 if let Some(mode) = moved {
-                    w.metrics.provider.breaker_state.record(mode as u64);
+                    w.breaker_moved(mode, now_ms);
                 }
                 g
             }

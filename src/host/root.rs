@@ -66,6 +66,12 @@ impl RootContext for Root {
         }
     }
 
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize) {
+        if let Some(w) = &self.worker {
+            w.alert_answered(token_id, num_headers);
+        }
+    }
+
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let worker = self.worker.clone()?;
         Some(Box::new(Request::new(worker, context_id)))

@@ -6,6 +6,7 @@ use super::abi;
 use super::metrics::Metrics;
 use super::shared::SharedData;
 use crate::admission::Need;
+use crate::alert::{self, Event};
 use crate::breaker::{Mode, Verdict};
 use crate::config::Config;
 use crate::idmap::IdMap;
@@ -75,6 +76,11 @@ pub struct WorkerContext {
     published_waiting: Cell<[u32; 4]>,
     /// When the tenant table was last counted.
     census_ms: Cell<u64>,
+    /// Alerts to send on the next tick, and the calls sent whose answer has not come.
+    alerts: RefCell<Vec<(Event, u64)>>,
+    alert_calls: RefCell<IdMap<()>>,
+    /// This minute's start and the waiters shed in it, for the shedding alert.
+    shed_minute: Cell<(u64, u64)>,
 }
 
 impl WorkerContext {
@@ -101,6 +107,9 @@ impl WorkerContext {
             published_provider: Cell::new([None; 4]),
             published_waiting: Cell::new([u32::MAX; 4]),
             census_ms: Cell::new(0),
+            alerts: RefCell::default(),
+            alert_calls: RefCell::default(),
+            shed_minute: Cell::new((0, 0)),
             core: RefCell::new(core),
         }
     }
@@ -195,7 +204,7 @@ impl WorkerContext {
             self.refuse_waiter(r);
         }
         if let Some(mode) = t.moved {
-            self.metrics.provider.breaker_state.record(mode as u64);
+            self.breaker_moved(mode, 0);
         }
         if t.probe_started {
             self.probe_started();
@@ -212,14 +221,100 @@ impl WorkerContext {
         self.metrics.provider.breaker_state.record(Mode::HalfOpen as u64);
     }
 
+    /// The breaker moved to `mode` (a write of ours did it): the gauge, and a resolve alert
+    /// when it closed.
+    pub fn breaker_moved(&self, mode: Mode, now_ms: u64) {
+        self.metrics.provider.breaker_state.record(mode as u64);
+        if mode == Mode::Closed {
+            self.raise(Event::BreakerClosed, now_ms);
+        }
+    }
+
+    /// Queues an alert for the next tick (when alerts are configured).
+    fn raise(&self, event: Event, now_ms: u64) {
+        if self.config.alert.is_some() {
+            if let Ok(mut a) = self.alerts.try_borrow_mut() {
+                a.push((event, now_ms));
+            }
+        }
+    }
+
+    /// Sends the queued alerts: one per provider and event per interval, process-wide.
+    fn send_alerts(&self, now_ms: u64) {
+        let Some(cfg) = &self.config.alert else { return };
+        let queued = match self.alerts.try_borrow_mut() {
+            Ok(mut a) if !a.is_empty() => std::mem::take(&mut *a),
+            _ => return,
+        };
+        for (event, at_ms) in queued {
+            let at_ms = if at_ms == 0 { now_ms } else { at_ms };
+            let key = format!("llm_ratelimit/{}/alert/{}", self.name(), event.name());
+            match alert::claim(&SharedData, &key, &event, now_ms, cfg.min_interval_ms) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(s) => log::debug!("llm-ratelimit: cannot claim the alert slot: status {s}"),
+            }
+            let body = alert::payload(cfg.format, self.name(), &event, at_ms);
+            let headers = [
+                (":method", "POST"),
+                (":path", cfg.path.as_str()),
+                (":authority", cfg.cluster.as_str()),
+                ("content-type", "application/json"),
+            ];
+            let timeout = cfg.timeout_ms.min(u64::from(u32::MAX)) as u32;
+            match abi::http_call(&cfg.cluster, &headers, body.as_bytes(), timeout) {
+                Ok(token) => {
+                    if let Ok(mut c) = self.alert_calls.try_borrow_mut() {
+                        c.insert(token, ());
+                    }
+                }
+                Err(s) => {
+                    self.metrics.provider.alerts_failed.inc();
+                    log::warn!(
+                        "llm-ratelimit: {}: cannot send the {} alert to {}: status {s}",
+                        self.name(),
+                        event.name(),
+                        cfg.cluster
+                    );
+                }
+            }
+        }
+    }
+
+    /// The answer to an alert: counted as sent (2xx) or failed (anything else, or none).
+    pub fn alert_answered(&self, token: u32, num_headers: usize) {
+        let ours = self.alert_calls.try_borrow_mut().is_ok_and(|mut c| c.remove(&token).is_some());
+        if !ours {
+            return;
+        }
+        let status = if num_headers == 0 { None } else { abi::http_call_response_header(":status").ok().flatten() };
+        match status.as_deref().and_then(|s| s.parse::<u16>().ok()) {
+            Some(200..=299) => self.metrics.provider.alerts_sent.inc(),
+            other => {
+                self.metrics.provider.alerts_failed.inc();
+                log::warn!("llm-ratelimit: {}: the alert receiver answered {other:?}", self.name());
+            }
+        }
+    }
+
     pub fn shed(&self, r: &Refusal) {
         self.metrics.of(r.class).shed.inc();
+        if let (Some(cfg), Ok(now)) = (&self.config.alert, abi::now_ns()) {
+            let now_ms = now / NANOS_PER_MS;
+            let (start, n) = self.shed_minute.get();
+            let (start, n) = if now_ms.saturating_sub(start) >= 60_000 { (now_ms, 1) } else { (start, n + 1) };
+            self.shed_minute.set((start, n));
+            if cfg.shed_per_minute > 0 && n == cfg.shed_per_minute {
+                self.raise(Event::Shedding { per_minute: n }, now_ms);
+            }
+        }
         self.refuse_waiter(r);
     }
 
     /// One tick of this worker: held responses first, then the queue, then the counters.
     pub fn tick(&self, now_ns: u64) {
         self.tick_core(now_ns);
+        self.send_alerts(now_ns / NANOS_PER_MS);
         super::metrics::flush();
     }
 
@@ -292,6 +387,7 @@ impl WorkerContext {
             m.reset_error_ms.record(e);
         }
         if v.tripped {
+            self.raise(Event::BreakerOpen { until_ms: state.until_ms, terminal: v.terminal }, now_ms);
             m.breaker_trips.inc();
             let secs = state.until_ms.saturating_sub(now_ms).div_ceil(1000);
             log::warn!(
@@ -301,7 +397,7 @@ impl WorkerContext {
             );
         }
         if changed {
-            m.breaker_state.record(state.mode as u64);
+            self.breaker_moved(state.mode, now_ms);
         }
         Some(v)
     }
