@@ -8,7 +8,7 @@ MOCK := target/release/mock-provider
 .PHONY: demo test build setup bench clean rls
 
 demo: setup build
-	python3 scripts/demo.py
+	python3 scripts/demo.py $(DEMO_ARGS)
 
 test: build
 	scripts/setup.sh --test

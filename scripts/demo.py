@@ -4,12 +4,16 @@ mixed-priority burst well above the quota. Shows who got through at once, who wa
 local 429 and why, what the provider actually received, and the filter's own Envoy stats.
 
 Run with `make demo` (builds first) or `python3 scripts/demo.py`. Python 3 stdlib only.
+`make demo DEMO_ARGS=--monitoring` (or `--monitoring`) also starts Prometheus and Alertmanager
+natively (Debian packages; deploy/prometheus, deploy/alertmanager), turns the filter's alerts on,
+trips the breaker once and prints the alert that arrived.
 Everything it starts is stopped on exit, also on Ctrl-C.
 """
 
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -57,6 +62,9 @@ def envoy_bin():
     sys.exit("envoy not found: run `make demo` (scripts/setup.sh installs it) or set ENVOY_BIN")
 
 
+ALERTMANAGER_PORT = None  # set by --monitoring
+
+
 def render_config(filter_json, port, admin, upstream):
     """envoy/envoy.yaml with our ports, the built .wasm and the demo filter config on each
     filter line, keeping that line's "role" (exactly the substitution tests/support/mod.rs
@@ -72,6 +80,7 @@ def render_config(filter_json, port, admin, upstream):
             line = (line.replace("port_value: 10000", f"port_value: {port}")
                         .replace("port_value: 9901", f"port_value: {admin}")
                         .replace("port_value: 9000", f"port_value: {upstream}")
+                        .replace("port_value: 9093", f"port_value: {ALERTMANAGER_PORT or 9093}")
                         .replace("target/wasm32-wasip1/release/llm_ratelimit.wasm", str(WASM)))
         out.append(line)
     return "\n".join(out)
@@ -450,9 +459,79 @@ def token_limits(procs, tmp, mock):
     return failed
 
 
+# ---- Monitoring: Prometheus and Alertmanager, natively ------------------------------------
+
+def start_monitoring(procs, tmp):
+    """Alertmanager and Prometheus (Debian packages) on free ports; returns their ports."""
+    global ALERTMANAGER_PORT
+    for binary in ("prometheus-alertmanager", "prometheus"):
+        if not shutil.which(binary):
+            sys.exit(f"{binary} not found: apt-get install prometheus prometheus-alertmanager")
+    am, am_cluster, prom = free_port(), free_port(), free_port()
+    (tmp / "am.yml").write_text((ROOT / "deploy/alertmanager/alertmanager.yml").read_text())
+    procs.append(subprocess.Popen(
+        ["prometheus-alertmanager", f"--config.file={tmp / 'am.yml'}", f"--storage.path={tmp / 'am-data'}",
+         f"--web.listen-address=127.0.0.1:{am}", f"--cluster.listen-address=127.0.0.1:{am_cluster}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    ALERTMANAGER_PORT = am
+    FILTER["alert"] = {"cluster": "alertmanager", "min_interval_s": 60}
+    return am, prom
+
+
+def start_prometheus(procs, tmp, prom, admin, am):
+    """Prometheus scraping Envoy's admin every second, with the project's alert rules."""
+    rules = tmp / "alerts.yaml"
+    rules.write_text((ROOT / "deploy/prometheus/alerts.yaml").read_text())
+    (tmp / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: [{rules}]\n"
+        f"alerting: {{alertmanagers: [{{static_configs: [{{targets: ['127.0.0.1:{am}']}}]}}]}}\n"
+        "scrape_configs:\n- job_name: envoy\n  metrics_path: /stats/prometheus\n"
+        f"  static_configs: [{{targets: ['127.0.0.1:{admin}']}}]\n")
+    procs.append(subprocess.Popen(
+        ["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'prom-data'}",
+         f"--web.listen-address=127.0.0.1:{prom}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+
+def show_alert(port, am, prom):
+    """Trips the breaker with one 429 that gives no timing, and prints the alert that arrived."""
+    print("\n==> monitoring: one provider 429 with no timing trips the breaker; the filter alerts")
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=BODY,
+                                 headers={"content-type": "application/json", "x-mock-status": "429",
+                                          "x-envoy-max-retries": "0"})
+    try:
+        urllib.request.urlopen(req, timeout=5).read()
+    except urllib.error.HTTPError:
+        pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        alerts = json.loads(http_get(am, "/api/v2/alerts"))
+        ours = [a for a in alerts if a["labels"].get("source") == "llm-ratelimit"]
+        if ours:
+            a = ours[0]
+            print(f"   Alertmanager (http://127.0.0.1:{am}) received: {a['labels']['alertname']} "
+                  f"provider={a['labels']['provider']} severity={a['labels']['severity']} "
+                  f"startsAt={a['startsAt']} endsAt={a['endsAt']}")
+            print(f"   \"{a['annotations']['summary']}\"")
+            break
+        time.sleep(0.2)
+    else:
+        print("   FAILED: no alert arrived in Alertmanager")
+        return False
+    q = urllib.parse.quote("sum by (priority) (llm_ratelimit_admitted)")
+    try:
+        r = json.loads(http_get(prom, f"/api/v1/query?query={q}"))
+        rows = ", ".join(f"{x['metric'].get('priority', '?')} {x['value'][1]}" for x in r["data"]["result"])
+        print(f"   Prometheus (http://127.0.0.1:{prom}) answers sum by (priority) (llm_ratelimit_admitted): {rows}")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"   Prometheus query failed: {e}")
+    return True
+
+
 # ---- Main ------------------------------------------------------------------------------------
 
 def main():
+    monitoring = "--monitoring" in sys.argv[1:]
     for f, hint in ((WASM, "the filter"), (MOCK, "the mock provider")):
         if not f.is_file():
             sys.exit(f"{f} not found: build {hint} first with `make build`")
@@ -460,7 +539,11 @@ def main():
     with tempfile.TemporaryDirectory(prefix="llm-ratelimit-demo-") as tmp:
         try:
             mock = start_mock(procs)
+            if monitoring:
+                am, prom = start_monitoring(procs, Path(tmp))
             port, admin, log = start_envoy(procs, Path(tmp), mock)
+            if monitoring:
+                start_prometheus(procs, Path(tmp), prom, admin, am)
             envoy = procs[-1]
             print(f"==> mock provider on 127.0.0.1:{mock} (50 ms latency); Envoy on 127.0.0.1:{port} "
                   f"(admin {admin}, 2 workers) with envoy/envoy.yaml and this filter config:")
@@ -488,6 +571,8 @@ def main():
             failed = provider_exhaustion(port, admin, mock)
             if failed:
                 print(f"\nFAILED: {len(failed)} requests in act 2 got neither a 200 nor a 429")
+                return 1
+            if monitoring and not show_alert(port, am, prom):
                 return 1
             failed = token_limits(procs, Path(tmp), mock)
             if failed:
