@@ -489,6 +489,14 @@ def scenario_paths(upstream, res):
                     r["tput"].append(wrk(e.url, SECONDS, post))
                     r["lat"].append(oha(e.url, SECONDS, RATE, post))
                 r["load_rss_kib"] = max(r["load_rss_kib"], s.peak)
+        for (path, kind), e in envoys.items():
+            if kind in ("c", "t") and path == "admit":
+                # Lease statistics over the whole run: requests per lease, conflicts per request.
+                stat = lambda n: e.counter(f"wasmcustom.llm_ratelimit.provider.bench.{n}")
+                admitted = sum(stat(f"priority.{c}.admitted") for c in ("critical", "high", "normal", "low"))
+                res[f"{upstream}/{path}/{kind}"]["lease"] = {
+                    "leases": stat("bucket.leases"), "leased": stat("bucket.leased"),
+                    "cas_conflicts": stat("shared.cas_conflicts"), "admitted": admitted}
     finally:
         for e in envoys.values():
             e.stop()
@@ -711,6 +719,12 @@ def report(res, m, elapsed):
                   f"{fmt(p50)}{spread(p50s)} | {fmt(p99)}{spread(p99s)} | {ratio(p99, a[2])} | "
                   f"{ratio(p99, b[2])} | {fmt(p99 - a[2]) if kind != 'a' else '–'} | {non2:.1%} |")
         w("")
+        lease = res.get(f"{upstream}/admit/c", {}).get("lease")
+        if lease and lease["admitted"]:
+            per_lease = lease["leased"] / lease["leases"] if lease["leases"] else 0
+            w(f"Leases in (c)'s admit runs: {lease['leases']:,} leases holding {lease['leased']:,} request tokens "
+              f"({per_lease:.1f} tokens leased per compare-and-swap), for {lease['admitted']:,} admitted requests; "
+              f"{lease['cas_conflicts'] / lease['admitted']:.4f} lost compare-and-swaps (retried) per admitted request.\n")
         if ("admit", "t") in fig and ("admit", "c") in fig:
             (t_t, _, t_p99), (c_t, _, c_p99) = fig[("admit", "t")], fig[("admit", "c")]
             w(f"Token limits (t) against the request-only path (c), same body: throughput {t_t / c_t:.2f}×, "

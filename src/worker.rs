@@ -43,6 +43,8 @@ pub struct Lease {
     size: u32,
     /// Average LLM-token need of admitted requests, to size token leases.
     avg_need: f64,
+    /// Leases taken and the requests they held, since the host last read them (for stats).
+    pub taken: (u64, u64),
 }
 
 /// Process-wide waiters per class, request tokens and (with token limits) the provider token
@@ -303,6 +305,11 @@ impl Worker {
         &self.lease
     }
 
+    /// Leases taken and the requests they held since the last call.
+    pub fn take_lease_counts(&mut self) -> (u64, u64) {
+        std::mem::take(&mut self.lease.taken)
+    }
+
     /// The release of request `id`, once, for its response headers.
     pub fn take_release(&mut self, id: u32) -> Option<Release> {
         self.released.remove(&id)
@@ -531,6 +538,10 @@ impl Worker {
             ((arrival, written, leased), next)
         })?;
         self.lease.requests += leased.0;
+        if leased.0 > 0.0 {
+            self.lease.taken.0 += 1;
+            self.lease.taken.1 += leased.0 as u64;
+        }
         if let Some((i, t)) = leased.1 {
             let n = self.rules.token_buckets.len();
             self.lease.tokens.resize(n.max(self.lease.tokens.len()), 0.0);

@@ -179,6 +179,11 @@ pub struct Metrics {
     pub tokens: TokenStats,
     /// Whole tokens left in the process-wide bucket after the last decision (gauge).
     pub bucket_tokens: Id,
+    /// Leases a worker took, and the request tokens they held.
+    pub leases: Id,
+    pub leased: Id,
+    /// Shared-data writes that lost their compare-and-swap (and were decided again).
+    pub cas_conflicts: Id,
     /// Host calls that failed; the filter let the request through (fail open).
     pub errors: Id,
 }
@@ -248,6 +253,9 @@ impl Metrics {
             tenants,
             tokens,
             bucket_tokens: Id::define(Metric::Gauge, &format!("{base}.bucket.tokens")),
+            leases: Id::define(Metric::Counter, &format!("{base}.bucket.leases")),
+            leased: Id::define(Metric::Counter, &format!("{base}.bucket.leased")),
+            cas_conflicts: Id::define(Metric::Counter, &format!("{base}.shared.cas_conflicts")),
             errors: Id::define(Metric::Counter, &format!("{base}.errors")),
         }
     }

@@ -314,6 +314,12 @@ impl WorkerContext {
     /// One tick of this worker: held responses first, then the queue, then the counters.
     pub fn tick(&self, now_ns: u64) {
         self.tick_core(now_ns);
+        if let Ok(mut w) = self.core.try_borrow_mut() {
+            let (leases, leased) = w.take_lease_counts();
+            self.metrics.leases.add(leases);
+            self.metrics.leased.add(leased);
+        }
+        self.metrics.cas_conflicts.add(super::shared::take_conflicts());
         self.send_alerts(now_ns / NANOS_PER_MS);
         super::metrics::flush();
     }
