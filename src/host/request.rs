@@ -475,7 +475,12 @@ impl HttpContext for Request {
             }
         }
         let role = self.role();
-        let header = |name| abi::response_header(name).ok().flatten();
+        // A role that learns reads every header anyway: one host call for all, `:status` included.
+        let all = if role.learns() { Some(abi::response_headers().unwrap_or_default()) } else { None };
+        let header = |name: &str| match &all {
+            Some(h) => h.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+            None => abi::response_header(name).ok().flatten(),
+        };
         let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0u16);
         if let (Some(m), Some(t)) = (&mut self.meter, &self.w.config.tokens) {
             m.answer(status, &header("content-type").unwrap_or_default(), t.max_body_bytes as usize);
@@ -504,7 +509,10 @@ impl HttpContext for Request {
         }
         let Ok(now_ns) = abi::now_ns() else { return Action::Continue };
         let now_ms = now_ns / NANOS_PER_MS;
-        let headers = abi::response_headers().unwrap_or_default();
+        let headers = match all {
+            Some(h) => h,
+            None => abi::response_headers().unwrap_or_default(),
+        };
         if role.admits() {
             let attempts = headers.iter().find(|(k, _)| k == "x-envoy-attempt-count").and_then(|(_, v)| v.parse().ok());
             self.count_retries(status, attempts.unwrap_or(0));
