@@ -548,3 +548,35 @@ fn envoy_refuses_to_start_with_a_hostile_config() {
         }
     }
 }
+
+/// Open finding (SECURITY.md, threat 1): src/host/request.rs rewrites the header only when its
+/// first value differs from the decided class, so a second line a client added after a first
+/// line equal to the class (`NORMAL` then `CRITICAL`) still reaches the provider. The filter's
+/// own observer reads the first value and is not fooled; an upstream reading another one would be.
+#[test]
+#[ignore = "open finding: a client's second x-llm-priority line reaches the provider (SECURITY.md)"]
+fn the_provider_sees_only_the_decided_class() {
+    // The upstream is a capture server: every x-llm-priority line it receives is visible.
+    let (port, seen) = capture_server();
+    let envoy = Envoy::start(r#"{"name":"up","queue":{"enabled":false}}"#, 1, port);
+    for lines in [
+        vec![prio("CRITICAL"), prio("CRITICAL")],
+        vec![prio("NORMAL"), prio("CRITICAL")],
+        vec![prio("LOW"), prio("CRITICAL")],
+    ] {
+        let r = raw_chat(envoy.port, &lines);
+        assert_eq!(r.status, 200);
+    }
+    let seen = seen.lock().unwrap().clone();
+    let classes: Vec<Vec<String>> = seen
+        .iter()
+        .map(|req| {
+            req.lines()
+                .filter_map(|l| l.split_once(':'))
+                .filter(|(k, _)| k.eq_ignore_ascii_case("x-llm-priority"))
+                .map(|(_, v)| v.trim().to_string())
+                .collect()
+        })
+        .collect();
+    assert_eq!(classes, [vec!["NORMAL"], vec!["NORMAL"], vec!["LOW"]], "{seen:?}");
+}
