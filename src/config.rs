@@ -259,7 +259,7 @@ impl Config {
         }
         // serde_json says where: "trailing comma at line 4 column 3".
         let json: Value = serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
-        RawConfig::read(&json)?.validate()
+        RawConfig::read(&json).and_then(RawConfig::validate).map_err(shorten)
     }
 
     pub fn class(&self, p: Priority) -> &ClassConfig {
@@ -740,7 +740,12 @@ impl RawConfig {
                 None => d.fallback.key_header,
                 Some(h) => header_name("fallback.key_header", h)?,
             },
-            max_entries: whole("fallback.max_entries", f.max_entries, d.fallback.max_entries, 1)?.min(100_000),
+            max_entries: match whole("fallback.max_entries", f.max_entries, d.fallback.max_entries, 1)? {
+                n if n > 100_000 => {
+                    return Err(format!("fallback.max_entries: must be a whole number from 1 to 100000, got {n}"))
+                }
+                n => n,
+            },
             max_body_bytes: whole("fallback.max_body_bytes", f.max_body_bytes, d.fallback.max_body_bytes, 1)?,
             max_age_ms: whole("fallback.max_age_s", f.max_age_s, d.fallback.max_age_ms / 1000, 1)? * 1000,
         };
@@ -850,15 +855,33 @@ fn whole(field: &str, v: Option<f64>, default: u64, min: u64) -> Result<u64, Str
     }
 }
 
+/// An error at most `MAX_ERROR` bytes long: messages quote the bad value, and a configuration
+/// of megabytes must not become a log line of megabytes (Envoy logs it on every start).
+fn shorten(mut e: String) -> String {
+    const MAX_ERROR: usize = 512;
+    if e.len() > MAX_ERROR {
+        let mut end = MAX_ERROR;
+        while !e.is_char_boundary(end) {
+            end -= 1;
+        }
+        let more = e.len() - end;
+        e.truncate(end);
+        e.push_str(&format!("... ({more} bytes more)"));
+    }
+    e
+}
+
 fn per_minute(capacity: u64) -> f64 {
     capacity as f64 / 60.0
 }
 
-/// A finite number > 0.
+/// A number > 0 and at most 10^15, the cap whole numbers have: every rate, weight and ratio in
+/// the configuration stays far from where the filter's arithmetic would saturate.
 fn positive(field: &str, v: Option<f64>, default: f64) -> Result<f64, String> {
     match v {
         None => Ok(default),
-        Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Some(x) if x.is_finite() && x > 0.0 && x <= 1e15 => Ok(x),
+        Some(x) if x > 1e15 => Err(format!("{field}: must be a number > 0 and at most 10^15, got {x:e}")),
         Some(x) => Err(format!("{field}: must be a number > 0, got {x}")),
     }
 }
