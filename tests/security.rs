@@ -549,12 +549,10 @@ fn envoy_refuses_to_start_with_a_hostile_config() {
     }
 }
 
-/// Open finding (SECURITY.md, threat 1): src/host/request.rs rewrites the header only when its
-/// first value differs from the decided class, so a second line a client added after a first
-/// line equal to the class (`NORMAL` then `CRITICAL`) still reaches the provider. The filter's
-/// own observer reads the first value and is not fooled; an upstream reading another one would be.
+/// SECURITY.md, threat 1b: a second line a client adds after a first line equal to the decided
+/// class (`NORMAL` then `CRITICAL`) must not reach the provider: a header the client sent is
+/// always replaced, every line of it.
 #[test]
-#[ignore = "open finding: a client's second x-llm-priority line reaches the provider (SECURITY.md)"]
 fn the_provider_sees_only_the_decided_class() {
     // The upstream is a capture server: every x-llm-priority line it receives is visible.
     let (port, seen) = capture_server();

@@ -405,13 +405,11 @@ impl HttpContext for Request {
             }
             v
         });
-        // Upstream sees the class the proxy decided, never one a client claimed. Rewritten only
-        // when that changes what upstream reads (no header reads as the default class), because
-        // every request-header change costs Envoy a route-cache clear (~15% of throughput here).
-        let rewrite = match sent.into_inner() {
-            Some(v) => v != self.class.name(),
-            None => self.class != cfg.classify.default,
-        };
+        // Upstream sees the class the proxy decided, never one a client claimed: a header the client
+        // sent is always replaced (every line of it: a second line could claim another class).
+        // With none sent and the default class there is nothing to correct, and no header change
+        // (each costs Envoy a route-cache clear, ~15% of throughput here).
+        let rewrite = sent.into_inner().is_some() || self.class != cfg.classify.default;
         if rewrite {
             if let Err(s) = abi::set_request_header(&cfg.classify.header, self.class.name()) {
                 log::debug!("llm-ratelimit: cannot set {}: status {s}", cfg.classify.header);
