@@ -291,7 +291,8 @@ impl Worker {
 
     /// Whether the tick has work: waiters to serve, or counts to correct in shared data.
     pub fn needs_tick(&self) -> bool {
-        !self.queue.is_empty() || self.published.0 != [0; 4] || self.holds_lease()
+        // Admissions since the last tick size the next lease: the tick must see them.
+        !self.queue.is_empty() || self.published.0 != [0; 4] || self.holds_lease() || self.lease.used > 0
     }
 
     /// Whether this worker holds leased tokens or settlements to write back.
@@ -880,6 +881,7 @@ mod tests {
             assert_eq!(arrive(&mut w, &store, id, T0), Admission::Pass { probe: None });
         }
         assert_eq!(level(&store).round(), 996.0);
+        assert!(w.needs_tick(), "the tick must see the admissions to size the next lease");
         w.tick(&store, T0 * MS);
         // 4 admissions last tick: the next takes a lease of 4 more, then the lease serves them.
         assert_eq!(arrive(&mut w, &store, 10, T0 + 1), Admission::Pass { probe: None });

@@ -44,3 +44,17 @@ fn four_workers_share_one_bucket() {
 fn burst_classes_also_spend_the_reserve_across_workers() {
     burst_admits(4, "CRITICAL", 120, 50);
 }
+
+#[test]
+fn leases_serve_busy_workers_and_never_admit_past_the_bucket() {
+    // 600 tokens, next to no refill: far from the floor at first, so workers lease; the bucket
+    // still admits exactly 600 of 1000, leased or not.
+    let mock = Mock::start(&[]);
+    let config = r#"{"name":"ls","bucket":{"capacity":600,"refill_rate":0.01,"burst_allowance":0},"queue":{"enabled":false}}"#;
+    let envoy = Envoy::start(config, 2, mock.port);
+    let replies = burst(&envoy.url("/v1/chat/completions"), 1000, 16, &[]);
+    assert_eq!(count(&replies, 200), 600);
+    assert_eq!(mock.received(), 600);
+    let (leases, leased) = (envoy.stat("ls", "bucket.leases"), envoy.stat("ls", "bucket.leased"));
+    assert!(leases > 0 && leased >= leases, "no lease was taken: {leases} leases, {leased} tokens");
+}
