@@ -23,7 +23,8 @@ OUT = ROOT / "target/ablation"
 STEPS = [
     ("every admission a compare-and-swap, the provider state read and counters written per request",
      "6bd9eed", {}),
-    ("+ leases (bucket.max_lease 32) and the provider state cached for 1 ms", "b073d88", {}),
+    ("+ the provider state cached for 1 ms (leases built in, but inert until a later fix sized them)",
+     "b073d88", {}),
     ("+ counters written per tick, the priority header rewritten only when it differs", "0e9bc44", {}),
     ("current build, leases off (bucket.max_lease 1)", None, {"bucket": {"max_lease": 1}}),
     ("current build", None, {}),
