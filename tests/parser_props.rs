@@ -197,10 +197,41 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     leaf.prop_recursive(4, 32, 6, |inner| {
         let keys = prop_oneof![
             proptest::sample::select(vec![
-                "bucket", "capacity", "refill_rate", "burst_allowance", "classify", "rules", "priority", "tokens",
-                "per_model", "provider", "style", "queue", "tenant", "fallback", "role", "name", "priorities", "HIGH",
-                "messages", "content", "text", "type", "image_url", "max_tokens", "n", "model", "stream", "tools",
-                "input", "contents", "parts", "generationConfig", "maxOutputTokens", "system", "tool_calls",
+                "bucket",
+                "capacity",
+                "refill_rate",
+                "burst_allowance",
+                "classify",
+                "rules",
+                "priority",
+                "tokens",
+                "per_model",
+                "provider",
+                "style",
+                "queue",
+                "tenant",
+                "fallback",
+                "role",
+                "name",
+                "priorities",
+                "HIGH",
+                "messages",
+                "content",
+                "text",
+                "type",
+                "image_url",
+                "max_tokens",
+                "n",
+                "model",
+                "stream",
+                "tools",
+                "input",
+                "contents",
+                "parts",
+                "generationConfig",
+                "maxOutputTokens",
+                "system",
+                "tool_calls",
             ])
             .prop_map(str::to_owned),
             "[a-z_]{1,8}",
@@ -344,13 +375,20 @@ proptest! {
 // ---- stored encodings ----
 
 fn level() -> impl Strategy<Value = Level> {
-    (any::<f64>().prop_filter("finite", |f| f.is_finite()), any::<u64>()).prop_map(|(tokens, at_ns)| Level { tokens, at_ns })
+    (any::<f64>().prop_filter("finite", |f| f.is_finite()), any::<u64>())
+        .prop_map(|(tokens, at_ns)| Level { tokens, at_ns })
 }
 
 fn provider_state() -> impl Strategy<Value = ProviderState> {
     let mode = prop_oneof![Just(Mode::Closed), Just(Mode::Open), Just(Mode::HalfOpen)];
     (mode, any::<[u64; 3]>(), any::<[u32; 4]>(), any::<[bool; 4]>(), any::<bool>()).prop_map(
-        |(mode, [until_ms, probe_ms, dry_until_ms], [probe, failed_probes, limit, left], [terminal, checking, guessed, counting], _)| {
+        |(
+            mode,
+            [until_ms, probe_ms, dry_until_ms],
+            [probe, failed_probes, limit, left],
+            [terminal, checking, guessed, counting],
+            _,
+        )| {
             ProviderState {
                 mode,
                 until_ms,

@@ -10,8 +10,11 @@ use llm_ratelimit::signals::{self, Provider, Signals};
 use llm_ratelimit::tokens::estimate::{self, EstimateRules, MAX_CHOICES, MAX_OUTPUT_TOKENS};
 use llm_ratelimit::tokens::usage::{self, StreamUsage};
 
-/// The targets by name, for the corpus test and for `run.sh`'s listing.
-pub const TARGETS: [(&str, fn(&[u8])); 6] = [
+/// A target: panics when an input breaks a property.
+pub type Target = fn(&[u8]);
+
+/// The targets by name, for the corpus test.
+pub const TARGETS: [(&str, Target); 6] = [
     ("signals_headers", signals_headers),
     ("signals_body", signals_body),
     ("config", config),
@@ -50,7 +53,11 @@ fn prefix(data: &[u8]) -> (Prefix, &[u8]) {
 /// What must hold of any parse: every instant is a real wait within the cap, fractions are
 /// fractions, and a configured provider is reported as itself.
 fn check_signals(p: &Prefix, s: &Signals) {
-    for (what, at) in [("retry_at_ms", s.retry_at_ms), ("requests_reset_ms", s.requests_reset_ms), ("tokens_reset_ms", s.tokens_reset_ms)] {
+    for (what, at) in [
+        ("retry_at_ms", s.retry_at_ms),
+        ("requests_reset_ms", s.requests_reset_ms),
+        ("tokens_reset_ms", s.tokens_reset_ms),
+    ] {
         if let Some(at) = at {
             assert!(at > p.now_ms, "{what} {at} is not after now {}", p.now_ms);
             assert!(at - p.now_ms <= p.max_wait_ms, "{what} {at} is past the cap {} from {}", p.max_wait_ms, p.now_ms);
@@ -76,7 +83,14 @@ pub fn signals_headers(data: &[u8]) {
     let s = signals::parse(p.provider, p.status, &headers, None, p.now_ms, p.max_wait_ms);
     check_signals(&p, &s);
     // The body is only read for errors: a success with the same headers says the same.
-    let ok = signals::parse(p.provider, 200, &headers, Some(b"{\"error\":{\"message\":\"try again in 5s\"}}"), p.now_ms, p.max_wait_ms);
+    let ok = signals::parse(
+        p.provider,
+        200,
+        &headers,
+        Some(b"{\"error\":{\"message\":\"try again in 5s\"}}"),
+        p.now_ms,
+        p.max_wait_ms,
+    );
     if p.status == 200 {
         assert_eq!(ok, s);
     }
