@@ -471,3 +471,36 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(config(16))]
+
+    /// A data line longer than the reader keeps (64 KiB) still reports the usage near its end,
+    /// however the stream is cut: only its last 16 KiB are searched, so the usage sits there.
+    #[test]
+    fn a_long_line_keeps_its_usage_however_cut(
+        bulk in 70_000usize..140_000,
+        filler in proptest::sample::select(vec!['a', '"', '{', '\\', 'é']),
+        input in 0u64..1_000_000,
+        output in 0u64..1_000_000,
+        cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..40),
+    ) {
+        let text: String = std::iter::repeat_n(filler, bulk / filler.len_utf8()).collect();
+        let data = serde_json::json!({
+            "type": "response.completed",
+            "response": {"output": text, "usage": {"input_tokens": input, "output_tokens": output}, "user": "u"},
+        });
+        let bytes = format!("event: response.completed\ndata: {data}\n\ndata: [DONE]\n\n").into_bytes();
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+        at.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for end in at.into_iter().chain([bytes.len()]) {
+            chunks.push(&bytes[start..end]);
+            start = end;
+        }
+        let expected = Some(Usage { input, output });
+        prop_assert_eq!(read_stream([&bytes[..]]).0, expected);
+        prop_assert_eq!(read_stream(chunks).0, expected);
+    }
+}
