@@ -58,7 +58,7 @@ for t in "${targets[@]}"; do
         -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1 || status=$?
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
-    secs=$(grep -o 'stat::total_run_time: *[0-9]*' "$log" 2>/dev/null | grep -o '[0-9]*$' | tail -1 || true)
+    secs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | awk '{print $5}' | tail -1 || true)
     crashes=$(ls "artifacts/$t" | wc -l)
     printf '%-16s %6ss %12s execs  %s artifact(s)  exit %s  (log: fuzz/%s)\n' \
         "$t" "${secs:-$FUZZ_SECONDS}" "${runs:-?}" "$crashes" "$status" "$log"

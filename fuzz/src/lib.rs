@@ -207,11 +207,21 @@ pub fn dates(data: &[u8]) {
 }
 
 fn check_http_date(text: &str) {
-    let ours = signals::parse_http_date(text);
     let Ok(theirs) = httpdate::parse_http_date(text) else { return };
     let theirs = theirs.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis());
     // httpdate is strict (exact spacing, `GMT`, real weekday, years 1970..=9999, seconds < 60):
-    // whatever it accepts, ours must read the same.
+    // whatever it accepts, ours must read the same, except that httpdate does not look at the
+    // byte between an RFC 850 date and its time (`Sunday, 06-Nov-94(08:49:37 GMT`), which ours
+    // requires to be a space: there, ours must read the date with the space put back.
+    let ours = signals::parse_http_date(text).or_else(|| {
+        let (weekday, rest) = text.split_once(", ")?;
+        let at = weekday.len() + 2 + 9;
+        (rest.len() == 22 && rest.as_bytes()[9] != b' ').then(|| {
+            let mut spaced = text.as_bytes().to_vec();
+            spaced[at] = b' ';
+            String::from_utf8(spaced).ok().and_then(|t| signals::parse_http_date(&t))
+        })?
+    });
     assert_eq!(ours.map(u128::from), theirs.ok(), "HTTP-date {text:?}");
 }
 

@@ -482,6 +482,9 @@ mod tests {
             "Xyz, 29 Sep 2023 16:26:57 GMT",
             "Fri, 29 Sep 20233 16:26:57 GMT",
             "Fri, ２9 Sep 2023 16:26:57 GMT",
+            // Found by fuzz/ (dates): httpdate accepts any byte between an RFC 850 date and its
+            // time; a space is required here, as RFC 9110 writes it.
+            "Sunday, 06-Nov-94(08:49:37 GMT",
         ] {
             assert_eq!(parse_http_date(junk), None, "{junk:?}");
         }
