@@ -61,7 +61,7 @@ for t in "${targets[@]}"; do
     secs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | awk '{print $5}' | tail -1 || true)
     crashes=$(ls "artifacts/$t" | wc -l)
     printf '%-16s %6ss %12s execs  %s artifact(s)  exit %s  (log: fuzz/%s)\n' \
-        "$t" "${secs:-$FUZZ_SECONDS}" "${runs:-?}" "$crashes" "$status" "$log"
+        "$t" "${secs:-<=$FUZZ_SECONDS}" "${runs:-?}" "$crashes" "$status" "$log"
     [ "$status" -ne 0 ] && failed=1
 done
 exit "$failed"

@@ -230,10 +230,12 @@ fn check_rfc3339(text: &str) {
     let Ok(theirs) = chrono::DateTime::parse_from_rfc3339(text) else { return };
     // Ours rounds the fraction up to whole milliseconds, counting every digit; chrono keeps
     // nanoseconds (a leap second as 1e9 and up) and drops digits past the ninth.
-    let nanos = u64::from(theirs.timestamp_subsec_nanos());
-    let Ok(seconds) = u64::try_from(theirs.timestamp()) else { panic!("ours read {text:?} before 1970 as {ours}") };
-    let expected = seconds * 1000 + nanos.div_ceil(1_000_000);
+    // A leap second before 1970 (`1969-12-31T23:59:60Z`) is 0 to ours and -1 s + 1e9 ns to
+    // chrono: the same instant, so the sum is taken before any sign check.
+    let nanos = i128::from(theirs.timestamp_subsec_nanos());
+    let expected = i128::from(theirs.timestamp()) * 1000 + (nanos + 999_999) / 1_000_000;
     let fraction_digits = text.split_once('.').map_or(0, |(_, f)| f.bytes().take_while(u8::is_ascii_digit).count());
-    let tolerance = u64::from(fraction_digits > 9 && nanos % 1_000_000 == 0);
+    let tolerance = i128::from(fraction_digits > 9 && nanos % 1_000_000 == 0);
+    let ours = i128::from(ours);
     assert!(ours >= expected && ours <= expected + tolerance, "RFC 3339 {text:?}: ours {ours}, chrono {expected}");
 }

@@ -502,6 +502,8 @@ mod tests {
         assert_eq!(parse_rfc3339("2023-09-29T16:26:37.0001Z"), Some(1_696_004_797_001));
         assert_eq!(parse_rfc3339("2023-09-29T16:26:37.123456789Z"), Some(1_696_004_797_124));
         assert_eq!(parse_rfc3339("2016-12-31T23:59:60Z"), Some(1_483_228_800_000));
+        // Found by fuzz/ (dates, against chrono): the leap second just before the epoch is the epoch.
+        assert_eq!(parse_rfc3339("1969-12-31T23:59:60Z"), Some(0));
         assert_eq!(parse_rfc3339("2000-02-29T00:00:00Z"), Some(951_782_400_000));
     }
 
