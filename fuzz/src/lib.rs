@@ -214,6 +214,8 @@ fn check_http_date(text: &str) {
     // byte between an RFC 850 date and its time (`Sunday, 06-Nov-94(08:49:37 GMT`), which ours
     // requires to be a space: there, ours must read the date with the space put back.
     let ours = signals::parse_http_date(text).or_else(|| {
+        // httpdate trims blanks first (str::trim), as ours does.
+        let text = text.trim();
         let (weekday, rest) = text.split_once(", ")?;
         let at = weekday.len() + 2 + 9;
         (rest.len() == 22 && rest.as_bytes()[9] != b' ').then(|| {
