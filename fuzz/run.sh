@@ -26,7 +26,7 @@ minimize() { # target, source folders...
     local target="$1"; shift
     local fresh="work/cmin-$target"
     rm -rf "$fresh" && mkdir -p "$fresh" "corpus/$target"
-    fuzz run -O "$target" "$fresh" "$@" -- -merge=1 -timeout=10 >"work/cmin-$target.log" 2>&1
+    fuzz run -O "$target" "$fresh" "$@" -- -set_cover_merge=1 -timeout=10 >"work/cmin-$target.log" 2>&1
     rm -rf "corpus/$target" && mv "$fresh" "corpus/$target"
     echo "$target: $(ls "corpus/$target" | wc -l) inputs, $(du -sk "corpus/$target" | cut -f1) KiB"
 }
