@@ -5,7 +5,7 @@ WASM_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-flo
 	--enable-mutable-globals --enable-multivalue --enable-reference-types
 MOCK := target/release/mock-provider
 
-.PHONY: demo test build setup bench clean rls
+.PHONY: demo test build setup bench clean rls fuzz
 
 demo: setup build
 	python3 scripts/demo.py $(DEMO_ARGS)
@@ -40,3 +40,9 @@ bench: build
 # The rate limit service (rls/): one limit across many Envoy instances, over Redis.
 rls:
 	cargo build --release -p llm-ratelimit-rls
+
+# libFuzzer on every parser that sees outside input (needs nightly and cargo-fuzz:
+# `rustup toolchain install nightly --profile minimal && cargo install cargo-fuzz`);
+# FUZZ_SECONDS per target, default 60. Results: fuzz/RESULTS.md.
+fuzz:
+	fuzz/run.sh

@@ -482,6 +482,9 @@ mod tests {
             "Xyz, 29 Sep 2023 16:26:57 GMT",
             "Fri, 29 Sep 20233 16:26:57 GMT",
             "Fri, ２9 Sep 2023 16:26:57 GMT",
+            // Found by fuzz/ (dates): httpdate accepts any byte between an RFC 850 date and its
+            // time; a space is required here, as RFC 9110 writes it.
+            "Sunday, 06-Nov-94(08:49:37 GMT",
         ] {
             assert_eq!(parse_http_date(junk), None, "{junk:?}");
         }
@@ -499,6 +502,8 @@ mod tests {
         assert_eq!(parse_rfc3339("2023-09-29T16:26:37.0001Z"), Some(1_696_004_797_001));
         assert_eq!(parse_rfc3339("2023-09-29T16:26:37.123456789Z"), Some(1_696_004_797_124));
         assert_eq!(parse_rfc3339("2016-12-31T23:59:60Z"), Some(1_483_228_800_000));
+        // Found by fuzz/ (dates, against chrono): the leap second just before the epoch is the epoch.
+        assert_eq!(parse_rfc3339("1969-12-31T23:59:60Z"), Some(0));
         assert_eq!(parse_rfc3339("2000-02-29T00:00:00Z"), Some(951_782_400_000));
     }
 
