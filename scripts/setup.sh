@@ -22,7 +22,7 @@ if ! command -v wasm-opt >/dev/null && command -v apt-get >/dev/null && [ "$(id 
 fi
 
 # Redis (Debian's redis-server, which brings redis-cli) for llm-ratelimit-rls: its tests start
-# their own redis-server processes, and the demo runs one.
+# their own redis-server processes.
 if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   step "installing redis-server and redis-cli from Debian"
   { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server; } >/dev/null 2>&1 || echo "   (could not install redis-server)"
