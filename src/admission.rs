@@ -159,6 +159,11 @@ impl AdmissionRules {
             (Ok(level), None) => Ok(SharedBucket { level, ..s.clone() }),
             (Ok(level), Some((i, Ok(t)))) => {
                 let mut next = SharedBucket { level, ..s.clone() };
+                // `fit` gives every configured bucket a level; a value without one gets full ones.
+                while next.token_levels.len() <= i {
+                    let j = next.token_levels.len();
+                    next.token_levels.push(self.token_buckets.get(j).map_or(t, |b| b.full(now_ns)));
+                }
                 next.token_levels[i] = t;
                 Ok(next)
             }

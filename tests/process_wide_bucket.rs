@@ -50,7 +50,8 @@ fn leases_serve_busy_workers_and_never_admit_past_the_bucket() {
     // 600 tokens, next to no refill: far from the floor at first, so workers lease; the bucket
     // still admits exactly 600 of 1000, leased or not.
     let mock = Mock::start(&[]);
-    let config = r#"{"name":"ls","bucket":{"capacity":600,"refill_rate":0.01,"burst_allowance":0},"queue":{"enabled":false}}"#;
+    let config =
+        r#"{"name":"ls","bucket":{"capacity":600,"refill_rate":0.01,"burst_allowance":0},"queue":{"enabled":false}}"#;
     let envoy = Envoy::start(config, 2, mock.port);
     let replies = burst(&envoy.url("/v1/chat/completions"), 1000, 16, &[]);
     assert_eq!(count(&replies, 200), 600);
