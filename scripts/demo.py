@@ -142,17 +142,23 @@ def http_get(port, path):
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
-def chat(port, priority):
-    """One chat completion through Envoy; returns what the client saw."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=BODY,
-                                 headers={"content-type": "application/json",
-                                          "x-llm-priority": priority})
+def post_chat(port, body, headers):
+    """POSTs a chat completion through Envoy; (status, headers) whatever the status. Raises
+    OSError on a timeout or a connection error."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                 headers={"content-type": "application/json", **headers})
     try:
         with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
             r.read()
-            status, headers = r.status, r.headers
+            return r.status, r.headers
     except urllib.error.HTTPError as e:
-        status, headers = e.code, e.headers
+        return e.code, e.headers
+
+
+def chat(port, priority):
+    """One chat completion through Envoy; returns what the client saw."""
+    try:
+        status, headers = post_chat(port, BODY, {"x-llm-priority": priority})
     except OSError as e:  # timeout or connection error
         return {"priority": priority, "status": None, "error": str(e)}
     queued = headers.get("x-ratelimit-queued-ms")
@@ -384,16 +390,9 @@ def llm_call(port, kind):
     """One chat completion of the given kind; the mock answers with 100 tokens."""
     body = json.dumps({"model": "gpt-4o", "max_tokens": kind["max_tokens"],
                        "messages": [{"role": "user", "content": "x" * kind["prompt_chars"]}]}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                 headers={"content-type": "application/json", "x-llm-priority": kind["priority"],
-                                          "x-mock-output-tokens": "100"})
     sent = time.monotonic()
     try:
-        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
-            r.read()
-            status, headers = r.status, r.headers
-    except urllib.error.HTTPError as e:
-        status, headers = e.code, e.headers
+        status, headers = post_chat(port, body, {"x-llm-priority": kind["priority"], "x-mock-output-tokens": "100"})
     except OSError as e:
         return {"status": None, "error": str(e)}
     return {"status": status, "reason": headers.get("x-llm-ratelimit-reason"),
@@ -496,13 +495,8 @@ def start_prometheus(procs, tmp, prom, admin, am):
 def show_alert(port, am, prom):
     """Trips the breaker with one 429 that gives no timing, and prints the alert that arrived."""
     print("\n==> monitoring: one provider 429 with no timing trips the breaker; the filter alerts")
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=BODY,
-                                 headers={"content-type": "application/json", "x-mock-status": "429",
-                                          "x-envoy-max-retries": "0"})
     try:
-        urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S).read()
-    except urllib.error.HTTPError:
-        pass
+        post_chat(port, BODY, {"x-mock-status": "429", "x-envoy-max-retries": "0"})
     except OSError as e:
         print(f"   the request failed: {e}")
     deadline = time.monotonic() + 10

@@ -172,11 +172,6 @@ impl AdmissionRules {
         }
     }
 
-    /// Whether `need` is the part that is short: the request token exists, the LLM tokens do not.
-    fn tokens_short(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now_ns: u64) -> bool {
-        self.bucket.take(s.level, now_ns, 1.0, self.floors[p.index()]).is_ok() && self.take(s, need, p, now_ns).is_err()
-    }
-
     /// Whether a waiter of class `p` needing `need` could be released from `s` now.
     pub fn can_take(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now_ns: u64) -> bool {
         self.take(s, need, p, now_ns).is_ok()
@@ -212,13 +207,15 @@ impl AdmissionRules {
             }
         }
         let i = p.index();
+        // The LLM tokens are the part that is short: the request token is there.
+        let tokens_short = taken.is_err() && self.can_release(&level, p);
         let token_wait_ns = taken.err().unwrap_or(0);
         let wait_ns = self.expected_wait_ns(&level, &waiting, p, hold_ns).max(token_wait_ns);
         let reject = |reason| (Arrival::Reject { reason, wait_ns }, refilled.clone());
         if !self.queue_enabled || wait_ns > self.max_wait_ns[i] {
             return reject(if hold_ns > 0 {
                 Reason::ProviderHold
-            } else if self.tokens_short(&refilled, need, p, now_ns) {
+            } else if tokens_short {
                 Reason::TokenLimit
             } else {
                 Reason::NoToken

@@ -222,7 +222,7 @@ impl Request {
     /// held, tells the client what the body added.
     fn finish_429(&mut self, body: &[u8]) {
         let Some(a) = self.answer_429.take() else { return };
-        self.w.release_response(self.id);
+        self.w.release_held(self.id);
         let Ok(now_ns) = abi::now_ns() else { return };
         let now_ms = now_ns / NANOS_PER_MS;
         let signals = self.parse(429, &a.headers, Some(body), now_ms);
@@ -255,7 +255,7 @@ impl Request {
             return Action::Pause;
         }
         self.reading = false;
-        w.release_response(self.id);
+        w.release_held(self.id);
         let e = if end_of_stream && size <= max {
             estimate::from_body(rules, &self.path, &abi::request_body(size).unwrap_or_default())
         } else {

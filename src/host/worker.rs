@@ -491,7 +491,8 @@ impl WorkerContext {
         }
     }
 
-    pub fn release_response(&self, id: u32) {
+    /// Forgets held headers of `id` (a 429's, or a request's waiting for its body).
+    pub fn release_held(&self, id: u32) {
         if let Ok(mut h) = self.held.try_borrow_mut() {
             h.remove(&id);
         }
@@ -583,7 +584,7 @@ impl WorkerContext {
 
     /// Waiter `id` of the current context left (client gone): free its place.
     pub fn leave(&self, id: u32, now_ns: u64) -> Option<Priority> {
-        self.release_response(id);
+        self.release_held(id);
         if let Ok(mut a) = self.attempts.try_borrow_mut() {
             a.remove(&id);
         }
