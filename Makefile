@@ -22,7 +22,7 @@ build: setup
 	@# Flattening and re-looping first, then -Oz to a fixed point, takes ~5.5 KB more than one -Oz.
 	@if command -v wasm-opt >/dev/null; then wasm-opt -Oz --flatten --rereloop -Oz --merge-similar-functions -Oz --converge $(WASM_FEATURES) $(WASM) -o $(WASM).opt && mv $(WASM).opt $(WASM); \
 	 else echo "==> wasm-opt not found: the .wasm is not size-optimized"; fi
-	cargo build --release -p mock-provider
+	cargo build --release -p mock-provider -p llm-ratelimit-rls
 	@ls -l $(WASM) | awk '{printf "==> %s: %d bytes\n", $$9, $$5}'
 
 setup:

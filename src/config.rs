@@ -28,6 +28,41 @@ pub struct Config {
     pub tokens: Option<TokensConfig>,
     /// Alerts the filter sends itself (`None`: it only logs and counts).
     pub alert: Option<AlertConfig>,
+    /// One limit across many Envoy instances, through a rate limit service (`None`: this
+    /// instance's own buckets only).
+    pub global: Option<GlobalConfig>,
+}
+
+/// The rate limit service (Envoy's RLS v3 protocol) that a second gate asks after the local
+/// buckets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GlobalConfig {
+    /// The Envoy cluster (HTTP/2) of the service.
+    pub cluster: String,
+    pub domain: String,
+    /// Which entries each descriptor carries, in order.
+    pub descriptors: Vec<DescriptorEntry>,
+    pub gate: crate::global::gate::GateRules,
+}
+
+/// A descriptor entry the filter fills in: `provider` = the filter's `name`, `tenant` = the
+/// `tenant.key_header` value, `class` = the priority class, `unit` = `requests` or `tokens`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DescriptorEntry {
+    Provider,
+    Tenant,
+    Class,
+    Unit,
+}
+
+impl DescriptorEntry {
+    pub const NAMES: [&'static str; 4] = ["provider", "tenant", "class", "unit"];
+    const ALL: [DescriptorEntry; 4] =
+        [DescriptorEntry::Provider, DescriptorEntry::Tenant, DescriptorEntry::Class, DescriptorEntry::Unit];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
 }
 
 /// Where and how the filter alerts when a provider's quota runs out.
@@ -203,6 +238,7 @@ impl Default for Config {
             tenant: None,
             tokens: None,
             alert: None,
+            global: None,
             classes: Priority::ALL.map(default_class),
             classify: ClassifyConfig {
                 header: "x-llm-priority".into(),
@@ -398,6 +434,18 @@ struct RawConfig {
     tenant: Option<RawTenant>,
     tokens: Option<RawTokens>,
     alert: Option<RawAlert>,
+    global: Option<RawGlobal>,
+}
+
+#[derive(Default)]
+struct RawGlobal {
+    cluster: Option<String>,
+    domain: Option<String>,
+    timeout_ms: Option<f64>,
+    failure_mode: Option<crate::global::gate::FailureMode>,
+    descriptors: Option<Vec<DescriptorEntry>>,
+    max_lease: Option<f64>,
+    lease_ms: Option<f64>,
 }
 
 #[derive(Default)]
@@ -499,7 +547,7 @@ struct RawQueue {
 impl RawConfig {
     /// Reads the JSON shape; `validate` then checks the values.
     fn read(v: &Value) -> Result<RawConfig, String> {
-        const TOP: [&str; 11] = [
+        const TOP: [&str; 12] = [
             "name",
             "bucket",
             "priorities",
@@ -511,6 +559,7 @@ impl RawConfig {
             "tenant",
             "tokens",
             "alert",
+            "global",
         ];
         let top = Fields::of(String::new(), v, &TOP)?;
         let mut raw = RawConfig { name: top.text("name")?, ..RawConfig::default() };
@@ -638,6 +687,43 @@ impl RawConfig {
                 shed_per_minute: f.num("shed_per_minute")?,
             });
         }
+        const GLOBAL: [&str; 7] =
+            ["cluster", "domain", "timeout_ms", "failure_mode", "descriptors", "max_lease", "lease_ms"];
+        if let Some(f) = top.object("global", &GLOBAL)? {
+            use crate::global::gate::FailureMode;
+            let modes = FailureMode::NAMES;
+            let descriptors = match f.get("descriptors") {
+                None => None,
+                Some(Value::Array(list)) => Some(
+                    list.iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            let at = format!("global.descriptors[{i}]");
+                            let Value::String(s) = v else {
+                                return Err(format!("{at}: invalid type: {}, expected a string", kind(v)));
+                            };
+                            let i = DescriptorEntry::NAMES.iter().position(|n| n == s).ok_or_else(|| {
+                                format!(
+                                    "{at}: unknown variant `{s}`, expected one of {}",
+                                    one_of(&DescriptorEntry::NAMES)
+                                )
+                            })?;
+                            Ok(DescriptorEntry::ALL[i])
+                        })
+                        .collect::<Result<Vec<_>, String>>()?,
+                ),
+                Some(v) => return Err(f.invalid("descriptors", v, "a sequence")),
+            };
+            raw.global = Some(RawGlobal {
+                cluster: f.text("cluster")?,
+                domain: f.text("domain")?,
+                timeout_ms: f.num("timeout_ms")?,
+                failure_mode: f.variant("failure_mode", &modes.map(|m| m.0), &modes.map(|m| m.1))?,
+                descriptors,
+                max_lease: f.num("max_lease")?,
+                lease_ms: f.num("lease_ms")?,
+            });
+        }
         Ok(raw)
     }
 
@@ -698,6 +784,7 @@ impl RawConfig {
                 shed_per_minute: whole("alert.shed_per_minute", a.shed_per_minute, 100, 0)?,
             }),
         };
+        let global = self.global.map(|g| RawGlobal::validate(g, tenant.is_some())).transpose()?;
         let mut classes = d.classes.clone();
         for (name, raw) in self.priorities {
             let p = Priority::ALL.into_iter().find(|p| p.name() == name).ok_or_else(|| {
@@ -749,7 +836,53 @@ impl RawConfig {
             max_body_bytes: whole("fallback.max_body_bytes", f.max_body_bytes, d.fallback.max_body_bytes, 1)?,
             max_age_ms: whole("fallback.max_age_s", f.max_age_s, d.fallback.max_age_ms / 1000, 1)? * 1000,
         };
-        Ok(Config { name, bucket, classes, classify, queue, provider, role, fallback, tenant, tokens, alert })
+        Ok(Config { name, bucket, classes, classify, queue, provider, role, fallback, tenant, tokens, alert, global })
+    }
+}
+
+impl RawGlobal {
+    fn validate(self, has_tenant: bool) -> Result<GlobalConfig, String> {
+        use crate::global::gate::{FailureMode, GateRules};
+        let cluster = match self.cluster {
+            Some(c) if !c.is_empty() => c,
+            _ => return Err("global.cluster: required: the Envoy cluster (HTTP/2) of the rate limit service".into()),
+        };
+        let domain = match self.domain {
+            None => "llm-ratelimit".into(),
+            Some(d) if !d.is_empty() && d.len() <= 256 => d,
+            Some(d) => return Err(format!("global.domain: must be 1 to 256 bytes, got {d:?}")),
+        };
+        let descriptors = self.descriptors.unwrap_or_else(|| vec![DescriptorEntry::Provider, DescriptorEntry::Unit]);
+        if descriptors.is_empty() {
+            return Err("global.descriptors: must name at least one entry".into());
+        }
+        for (i, e) in descriptors.iter().enumerate() {
+            if descriptors[..i].contains(e) {
+                return Err(format!("global.descriptors: `{}` appears twice", e.name()));
+            }
+        }
+        if descriptors.contains(&DescriptorEntry::Tenant) && !has_tenant {
+            return Err("global.descriptors: `tenant` needs the \"tenant\" section (its key_header)".into());
+        }
+        let timeout_ms = whole("global.timeout_ms", self.timeout_ms, 50, 1)?;
+        if timeout_ms > 60_000 {
+            return Err(format!("global.timeout_ms: must be a whole number from 1 to 60000, got {timeout_ms}"));
+        }
+        let max_lease = whole("global.max_lease", self.max_lease, 32, 1)?;
+        if max_lease > 10_000 {
+            return Err(format!("global.max_lease: must be a whole number from 1 to 10000, got {max_lease}"));
+        }
+        let lease_ms = whole("global.lease_ms", self.lease_ms, 1000, 1)?;
+        if lease_ms > 60_000 {
+            return Err(format!("global.lease_ms: must be a whole number from 1 to 60000, got {lease_ms}"));
+        }
+        let failure_mode = self.failure_mode.unwrap_or(FailureMode::Local);
+        Ok(GlobalConfig {
+            cluster,
+            domain,
+            descriptors,
+            gate: GateRules { timeout_ms, failure_mode, max_lease, lease_ms },
+        })
     }
 }
 

@@ -11,6 +11,7 @@ pub mod bucket;
 pub mod classify;
 pub mod config;
 pub mod fallback;
+pub mod global;
 pub mod hash;
 pub mod idmap;
 pub mod priority;

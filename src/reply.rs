@@ -25,6 +25,11 @@ pub enum Reason {
     TokenLimit,
     /// The request's estimate is more than the whole token bucket: it can never pass.
     TooLarge,
+    /// The rate limit service shared by every instance said over limit until later than the
+    /// request may wait.
+    GlobalLimit,
+    /// The rate limit service did not answer and `global.failure_mode` is `deny`.
+    GlobalUnavailable,
 }
 
 impl Reason {
@@ -39,6 +44,8 @@ impl Reason {
             Reason::TenantLimit => "tenant_limit",
             Reason::TokenLimit => "token_limit",
             Reason::TooLarge => "too_large",
+            Reason::GlobalLimit => "global_limit",
+            Reason::GlobalUnavailable => "global_unavailable",
         }
     }
 }

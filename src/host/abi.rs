@@ -16,6 +16,7 @@ const RESPONSE_HEADERS: u32 = 2;
 const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 const REQUEST_BODY: u32 = 0;
 const RESPONSE_BODY: u32 = 1;
+const GRPC_RECEIVE: u32 = 5;
 const PLUGIN_CONFIGURATION: u32 = 7;
 const STREAM_HTTP_REQUEST: u32 = 0;
 const STREAM_HTTP_RESPONSE: u32 = 1;
@@ -64,6 +65,20 @@ extern "C" {
         body_size: usize,
         trailers: *const u8,
         trailers_size: usize,
+        timeout_ms: u32,
+        token: *mut u32,
+    ) -> Status;
+    fn proxy_grpc_call(
+        service: *const u8,
+        service_size: usize,
+        service_name: *const u8,
+        service_name_size: usize,
+        method: *const u8,
+        method_size: usize,
+        metadata: *const u8,
+        metadata_size: usize,
+        message: *const u8,
+        message_size: usize,
         timeout_ms: u32,
         token: *mut u32,
     ) -> Status;
@@ -190,6 +205,35 @@ pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_m
         )
     })?;
     Ok(token)
+}
+
+/// Sends a unary gRPC call; `service` is an encoded `envoy.config.core.v3.GrpcService`. The
+/// answer comes to the calling context's `on_grpc_receive` (or `on_grpc_close` on failure).
+pub fn grpc_call(service: &[u8], name: &str, method: &str, message: &[u8], timeout_ms: u32) -> Result<u32, Status> {
+    let metadata = serialize_headers(&[]);
+    let mut token = 0u32;
+    check(unsafe {
+        proxy_grpc_call(
+            service.as_ptr(),
+            service.len(),
+            name.as_ptr(),
+            name.len(),
+            method.as_ptr(),
+            method.len(),
+            metadata.as_ptr(),
+            metadata.len(),
+            message.as_ptr(),
+            message.len(),
+            timeout_ms,
+            &mut token,
+        )
+    })?;
+    Ok(token)
+}
+
+/// The message a gRPC call received (in `on_grpc_receive`).
+pub fn grpc_message(size: usize) -> Result<Vec<u8>, Status> {
+    buffer(GRPC_RECEIVE, size)
 }
 
 fn header(map: u32, name: &str) -> Result<Option<String>, Status> {

@@ -56,6 +56,11 @@ pub trait RootContext: Context {
     /// The answer to an HTTP call this root made (`num_headers` 0: none came, e.g. a timeout).
     fn on_http_call_response(&mut self, _token_id: u32, _num_headers: usize) {}
 
+    /// The message a gRPC call of this root received, and a call that ended without one.
+    fn on_grpc_receive(&mut self, _token_id: u32, _response_size: usize) {}
+
+    fn on_grpc_close(&mut self, _token_id: u32, _status_code: u32) {}
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         None
     }
@@ -143,7 +148,7 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, parent_context_id: u3
         // A root context created twice (the host restarting a plugin) keeps its state.
         update(&ROOTS, |m| {
             if !m.contains_key(&context_id) {
-                m.insert(context_id, Root::default());
+                m.insert(context_id, Root::new(context_id));
             }
         });
         return;
@@ -272,14 +277,19 @@ pub extern "C" fn proxy_on_http_call_response(
 #[no_mangle]
 pub extern "C" fn proxy_on_grpc_receive_initial_metadata(_context_id: u32, _token_id: u32, _headers: u32) {}
 
+/// Only root contexts make gRPC calls (request contexts make them as their root).
 #[no_mangle]
-pub extern "C" fn proxy_on_grpc_receive(_context_id: u32, _token_id: u32, _response_size: usize) {}
+pub extern "C" fn proxy_on_grpc_receive(context_id: u32, token_id: u32, response_size: usize) {
+    with(&ROOTS, context_id, (), |r| r.on_grpc_receive(token_id, response_size))
+}
 
 #[no_mangle]
 pub extern "C" fn proxy_on_grpc_receive_trailing_metadata(_context_id: u32, _token_id: u32, _trailers: u32) {}
 
 #[no_mangle]
-pub extern "C" fn proxy_on_grpc_close(_context_id: u32, _token_id: u32, _status_code: u32) {}
+pub extern "C" fn proxy_on_grpc_close(context_id: u32, token_id: u32, status_code: u32) {
+    with(&ROOTS, context_id, (), |r| r.on_grpc_close(token_id, status_code))
+}
 
 #[no_mangle]
 pub extern "C" fn proxy_on_foreign_function(_context_id: u32, _function_id: u32, _arguments_size: usize) {}

@@ -172,8 +172,29 @@ pub struct TenantStats {
     pub slots_used: Id,
 }
 
+/// Stats of the global gate (when `global` is configured).
+pub struct GlobalStats {
+    /// Calls sent to the rate limit service.
+    pub calls: Id,
+    /// Answers that said over limit for a unit.
+    pub over_limit: Id,
+    /// Calls that failed: error status, timeout, an answer that could not be read.
+    pub failures: Id,
+    /// Requests let through without the service's word after a failure (`local`, `allow`).
+    pub failed_open: Id,
+    /// Requests that waited for a call or a reset, and requests refused by the gate.
+    pub waited: Id,
+    pub rejected: Id,
+    /// Units leased ahead of need, and leased units dropped unspent (requests, LLM tokens).
+    pub leased: Id,
+    pub leased_tokens: Id,
+    pub expired: Id,
+    pub expired_tokens: Id,
+}
+
 pub struct Metrics {
     pub class: [ClassStats; 4],
+    pub global: GlobalStats,
     pub provider: ProviderStats,
     pub tenants: TenantStats,
     pub tokens: TokenStats,
@@ -247,8 +268,21 @@ impl Metrics {
             slots: at(Metric::Gauge, "tenants.slots"),
             slots_used: at(Metric::Gauge, "tenants.slots_used"),
         };
+        let global = GlobalStats {
+            calls: at(Metric::Counter, "global.calls"),
+            over_limit: at(Metric::Counter, "global.over_limit"),
+            failures: at(Metric::Counter, "global.failures"),
+            failed_open: at(Metric::Counter, "global.failed_open"),
+            waited: at(Metric::Counter, "global.waited"),
+            rejected: at(Metric::Counter, "global.rejected"),
+            leased: at(Metric::Counter, "global.leased"),
+            leased_tokens: at(Metric::Counter, "global.leased_tokens"),
+            expired: at(Metric::Counter, "global.expired"),
+            expired_tokens: at(Metric::Counter, "global.expired_tokens"),
+        };
         Metrics {
             class,
+            global,
             provider,
             tenants,
             tokens,

@@ -5,6 +5,7 @@
 mod abi;
 mod dispatch;
 mod fallback;
+mod global;
 mod logger;
 mod metrics;
 mod request;

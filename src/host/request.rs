@@ -3,6 +3,7 @@
 
 use super::abi;
 use super::dispatch::{Action, Context, HttpContext};
+use super::global::Gated;
 use super::shared::SharedData;
 use super::worker::{Bodies, WorkerContext, PROBE_HEADER, REENTERED};
 use crate::breaker::{Gate, Verdict};
@@ -146,10 +147,19 @@ impl Request {
         }
     }
 
-    /// Takes a token, waits, or refuses.
+    /// Takes a token, waits, or refuses; then, with a global limit, the service's gate.
     fn admit(&mut self, gate: Gate, now_ns: u64) -> Action {
         let tenant = self.w.config.tenant.as_ref().and_then(|t| Self::header(&t.key_header));
         let need = self.estimate.map(|(n, _)| n);
+        let global = self.w.global_need(self.class, tenant.as_deref(), need.map(|n| n.tokens));
+        let may_wait_ms = if self.w.config.queue.enabled { self.w.config.class(self.class).max_wait_ms } else { 0 };
+        if let Some(g) = &global {
+            // The service said over limit for longer than this request may wait: no local token spent.
+            if let Some(wait_ms) = self.w.global_blocked_ms(g, now_ns / 1_000_000).filter(|&w| w > may_wait_ms) {
+                self.w.metrics.global.rejected.inc();
+                return self.refuse(&super::global::refusal(self.id, self.class, wait_ms, false));
+            }
+        }
         let decided = match self.w.core.try_borrow_mut() {
             Ok(mut w) => w.admit(&SharedData, self.id, self.class, tenant.as_deref(), need, gate, now_ns),
             Err(_) => return self.fail_open("worker borrow", REENTERED),
@@ -170,10 +180,9 @@ impl Request {
                 m.limited.inc();
             }
         }
-        let m = self.w.metrics.of(self.class);
+        let m = *self.w.metrics.of(self.class);
         match admission {
             Admission::Pass { probe } => {
-                m.admitted.inc();
                 self.start_meter();
                 self.probe = probe;
                 if let (Some(n), Role::Admission) = (probe, self.role()) {
@@ -182,12 +191,26 @@ impl Request {
                         log::debug!("llm-ratelimit: #{} cannot mark the probe: status {s}", self.id);
                     }
                 }
-                Action::Continue
+                let Some(g) = global else {
+                    m.admitted.inc();
+                    return Action::Continue;
+                };
+                match self.w.global_arrive(self.id, &g, may_wait_ms, now_ns / 1_000_000) {
+                    Gated::Pass => {
+                        m.admitted.inc();
+                        Action::Continue
+                    }
+                    Gated::Wait => Action::Pause,
+                    Gated::Refuse(r) => self.refuse(&r),
+                }
             }
             Admission::Refuse(r) => self.refuse(&r),
             Admission::Wait { shed } => {
                 self.queued = true;
                 m.queued.inc();
+                if let Some(g) = global {
+                    self.w.global_park(self.id, g);
+                }
                 if let Some(v) = shed {
                     self.w.shed(&v);
                     // Host calls after this act on our own request again.
@@ -349,7 +372,12 @@ impl Context for Request {
         // An answer cut short (client gone) is settled with what was seen of it.
         self.settle();
         // Only a request that waited (or was held) has anything to free: no clock read otherwise.
-        if self.queued || self.reading || self.answer_429.is_some() || self.w.attempt_held(self.id) {
+        if self.queued
+            || self.reading
+            || self.answer_429.is_some()
+            || self.w.attempt_held(self.id)
+            || self.w.global_waiting(self.id)
+        {
             let now = abi::now_ns().unwrap_or(0);
             if let Some(class) = self.w.leave(self.id, now) {
                 self.w.metrics.of(class).cancelled.inc();
@@ -452,7 +480,7 @@ impl HttpContext for Request {
         if self.reading {
             return self.read_body(body_size, end_of_stream);
         }
-        if self.answered || self.w.attempt_held(self.id) {
+        if self.answered || self.w.attempt_held(self.id) || self.w.global_waiting(self.id) {
             return Action::Pause;
         }
         let waiting = self.queued && self.w.core.try_borrow().is_ok_and(|w| w.is_waiting(self.id));

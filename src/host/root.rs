@@ -10,9 +10,15 @@ use crate::config::Config;
 use crate::worker::Worker;
 use std::rc::Rc;
 
-#[derive(Default)]
 pub struct Root {
+    id: u32,
     worker: Option<Rc<WorkerContext>>,
+}
+
+impl Root {
+    pub fn new(id: u32) -> Root {
+        Root { id, worker: None }
+    }
 }
 
 impl Context for Root {}
@@ -54,7 +60,9 @@ impl RootContext for Root {
             return false;
         }
         log::info!("llm-ratelimit: configured filter {:?} ({})", core.config.name, core.config.role.name());
-        self.worker = Some(Rc::new(WorkerContext::new(core)));
+        let worker = WorkerContext::new(core);
+        worker.root_id.set(self.id);
+        self.worker = Some(Rc::new(worker));
         true
     }
 
@@ -69,6 +77,18 @@ impl RootContext for Root {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize) {
         if let Some(w) = &self.worker {
             w.alert_answered(token_id, num_headers);
+        }
+    }
+
+    fn on_grpc_receive(&mut self, token_id: u32, response_size: usize) {
+        if let Some(w) = &self.worker {
+            w.global_answered(token_id, response_size);
+        }
+    }
+
+    fn on_grpc_close(&mut self, token_id: u32, status_code: u32) {
+        if let Some(w) = &self.worker {
+            w.global_closed(token_id, status_code);
         }
     }
 

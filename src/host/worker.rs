@@ -81,6 +81,10 @@ pub struct WorkerContext {
     alert_calls: RefCell<IdMap<()>>,
     /// This minute's start and the waiters shed in it, for the shedding alert.
     shed_minute: Cell<(u64, u64)>,
+    /// The global gate, when `global` is configured.
+    pub global: Option<super::global::GlobalHost>,
+    /// The root context's id: calls are made from it.
+    pub root_id: Cell<u32>,
 }
 
 impl WorkerContext {
@@ -110,6 +114,8 @@ impl WorkerContext {
             alerts: RefCell::default(),
             alert_calls: RefCell::default(),
             shed_minute: Cell::new((0, 0)),
+            global: c.global.as_ref().map(super::global::GlobalHost::new),
+            root_id: Cell::new(0),
             core: RefCell::new(core),
         }
     }
@@ -166,7 +172,7 @@ impl WorkerContext {
     }
 
     /// Answers a waiting request (not the current one) with a local 429.
-    fn refuse_waiter(&self, r: &Refusal) {
+    pub(super) fn refuse_waiter(&self, r: &Refusal) {
         let (status, headers, body) = self.limited(r);
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let sent = abi::set_effective_context(r.id).and_then(|_| abi::send_response(status, &headers, body.as_bytes()));
@@ -175,8 +181,9 @@ impl WorkerContext {
         }
     }
 
-    /// Lets a released waiter go; a probe is marked for the observer upstream.
-    fn resume(&self, r: &Release, mark_probe: bool) {
+    /// Lets a released waiter go (unless it now waits for the global gate); a probe is marked for
+    /// the observer upstream.
+    fn resume(&self, r: &Release, mark_probe: bool, now_ms: u64) {
         if let (Some(n), true) = (r.probe, mark_probe) {
             let marked =
                 abi::set_effective_context(r.id).and_then(|_| abi::set_request_header(PROBE_HEADER, &n.to_string()));
@@ -184,6 +191,10 @@ impl WorkerContext {
                 log::debug!("llm-ratelimit: #{} cannot mark the probe: status {s}", r.id);
             }
         }
+        if !self.global_released(r.id, r.waited_ms, now_ms) {
+            return;
+        }
+        self.metrics.of(r.class).admitted.inc();
         if let Err(s) = abi::resume_request(r.id) {
             log::debug!("llm-ratelimit: #{} cannot resume the request: status {s}", r.id);
         }
@@ -192,12 +203,13 @@ impl WorkerContext {
     /// Carries out what a tick or an arrival decided for waiters: stats, resumes, refusals.
     pub fn carry_out(&self, t: &Tick) {
         let mark_probe = self.config.role == crate::config::Role::Admission;
+        let now_ms =
+            if t.released.is_empty() || self.global.is_none() { 0 } else { abi::now_ns().unwrap_or(0) / NANOS_PER_MS };
         for r in &t.released {
             let m = self.metrics.of(r.class);
             m.released.inc();
-            m.admitted.inc();
             m.queue_wait_ms.record(r.waited_ms);
-            self.resume(r, mark_probe);
+            self.resume(r, mark_probe, now_ms);
         }
         for r in &t.expired {
             self.metrics.of(r.class).expired.inc();
@@ -314,6 +326,7 @@ impl WorkerContext {
     /// One tick of this worker: held responses first, then the queue, then the counters.
     pub fn tick(&self, now_ns: u64) {
         self.tick_core(now_ns);
+        self.global_tick(now_ns);
         if let Ok(mut w) = self.core.try_borrow_mut() {
             let (leases, leased) = w.take_lease_counts();
             self.metrics.leases.add(leases);
@@ -585,6 +598,9 @@ impl WorkerContext {
     /// Waiter `id` of the current context left (client gone): free its place.
     pub fn leave(&self, id: u32, now_ns: u64) -> Option<Priority> {
         self.release_held(id);
+        if let Some(class) = self.global_leave(id) {
+            return Some(class);
+        }
         if let Ok(mut a) = self.attempts.try_borrow_mut() {
             a.remove(&id);
         }

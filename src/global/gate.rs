@@ -1,0 +1,698 @@
+//! The global gate: after the local buckets, a request needs its units from a rate limit service
+//! that many Envoy instances share. One worker's view, per descriptor key: units leased from the
+//! service and not spent yet, the over-limit answer cached until its reset, the one call in
+//! flight, and the requests waiting for it. Pure: the host sends the calls, passes in the clock and
+//! the answers, and carries out the [`Outcome`].
+//!
+//! Leases: a call asks for what the waiters need plus, while the service's remaining is far from
+//! zero, what this key spent in the last second (at most `max_lease` requests' worth, at most an
+//! eighth of the remaining), so the common case makes no call. Leased units are counted by the
+//! service when leased and dropped after `lease_ms` if unspent: a lease never admits more than the
+//! service counted, but can admit up to `lease_ms` after its units were counted. In any window,
+//! the service's instances together admit at most the limit plus what their workers leased in
+//! the `lease_ms` before the window began (≤ instances × workers × `max_lease`).
+
+use super::proto::{Code, Response};
+use std::collections::VecDeque;
+
+pub const REQUESTS: usize = 0;
+pub const TOKENS: usize = 1;
+/// Requests and LLM tokens.
+pub type Units = [u64; 2];
+
+/// Most keys (descriptor value sets) one worker tracks; idle ones make room for new ones.
+pub const MAX_KEYS: usize = 1024;
+/// Over-limit without a reset in the answer (Limitador fills no `statuses`): asked again after this.
+pub const BACKOFF_MS: u64 = 1_000;
+/// In `local` mode, how long after a failed call requests skip the service.
+pub const RETRY_MS: u64 = 1_000;
+/// Beyond the call's own timeout (the host's), when the gate gives up on an answer itself.
+const TIMEOUT_GRACE_MS: u64 = 100;
+
+/// What to do when the service cannot answer (error, timeout, garbage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Fall back to this instance's own buckets: skip the service for `RETRY_MS`, then ask again.
+    Local,
+    /// Let the waiting requests through; the next request asks again.
+    Allow,
+    /// Refuse the waiting requests (`global_unavailable`).
+    Deny,
+}
+
+impl FailureMode {
+    pub const NAMES: [(&'static str, FailureMode); 3] =
+        [("local", FailureMode::Local), ("allow", FailureMode::Allow), ("deny", FailureMode::Deny)];
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GateRules {
+    pub timeout_ms: u64,
+    pub failure_mode: FailureMode,
+    /// Most requests one call may lease ahead (1: a call per request).
+    pub max_lease: u64,
+    /// How long leased units may be spent.
+    pub lease_ms: u64,
+}
+
+/// A call the host must send: `hits` per unit for key `key` (0: that descriptor is not sent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ask {
+    pub key: usize,
+    pub hits: Units,
+}
+
+/// What `arrive` decided for one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// It waits for a call's answer or a reset; `ask` is the call to send, if one is needed now.
+    Wait {
+        ask: Option<Ask>,
+    },
+    /// It may not wait `wait_ms` for the service's reset (`unavailable`: the service failed, `deny`).
+    Refuse {
+        wait_ms: u64,
+        unavailable: bool,
+    },
+}
+
+/// What a tick, an answer or a failure decided for waiting requests, and calls to send.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub pass: Vec<u32>,
+    /// id, wait until the reset, whether the service failed.
+    pub refuse: Vec<(u32, u64, bool)>,
+    pub asks: Vec<Ask>,
+}
+
+/// Counts for the stats since the host last took them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub calls: u64,
+    pub over_limit: u64,
+    pub failures: u64,
+    /// Requests let through without the service's word (`local` / `allow` after a failure).
+    pub failed_open: u64,
+    /// Units leased ahead of need, and leased units dropped unspent.
+    pub leased: Units,
+    pub expired: Units,
+}
+
+#[derive(Clone, Debug)]
+struct Waiter {
+    id: u32,
+    hits: Units,
+    deadline_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Call {
+    /// The host's token; 0 until it says the call went.
+    token: u32,
+    sent_ms: u64,
+    hits: Units,
+    /// Needed units only: an over-limit answer is final.
+    exact: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Key {
+    entries: Vec<(String, String)>,
+    /// Leased units not spent yet, usable until `lease_until_ms`.
+    left: Units,
+    lease_until_ms: u64,
+    /// Per unit: the service said over limit; nothing is asked until then.
+    over_until_ms: [u64; 2],
+    /// Per unit: the service's remaining after its last answer, when it says.
+    remaining: [Option<u64>; 2],
+    call: Option<Call>,
+    /// The next call asks for needed units only (a lease was just refused).
+    exact: bool,
+    waiters: VecDeque<Waiter>,
+    /// Units spent this second, and in the last whole one: how large a lease should be.
+    spent: Units,
+    rate: Units,
+    second_ms: u64,
+}
+
+impl Key {
+    fn new(entries: Vec<(String, String)>, now_ms: u64) -> Key {
+        Key {
+            entries,
+            left: [0; 2],
+            lease_until_ms: 0,
+            over_until_ms: [0; 2],
+            remaining: [None; 2],
+            call: None,
+            exact: false,
+            waiters: VecDeque::new(),
+            spent: [0; 2],
+            rate: [0; 2],
+            second_ms: now_ms,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.call.is_none() && self.waiters.is_empty()
+    }
+
+    fn fits(&self, hits: Units) -> bool {
+        hits[REQUESTS] <= self.left[REQUESTS] && hits[TOKENS] <= self.left[TOKENS]
+    }
+
+    fn spend(&mut self, hits: Units) {
+        for u in [REQUESTS, TOKENS] {
+            self.left[u] -= hits[u];
+            self.spent[u] = self.spent[u].saturating_add(hits[u]);
+        }
+    }
+
+    /// When the first unit `hits` lacks becomes askable again, if the service said over limit.
+    fn blocked_until(&self, hits: Units, now_ms: u64) -> Option<u64> {
+        [REQUESTS, TOKENS]
+            .into_iter()
+            .filter(|&u| hits[u] > self.left[u] && self.over_until_ms[u] > now_ms)
+            .map(|u| self.over_until_ms[u])
+            .max()
+    }
+
+    /// The call for what the waiters need beyond the lease, plus a lease ahead.
+    fn ask(&mut self, index: usize, rules: &GateRules, now_ms: u64) -> Option<Ask> {
+        if self.call.is_some() || self.waiters.is_empty() {
+            return None;
+        }
+        let mut need = [0u64; 2];
+        for w in &self.waiters {
+            for u in [REQUESTS, TOKENS] {
+                need[u] = need[u].saturating_add(w.hits[u]);
+            }
+        }
+        let need = [0, 1].map(|u| need[u].saturating_sub(self.left[u]));
+        if self.blocked_until(need, now_ms).is_some() {
+            return None; // the tick asks at the reset
+        }
+        let ahead = if self.exact { [0, 0] } else { self.ahead(rules) };
+        self.exact = false;
+        let hits = [0, 1].map(|u| if need[u] > 0 { need[u].saturating_add(ahead[u]) } else { 0 });
+        if hits == [0, 0] {
+            return None;
+        }
+        self.call = Some(Call { token: 0, sent_ms: now_ms, hits, exact: ahead == [0, 0] });
+        Some(Ask { key: index, hits })
+    }
+
+    /// Units to lease beyond need: a second's spending (the last whole one's, or this one's so
+    /// far if more: a burst leases at once), capped by `max_lease` requests (and their tokens) and
+    /// by an eighth of the service's remaining.
+    fn ahead(&self, rules: &GateRules) -> Units {
+        let extra = rules.max_lease.saturating_sub(1);
+        let rate = [0, 1].map(|u| self.rate[u].max(self.spent[u]));
+        let per_lease = |rate: u64| rate.saturating_mul(rules.lease_ms) / 1000;
+        let tokens_per_request = rate[TOKENS] / rate[REQUESTS].max(1);
+        let cap = [extra, extra.saturating_mul(tokens_per_request)];
+        [0, 1].map(|u| {
+            let by_remaining = self.remaining[u].map_or(u64::MAX, |r| r / 8);
+            per_lease(rate[u]).min(cap[u]).min(by_remaining)
+        })
+    }
+
+    /// Lets waiters through in arrival order while the lease covers them; refuses those who
+    /// cannot wait for the service's reset.
+    fn serve(&mut self, out: &mut Outcome, now_ms: u64) {
+        while let Some(w) = self.waiters.front() {
+            if self.fits(w.hits) {
+                let hits = w.hits;
+                out.pass.push(w.id);
+                self.spend(hits);
+                self.waiters.pop_front();
+                continue;
+            }
+            break;
+        }
+        let mut kept = VecDeque::with_capacity(self.waiters.len());
+        for w in std::mem::take(&mut self.waiters) {
+            match self.blocked_until(w.hits, now_ms) {
+                Some(until) if until > w.deadline_ms => out.refuse.push((w.id, until - now_ms, false)),
+                _ => kept.push_back(w),
+            }
+        }
+        self.waiters = kept;
+    }
+}
+
+/// One worker's global gate.
+#[derive(Clone, Debug)]
+pub struct Gate {
+    pub rules: GateRules,
+    keys: Vec<Key>,
+    /// `local` mode after a failure: requests skip the service until then.
+    skip_until_ms: u64,
+    counts: Counts,
+}
+
+impl Gate {
+    pub fn new(rules: GateRules) -> Gate {
+        Gate { rules, keys: Vec::new(), skip_until_ms: 0, counts: Counts::default() }
+    }
+
+    /// The entries of key `index`, for the host to build the call's descriptors.
+    pub fn entries(&self, index: usize) -> &[(String, String)] {
+        self.keys.get(index).map_or(&[], |k| &k.entries)
+    }
+
+    pub fn take_counts(&mut self) -> Counts {
+        std::mem::take(&mut self.counts)
+    }
+
+    /// Whether anything waits on a call, a reset or a lease's end: the tick has work.
+    pub fn busy(&self) -> bool {
+        self.keys.iter().any(|k| !k.idle() || k.left != [0, 0])
+    }
+
+    fn find(&self, entries: &[(String, String)]) -> Option<usize> {
+        self.keys.iter().position(|k| k.entries == entries)
+    }
+
+    /// The key's index, added (evicting an idle key if the table is full) when new.
+    fn key(&mut self, entries: &[(String, String)], now_ms: u64) -> Option<usize> {
+        if let Some(i) = self.find(entries) {
+            return Some(i);
+        }
+        if self.keys.len() >= MAX_KEYS {
+            let i = self.keys.iter().position(|k| k.idle() && k.over_until_ms.iter().all(|&t| t <= now_ms))?;
+            self.keys.swap_remove(i);
+        }
+        self.keys.push(Key::new(entries.to_vec(), now_ms));
+        Some(self.keys.len() - 1)
+    }
+
+    /// How long a request needing `hits` would wait for the service's reset, if the service
+    /// said over limit: checked before the local buckets, so a request that cannot wait that long
+    /// costs no local token.
+    pub fn blocked_ms(&self, entries: &[(String, String)], hits: Units, now_ms: u64) -> Option<u64> {
+        let k = &self.keys[self.find(entries)?];
+        k.blocked_until(hits, now_ms).map(|t| t - now_ms)
+    }
+
+    /// Request `id`, admitted by the local buckets, needs `hits` and may wait `may_wait_ms`.
+    pub fn arrive(
+        &mut self,
+        entries: &[(String, String)],
+        id: u32,
+        hits: Units,
+        may_wait_ms: u64,
+        now_ms: u64,
+    ) -> Verdict {
+        if now_ms < self.skip_until_ms {
+            self.counts.failed_open += 1;
+            return Verdict::Pass;
+        }
+        let Some(i) = self.key(entries, now_ms) else {
+            // Every key busy: this one is not tracked; its own buckets decide.
+            self.counts.failed_open += 1;
+            return Verdict::Pass;
+        };
+        let k = &mut self.keys[i];
+        roll(k, now_ms);
+        if k.lease_until_ms <= now_ms {
+            expire(k, &mut self.counts);
+        }
+        if k.waiters.is_empty() && k.fits(hits) {
+            k.spend(hits);
+            return Verdict::Pass;
+        }
+        if let Some(until) = k.blocked_until(hits, now_ms) {
+            if until - now_ms > may_wait_ms {
+                return Verdict::Refuse { wait_ms: until - now_ms, unavailable: false };
+            }
+        }
+        k.waiters.push_back(Waiter { id, hits, deadline_ms: now_ms.saturating_add(may_wait_ms) });
+        let ask = k.ask(i, &self.rules, now_ms);
+        self.counted(&ask);
+        Verdict::Wait { ask }
+    }
+
+    fn counted(&mut self, ask: &Option<Ask>) {
+        if ask.is_some() {
+            self.counts.calls += 1;
+        }
+    }
+
+    /// The host sent key `key`'s call as `token`.
+    pub fn sent(&mut self, key: usize, token: u32) {
+        if let Some(c) = self.keys.get_mut(key).and_then(|k| k.call.as_mut()) {
+            c.token = token;
+        }
+    }
+
+    /// A waiter left (its client went away).
+    pub fn leave(&mut self, id: u32) {
+        for k in &mut self.keys {
+            k.waiters.retain(|w| w.id != id);
+        }
+    }
+
+    /// The answer to call `token`.
+    pub fn answered(&mut self, token: u32, r: &Response, now_ms: u64) -> Outcome {
+        let Some(i) = self.keys.iter().position(|k| k.call.as_ref().is_some_and(|c| c.token == token)) else {
+            return Outcome::default(); // late: the tick gave up on it
+        };
+        let mut out = Outcome::default();
+        let k = &mut self.keys[i];
+        let Some(call) = k.call.take() else { return out };
+        // Statuses come in the order of the descriptors sent: one per unit asked.
+        let asked: Vec<usize> = [REQUESTS, TOKENS].into_iter().filter(|&u| call.hits[u] > 0).collect();
+        let said = |n: usize| r.statuses.get(n).copied();
+        if r.overall == Code::Unknown && r.statuses.iter().all(|s| s.code == Code::Unknown) {
+            k.call = Some(call);
+            return self.fail(i, now_ms);
+        }
+        let need = need(k);
+        let mut over = false;
+        for (n, &u) in asked.iter().enumerate() {
+            let s = said(n);
+            let code = s.map_or(r.overall, |s| if s.code == Code::Unknown { r.overall } else { s.code });
+            k.remaining[u] = s.and_then(|s| s.remaining);
+            if code != Code::OverLimit {
+                k.left[u] = k.left[u].saturating_add(call.hits[u]);
+                self.counts.leased[u] += call.hits[u].saturating_sub(need[u]);
+                continue;
+            }
+            over = true;
+            let fits_exact = k.remaining[u].is_none_or(|rem| rem >= need[u]);
+            if !call.exact && fits_exact {
+                k.exact = true; // asked ahead and refused: ask again for need alone
+            } else {
+                let wait = s.and_then(|s| s.until_reset_ms).filter(|&ms| ms > 0).unwrap_or(BACKOFF_MS);
+                k.over_until_ms[u] = now_ms.saturating_add(wait);
+            }
+        }
+        if over {
+            self.counts.over_limit += 1;
+        }
+        k.lease_until_ms = now_ms.saturating_add(self.rules.lease_ms);
+        k.serve(&mut out, now_ms);
+        let ask = k.ask(i, &self.rules, now_ms);
+        self.counted(&ask);
+        out.asks.extend(ask);
+        out
+    }
+
+    /// Call `token` failed (error status, timeout, or could not be sent).
+    pub fn failed(&mut self, token: u32, now_ms: u64) -> Outcome {
+        match self.keys.iter().position(|k| k.call.as_ref().is_some_and(|c| c.token == token)) {
+            Some(i) => self.fail(i, now_ms),
+            None => Outcome::default(),
+        }
+    }
+
+    /// Key `key`'s call could not be sent.
+    pub fn not_sent(&mut self, key: usize, now_ms: u64) -> Outcome {
+        if self.keys.get(key).is_some_and(|k| k.call.is_some()) {
+            self.fail(key, now_ms)
+        } else {
+            Outcome::default()
+        }
+    }
+
+    fn fail(&mut self, i: usize, now_ms: u64) -> Outcome {
+        let mut out = Outcome::default();
+        self.counts.failures += 1;
+        let k = &mut self.keys[i];
+        k.call = None;
+        let waiters = std::mem::take(&mut k.waiters);
+        match self.rules.failure_mode {
+            FailureMode::Deny => out.refuse.extend(waiters.iter().map(|w| (w.id, RETRY_MS, true))),
+            mode => {
+                self.counts.failed_open += waiters.len() as u64;
+                out.pass.extend(waiters.iter().map(|w| w.id));
+                if mode == FailureMode::Local {
+                    self.skip_until_ms = now_ms.saturating_add(RETRY_MS);
+                }
+            }
+        }
+        out
+    }
+
+    /// Calls not answered in time fail; leases end; waiters whose reset came are asked for,
+    /// and those past their deadline are refused.
+    pub fn tick(&mut self, now_ms: u64) -> Outcome {
+        let mut out = Outcome::default();
+        let late = self.rules.timeout_ms.saturating_add(TIMEOUT_GRACE_MS);
+        for i in 0..self.keys.len() {
+            let k = &self.keys[i];
+            if k.call.as_ref().is_some_and(|c| now_ms.saturating_sub(c.sent_ms) > late) {
+                let o = self.fail(i, now_ms);
+                out.pass.extend(o.pass);
+                out.refuse.extend(o.refuse);
+            }
+            let k = &mut self.keys[i];
+            roll(k, now_ms);
+            if k.lease_until_ms <= now_ms && k.left != [0, 0] {
+                expire(k, &mut self.counts);
+            }
+            for u in [REQUESTS, TOKENS] {
+                if k.over_until_ms[u] <= now_ms {
+                    k.over_until_ms[u] = 0;
+                }
+            }
+            // Waiting for a call's answer is bounded by the timeout; the deadline bounds waiting
+            // for a reset, and `serve` refuses whoever cannot wait for theirs.
+            k.serve(&mut out, now_ms);
+            let ask = k.ask(i, &self.rules, now_ms);
+            if ask.is_some() {
+                self.counts.calls += 1;
+            }
+            out.asks.extend(ask);
+        }
+        out
+    }
+}
+
+/// What the waiters of `k` need in all, per unit.
+fn need(k: &Key) -> Units {
+    let mut need = [0u64; 2];
+    for w in &k.waiters {
+        for u in [REQUESTS, TOKENS] {
+            need[u] = need[u].saturating_add(w.hits[u]);
+        }
+    }
+    need
+}
+
+/// Starts a new second of spending when one has passed.
+fn roll(k: &mut Key, now_ms: u64) {
+    let elapsed = now_ms.saturating_sub(k.second_ms);
+    if elapsed >= 1000 {
+        k.rate = if elapsed < 2000 { k.spent } else { [0, 0] };
+        k.spent = [0, 0];
+        k.second_ms = now_ms;
+    }
+}
+
+fn expire(k: &mut Key, counts: &mut Counts) {
+    for u in [REQUESTS, TOKENS] {
+        counts.expired[u] += k.left[u];
+    }
+    k.left = [0, 0];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::proto::Status;
+    use super::*;
+
+    fn rules(mode: FailureMode, max_lease: u64) -> GateRules {
+        GateRules { timeout_ms: 50, failure_mode: mode, max_lease, lease_ms: 1000 }
+    }
+
+    fn key() -> Vec<(String, String)> {
+        vec![("provider".into(), "openai".into())]
+    }
+
+    fn ok(remaining: u64) -> Response {
+        let s = Status { code: Code::Ok, remaining: Some(remaining), until_reset_ms: Some(1000) };
+        Response { overall: Code::Ok, statuses: vec![s] }
+    }
+
+    fn over(remaining: u64, reset_ms: u64) -> Response {
+        let s = Status { code: Code::OverLimit, remaining: Some(remaining), until_reset_ms: Some(reset_ms) };
+        Response { overall: Code::OverLimit, statuses: vec![s] }
+    }
+
+    fn asked(v: Verdict) -> Ask {
+        match v {
+            Verdict::Wait { ask: Some(a) } => a,
+            other => panic!("expected a call, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_request_waits_for_one_call_and_the_next_share_it() {
+        let mut g = Gate::new(rules(FailureMode::Local, 32));
+        let a = asked(g.arrive(&key(), 1, [1, 0], 1000, 0));
+        assert_eq!(a.hits, [1, 0], "no spending seen yet: no lease ahead");
+        g.sent(a.key, 7);
+        assert_eq!(g.arrive(&key(), 2, [1, 0], 1000, 1), Verdict::Wait { ask: None }, "one call in flight");
+        let o = g.answered(7, &ok(99), 2);
+        assert_eq!(o.pass, vec![1]);
+        // Request 2 was not in the call: a second call follows, one ahead for the one spent.
+        assert_eq!(o.asks, vec![Ask { key: 0, hits: [2, 0] }]);
+    }
+
+    /// Arrivals at `now_ms`, every call answered at once with `answer`: (calls, largest ask).
+    fn burst(g: &mut Gate, ids: std::ops::Range<u32>, now_ms: u64, answer: &Response) -> (u64, u64) {
+        let (mut calls, mut most) = (0, 0);
+        for id in ids {
+            match g.arrive(&key(), id, [1, 0], 1000, now_ms) {
+                Verdict::Pass => {}
+                Verdict::Wait { ask: Some(a) } => {
+                    calls += 1;
+                    most = most.max(a.hits[REQUESTS]);
+                    g.sent(a.key, id + 1);
+                    assert_eq!(g.answered(id + 1, answer, now_ms).pass, vec![id]);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        (calls, most)
+    }
+
+    #[test]
+    fn a_lease_grows_with_a_burst_and_expires_unspent() {
+        let mut g = Gate::new(rules(FailureMode::Local, 32));
+        let (calls, most) = burst(&mut g, 0..200, 500, &ok(100_000));
+        // Leases of 1, 2, 4, ... 32, then 32 each: a call per 32 requests.
+        assert_eq!(most, 32);
+        assert!(calls <= 14, "{calls} calls for 200 requests");
+        g.tick(1499);
+        let before = g.take_counts();
+        assert_eq!(before.calls, calls);
+        assert_eq!(before.expired, [0, 0], "still within lease_ms");
+        g.tick(1500);
+        let c = g.take_counts();
+        // What was leased ahead and not spent is dropped at the lease's end.
+        assert_eq!(c.expired[REQUESTS] + 200, before.leased[REQUESTS] + calls);
+        assert!(c.expired[REQUESTS] > 0);
+    }
+
+    #[test]
+    fn leases_shrink_with_the_remaining_and_a_refused_lease_is_asked_again_exactly() {
+        let mut g = Gate::new(rules(FailureMode::Local, 32));
+        let (_, most) = burst(&mut g, 0..100, 0, &ok(40));
+        assert_eq!(most, 1 + 40 / 8, "an eighth of the remaining ahead");
+        // Spend what is left, then the next asks ahead again.
+        let mut id = 100;
+        let a = loop {
+            if let Verdict::Wait { ask: Some(a) } = g.arrive(&key(), id, [1, 0], 1000, 0) {
+                break a;
+            }
+            id += 1;
+        };
+        assert!(a.hits[REQUESTS] > 1);
+        g.sent(a.key, 1);
+        // Refused as a lease while 3 remain: asked again for the one needed.
+        let o = g.answered(1, &over(3, 900), 1);
+        assert_eq!(o.asks, vec![Ask { key: 0, hits: [1, 0] }]);
+        assert!(o.pass.is_empty() && o.refuse.is_empty());
+        g.sent(0, 2);
+        assert_eq!(g.answered(2, &ok(2), 2).pass, vec![id]);
+    }
+
+    #[test]
+    fn over_limit_is_cached_until_its_reset() {
+        let mut g = Gate::new(rules(FailureMode::Local, 1));
+        let a = asked(g.arrive(&key(), 1, [1, 0], 5000, 0));
+        g.sent(a.key, 1);
+        let o = g.answered(1, &over(0, 3000), 10);
+        assert!(o.pass.is_empty() && o.refuse.is_empty(), "may wait 5 s for a 3 s reset");
+        assert_eq!(g.blocked_ms(&key(), [1, 0], 1010), Some(2000));
+        // A request that may wait 1 s is refused at once, no call.
+        assert_eq!(g.arrive(&key(), 2, [1, 0], 1000, 1010), Verdict::Refuse { wait_ms: 2000, unavailable: false });
+        assert_eq!(g.take_counts().calls, 1);
+        // Nothing asked before the reset; asked at it.
+        assert!(g.tick(2000).asks.is_empty());
+        let o = g.tick(3010);
+        assert_eq!(o.asks, vec![Ask { key: 0, hits: [1, 0] }]);
+        g.sent(0, 2);
+        assert_eq!(g.answered(2, &ok(9), 3020).pass, vec![1]);
+    }
+
+    #[test]
+    fn tokens_go_with_requests_and_each_unit_is_granted_alone() {
+        let mut g = Gate::new(rules(FailureMode::Local, 1));
+        let a = asked(g.arrive(&key(), 1, [1, 500], 5000, 0));
+        assert_eq!(a.hits, [1, 500]);
+        g.sent(0, 1);
+        let r = Response {
+            overall: Code::OverLimit,
+            statuses: vec![
+                Status { code: Code::Ok, remaining: Some(50), until_reset_ms: None },
+                Status { code: Code::OverLimit, remaining: Some(100), until_reset_ms: Some(500) },
+            ],
+        };
+        assert!(g.answered(1, &r, 0).pass.is_empty());
+        // The request unit is held (leased); only tokens are asked for, at the tokens' reset.
+        assert!(g.tick(499).asks.is_empty());
+        let o = g.tick(501);
+        assert_eq!(o.asks, vec![Ask { key: 0, hits: [0, 500] }]);
+        g.sent(0, 2);
+        let r = Response { overall: Code::Ok, statuses: vec![Status { code: Code::Ok, ..Status::default() }] };
+        assert_eq!(g.answered(2, &r, 502).pass, vec![1]);
+    }
+
+    #[test]
+    fn failure_modes() {
+        for (mode, passed) in [(FailureMode::Local, true), (FailureMode::Allow, true), (FailureMode::Deny, false)] {
+            let mut g = Gate::new(rules(mode, 32));
+            let a = asked(g.arrive(&key(), 1, [1, 0], 1000, 0));
+            g.sent(a.key, 1);
+            g.arrive(&key(), 2, [1, 0], 1000, 0);
+            let o = g.failed(1, 40);
+            if passed {
+                assert_eq!(o.pass, vec![1, 2], "{mode:?}");
+            } else {
+                assert_eq!(o.refuse, vec![(1, RETRY_MS, true), (2, RETRY_MS, true)]);
+            }
+            // Local skips the service for a while; allow asks again at once.
+            let next = g.arrive(&key(), 3, [1, 0], 1000, 50);
+            match mode {
+                FailureMode::Local => assert_eq!(next, Verdict::Pass),
+                _ => assert!(matches!(next, Verdict::Wait { ask: Some(_) })),
+            }
+        }
+    }
+
+    #[test]
+    fn no_request_waits_past_the_timeout_for_a_silent_service() {
+        let mut g = Gate::new(rules(FailureMode::Allow, 32));
+        let a = asked(g.arrive(&key(), 1, [1, 0], 10_000, 0));
+        g.sent(a.key, 1);
+        assert!(g.tick(100).pass.is_empty());
+        assert_eq!(g.tick(151).pass, vec![1], "timeout 50 ms + grace");
+        assert_eq!(g.answered(1, &ok(5), 200), Outcome::default(), "a late answer is ignored");
+    }
+
+    #[test]
+    fn garbage_answers_fail_like_errors() {
+        let mut g = Gate::new(rules(FailureMode::Deny, 32));
+        let a = asked(g.arrive(&key(), 1, [1, 0], 1000, 0));
+        g.sent(a.key, 1);
+        let o = g.answered(1, &Response::default(), 1);
+        assert_eq!(o.refuse, vec![(1, RETRY_MS, true)]);
+    }
+
+    #[test]
+    fn the_key_table_is_bounded() {
+        let mut g = Gate::new(rules(FailureMode::Local, 32));
+        for t in 0..(MAX_KEYS as u32 + 10) {
+            let k = vec![("tenant".to_string(), t.to_string())];
+            if let Verdict::Wait { ask: Some(a) } = g.arrive(&k, t, [1, 0], 1000, 0) {
+                g.sent(a.key, t + 1);
+                g.answered(t + 1, &ok(5), 0);
+            }
+        }
+        assert!(g.keys.len() <= MAX_KEYS);
+    }
+}

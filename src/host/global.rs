@@ -1,0 +1,304 @@
+//! The global gate's host side: sends the rate limit service calls (gRPC, from the root context
+//! so a request that goes away does not cancel a call others wait on), reads their answers, and
+//! resumes or answers the requests that waited for them.
+
+use super::abi;
+use super::worker::WorkerContext;
+use crate::config::{DescriptorEntry, GlobalConfig};
+use crate::global::gate::{Ask, Gate, Outcome, Units, Verdict, REQUESTS, TOKENS};
+use crate::global::proto::{self, Descriptor};
+use crate::idmap::IdMap;
+use crate::priority::Priority;
+use crate::reply::Reason;
+use crate::worker::Refusal;
+use std::cell::RefCell;
+
+const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
+const METHOD: &str = "ShouldRateLimit";
+const NANOS_PER_MS: u64 = 1_000_000;
+
+/// What one request needs from the gate: its descriptor entries (without `unit`), units, class.
+#[derive(Clone, Debug)]
+pub struct Need {
+    pub entries: Vec<(String, String)>,
+    pub hits: Units,
+    pub class: Priority,
+}
+
+pub struct GlobalHost {
+    gate: RefCell<Gate>,
+    /// The encoded `GrpcService` naming the cluster.
+    service: Vec<u8>,
+    /// Requests waiting on the gate: their class, for the 429 that may end the wait.
+    waiting: RefCell<IdMap<Priority>>,
+    /// Requests waiting in the local queue: what they will need from the gate once released.
+    queued: RefCell<IdMap<Need>>,
+}
+
+impl GlobalHost {
+    pub fn new(c: &GlobalConfig) -> GlobalHost {
+        GlobalHost {
+            gate: RefCell::new(Gate::new(c.gate.clone())),
+            service: proto::encode_service(&c.cluster),
+            waiting: RefCell::default(),
+            queued: RefCell::default(),
+        }
+    }
+}
+
+/// What the request context does after the gate.
+pub enum Gated {
+    Pass,
+    Wait,
+    Refuse(Refusal),
+}
+
+impl WorkerContext {
+    /// Request `id`'s need from the gate, when the gate is on.
+    pub fn global_need(&self, class: Priority, tenant: Option<&str>, tokens: Option<u64>) -> Option<Need> {
+        let c = self.config.global.as_ref()?;
+        let entries = c
+            .descriptors
+            .iter()
+            .filter_map(|e| {
+                let value = match e {
+                    DescriptorEntry::Provider => self.config.name.clone(),
+                    // A request without the tenant header counts under "none", like the tenant table.
+                    DescriptorEntry::Tenant => tenant.unwrap_or("none").to_string(),
+                    DescriptorEntry::Class => class.name().to_string(),
+                    DescriptorEntry::Unit => return None,
+                };
+                Some((e.name().to_string(), value))
+            })
+            .collect();
+        // Tokens go to the service only in their own descriptor (`unit` = `tokens`).
+        let tokens = if c.descriptors.contains(&DescriptorEntry::Unit) { tokens.unwrap_or(0) } else { 0 };
+        Some(Need { entries, hits: [1, tokens], class })
+    }
+
+    /// How long the service's last over-limit answer still holds for `need`, checked before the
+    /// local buckets.
+    pub fn global_blocked_ms(&self, need: &Need, now_ms: u64) -> Option<u64> {
+        let g = self.global.as_ref()?;
+        g.gate.try_borrow().ok()?.blocked_ms(&need.entries, need.hits, now_ms)
+    }
+
+    /// Request `id` passed the local buckets: the gate lets it through, makes it wait, or refuses.
+    pub fn global_arrive(&self, id: u32, need: &Need, may_wait_ms: u64, now_ms: u64) -> Gated {
+        let Some(g) = &self.global else { return Gated::Pass };
+        let verdict = match g.gate.try_borrow_mut() {
+            Ok(mut gate) => gate.arrive(&need.entries, id, need.hits, may_wait_ms, now_ms),
+            Err(_) => return Gated::Pass,
+        };
+        match verdict {
+            Verdict::Pass => Gated::Pass,
+            Verdict::Refuse { wait_ms, unavailable } => {
+                self.metrics.global.rejected.inc();
+                Gated::Refuse(refusal(id, need.class, wait_ms, unavailable))
+            }
+            Verdict::Wait { ask } => {
+                self.metrics.global.waited.inc();
+                if let Ok(mut w) = g.waiting.try_borrow_mut() {
+                    w.insert(id, need.class);
+                }
+                if let Some(ask) = ask {
+                    // Sent from the root context; host calls after it act on this request again.
+                    let outcome = self.send(g, ask, now_ms);
+                    if let Err(s) = abi::set_effective_context(id) {
+                        log::debug!("llm-ratelimit: #{id} cannot restore the context: status {s}");
+                    }
+                    let mut outcome = outcome;
+                    let len = outcome.pass.len();
+                    outcome.pass.retain(|&p| p != id);
+                    let passed = outcome.pass.len() < len;
+                    if passed {
+                        // The call could not be sent and the failure mode lets it through.
+                        if let Ok(mut w) = g.waiting.try_borrow_mut() {
+                            w.remove(&id);
+                        }
+                    }
+                    self.carry_global(outcome);
+                    if passed {
+                        return Gated::Pass;
+                    }
+                }
+                Gated::Wait
+            }
+        }
+    }
+
+    /// A request waits in the local queue: what it will need from the gate when released.
+    pub fn global_park(&self, id: u32, need: Need) {
+        if let Some(g) = &self.global {
+            if let Ok(mut q) = g.queued.try_borrow_mut() {
+                q.insert(id, need);
+            }
+        }
+    }
+
+    /// A waiter the local queue released: through the gate before it goes. False if it waits
+    /// for the gate (or was refused by it) instead.
+    pub fn global_released(&self, id: u32, waited_ms: u64, now_ms: u64) -> bool {
+        let Some(g) = &self.global else { return true };
+        let Some(need) = g.queued.try_borrow_mut().ok().and_then(|mut q| q.remove(&id)) else { return true };
+        let may_wait = self.config.class(need.class).max_wait_ms.saturating_sub(waited_ms);
+        match self.global_arrive(id, &need, may_wait, now_ms) {
+            Gated::Pass => true,
+            Gated::Wait => false,
+            Gated::Refuse(r) => {
+                self.refuse_waiter(&Refusal { queued_ms: Some(waited_ms), ..r });
+                false
+            }
+        }
+    }
+
+    /// Whether request `id` waits on the gate.
+    pub fn global_waiting(&self, id: u32) -> bool {
+        self.global.as_ref().is_some_and(|g| g.waiting.try_borrow().is_ok_and(|w| w.contains_key(&id)))
+    }
+
+    /// Request `id` is over (its client went away): forget it.
+    pub fn global_leave(&self, id: u32) -> Option<Priority> {
+        let g = self.global.as_ref()?;
+        if let Ok(mut q) = g.queued.try_borrow_mut() {
+            q.remove(&id);
+        }
+        let class = g.waiting.try_borrow_mut().ok()?.remove(&id)?;
+        if let Ok(mut gate) = g.gate.try_borrow_mut() {
+            gate.leave(id);
+        }
+        Some(class)
+    }
+
+    /// Sends `ask`'s call from the root context; what failed to send is decided at once.
+    fn send(&self, g: &GlobalHost, ask: Ask, now_ms: u64) -> Outcome {
+        let (Some(c), Ok(mut gate)) = (&self.config.global, g.gate.try_borrow_mut()) else { return Outcome::default() };
+        let entries = gate.entries(ask.key);
+        let with_unit = c.descriptors.contains(&DescriptorEntry::Unit);
+        let descriptors: Vec<Descriptor> = [(REQUESTS, "requests"), (TOKENS, "tokens")]
+            .into_iter()
+            .filter(|&(u, _)| ask.hits[u] > 0)
+            .map(|(u, unit)| {
+                let mut entries = entries.to_vec();
+                if with_unit {
+                    // In the configured place of `unit` among the entries.
+                    let at = c.descriptors.iter().position(|e| *e == DescriptorEntry::Unit).unwrap_or(entries.len());
+                    entries.insert(at.min(entries.len()), ("unit".into(), unit.into()));
+                }
+                Descriptor { entries, hits: Some(ask.hits[u]) }
+            })
+            .collect();
+        let hits_addend = ask.hits[REQUESTS].min(u64::from(u32::MAX)) as u32;
+        let message = proto::encode_request(&c.domain, &descriptors, hits_addend);
+        if let Err(s) = abi::set_effective_context(self.root_id.get()) {
+            log::debug!("llm-ratelimit: cannot call from the root context: status {s}");
+        }
+        let timeout = c.gate.timeout_ms.min(u64::from(u32::MAX)) as u32;
+        match abi::grpc_call(&g.service, SERVICE, METHOD, &message, timeout) {
+            Ok(token) => {
+                gate.sent(ask.key, token);
+                Outcome::default()
+            }
+            Err(s) => {
+                log::warn!(
+                    "llm-ratelimit: {}: cannot call the rate limit service {}: status {s}",
+                    self.name(),
+                    c.cluster
+                );
+                gate.not_sent(ask.key, now_ms)
+            }
+        }
+    }
+
+    /// The service answered call `token` (`size` bytes).
+    pub fn global_answered(&self, token: u32, size: usize) {
+        let Some(g) = &self.global else { return };
+        let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
+        let message = abi::grpc_message(size).unwrap_or_default();
+        let outcome = {
+            let Ok(mut gate) = g.gate.try_borrow_mut() else { return };
+            match proto::decode_response(&message) {
+                Ok(r) => gate.answered(token, &r, now_ms),
+                Err(e) => {
+                    log::warn!("llm-ratelimit: {}: unreadable rate limit service answer: {e}", self.name());
+                    gate.failed(token, now_ms)
+                }
+            }
+        };
+        self.carry_global(outcome);
+    }
+
+    /// Call `token` ended without an answer (gRPC `status`: unavailable, deadline exceeded, ...).
+    pub fn global_closed(&self, token: u32, status: u32) {
+        let Some(g) = &self.global else { return };
+        let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
+        log::debug!("llm-ratelimit: {}: rate limit service call {token} failed: gRPC status {status}", self.name());
+        let outcome = match g.gate.try_borrow_mut() {
+            Ok(mut gate) => gate.failed(token, now_ms),
+            Err(_) => return,
+        };
+        self.carry_global(outcome);
+    }
+
+    /// Each tick: timeouts, resets, leases' ends; and the gate's counts into the stats.
+    pub fn global_tick(&self, now_ns: u64) {
+        let Some(g) = &self.global else { return };
+        let now_ms = now_ns / NANOS_PER_MS;
+        let (outcome, counts) = match g.gate.try_borrow_mut() {
+            Ok(mut gate) if gate.busy() => (gate.tick(now_ms), gate.take_counts()),
+            Ok(mut gate) => (Outcome::default(), gate.take_counts()),
+            Err(_) => return,
+        };
+        let m = &self.metrics.global;
+        m.calls.add(counts.calls);
+        m.over_limit.add(counts.over_limit);
+        m.failures.add(counts.failures);
+        m.failed_open.add(counts.failed_open);
+        m.leased.add(counts.leased[REQUESTS]);
+        m.leased_tokens.add(counts.leased[TOKENS]);
+        m.expired.add(counts.expired[REQUESTS]);
+        m.expired_tokens.add(counts.expired[TOKENS]);
+        self.carry_global(outcome);
+    }
+
+    /// Resumes, refuses, and sends what the gate decided. Nothing is borrowed meanwhile: a resume
+    /// runs the request's callbacks synchronously.
+    fn carry_global(&self, mut outcome: Outcome) {
+        let Some(g) = &self.global else { return };
+        let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
+        while !outcome.pass.is_empty() || !outcome.refuse.is_empty() || !outcome.asks.is_empty() {
+            let done = |id: &u32| g.waiting.try_borrow_mut().ok().and_then(|mut w| w.remove(id));
+            for id in std::mem::take(&mut outcome.pass) {
+                if let Some(class) = done(&id) {
+                    self.metrics.of(class).admitted.inc();
+                    if let Err(s) = abi::resume_request(id) {
+                        log::debug!("llm-ratelimit: #{id} cannot resume the request: status {s}");
+                    }
+                }
+            }
+            for (id, wait_ms, unavailable) in std::mem::take(&mut outcome.refuse) {
+                if let Some(class) = done(&id) {
+                    self.metrics.global.rejected.inc();
+                    self.refuse_waiter(&refusal(id, class, wait_ms, unavailable));
+                }
+            }
+            for ask in std::mem::take(&mut outcome.asks) {
+                let more = self.send(g, ask, now_ms);
+                outcome.pass.extend(more.pass);
+                outcome.refuse.extend(more.refuse);
+            }
+        }
+    }
+}
+
+pub fn refusal(id: u32, class: Priority, wait_ms: u64, unavailable: bool) -> Refusal {
+    Refusal {
+        id,
+        class,
+        reason: if unavailable { Reason::GlobalUnavailable } else { Reason::GlobalLimit },
+        wait_ns: wait_ms.saturating_mul(NANOS_PER_MS),
+        tokens: 0.0,
+        retry: true,
+        queued_ms: None,
+    }
+}

@@ -1,0 +1,213 @@
+//! One limit across many Envoy instances: two real Envoys (`--concurrency 2` each) in front of one
+//! mock provider, both asking our rate limit service (rls/) over a real redis-server.
+
+mod support;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// The service's gRPC port, for the yaml edit (a plain `fn`).
+static RLS_PORT: AtomicU16 = AtomicU16::new(0);
+
+fn to_rls(yaml: String) -> String {
+    yaml.replace("port_value: 8081", &format!("port_value: {}", RLS_PORT.load(Ordering::Relaxed)))
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A redis-server on a free port, persistence off.
+fn redis() -> (Killed, u16) {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (scripts/setup.sh installs it)");
+    let up = eventually(Duration::from_secs(5), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    assert!(up, "redis-server did not start");
+    (Killed(child), port)
+}
+
+/// Our rate limit service with `limits` (envoyproxy/ratelimit's YAML), on free ports.
+fn rls(redis_port: u16, limits: &str, dir: &TempDir) -> (Killed, u16) {
+    let file = dir.0.join("limits.yaml");
+    std::fs::write(&file, limits).unwrap();
+    let bin = root().join("target/release/llm-ratelimit-rls");
+    let mut child = Command::new(&bin)
+        .arg("--config")
+        .arg(&file)
+        .args(["--redis", &format!("redis://127.0.0.1:{redis_port}")])
+        .args(["--grpc-host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1", "--http-port", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e} (make build builds it)", bin.display()));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    // "listening on grpc 127.0.0.1:PORT http 127.0.0.1:PORT"
+    let grpc = line.split_whitespace().nth(3).and_then(|a| a.rsplit(':').next()?.parse().ok());
+    (Killed(child), grpc.unwrap_or_else(|| panic!("unexpected banner {line:?}")))
+}
+
+fn envoy(config: &str, mock: &Mock, rls_port: u16) -> Envoy {
+    RLS_PORT.store(rls_port, Ordering::Relaxed);
+    let opts = EnvoyOpts { filter_config: config, concurrency: 2, upstream_port: mock.port, edit: Some(to_rls) };
+    Envoy::spawn(&opts).unwrap_or_else(|log| panic!("{log}"))
+}
+
+const LIMITS: &str = "
+domain: llm-ratelimit
+descriptors:
+  - key: provider
+    value: shared
+    descriptors:
+      - key: unit
+        value: requests
+        rate_limit: {unit: second, requests_per_unit: 40}
+";
+
+/// Local buckets far above the shared limit: only the service can hold it.
+const SHARED: &str = r#"{"name":"shared","bucket":{"capacity":100000,"refill_rate":100000},
+    "queue":{"enabled":false},"global":{"cluster":"ratelimit","timeout_ms":200}}"#;
+
+/// Clients on both Envoys as fast as they can, for `run`; returns per-status counts.
+fn saturate(urls: &[String], threads_each: usize, run: Duration) -> (usize, usize, Vec<String>) {
+    let end = Instant::now() + run;
+    let handles: Vec<_> = urls
+        .iter()
+        .flat_map(|u| std::iter::repeat_n(u.clone(), threads_each))
+        .map(|url| {
+            std::thread::spawn(move || {
+                let (mut ok, mut limited, mut other) = (0, 0, Vec::new());
+                while Instant::now() < end {
+                    match chat(&url, &[]) {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) if r.status == 429 => {
+                            assert_eq!(r.header("x-llm-ratelimit-reason"), Some("global_limit"), "{}", r.body);
+                            let secs: u64 = r.header("retry-after").and_then(|s| s.parse().ok()).unwrap();
+                            assert!((1..=2).contains(&secs), "retry-after {secs} for a 1 s window");
+                            limited += 1;
+                            // A client that honours Retry-After at a tenth of it, like a busy one.
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Ok(r) => other.push(format!("{} {}", r.status, r.body)),
+                        Err(e) => other.push(e),
+                    }
+                }
+                (ok, limited, other)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).fold((0, 0, Vec::new()), |(a, b, mut c), (x, y, z)| {
+        c.extend(z);
+        (a + x, b + y, c)
+    })
+}
+
+#[test]
+fn two_envoys_share_one_limit_and_the_provider_sees_the_sum_held() {
+    let dir = TempDir::new();
+    let (_redis, redis_port) = redis();
+    let (_rls, rls_port) = rls(redis_port, LIMITS, &dir);
+    let mock = Mock::start(&[]);
+    let a = envoy(SHARED, &mock, rls_port);
+    let b = envoy(SHARED, &mock, rls_port);
+    let urls = [a.url("/v1/chat/completions"), b.url("/v1/chat/completions")];
+    // 3.9 s of saturation lies inside 4 windows of 1 s: the service admits at most 4 x 40.
+    let (ok, limited, other) = saturate(&urls, 4, Duration::from_millis(3900));
+    assert!(other.is_empty(), "only 200s and 429s: {other:?}");
+    let received = mock.received();
+    assert_eq!(received as usize, ok, "every admitted request reached the provider");
+    let most = 4 * 40;
+    println!("admitted {ok} (at most {most}), refused {limited}");
+    assert!(ok <= most + most / 50, "two instances held the one limit within 2%: {ok} > {most}");
+    assert!(ok >= most * 3 / 4 - 40, "the limit is used, not starved: {ok}");
+    assert!(limited > ok, "the surplus was refused");
+    for e in [&a, &b] {
+        let calls = e.stat("shared", "global.calls");
+        let admitted: u64 = ["critical", "high", "normal", "low"]
+            .iter()
+            .map(|p| e.stat("shared", &format!("priority.{p}.admitted")))
+            .sum();
+        assert!(calls > 0 && e.stat("shared", "global.failures") == 0, "{calls} calls, no failure");
+        assert!(admitted > 0, "each instance admitted some");
+    }
+}
+
+#[test]
+fn leases_spare_the_round_trip_below_the_limit() {
+    let dir = TempDir::new();
+    let (_redis, redis_port) = redis();
+    let limits = LIMITS.replace("requests_per_unit: 40", "requests_per_unit: 10000");
+    let (_rls, rls_port) = rls(redis_port, &limits, &dir);
+    let mock = Mock::start(&[]);
+    let e = envoy(SHARED, &mock, rls_port);
+    let (ok, limited, other) = saturate(&[e.url("/v1/chat/completions")], 2, Duration::from_millis(2500));
+    assert!(other.is_empty() && limited == 0, "{other:?} {limited}");
+    let calls = e.stat("shared", "global.calls");
+    println!("{ok} requests, {calls} calls to the service");
+    assert!(calls * 4 <= ok as u64, "leases: {calls} calls for {ok} requests");
+    assert!(e.stat("shared", "global.leased") > 0);
+}
+
+#[test]
+fn an_unreachable_service_falls_back_by_failure_mode() {
+    let mock = Mock::start(&[]);
+    // Nothing listens on this port: every call fails fast.
+    let dead = free_port();
+    let local = SHARED.replace(r#""timeout_ms":200"#, r#""timeout_ms":100,"failure_mode":"local""#);
+    let e = envoy(&local, &mock, dead);
+    for _ in 0..5 {
+        assert_eq!(chat(&e.url("/v1/chat/completions"), &[]).unwrap().status, 200, "local: own buckets decide");
+    }
+    assert!(e.stat("shared", "global.failures") >= 1);
+    assert!(e.stat("shared", "global.failed_open") >= 1);
+    drop(e);
+    let deny = SHARED.replace(r#""timeout_ms":200"#, r#""timeout_ms":100,"failure_mode":"deny""#);
+    let e = envoy(&deny, &mock, dead);
+    let start = Instant::now();
+    let r = chat(&e.url("/v1/chat/completions"), &[]).unwrap();
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.header("x-llm-ratelimit-reason"), Some("global_unavailable"));
+    assert!(start.elapsed() < Duration::from_secs(1), "never held past the timeout: {:?}", start.elapsed());
+}
+
+#[test]
+fn waiters_wait_for_the_global_reset_and_the_rest_get_its_retry_after() {
+    let dir = TempDir::new();
+    let (_redis, redis_port) = redis();
+    let limits = LIMITS.replace("unit: second, requests_per_unit: 40", "unit: minute, requests_per_unit: 3");
+    let (_rls, rls_port) = rls(redis_port, &limits, &dir);
+    let mock = Mock::start(&[]);
+    let config = r#"{"name":"shared","global":{"cluster":"ratelimit","timeout_ms":200,"max_lease":1}}"#;
+    let e = envoy(config, &mock, rls_port);
+    let url = e.url("/v1/chat/completions");
+    for i in 0..3 {
+        assert_eq!(chat(&url, &[]).unwrap().status, 200, "request {i} within the limit");
+    }
+    // The fourth would wait a minute: longer than NORMAL's max_wait, so refused with the reset.
+    let r = chat(&url, &[]).unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("x-llm-ratelimit-reason"), Some("global_limit"));
+    let secs: u64 = r.header("retry-after").and_then(|s| s.parse().ok()).unwrap();
+    assert!((50..=61).contains(&secs), "the service's reset, not a guess: {secs}");
+    // Cached until the reset: more refusals cost no call (one worker of two may not know yet).
+    let calls = e.stat("shared", "global.calls");
+    for _ in 0..6 {
+        assert_eq!(chat(&url, &[]).unwrap().status, 429);
+    }
+    assert!(e.stat("shared", "global.calls") <= calls + 1, "over limit is cached until the reset");
+    assert_eq!(mock.received(), 3);
+}
