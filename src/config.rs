@@ -738,12 +738,7 @@ impl RawConfig {
             capacity: whole("bucket.capacity", b.capacity, d.bucket.capacity, 1)?,
             refill_rate: positive("bucket.refill_rate", b.refill_rate, d.bucket.refill_rate)?,
             burst_allowance: whole("bucket.burst_allowance", b.burst_allowance, d.bucket.burst_allowance, 0)?,
-            max_lease: match whole("bucket.max_lease", b.max_lease, d.bucket.max_lease, 1)? {
-                n if n > 10_000 => {
-                    return Err(format!("bucket.max_lease: must be a whole number from 1 to 10000, got {n}"))
-                }
-                n => n,
-            },
+            max_lease: whole_to("bucket.max_lease", b.max_lease, d.bucket.max_lease, 1, 10_000)?,
         };
         if b.key_header.is_some() {
             return Err("bucket.key_header: tenant buckets moved to \"tenant\" and now nest inside the provider \
@@ -757,12 +752,7 @@ impl RawConfig {
                 capacity: whole("tenant.capacity", t.capacity, 10, 1)?,
                 refill_rate: positive("tenant.refill_rate", t.refill_rate, 1.0)?,
                 burst_allowance: whole("tenant.burst_allowance", t.burst_allowance, 0, 0)?,
-                slots: match whole("tenant.slots", t.slots, u64::from(crate::tenants::DEFAULT_SLOTS), 1)? {
-                    n if n > 65_536 => {
-                        return Err(format!("tenant.slots: must be a whole number from 1 to 65536, got {n}"))
-                    }
-                    n => n,
-                },
+                slots: whole_to("tenant.slots", t.slots, u64::from(crate::tenants::DEFAULT_SLOTS), 1, 65_536)?,
             }),
         };
         let tokens = self.tokens.map(RawTokens::validate).transpose()?;
@@ -827,12 +817,7 @@ impl RawConfig {
                 None => d.fallback.key_header,
                 Some(h) => header_name("fallback.key_header", h)?,
             },
-            max_entries: match whole("fallback.max_entries", f.max_entries, d.fallback.max_entries, 1)? {
-                n if n > 100_000 => {
-                    return Err(format!("fallback.max_entries: must be a whole number from 1 to 100000, got {n}"))
-                }
-                n => n,
-            },
+            max_entries: whole_to("fallback.max_entries", f.max_entries, d.fallback.max_entries, 1, 100_000)?,
             max_body_bytes: whole("fallback.max_body_bytes", f.max_body_bytes, d.fallback.max_body_bytes, 1)?,
             max_age_ms: whole("fallback.max_age_s", f.max_age_s, d.fallback.max_age_ms / 1000, 1)? * 1000,
         };
@@ -864,18 +849,9 @@ impl RawGlobal {
         if descriptors.contains(&DescriptorEntry::Tenant) && !has_tenant {
             return Err("global.descriptors: `tenant` needs the \"tenant\" section (its key_header)".into());
         }
-        let timeout_ms = whole("global.timeout_ms", self.timeout_ms, 50, 1)?;
-        if timeout_ms > 60_000 {
-            return Err(format!("global.timeout_ms: must be a whole number from 1 to 60000, got {timeout_ms}"));
-        }
-        let max_lease = whole("global.max_lease", self.max_lease, 32, 1)?;
-        if max_lease > 10_000 {
-            return Err(format!("global.max_lease: must be a whole number from 1 to 10000, got {max_lease}"));
-        }
-        let lease_ms = whole("global.lease_ms", self.lease_ms, 1000, 1)?;
-        if lease_ms > 60_000 {
-            return Err(format!("global.lease_ms: must be a whole number from 1 to 60000, got {lease_ms}"));
-        }
+        let timeout_ms = whole_to("global.timeout_ms", self.timeout_ms, 50, 1, 60_000)?;
+        let max_lease = whole_to("global.max_lease", self.max_lease, 32, 1, 10_000)?;
+        let lease_ms = whole_to("global.lease_ms", self.lease_ms, 1000, 1, 60_000)?;
         let failure_mode = self.failure_mode.unwrap_or(FailureMode::Local);
         Ok(GlobalConfig {
             cluster,
@@ -979,6 +955,14 @@ impl RawRule {
 }
 
 /// A whole number >= `min` (JSON numbers arrive as f64 so that `1.5` gets a clear message).
+/// `whole`, at most `max`.
+fn whole_to(field: &str, v: Option<f64>, default: u64, min: u64, max: u64) -> Result<u64, String> {
+    match whole(field, v, default, min)? {
+        n if n > max => Err(format!("{field}: must be a whole number from {min} to {max}, got {n}")),
+        n => Ok(n),
+    }
+}
+
 fn whole(field: &str, v: Option<f64>, default: u64, min: u64) -> Result<u64, String> {
     match v {
         None => Ok(default),

@@ -11,12 +11,8 @@ use prost::Message;
 
 #[test]
 fn the_filters_request_is_what_prost_reads() {
-    let d = |unit: &str, hits: Option<u64>| proto::Descriptor {
-        entries: vec![
-            ("provider".into(), "openai".into()),
-            ("tenant".into(), "ünï".into()),
-            ("unit".into(), unit.into()),
-        ],
+    let d = |unit: &'static str, hits: Option<u64>| proto::Descriptor {
+        entries: vec![("provider", "openai"), ("tenant", "ünï"), ("unit", unit)],
         hits,
     };
     let bytes = proto::encode_request("llm-ratelimit", &[d("requests", Some(32)), d("tokens", Some(70_000))], 32);

@@ -13,7 +13,6 @@
 //! the `lease_ms` before the window began (≤ instances × workers × `max_lease`).
 
 use super::proto::{Code, Response};
-use std::collections::VecDeque;
 
 pub const REQUESTS: usize = 0;
 pub const TOKENS: usize = 1;
@@ -118,7 +117,8 @@ struct Call {
 
 #[derive(Clone, Debug)]
 struct Key {
-    entries: Vec<(String, String)>,
+    /// The descriptor values that name this key (the host's encoding).
+    name: String,
     /// Leased units not spent yet, usable until `lease_until_ms`.
     left: Units,
     lease_until_ms: u64,
@@ -129,7 +129,8 @@ struct Key {
     call: Option<Call>,
     /// The next call asks for needed units only (a lease was just refused).
     exact: bool,
-    waiters: VecDeque<Waiter>,
+    /// In arrival order (a handful: a call serves them all).
+    waiters: Vec<Waiter>,
     /// Units spent this second, and in the last whole one: how large a lease should be.
     spent: Units,
     rate: Units,
@@ -137,16 +138,16 @@ struct Key {
 }
 
 impl Key {
-    fn new(entries: Vec<(String, String)>, now_ms: u64) -> Key {
+    fn new(name: &str, now_ms: u64) -> Key {
         Key {
-            entries,
+            name: name.to_string(),
             left: [0; 2],
             lease_until_ms: 0,
             over_until_ms: [0; 2],
             remaining: [None; 2],
             call: None,
             exact: false,
-            waiters: VecDeque::new(),
+            waiters: Vec::new(),
             spent: [0; 2],
             rate: [0; 2],
             second_ms: now_ms,
@@ -220,21 +221,19 @@ impl Key {
     /// Lets waiters through in arrival order while the lease covers them; refuses those who
     /// cannot wait for the service's reset.
     fn serve(&mut self, out: &mut Outcome, now_ms: u64) {
-        while let Some(w) = self.waiters.front() {
-            if self.fits(w.hits) {
-                let hits = w.hits;
-                out.pass.push(w.id);
-                self.spend(hits);
-                self.waiters.pop_front();
-                continue;
-            }
-            break;
+        let mut served = 0;
+        while let Some(w) = self.waiters.get(served).filter(|w| self.fits(w.hits)) {
+            let (id, hits) = (w.id, w.hits);
+            out.pass.push(id);
+            self.spend(hits);
+            served += 1;
         }
-        let mut kept = VecDeque::with_capacity(self.waiters.len());
+        self.waiters.drain(..served);
+        let mut kept = Vec::with_capacity(self.waiters.len());
         for w in std::mem::take(&mut self.waiters) {
             match self.blocked_until(w.hits, now_ms) {
                 Some(until) if until > w.deadline_ms => out.refuse.push((w.id, until - now_ms, false)),
-                _ => kept.push_back(w),
+                _ => kept.push(w),
             }
         }
         self.waiters = kept;
@@ -256,9 +255,9 @@ impl Gate {
         Gate { rules, keys: Vec::new(), skip_until_ms: 0, counts: Counts::default() }
     }
 
-    /// The entries of key `index`, for the host to build the call's descriptors.
-    pub fn entries(&self, index: usize) -> &[(String, String)] {
-        self.keys.get(index).map_or(&[], |k| &k.entries)
+    /// The name of key `index`, for the host to build the call's descriptors.
+    pub fn name(&self, index: usize) -> &str {
+        self.keys.get(index).map_or("", |k| &k.name)
     }
 
     pub fn take_counts(&mut self) -> Counts {
@@ -270,45 +269,38 @@ impl Gate {
         self.keys.iter().any(|k| !k.idle() || k.left != [0, 0])
     }
 
-    fn find(&self, entries: &[(String, String)]) -> Option<usize> {
-        self.keys.iter().position(|k| k.entries == entries)
+    fn find(&self, name: &str) -> Option<usize> {
+        self.keys.iter().position(|k| k.name == name)
     }
 
     /// The key's index, added (evicting an idle key if the table is full) when new.
-    fn key(&mut self, entries: &[(String, String)], now_ms: u64) -> Option<usize> {
-        if let Some(i) = self.find(entries) {
+    fn key(&mut self, name: &str, now_ms: u64) -> Option<usize> {
+        if let Some(i) = self.find(name) {
             return Some(i);
         }
         if self.keys.len() >= MAX_KEYS {
             let i = self.keys.iter().position(|k| k.idle() && k.over_until_ms.iter().all(|&t| t <= now_ms))?;
             self.keys.swap_remove(i);
         }
-        self.keys.push(Key::new(entries.to_vec(), now_ms));
+        self.keys.push(Key::new(name, now_ms));
         Some(self.keys.len() - 1)
     }
 
     /// How long a request needing `hits` would wait for the service's reset, if the service
     /// said over limit: checked before the local buckets, so a request that cannot wait that long
     /// costs no local token.
-    pub fn blocked_ms(&self, entries: &[(String, String)], hits: Units, now_ms: u64) -> Option<u64> {
-        let k = &self.keys[self.find(entries)?];
+    pub fn blocked_ms(&self, name: &str, hits: Units, now_ms: u64) -> Option<u64> {
+        let k = &self.keys[self.find(name)?];
         k.blocked_until(hits, now_ms).map(|t| t - now_ms)
     }
 
     /// Request `id`, admitted by the local buckets, needs `hits` and may wait `may_wait_ms`.
-    pub fn arrive(
-        &mut self,
-        entries: &[(String, String)],
-        id: u32,
-        hits: Units,
-        may_wait_ms: u64,
-        now_ms: u64,
-    ) -> Verdict {
+    pub fn arrive(&mut self, name: &str, id: u32, hits: Units, may_wait_ms: u64, now_ms: u64) -> Verdict {
         if now_ms < self.skip_until_ms {
             self.counts.failed_open += 1;
             return Verdict::Pass;
         }
-        let Some(i) = self.key(entries, now_ms) else {
+        let Some(i) = self.key(name, now_ms) else {
             // Every key busy: this one is not tracked; its own buckets decide.
             self.counts.failed_open += 1;
             return Verdict::Pass;
@@ -327,7 +319,7 @@ impl Gate {
                 return Verdict::Refuse { wait_ms: until - now_ms, unavailable: false };
             }
         }
-        k.waiters.push_back(Waiter { id, hits, deadline_ms: now_ms.saturating_add(may_wait_ms) });
+        k.waiters.push(Waiter { id, hits, deadline_ms: now_ms.saturating_add(may_wait_ms) });
         let ask = k.ask(i, &self.rules, now_ms);
         self.counted(&ask);
         Verdict::Wait { ask }
@@ -407,12 +399,11 @@ impl Gate {
         }
     }
 
-    /// Key `key`'s call could not be sent.
-    pub fn not_sent(&mut self, key: usize, now_ms: u64) -> Outcome {
-        if self.keys.get(key).is_some_and(|k| k.call.is_some()) {
-            self.fail(key, now_ms)
-        } else {
-            Outcome::default()
+    /// Key `key`'s call could not be sent: the next tick fails it (the request that asked is
+    /// still inside its own callback and cannot be resumed from there).
+    pub fn not_sent(&mut self, key: usize) {
+        if let Some(c) = self.keys.get_mut(key).and_then(|k| k.call.as_mut()) {
+            c.sent_ms = 0;
         }
     }
 
@@ -507,8 +498,8 @@ mod tests {
         GateRules { timeout_ms: 50, failure_mode: mode, max_lease, lease_ms: 1000 }
     }
 
-    fn key() -> Vec<(String, String)> {
-        vec![("provider".into(), "openai".into())]
+    fn key() -> &'static str {
+        "openai"
     }
 
     fn ok(remaining: u64) -> Response {
@@ -531,10 +522,10 @@ mod tests {
     #[test]
     fn first_request_waits_for_one_call_and_the_next_share_it() {
         let mut g = Gate::new(rules(FailureMode::Local, 32));
-        let a = asked(g.arrive(&key(), 1, [1, 0], 1000, 0));
+        let a = asked(g.arrive(key(), 1, [1, 0], 1000, 0));
         assert_eq!(a.hits, [1, 0], "no spending seen yet: no lease ahead");
         g.sent(a.key, 7);
-        assert_eq!(g.arrive(&key(), 2, [1, 0], 1000, 1), Verdict::Wait { ask: None }, "one call in flight");
+        assert_eq!(g.arrive(key(), 2, [1, 0], 1000, 1), Verdict::Wait { ask: None }, "one call in flight");
         let o = g.answered(7, &ok(99), 2);
         assert_eq!(o.pass, vec![1]);
         // Request 2 was not in the call: a second call follows, one ahead for the one spent.
@@ -545,7 +536,7 @@ mod tests {
     fn burst(g: &mut Gate, ids: std::ops::Range<u32>, now_ms: u64, answer: &Response) -> (u64, u64) {
         let (mut calls, mut most) = (0, 0);
         for id in ids {
-            match g.arrive(&key(), id, [1, 0], 1000, now_ms) {
+            match g.arrive(key(), id, [1, 0], 1000, now_ms) {
                 Verdict::Pass => {}
                 Verdict::Wait { ask: Some(a) } => {
                     calls += 1;
@@ -585,7 +576,7 @@ mod tests {
         // Spend what is left, then the next asks ahead again.
         let mut id = 100;
         let a = loop {
-            if let Verdict::Wait { ask: Some(a) } = g.arrive(&key(), id, [1, 0], 1000, 0) {
+            if let Verdict::Wait { ask: Some(a) } = g.arrive(key(), id, [1, 0], 1000, 0) {
                 break a;
             }
             id += 1;
@@ -603,13 +594,13 @@ mod tests {
     #[test]
     fn over_limit_is_cached_until_its_reset() {
         let mut g = Gate::new(rules(FailureMode::Local, 1));
-        let a = asked(g.arrive(&key(), 1, [1, 0], 5000, 0));
+        let a = asked(g.arrive(key(), 1, [1, 0], 5000, 0));
         g.sent(a.key, 1);
         let o = g.answered(1, &over(0, 3000), 10);
         assert!(o.pass.is_empty() && o.refuse.is_empty(), "may wait 5 s for a 3 s reset");
-        assert_eq!(g.blocked_ms(&key(), [1, 0], 1010), Some(2000));
+        assert_eq!(g.blocked_ms(key(), [1, 0], 1010), Some(2000));
         // A request that may wait 1 s is refused at once, no call.
-        assert_eq!(g.arrive(&key(), 2, [1, 0], 1000, 1010), Verdict::Refuse { wait_ms: 2000, unavailable: false });
+        assert_eq!(g.arrive(key(), 2, [1, 0], 1000, 1010), Verdict::Refuse { wait_ms: 2000, unavailable: false });
         assert_eq!(g.take_counts().calls, 1);
         // Nothing asked before the reset; asked at it.
         assert!(g.tick(2000).asks.is_empty());
@@ -622,7 +613,7 @@ mod tests {
     #[test]
     fn tokens_go_with_requests_and_each_unit_is_granted_alone() {
         let mut g = Gate::new(rules(FailureMode::Local, 1));
-        let a = asked(g.arrive(&key(), 1, [1, 500], 5000, 0));
+        let a = asked(g.arrive(key(), 1, [1, 500], 5000, 0));
         assert_eq!(a.hits, [1, 500]);
         g.sent(0, 1);
         let r = Response {
@@ -646,9 +637,9 @@ mod tests {
     fn failure_modes() {
         for (mode, passed) in [(FailureMode::Local, true), (FailureMode::Allow, true), (FailureMode::Deny, false)] {
             let mut g = Gate::new(rules(mode, 32));
-            let a = asked(g.arrive(&key(), 1, [1, 0], 1000, 0));
+            let a = asked(g.arrive(key(), 1, [1, 0], 1000, 0));
             g.sent(a.key, 1);
-            g.arrive(&key(), 2, [1, 0], 1000, 0);
+            g.arrive(key(), 2, [1, 0], 1000, 0);
             let o = g.failed(1, 40);
             if passed {
                 assert_eq!(o.pass, vec![1, 2], "{mode:?}");
@@ -656,7 +647,7 @@ mod tests {
                 assert_eq!(o.refuse, vec![(1, RETRY_MS, true), (2, RETRY_MS, true)]);
             }
             // Local skips the service for a while; allow asks again at once.
-            let next = g.arrive(&key(), 3, [1, 0], 1000, 50);
+            let next = g.arrive(key(), 3, [1, 0], 1000, 50);
             match mode {
                 FailureMode::Local => assert_eq!(next, Verdict::Pass),
                 _ => assert!(matches!(next, Verdict::Wait { ask: Some(_) })),
@@ -667,7 +658,7 @@ mod tests {
     #[test]
     fn no_request_waits_past_the_timeout_for_a_silent_service() {
         let mut g = Gate::new(rules(FailureMode::Allow, 32));
-        let a = asked(g.arrive(&key(), 1, [1, 0], 10_000, 0));
+        let a = asked(g.arrive(key(), 1, [1, 0], 10_000, 0));
         g.sent(a.key, 1);
         assert!(g.tick(100).pass.is_empty());
         assert_eq!(g.tick(151).pass, vec![1], "timeout 50 ms + grace");
@@ -677,7 +668,7 @@ mod tests {
     #[test]
     fn garbage_answers_fail_like_errors() {
         let mut g = Gate::new(rules(FailureMode::Deny, 32));
-        let a = asked(g.arrive(&key(), 1, [1, 0], 1000, 0));
+        let a = asked(g.arrive(key(), 1, [1, 0], 1000, 0));
         g.sent(a.key, 1);
         let o = g.answered(1, &Response::default(), 1);
         assert_eq!(o.refuse, vec![(1, RETRY_MS, true)]);
@@ -687,7 +678,7 @@ mod tests {
     fn the_key_table_is_bounded() {
         let mut g = Gate::new(rules(FailureMode::Local, 32));
         for t in 0..(MAX_KEYS as u32 + 10) {
-            let k = vec![("tenant".to_string(), t.to_string())];
+            let k = t.to_string();
             if let Verdict::Wait { ask: Some(a) } = g.arrive(&k, t, [1, 0], 1000, 0) {
                 g.sent(a.key, t + 1);
                 g.answered(t + 1, &ok(5), 0);

@@ -5,8 +5,8 @@
 
 /// One descriptor: its entries and, when set, its own `hits_addend`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Descriptor {
-    pub entries: Vec<(String, String)>,
+pub struct Descriptor<'a> {
+    pub entries: Vec<(&'a str, &'a str)>,
     pub hits: Option<u64>,
 }
 
@@ -226,10 +226,7 @@ mod tests {
     use super::*;
 
     fn request() -> Vec<u8> {
-        let d = |unit: &str, hits| Descriptor {
-            entries: vec![("provider".into(), "openai".into()), ("unit".into(), unit.into())],
-            hits,
-        };
+        let d = |unit: &'static str, hits| Descriptor { entries: vec![("provider", "openai"), ("unit", unit)], hits };
         encode_request("llm-ratelimit", &[d("requests", Some(3)), d("tokens", Some(300))], 3)
     }
 

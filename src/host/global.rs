@@ -17,10 +17,11 @@ const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
 const METHOD: &str = "ShouldRateLimit";
 const NANOS_PER_MS: u64 = 1_000_000;
 
-/// What one request needs from the gate: its descriptor entries (without `unit`), units, class.
+/// What one request needs from the gate: its key (the values of the configured entries but
+/// `unit`, each ending in a newline, which no header value holds), units, class.
 #[derive(Clone, Debug)]
 pub struct Need {
-    pub entries: Vec<(String, String)>,
+    pub key: String,
     pub hits: Units,
     pub class: Priority,
 }
@@ -57,37 +58,34 @@ impl WorkerContext {
     /// Request `id`'s need from the gate, when the gate is on.
     pub fn global_need(&self, class: Priority, tenant: Option<&str>, tokens: Option<u64>) -> Option<Need> {
         let c = self.config.global.as_ref()?;
-        let entries = c
-            .descriptors
-            .iter()
-            .filter_map(|e| {
-                let value = match e {
-                    DescriptorEntry::Provider => self.config.name.clone(),
-                    // A request without the tenant header counts under "none", like the tenant table.
-                    DescriptorEntry::Tenant => tenant.unwrap_or("none").to_string(),
-                    DescriptorEntry::Class => class.name().to_string(),
-                    DescriptorEntry::Unit => return None,
-                };
-                Some((e.name().to_string(), value))
-            })
-            .collect();
+        let mut key = String::new();
+        for e in &c.descriptors {
+            key.push_str(match e {
+                DescriptorEntry::Provider => &self.config.name,
+                // A request without the tenant header counts under "none".
+                DescriptorEntry::Tenant => tenant.unwrap_or("none"),
+                DescriptorEntry::Class => class.name(),
+                DescriptorEntry::Unit => continue,
+            });
+            key.push('\n');
+        }
         // Tokens go to the service only in their own descriptor (`unit` = `tokens`).
         let tokens = if c.descriptors.contains(&DescriptorEntry::Unit) { tokens.unwrap_or(0) } else { 0 };
-        Some(Need { entries, hits: [1, tokens], class })
+        Some(Need { key, hits: [1, tokens], class })
     }
 
     /// How long the service's last over-limit answer still holds for `need`, checked before the
     /// local buckets.
     pub fn global_blocked_ms(&self, need: &Need, now_ms: u64) -> Option<u64> {
         let g = self.global.as_ref()?;
-        g.gate.try_borrow().ok()?.blocked_ms(&need.entries, need.hits, now_ms)
+        g.gate.try_borrow().ok()?.blocked_ms(&need.key, need.hits, now_ms)
     }
 
     /// Request `id` passed the local buckets: the gate lets it through, makes it wait, or refuses.
     pub fn global_arrive(&self, id: u32, need: &Need, may_wait_ms: u64, now_ms: u64) -> Gated {
         let Some(g) = &self.global else { return Gated::Pass };
         let verdict = match g.gate.try_borrow_mut() {
-            Ok(mut gate) => gate.arrive(&need.entries, id, need.hits, may_wait_ms, now_ms),
+            Ok(mut gate) => gate.arrive(&need.key, id, need.hits, may_wait_ms, now_ms),
             Err(_) => return Gated::Pass,
         };
         match verdict {
@@ -103,23 +101,9 @@ impl WorkerContext {
                 }
                 if let Some(ask) = ask {
                     // Sent from the root context; host calls after it act on this request again.
-                    let outcome = self.send(g, ask, now_ms);
+                    self.send(g, ask);
                     if let Err(s) = abi::set_effective_context(id) {
                         log::debug!("llm-ratelimit: #{id} cannot restore the context: status {s}");
-                    }
-                    let mut outcome = outcome;
-                    let len = outcome.pass.len();
-                    outcome.pass.retain(|&p| p != id);
-                    let passed = outcome.pass.len() < len;
-                    if passed {
-                        // The call could not be sent and the failure mode lets it through.
-                        if let Ok(mut w) = g.waiting.try_borrow_mut() {
-                            w.remove(&id);
-                        }
-                    }
-                    self.carry_global(outcome);
-                    if passed {
-                        return Gated::Pass;
                     }
                 }
                 Gated::Wait
@@ -170,21 +154,20 @@ impl WorkerContext {
         Some(class)
     }
 
-    /// Sends `ask`'s call from the root context; what failed to send is decided at once.
-    fn send(&self, g: &GlobalHost, ask: Ask, now_ms: u64) -> Outcome {
-        let (Some(c), Ok(mut gate)) = (&self.config.global, g.gate.try_borrow_mut()) else { return Outcome::default() };
-        let entries = gate.entries(ask.key);
-        let with_unit = c.descriptors.contains(&DescriptorEntry::Unit);
+    /// Sends `ask`'s call from the root context; one that cannot be sent fails on the next tick.
+    fn send(&self, g: &GlobalHost, ask: Ask) {
+        let (Some(c), Ok(mut gate)) = (&self.config.global, g.gate.try_borrow_mut()) else { return };
+        let name = gate.name(ask.key);
         let descriptors: Vec<Descriptor> = [(REQUESTS, "requests"), (TOKENS, "tokens")]
             .into_iter()
             .filter(|&(u, _)| ask.hits[u] > 0)
             .map(|(u, unit)| {
-                let mut entries = entries.to_vec();
-                if with_unit {
-                    // In the configured place of `unit` among the entries.
-                    let at = c.descriptors.iter().position(|e| *e == DescriptorEntry::Unit).unwrap_or(entries.len());
-                    entries.insert(at.min(entries.len()), ("unit".into(), unit.into()));
-                }
+                let mut values = name.split('\n');
+                let entries = c
+                    .descriptors
+                    .iter()
+                    .map(|e| (e.name(), if *e == DescriptorEntry::Unit { unit } else { values.next().unwrap_or("") }))
+                    .collect();
                 Descriptor { entries, hits: Some(ask.hits[u]) }
             })
             .collect();
@@ -195,17 +178,10 @@ impl WorkerContext {
         }
         let timeout = c.gate.timeout_ms.min(u64::from(u32::MAX)) as u32;
         match abi::grpc_call(&g.service, SERVICE, METHOD, &message, timeout) {
-            Ok(token) => {
-                gate.sent(ask.key, token);
-                Outcome::default()
-            }
+            Ok(token) => gate.sent(ask.key, token),
             Err(s) => {
-                log::warn!(
-                    "llm-ratelimit: {}: cannot call the rate limit service {}: status {s}",
-                    self.name(),
-                    c.cluster
-                );
-                gate.not_sent(ask.key, now_ms)
+                log::warn!("llm-ratelimit: cannot call the rate limit service {}: status {s}", c.cluster);
+                gate.not_sent(ask.key);
             }
         }
     }
@@ -220,7 +196,7 @@ impl WorkerContext {
             match proto::decode_response(&message) {
                 Ok(r) => gate.answered(token, &r, now_ms),
                 Err(e) => {
-                    log::warn!("llm-ratelimit: {}: unreadable rate limit service answer: {e}", self.name());
+                    log::warn!("llm-ratelimit: unreadable rate limit service answer: {e}");
                     gate.failed(token, now_ms)
                 }
             }
@@ -229,10 +205,9 @@ impl WorkerContext {
     }
 
     /// Call `token` ended without an answer (gRPC `status`: unavailable, deadline exceeded, ...).
-    pub fn global_closed(&self, token: u32, status: u32) {
+    pub fn global_closed(&self, token: u32, _status: u32) {
         let Some(g) = &self.global else { return };
         let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
-        log::debug!("llm-ratelimit: {}: rate limit service call {token} failed: gRPC status {status}", self.name());
         let outcome = match g.gate.try_borrow_mut() {
             Ok(mut gate) => gate.failed(token, now_ms),
             Err(_) => return,
@@ -263,30 +238,25 @@ impl WorkerContext {
 
     /// Resumes, refuses, and sends what the gate decided. Nothing is borrowed meanwhile: a resume
     /// runs the request's callbacks synchronously.
-    fn carry_global(&self, mut outcome: Outcome) {
+    fn carry_global(&self, outcome: Outcome) {
         let Some(g) = &self.global else { return };
-        let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
-        while !outcome.pass.is_empty() || !outcome.refuse.is_empty() || !outcome.asks.is_empty() {
-            let done = |id: &u32| g.waiting.try_borrow_mut().ok().and_then(|mut w| w.remove(id));
-            for id in std::mem::take(&mut outcome.pass) {
-                if let Some(class) = done(&id) {
-                    self.metrics.of(class).admitted.inc();
-                    if let Err(s) = abi::resume_request(id) {
-                        log::debug!("llm-ratelimit: #{id} cannot resume the request: status {s}");
-                    }
+        let done = |id: &u32| g.waiting.try_borrow_mut().ok().and_then(|mut w| w.remove(id));
+        for id in outcome.pass {
+            if let Some(class) = done(&id) {
+                self.metrics.of(class).admitted.inc();
+                if let Err(s) = abi::resume_request(id) {
+                    log::debug!("llm-ratelimit: #{id} cannot resume the request: status {s}");
                 }
             }
-            for (id, wait_ms, unavailable) in std::mem::take(&mut outcome.refuse) {
-                if let Some(class) = done(&id) {
-                    self.metrics.global.rejected.inc();
-                    self.refuse_waiter(&refusal(id, class, wait_ms, unavailable));
-                }
+        }
+        for (id, wait_ms, unavailable) in outcome.refuse {
+            if let Some(class) = done(&id) {
+                self.metrics.global.rejected.inc();
+                self.refuse_waiter(&refusal(id, class, wait_ms, unavailable));
             }
-            for ask in std::mem::take(&mut outcome.asks) {
-                let more = self.send(g, ask, now_ms);
-                outcome.pass.extend(more.pass);
-                outcome.refuse.extend(more.refuse);
-            }
+        }
+        for ask in outcome.asks {
+            self.send(g, ask);
         }
     }
 }
