@@ -63,6 +63,7 @@ def envoy_bin():
 
 
 ALERTMANAGER_PORT = None  # set by --monitoring
+RLS_PORT = None  # set by act 4
 
 
 def render_config(filter_json, port, admin, upstream):
@@ -81,6 +82,7 @@ def render_config(filter_json, port, admin, upstream):
                         .replace("port_value: 9901", f"port_value: {admin}")
                         .replace("port_value: 9000", f"port_value: {upstream}")
                         .replace("port_value: 9093", f"port_value: {ALERTMANAGER_PORT or 9093}")
+                        .replace("port_value: 8081", f"port_value: {RLS_PORT or 8081}")
                         .replace("target/wasm32-wasip1/release/llm_ratelimit.wasm", str(WASM)))
         out.append(line)
     return "\n".join(out)
@@ -97,11 +99,12 @@ def start_mock(procs):
     return int(banner.rsplit(":", 1)[1])
 
 
-def start_envoy(procs, tmp, upstream, filter_config=None):
+def start_envoy(procs, tmp, upstream, filter_config=None, tag=""):
     """Envoy with the rendered config; returns (listener port, admin port, log path)."""
     filter_config = filter_config or FILTER
     port, admin = free_port(), free_port()
-    cfg, log = tmp / f"envoy-{filter_config['name']}.yaml", tmp / f"envoy-{filter_config['name']}.log"
+    name = filter_config["name"] + tag
+    cfg, log = tmp / f"envoy-{name}.yaml", tmp / f"envoy-{name}.log"
     cfg.write_text(render_config(json.dumps(filter_config), port, admin, upstream))
     p = subprocess.Popen(
         [envoy_bin(), "-c", str(cfg), "--concurrency", "2", "--disable-hot-restart",
@@ -458,6 +461,96 @@ def token_limits(procs, tmp, mock):
     return failed
 
 
+# ---- Act 4: two Envoys, one limit --------------------------------------------------------
+
+SHARED_LIMIT = 10  # requests per second, for both Envoys together
+SHARED_FILTER = {
+    "name": "shared",
+    # Each Envoy's own bucket alone would let 10/s through: 20/s for the two.
+    "bucket": {"capacity": 10, "refill_rate": 10, "burst_allowance": 0},
+    "queue": {"enabled": False},
+    "global": {"cluster": "ratelimit", "timeout_ms": 100},
+}
+ACT4_S, ACT4_RATE = 6, 25  # seconds; requests per second offered to each Envoy
+
+
+def start_rls(procs, tmp):
+    """redis-server and our rate limit service (rls/) on free ports; returns the gRPC port."""
+    rls = ROOT / "target/release/llm-ratelimit-rls"
+    if not shutil.which("redis-server") or not rls.is_file():
+        return None
+    redis = free_port()
+    procs.append(subprocess.Popen(["redis-server", "--port", str(redis), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL))
+    limits = tmp / "limits.yaml"
+    limits.write_text("domain: llm-ratelimit\ndescriptors:\n  - key: provider\n    value: shared\n"
+                      "    descriptors:\n      - key: unit\n        value: requests\n"
+                      f"        rate_limit: {{unit: second, requests_per_unit: {SHARED_LIMIT}}}\n")
+    for _ in range(50):
+        try:
+            socket.create_connection(("127.0.0.1", redis), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    p = subprocess.Popen([str(rls), "--config", str(limits), "--redis", f"redis://127.0.0.1:{redis}",
+                          "--grpc-host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1",
+                          "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    procs.append(p)
+    banner = p.stdout.readline().split()  # listening on grpc HOST:PORT http HOST:PORT
+    return int(banner[3].rsplit(":", 1)[1])
+
+
+def shared_limit(procs, tmp, mock):
+    """Two Envoys in front of one provider, each with its own bucket, held to one limit by the
+    rate limit service: the provider sees the limit, not twice it."""
+    global RLS_PORT
+    RLS_PORT = start_rls(procs, tmp)
+    if RLS_PORT is None:
+        print("\n==> act 4 skipped: redis-server or target/release/llm-ratelimit-rls missing (make build)")
+        return []
+    http_post(mock, "/mock/config", {"quota": 0, "token_quota": 0, "latency_ms": 50})
+    http_post(mock, "/mock/reset", {})
+    envoys = [start_envoy(procs, tmp, mock, SHARED_FILTER, tag) for tag in ("-a", "-b")]
+    print(f"\n==> act 4: two Envoys, each with its own bucket of {SHARED_FILTER['bucket']['refill_rate']}/s, "
+          f"asking one rate limit service (rls/, Redis sliding window) that allows {SHARED_LIMIT}/s for both; "
+          f"{ACT4_RATE}/s sent to each for {ACT4_S} s")
+    print(f"    {json.dumps(SHARED_FILTER)}")
+    results = {0: [], 1: []}
+    lock, threads, start = threading.Lock(), [], time.monotonic()
+
+    def one(i, port):
+        r = llm_call(port, INTERACTIVE)
+        with lock:
+            results[i].append(r)
+
+    for n in range(ACT4_RATE * ACT4_S):
+        for i, (port, _, _) in enumerate(envoys):
+            time.sleep(max(0.0, n / ACT4_RATE - (time.monotonic() - start)))
+            th = threading.Thread(target=one, args=(i, port), daemon=True)
+            th.start()
+            threads.append(th)
+    for th in threads:
+        th.join(REQUEST_TIMEOUT_S + 2)
+    elapsed = time.monotonic() - start
+    for i, rs in results.items():
+        reasons = {}
+        for r in rs:
+            if r["status"] == 429:
+                reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        print(f"   Envoy {'ab'[i]}: sent {len(rs)}, {sum(r['status'] == 200 for r in rs)} admitted, refused: "
+              f"{', '.join(f'{n} {k}' for k, n in sorted(reasons.items())) or 'none'}")
+    received = json.loads(http_get(mock, "/mock/stats"))["requests"]
+    most = SHARED_LIMIT * (int(elapsed) + 1)
+    print(f"   the provider received {received} in {elapsed:.1f} s: at most {most} allowed "
+          f"({SHARED_LIMIT}/s in every 1 s window); each Envoy's bucket alone would have let "
+          f"~{2 * SHARED_FILTER['bucket']['refill_rate'] * elapsed + 20:.0f} through")
+    failed = [r for rs in results.values() for r in rs if r["status"] not in (200, 429)]
+    if not failed and received > most * 1.02:
+        print(f"FAILED: the provider received {received}, more than the shared limit allows ({most})")
+        failed = [{"status": None}]
+    return failed
+
+
 # ---- Monitoring: Prometheus and Alertmanager, natively ------------------------------------
 
 def start_monitoring(procs, tmp):
@@ -571,6 +664,10 @@ def main():
             failed = token_limits(procs, Path(tmp), mock)
             if failed:
                 print(f"\nFAILED: {len(failed)} requests in act 3 got neither a 200 nor a 429")
+                return 1
+            failed = shared_limit(procs, Path(tmp), mock)
+            if failed:
+                print(f"\nFAILED: {len(failed)} requests in act 4 got neither a 200 nor a 429")
                 return 1
             # Last, on the first Envoy, whose act-2 hold has long ended.
             if monitoring and not show_alert(port, am, prom):
