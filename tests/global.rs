@@ -141,7 +141,7 @@ fn two_envoys_share_one_limit_and_the_provider_sees_the_sum_held() {
             .iter()
             .map(|p| e.stat("shared", &format!("priority.{p}.admitted")))
             .sum();
-        assert!(calls > 0 && e.stat("shared", "global.failures") == 0, "{calls} calls, no failure");
+        assert!(calls > 0 && e.stat("shared", "global.errors") == 0, "{calls} calls, no failure");
         assert!(admitted > 0, "each instance admitted some");
     }
 }
@@ -159,7 +159,7 @@ fn leases_spare_the_round_trip_below_the_limit() {
     let calls = e.stat("shared", "global.calls");
     println!("{ok} requests, {calls} calls to the service");
     assert!(calls * 4 <= ok as u64, "leases: {calls} calls for {ok} requests");
-    assert!(e.stat("shared", "global.leased") > 0);
+    assert!(e.stat("shared", "global.lease_units") > 0);
 }
 
 #[test]
@@ -172,8 +172,8 @@ fn an_unreachable_service_falls_back_by_failure_mode() {
     for _ in 0..5 {
         assert_eq!(chat(&e.url("/v1/chat/completions"), &[]).unwrap().status, 200, "local: own buckets decide");
     }
-    assert!(e.stat("shared", "global.failures") >= 1);
-    assert!(e.stat("shared", "global.failed_open") >= 1);
+    assert!(e.stat("shared", "global.errors") >= 1);
+    assert!(e.stat("shared", "global.fallback") >= 1);
     drop(e);
     let deny = SHARED.replace(r#""timeout_ms":200"#, r#""timeout_ms":100,"failure_mode":"deny""#);
     let e = envoy(&deny, &mock, dead);

@@ -130,7 +130,7 @@ impl Sim {
             for (k, (w, hits, fails)) in due {
                 self.calls.remove(&k);
                 let o = if fails {
-                    self.gates[w].failed(k.1, self.now)
+                    self.gates[w].failed(k.1, false, self.now)
                 } else {
                     let r = self.service.call(hits, self.now);
                     self.over_said |= r.overall == Code::OverLimit;
@@ -197,7 +197,7 @@ fn run(workers: usize, limit: u64, max_lease: u64, seed: u64, events: &[Event]) 
     sim.advance(sim.now + 5000);
     assert!(sim.waiting.is_empty(), "every request ends: {:?} still wait", sim.waiting);
     for gate in &mut sim.gates {
-        failed_open += gate.take_counts().failed_open;
+        failed_open += gate.take_counts().fallback;
     }
     // Requests let through by the failure mode are not the service's to count.
     let bound = limit + workers as u64 * max_lease;

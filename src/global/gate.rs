@@ -90,9 +90,14 @@ pub struct Outcome {
 pub struct Counts {
     pub calls: u64,
     pub over_limit: u64,
-    pub failures: u64,
+    /// Calls that failed with an error (status, unreadable answer, not sent), and calls with no
+    /// answer in `timeout_ms`.
+    pub errors: u64,
+    pub timeouts: u64,
     /// Requests let through without the service's word (`local` / `allow` after a failure).
-    pub failed_open: u64,
+    pub fallback: u64,
+    /// Milliseconds from each answered call to its answer.
+    pub latency_ms: Vec<u64>,
     /// Units leased ahead of need, and leased units dropped unspent.
     pub leased: Units,
     pub expired: Units,
@@ -189,7 +194,13 @@ impl Key {
                 need[u] = need[u].saturating_add(w.hits[u]);
             }
         }
-        let need = [0, 1].map(|u| need[u].saturating_sub(self.left[u]));
+        // Never more than the service last said remain (but the first waiter's need): a call for
+        // more than the limit itself would be refused forever.
+        let head = self.waiters[0].hits;
+        let need = [0, 1].map(|u| {
+            let need = need[u].saturating_sub(self.left[u]);
+            self.remaining[u].map_or(need, |r| need.min(r.max(head[u])))
+        });
         if self.blocked_until(need, now_ms).is_some() {
             return None; // the tick asks at the reset
         }
@@ -297,12 +308,12 @@ impl Gate {
     /// Request `id`, admitted by the local buckets, needs `hits` and may wait `may_wait_ms`.
     pub fn arrive(&mut self, name: &str, id: u32, hits: Units, may_wait_ms: u64, now_ms: u64) -> Verdict {
         if now_ms < self.skip_until_ms {
-            self.counts.failed_open += 1;
+            self.counts.fallback += 1;
             return Verdict::Pass;
         }
         let Some(i) = self.key(name, now_ms) else {
             // Every key busy: this one is not tracked; its own buckets decide.
-            self.counts.failed_open += 1;
+            self.counts.fallback += 1;
             return Verdict::Pass;
         };
         let k = &mut self.keys[i];
@@ -353,12 +364,13 @@ impl Gate {
         let mut out = Outcome::default();
         let k = &mut self.keys[i];
         let Some(call) = k.call.take() else { return out };
+        self.counts.latency_ms.push(now_ms.saturating_sub(call.sent_ms));
         // Statuses come in the order of the descriptors sent: one per unit asked.
         let asked: Vec<usize> = [REQUESTS, TOKENS].into_iter().filter(|&u| call.hits[u] > 0).collect();
         let said = |n: usize| r.statuses.get(n).copied();
         if r.overall == Code::Unknown && r.statuses.iter().all(|s| s.code == Code::Unknown) {
             k.call = Some(call);
-            return self.fail(i, now_ms);
+            return self.fail(i, now_ms, false);
         }
         let need = need(k);
         let mut over = false;
@@ -372,7 +384,8 @@ impl Gate {
                 continue;
             }
             over = true;
-            let fits_exact = k.remaining[u].is_none_or(|rem| rem >= need[u]);
+            let head = k.waiters.first().map_or(0, |w| w.hits[u]);
+            let fits_exact = k.remaining[u].is_none_or(|rem| rem >= head);
             if !call.exact && fits_exact {
                 k.exact = true; // asked ahead and refused: ask again for need alone
             } else {
@@ -392,9 +405,10 @@ impl Gate {
     }
 
     /// Call `token` failed (error status, timeout, or could not be sent).
-    pub fn failed(&mut self, token: u32, now_ms: u64) -> Outcome {
+    /// Call `token` failed; `timeout`: it was not answered in time.
+    pub fn failed(&mut self, token: u32, timeout: bool, now_ms: u64) -> Outcome {
         match self.keys.iter().position(|k| k.call.as_ref().is_some_and(|c| c.token == token)) {
-            Some(i) => self.fail(i, now_ms),
+            Some(i) => self.fail(i, now_ms, timeout),
             None => Outcome::default(),
         }
     }
@@ -407,16 +421,20 @@ impl Gate {
         }
     }
 
-    fn fail(&mut self, i: usize, now_ms: u64) -> Outcome {
+    fn fail(&mut self, i: usize, now_ms: u64, timeout: bool) -> Outcome {
         let mut out = Outcome::default();
-        self.counts.failures += 1;
+        if timeout {
+            self.counts.timeouts += 1;
+        } else {
+            self.counts.errors += 1;
+        }
         let k = &mut self.keys[i];
         k.call = None;
         let waiters = std::mem::take(&mut k.waiters);
         match self.rules.failure_mode {
             FailureMode::Deny => out.refuse.extend(waiters.iter().map(|w| (w.id, RETRY_MS, true))),
             mode => {
-                self.counts.failed_open += waiters.len() as u64;
+                self.counts.fallback += waiters.len() as u64;
                 out.pass.extend(waiters.iter().map(|w| w.id));
                 if mode == FailureMode::Local {
                     self.skip_until_ms = now_ms.saturating_add(RETRY_MS);
@@ -434,7 +452,7 @@ impl Gate {
         for i in 0..self.keys.len() {
             let k = &self.keys[i];
             if k.call.as_ref().is_some_and(|c| now_ms.saturating_sub(c.sent_ms) > late) {
-                let o = self.fail(i, now_ms);
+                let o = self.fail(i, now_ms, true);
                 out.pass.extend(o.pass);
                 out.refuse.extend(o.refuse);
             }
@@ -640,7 +658,7 @@ mod tests {
             let a = asked(g.arrive(key(), 1, [1, 0], 1000, 0));
             g.sent(a.key, 1);
             g.arrive(key(), 2, [1, 0], 1000, 0);
-            let o = g.failed(1, 40);
+            let o = g.failed(1, false, 40);
             if passed {
                 assert_eq!(o.pass, vec![1, 2], "{mode:?}");
             } else {

@@ -197,7 +197,7 @@ impl WorkerContext {
                 Ok(r) => gate.answered(token, &r, now_ms),
                 Err(e) => {
                     log::warn!("llm-ratelimit: unreadable rate limit service answer: {e}");
-                    gate.failed(token, now_ms)
+                    gate.failed(token, false, now_ms)
                 }
             }
         };
@@ -205,11 +205,12 @@ impl WorkerContext {
     }
 
     /// Call `token` ended without an answer (gRPC `status`: unavailable, deadline exceeded, ...).
-    pub fn global_closed(&self, token: u32, _status: u32) {
+    pub fn global_closed(&self, token: u32, status: u32) {
         let Some(g) = &self.global else { return };
         let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
         let outcome = match g.gate.try_borrow_mut() {
-            Ok(mut gate) => gate.failed(token, now_ms),
+            // gRPC DEADLINE_EXCEEDED: no answer within timeout_ms.
+            Ok(mut gate) => gate.failed(token, status == 4, now_ms),
             Err(_) => return,
         };
         self.carry_global(outcome);
@@ -227,12 +228,16 @@ impl WorkerContext {
         let m = &self.metrics.global;
         m.calls.add(counts.calls);
         m.over_limit.add(counts.over_limit);
-        m.failures.add(counts.failures);
-        m.failed_open.add(counts.failed_open);
-        m.leased.add(counts.leased[REQUESTS]);
-        m.leased_tokens.add(counts.leased[TOKENS]);
+        m.errors.add(counts.errors);
+        m.timeouts.add(counts.timeouts);
+        m.fallback.add(counts.fallback);
+        m.lease_units.add(counts.leased[REQUESTS]);
+        m.lease_tokens.add(counts.leased[TOKENS]);
         m.expired.add(counts.expired[REQUESTS]);
         m.expired_tokens.add(counts.expired[TOKENS]);
+        for ms in counts.latency_ms {
+            m.latency_ms.record(ms);
+        }
         self.carry_global(outcome);
     }
 

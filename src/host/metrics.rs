@@ -41,6 +41,12 @@ pub fn flush() {
 pub struct Id(Option<u32>);
 
 impl Id {
+    /// `<base>.<stat>`; one out-of-line call per stat keeps `Metrics::define` small.
+    #[inline(never)]
+    fn named(kind: Metric, base: &str, stat: &str) -> Id {
+        Id::define(kind, &format!("{base}.{stat}"))
+    }
+
     fn define(kind: Metric, name: &str) -> Id {
         match abi::define_metric(kind, name) {
             Ok(id) => Id(Some(id)),
@@ -55,7 +61,9 @@ impl Id {
         self.add(1);
     }
 
-    /// Adds `n` to a counter, written on the next tick.
+    /// Adds `n` to a counter, written on the next tick. Out of line: it is called from dozens of
+    /// places.
+    #[inline(never)]
     pub fn add(self, n: u64) {
         let (Some(id), true) = (self.0, n > 0) else { return };
         with_pending(&mut |p| match p.iter_mut().find(|(i, _)| *i == id) {
@@ -65,6 +73,7 @@ impl Id {
     }
 
     /// Sets a gauge or records a histogram sample.
+    #[inline(never)]
     pub fn record(self, value: u64) {
         if let Some(id) = self.0 {
             if let Err(s) = abi::record_metric(id, value) {
@@ -178,18 +187,22 @@ pub struct GlobalStats {
     pub calls: Id,
     /// Answers that said over limit for a unit.
     pub over_limit: Id,
-    /// Calls that failed: error status, timeout, an answer that could not be read.
-    pub failures: Id,
+    /// Calls that failed (error status, unreadable answer, not sent), and calls not answered in
+    /// `timeout_ms`.
+    pub errors: Id,
+    pub timeouts: Id,
     /// Requests let through without the service's word after a failure (`local`, `allow`).
-    pub failed_open: Id,
+    pub fallback: Id,
     /// Requests that waited for a call or a reset, and requests refused by the gate.
     pub waited: Id,
     pub rejected: Id,
     /// Units leased ahead of need, and leased units dropped unspent (requests, LLM tokens).
-    pub leased: Id,
-    pub leased_tokens: Id,
+    pub lease_units: Id,
+    pub lease_tokens: Id,
     pub expired: Id,
     pub expired_tokens: Id,
+    /// Milliseconds from a call to its answer (histogram).
+    pub latency_ms: Id,
 }
 
 pub struct Metrics {
@@ -213,7 +226,8 @@ impl Metrics {
     pub fn define(name: &str) -> Metrics {
         let base = format!("llm_ratelimit.provider.{name}");
         let class = Priority::ALL.map(|p| {
-            let at = |kind, stat: &str| Id::define(kind, &format!("{base}.priority.{}.{stat}", p.stat_name()));
+            let class = format!("{base}.priority.{}", p.stat_name());
+            let at = |kind, stat: &str| Id::named(kind, &class, stat);
             ClassStats {
                 admitted: at(Metric::Counter, "admitted"),
                 rejected: at(Metric::Counter, "rejected"),
@@ -229,7 +243,7 @@ impl Metrics {
                 retry_exhausted: at(Metric::Counter, "retry.exhausted"),
             }
         });
-        let at = |kind, stat: &str| Id::define(kind, &format!("{base}.{stat}"));
+        let at = |kind, stat: &str| Id::named(kind, &base, stat);
         let provider = ProviderStats {
             upstream_429: at(Metric::Counter, "upstream_429"),
             breaker_trips: at(Metric::Counter, "breaker.trips"),
@@ -271,14 +285,16 @@ impl Metrics {
         let global = GlobalStats {
             calls: at(Metric::Counter, "global.calls"),
             over_limit: at(Metric::Counter, "global.over_limit"),
-            failures: at(Metric::Counter, "global.failures"),
-            failed_open: at(Metric::Counter, "global.failed_open"),
+            errors: at(Metric::Counter, "global.errors"),
+            timeouts: at(Metric::Counter, "global.timeouts"),
+            fallback: at(Metric::Counter, "global.fallback"),
             waited: at(Metric::Counter, "global.waited"),
             rejected: at(Metric::Counter, "global.rejected"),
-            leased: at(Metric::Counter, "global.leased"),
-            leased_tokens: at(Metric::Counter, "global.leased_tokens"),
+            lease_units: at(Metric::Counter, "global.lease_units"),
+            lease_tokens: at(Metric::Counter, "global.lease_tokens"),
             expired: at(Metric::Counter, "global.expired"),
             expired_tokens: at(Metric::Counter, "global.expired_tokens"),
+            latency_ms: at(Metric::Histogram, "global.latency_ms"),
         };
         Metrics {
             class,
@@ -286,11 +302,11 @@ impl Metrics {
             provider,
             tenants,
             tokens,
-            bucket_tokens: Id::define(Metric::Gauge, &format!("{base}.bucket.tokens")),
-            leases: Id::define(Metric::Counter, &format!("{base}.bucket.leases")),
-            leased: Id::define(Metric::Counter, &format!("{base}.bucket.leased")),
-            cas_conflicts: Id::define(Metric::Counter, &format!("{base}.shared.cas_conflicts")),
-            errors: Id::define(Metric::Counter, &format!("{base}.errors")),
+            bucket_tokens: at(Metric::Gauge, "bucket.tokens"),
+            leases: at(Metric::Counter, "bucket.leases"),
+            leased: at(Metric::Counter, "bucket.leased"),
+            cas_conflicts: at(Metric::Counter, "shared.cas_conflicts"),
+            errors: at(Metric::Counter, "errors"),
         }
     }
 
