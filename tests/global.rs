@@ -43,6 +43,11 @@ fn redis() -> (Killed, u16) {
 
 /// Our rate limit service with `limits` (envoyproxy/ratelimit's YAML), on free ports.
 fn rls(redis_port: u16, limits: &str, dir: &TempDir) -> (Killed, u16) {
+    rls_on(redis_port, limits, dir, 0)
+}
+
+/// The same on gRPC port `grpc` (0: a free one).
+fn rls_on(redis_port: u16, limits: &str, dir: &TempDir, grpc: u16) -> (Killed, u16) {
     let file = dir.0.join("limits.yaml");
     std::fs::write(&file, limits).unwrap();
     let bin = root().join("target/release/llm-ratelimit-rls");
@@ -50,7 +55,8 @@ fn rls(redis_port: u16, limits: &str, dir: &TempDir) -> (Killed, u16) {
         .arg("--config")
         .arg(&file)
         .args(["--redis", &format!("redis://127.0.0.1:{redis_port}")])
-        .args(["--grpc-host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1", "--http-port", "0"])
+        .args(["--grpc-host", "127.0.0.1", "--grpc-port", &grpc.to_string(), "--http-host", "127.0.0.1"])
+        .args(["--http-port", "0"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{}: {e} (make build builds it)", bin.display()));
@@ -175,6 +181,14 @@ fn an_unreachable_service_falls_back_by_failure_mode() {
     assert!(e.stat("shared", "global.errors") >= 1);
     assert!(e.stat("shared", "global.fallback") >= 1);
     drop(e);
+    let allow = SHARED.replace(r#""timeout_ms":200"#, r#""timeout_ms":100,"failure_mode":"allow""#);
+    let e = envoy(&allow, &mock, dead);
+    for _ in 0..3 {
+        assert_eq!(chat(&e.url("/v1/chat/completions"), &[]).unwrap().status, 200, "allow: let through");
+    }
+    // Unlike local, allow asks again on every request that needs a call.
+    assert!(e.stat("shared", "global.errors") + e.stat("shared", "global.timeouts") >= 3);
+    drop(e);
     let deny = SHARED.replace(r#""timeout_ms":200"#, r#""timeout_ms":100,"failure_mode":"deny""#);
     let e = envoy(&deny, &mock, dead);
     let start = Instant::now();
@@ -210,4 +224,147 @@ fn waiters_wait_for_the_global_reset_and_the_rest_get_its_retry_after() {
     }
     assert!(e.stat("shared", "global.calls") <= calls + 1, "over limit is cached until the reset");
     assert_eq!(mock.received(), 3);
+}
+
+/// `rate` requests per second in all, spread over `threads` paced clients per URL, for `run`:
+/// (admitted, refused, anything else).
+fn paced(urls: &[String], threads_each: usize, rate: f64, run: Duration) -> (usize, usize, Vec<String>) {
+    let clients = urls.len() * threads_each;
+    let every = Duration::from_secs_f64(clients as f64 / rate);
+    let start = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|i| {
+            let url = urls[i % urls.len()].clone();
+            let offset = every.mul_f64(i as f64 / clients as f64);
+            std::thread::spawn(move || {
+                let (mut ok, mut limited, mut other) = (0, 0, Vec::new());
+                let mut next = start + offset;
+                while next < start + run {
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                    next += every;
+                    match chat(&url, &[]) {
+                        Ok(r) if r.status == 200 => ok += 1,
+                        Ok(r) if r.status == 429 => limited += 1,
+                        Ok(r) => other.push(format!("{} {}", r.status, r.body)),
+                        Err(e) => other.push(e),
+                    }
+                }
+                (ok, limited, other)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).fold((0, 0, Vec::new()), |(a, b, mut c), (x, y, z)| {
+        c.extend(z);
+        (a + x, b + y, c)
+    })
+}
+
+#[test]
+fn the_shared_limit_holds_within_two_percent_at_several_offered_rates() {
+    let dir = TempDir::new();
+    let (_redis, redis_port) = redis();
+    let (_rls, rls_port) = rls(redis_port, LIMITS, &dir);
+    for offered in [80.0, 200.0] {
+        let mock = Mock::start(&[]);
+        let a = envoy(SHARED, &mock, rls_port);
+        let b = envoy(SHARED, &mock, rls_port);
+        // Ten windows of the service's 1 s: each admits at most 40.
+        let urls = [a.url("/v1/chat/completions"), b.url("/v1/chat/completions")];
+        let (ok, limited, other) = paced(&urls, 4, offered, Duration::from_millis(9_900));
+        assert!(other.is_empty(), "{other:?}");
+        let limit = 10 * 40;
+        println!("offered {offered}/s for 9.9 s: admitted {ok} (limit {limit}), refused {limited}");
+        assert_eq!(mock.received() as usize, ok);
+        assert!(ok <= limit + limit / 50, "offered {offered}/s: {ok} admitted > limit {limit} + 2%");
+        assert!(ok >= limit - limit / 50, "offered {offered}/s: {ok} admitted < limit {limit} - 2%");
+        // The next rate starts on a fresh window.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+}
+
+#[test]
+fn priorities_still_decide_who_waits_for_the_shared_limit() {
+    let dir = TempDir::new();
+    let (_redis, redis_port) = redis();
+    let (_rls, rls_port) = rls(redis_port, &LIMITS.replace("requests_per_unit: 40", "requests_per_unit: 10"), &dir);
+    let mock = Mock::start(&[]);
+    // HIGH may wait 5 s for the service's reset, LOW 100 ms.
+    let config = r#"{"name":"shared","bucket":{"capacity":100000,"refill_rate":100000},
+        "classify":{"trust_header":true},"priorities":{"LOW":{"max_wait_ms":100}},
+        "global":{"cluster":"ratelimit","timeout_ms":200}}"#;
+    let e = envoy(config, &mock, rls_port);
+    let url = e.url("/v1/chat/completions");
+    let send = |class: &'static str| {
+        let url = url.clone();
+        std::thread::spawn(move || timed_chat(Duration::from_secs(10), &url, &[("x-llm-priority", class)]))
+    };
+    // 20 LOW then 10 HIGH at once, against 10 per second.
+    let low: Vec<_> = (0..20).map(|_| send("LOW")).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let high: Vec<_> = (0..10).map(|_| send("HIGH")).collect();
+    let status =
+        |h: Vec<std::thread::JoinHandle<Timed>>| h.into_iter().map(|h| h.join().unwrap().status()).collect::<Vec<_>>();
+    let (low, high) = (status(low), status(high));
+    let ok = |v: &[u16]| v.iter().filter(|&&s| s == 200).count();
+    println!("LOW {low:?}\nHIGH {high:?}");
+    assert_eq!(ok(&high), 10, "every HIGH request waited for the reset and got through");
+    assert!(ok(&low) <= 10, "LOW took at most the first window");
+    assert!(low.iter().all(|&s| s == 200 || s == 429), "{low:?}");
+}
+
+#[test]
+fn the_service_dying_mid_run_falls_back_and_the_limit_returns_with_it() {
+    let dir = TempDir::new();
+    let (_redis, redis_port) = redis();
+    let grpc = free_port();
+    let (service, rls_port) = rls_on(redis_port, LIMITS, &dir, grpc);
+    assert_eq!(rls_port, grpc);
+    let mock = Mock::start(&[]);
+    let e = envoy(&SHARED.replace(r#""timeout_ms":200"#, r#""timeout_ms":100"#), &mock, rls_port);
+    let urls = [e.url("/v1/chat/completions")];
+    // Held to 40/s while the service runs.
+    let (ok, ..) = paced(&urls, 4, 100.0, Duration::from_millis(1900));
+    assert!(ok <= 2 * 40 + 2, "{ok}");
+    drop(service);
+    // What the service said last (over limit until its reset) still holds; then, dead: each request is answered within the timeout plus a tick, by this instance's own
+    // bucket (failure_mode local), counted as fallback.
+    std::thread::sleep(Duration::from_millis(1100));
+    let slowest = (0..30)
+        .map(|_| {
+            let t = timed_chat(Duration::from_secs(5), &urls[0], &[]);
+            assert_eq!(t.status(), 200, "failure_mode local lets it through");
+            t.done - t.sent
+        })
+        .max()
+        .unwrap();
+    assert!(slowest < 100 + 10 + 150, "no request held past timeout_ms and a tick: {slowest} ms");
+    assert!(e.stat("shared", "global.fallback") > 0);
+    assert!(e.stat("shared", "global.errors") + e.stat("shared", "global.timeouts") > 0);
+    // Back on the same port: the limit holds again (after at most the 1 s local mode skips it).
+    let (_service, _) = rls_on(redis_port, LIMITS, &dir, grpc);
+    std::thread::sleep(Duration::from_millis(1200));
+    let (ok, limited, other) = paced(&urls, 4, 100.0, Duration::from_millis(2900));
+    assert!(other.is_empty(), "{other:?}");
+    println!("after the restart: {ok} admitted, {limited} refused");
+    assert!(ok <= 3 * 40 + 3 && limited > 0, "the global limit is back: {ok} admitted, {limited} refused");
+}
+
+#[test]
+fn redis_dying_is_a_fast_error_and_the_gate_falls_back() {
+    let dir = TempDir::new();
+    let (redis_proc, redis_port) = redis();
+    let (_rls, rls_port) = rls(redis_port, LIMITS, &dir);
+    let mock = Mock::start(&[]);
+    let e = envoy(SHARED, &mock, rls_port);
+    let url = e.url("/v1/chat/completions");
+    assert_eq!(chat(&url, &[]).unwrap().status, 200);
+    drop(redis_proc);
+    // The service answers UNAVAILABLE at once: local fallback, no wait for the timeout.
+    for _ in 0..5 {
+        let t = timed_chat(Duration::from_secs(5), &url, &[]);
+        assert_eq!(t.status(), 200);
+        assert!(t.done - t.sent < 200 + 10 + 150, "{} ms", t.done - t.sent);
+    }
+    assert!(e.stat("shared", "global.errors") >= 1, "counted as an error");
+    assert!(e.stat("shared", "global.fallback") >= 1);
 }
