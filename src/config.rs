@@ -333,6 +333,15 @@ fn join(at: &str, key: &str) -> String {
     }
 }
 
+/// The index in `names` of string `v` at `at`.
+fn pick(at: &str, v: &Value, names: &[&str]) -> Result<usize, String> {
+    let Value::String(s) = v else { return Err(format!("{at}: invalid type: {}, expected a string", kind(v))) };
+    names
+        .iter()
+        .position(|n| n == s)
+        .ok_or_else(|| format!("{at}: unknown variant `{s}`, expected one of {}", one_of(names)))
+}
+
 /// `names` as serde lists what it expected: `a`, `b`, `c`.
 fn one_of(names: &[&str]) -> String {
     // A loop, not `join`: its generic copy costs the `.wasm` a kilobyte.
@@ -409,11 +418,7 @@ impl<'a> Fields<'a> {
     /// One of `names` (exactly as written), as serde names an unknown enum variant.
     fn variant<T: Copy>(&self, key: &str, names: &[&str], values: &[T]) -> Result<Option<T>, String> {
         let Some(v) = self.get(key) else { return Ok(None) };
-        let Value::String(s) = v else { return Err(self.invalid(key, v, "a string")) };
-        match names.iter().position(|n| n == s) {
-            Some(i) => Ok(Some(values[i])),
-            None => Err(format!("{}: unknown variant `{s}`, expected one of {}", join(&self.at, key), one_of(names))),
-        }
+        Ok(Some(values[pick(&join(&self.at, key), v, names)?]))
     }
 
     fn priority(&self, key: &str) -> Result<Option<Priority>, String> {
@@ -699,16 +704,7 @@ impl RawConfig {
                         .enumerate()
                         .map(|(i, v)| {
                             let at = format!("global.descriptors[{i}]");
-                            let Value::String(s) = v else {
-                                return Err(format!("{at}: invalid type: {}, expected a string", kind(v)));
-                            };
-                            let i = DescriptorEntry::NAMES.iter().position(|n| n == s).ok_or_else(|| {
-                                format!(
-                                    "{at}: unknown variant `{s}`, expected one of {}",
-                                    one_of(&DescriptorEntry::NAMES)
-                                )
-                            })?;
-                            Ok(DescriptorEntry::ALL[i])
+                            Ok(DescriptorEntry::ALL[pick(&at, v, &DescriptorEntry::NAMES)?])
                         })
                         .collect::<Result<Vec<_>, String>>()?,
                 ),

@@ -188,25 +188,27 @@ impl Key {
         if self.call.is_some() || self.waiters.is_empty() {
             return None;
         }
-        let mut need = [0u64; 2];
-        for w in &self.waiters {
-            for u in [REQUESTS, TOKENS] {
-                need[u] = need[u].saturating_add(w.hits[u]);
-            }
-        }
+        let mut need = need(self);
         // Never more than the service last said remain (but the first waiter's need): a call for
         // more than the limit itself would be refused forever.
         let head = self.waiters[0].hits;
-        let need = [0, 1].map(|u| {
-            let need = need[u].saturating_sub(self.left[u]);
-            self.remaining[u].map_or(need, |r| need.min(r.max(head[u])))
-        });
+        for u in [REQUESTS, TOKENS] {
+            need[u] = need[u].saturating_sub(self.left[u]);
+            if let Some(r) = self.remaining[u] {
+                need[u] = need[u].min(r.max(head[u]));
+            }
+        }
         if self.blocked_until(need, now_ms).is_some() {
             return None; // the tick asks at the reset
         }
         let ahead = if self.exact { [0, 0] } else { self.ahead(rules) };
         self.exact = false;
-        let hits = [0, 1].map(|u| if need[u] > 0 { need[u].saturating_add(ahead[u]) } else { 0 });
+        let mut hits = [0; 2];
+        for u in [REQUESTS, TOKENS] {
+            if need[u] > 0 {
+                hits[u] = need[u].saturating_add(ahead[u]);
+            }
+        }
         if hits == [0, 0] {
             return None;
         }
@@ -219,14 +221,15 @@ impl Key {
     /// by an eighth of the service's remaining.
     fn ahead(&self, rules: &GateRules) -> Units {
         let extra = rules.max_lease.saturating_sub(1);
-        let rate = [0, 1].map(|u| self.rate[u].max(self.spent[u]));
-        let per_lease = |rate: u64| rate.saturating_mul(rules.lease_ms) / 1000;
+        let rate = [self.rate[0].max(self.spent[0]), self.rate[1].max(self.spent[1])];
         let tokens_per_request = rate[TOKENS] / rate[REQUESTS].max(1);
         let cap = [extra, extra.saturating_mul(tokens_per_request)];
-        [0, 1].map(|u| {
+        let mut ahead = [0; 2];
+        for u in [REQUESTS, TOKENS] {
             let by_remaining = self.remaining[u].map_or(u64::MAX, |r| r / 8);
-            per_lease(rate[u]).min(cap[u]).min(by_remaining)
-        })
+            ahead[u] = (rate[u].saturating_mul(rules.lease_ms) / 1000).min(cap[u]).min(by_remaining);
+        }
+        ahead
     }
 
     /// Lets waiters through in arrival order while the lease covers them; refuses those who
