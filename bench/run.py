@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -330,11 +331,22 @@ def oha_bin():
 
 
 def wrk(url, seconds, post=False, threads=2, connections=32):
-    """Closed-loop maximum throughput: responses/s (any status), and the non-2xx count."""
-    out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "2s",
-         *(["-s", str(LUA)] if post else []), url], capture_output=True, text=True, timeout=seconds + 30,
-        cwd=ROOT).stdout
+    """Closed-loop maximum throughput: responses/s (any status), and the non-2xx count. wrk takes
+    whole seconds; a fractional `seconds` runs the next whole number and stops wrk (SIGINT, on
+    which it reports as usual) after `seconds`."""
+    whole = max(1, round(seconds)) if seconds == round(seconds) else math.ceil(seconds)
+    proc = subprocess.Popen(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{whole}s", "--timeout", "2s",
+         *(["-s", str(LUA)] if post else []), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd=ROOT)
+    try:
+        out, _ = proc.communicate(timeout=seconds if whole != seconds else whole + 30)
+    except subprocess.TimeoutExpired:
+        if whole != seconds:
+            proc.send_signal(signal.SIGINT)
+        else:
+            proc.kill()
+        out, _ = proc.communicate(timeout=30)
     total = re.search(r"(\d+) requests in ([\d.]+)(\w+)", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -649,7 +661,7 @@ descriptors:
         value: requests
         rate_limit: {{unit: second, requests_per_unit: {limit}}}
 """
-NAMES.update({"g": "(g) (c) + global, leases (max_lease 32)", "g1": "(g1) (c) + global, max_lease 1"})
+NAMES.update({"g": "(g) (c) + global, leases (max_lease 32)", "g1": "(g1) (c) + global, no lease (max_lease 1)"})
 PRIORITIES = ("critical", "high", "normal", "low")
 
 
@@ -793,8 +805,13 @@ def scenario_global(res):
         envoys = {}
 
         # 3: two instances, one binding limit, each driven at its maximum by its own wrk.
+        # The service's window slides: the first admission opens it, and the same hits fit again
+        # 1 to 1.01 s later. A run of W - 0.5 s (W = ceil(BENCH_ACC_SECONDS)) therefore spans W
+        # windows with half a second to spare, where W s would end just as window W + 1 opens.
         lim = GLOB["limit"]
-        windows = math.ceil(ACC_SECONDS)
+        windows = max(1, math.ceil(ACC_SECONDS))
+        run_s = windows - 0.5
+        res["global/acc_run_s"] = run_s
         pairs = {ml: [Envoy("c", "direct", GLOB["concurrency"], rls_port=rls.port,
                             filter_json=gjson("shared", HIGH, max_lease=ml)) for _ in range(GLOB["instances"])]
                  for ml in GLOB["leases"]}
@@ -820,7 +837,7 @@ def scenario_global(res):
                 out = [None] * len(pair)
 
                 def drive_one(i):
-                    out[i] = wrk(pair[i].url, ACC_SECONDS)
+                    out[i] = wrk(pair[i].url, run_s)
 
                 threads = [threading.Thread(target=drive_one, args=(i,)) for i in range(len(pair))]
                 sampler = threading.Thread(target=sample)
@@ -849,7 +866,8 @@ def scenario_global(res):
                        "peak_1s": peak, "bound_1s": lim + GLOB["instances"] * GLOB["concurrency"] * ml,
                        "calls": d.get("global.calls", 0), "filter_admitted": d.get("admitted", 0),
                        "fallback": d.get("global.fallback", 0), "timeouts": d.get("global.timeouts", 0),
-                       "errors": d.get("global.errors", 0), "over_limit": d.get("global.over_limit", 0)}
+                       "errors": d.get("global.errors", 0), "over_limit": d.get("global.over_limit", 0),
+                       "lease_units": d.get("global.lease_units", 0), "expired": d.get("global.expired", 0)}
                 res.setdefault(f"global/acc/{ml}", []).append(run)
                 log(f"global: two instances, max_lease {ml}: admitted {admitted} of {expected} "
                     f"({run['error']:+.1%}), most in 1 s {peak} (bound {run['bound_1s']}), "
@@ -1129,8 +1147,10 @@ def report(res, m, elapsed):
         w("The filter's `global` gate against our rate limit service (`target/release/llm-ratelimit-rls`, "
           "Envoy's RLS v3 over gRPC, HTTP/2 cluster `ratelimit`) with one `redis-server` (persistence off), all "
           "on loopback and on the same cores as Envoy and the load generator. Filter config: (c)'s plus "
-          f"`\"global\": {json.dumps(g, separators=(', ', ': '))}`; (g1) the same with `max_lease: 1`, so a "
-          "call per request. Limits file: provider `bench`, unit `requests`, "
+          f"`\"global\": {json.dumps(g, separators=(', ', ': '))}`; (g1) the same with `max_lease: 1`: no "
+          "lease ahead, so a request spends no unit it did not ask the service for (a worker still sends one "
+          "call at a time per key, for all the requests that arrived while the previous one was in flight). "
+          "Limits file: provider `bench`, unit `requests`, "
           f"{GLOB['never']:,}/s (never binds) for the admit path; provider `shared`, {GLOB['limit']}/s for "
           "the two-instance runs. The service counts in a sliding window of 1 s (100 slots, so at most 1% "
           "long).\n")
@@ -1183,24 +1203,29 @@ def report(res, m, elapsed):
               f"{tot.get('global.timeouts', 0):,} | {tot.get('global.fallback', 0):,} |")
         w("")
         if base and "g" in gf and "g1" in gf:
-            w(f"Throughput ÷ (c): leases (g) {gf['g'][0] / base[0]:.2f}, a call per request (g1) "
+            w(f"Throughput ÷ (c): leases (g) {gf['g'][0] / base[0]:.2f}, no lease (g1) "
               f"{gf['g1'][0] / base[0]:.2f}; p99 at {RATE} req/s: (g) {gf['g'][2] - base[2]:+.0f} µs, "
               f"(g1) {gf['g1'][2] - base[2]:+.0f} µs over (c).\n")
         if any(f"global/acc/{ml}" in res for ml in GLOB["leases"]):
             lim, inst, conc = GLOB["limit"], GLOB["instances"], GLOB["concurrency"]
             w(f"### Two instances, one limit\n")
+            run_s = res.get("global/acc_run_s", ACC_SECONDS)
+            nwin = math.ceil(run_s)
             w(f"{inst} Envoys (`--concurrency {conc}` each, local buckets unlimited) against the one service, "
               f"limit {lim}/s; each driven at its maximum by its own wrk (2 threads, 32 connections), both at "
-              f"once, for {ACC_SECONDS:g} s. Admitted: the sum of both Envoys' `downstream_rq_2xx` over the run; "
-              f"expected: limit × the {math.ceil(ACC_SECONDS)} windows of 1 s the run spans. Most in any 1 s: "
-              "the largest rise of that sum between two of its samples at most 1 s apart (sampled every "
-              "50 ms through the admin API, so a lower bound within a sample or two). Stated bound per window "
-              f"(README.md, Global limit): limit + instances × workers × max_lease = {lim} + {inst} × {conc} × "
-              "max_lease. Runs of the two max_lease settings interleaved, each after the window and every lease "
-              "ran out.\n")
+              f"once, for {run_s:g} s. The service's window slides (the same hits fit again 1 to 1.01 s after "
+              f"they were counted), so a run of {run_s:g} s spans {nwin} windows with half a second to spare "
+              f"(a run of {nwin} s would end just as window {nwin + 1} opens). Admitted: the sum of both "
+              f"Envoys' `downstream_rq_2xx` over the run; expected: limit × {nwin} windows. Leased units "
+              "still unspent when the run stops are counted by the service but never admitted (they expire "
+              "after lease_ms), so leases can only lower the total. Most in any 1 s: the largest rise of that "
+              "sum between two of its samples at most 1 s apart (sampled every 50 ms through the admin API, "
+              "so a lower bound within a sample or two). Stated bound per window (README.md, Global limit): "
+              f"limit + instances × workers × max_lease = {lim} + {inst} × {conc} × max_lease. Runs of the two "
+              "max_lease settings interleaved, each after the window and every lease ran out.\n")
             w("| max_lease | offered req/s (both) | admitted | expected | error | most in any 1 s | bound per 1 s "
-              "window | calls per admitted | timeouts / fallbacks |")
-            w("|---|---|---|---|---|---|---|---|---|")
+              "window | calls per admitted | units leased ahead | timeouts / fallbacks |")
+            w("|---|---|---|---|---|---|---|---|---|---|")
             for ml in GLOB["leases"]:
                 runs = res.get(f"global/acc/{ml}", [])
                 if not runs:
@@ -1213,6 +1238,7 @@ def report(res, m, elapsed):
                 w(f"| {ml} | {fmt(med([x['offered_rps'] for x in runs]))} | {fmt(med(adm))}{spread(adm)} | "
                   f"{fmt(med([x['expected'] for x in runs]))} | {med(errs):+.2f}%{spread(errs, 2)} | "
                   f"{fmt(med(peaks))}{spread(peaks)} | {bound:,} | {fmt(med(cpa), 3)} | "
+                  f"{fmt(med([x.get('lease_units') for x in runs]))} | "
                   f"{sum(x['timeouts'] for x in runs):,} / {sum(x['fallback'] for x in runs):,} |")
                 goals.append((f"Two instances, max_lease {ml}: most admitted in any 1 s ≤ {lim} + {inst} × {conc} × "
                               f"{ml} (sampled, worst run)", f"{max(peaks):,} ≤ {bound:,}", max(peaks) <= bound))
