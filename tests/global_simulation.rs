@@ -168,7 +168,12 @@ fn run(workers: usize, limit: u64, max_lease: u64, seed: u64, events: &[Event]) 
             Event::Arrive { w, gap, may_wait } => {
                 sim.advance(sim.now + gap);
                 match sim.gates[w].arrive("p\n", id, [1, 0], may_wait, sim.now) {
-                    Verdict::Pass => sim.admitted.push(sim.now),
+                    Verdict::Pass { ask } => {
+                        sim.admitted.push(sim.now);
+                        if let Some(a) = ask {
+                            sim.send(w, a);
+                        }
+                    }
                     Verdict::Wait { ask } => {
                         sim.waiting.insert(id, (w, sim.now));
                         if let Some(a) = ask {

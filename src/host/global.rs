@@ -89,7 +89,15 @@ impl WorkerContext {
             Err(_) => return Gated::Pass,
         };
         match verdict {
-            Verdict::Pass => Gated::Pass,
+            Verdict::Pass { ask } => {
+                if let Some(ask) = ask {
+                    self.send(g, ask);
+                    if let Err(s) = abi::set_effective_context(id) {
+                        log::debug!("llm-ratelimit: #{id} cannot restore the context: status {s}");
+                    }
+                }
+                Gated::Pass
+            }
             Verdict::Refuse { wait_ms, unavailable } => {
                 self.metrics.global.rejected.inc();
                 Gated::Refuse(refusal(id, need.class, wait_ms, unavailable))

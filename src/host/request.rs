@@ -492,6 +492,10 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        if self.answered {
+            // Our own local reply (a 429, a fallback answer): nothing to learn, meter or rewrite.
+            return Action::Continue;
+        }
         if self.queued {
             let release = self.w.core.try_borrow_mut().ok().and_then(|mut w| w.take_release(self.id));
             if let Some(r) = release {
@@ -516,8 +520,7 @@ impl HttpContext for Request {
         }
         // Our own local replies (429s, fallback answers) teach nothing about the provider.
         let ours = |marker| role.admits() && header(marker).is_some();
-        if self.answered
-            || (status == 429 && ours("x-llm-ratelimit-source"))
+        if (status == 429 && ours("x-llm-ratelimit-source"))
             || (self.cache_key.is_some() && ours("x-llm-ratelimit-fallback"))
         {
             return Action::Continue;
