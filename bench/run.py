@@ -642,10 +642,10 @@ def scenario_provider(res):
 RLS = ROOT / "target/release/llm-ratelimit-rls"
 # The filter's `global` object as README.md documents its defaults, against the bench's service.
 GLOBAL = {"cluster": "ratelimit", "domain": "llm-ratelimit", "timeout_ms": 50, "failure_mode": "local",
-          "max_lease": 32, "lease_ms": 1000, "descriptors": ["provider", "unit"]}
+          "max_lease": 256, "lease_ms": 1000, "descriptors": ["provider", "unit"]}
 # Two limits in one file: provider `bench` (the throughput runs) never binds (u32, under 2^32);
 # provider `shared` (the two-instance accuracy runs) does.
-GLOB = dict(never=4_000_000_000, limit=200, instances=2, concurrency=2, low_rate=50, leases=(32, 1))
+GLOB = dict(never=4_000_000_000, limit=200, instances=2, concurrency=2, low_rate=50, leases=(256, 1))
 LIMITS_YAML = """domain: llm-ratelimit
 descriptors:
   - key: provider
@@ -661,7 +661,7 @@ descriptors:
         value: requests
         rate_limit: {{unit: second, requests_per_unit: {limit}}}
 """
-NAMES.update({"g": "(g) (c) + global, leases (max_lease 32)", "g1": "(g1) (c) + global, no lease (max_lease 1)"})
+NAMES.update({"g": "(g) (c) + global, leases (max_lease 256, the default)", "g1": "(g1) (c) + global, no lease (max_lease 1)"})
 PRIORITIES = ("critical", "high", "normal", "low")
 
 
@@ -745,7 +745,7 @@ def scenario_global(res):
     """Issue 10's benchmark of the global gate against our rate limit service (rls/) over Redis:
     (1) the admit path's cost, (c) vs (g) leases vs (g1) a call per request; (2) service calls per
     admitted request at a high and a low rate; (3) over-admission of two Envoys sharing one
-    binding limit, with max_lease 32 and 1."""
+    binding limit, with max_lease 256 (the default) and 1."""
     missing = [what for what, ok in (("redis-server", shutil.which("redis-server")), (str(RLS), RLS.is_file()))
                if not ok]
     if missing:

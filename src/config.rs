@@ -846,7 +846,7 @@ impl RawGlobal {
             return Err("global.descriptors: `tenant` needs the \"tenant\" section (its key_header)".into());
         }
         let timeout_ms = whole_to("global.timeout_ms", self.timeout_ms, 50, 1, 60_000)?;
-        let max_lease = whole_to("global.max_lease", self.max_lease, 32, 1, 10_000)?;
+        let max_lease = whole_to("global.max_lease", self.max_lease, 256, 1, 10_000)?;
         let lease_ms = whole_to("global.lease_ms", self.lease_ms, 1000, 1, 60_000)?;
         let failure_mode = self.failure_mode.unwrap_or(FailureMode::Local);
         Ok(GlobalConfig {
