@@ -1,7 +1,9 @@
 //! Faults end to end, in the real Envoy: a slow provider, a provider that resets connections or
 //! answers garbage, the listener's configuration reloaded while requests wait (LDS from a file),
 //! a reload with a provider name the filter does not know, and Envoy's hot restart. Each test says
-//! what the user sees and asserts it, and that the filter's VM never failed.
+//! what the user sees and asserts it, and that the filter's VM never failed. With `--nocapture`
+//! each test prints what its clients got (status, reason, sent/answered ms); RELIABILITY.md has
+//! the table.
 
 mod support;
 use std::time::{Duration, Instant};
@@ -88,6 +90,7 @@ fn a_slow_provider_gets_504_after_the_route_timeout_and_queued_requests_are_answ
     let t0 = epoch_ms();
     let replies = simultaneous(4, &url, &[]);
     let summary: Vec<String> = replies.iter().map(|r| r.summary(t0)).collect();
+    eprintln!("what the clients got: {summary:#?}");
     assert_eq!(statuses(&replies), [504; 4], "{summary:#?}");
     for r in &replies {
         assert_eq!(r.reply.as_ref().unwrap().body, "upstream request timeout", "{summary:#?}");
@@ -129,6 +132,7 @@ fn a_provider_resetting_connections_gets_503_and_the_filter_works_after() {
     let (replies, after, envoy, mock) = through_a_fault("reset", "reset");
     let t0 = replies.iter().map(|r| r.sent).min().unwrap();
     let summary: Vec<String> = replies.iter().map(|r| r.summary(t0)).collect();
+    eprintln!("what the clients got: {summary:#?}");
     assert_eq!(statuses(&replies), [503; 3], "{summary:#?}");
     for r in &replies {
         let body = &r.reply.as_ref().unwrap().body;
@@ -150,6 +154,7 @@ fn a_provider_answering_garbage_bytes_gets_502_and_the_filter_works_after() {
     let (replies, after, envoy, mock) = through_a_fault("garbage", "garbage");
     let t0 = replies.iter().map(|r| r.sent).min().unwrap();
     let summary: Vec<String> = replies.iter().map(|r| r.summary(t0)).collect();
+    eprintln!("what the clients got: {summary:#?}");
     assert_eq!(statuses(&replies), [502; 3], "{summary:#?}");
     for r in &replies {
         let body = &r.reply.as_ref().unwrap().body;
@@ -183,6 +188,7 @@ fn garbage_rate_limit_headers_and_bodies_get_a_clean_429_and_the_filter_recovers
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for r in &replies {
+        eprintln!("what the client got: {} after {} ms, retry-after {:?}", r.status, r.ms, r.header("retry-after"));
         assert_eq!(r.status, 429, "{r:?}");
         assert!(r.ms < 20_000, "answered after {} ms", r.ms);
         let secs: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{r:?}"));
@@ -278,6 +284,7 @@ fn a_reload_while_requests_wait_answers_every_waiter_and_new_requests_follow_the
         (hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(), fresh)
     });
     let summary: Vec<String> = waiters.iter().chain(&fresh).map(|r| r.summary(t0)).collect();
+    eprintln!("what the clients got: {summary:#?}");
     assert_eq!(statuses(&waiters), [200; 4], "{summary:#?}");
     assert_eq!(statuses(&fresh), [200; 8], "{summary:#?}");
     for r in &waiters {
@@ -315,6 +322,7 @@ fn a_drain_shorter_than_the_wait_closes_the_old_waiters_connections() {
         (hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(), reloaded)
     });
     let summary: Vec<String> = waiters.iter().map(|r| r.summary(t0)).collect();
+    eprintln!("what the clients got: {summary:#?}");
     // The old plugin releases one waiter every 2 s; the drain ends 2 s after the reload.
     let answered = waiters.iter().filter(|r| r.status() == 200).count();
     let cut: Vec<&Timed> = waiters.iter().filter(|r| r.reply.is_err()).collect();
@@ -410,6 +418,7 @@ fn hot_restart_answers_requests_in_flight_and_the_new_epoch_serves_with_the_filt
         (hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(), new)
     });
     let summary: Vec<String> = in_flight.iter().map(|r| r.summary(t0)).collect();
+    eprintln!("what the clients got: {summary:#?}");
     assert_eq!(statuses(&in_flight), [200; 6], "{summary:#?}");
     assert!(in_flight.iter().filter(|r| r.header("x-ratelimit-queued-ms").is_some()).count() >= 4, "{summary:#?}");
 
@@ -417,6 +426,7 @@ fn hot_restart_answers_requests_in_flight_and_the_new_epoch_serves_with_the_filt
     assert_eq!(info["command_line_options"]["restart_epoch"], 1, "the admin is the new epoch's");
     let fresh = simultaneous(3, &url, &[]);
     let summary: Vec<String> = fresh.iter().map(|r| r.summary(t0)).collect();
+    eprintln!("what the clients got: {summary:#?}");
     assert_eq!(statuses(&fresh), [200; 3], "{summary:#?}");
     assert_eq!(fresh.iter().filter(|r| r.header("x-ratelimit-queued-ms").is_some()).count(), 1, "{summary:#?}");
     assert!(new.log().contains(r#"configured filter "hot" (admission)"#), "{}", new.log());
