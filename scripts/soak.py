@@ -16,7 +16,8 @@ the queue depth gauges. Then it stops the traffic, lets the queues drain, and FA
   - any queue depth gauge is not 0 once the traffic has stopped and drained;
   - Envoy's log shows a VM failure or a panic;
   - any request was lost: no HTTP answer, other than the clients that left on purpose.
-Writes reliability/soak.csv, reliability/soak.png and reliability/soak-summary.md.
+Writes reliability/soak.csv, reliability/soak.png and reliability/soak-summary.md (and the last
+200 lines of Envoy's log as reliability/soak-envoy-tail.log, not committed: *.log is ignored).
 """
 
 import argparse
@@ -324,7 +325,7 @@ def main():
         stats = filter_stats(admin) if envoy_alive else {}
         time.sleep(1.5)  # the log file is flushed every second
         failures = log_failures(log.read_text() if log.exists() else "")
-        (args.out / "soak-envoy-log-tail.txt").write_text("\n".join((log.read_text() if log.exists() else "").splitlines()[-200:]) + "\n")
+        (args.out / "soak-envoy-tail.log").write_text("\n".join((log.read_text() if log.exists() else "").splitlines()[-200:]) + "\n")
     finally:
         for p in reversed(procs):
             if p.poll() is None:
