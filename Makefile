@@ -5,7 +5,7 @@ WASM_FEATURES := --enable-bulk-memory --enable-sign-ext --enable-nontrapping-flo
 	--enable-mutable-globals --enable-multivalue --enable-reference-types
 MOCK := target/release/mock-provider
 
-.PHONY: demo test build setup bench clean rls fuzz
+.PHONY: demo test build setup bench clean rls fuzz soak
 
 demo: setup build
 	python3 scripts/demo.py $(DEMO_ARGS)
@@ -46,3 +46,10 @@ rls:
 # FUZZ_SECONDS per target, default 60. Results: fuzz/RESULTS.md.
 fuzz:
 	fuzz/run.sh
+
+# Envoy + mock provider under mixed traffic for SOAK_MINUTES (default 10): fails on RSS growth
+# over 5% after warm-up, a queue left non-empty, a VM failure or panic, or a lost request.
+# Writes reliability/soak.csv, soak.png, soak-summary.md (see RELIABILITY.md).
+SOAK_MINUTES ?= 10
+soak: build
+	SOAK_MINUTES=$(SOAK_MINUTES) python3 scripts/soak.py

@@ -4,13 +4,14 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::fault::Fault;
 use crate::quota::WindowKind;
 
 pub const USAGE: &str = "\
 usage: mock-provider [--port N] [--host ADDR] [--latency-ms N] [--quota N] [--window-ms N]
                      [--window fixed|sliding] [--style STYLE] [--token-quota N]
                      [--request-window-ms N] [--low-remaining N] [--terminal KIND]
-                     [--output-tokens N]
+                     [--output-tokens N] [--fault KIND]
   --quota 0 and --token-quota 0 mean unlimited; --port 0 picks a free port.
   --output-tokens N: every reply is N tokens long, or max_tokens if that is less
   (0, the default: max_tokens, else 16); header x-mock-output-tokens overrides it.
@@ -20,7 +21,10 @@ usage: mock-provider [--port N] [--host ADDR] [--latency-ms N] [--quota N] [--wi
   e.g. Groq's requests per day next to tokens per minute.
   STYLE: openai groq azure anthropic gemini mistral cohere bedrock generic generic-date generic-ms
          ietf ietf-draft07
-  KIND:  none insufficient_quota spend_limit daily request_too_large gemini_daily";
+  KIND:  none insufficient_quota spend_limit daily request_too_large gemini_daily
+  --fault: none reset (TCP reset after the request) garbage (non-HTTP bytes, then close)
+           bad_limits (429s with nonsense rate-limit headers and a body that is not JSON);
+  header x-mock-fault overrides it per request; /mock/* is never faulted.";
 
 /// How a provider reports its limits (headers and 429 bodies).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +156,8 @@ pub struct Settings {
     pub terminal: Terminal,
     /// Reply length in tokens, capped by the request's max tokens; 0: the max tokens, else 16.
     pub output_tokens: u64,
+    /// A fault on every LLM request (`fault::Fault`).
+    pub fault: Fault,
 }
 
 impl Default for Settings {
@@ -169,6 +175,7 @@ impl Default for Settings {
             low_remaining: 0,
             terminal: Terminal::None,
             output_tokens: 0,
+            fault: Fault::None,
         }
     }
 }
@@ -232,10 +239,11 @@ impl Settings {
             "low_remaining" => self.low_remaining = number(0)?,
             "terminal" => self.terminal = Terminal::parse(value)?,
             "output_tokens" => self.output_tokens = parse_output_tokens(value, 0)?,
+            "fault" => self.fault = Fault::parse(value)?,
             _ => {
                 return Err(format!(
                     "unknown setting; known: latency_ms, quota, window_ms, request_window_ms, window, \
-                     style, token_quota, low_remaining, terminal, output_tokens{}",
+                     style, token_quota, low_remaining, terminal, output_tokens, fault{}",
                     if startup { ", host, port" } else { "" }
                 ))
             }
@@ -263,6 +271,7 @@ impl Settings {
             "low_remaining": self.low_remaining,
             "terminal": self.terminal.as_str(),
             "output_tokens": self.output_tokens,
+            "fault": self.fault.as_str(),
         })
     }
 }

@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 
 use crate::config::{parse_latency, parse_output_tokens, Style, Terminal};
+use crate::fault::Fault;
 use crate::quota::{Budget, Decision, Snapshot};
 use crate::shapes::{Api, Framing, LlmRequest, Reply};
 use crate::stats::Outcome;
@@ -98,6 +99,10 @@ async fn answer(state: Arc<AppState>, route: Route, headers: HeaderMap, body: By
             return styles::retry_soon();
         }
     }
+    if let Some(response) = o.fault.unwrap_or(settings.fault).response() {
+        state.lock().stats.finished(Outcome::Fault);
+        return response;
+    }
     if let Some(status) = o.status {
         state.lock().stats.finished(Outcome::Forced);
         return styles::forced(status);
@@ -177,7 +182,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// `x-mock-style`, `x-mock-latency-ms`, `x-mock-terminal`, `x-mock-status`,
 /// `x-mock-output-tokens` (1..=4096: the reply's length, capped by max tokens), and
 /// `x-mock-fail-attempts` (N: a 429 that says "retry in 100 ms" to router attempts 1..=N, read
-/// from Envoy's `x-envoy-attempt-count`).
+/// from Envoy's `x-envoy-attempt-count`), `x-mock-fault` (`fault::Fault`).
 struct Overrides {
     style: Option<Style>,
     latency_ms: Option<u64>,
@@ -185,6 +190,7 @@ struct Overrides {
     status: Option<StatusCode>,
     output_tokens: Option<u64>,
     fail_attempts: Option<u64>,
+    fault: Option<Fault>,
 }
 
 impl Overrides {
@@ -210,6 +216,7 @@ impl Overrides {
                 .map(|v| v.parse::<u64>().map_err(|_| format!("expected a whole number, got '{v}'")))
                 .transpose()
                 .map_err(|e| named("x-mock-fail-attempts", e))?,
+            fault: get("x-mock-fault").map(Fault::parse).transpose().map_err(|e| named("x-mock-fault", e))?,
         })
     }
 }

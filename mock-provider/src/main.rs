@@ -6,8 +6,10 @@
 //! `POST /v1/chat/completions`, `POST /v1/responses`, `POST /v1/messages`,
 //! `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent`.
 //! Control: `GET /mock/stats`, `POST /mock/reset`, `POST /mock/config`.
+//! Faults (`--fault`, `fault.rs`): connection resets, non-HTTP bytes, garbage 429s.
 
 mod config;
+mod fault;
 mod llm;
 mod quota;
 mod shapes;
@@ -99,7 +101,7 @@ async fn main() {
     println!("listening on {addr}");
     std::io::stdout().flush().expect("stdout");
 
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await {
+    if let Err(e) = axum::serve(fault::FaultListener(listener), app).with_graceful_shutdown(shutdown_signal()).await {
         eprintln!("mock-provider: {e}");
         std::process::exit(1);
     }

@@ -14,6 +14,8 @@ pub struct Stats {
     pub forced: u64,
     /// Requests rejected for a bad `x-mock-*` header.
     pub bad_request: u64,
+    /// Answered with a fault (`--fault`, `x-mock-fault`): reset, garbage or a bad 429.
+    pub faults: u64,
     pub by_priority: BTreeMap<String, u64>,
     pub by_path: BTreeMap<String, u64>,
     /// Requests being served, streams until their last byte is sent.
@@ -34,6 +36,7 @@ pub enum Outcome {
     Terminal,
     Forced,
     BadRequest,
+    Fault,
 }
 
 impl Stats {
@@ -53,6 +56,7 @@ impl Stats {
             Outcome::Terminal => self.terminal += 1,
             Outcome::Forced => self.forced += 1,
             Outcome::BadRequest => self.bad_request += 1,
+            Outcome::Fault => self.faults += 1,
         }
     }
 
@@ -76,6 +80,7 @@ impl Stats {
             "terminal": self.terminal,
             "forced": self.forced,
             "bad_request": self.bad_request,
+            "faults": self.faults,
             "by_priority": self.by_priority,
             "by_path": self.by_path,
             "in_flight": self.in_flight,

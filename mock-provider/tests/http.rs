@@ -336,3 +336,35 @@ async fn responses_and_gemini_whole_answers() {
     let r = server.chat(&[("x-mock-output-tokens", "0")]).await;
     assert_eq!(r.status, 400);
 }
+
+/// Sends one LLM request over a fresh connection and returns what came back, or the read error.
+async fn raw_exchange(addr: &str, extra_header: &str) -> Result<Vec<u8>, std::io::ErrorKind> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let body = "{}";
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\nconnection: close\r\n{extra_header}content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.map(|_| raw).map_err(|e| e.kind())
+}
+
+#[tokio::test]
+async fn faults_reset_or_garbage_the_connection_and_leave_mock_routes_alone() {
+    let server = Server::start("--port 0 --fault reset");
+    assert_eq!(raw_exchange(&server.addr, "").await, Err(std::io::ErrorKind::ConnectionReset));
+    let garbage = raw_exchange(&server.addr, "x-mock-fault: garbage\r\n").await.unwrap();
+    assert!(!garbage.is_empty() && !garbage.starts_with(b"HTTP/"), "{garbage:?}");
+    let ok = Reply::parse(&raw_exchange(&server.addr, "x-mock-fault: none\r\n").await.unwrap());
+    assert_eq!(ok.status, 200);
+    // /mock/* answers even with the fault on, so a test can turn it off.
+    let stats = server.request("GET", "/mock/stats", &[], "").await;
+    assert_eq!((stats.status, stats.body["faults"].as_u64()), (200, Some(2)));
+    assert_eq!(stats.body["settings"]["fault"], "reset");
+    let off = server.request("POST", "/mock/config", &[], r#"{"fault":"bad_limits"}"#).await;
+    assert_eq!(off.status, 200);
+    let bad = raw_exchange(&server.addr, "").await.unwrap();
+    assert!(bad.starts_with(b"HTTP/1.1 429 "), "{:?}", String::from_utf8_lossy(&bad));
+    assert!(String::from_utf8_lossy(&bad).contains("\r\nretry-after: soon\r\n"));
+}

@@ -426,3 +426,126 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+// ---- Helpers for tests/faults.rs: Envoy from a whole config file, LDS from a file, hot restart.
+
+/// A free port on 127.0.0.1 (for configurations written by hand).
+pub fn free_port_for_test() -> u16 {
+    free_port()
+}
+
+/// The built `.wasm`, for configurations written by hand.
+pub fn wasm_file() -> PathBuf {
+    wasm_path()
+}
+
+impl Envoy {
+    /// Starts Envoy on the configuration `yaml` (written into `dir`) with `extra` arguments
+    /// (e.g. `--base-id`, `--restart-epoch`; add `--disable-hot-restart` unless hot restarting),
+    /// and waits until its admin (on `admin`) says LIVE for this `epoch`: during a hot restart the
+    /// parent answers on the same admin port until it hands it over.
+    pub fn spawn_file(
+        dir: TempDir,
+        yaml: &str,
+        port: u16,
+        admin: u16,
+        epoch: u64,
+        extra: &[&str],
+    ) -> Result<Envoy, String> {
+        let cfg = dir.0.join(format!("envoy-{epoch}.yaml"));
+        std::fs::write(&cfg, yaml).expect("write envoy.yaml");
+        let log = dir.0.join(format!("envoy-{epoch}.log"));
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--concurrency", "2", "-l", "warning", "--component-log-level", "wasm:info"])
+            .args(["--file-flush-interval-msec", "100"])
+            .args(extra)
+            .arg("--log-path")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn envoy");
+        let mut envoy = Envoy { child, port, admin, log, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = envoy.child.try_wait() {
+                return Err(envoy.log());
+            }
+            let info = get(&format!("http://127.0.0.1:{admin}/server_info")).ok();
+            let info = info.and_then(|r| serde_json::from_str::<serde_json::Value>(&r.body).ok());
+            if info.is_some_and(|i| {
+                i["state"] == "LIVE" && i["command_line_options"]["restart_epoch"].as_u64().unwrap_or(0) == epoch
+            }) {
+                return Ok(envoy);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(envoy.log())
+    }
+
+    /// The process id (for /proc and signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has exited (and reaps it).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+/// Lines of an Envoy log that show a Wasm VM failure or a panic: proxy-wasm-cpp-host's
+/// `Function: proxy_on_... failed: Uncaught RuntimeError`, Envoy's `Wasm VM failed`, Rust's
+/// `panicked at`, and any critical line.
+pub fn vm_failures(log: &str) -> Vec<String> {
+    const PATTERNS: [&str; 8] = [
+        "panic",
+        "wasm vm failed",
+        "vm failed",
+        "plugin failed",
+        "failed: uncaught",
+        "runtimeerror",
+        "][critical]",
+        "unreachable",
+    ];
+    log.lines().filter(|l| PATTERNS.iter().any(|p| l.to_ascii_lowercase().contains(p))).map(str::to_string).collect()
+}
+
+/// `envoy/envoy.yaml` rendered as `render_config` does, split for LDS from a file: the bootstrap
+/// (admin, clusters, a `node` (LDS needs one), and `dynamic_resources.lds_config` reading `<lds_dir>/lds.yaml`, watched
+/// through `lds_dir` so an atomic rename is picked up) and the listener as a discovery response.
+pub fn lds_split(rendered: &str, lds_dir: &Path) -> (String, String) {
+    let lines: Vec<&str> = rendered.lines().collect();
+    let start = lines.iter().position(|l| *l == "  listeners:").expect("a listeners: block");
+    let end = lines.iter().position(|l| *l == "  clusters:").expect("a clusters: block");
+    let mut lds = String::from("resources:\n");
+    for (i, l) in lines[start + 1..end].iter().enumerate() {
+        let l = l.strip_prefix("  ").unwrap_or(l);
+        if i == 0 {
+            let rest = l.strip_prefix("- ").expect("the listener list item");
+            lds += "- \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n  ";
+            lds += rest;
+        } else {
+            lds += l;
+        }
+        lds.push('\n');
+    }
+    let mut bootstrap: Vec<String> = lines[..start].iter().chain(&lines[end..]).map(|l| l.to_string()).collect();
+    bootstrap.push(format!(
+        "node: {{ id: llm-ratelimit-test, cluster: llm-ratelimit }}\ndynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    path_config_source:\n      \
+         path: {}\n      watched_directory: {{ path: {} }}",
+        lds_dir.join("lds.yaml").display(),
+        lds_dir.display()
+    ));
+    (bootstrap.join("\n"), lds)
+}
+
+/// Replaces `<dir>/<name>` atomically: written beside `dir` first, then renamed into it (what
+/// Envoy's `watched_directory` expects).
+pub fn replace_file(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.parent().expect("a parent directory").join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).expect("write the new file");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename into place");
+}
