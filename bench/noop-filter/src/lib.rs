@@ -1,16 +1,25 @@
 //! Does nothing but let every request through: proxy-wasm's per-request floor. With
 //! `{"calls": N}` as its configuration it also reads the `:path` header N times per request: the
 //! cost of one host call (with the VM re-entry that returns its value), for bench/ablation.py.
+//! With `{"reply": H}` it answers every request itself with a 429 carrying H headers (0 to 9, the
+//! filter's own 429 has 9) and a 200-byte body: the floor of a wasm filter's reject path.
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { calls: 0 }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { calls: 0, reply: None }) });
 }}
 
 struct Root {
     calls: usize,
+    reply: Option<usize>,
+}
+
+/// The number after `"key":` in the configuration text.
+fn number(text: &str, key: &str) -> Option<usize> {
+    let rest = text.split(&format!("\"{key}\":")).nth(1)?;
+    rest.trim_start().chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()
 }
 
 impl Context for Root {}
@@ -18,30 +27,44 @@ impl RootContext for Root {
     fn on_configure(&mut self, _: usize) -> bool {
         let config = self.get_plugin_configuration().unwrap_or_default();
         let text = String::from_utf8_lossy(&config);
-        self.calls = text
-            .split("\"calls\":")
-            .nth(1)
-            .map(|rest| rest.trim_start().chars().take_while(char::is_ascii_digit).collect::<String>())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
+        self.calls = number(&text, "calls").unwrap_or(0);
+        self.reply = number(&text, "reply");
         true
     }
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Pass { calls: self.calls }))
+        Some(Box::new(Pass { calls: self.calls, reply: self.reply }))
     }
 }
 
 struct Pass {
     calls: usize,
+    reply: Option<usize>,
 }
+
+const HEADERS: [(&str, &str); 9] = [
+    ("retry-after", "1"),
+    ("retry-after-ms", "1000"),
+    ("ratelimit-policy", "\"bench\";q=1;w=1"),
+    ("ratelimit", "\"bench\";r=0;t=1"),
+    ("x-llm-ratelimit-source", "proxy"),
+    ("x-llm-ratelimit-reason", "no_token"),
+    ("x-llm-ratelimit-priority", "NORMAL"),
+    ("x-should-retry", "true"),
+    ("content-type", "application/json"),
+];
 impl Context for Pass {}
 impl HttpContext for Pass {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         for _ in 0..self.calls {
             let _ = self.get_http_request_header(":path");
+        }
+        if let Some(n) = self.reply {
+            let body = [b'x'; 200];
+            self.send_http_response(429, HEADERS[..n.min(9)].to_vec(), Some(&body));
+            return Action::Pause;
         }
         Action::Continue
     }
