@@ -381,3 +381,34 @@ fn redis_dying_is_a_fast_error_and_the_gate_falls_back() {
     assert!(e.stat("shared", "global.errors") >= 1, "counted as an error");
     assert!(e.stat("shared", "global.fallback") >= 1);
 }
+
+#[test]
+fn token_estimates_go_to_the_service_as_token_hits() {
+    let dir = TempDir::new();
+    let (_redis, redis_port) = redis();
+    let limits = LIMITS.replace(
+        "        rate_limit: {unit: second, requests_per_unit: 40}\n",
+        "        rate_limit: {unit: second, requests_per_unit: 40}\n      - key: unit\n        value: tokens\n        rate_limit: {unit: minute, requests_per_unit: 1000}\n",
+    );
+    let (_rls, rls_port) = rls(redis_port, &limits, &dir);
+    let mock = Mock::start(&["--output-tokens", "10"]);
+    // Local token bucket far above the shared one; leases off so each request asks its own.
+    let config = r#"{"name":"shared","tokens":{"capacity":1000000},"queue":{"enabled":false},
+        "global":{"cluster":"ratelimit","timeout_ms":1000,"max_lease":1}}"#;
+    let e = envoy(config, &mock, rls_port);
+    let url = e.url("/v1/chat/completions");
+    // ~300 tokens each: 1,000 characters of prompt (250) and max_tokens 50.
+    let body =
+        format!(r#"{{"model":"m","max_tokens":50,"messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(1000));
+    let statuses: Vec<(u16, Option<String>)> = (0..5)
+        .map(|_| {
+            let r = post(&url, &body, &[("content-type", "application/json")]).unwrap();
+            (r.status, r.header("x-llm-ratelimit-reason").map(str::to_string))
+        })
+        .collect();
+    println!("{statuses:?}");
+    let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(ok, 3, "1000 tokens a minute hold three requests of ~300: {statuses:?}");
+    assert!(statuses[3..].iter().all(|(s, r)| *s == 429 && r.as_deref() == Some("global_limit")), "{statuses:?}");
+    assert_eq!(mock.received(), 3);
+}
