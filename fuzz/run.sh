@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 TOOLCHAIN="${FUZZ_TOOLCHAIN:-nightly}"
-ALL=(signals_headers signals_body config estimate usage dates)
+ALL=(signals_headers signals_body config estimate usage dates rls_answer)
 
 fuzz() { cargo "+$TOOLCHAIN" fuzz "$@"; }
 

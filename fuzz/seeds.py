@@ -160,6 +160,41 @@ for text in literals(tests_of("src/tokens/usage.rs")):
 for text in literals(tests_of("src/signals/values.rs")):
     add("dates", text)
 
+# Rate limit service answers (RateLimitResponse), encoded here by hand: OK, over limit with and
+# without statuses (Limitador), a named limit, resets with and without nanos, two statuses.
+def varint(v):
+    out = b""
+    while v >= 0x80:
+        out += bytes([(v & 0x7F) | 0x80])
+        v >>= 7
+    return out + bytes([v])
+
+
+def field(n, v):
+    if isinstance(v, int):
+        return varint(n << 3) + varint(v)
+    return varint(n << 3 | 2) + varint(len(v)) + v
+
+
+def status(code, remaining=None, reset=None):
+    out = field(1, code)
+    if remaining is not None:
+        out += field(2, field(1, 100) + field(2, 1)) + field(3, remaining)
+    if reset is not None:
+        out += field(4, field(1, reset[0]) + field(2, reset[1]))
+    return out
+
+
+for answer in [
+    field(1, 1) + field(2, status(1, 99, (1, 0))),
+    field(1, 2) + field(2, status(2, 0, (0, 250_000_000))),
+    field(1, 2),
+    field(1, 1) + field(2, status(1, 5, (0, 1))) + field(2, status(2, 0, (59, 999_999_999))),
+    field(1, 1) + field(2, status(1)) + field(5, b"raw body"),
+    b"",
+]:
+    add("rls_answer", answer)
+
 for target, items in sorted(seeds.items()):
     folder = os.path.join(FUZZ, "seeds", target)
     os.makedirs(folder, exist_ok=True)

@@ -14,13 +14,14 @@ use llm_ratelimit::tokens::usage::{self, StreamUsage};
 pub type Target = fn(&[u8]);
 
 /// The targets by name, for the corpus test.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("signals_headers", signals_headers),
     ("signals_body", signals_body),
     ("config", config),
     ("estimate", estimate),
     ("usage", usage),
     ("dates", dates),
+    ("rls_answer", rls_answer),
 ];
 
 /// 2023-09-29T16:26:37Z, the reference's clock.
@@ -240,4 +241,57 @@ fn check_rfc3339(text: &str) {
     let tolerance = i128::from(fraction_digits > 9 && nanos % 1_000_000 == 0);
     let ours = i128::from(ours);
     assert!(ours >= expected && ours <= expected + tolerance, "RFC 3339 {text:?}: ours {ours}, chrono {expected}");
+}
+
+/// An answer of the rate limit service (`RateLimitResponse` bytes), differential against prost:
+/// what prost reads, the filter reads alike (overall code, each status's code, remaining when a
+/// limit is named, reset when the duration is valid; the filter keeps the first 8 statuses).
+/// Then the gate takes it as the answer to a call in flight, and a tick after: never a panic,
+/// and the waiting request is let through, refused, or still waiting for a reset it may wait.
+pub fn rls_answer(data: &[u8]) {
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
+    use llm_ratelimit::global::gate::{FailureMode, Gate, GateRules, Verdict};
+    use llm_ratelimit::global::proto::{self, Code};
+    use prost::Message;
+    let ours = proto::decode_response(data);
+    if let Ok(theirs) = RateLimitResponse::decode(data) {
+        let code = |c: i32| match c {
+            1 => Code::Ok,
+            2 => Code::OverLimit,
+            _ => Code::Unknown,
+        };
+        match &ours {
+            Ok(r) => {
+                assert_eq!(r.overall, code(theirs.overall_code));
+                assert_eq!(r.statuses.len(), theirs.statuses.len().min(8));
+                for (o, t) in r.statuses.iter().zip(&theirs.statuses) {
+                    assert_eq!(o.code, code(t.code));
+                    assert_eq!(o.remaining, t.current_limit.as_ref().map(|_| u64::from(t.limit_remaining)));
+                    let reset = t.duration_until_reset.as_ref().and_then(|d| {
+                        let (s, n) = (u64::try_from(d.seconds).ok()?, u64::try_from(d.nanos).ok()?);
+                        (n < 1_000_000_000).then(|| s.saturating_mul(1000).saturating_add(n.div_ceil(1_000_000)))
+                    });
+                    assert_eq!(o.until_reset_ms, reset);
+                }
+            }
+            // Groups (wire types 3 and 4), which prost skips: no service sends them.
+            Err(e) => assert_eq!(*e, "unsupported wire type", "prost reads what we refuse"),
+        }
+    }
+    let Ok(r) = ours else { return };
+    let rules = GateRules { timeout_ms: 50, failure_mode: FailureMode::Deny, max_lease: 8, lease_ms: 1000 };
+    let mut g = Gate::new(rules);
+    let Verdict::Wait { ask: Some(a) } = g.arrive("k", 1, [1, 300], 2000, NOW) else { panic!("first call") };
+    g.sent(a.key, 7);
+    let mut o = g.answered(7, &r, NOW);
+    let t = g.tick(NOW + 1);
+    o.pass.extend(t.pass);
+    o.refuse.extend(t.refuse);
+    assert!(o.pass.len() + o.refuse.len() <= 1, "one request, answered at most once");
+    if o.pass.is_empty() && o.refuse.is_empty() {
+        // Still waiting: for a reset within its 2 s, or a call (asked again at once).
+        let late = g.tick(NOW + 3_000);
+        let o = g.tick(NOW + 3_200);
+        assert!(late.pass.len() + late.refuse.len() + o.pass.len() + o.refuse.len() <= 1);
+    }
 }

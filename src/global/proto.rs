@@ -20,7 +20,9 @@ pub enum Code {
 }
 
 impl Code {
+    /// From an enum field, read as protobuf reads int32 (the varint's low 32 bits).
     fn from(v: u64) -> Code {
+        let v = v as i32;
         match v {
             1 => Code::Ok,
             2 => Code::OverLimit,
@@ -165,38 +167,42 @@ fn fields(b: &[u8]) -> Fields<'_> {
     Fields { rest: b }
 }
 
-/// `google.protobuf.Duration { seconds = 1, nanos = 2 }` in milliseconds, rounded up.
-fn duration_ms(b: &[u8]) -> Result<u64, &'static str> {
-    let (mut secs, mut nanos) = (0u64, 0u64);
+/// `google.protobuf.Duration { seconds = 1, nanos = 2 }` fields, merged into `d` (protobuf merges a
+/// repeated message field), read as int64 and int32 are.
+fn duration(b: &[u8], d: &mut (i64, i32)) -> Result<(), &'static str> {
     let mut f = fields(b);
     while let Some(field) = f.next() {
         match field? {
-            (1, Value::Int(v)) => secs = v,
-            (2, Value::Int(v)) => nanos = v,
+            (1, Value::Int(v)) => d.0 = v as i64,
+            (2, Value::Int(v)) => d.1 = v as u32 as i32,
             _ => {}
         }
     }
-    // Negative durations arrive as huge varints: treat as none rather than forever.
-    if secs > i64::MAX as u64 || nanos >= 1_000_000_000 {
-        return Err("duration out of range");
-    }
-    Ok(secs.saturating_mul(1000).saturating_add(nanos.div_ceil(1_000_000)))
+    Ok(())
+}
+
+/// A duration in milliseconds, rounded up; `None` when negative or malformed (then the answer
+/// has no reset, rather than being unreadable).
+fn millis((secs, nanos): (i64, i32)) -> Option<u64> {
+    let (secs, nanos) = (u64::try_from(secs).ok()?, u64::try_from(nanos).ok().filter(|&n| n < 1_000_000_000)?);
+    Some(secs.saturating_mul(1000).saturating_add(nanos.div_ceil(1_000_000)))
 }
 
 fn status(b: &[u8]) -> Result<Status, &'static str> {
     let mut s = Status::default();
-    let (mut remaining, mut has_limit) = (0u64, false);
+    let (mut remaining, mut has_limit, mut reset) = (0u64, false, None);
     let mut f = fields(b);
     while let Some(field) = f.next() {
         match field? {
             (1, Value::Int(v)) => s.code = Code::from(v),
             (2, Value::Bytes(_)) => has_limit = true,
             (3, Value::Int(v)) => remaining = v & u64::from(u32::MAX),
-            (4, Value::Bytes(d)) => s.until_reset_ms = Some(duration_ms(d)?),
+            (4, Value::Bytes(d)) => duration(d, reset.get_or_insert((0, 0)))?,
             _ => {}
         }
     }
     s.remaining = has_limit.then_some(remaining);
+    s.until_reset_ms = reset.and_then(millis);
     Ok(s)
 }
 
