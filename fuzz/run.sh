@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs each fuzz target for FUZZ_SECONDS (default 60), one after the other on one core, starting
+# Runs each fuzz target for FUZZ_SECONDS (default 60; FUZZ_TIMEOUT, default 10, is how long one input
+# may take before it is reported: raise it on a loaded machine), one after the other on one core, starting
 # from the committed corpus/<target>/, in one process (libFuzzer's default: one core; -jobs=N would
 # spawn workers logging to fuzz-N.log instead); new inputs go to work/<target>/ (not committed), crashes to
 # artifacts/<target>/. Prints one line per target: seconds, executions, crashes. Exits non-zero
@@ -55,7 +56,7 @@ for t in "${targets[@]}"; do
     log="work/$t.log"
     status=0
     fuzz run -O "$t" "work/$t" "corpus/$t" -- \
-        -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=2048 \
+        -max_total_time="$FUZZ_SECONDS" -timeout="${FUZZ_TIMEOUT:-10}" -rss_limit_mb=2048 \
         -print_final_stats=1 >"$log" 2>&1 || status=$?
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
     secs=$(grep -o 'Done [0-9]* runs in [0-9]* second' "$log" | awk '{print $5}' | tail -1 || true)
