@@ -425,7 +425,7 @@ fn numeric_fields() -> Vec<(String, String, Kind)> {
         for i in (0..parts.len()).rev() {
             let extra = match parts[..i].join(".").as_str() {
                 "tokens" | "tokens.per_model.m" if parts[i] != "capacity" => r#","capacity":9"#,
-                "alert" => r#","cluster":"x""#,
+                "alert" | "global" => r#","cluster":"x""#,
                 _ => "",
             };
             json = format!(r#"{{"{}":{json}{extra}}}"#, parts[i]);
@@ -467,6 +467,9 @@ fn numeric_fields() -> Vec<(String, String, Kind)> {
     }
     for f in ["max_entries", "max_body_bytes", "max_age_s"] {
         add(&format!("fallback.{f}"), Whole);
+    }
+    for f in ["timeout_ms", "max_lease", "lease_ms"] {
+        add(&format!("global.{f}"), Whole);
     }
     v
 }
