@@ -6,11 +6,12 @@
 //!
 //! Leases: a call asks for what the waiters need plus, while the service's remaining is far from
 //! zero, what this key spent in the last second (at most `max_lease` requests' worth, at most an
-//! eighth of the remaining), so the common case makes no call. Leased units are counted by the
-//! service when leased and dropped after `lease_ms` if unspent: a lease never admits more than the
-//! service counted, but can admit up to `lease_ms` after its units were counted. In any window,
-//! the service's instances together admit at most the limit plus what their workers leased in
-//! the `lease_ms` before the window began (≤ instances × workers × `max_lease`).
+//! eighth of the remaining), so the common case makes no call; below half, a call tops the lease
+//! up while requests go on. Leased units are counted by the service when leased and dropped after
+//! `lease_ms` if unspent, so a lease never admits more than the service counted; but units counted
+//! in one window can be spent in the next. A worker holds at most `min(max_lease, remaining / 8)`
+//! units beyond its waiters' need, so in any window the instances together admit at most the
+//! limit plus instances × workers × that (tests/global_simulation.rs checks it).
 
 use super::proto::{Code, Response};
 
