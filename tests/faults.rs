@@ -219,11 +219,11 @@ fn lds_envoy(config: &str, upstream: u16, extra: &[&str]) -> (Envoy, std::path::
     let dir = TempDir::new();
     let lds_dir = dir.0.join("lds");
     std::fs::create_dir_all(&lds_dir).unwrap();
-    let (port, admin) = (free_port_for_test(), free_port_for_test());
-    let wasm = wasm_file();
+    let (port, admin) = (free_port(), free_port());
+    let wasm = wasm_path();
     let ld = lds_dir.clone();
     let listener = move |config: &str| lds_split(&render_config(config, port, admin, upstream, &wasm), &ld).1;
-    let (bootstrap, lds) = lds_split(&render_config(config, port, admin, upstream, &wasm_file()), &lds_dir);
+    let (bootstrap, lds) = lds_split(&render_config(config, port, admin, upstream, &wasm_path()), &lds_dir);
     std::fs::write(lds_dir.join("lds.yaml"), lds).unwrap();
     let envoy = Envoy::spawn_file(dir, &bootstrap, port, admin, 0, &[&["--disable-hot-restart"], extra].concat())
         .unwrap_or_else(|log| panic!("Envoy did not start:\n{log}"));
@@ -407,8 +407,8 @@ fn hot_restart_answers_requests_in_flight_and_the_new_epoch_serves_with_the_filt
     let mock = Mock::start(&["--latency-ms", "1000"]);
     let config = r#"{"name":"hot","bucket":{"capacity":2,"refill_rate":1,"burst_allowance":0},
         "priorities":{"NORMAL":{"max_wait_ms":20000}}}"#;
-    let (port, admin) = (free_port_for_test(), free_port_for_test());
-    let yaml = render_config(config, port, admin, mock.port, &wasm_file());
+    let (port, admin) = (free_port(), free_port());
+    let yaml = render_config(config, port, admin, mock.port, &wasm_path());
     let base_id = (std::process::id() % 40_000 + 1_000).to_string();
     let args = |epoch| {
         ["--base-id", &base_id, "--restart-epoch", epoch, "--drain-time-s", "10", "--parent-shutdown-time-s", "14"]

@@ -485,10 +485,6 @@ fn recorded_names(expr: &str) -> BTreeSet<String> {
     identifiers(expr).into_iter().map(|(id, _)| id).filter(|id| id.starts_with("llm_ratelimit:")).collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
-}
-
 fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()))
 }

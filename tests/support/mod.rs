@@ -14,7 +14,7 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
 }
 
@@ -30,7 +30,8 @@ fn envoy_bin() -> PathBuf {
     existing(&c, "envoy")
 }
 
-fn wasm_path() -> PathBuf {
+/// The built `.wasm` (also for configurations written by hand).
+pub fn wasm_path() -> PathBuf {
     existing(&[root().join("target/wasm32-wasip1/release/llm_ratelimit.wasm")], "the filter .wasm")
 }
 
@@ -130,20 +131,37 @@ impl Envoy {
 
     /// Starts Envoy and waits until it is ready, or returns its log if it exits or times out.
     pub fn spawn(o: &EnvoyOpts) -> Result<Envoy, String> {
-        let dir = TempDir::new();
         let (port, admin) = (free_port(), free_port());
         let yaml = render_config(o.filter_config, port, admin, o.upstream_port, &wasm_path());
         let yaml = o.edit.map_or(yaml.clone(), |edit| edit(yaml));
-        let cfg = dir.0.join("envoy.yaml");
+        let concurrency = o.concurrency.to_string();
+        let args = ["--concurrency", concurrency.as_str(), "--disable-hot-restart"];
+        Envoy::launch(TempDir::new(), &yaml, "envoy", port, admin, &args, |admin| {
+            get(&format!("http://127.0.0.1:{admin}/ready")).is_ok_and(|r| r.status == 200)
+        })
+    }
+
+    /// Writes `yaml` into `dir` as `<name>.yaml`, starts Envoy on it with `args`, and waits until
+    /// `ready(admin)`; returns its log if it exits first or takes over 30 s.
+    fn launch(
+        dir: TempDir,
+        yaml: &str,
+        name: &str,
+        port: u16,
+        admin: u16,
+        args: &[&str],
+        ready: impl Fn(u16) -> bool,
+    ) -> Result<Envoy, String> {
+        let cfg = dir.0.join(format!("{name}.yaml"));
         std::fs::write(&cfg, yaml).expect("write envoy.yaml");
-        let log = dir.0.join("envoy.log");
+        let log = dir.0.join(format!("{name}.log"));
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&cfg)
-            .args(["--concurrency", &o.concurrency.to_string(), "-l", "warning"])
-            .args(["--component-log-level", "wasm:info", "--disable-hot-restart"])
+            .args(["-l", "warning", "--component-log-level", "wasm:info"])
             // The log file is flushed every 10 s by default: too late for tests that read it.
             .args(["--file-flush-interval-msec", "100"])
+            .args(args)
             .arg("--log-path")
             .arg(&log)
             .stdout(Stdio::null())
@@ -156,7 +174,7 @@ impl Envoy {
             if let Ok(Some(_)) = envoy.child.try_wait() {
                 return Err(envoy.log());
             }
-            if get(&format!("http://127.0.0.1:{admin}/ready")).is_ok_and(|r| r.status == 200) {
+            if ready(admin) {
                 return Ok(envoy);
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -429,16 +447,6 @@ impl Drop for TempDir {
 
 // ---- Helpers for tests/faults.rs: Envoy from a whole config file, LDS from a file, hot restart.
 
-/// A free port on 127.0.0.1 (for configurations written by hand).
-pub fn free_port_for_test() -> u16 {
-    free_port()
-}
-
-/// The built `.wasm`, for configurations written by hand.
-pub fn wasm_file() -> PathBuf {
-    wasm_path()
-}
-
 impl Envoy {
     /// Starts Envoy on the configuration `yaml` (written into `dir`) with `extra` arguments
     /// (e.g. `--base-id`, `--restart-epoch`; add `--disable-hot-restart` unless hot restarting),
@@ -452,37 +460,14 @@ impl Envoy {
         epoch: u64,
         extra: &[&str],
     ) -> Result<Envoy, String> {
-        let cfg = dir.0.join(format!("envoy-{epoch}.yaml"));
-        std::fs::write(&cfg, yaml).expect("write envoy.yaml");
-        let log = dir.0.join(format!("envoy-{epoch}.log"));
-        let child = Command::new(envoy_bin())
-            .arg("-c")
-            .arg(&cfg)
-            .args(["--concurrency", "2", "-l", "warning", "--component-log-level", "wasm:info"])
-            .args(["--file-flush-interval-msec", "100"])
-            .args(extra)
-            .arg("--log-path")
-            .arg(&log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn envoy");
-        let mut envoy = Envoy { child, port, admin, log, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = envoy.child.try_wait() {
-                return Err(envoy.log());
-            }
+        let args: Vec<&str> = ["--concurrency", "2"].iter().chain(extra).copied().collect();
+        Envoy::launch(dir, yaml, &format!("envoy-{epoch}"), port, admin, &args, |admin| {
             let info = get(&format!("http://127.0.0.1:{admin}/server_info")).ok();
             let info = info.and_then(|r| serde_json::from_str::<serde_json::Value>(&r.body).ok());
-            if info.is_some_and(|i| {
+            info.is_some_and(|i| {
                 i["state"] == "LIVE" && i["command_line_options"]["restart_epoch"].as_u64().unwrap_or(0) == epoch
-            }) {
-                return Ok(envoy);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Err(envoy.log())
+            })
+        })
     }
 
     /// The process id (for /proc and signals).
