@@ -823,7 +823,7 @@ mod tests {
         let mut w = worker(json, 1);
         let at = |us: u64| T0 * MS + us * 1000;
         // The provider's gate says pass (its own cache is tested elsewhere).
-        let mut go = |w: &mut Worker, id, t: u64| {
+        let go = |w: &mut Worker, id, t: u64| {
             w.admit(&store, id, Priority::Normal, None, None, Gate::Pass, t).map(|d| d.admission)
         };
         assert!(matches!(go(&mut w, 1, at(0)), Ok(Admission::Pass { .. })));

@@ -24,10 +24,6 @@ impl Drop for Killed {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A redis-server on a free port, persistence off.
 fn redis() -> (Killed, u16) {
     let port = free_port();
@@ -93,16 +89,25 @@ const SHARED: &str = r#"{"name":"shared","bucket":{"capacity":100000,"refill_rat
 const HELD: &str = r#"{"name":"shared","bucket":{"capacity":100000,"refill_rate":100000},
     "queue":{"enabled":false},"global":{"cluster":"ratelimit","timeout_ms":1000,"failure_mode":"deny"}}"#;
 
-/// Clients on both Envoys as fast as they can, for `run`; returns per-status counts.
-fn saturate(urls: &[String], threads_each: usize, run: Duration) -> (usize, usize, Vec<String>) {
-    let end = Instant::now() + run;
-    let handles: Vec<_> = urls
-        .iter()
-        .flat_map(|u| std::iter::repeat_n(u.clone(), threads_each))
-        .map(|url| {
+/// `threads_each` clients per URL for `run`: as fast as they can (`rate` None), or paced to
+/// `rate` requests per second in all. Returns (admitted, refused, anything else). A refusal must
+/// be the gate's: `global_limit` with the reset of a 1 s window, or `global_unavailable`.
+fn clients(urls: &[String], threads_each: usize, rate: Option<f64>, run: Duration) -> (usize, usize, Vec<String>) {
+    let n = urls.len() * threads_each;
+    let every = rate.map(|r| Duration::from_secs_f64(n as f64 / r));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let url = urls[i % urls.len()].clone();
+            // Paced clients are spread evenly over one period.
+            let mut next = start + every.map_or(Duration::ZERO, |e| e.mul_f64(i as f64 / n as f64));
             std::thread::spawn(move || {
                 let (mut ok, mut limited, mut other) = (0, 0, Vec::new());
-                while Instant::now() < end {
+                while next < start + run && Instant::now() < start + run {
+                    if let Some(every) = every {
+                        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                        next += every;
+                    }
                     match chat(&url, &[]) {
                         Ok(r) if r.status == 200 => ok += 1,
                         Ok(r)
@@ -115,8 +120,10 @@ fn saturate(urls: &[String], threads_each: usize, run: Duration) -> (usize, usiz
                             let secs: u64 = r.header("retry-after").and_then(|s| s.parse().ok()).unwrap();
                             assert!((1..=2).contains(&secs), "retry-after {secs} for a 1 s window");
                             limited += 1;
-                            // A client that honours Retry-After at a tenth of it, like a busy one.
-                            std::thread::sleep(Duration::from_millis(20));
+                            if every.is_none() {
+                                // A client that honours Retry-After at a tenth of it, like a busy one.
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
                         }
                         Ok(r) => other.push(format!("{} {}", r.status, r.body)),
                         Err(e) => other.push(e),
@@ -142,7 +149,7 @@ fn two_envoys_share_one_limit_and_the_provider_sees_the_sum_held() {
     let b = envoy(HELD, &mock, rls_port);
     let urls = [a.url("/v1/chat/completions"), b.url("/v1/chat/completions")];
     // 3.9 s of saturation lies inside 4 windows of 1 s: the service admits at most 4 x 40.
-    let (ok, limited, other) = saturate(&urls, 4, Duration::from_millis(3900));
+    let (ok, limited, other) = clients(&urls, 4, None, Duration::from_millis(3900));
     assert!(other.is_empty(), "only 200s and 429s: {other:?}");
     let received = mock.received();
     assert_eq!(received as usize, ok, "every admitted request reached the provider");
@@ -170,7 +177,7 @@ fn leases_spare_the_round_trip_below_the_limit() {
     let (_rls, rls_port) = rls(redis_port, &limits, &dir);
     let mock = Mock::start(&[]);
     let e = envoy(SHARED, &mock, rls_port);
-    let (ok, limited, other) = saturate(&[e.url("/v1/chat/completions")], 2, Duration::from_millis(2500));
+    let (ok, limited, other) = clients(&[e.url("/v1/chat/completions")], 2, None, Duration::from_millis(2500));
     assert!(other.is_empty() && limited == 0, "{other:?} {limited}");
     let calls = e.stat("shared", "global.calls");
     println!("{ok} requests, {calls} calls to the service");
@@ -236,39 +243,6 @@ fn waiters_wait_for_the_global_reset_and_the_rest_get_its_retry_after() {
     assert_eq!(mock.received(), 3);
 }
 
-/// `rate` requests per second in all, spread over `threads` paced clients per URL, for `run`:
-/// (admitted, refused, anything else).
-fn paced(urls: &[String], threads_each: usize, rate: f64, run: Duration) -> (usize, usize, Vec<String>) {
-    let clients = urls.len() * threads_each;
-    let every = Duration::from_secs_f64(clients as f64 / rate);
-    let start = Instant::now();
-    let handles: Vec<_> = (0..clients)
-        .map(|i| {
-            let url = urls[i % urls.len()].clone();
-            let offset = every.mul_f64(i as f64 / clients as f64);
-            std::thread::spawn(move || {
-                let (mut ok, mut limited, mut other) = (0, 0, Vec::new());
-                let mut next = start + offset;
-                while next < start + run {
-                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
-                    next += every;
-                    match chat(&url, &[]) {
-                        Ok(r) if r.status == 200 => ok += 1,
-                        Ok(r) if r.status == 429 => limited += 1,
-                        Ok(r) => other.push(format!("{} {}", r.status, r.body)),
-                        Err(e) => other.push(e),
-                    }
-                }
-                (ok, limited, other)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).fold((0, 0, Vec::new()), |(a, b, mut c), (x, y, z)| {
-        c.extend(z);
-        (a + x, b + y, c)
-    })
-}
-
 #[test]
 fn the_shared_limit_holds_within_two_percent_at_several_offered_rates() {
     let dir = TempDir::new();
@@ -280,7 +254,7 @@ fn the_shared_limit_holds_within_two_percent_at_several_offered_rates() {
         let b = envoy(HELD, &mock, rls_port);
         // Ten windows of the service's 1 s: each admits at most 40.
         let urls = [a.url("/v1/chat/completions"), b.url("/v1/chat/completions")];
-        let (ok, limited, other) = paced(&urls, 4, offered, Duration::from_millis(9_900));
+        let (ok, limited, other) = clients(&urls, 4, Some(offered), Duration::from_millis(9_900));
         assert!(other.is_empty(), "{other:?}");
         let limit = 10 * 40;
         println!("offered {offered}/s for 9.9 s: admitted {ok} (limit {limit}), refused {limited}");
@@ -336,7 +310,7 @@ fn the_service_dying_mid_run_falls_back_and_the_limit_returns_with_it() {
     let e = envoy(&SHARED.replace(r#""timeout_ms":200"#, r#""timeout_ms":100"#), &mock, rls_port);
     let urls = [e.url("/v1/chat/completions")];
     // Held to 40/s while the service runs.
-    let (ok, ..) = paced(&urls, 4, 100.0, Duration::from_millis(1900));
+    let (ok, ..) = clients(&urls, 4, Some(100.0), Duration::from_millis(1900));
     assert!(ok <= 2 * 40 + 2, "{ok}");
     drop(service);
     // What the service said last (over limit until its reset) still holds; then, dead: each request is answered within the timeout plus a tick, by this instance's own
@@ -356,7 +330,7 @@ fn the_service_dying_mid_run_falls_back_and_the_limit_returns_with_it() {
     // Back on the same port: the limit holds again (after at most the 1 s local mode skips it).
     let (_service, _) = rls_on(redis_port, LIMITS, &dir, grpc);
     std::thread::sleep(Duration::from_millis(1200));
-    let (ok, limited, other) = paced(&urls, 4, 100.0, Duration::from_millis(2900));
+    let (ok, limited, other) = clients(&urls, 4, Some(100.0), Duration::from_millis(2900));
     assert!(other.is_empty(), "{other:?}");
     println!("after the restart: {ok} admitted, {limited} refused");
     assert!(ok <= 3 * 40 + 3 && limited > 0, "the global limit is back: {ok} admitted, {limited} refused");
