@@ -59,7 +59,7 @@ def envoy_bin():
     for p in (os.environ.get("ENVOY_BIN"), ROOT / ".venv/bin/envoy"):
         if p and Path(p).is_file():
             return str(p)
-    sys.exit("envoy not found: run `make demo` (scripts/setup.sh installs it) or set ENVOY_BIN")
+    sys.exit("envoy not found: run `make demo` or `make soak` (scripts/setup.sh installs it) or set ENVOY_BIN")
 
 
 ALERTMANAGER_PORT = None  # set by --monitoring

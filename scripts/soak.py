@@ -39,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pngplot  # noqa: E402
+# envoy/envoy.yaml rendered the way the demo (and tests/support/mod.rs) render it.
+from demo import envoy_bin, free_port, render_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WASM = ROOT / "target/wasm32-wasip1/release/llm_ratelimit.wasm"
@@ -74,38 +76,6 @@ WARMUP_SHARE, MAX_GROWTH = 0.20, 0.05
 # "panicked at") and any critical log line.
 FAILURE_PATTERNS = [r"panick", r"\bpanic\b", r"Wasm VM failed", r"VM failed", r"Plugin failed",
                     r"failed: Uncaught", r"RuntimeError", r"\]\[critical\]", r"wasm log.*critical"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def envoy_bin():
-    for p in (os.environ.get("ENVOY_BIN"), ROOT / ".venv/bin/envoy"):
-        if p and Path(p).is_file():
-            return str(p)
-    sys.exit("envoy not found: run `make soak` (scripts/setup.sh installs it) or set ENVOY_BIN")
-
-
-def render_config(filter_json, port, admin, upstream):
-    """envoy/envoy.yaml with our ports, the .wasm and the filter JSON on each filter line, keeping
-    the line's "role" (the substitution tests/support/mod.rs and scripts/demo.py make)."""
-    out = []
-    for line in (ROOT / "envoy/envoy.yaml").read_text().splitlines():
-        body = line.lstrip()
-        if body.startswith("value: '{") and body.endswith("'"):
-            indent = line[: len(line) - len(body)]
-            config = dict(json.loads(filter_json), role=json.loads(body[len("value: '"):-1])["role"])
-            line = f"{indent}value: '{json.dumps(config)}'"
-        else:
-            line = (line.replace("port_value: 10000", f"port_value: {port}")
-                        .replace("port_value: 9901", f"port_value: {admin}")
-                        .replace("port_value: 9000", f"port_value: {upstream}")
-                        .replace("target/wasm32-wasip1/release/llm_ratelimit.wasm", str(WASM)))
-        out.append(line)
-    return "\n".join(out)
 
 
 def admin_get(admin, path, timeout=5):
