@@ -6,6 +6,7 @@
 //! the table.
 
 mod support;
+use std::path::Path;
 use std::time::{Duration, Instant};
 use support::*;
 
@@ -234,6 +235,14 @@ fn lds_counter(envoy: &Envoy, name: &str) -> u64 {
     envoy.stats().get(&format!("listener_manager.lds.{name}")).copied().unwrap_or(0)
 }
 
+/// Pushes `listener` through the watched LDS file and waits until Envoy counts it in `outcome`
+/// (`update_success` or `update_rejected`).
+fn push_listener(envoy: &Envoy, lds_dir: &Path, listener: &str, outcome: &str) -> bool {
+    let before = lds_counter(envoy, outcome);
+    replace_file(lds_dir, "lds.yaml", listener);
+    eventually(Duration::from_secs(10), || lds_counter(envoy, outcome) > before)
+}
+
 /// Requests that reached `provider`'s NORMAL admission so far: admitted at once, queued, refused.
 fn arrivals(envoy: &Envoy, provider: &str) -> u64 {
     let stat = |name: &str| envoy.stat(provider, &format!("priority.normal.{name}"));
@@ -279,12 +288,7 @@ fn a_reload_while_requests_wait_answers_every_waiter_and_new_requests_follow_the
     let t0 = epoch_ms();
     let (waiters, fresh) = std::thread::scope(|s| {
         let (hs, _) = start_waiters(s, 4, &url, &envoy, "reload");
-        let before = lds_counter(&envoy, "update_success");
-        replace_file(&lds_dir, "lds.yaml", &listener(FAST_BUCKET));
-        assert!(
-            eventually(Duration::from_secs(10), || lds_counter(&envoy, "update_success") > before),
-            "no LDS update"
-        );
+        assert!(push_listener(&envoy, &lds_dir, &listener(FAST_BUCKET), "update_success"), "no LDS update");
         let reloaded = epoch_ms();
         // 8 new requests one after the other: at the new 5/s they take about 1.6 s, at the old
         // 0.5/s they would take 16 s.
@@ -322,12 +326,7 @@ fn a_drain_shorter_than_the_wait_closes_the_old_waiters_connections() {
     let t0 = epoch_ms();
     let (waiters, reloaded) = std::thread::scope(|s| {
         let (hs, _) = start_waiters(s, 4, &url, &envoy, "reload");
-        let before = lds_counter(&envoy, "update_success");
-        replace_file(&lds_dir, "lds.yaml", &listener(FAST_BUCKET));
-        assert!(
-            eventually(Duration::from_secs(10), || lds_counter(&envoy, "update_success") > before),
-            "no LDS update"
-        );
+        assert!(push_listener(&envoy, &lds_dir, &listener(FAST_BUCKET), "update_success"), "no LDS update");
         let reloaded = epoch_ms();
         (hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(), reloaded)
     });
@@ -363,9 +362,7 @@ fn a_reload_with_an_unknown_provider_is_accepted_by_name_and_refused_by_style() 
     assert_eq!(chat(&url, &[]).unwrap().status, 200);
 
     let acme = r#"{"name":"acme-llm-9","bucket":{"capacity":5,"refill_rate":5,"burst_allowance":0}}"#;
-    let before = lds_counter(&envoy, "update_success");
-    replace_file(&lds_dir, "lds.yaml", &listener(acme));
-    assert!(eventually(Duration::from_secs(10), || lds_counter(&envoy, "update_success") > before), "not accepted");
+    assert!(push_listener(&envoy, &lds_dir, &listener(acme), "update_success"), "not accepted");
     assert_eq!(lds_counter(&envoy, "update_rejected"), 0);
     assert_eq!(chat(&url, &[]).unwrap().status, 200);
     assert_eq!(envoy.stat("acme-llm-9", "priority.normal.admitted"), 1);
