@@ -96,6 +96,19 @@ fn error_body() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// `bytes` cut at the places `cuts` picks (sorted; empty pieces included).
+fn cut<'a>(bytes: &'a [u8], cuts: &[proptest::sample::Index]) -> Vec<&'a [u8]> {
+    let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+    at.sort_unstable();
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for end in at.into_iter().chain([bytes.len()]) {
+        chunks.push(&bytes[start..end]);
+        start = end;
+    }
+    chunks
+}
+
 proptest! {
     #![proptest_config(config(400))]
 
@@ -351,14 +364,7 @@ proptest! {
         bytes in prop_oneof![3 => stream(), 1 => proptest::collection::vec(any::<u8>(), 0..200)],
         cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..12),
     ) {
-        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
-        at.sort_unstable();
-        let mut chunks = Vec::new();
-        let mut start = 0;
-        for end in at.into_iter().chain([bytes.len()]) {
-            chunks.push(&bytes[start..end]);
-            start = end;
-        }
+        let chunks = cut(&bytes, &cuts);
         prop_assert_eq!(read_stream(chunks), read_stream([&bytes[..]]));
         let _ = usage::from_body(&bytes);
     }
@@ -491,14 +497,7 @@ proptest! {
             "response": {"output": text, "usage": {"input_tokens": input, "output_tokens": output}, "user": "u"},
         });
         let bytes = format!("event: response.completed\ndata: {data}\n\ndata: [DONE]\n\n").into_bytes();
-        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
-        at.sort_unstable();
-        let mut chunks = Vec::new();
-        let mut start = 0;
-        for end in at.into_iter().chain([bytes.len()]) {
-            chunks.push(&bytes[start..end]);
-            start = end;
-        }
+        let chunks = cut(&bytes, &cuts);
         let expected = Some(Usage { input, output });
         prop_assert_eq!(read_stream([&bytes[..]]).0, expected);
         prop_assert_eq!(read_stream(chunks).0, expected);
