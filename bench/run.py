@@ -465,6 +465,12 @@ def fmt(x, digits=0):
     return f"{x:,.{digits}f}"
 
 
+def series(r):
+    """One configuration's repetitions: throughputs, p50s, p99s, and the median non-2xx share."""
+    return ([x["rps"] for x in r["tput"]], [x["p50_us"] for x in r["lat"]], [x["p99_us"] for x in r["lat"]],
+            med([x["non2xx"] / max(1, x["requests"]) for x in r["tput"]]))
+
+
 def ratio(x, y):
     if x is None or not y:
         return "–"
@@ -957,10 +963,7 @@ def report(res, m, elapsed):
                 if not key:
                     continue
                 r = res[key]
-                t = [x["rps"] for x in r["tput"]]
-                p50 = [x["p50_us"] for x in r["lat"]]
-                p99 = [x["p99_us"] for x in r["lat"]]
-                non2 = med([x["non2xx"] / max(1, x["requests"]) for x in r["tput"]])
+                t, p50, p99, _ = series(r)
                 fig[(path, kind)] = (med(t), med(p50), med(p99))
         for path in ("admit", "reject"):
             a = fig.get((path, "a"))
@@ -972,10 +975,7 @@ def report(res, m, elapsed):
                 key = f"{upstream}/{path}/{kind}" if kind != "a" else f"{upstream}/admit/a"
                 r = res[key]
                 t, p50, p99 = fig[(path, kind)]
-                ts = [x["rps"] for x in r["tput"]]
-                p50s = [x["p50_us"] for x in r["lat"]]
-                p99s = [x["p99_us"] for x in r["lat"]]
-                non2 = med([x["non2xx"] / max(1, x["requests"]) for x in r["tput"]])
+                ts, p50s, p99s, non2 = series(r)
                 w(f"| {path} | {NAMES[kind]} | {fmt(t)}{spread(ts)} | {ratio(t, a[0])} | {ratio(t, b[0])} | "
                   f"{ratio(t, wf[0]) if wf and kind in ('c', 't') else '–'} | "
                   f"{fmt(p50)}{spread(p50s)} | {fmt(p99)}{spread(p99s)} | {ratio(p99, a[2])} | "
@@ -1164,17 +1164,12 @@ def report(res, m, elapsed):
             r = res.get(f"global/admit/{kind}")
             if not r:
                 continue
-            ts = [x["rps"] for x in r["tput"]]
-            p50s = [x["p50_us"] for x in r["lat"]]
-            p99s = [x["p99_us"] for x in r["lat"]]
+            ts, p50s, p99s, _ = series(r)
             gf[kind] = (med(ts), med(p50s), med(p99s))
         base = gf.get("c")
         for kind, (t, p50, p99) in gf.items():
             r = res[f"global/admit/{kind}"]
-            ts = [x["rps"] for x in r["tput"]]
-            p50s = [x["p50_us"] for x in r["lat"]]
-            p99s = [x["p99_us"] for x in r["lat"]]
-            non2 = med([x["non2xx"] / max(1, x["requests"]) for x in r["tput"]])
+            ts, p50s, p99s, non2 = series(r)
             w(f"| {NAMES[kind]} | {fmt(t)}{spread(ts)} | {ratio(t, base[0]) if base else '–'} | "
               f"{fmt(p50)}{spread(p50s)} | {fmt(p99)}{spread(p99s)} | {ratio(p99, base[2]) if base else '–'} | "
               f"{fmt(p99 - base[2]) if base and kind != 'c' else '–'} | {non2:.1%} |")
