@@ -352,10 +352,6 @@ def provider_exhaustion(port, admin, mock):
         th.join(REQUEST_TIMEOUT_S + 2)
     mock_stats = json.loads(http_get(mock, "/mock/stats"))
     waited = [r["queued_ms"] for r in results if r["status"] == 200 and r["queued_ms"] is not None]
-    reasons = {}
-    for r in results:
-        if r["status"] == 429:
-            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     stats = {line.split(": ")[0].rsplit(".", 1)[-1]: line.split(": ")[1]
              for line in http_get(admin, "/stats?filter=llm_ratelimit.provider.demo.(throttled|upstream_429|breaker)")
              .splitlines() if ": " in line}
@@ -363,7 +359,7 @@ def provider_exhaustion(port, admin, mock):
     print(f"   sent {sent}: {sum(r['status'] == 200 for r in results)} answered 200 "
           f"({len(waited)} of them after waiting for the provider's reset, p50 {pct(waited, 0.5)} ms), "
           f"{sum(r['status'] == 429 for r in results)} refused at once "
-          f"({', '.join(f'{n} {k}' for k, n in sorted(reasons.items())) or 'none'}), each with a Retry-After")
+          f"({refusals(results)}), each with a Retry-After")
     print(f"   the provider received {mock_stats['requests']} requests and answered {mock_stats['rate_limited']} "
           f"of them with 429; without the filter all {sent} would have reached it, "
           f"at least {max(0, sent - 2 * PROVIDER_QUOTA)} of them into an exhausted window")
@@ -402,6 +398,29 @@ def llm_call(port, kind):
             "ms": int((time.monotonic() - sent) * 1000)}
 
 
+def refusals(rs):
+    """The local 429s' reasons among results `rs`, as "12 expired, 3 queue_full" (or "none")."""
+    reasons = {}
+    for r in rs:
+        if r["status"] == 429:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(reasons.items())) or "none"
+
+
+def on_schedule(schedule):
+    """Calls each `(at_s, fn, args)` of `schedule` (in time order) on its own thread at `at_s`
+    seconds from now, waits for them all, and returns the seconds it took."""
+    threads, start = [], time.monotonic()
+    for at, fn, args in schedule:
+        time.sleep(max(0.0, at - (time.monotonic() - start)))
+        th = threading.Thread(target=fn, args=args, daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join(REQUEST_TIMEOUT_S + 2)
+    return time.monotonic() - start
+
+
 def token_limits(procs, tmp, mock):
     """A batch job of large prompts (LOW) beside interactive requests (HIGH) against a token
     limit: the batch is held to what the token bucket allows, interactive traffic keeps flowing."""
@@ -415,34 +434,22 @@ def token_limits(procs, tmp, mock):
           f"requests of ~250")
     print(f"    {json.dumps(TOKENS_FILTER)}")
     results = {"batch": [], "interactive": []}
-    lock, threads, start = threading.Lock(), [], time.monotonic()
+    lock = threading.Lock()
 
     def one(name, kind):
         r = llm_call(port, kind)
         with lock:
             results[name].append(r)
 
-    schedule = sorted([(i / BATCH["rate"], "batch", BATCH) for i in range(BATCH["rate"] * ACT3_S)]
-                      + [(i / INTERACTIVE["rate"], "interactive", INTERACTIVE)
-                         for i in range(INTERACTIVE["rate"] * ACT3_S)], key=lambda x: x[0])
-    for at, name, kind in schedule:
-        time.sleep(max(0.0, at - (time.monotonic() - start)))
-        th = threading.Thread(target=one, args=(name, kind), daemon=True)
-        th.start()
-        threads.append(th)
-    for th in threads:
-        th.join(REQUEST_TIMEOUT_S + 2)
-    elapsed = time.monotonic() - start
+    elapsed = on_schedule(sorted([(i / BATCH["rate"], one, ("batch", BATCH)) for i in range(BATCH["rate"] * ACT3_S)]
+                                 + [(i / INTERACTIVE["rate"], one, ("interactive", INTERACTIVE))
+                                    for i in range(INTERACTIVE["rate"] * ACT3_S)], key=lambda x: x[0]))
     for name in ("interactive", "batch"):
         rs = results[name]
         ok = [r["ms"] for r in rs if r["status"] == 200]
-        reasons = {}
-        for r in rs:
-            if r["status"] == 429:
-                reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
         print(f"   {name:11} sent {len(rs)}: {len(ok)} answered 200 (latency p50 {pct(ok, 0.5)} ms, "
               f"p99 {pct(ok, 0.99)} ms), {sum(r['status'] == 429 for r in rs)} refused "
-              f"({', '.join(f'{n} {k}' for k, n in sorted(reasons.items())) or 'none'})")
+              f"({refusals(rs)})")
     served = json.loads(http_get(mock, "/mock/stats"))
     tokens = served["tokens_input"] + served["tokens_output"]
     allowed = t["capacity"] + t["burst_allowance"] + t["refill_rate"] * elapsed
@@ -516,29 +523,18 @@ def shared_limit(procs, tmp, mock):
           f"{ACT4_RATE}/s sent to each for {ACT4_S} s")
     print(f"    {json.dumps(SHARED_FILTER)}")
     results = {0: [], 1: []}
-    lock, threads, start = threading.Lock(), [], time.monotonic()
+    lock = threading.Lock()
 
     def one(i, port):
         r = llm_call(port, INTERACTIVE)
         with lock:
             results[i].append(r)
 
-    for n in range(ACT4_RATE * ACT4_S):
-        for i, (port, _, _) in enumerate(envoys):
-            time.sleep(max(0.0, n / ACT4_RATE - (time.monotonic() - start)))
-            th = threading.Thread(target=one, args=(i, port), daemon=True)
-            th.start()
-            threads.append(th)
-    for th in threads:
-        th.join(REQUEST_TIMEOUT_S + 2)
-    elapsed = time.monotonic() - start
+    elapsed = on_schedule([(n / ACT4_RATE, one, (i, port)) for n in range(ACT4_RATE * ACT4_S)
+                           for i, (port, _, _) in enumerate(envoys)])
     for i, rs in results.items():
-        reasons = {}
-        for r in rs:
-            if r["status"] == 429:
-                reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
         print(f"   Envoy {'ab'[i]}: sent {len(rs)}, {sum(r['status'] == 200 for r in rs)} admitted, refused: "
-              f"{', '.join(f'{n} {k}' for k, n in sorted(reasons.items())) or 'none'}")
+              f"{refusals(rs)}")
     received = json.loads(http_get(mock, "/mock/stats"))["requests"]
     most = SHARED_LIMIT * (int(elapsed) + 1)
     print(f"   the provider received {received} in {elapsed:.1f} s: at most {most} allowed "
