@@ -341,6 +341,11 @@ impl Worker {
         self.gate_and_mode(store, now_ms).map(|(g, _)| g)
     }
 
+    /// Another filter of this worker learned from the provider: the state cached here is stale.
+    pub fn forget_provider(&self) {
+        self.provider_seen.set(None);
+    }
+
     /// Like `gate`, and the breaker's new position when this call moved it.
     pub fn gate_and_mode(&self, store: &impl Store, now_ms: u64) -> Result<(Gate, Option<Mode>), Status> {
         if let Some((s, seen_ms)) = self.provider_seen.get() {

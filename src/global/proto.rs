@@ -213,11 +213,7 @@ pub fn decode_response(b: &[u8]) -> Result<Response, &'static str> {
     while let Some(field) = f.next() {
         match field? {
             (1, Value::Int(v)) => r.overall = Code::from(v),
-            (2, Value::Bytes(s)) => {
-                if r.statuses.len() < MAX_STATUSES {
-                    r.statuses.push(status(s)?);
-                }
-            }
+            (2, Value::Bytes(s)) if r.statuses.len() < MAX_STATUSES => r.statuses.push(status(s)?),
             _ => {}
         }
     }

@@ -165,9 +165,13 @@ pub fn resume_response(context_id: u32) -> Result<(), Status> {
 
 /// Answers the current request locally with `status`, `headers` and `body`.
 pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), Status> {
-    let map = serialize_headers(headers);
+    send_serialized(status, &serialize_headers(headers), body)
+}
+
+/// `send_response` with headers already in the ABI's encoding (`serialize_headers`).
+pub fn send_serialized(status: u32, headers: &[u8], body: &[u8]) -> Result<(), Status> {
     check(unsafe {
-        proxy_send_local_response(status, null(), 0, body.as_ptr(), body.len(), map.as_ptr(), map.len(), -1)
+        proxy_send_local_response(status, null(), 0, body.as_ptr(), body.len(), headers.as_ptr(), headers.len(), -1)
     })
 }
 
@@ -319,7 +323,7 @@ fn deserialize_headers(b: &[u8]) -> Option<Vec<(String, String)>> {
 
 /// proxy-wasm header map encoding: count, then (key size, value size) pairs, then each key and
 /// value followed by a NUL.
-fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
+pub fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + headers.iter().map(|(k, v)| 10 + k.len() + v.len()).sum::<usize>());
     out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
     for (k, v) in headers {

@@ -6,15 +6,14 @@
 //! panic kills the worker's VM. Here a callback for an unknown context gets the neutral answer
 //! (`Continue`, `true`) and nothing else happens.
 //!
-//! Contexts live in vector-backed maps: root contexts (one per plugin; the listener filter and the
-//! cluster's observer may share a VM) by context id, and each request by its id, created by the
-//! root named as its parent. A context is taken out of its map for the length of its callback, so
+//! Contexts live in vector-backed tables: root contexts (one per plugin; the listener filter and
+//! the cluster's observer may share a VM) by context id, and each request by its id, created by the
+//! root named as its parent. A context is taken out of its slot for the length of its callback, so
 //! no borrow is held while our code runs and a reentrant call cannot trip over one.
 
 use super::root::Root;
-use crate::idmap::IdMap;
-use std::cell::Cell;
-use std::thread::LocalKey;
+use super::vm_local::VmLocal;
+use std::cell::RefCell;
 
 /// What a stream callback tells the host: go on with the stream, or hold it until
 /// `proxy_continue_stream`.
@@ -97,28 +96,70 @@ pub trait HttpContext: Context {
     }
 }
 
-type Contexts<V> = LocalKey<Cell<IdMap<V>>>;
-
-// The VM runs one thread; `Cell` take/set has no borrow flag, so no panic path.
-thread_local! {
-    static ROOTS: Cell<IdMap<Root>> = const { Cell::new(IdMap::new()) };
-    static HTTP: Cell<IdMap<Box<dyn HttpContext>>> = const { Cell::new(IdMap::new()) };
+/// Contexts by id. A context is taken out of its slot for the length of its callback and put
+/// back after, so no borrow of the table is held while our code runs: a reentrant callback (the
+/// host answering a local reply, or resuming another request, synchronously) finds the slot
+/// empty and gets the neutral answer.
+struct Table<V> {
+    slots: RefCell<Vec<(u32, Option<V>)>>,
 }
 
-fn update<V, R>(map: &'static Contexts<V>, f: impl FnOnce(&mut IdMap<V>) -> R) -> R {
-    map.with(|cell| {
-        let mut m = cell.take();
-        let r = f(&mut m);
-        cell.set(m);
-        r
-    })
+impl<V> Table<V> {
+    const fn new() -> Self {
+        Table { slots: RefCell::new(Vec::new()) }
+    }
+
+    /// Runs `f` on the slots; `neutral` if they are borrowed (they never are: every borrow ends
+    /// within one of these methods, none of which calls out).
+    fn slots<R>(&self, neutral: R, f: impl FnOnce(&mut Vec<(u32, Option<V>)>) -> R) -> R {
+        match self.slots.try_borrow_mut() {
+            Ok(mut s) => f(&mut s),
+            Err(_) => neutral,
+        }
+    }
+
+    fn contains(&self, id: u32) -> bool {
+        self.slots(false, |s| s.iter().any(|(k, _)| *k == id))
+    }
+
+    fn insert(&self, id: u32, value: V) {
+        self.slots((), |s| match s.iter_mut().find(|(k, _)| *k == id) {
+            Some((_, v)) => *v = Some(value),
+            None => s.push((id, Some(value))),
+        })
+    }
+
+    fn take(&self, id: u32) -> Option<V> {
+        self.slots(None, |s| s.iter_mut().find(|(k, _)| *k == id)?.1.take())
+    }
+
+    /// Puts a taken context back, unless its slot went meanwhile (deleted while it ran).
+    fn put(&self, id: u32, value: V) {
+        let gone = self.slots(None, |s| match s.iter_mut().find(|(k, _)| *k == id) {
+            Some((_, v)) => v.replace(value),
+            None => Some(value),
+        });
+        drop(gone); // outside the borrow
+    }
+
+    /// Frees the slot; whether there was one.
+    fn remove(&self, id: u32) -> bool {
+        let gone = self.slots(None, |s| {
+            let i = s.iter().position(|(k, _)| *k == id)?;
+            Some(s.swap_remove(i))
+        });
+        gone.is_some() // dropped outside the borrow
+    }
 }
 
-/// Runs `f` on context `id`, taken out of `map` meanwhile; `neutral` if there is no such context.
-fn with<V, R>(map: &'static Contexts<V>, id: u32, neutral: R, f: impl FnOnce(&mut V) -> R) -> R {
-    let Some(mut ctx) = update(map, |m| m.remove(&id)) else { return neutral };
+static ROOTS: VmLocal<Table<Root>> = VmLocal::new(Table::new());
+static HTTP: VmLocal<Table<Box<dyn HttpContext>>> = VmLocal::new(Table::new());
+
+/// Runs `f` on context `id`, taken out of `table` meanwhile; `neutral` if there is no such context.
+fn with<V, R>(table: &Table<V>, id: u32, neutral: R, f: impl FnOnce(&mut V) -> R) -> R {
+    let Some(mut ctx) = table.take(id) else { return neutral };
     let r = f(&mut ctx);
-    update(map, |m| m.insert(id, ctx));
+    table.put(id, ctx);
     r
 }
 
@@ -146,11 +187,9 @@ pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
 pub extern "C" fn proxy_on_context_create(context_id: u32, parent_context_id: u32) {
     if parent_context_id == 0 {
         // A root context created twice (the host restarting a plugin) keeps its state.
-        update(&ROOTS, |m| {
-            if !m.contains_key(&context_id) {
-                m.insert(context_id, Root::new(context_id));
-            }
-        });
+        if !ROOTS.contains(context_id) {
+            ROOTS.insert(context_id, Root::new(context_id));
+        }
         return;
     }
     let ctx = with(&ROOTS, parent_context_id, None, |root| match root.get_type() {
@@ -160,7 +199,7 @@ pub extern "C" fn proxy_on_context_create(context_id: u32, parent_context_id: u3
     // No context (unknown parent, or a root without a configuration): the request's callbacks
     // all get the neutral answer, so it passes unfiltered.
     if let Some(ctx) = ctx {
-        update(&HTTP, |m| m.insert(context_id, ctx));
+        HTTP.insert(context_id, ctx);
     }
 }
 
@@ -230,8 +269,8 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
 
 #[no_mangle]
 pub extern "C" fn proxy_on_delete(context_id: u32) {
-    if update(&HTTP, |m| m.remove(&context_id)).is_none() {
-        update(&ROOTS, |m| m.remove(&context_id));
+    if !HTTP.remove(context_id) {
+        ROOTS.remove(context_id);
     }
 }
 

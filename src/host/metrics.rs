@@ -3,26 +3,23 @@
 //! `stats_tags` in `envoy/` turn them into Prometheus labels.
 
 use super::abi::{self, Metric};
+use super::vm_local::VmLocal;
 use crate::priority::Priority;
 use std::cell::RefCell;
 
-thread_local! {
-    /// Counter increments not yet written: (metric id, amount). Counters are written on the next
-    /// tick, not on every request (a host call each); they lag by at most one `tick_ms`. A VM
-    /// runs on one worker thread, so this is per worker VM.
-    static PENDING: RefCell<Pending> = const { RefCell::new(Vec::new()) };
-}
+/// Counter increments not yet written: (metric id, amount). Counters are written on the next
+/// tick, not on every request (a host call each); they lag by at most one `tick_ms`. A VM runs on
+/// one worker thread, so this is per worker VM.
+static PENDING: VmLocal<RefCell<Pending>> = VmLocal::new(RefCell::new(Vec::new()));
 
 /// Counter increments: (metric id, amount).
 type Pending = Vec<(u32, u64)>;
 
 /// Runs `f` on the pending increments (one non-generic access: each `with` is code).
 fn with_pending(f: &mut dyn FnMut(&mut Pending)) {
-    PENDING.with(|p| {
-        if let Ok(mut p) = p.try_borrow_mut() {
-            f(&mut p);
-        }
-    });
+    if let Ok(mut p) = PENDING.try_borrow_mut() {
+        f(&mut p);
+    }
 }
 
 /// Writes every pending counter increment (each tick).

@@ -11,6 +11,7 @@ mod metrics;
 mod request;
 mod root;
 mod shared;
+mod vm_local;
 mod worker;
 
 extern "C" {

@@ -136,9 +136,7 @@ impl Request {
         if r.reason == crate::reply::Reason::TooLarge {
             self.w.metrics.tokens.too_large.inc();
         }
-        let (status, headers, body) = self.w.limited(r);
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        match abi::send_response(status, &headers, body.as_bytes()) {
+        match self.w.send_limited(r) {
             Ok(()) => {
                 self.answered = true;
                 Action::Pause
@@ -296,7 +294,7 @@ impl Request {
     fn decide(&mut self, now: u64) -> Action {
         let w = self.w.clone();
         let now_ms = now / NANOS_PER_MS;
-        let gate = match w.with_core(|w| w.gate_and_mode(&SharedData, now_ms)) {
+        let gate = match w.gate_and_mode(now_ms) {
             Ok((g, moved)) => {
                 if let Some(mode) = moved {
                     w.breaker_moved(mode, now_ms);

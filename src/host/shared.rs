@@ -1,17 +1,16 @@
 //! Envoy's shared data as the core's `Store`.
 
 use super::abi;
+use super::vm_local::VmLocal;
 use crate::store::{Status, Store, CAS_MISMATCH};
 use std::cell::Cell;
 
-thread_local! {
-    /// Writes that lost their compare-and-swap in this worker VM since the last tick read it.
-    static CONFLICTS: Cell<u64> = const { Cell::new(0) };
-}
+/// Writes that lost their compare-and-swap in this worker VM since the last tick read it.
+static CONFLICTS: VmLocal<Cell<u64>> = VmLocal::new(Cell::new(0));
 
 /// The lost compare-and-swaps since the last call (each tick adds them to a counter).
 pub fn take_conflicts() -> u64 {
-    CONFLICTS.with(|c| c.replace(0))
+    CONFLICTS.replace(0)
 }
 
 /// The host's process-wide shared data.
@@ -24,7 +23,7 @@ impl Store for SharedData {
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
         let written = abi::set_shared(key, value, cas);
         if written == Err(CAS_MISMATCH) {
-            CONFLICTS.with(|c| c.set(c.get() + 1));
+            CONFLICTS.set(CONFLICTS.get() + 1);
         }
         written
     }

@@ -5,6 +5,7 @@
 use super::abi;
 use super::metrics::Metrics;
 use super::shared::SharedData;
+use super::vm_local::VmLocal;
 use crate::admission::Need;
 use crate::alert::{self, Event};
 use crate::breaker::{Mode, Verdict};
@@ -85,6 +86,29 @@ pub struct WorkerContext {
     pub global: Option<super::global::GlobalHost>,
     /// The root context's id: calls are made from it.
     pub root_id: Cell<u32>,
+    /// The last local 429 sent.
+    last_429: Cell<Option<Reply429>>,
+    /// `PROVIDER_NEWS` as this filter last saw it.
+    provider_news: Cell<u64>,
+    /// The `Retry-After` last sampled into `retry_after_s` this tick.
+    sampled_retry_after: Cell<Option<u64>>,
+}
+
+/// Bumped whenever a filter of this VM learns from a provider answer that restricts admission
+/// (a 429, an exhausted or low quota, a trip, a probe's answer). The observer upstream and the
+/// admission filter share the worker's VM but not their cores: this is how the admission filter
+/// knows that the provider state it cached for a millisecond is stale.
+static PROVIDER_NEWS: VmLocal<Cell<u64>> = VmLocal::new(Cell::new(0));
+
+/// What a local 429 says depends on: class, reason, wait, remaining, retry, queued time.
+type Reply429Key = (Priority, reply::Reason, u64, u64, bool, Option<u64>);
+
+/// A local 429, serialized: refusals within the same millisecond say the same, so the last one
+/// is kept and sent again.
+struct Reply429 {
+    key: Reply429Key,
+    headers: Vec<u8>,
+    body: String,
 }
 
 impl WorkerContext {
@@ -116,6 +140,9 @@ impl WorkerContext {
             shed_minute: Cell::new((0, 0)),
             global: c.global.as_ref().map(super::global::GlobalHost::new),
             root_id: Cell::new(0),
+            last_429: Cell::new(None),
+            provider_news: Cell::new(0),
+            sampled_retry_after: Cell::new(None),
             core: RefCell::new(core),
         }
     }
@@ -128,6 +155,18 @@ impl WorkerContext {
     /// `REENTERED`, handled like any failed host call.
     pub fn with_core<R>(&self, f: impl FnOnce(&Worker) -> Result<R, Status>) -> Result<R, Status> {
         self.core.try_borrow().map_err(|_| REENTERED).and_then(|w| f(&w))
+    }
+
+    /// What the provider's last answers allow a request to do now (the core's `gate_and_mode`),
+    /// first forgetting the cached provider state if a filter of this VM learned since.
+    pub fn gate_and_mode(&self, now_ms: u64) -> Result<(crate::breaker::Gate, Option<Mode>), Status> {
+        self.with_core(|w| {
+            let news = PROVIDER_NEWS.get();
+            if self.provider_news.replace(news) != news {
+                w.forget_provider();
+            }
+            w.gate_and_mode(&SharedData, now_ms)
+        })
     }
 
     /// Publishes process-wide queue depths and the bucket level (only when it changed).
@@ -149,18 +188,35 @@ impl WorkerContext {
         }
     }
 
-    /// The local 429 for `r`, as status, headers and body.
-    pub fn limited(&self, r: &Refusal) -> (u32, Vec<(&'static str, String)>, String) {
+    /// Answers the current request with the local 429 for `r`.
+    pub fn send_limited(&self, r: &Refusal) -> Result<(), abi::Status> {
         let wait_ms = r.wait_ns.div_ceil(NANOS_PER_MS);
-        self.metrics.provider.retry_after_s.record(reply::retry_after_secs(wait_ms));
+        let secs = reply::retry_after_secs(wait_ms);
+        // A storm of refusals says the same few values: each is sampled once per tick.
+        if self.sampled_retry_after.replace(Some(secs)) != Some(secs) {
+            self.metrics.provider.retry_after_s.record(secs);
+        }
+        let remaining = (r.tokens - self.floors[r.class.index()]).max(0.0) as u64;
+        let key = (r.class, r.reason, wait_ms, remaining, r.retry, r.queued_ms);
+        // Taken out while the host runs (it may call back into this worker), put back after.
+        let reply = match self.last_429.take() {
+            Some(last) if last.key == key => last,
+            _ => self.limited(r, key, wait_ms, remaining),
+        };
+        let sent = abi::send_serialized(429, &reply.headers, reply.body.as_bytes());
+        self.last_429.set(Some(reply));
+        sent
+    }
+
+    /// The local 429 for `r`.
+    fn limited(&self, r: &Refusal, key: Reply429Key, wait_ms: u64, remaining: u64) -> Reply429 {
         let c = &self.config;
-        let floor = self.floors[r.class.index()];
-        let (status, mut headers, body) = reply::too_many_requests(&Limited {
+        let (_, mut headers, body) = reply::too_many_requests(&Limited {
             name: &c.name,
             priority: r.class,
             reason: r.reason,
             wait_ms,
-            remaining: (r.tokens - floor).max(0.0) as u64,
+            remaining,
             quota: c.bucket.capacity,
             window_s: self.window_s,
             retry: r.retry,
@@ -168,15 +224,13 @@ impl WorkerContext {
         if let Some(ms) = r.queued_ms {
             headers.push(("x-ratelimit-queued-ms", ms.to_string()));
         }
-        (status, headers, body)
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Reply429 { key, headers: abi::serialize_headers(&pairs), body }
     }
 
     /// Answers a waiting request (not the current one) with a local 429.
     pub(super) fn refuse_waiter(&self, r: &Refusal) {
-        let (status, headers, body) = self.limited(r);
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let sent = abi::set_effective_context(r.id).and_then(|_| abi::send_response(status, &headers, body.as_bytes()));
-        if let Err(s) = sent {
+        if let Err(s) = abi::set_effective_context(r.id).and_then(|_| self.send_limited(r)) {
             log::debug!("llm-ratelimit: #{} cannot answer the waiting request: status {s}", r.id);
         }
     }
@@ -325,6 +379,7 @@ impl WorkerContext {
 
     /// One tick of this worker: held responses first, then the queue, then the counters.
     pub fn tick(&self, now_ns: u64) {
+        self.sampled_retry_after.set(None);
         self.tick_core(now_ns);
         self.global_tick(now_ns);
         if let Ok(mut w) = self.core.try_borrow_mut() {
@@ -386,6 +441,9 @@ impl WorkerContext {
                 return None;
             }
         };
+        if status == 429 || changed || v != Verdict::default() || probe.is_some() {
+            PROVIDER_NEWS.set(PROVIDER_NEWS.get().wrapping_add(1));
+        }
         let m = &self.metrics.provider;
         self.publish_provider_view(signals);
         if status == 429 && first {

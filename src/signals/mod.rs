@@ -180,7 +180,7 @@ pub fn parse(
     now_ms: u64,
     max_wait_ms: u64,
 ) -> Signals {
-    let headers = Headers(headers);
+    let headers = Headers::new(headers);
     let clock = Clock { now_ms, date_ms: headers.get("date").and_then(parse_http_date), max_wait_ms };
     let body = body.filter(|_| status >= 400).map(body::read).unwrap_or_default();
     let quota = providers::read(provider, &headers, &clock);
@@ -224,23 +224,41 @@ fn explicit_retry(headers: &Headers, clock: &Clock) -> Wait {
     millis("retry-after-ms").or_else(|| millis("x-ms-retry-after-ms")).or_else(retry_after)
 }
 
-/// Response headers, looked up by case-insensitive name; the first occurrence wins.
-struct Headers<'a>(&'a [(&'a str, &'a str)]);
+/// Response headers, looked up by case-insensitive name; the first occurrence wins. A response
+/// is looked up some sixty times under `auto`, so names are trimmed once, and a lookup allocates
+/// nothing and rejects a name by its length before comparing it.
+struct Headers<'a>(Vec<(&'a [u8], &'a str)>);
 
 impl<'a> Headers<'a> {
-    /// The trimmed value of `name`.
-    fn get(&self, name: &str) -> Option<&'a str> {
-        self.0.iter().find(|(n, _)| n.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim())
+    fn new(pairs: &[(&'a str, &'a str)]) -> Self {
+        Headers(pairs.iter().map(|(n, v)| (n.trim_ascii().as_bytes(), *v)).collect())
     }
 
-    /// The first of several spellings that is present.
-    fn first(&self, names: &[&str]) -> Option<&'a str> {
-        names.iter().find_map(|name| self.get(name))
+    /// The trimmed value of `name`.
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.get_joined(&[name])
+    }
+
+    /// The trimmed value of the header named by `parts` joined (`["x-ratelimit-", kind]`).
+    fn get_joined(&self, parts: &[&str]) -> Option<&'a str> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let named = |mut rest: &[u8]| {
+            rest.len() == len
+                && parts.iter().all(|p| match (rest.get(..p.len()), rest.get(p.len()..)) {
+                    (Some(head), Some(tail)) => {
+                        rest = tail;
+                        head.eq_ignore_ascii_case(p.as_bytes())
+                    }
+                    _ => false,
+                })
+        };
+        self.0.iter().find(|(n, _)| named(n)).map(|(_, v)| v.trim())
     }
 
     /// Whether any header name starts with `prefix` (lower case).
     fn any_starting_with(&self, prefix: &str) -> bool {
-        self.0.iter().any(|(n, _)| n.trim().get(..prefix.len()).is_some_and(|head| head.eq_ignore_ascii_case(prefix)))
+        let prefix = prefix.as_bytes();
+        self.0.iter().any(|(n, _)| n.get(..prefix.len()).is_some_and(|h| h.eq_ignore_ascii_case(prefix)))
     }
 }
 

@@ -66,8 +66,8 @@ fn bucket(clock: &Clock, limit: Option<&str>, remaining: Option<&str>, reset: Op
 fn openai(headers: &Headers, clock: &Clock) -> Quota {
     let dimension = |name: &str| {
         let field = |kind: &str| {
-            headers
-                .first(&[format!("x-ratelimit-{kind}-{name}").as_str(), format!("x-rate-limit-{kind}-{name}").as_str()])
+            let spelled = |prefix| headers.get_joined(&[prefix, kind, "-", name]);
+            spelled("x-ratelimit-").or_else(|| spelled("x-rate-limit-"))
         };
         bucket(clock, field("limit"), field("remaining"), field("reset").and_then(parse_go_duration).map(When::In))
     };
@@ -78,7 +78,7 @@ fn openai(headers: &Headers, clock: &Clock) -> Quota {
 /// dimension is whichever of tokens, input-tokens and output-tokens binds.
 fn anthropic(headers: &Headers, clock: &Clock) -> Quota {
     let dimension = |name: &str| {
-        let field = |kind: &str| headers.get(&format!("anthropic-ratelimit-{name}-{kind}"));
+        let field = |kind: &str| headers.get_joined(&["anthropic-ratelimit-", name, "-", kind]);
         bucket(clock, field("limit"), field("remaining"), field("reset").and_then(parse_rfc3339).map(When::At))
     };
     let tokens = dimension("tokens").tighter(dimension("input-tokens")).tighter(dimension("output-tokens"));
@@ -96,7 +96,7 @@ fn mistral(headers: &Headers, clock: &Clock) -> Quota {
         headers.get("ratelimitbysize-reset").and_then(parse_delta_seconds).map(When::In),
     );
     let window = |name: &str| {
-        let field = |kind: &str| headers.get(&format!("x-ratelimit-{kind}-{name}"));
+        let field = |kind: &str| headers.get_joined(&["x-ratelimit-", kind, "-", name]);
         bucket(clock, field("limit"), field("remaining"), None)
     };
     let month = window("tokens-month");
@@ -131,7 +131,7 @@ fn standard(headers: &Headers, clock: &Clock) -> Quota {
 /// `{prefix}limit`, `{prefix}remaining`, `{prefix}reset`; the reset is epoch ms, epoch s or delta
 /// s by size. Only the first list member counts (old drafts sent `100, 100;w=60`).
 fn trio(headers: &Headers, clock: &Clock, prefix: &str) -> QuotaDimension {
-    let field = |kind: &str| headers.get(&format!("{prefix}{kind}")).and_then(|v| v.split([',', ';']).next());
+    let field = |kind: &str| headers.get_joined(&[prefix, kind]).and_then(|v| v.split([',', ';']).next());
     bucket(clock, field("limit"), field("remaining"), field("reset").and_then(parse_ratelimit_reset))
 }
 

@@ -3,17 +3,20 @@
 //! cost of one host call (with the VM re-entry that returns its value), for bench/ablation.py.
 //! With `{"reply": H}` it answers every request itself with a 429 carrying H headers (0 to 9, the
 //! filter's own 429 has 9) and a 200-byte body: the floor of a wasm filter's reject path.
+//! With `{"mimic":1}` it makes the host calls our admit path cannot do without, and nothing else:
+//! the priority header read and the clock on the request, the `:status` read on the response.
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { calls: 0, reply: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { calls: 0, reply: None, mimic: false }) });
 }}
 
 struct Root {
     calls: usize,
     reply: Option<usize>,
+    mimic: bool,
 }
 
 /// The number after `"key":` in the configuration text.
@@ -29,19 +32,21 @@ impl RootContext for Root {
         let text = String::from_utf8_lossy(&config);
         self.calls = number(&text, "calls").unwrap_or(0);
         self.reply = number(&text, "reply");
+        self.mimic = number(&text, "mimic").is_some_and(|n| n > 0);
         true
     }
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Pass { calls: self.calls, reply: self.reply }))
+        Some(Box::new(Pass { calls: self.calls, reply: self.reply, mimic: self.mimic }))
     }
 }
 
 struct Pass {
     calls: usize,
     reply: Option<usize>,
+    mimic: bool,
 }
 
 const HEADERS: [(&str, &str); 9] = [
@@ -58,6 +63,10 @@ const HEADERS: [(&str, &str); 9] = [
 impl Context for Pass {}
 impl HttpContext for Pass {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        if self.mimic {
+            let _ = self.get_http_request_header("x-llm-priority");
+            let _ = self.get_current_time();
+        }
         for _ in 0..self.calls {
             let _ = self.get_http_request_header(":path");
         }
@@ -65,6 +74,13 @@ impl HttpContext for Pass {
             let body = [b'x'; 200];
             self.send_http_response(429, HEADERS[..n.min(9)].to_vec(), Some(&body));
             return Action::Pause;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        if self.mimic {
+            let _ = self.get_http_response_header(":status");
         }
         Action::Continue
     }
