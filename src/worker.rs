@@ -341,6 +341,12 @@ impl Worker {
         self.gate_and_mode(store, now_ms).map(|(g, _)| g)
     }
 
+    /// Writes this worker's counts again on the next tick, which reads everyone's: the gauges it
+    /// wrote last showed waiters elsewhere, and an idle worker would otherwise never correct them.
+    pub fn refresh_levels(&mut self) {
+        self.published = (LOST, 0);
+    }
+
     /// Another filter of this worker learned from the provider: the state cached here is stale.
     pub fn forget_provider(&self) {
         self.provider_seen.set(None);

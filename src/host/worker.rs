@@ -75,6 +75,8 @@ pub struct WorkerContext {
     /// The provider's remaining and limit, requests and tokens, as last published.
     published_provider: Cell<[Option<u64>; 4]>,
     published_waiting: Cell<[u32; 4]>,
+    /// When the queue-depth gauges were last read again for waiters elsewhere.
+    levels_refreshed_ms: Cell<u64>,
     /// When the tenant table was last counted.
     census_ms: Cell<u64>,
     /// Alerts to send on the next tick, and the calls sent whose answer has not come.
@@ -134,6 +136,7 @@ impl WorkerContext {
             published_token_bucket: Cell::new(u64::MAX),
             published_provider: Cell::new([None; 4]),
             published_waiting: Cell::new([u32::MAX; 4]),
+            levels_refreshed_ms: Cell::new(0),
             census_ms: Cell::new(0),
             alerts: RefCell::default(),
             alert_calls: RefCell::default(),
@@ -396,8 +399,15 @@ impl WorkerContext {
         self.let_go_of_stale_bodies(now_ns / NANOS_PER_MS);
         self.send_held_attempts(now_ns / NANOS_PER_MS);
         self.count_tenants(now_ns);
+        let now_ms = now_ns / NANOS_PER_MS;
+        let refresh = self.published_waiting.get() != [0; 4]
+            && now_ms.abs_diff(self.levels_refreshed_ms.get()) >= crate::admission::HEARTBEAT_MS;
         let t = {
             let Ok(mut w) = self.core.try_borrow_mut() else { return };
+            if refresh {
+                self.levels_refreshed_ms.set(now_ms);
+                w.refresh_levels();
+            }
             if !w.needs_tick() {
                 return;
             }
