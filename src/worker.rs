@@ -290,7 +290,15 @@ impl Worker {
     }
 
     /// Creates the shared bucket before traffic (two workers creating it at once would both win).
-    pub fn ensure_bucket(&self, store: &impl Store, now_ns: u64) -> Result<(), Status> {
+    /// Creates what this worker's role writes in shared data, if missing: the provider state
+    /// (every role), the bucket and the tenant table (roles that admit). Before traffic, because
+    /// a write to a missing key is unconditional: two workers tripping the breaker on a fresh
+    /// provider key would both succeed, and both count the trip.
+    pub fn ensure_shared(&self, store: &impl Store, now_ns: u64) -> Result<(), Status> {
+        store::ensure(store, &self.provider_key, ProviderState::default())?;
+        if !self.config.role.admits() {
+            return Ok(());
+        }
         store::ensure(store, &self.bucket_key, self.fresh_bucket(now_ns))?;
         match &self.tenants {
             Some((rules, prefix)) => tenants::ensure(store, prefix, rules, now_ns),
@@ -825,6 +833,19 @@ mod tests {
     fn arrive(w: &mut Worker, store: &MemStore, id: u32, at_ms: u64) -> Admission {
         let gate = w.gate(store, at_ms).unwrap();
         w.admit(store, id, Priority::Normal, None, None, gate, at_ms * MS).unwrap().admission
+    }
+
+    #[test]
+    fn every_role_creates_the_provider_state_before_traffic() {
+        // A write to a missing key is unconditional: two workers tripping on a fresh key would
+        // both succeed. Once created, every write is a compare-and-swap against a version.
+        for (json, bucket) in [(r#"{"role":"observer"}"#, false), (r#"{"role":"admission"}"#, true)] {
+            let (w, store) = (worker(json, 1), MemStore::default());
+            w.ensure_shared(&store, 0).unwrap();
+            let (provider, cas) = store.get(&w.provider_key).unwrap();
+            assert!(provider.is_some() && cas != 0, "{json}");
+            assert_eq!(store.get(&w.bucket_key).unwrap().0.is_some(), bucket, "{json}");
+        }
     }
 
     #[test]

@@ -497,7 +497,7 @@ impl Sim {
         let max_lease = config.bucket.max_lease.max(1) as u32;
         let workers: Vec<Worker> = (0..workers).map(|i| Worker::new(config.clone(), 1000 + i as u64)).collect();
         let store = MemStore::default();
-        workers[0].ensure_bucket(&store, START_MS * MS).unwrap();
+        workers[0].ensure_shared(&store, START_MS * MS).unwrap();
         let skew = (0..workers.len()).map(|k| if k == 0 { 0 } else { skew[k - 1] }).collect();
         let n = workers.len();
         let [a, b] = MODELS;

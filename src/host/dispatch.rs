@@ -118,15 +118,16 @@ impl<V> Table<V> {
         }
     }
 
-    fn contains(&self, id: u32) -> bool {
-        self.slots(false, |s| s.iter().any(|(k, _)| *k == id))
-    }
-
+    /// Adds context `id`, unless it is there already (then it keeps its state).
     fn insert(&self, id: u32, value: V) {
-        self.slots((), |s| match s.iter_mut().find(|(k, _)| *k == id) {
-            Some((_, v)) => *v = Some(value),
-            None => s.push((id, Some(value))),
-        })
+        let unused = self.slots(None, |s| match s.iter().any(|(k, _)| *k == id) {
+            true => Some(value),
+            false => {
+                s.push((id, Some(value)));
+                None
+            }
+        });
+        drop(unused); // outside the borrow
     }
 
     fn take(&self, id: u32) -> Option<V> {
@@ -187,9 +188,7 @@ pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
 pub extern "C" fn proxy_on_context_create(context_id: u32, parent_context_id: u32) {
     if parent_context_id == 0 {
         // A root context created twice (the host restarting a plugin) keeps its state.
-        if !ROOTS.contains(context_id) {
-            ROOTS.insert(context_id, Root::new(context_id));
-        }
+        ROOTS.insert(context_id, Root::new(context_id));
         return;
     }
     let ctx = with(&ROOTS, parent_context_id, None, |root| match root.get_type() {

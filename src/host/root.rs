@@ -47,10 +47,8 @@ impl RootContext for Root {
         };
         let now = abi::now_ns().unwrap_or(0);
         let core = Worker::new(config, worker_id(now));
-        if core.config.role.admits() {
-            if let Err(s) = core.ensure_bucket(&SharedData, now) {
-                log::warn!("llm-ratelimit: cannot create the shared bucket: status {s}");
-            }
+        if let Err(s) = core.ensure_shared(&SharedData, now) {
+            log::warn!("llm-ratelimit: cannot create the shared state: status {s}");
         }
         // Every role ticks: admission releases waiters, and any role lets go of 429s whose body
         // does not come while their headers are held.
