@@ -142,6 +142,9 @@ fn a_provider_resetting_connections_gets_503_and_the_filter_works_after() {
     }
     // 1 attempt + 4 retries for each of the 3.
     assert_eq!(mock.counter("faults"), 15);
+    // Each ended on a 503 after its retries: the admission filter counts it (counters lag a tick).
+    let exhausted = || envoy.stat("reset", "priority.normal.retry.exhausted");
+    assert!(eventually(Duration::from_secs(1), || exhausted() == 3), "retry.exhausted {}", exhausted());
     assert_eq!(after.status, 200, "{after:?}");
     assert_eq!(depths(&envoy, "reset"), [0, 0, 0, 0]);
     assert_no_vm_failure(&envoy.log());

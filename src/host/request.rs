@@ -530,8 +530,9 @@ impl HttpContext for Request {
             self.w.metrics.of(self.class).retry_succeeded.inc();
             self.w.metrics.provider.retry_succeeded_attempt.record(u64::from(self.attempt));
         }
-        if !role.learns() && status != 429 {
-            // The observer learns from successes; here only a 429 needs its Retry-After.
+        if !role.learns() && !matches!(status, 429 | 503) {
+            // The observer learns from successes; here only a 429 needs its Retry-After, and a
+            // 429 or 503 may end a retried request (`retry_exhausted`).
             return Action::Continue;
         }
         let Ok(now_ns) = abi::now_ns() else { return Action::Continue };
