@@ -681,8 +681,10 @@ impl Worker {
             self.queue.shift_back(self.last_tick_ms - now_ms);
         }
         self.last_tick_ms = now_ms;
-        // The tick gives leases back: a refusal before it may be wrong after it.
+        // The tick gives leases back: a refusal before it may be wrong after it. Its releases read
+        // the provider state afresh: another filter may have learned since it was cached.
         self.refused = [None; 4];
+        self.provider_seen.set(None);
         // Not `t.levels`: that write carries no waiter counts, which the heartbeat below writes.
         let returned = self.return_lease(store, now_ns).unwrap_or_else(|s| {
             t.errors.push(s);
@@ -846,6 +848,21 @@ mod tests {
             assert!(provider.is_some() && cas != 0, "{json}");
             assert_eq!(store.get(&w.bucket_key).unwrap().0.is_some(), bucket, "{json}");
         }
+    }
+
+    #[test]
+    fn the_tick_releases_by_the_provider_state_as_it_is_not_as_cached() {
+        let store = MemStore::default();
+        let json = r#"{"bucket":{"capacity":1,"refill_rate":1000000,"burst_allowance":0,"max_lease":1}}"#;
+        let (mut a, b) = (worker(json, 1), worker(json, 2));
+        a.ensure_shared(&store, T0 * MS).unwrap();
+        // A caches the provider state as passing, spends the token, and queues the next request.
+        assert!(matches!(arrive(&mut a, &store, 1, T0), Admission::Pass { .. }));
+        assert!(matches!(arrive(&mut a, &store, 2, T0), Admission::Wait { .. }));
+        // Another filter trips the breaker; A's tick, within the millisecond its cache is fresh and
+        // with a token refilled, must not send the waiter to the exhausted provider.
+        trip(&b, &store);
+        assert!(a.tick(&store, T0 * MS + 500_000).released.is_empty());
     }
 
     #[test]
