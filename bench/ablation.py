@@ -19,6 +19,8 @@ import run  # noqa: E402  (the benchmark's Envoy, wrk and report helpers)
 
 ROOT = run.ROOT
 OUT = ROOT / "target/ablation"
+# The build before the reject-path levers, whose reject path is measured beside the current one.
+BEFORE = "dccedf6"
 # (label, commit or None for the working tree's build, extra filter JSON)
 STEPS = [
     ("every admission a compare-and-swap, the provider state read and counters written per request",
@@ -26,7 +28,7 @@ STEPS = [
     ("+ the provider state cached for 1 ms (leases built in, but inert until a later fix sized them)",
      "b073d88", {}),
     ("+ counters written per tick, the priority header rewritten only when it differs", "0e9bc44", {}),
-    ("+ leases sized by the traffic, refusals reused for 1 ms", "dccedf6", {}),
+    ("+ leases sized by the traffic, refusals reused for 1 ms", BEFORE, {}),
     ("current build, leases off (bucket.max_lease 1)", None, {"bucket": {"max_lease": 1}}),
     ("+ context tables as plain statics, local 429s serialized once (current build)", None, {}),
 ]
@@ -38,7 +40,7 @@ MIMIC = "w mimic"
 # the floor of any wasm filter's reject path.
 REPLIES = [0, 9]
 REJECT = "current build, reject path (limit 1 token, 1/s)"
-REJECT_BEFORE = "`dccedf6` (each 429 formatted and its histogram sample written per refusal), reject path"
+REJECT_BEFORE = f"`{BEFORE}` (each 429 formatted and its histogram sample written per refusal), reject path"
 WASM_OPT = ["-Oz", "--flatten", "--rereloop", "-Oz", "--merge-similar-functions", "-Oz", "--converge",
             "--enable-bulk-memory", "--enable-sign-ext", "--enable-nontrapping-float-to-int",
             "--enable-mutable-globals", "--enable-multivalue", "--enable-reference-types"]
@@ -64,6 +66,13 @@ def build(commit):
     return out
 
 
+def measure(wasm, n):
+    """Makes the next Envoy run a copy of `wasm` (render() puts run.MEASURED in the config)."""
+    copy = OUT / f"measured-{n}.wasm"
+    copy.write_bytes(wasm.read_bytes())
+    run.MEASURED = copy
+
+
 def main():
     if not run.NOOP.is_file():
         subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
@@ -84,16 +93,12 @@ def main():
             envoys.append((f"w reply {n}", run.Envoy("w", "direct", 2, capacity=lim["capacity"], rate=lim["rate"],
                                                      filter_json=json.dumps({"reply": n}))))
         for (label, _, extra), wasm in zip(STEPS, wasms):
-            copy = OUT / f"measured-{len(envoys)}.wasm"
-            copy.write_bytes(wasm.read_bytes())
-            run.MEASURED = copy  # render() puts this path in the config
+            measure(wasm, len(envoys))
             envoys.append((label, run.Envoy("c", "direct", 2, capacity=lim["capacity"], rate=lim["rate"],
                                             filter_json=run.ours_json(lim["capacity"], lim["rate"], extra=extra))))
-        for label, wasm in ((REJECT_BEFORE, wasms[STEPS.index(next(x for x in STEPS if x[1] == "dccedf6"))]),
-                            (REJECT, run.WASM)):
-            copy = OUT / f"measured-{len(envoys)}.wasm"
-            copy.write_bytes(wasm.read_bytes())
-            run.MEASURED = copy
+        before = wasms[[commit for _, commit, _ in STEPS].index(BEFORE)]
+        for label, wasm in ((REJECT_BEFORE, before), (REJECT, run.WASM)):
+            measure(wasm, len(envoys))
             envoys.append((label, run.Envoy("c", "direct", 2, capacity=1, rate=1, filter_json=run.ours_json(1, 1))))
         for _, e in envoys:
             run.wrk(e.url, 1)

@@ -120,12 +120,12 @@ impl<V> Table<V> {
 
     /// Adds context `id`, unless it is there already (then it keeps its state).
     fn insert(&self, id: u32, value: V) {
-        let unused = self.slots(None, |s| match s.iter().any(|(k, _)| *k == id) {
-            true => Some(value),
-            false => {
-                s.push((id, Some(value)));
-                None
+        let unused = self.slots(None, |s| {
+            if s.iter().any(|(k, _)| *k == id) {
+                return Some(value);
             }
+            s.push((id, Some(value)));
+            None
         });
         drop(unused); // outside the borrow
     }

@@ -92,8 +92,8 @@ pub struct WorkerContext {
     last_429: Cell<Option<Reply429>>,
     /// `PROVIDER_NEWS` as this filter last saw it.
     provider_news: Cell<u64>,
-    /// The `Retry-After` last sampled into `retry_after_s` this tick.
-    sampled_retry_after: Cell<Option<u64>>,
+    /// The `Retry-After` last sampled into `retry_after_s` this tick (0: none; one is ≥ 1 s).
+    sampled_retry_after: Cell<u64>,
 }
 
 /// Bumped whenever a filter of this VM learns from a provider answer that restricts admission
@@ -145,7 +145,7 @@ impl WorkerContext {
             root_id: Cell::new(0),
             last_429: Cell::new(None),
             provider_news: Cell::new(0),
-            sampled_retry_after: Cell::new(None),
+            sampled_retry_after: Cell::new(0),
             core: RefCell::new(core),
         }
     }
@@ -196,7 +196,7 @@ impl WorkerContext {
         let wait_ms = r.wait_ns.div_ceil(NANOS_PER_MS);
         let secs = reply::retry_after_secs(wait_ms);
         // A storm of refusals says the same few values: each is sampled once per tick.
-        if self.sampled_retry_after.replace(Some(secs)) != Some(secs) {
+        if self.sampled_retry_after.replace(secs) != secs {
             self.metrics.provider.retry_after_s.record(secs);
         }
         let remaining = (r.tokens - self.floors[r.class.index()]).max(0.0) as u64;
@@ -204,7 +204,7 @@ impl WorkerContext {
         // Taken out while the host runs (it may call back into this worker), put back after.
         let reply = match self.last_429.take() {
             Some(last) if last.key == key => last,
-            _ => self.limited(r, key, wait_ms, remaining),
+            _ => self.limited(r, key),
         };
         let sent = abi::send_serialized(429, &reply.headers, reply.body.as_bytes());
         self.last_429.set(Some(reply));
@@ -212,7 +212,8 @@ impl WorkerContext {
     }
 
     /// The local 429 for `r`.
-    fn limited(&self, r: &Refusal, key: Reply429Key, wait_ms: u64, remaining: u64) -> Reply429 {
+    fn limited(&self, r: &Refusal, key: Reply429Key) -> Reply429 {
+        let (_, _, wait_ms, remaining, _, _) = key;
         let c = &self.config;
         let (_, mut headers, body) = reply::too_many_requests(&Limited {
             name: &c.name,
@@ -382,7 +383,7 @@ impl WorkerContext {
 
     /// One tick of this worker: held responses first, then the queue, then the counters.
     pub fn tick(&self, now_ns: u64) {
-        self.sampled_retry_after.set(None);
+        self.sampled_retry_after.set(0);
         self.tick_core(now_ns);
         self.global_tick(now_ns);
         if let Ok(mut w) = self.core.try_borrow_mut() {
@@ -396,10 +397,10 @@ impl WorkerContext {
     }
 
     fn tick_core(&self, now_ns: u64) {
-        self.let_go_of_stale_bodies(now_ns / NANOS_PER_MS);
-        self.send_held_attempts(now_ns / NANOS_PER_MS);
-        self.count_tenants(now_ns);
         let now_ms = now_ns / NANOS_PER_MS;
+        self.let_go_of_stale_bodies(now_ms);
+        self.send_held_attempts(now_ms);
+        self.count_tenants(now_ns);
         let refresh = self.published_waiting.get() != [0; 4]
             && now_ms.abs_diff(self.levels_refreshed_ms.get()) >= crate::admission::HEARTBEAT_MS;
         let t = {

@@ -244,12 +244,12 @@ impl<'a> Headers<'a> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let named = |mut rest: &[u8]| {
             rest.len() == len
-                && parts.iter().all(|p| match (rest.get(..p.len()), rest.get(p.len()..)) {
-                    (Some(head), Some(tail)) => {
+                && parts.iter().all(|p| match rest.split_at_checked(p.len()) {
+                    Some((head, tail)) => {
                         rest = tail;
                         head.eq_ignore_ascii_case(p.as_bytes())
                     }
-                    _ => false,
+                    None => false,
                 })
         };
         self.0.iter().find(|(n, _)| named(n)).map(|(_, v)| v.trim())
