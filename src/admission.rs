@@ -261,7 +261,7 @@ impl AdmissionRules {
         let i = usize::from(need.bucket);
         if let (Some(b), Some(l)) = (self.token_buckets.get(i), s.token_levels.get_mut(i)) {
             let refilled = b.refill(*l, now_ns);
-            let tokens = (refilled.tokens + taken as f64 - used as f64).clamp(-b.max, b.max);
+            let tokens = (refilled.tokens + taken as f64 - used as f64).max(-b.max).min(b.max);
             *l = Level { tokens, ..refilled };
         }
         s

@@ -963,8 +963,8 @@ fn whole(field: &str, v: Option<f64>, default: u64, min: u64) -> Result<u64, Str
     match v {
         None => Ok(default),
         Some(x) if x.fract() == 0.0 && x >= min as f64 && x <= 1e15 => Ok(x as u64),
-        Some(x) if x > 1e15 => Err(format!("{field}: must be a whole number from {min} to 10^15, got {x}")),
-        Some(x) => Err(format!("{field}: must be a whole number >= {min}, got {x}")),
+        Some(x) if x > 1e15 => Err(format!("{field}: must be a whole number from {min} to 10^15, got {}", show(x))),
+        Some(x) => Err(format!("{field}: must be a whole number >= {min}, got {}", show(x))),
     }
 }
 
@@ -994,8 +994,17 @@ fn positive(field: &str, v: Option<f64>, default: f64) -> Result<f64, String> {
     match v {
         None => Ok(default),
         Some(x) if x.is_finite() && x > 0.0 && x <= 1e15 => Ok(x),
-        Some(x) if x > 1e15 => Err(format!("{field}: must be a number > 0 and at most 10^15, got {x:e}")),
-        Some(x) => Err(format!("{field}: must be a number > 0, got {x}")),
+        Some(x) if x > 1e15 => Err(format!("{field}: must be a number > 0 and at most 10^15, got {}", show(x))),
+        Some(x) => Err(format!("{field}: must be a number > 0, got {}", show(x))),
+    }
+}
+
+/// A number as JSON writes it (serde_json's formatter, not core's: the `.wasm` carries one).
+fn show(x: f64) -> String {
+    match serde_json::Number::from_f64(x) {
+        Some(_) if x.fract() == 0.0 && x.abs() < 1e15 => (x as i64).to_string(),
+        Some(n) => n.to_string().replace("e+", "e"),
+        None => "a number out of range".into(),
     }
 }
 
@@ -1004,7 +1013,7 @@ fn fraction(field: &str, v: Option<f64>, default: f64) -> Result<f64, String> {
     match v {
         None => Ok(default),
         Some(x) if (0.0..=1.0).contains(&x) => Ok(x),
-        Some(x) => Err(format!("{field}: must be a number from 0 to 1, got {x}")),
+        Some(x) => Err(format!("{field}: must be a number from 0 to 1, got {}", show(x))),
     }
 }
 
@@ -1169,7 +1178,7 @@ mod tests {
         assert!(err("null").starts_with("the configuration must be a JSON object"));
         assert_eq!(
             err(r#"{"bucket":{"capacity":1e20}}"#),
-            "bucket.capacity: must be a whole number from 1 to 10^15, got 100000000000000000000"
+            "bucket.capacity: must be a whole number from 1 to 10^15, got 1e20"
         );
         assert!(!err(r#"{"bucket":"#).is_empty());
     }

@@ -280,7 +280,7 @@ impl Worker {
             next.level.tokens = (next.level.tokens + requests).min(self.rules.bucket.max);
             for ((b, l), t) in self.rules.token_buckets.iter().zip(&mut next.token_levels).zip(&tokens) {
                 let refilled = b.refill(*l, now_ns);
-                *l = Level { tokens: (refilled.tokens + t).clamp(-b.max, b.max), ..refilled };
+                *l = Level { tokens: (refilled.tokens + t).max(-b.max).min(b.max), ..refilled };
             }
             (levels(&next, next.waiting(me, own, now_ms)), Some(next))
         })?;

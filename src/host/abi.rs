@@ -297,28 +297,57 @@ fn buffer(kind: u32, max: usize) -> Result<Vec<u8>, Status> {
     }
 }
 
-/// Every response header as (name, value) pairs.
-pub fn response_headers() -> Result<Vec<(String, String)>, Status> {
+/// Every response header.
+pub fn response_headers() -> Result<HeaderMap, Status> {
     let (mut ptr, mut size) = (null_mut(), 0usize);
     check(unsafe { proxy_get_header_map_pairs(RESPONSE_HEADERS, &mut ptr, &mut size) })?;
-    Ok(deserialize_headers(&unsafe { owned(ptr, size) }).unwrap_or_default())
+    Ok(HeaderMap::read(unsafe { owned(ptr, size) }))
 }
 
-/// Reads the encoding `serialize_headers` writes; `None` if the bytes do not follow it.
-fn deserialize_headers(b: &[u8]) -> Option<Vec<(String, String)>> {
-    let u32_at = |i: usize| Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?) as usize);
-    let n = u32_at(0)?;
-    let mut data = 4usize.checked_add(n.checked_mul(8)?)?;
-    let mut out = Vec::with_capacity(n.min(256));
-    for i in 0..n {
-        let (kl, vl) = (u32_at(4 + 8 * i)?, u32_at(8 + 8 * i)?);
-        let k = b.get(data..data.checked_add(kl)?)?;
-        data = data.checked_add(kl + 1)?;
-        let v = b.get(data..data.checked_add(vl)?)?;
-        data = data.checked_add(vl + 1)?;
-        out.push((String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()));
+/// A header map in the encoding `serialize_headers` writes, read in place: one allocation for
+/// the whole map, not two per header. A name or value that is not UTF-8 reads as empty.
+#[derive(Default)]
+pub struct HeaderMap {
+    raw: Vec<u8>,
+    /// Where each name and value lies in `raw`.
+    spans: Vec<[usize; 4]>,
+}
+
+impl HeaderMap {
+    /// Empty if the bytes do not follow the encoding.
+    pub fn read(raw: Vec<u8>) -> HeaderMap {
+        let spans = Self::spans(&raw).unwrap_or_default();
+        HeaderMap { raw, spans }
     }
-    Some(out)
+
+    fn spans(b: &[u8]) -> Option<Vec<[usize; 4]>> {
+        let u32_at = |i: usize| Some(u32::from_le_bytes(b.get(i..i.checked_add(4)?)?.try_into().ok()?) as usize);
+        let n = u32_at(0)?;
+        let mut data = 4usize.checked_add(n.checked_mul(8)?)?;
+        let mut out = Vec::with_capacity(n.min(256));
+        for i in 0..n {
+            let (kl, vl) = (u32_at(4 + 8 * i)?, u32_at(8 + 8 * i)?);
+            let k = data;
+            let v = k.checked_add(kl)?.checked_add(1)?;
+            data = v.checked_add(vl)?.checked_add(1)?;
+            b.get(v..v + vl)?;
+            out.push([k, k + kl, v, v + vl]);
+        }
+        Some(out)
+    }
+
+    /// (name, value) pairs, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        let text = |from: usize, to: usize| {
+            std::str::from_utf8(self.raw.get(from..to).unwrap_or_default()).unwrap_or_default()
+        };
+        self.spans.iter().map(move |&[k, ke, v, ve]| (text(k, ke), text(v, ve)))
+    }
+
+    /// The first value of `name` (lower case, as the host gives names).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter().find(|&(k, _)| k == name).map(|(_, v)| v)
+    }
 }
 
 /// proxy-wasm header map encoding: count, then (key size, value size) pairs, then each key and

@@ -21,7 +21,7 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// A provider 429 whose body is being read.
 struct Answer429 {
-    headers: Vec<(String, String)>,
+    headers: abi::HeaderMap,
     /// What the headers alone said.
     from_headers: signals::Signals,
     /// The body so far, when it flows past (not held).
@@ -221,10 +221,9 @@ impl Request {
         }
     }
 
-    fn parse(&self, status: u16, headers: &[(String, String)], body: Option<&[u8]>, now_ms: u64) -> signals::Signals {
-        let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    fn parse(&self, status: u16, headers: &abi::HeaderMap, body: Option<&[u8]>, now_ms: u64) -> signals::Signals {
         let p = &self.w.config.provider;
-        signals::parse(p.style, status, &pairs, body, now_ms, p.breaker.max_wait_ms)
+        signals::parse(p.style, status, &headers.iter().collect::<Vec<_>>(), body, now_ms, p.breaker.max_wait_ms)
     }
 
     /// Gives a provider 429 one precise `Retry-After` (and friends) for its client.
@@ -506,7 +505,7 @@ impl HttpContext for Request {
         // A role that learns reads every header anyway: one host call for all, `:status` included.
         let all = if role.learns() { Some(abi::response_headers().unwrap_or_default()) } else { None };
         let header = |name: &str| match &all {
-            Some(h) => h.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
+            Some(h) => h.get(name).map(str::to_owned),
             None => abi::response_header(name).ok().flatten(),
         };
         let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0u16);
@@ -542,7 +541,7 @@ impl HttpContext for Request {
             None => abi::response_headers().unwrap_or_default(),
         };
         if role.admits() {
-            let attempts = headers.iter().find(|(k, _)| k == "x-envoy-attempt-count").and_then(|(_, v)| v.parse().ok());
+            let attempts = headers.get("x-envoy-attempt-count").and_then(|v| v.parse().ok());
             self.count_retries(status, attempts.unwrap_or(0));
         }
         let signals = self.parse(status, &headers, None, now_ms);

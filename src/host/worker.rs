@@ -72,7 +72,9 @@ pub struct WorkerContext {
     /// The bucket level and queue depths last published, so gauges are written only on change.
     published_tokens: Cell<u64>,
     published_token_bucket: Cell<u64>,
-    /// The provider's remaining and limit, requests and tokens, as last published.
+    /// The provider's remaining and limit, requests and tokens: as last heard, and as last
+    /// published (on the tick: remaining changes with nearly every answer).
+    provider_view: Cell<[Option<u64>; 4]>,
     published_provider: Cell<[Option<u64>; 4]>,
     published_waiting: Cell<[u32; 4]>,
     /// When the queue-depth gauges were last read again for waiters elsewhere.
@@ -134,6 +136,7 @@ impl WorkerContext {
             }),
             published_tokens: Cell::new(u64::MAX),
             published_token_bucket: Cell::new(u64::MAX),
+            provider_view: Cell::new([None; 4]),
             published_provider: Cell::new([None; 4]),
             published_waiting: Cell::new([u32::MAX; 4]),
             levels_refreshed_ms: Cell::new(0),
@@ -393,6 +396,7 @@ impl WorkerContext {
         }
         self.metrics.cas_conflicts.add(super::shared::take_conflicts());
         self.send_alerts(now_ns / NANOS_PER_MS);
+        self.publish_provider_view();
         super::metrics::flush();
     }
 
@@ -456,7 +460,7 @@ impl WorkerContext {
             PROVIDER_NEWS.set(PROVIDER_NEWS.get().wrapping_add(1));
         }
         let m = &self.metrics.provider;
-        self.publish_provider_view(signals);
+        self.note_provider_view(signals);
         if status == 429 && first {
             m.upstream_429.inc();
         }
@@ -490,18 +494,24 @@ impl WorkerContext {
         Some(v)
     }
 
-    /// The provider's own remaining and limits, beside our buckets (only what changed).
-    fn publish_provider_view(&self, s: &Signals) {
+    /// The provider's own remaining and limits, as this answer said them.
+    fn note_provider_view(&self, s: &Signals) {
         let now = [s.remaining_requests, s.remaining_tokens, s.limit_requests, s.limit_tokens];
-        let before = self.published_provider.get();
+        let before = self.provider_view.get();
+        self.provider_view.set([0, 1, 2, 3].map(|i| now[i].or(before[i])));
+    }
+
+    /// Publishes the provider's own remaining and limits, beside our buckets (only what changed).
+    fn publish_provider_view(&self) {
+        let (now, before) = (self.provider_view.get(), self.published_provider.get());
         let m = &self.metrics.provider;
         let gauges = [m.remaining_requests, m.remaining_tokens, m.limit_requests, m.limit_tokens];
-        for ((v, was), gauge) in now.iter().zip(before).zip(gauges) {
-            if let Some(v) = v.filter(|v| Some(*v) != was) {
+        for ((v, was), gauge) in now.into_iter().zip(before).zip(gauges) {
+            if let Some(v) = v.filter(|_| v != was) {
                 gauge.record(v);
             }
         }
-        self.published_provider.set([0, 1, 2, 3].map(|i| now[i].or(before[i])));
+        self.published_provider.set(now);
     }
 
     /// The token bucket an estimated request draws on: its model's, if `tokens.per_model` names

@@ -181,7 +181,7 @@ pub fn parse(
     max_wait_ms: u64,
 ) -> Signals {
     let headers = Headers::new(headers);
-    let clock = Clock { now_ms, date_ms: headers.get("date").and_then(parse_http_date), max_wait_ms };
+    let clock = Clock { now_ms, date: headers.get("date"), max_wait_ms };
     let body = body.filter(|_| status >= 400).map(body::read).unwrap_or_default();
     let quota = providers::read(provider, &headers, &clock);
 
@@ -266,10 +266,11 @@ impl<'a> Headers<'a> {
 const MAX_TRUSTED_SKEW_MS: u64 = 2_000;
 
 /// Places provider moments on the proxy's clock.
-struct Clock {
+struct Clock<'a> {
     now_ms: u64,
-    /// The response's `Date`, which absolute instants are measured against.
-    date_ms: Option<u64>,
+    /// The response's `Date`, which absolute instants are measured against: parsed only when
+    /// one is (most answers carry none, and every answer carries a `Date`).
+    date: Option<&'a str>,
     max_wait_ms: u64,
 }
 
@@ -303,11 +304,11 @@ impl Wait {
     }
 }
 
-impl Clock {
+impl Clock<'_> {
     /// What absolute instants are measured against. `Date` has whole-second precision, so it
     /// is used only to correct a real clock skew between the provider and the proxy.
     fn base_ms(&self) -> u64 {
-        match self.date_ms {
+        match self.date.and_then(parse_http_date) {
             Some(date) if date.abs_diff(self.now_ms) > MAX_TRUSTED_SKEW_MS => date,
             _ => self.now_ms,
         }
