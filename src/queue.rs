@@ -53,7 +53,6 @@ fn sanitize_weight(w: f64) -> f64 {
     if w.is_nan() {
         MIN_WEIGHT
     } else {
-        // Not `f64::clamp`: its panic message would link core's float formatter (23 KB of .wasm).
         w.max(MIN_WEIGHT).min(MAX_WEIGHT)
     }
 }
