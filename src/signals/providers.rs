@@ -5,7 +5,8 @@ use super::{ietf, Clock, Headers, Provider, Quota, QuotaDimension, Terminal, Whe
 
 /// Reads the quota headers a provider sends. A configured provider reads its own family plus the
 /// standard ones; `Auto` reads every family: their names do not collide, and when two report the
-/// same dimension the binding report wins.
+/// same dimension the binding report wins. A family whose name prefix no header carries is
+/// skipped after one pass over the names, not looked up name by name.
 pub(super) fn read(provider: Provider, headers: &Headers, clock: &Clock) -> Quota {
     let own = match provider {
         Provider::Auto => openai(headers, clock)
@@ -64,6 +65,9 @@ fn bucket(clock: &Clock, limit: Option<&str>, remaining: Option<&str>, reset: Op
 /// requests per day, so its reset can be hours away). Resets are Go durations to a FULL bucket;
 /// a bare number is seconds, and Azure's `0`/`-1` come out unknown.
 fn openai(headers: &Headers, clock: &Clock) -> Quota {
+    if !headers.any_starting_with("x-ratelimit-") && !headers.any_starting_with("x-rate-limit-") {
+        return Quota::default();
+    }
     let dimension = |name: &str| {
         let field = |kind: &str| {
             let spelled = |prefix| headers.get_joined(&[prefix, kind, "-", name]);
@@ -77,6 +81,9 @@ fn openai(headers: &Headers, clock: &Clock) -> Quota {
 /// Anthropic `anthropic-ratelimit-*-{limit,remaining,reset}` with RFC 3339 resets. The tokens
 /// dimension is whichever of tokens, input-tokens and output-tokens binds.
 fn anthropic(headers: &Headers, clock: &Clock) -> Quota {
+    if !headers.any_starting_with("anthropic-ratelimit-") {
+        return Quota::default();
+    }
     let dimension = |name: &str| {
         let field = |kind: &str| headers.get_joined(&["anthropic-ratelimit-", name, "-", kind]);
         bucket(clock, field("limit"), field("remaining"), field("reset").and_then(parse_rfc3339).map(When::At))
@@ -89,6 +96,9 @@ fn anthropic(headers: &Headers, clock: &Clock) -> Quota {
 /// `x-ratelimit-{limit,remaining}-{tokens-minute,tokens-month,req-minute}` (no resets). A spent
 /// monthly token quota is terminal.
 fn mistral(headers: &Headers, clock: &Clock) -> Quota {
+    if !headers.any_starting_with("x-ratelimit-") && !headers.any_starting_with("ratelimitbysize-") {
+        return Quota::default();
+    }
     let by_size = bucket(
         clock,
         headers.get("ratelimitbysize-limit"),
@@ -131,6 +141,9 @@ fn standard(headers: &Headers, clock: &Clock) -> Quota {
 /// `{prefix}limit`, `{prefix}remaining`, `{prefix}reset`; the reset is epoch ms, epoch s or delta
 /// s by size. Only the first list member counts (old drafts sent `100, 100;w=60`).
 fn trio(headers: &Headers, clock: &Clock, prefix: &str) -> QuotaDimension {
+    if !headers.any_starting_with(prefix) {
+        return QuotaDimension::default();
+    }
     let field = |kind: &str| headers.get_joined(&[prefix, kind]).and_then(|v| v.split([',', ';']).next());
     bucket(clock, field("limit"), field("remaining"), field("reset").and_then(parse_ratelimit_reset))
 }
