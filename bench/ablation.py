@@ -2,11 +2,14 @@
 """Ablation of the admit path (`make bench` runs it after bench/run.py): the filter as built at
 successive commits, each adding one lever, measured in one run against the same Envoy setup
 (direct_response, --concurrency 2, wrk closed loop), interleaved within each repetition so
-drift hits all alike; plus the current build with leases off (`bucket.max_lease: 1`). Appends
-its table to BENCHMARKS.md. Python 3 standard library only; builds each commit in a temporary
-git worktree with the current Makefile's wasm-opt flags.
+drift hits all alike; plus the current build with leases off (`bucket.max_lease: 1`), and the
+current source with one part switched off (a patch, below) to attribute what is left, with the
+direct_response upstream and with the mock provider. Appends its tables to BENCHMARKS.md.
+Python 3 standard library only; builds each commit in a temporary git worktree with the current
+Makefile's wasm-opt flags.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -30,7 +33,24 @@ STEPS = [
     ("+ counters written per tick, the priority header rewritten only when it differs", "0e9bc44", {}),
     ("+ leases sized by the traffic, refusals reused for 1 ms", BEFORE, {}),
     ("current build, leases off (bucket.max_lease 1)", None, {"bucket": {"max_lease": 1}}),
-    ("+ context tables as plain statics, local 429s serialized once (current build)", None, {}),
+    ("+ context tables as plain statics, local 429s serialized once", "05d09ef", {}),
+    ("+ the observer reads headers in place and skips absent provider families; no float formatter "
+     "(current build)", None, {}),
+]
+# The current build's admission filter making the floor's host calls and deciding nothing.
+FLOOR_CALLS = "current build, the admission filter making only those host calls and deciding nothing"
+# The mock-provider section: (label, kind, patch, extra filter JSON); kind w is the empty filter.
+MOCK_ROWS = [
+    ("(w) empty wasm filter", "w", None, None),
+    ("(w) making the host calls ours cannot do without, in the listener (priority header, clock, "
+     "`:status`) and in the observer's place (probe and attempt-count headers; every response header "
+     "and the clock)", "w", None, {"mimic": 1}),
+    ("current build, every stream callback returning at once (contexts, dispatch, ticks)", "c", "module-only", {}),
+    ("current build, the observer's callbacks returning at once", "c", "observer-off", {}),
+    ("current build, the observer making only its floor's host calls, learning nothing", "c", "observer-floor", {}),
+    ("current build", "c", None, {}),
+    ("current build, `provider.style: openai` (one provider family read, not every one)", "c", None,
+     {"provider": {"style": "openai"}}),
 ]
 # The empty filter (w) making N host calls per request: what one host call costs.
 CALLS = [1, 2, 4]
@@ -41,14 +61,46 @@ MIMIC = "w mimic"
 REPLIES = [0, 9]
 REJECT = "current build, reject path (limit 1 token, 1/s)"
 REJECT_BEFORE = f"`{BEFORE}` (each 429 formatted and its histogram sample written per refusal), reject path"
+# The current source (HEAD) with one part switched off: (file, anchor, text put after it). A patch
+# whose anchor is gone stops the run: update it with the code.
+REQUEST = "src/host/request.rs"
+ON_REQUEST = "fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {\n"
+ON_REQUEST_BODY = "fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {\n"
+ON_RESPONSE = "fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {\n"
+ON_RESPONSE_BODY = "fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {\n"
+CALLBACKS = [ON_REQUEST, ON_REQUEST_BODY, ON_RESPONSE, ON_RESPONSE_BODY]
+ADMITS = "self.w.config.role.admits()"
+OBSERVER = "!" + ADMITS
+PATCHES = {
+    # The admission filter makes the floor's host calls and decides nothing.
+    "floor-calls": [
+        (REQUEST, ON_REQUEST, "if " + ADMITS + " { let _ = Self::header(&self.w.config.classify.header); "
+                              "let _ = abi::now_ns(); return Action::Continue; }\n"),
+        (REQUEST, ON_RESPONSE, "if " + ADMITS + " { let _ = abi::response_header(\":status\"); "
+                               "return Action::Continue; }\n"),
+    ],
+    # Every stream callback of both filters returns at once: contexts, dispatch and ticks only.
+    "module-only": [(REQUEST, c, "if true { return Action::Continue; }\n") for c in CALLBACKS],
+    # The observer's stream callbacks return at once; the admission filter is whole.
+    "observer-off": [(REQUEST, c, f"if {OBSERVER} {{ return Action::Continue; }}\n") for c in CALLBACKS],
+    # The observer reads what it cannot do without (its request reads are unchanged; on the
+    # answer every header and the clock) and learns nothing.
+    "observer-floor": [
+        (REQUEST, ON_RESPONSE, f"if {OBSERVER} {{ let h = abi::response_headers().unwrap_or_default(); "
+                               "let _ = h.get(\":status\"); let _ = abi::now_ns(); return Action::Continue; }\n"),
+    ],
+}
 WASM_OPT = ["-Oz", "--flatten", "--rereloop", "-Oz", "--merge-similar-functions", "-Oz", "--converge",
             "--enable-bulk-memory", "--enable-sign-ext", "--enable-nontrapping-float-to-int",
             "--enable-mutable-globals", "--enable-multivalue", "--enable-reference-types"]
 
 
-def build(commit):
-    """The optimized .wasm of `commit` (cached by commit)."""
-    out = OUT / f"{commit}.wasm"
+def build(commit, patch=None):
+    """The optimized .wasm of `commit`, with PATCHES[patch] applied if given (cached by both)."""
+    if commit == "HEAD":
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+    out = OUT / (f"{commit}-{patch}.wasm" if patch else f"{commit}.wasm")
     if out.is_file():
         return out
     OUT.mkdir(parents=True, exist_ok=True)
@@ -56,7 +108,13 @@ def build(commit):
         tree = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), commit], check=True)
         try:
-            run.log(f"building {commit}")
+            for file, anchor, text in PATCHES.get(patch, []):
+                path = tree / file
+                source = path.read_text()
+                if anchor not in source:
+                    raise SystemExit(f"ablation: patch {patch!r}: {anchor.strip()!r} is not in {file}")
+                path.write_text(source.replace(anchor, anchor + "        " + text, 1))
+            run.log(f"building {commit}" + (f" with {patch}" if patch else ""))
             subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "-p", "llm-ratelimit",
                             "--target-dir", str(OUT / "target")], cwd=tree, check=True)
             raw = OUT / "target/wasm32-wasip1/release/llm_ratelimit.wasm"
@@ -66,9 +124,12 @@ def build(commit):
     return out
 
 
-def measure(wasm, n):
+COPIES = itertools.count()
+
+
+def measure(wasm):
     """Makes the next Envoy run a copy of `wasm` (render() puts run.MEASURED in the config)."""
-    copy = OUT / f"measured-{n}.wasm"
+    copy = OUT / f"measured-{next(COPIES)}.wasm"
     copy.write_bytes(wasm.read_bytes())
     run.MEASURED = copy
 
@@ -79,9 +140,10 @@ def main():
                         str(ROOT / "bench/noop-filter/Cargo.toml"), "--target-dir", str(ROOT / "target/bench-noop")],
                        check=True)
     wasms = [build(c) if c else run.WASM for _, c, _ in STEPS]
+    patched = {p: build("HEAD", p) for p in ["floor-calls"] + [p for _, _, p, _ in MOCK_ROWS if p]}
     run.MEASURED.parent.mkdir(parents=True, exist_ok=True)
     lim = run.HIGH
-    envoys, res = [], {}
+    envoys, mocks, mock, res = [], [], None, {}
     try:
         envoys.append(("w", run.Envoy("w", "direct", 2, capacity=lim["capacity"], rate=lim["rate"])))
         for n in CALLS:
@@ -93,44 +155,66 @@ def main():
             envoys.append((f"w reply {n}", run.Envoy("w", "direct", 2, capacity=lim["capacity"], rate=lim["rate"],
                                                      filter_json=json.dumps({"reply": n}))))
         for (label, _, extra), wasm in zip(STEPS, wasms):
-            measure(wasm, len(envoys))
+            measure(wasm)
             envoys.append((label, run.Envoy("c", "direct", 2, capacity=lim["capacity"], rate=lim["rate"],
                                             filter_json=run.ours_json(lim["capacity"], lim["rate"], extra=extra))))
+        measure(patched["floor-calls"])
+        envoys.append((FLOOR_CALLS, run.Envoy("c", "direct", 2, capacity=lim["capacity"], rate=lim["rate"])))
+        mock = run.Mock(*run.MOCK_OPENAI)
+        for label, kind, patch, extra in MOCK_ROWS:
+            if kind == "c":
+                measure(patched[patch] if patch else run.WASM)
+            fj = json.dumps(extra) if kind == "w" and extra else (
+                run.ours_json(lim["capacity"], lim["rate"], extra=extra) if kind == "c" else None)
+            mocks.append((label, run.Envoy(kind, "mock", 2, upstream_port=mock.port, capacity=lim["capacity"],
+                                           rate=lim["rate"], filter_json=fj)))
         before = wasms[[commit for _, commit, _ in STEPS].index(BEFORE)]
         for label, wasm in ((REJECT_BEFORE, before), (REJECT, run.WASM)):
-            measure(wasm, len(envoys))
+            measure(wasm)
             envoys.append((label, run.Envoy("c", "direct", 2, capacity=1, rate=1, filter_json=run.ours_json(1, 1))))
         for _, e in envoys:
             run.wrk(e.url, 1)
+        for _, e in mocks:
+            run.wrk(e.url, 1, post=True)
         for rep in range(run.REPS):
             run.log(f"ablation: repetition {rep + 1}/{run.REPS}")
             for label, e in envoys:
                 res.setdefault(label, []).append(run.wrk(e.url, run.SECONDS)["rps"])
+            for label, e in mocks:
+                res.setdefault("mock " + label, []).append(run.wrk(e.url, run.SECONDS, post=True)["rps"])
     finally:
-        for _, e in envoys:
+        for _, e in envoys + mocks:
             e.stop()
+        if mock:
+            mock.stop()
         run.cleanup()
     floor = run.med(res["w"])
     lines = ["## Ablation: the admit path, lever by lever\n",
              f"direct_response, `--concurrency 2`, wrk closed loop, {run.REPS} × {run.SECONDS:g} s, medians "
              "(min–max); every row measured in the same run, interleaved. Each row is the filter built at the "
-             "commit that added the lever (cumulative), with today's wasm-opt flags; (w) is the empty wasm filter.\n",
+             "commit that added the lever (cumulative), with today's wasm-opt flags; (w) is the empty wasm filter. "
+             "÷ (w) is the median of the ratios within each repetition (configurations run back to back), which "
+             "drift on this shared machine moves less than the medians of req/s.\n",
              "| build | req/s | ÷ (w) |", "|---|---|---|",
              f"| (w) empty wasm filter | {run.fmt(floor)}{run.spread(res['w'])} | 1.00 |"]
+
+    def ratio(label, base="w"):
+        return run.med([a / b for a, b in zip(res[label], res[base])])
     for n in CALLS:
         t = run.med(res[f"w+{n}"])
         lines.append(f"| (w) making {n} host call{'s' if n > 1 else ''} per request (`:path` read) | "
-                     f"{run.fmt(t)}{run.spread(res[f'w+{n}'])} | {t / floor:.2f} |")
+                     f"{run.fmt(t)}{run.spread(res[f'w+{n}'])} | {ratio(f'w+{n}'):.2f} |")
     mimic = run.med(res[MIMIC])
     lines.append("| (w) making the host calls our admit path cannot do without: the priority header read and the "
                  f"clock on the request, the `:status` read on the response | {run.fmt(mimic)}{run.spread(res[MIMIC])} "
-                 f"| {mimic / floor:.2f} |")
+                 f"| {ratio(MIMIC):.2f} |")
     for (label, commit, _), wasm in zip(STEPS, wasms):
         t = run.med(res[label])
         name = f"`{commit}` {label}" if commit else label
-        lines.append(f"| {name} ({wasm.stat().st_size:,} bytes) | {run.fmt(t)}{run.spread(res[label])} | {t / floor:.2f} |")
+        lines.append(f"| {name} ({wasm.stat().st_size:,} bytes) | {run.fmt(t)}{run.spread(res[label])} | {ratio(label):.2f} |")
+    t = run.med(res[FLOOR_CALLS])
+    lines.append(f"| {FLOOR_CALLS} | {run.fmt(t)}{run.spread(res[FLOOR_CALLS])} | {ratio(FLOOR_CALLS):.2f} |")
     per_call = [(1 / run.med(res[f"w+{n}"]) - 1 / floor) * 1e6 / n for n in CALLS]
-    current = run.med(res[STEPS[-1][0]])
     lines.append(f"\nOne host call costs about {run.med(per_call):.2f} µs of a request's time here "
                  "(2 workers, wrk on the same cores), from the (w) rows; our admit path makes, per request: "
                  "the priority header read (and its rewrite when the client sent another value), the clock, "
@@ -139,7 +223,31 @@ def main():
                  "lease) and counters (once per tick) are not per request. The empty filter making just those "
                  f"calls stands at {mimic / floor:.2f} of (w): the floor for a filter that classifies by header, "
                  "keeps time and reads the answer's status. The current build stands at "
-                 f"{current / mimic:.2f} of that floor.\n")
+                 f"{ratio(STEPS[-1][0], MIMIC):.2f} of that floor. Our filter with its admission switched off "
+                 f"but making the same calls stands at {ratio(FLOOR_CALLS, MIMIC):.2f} of the floor: what our module "
+                 "adds by itself (its dispatch, contexts, ticks, size). The rest, "
+                 f"{ratio(STEPS[-1][0], FLOOR_CALLS):.2f} of that, is the decision's own wasm work: classifying, the "
+                 "lease, counters (a profile of the .wasm in V8 shows it spread over them, none dominant).\n")
+    base = "mock " + MOCK_ROWS[0][0]
+    lines += ["## Ablation: the mock provider path\n",
+              "Same run, the mock provider upstream answering as OpenAI does (its `x-ratelimit-*` headers on "
+              "every answer), the real `POST`; both filters are in place, the admission filter in the listener and "
+              "the observer in the cluster, sharing one VM per worker. Rows marked with a part switched off are "
+              "the current source with a small patch (bench/ablation.py `PATCHES`); ÷ (w) as above.\n",
+              "| build | req/s | ÷ (w) | ÷ (w) making the floor's calls |", "|---|---|---|---|"]
+    for label, *_ in MOCK_ROWS:
+        key = "mock " + label
+        lines.append(f"| {label} | {run.fmt(run.med(res[key]))}{run.spread(res[key])} | {ratio(key, base):.2f} | "
+                     f"{ratio(key, 'mock ' + MOCK_ROWS[1][0]):.2f} |")
+    row = {p: "mock " + label for label, _, p, _ in MOCK_ROWS if p}
+    full = "mock " + MOCK_ROWS[5][0]
+    lines.append(f"\nWhat each part costs, as a share of (w)'s throughput: our module with nothing to do "
+                 f"{1 - ratio(row['module-only'], base):+.2f}; the admission filter "
+                 f"{ratio(row['module-only'], base) - ratio(row['observer-off'], base):+.2f}; the observer's host "
+                 f"calls {ratio(row['observer-off'], base) - ratio(row['observer-floor'], base):+.2f}; its parsing "
+                 f"and learning {ratio(row['observer-floor'], base) - ratio(full, base):+.2f}. The parse reads every "
+                 "provider family under `auto` (the default): a family none of whose headers is present costs one "
+                 "pass over the names.\n")
     lines += ["## Ablation: the reject path\n",
               "Same run. A wasm filter's local reply costs Envoy more the more headers it carries: (w) answering "
               "every request with a 429 of 0 and of 9 headers (as many as the filter's own 429) and a 200-byte body, "

@@ -483,7 +483,7 @@ def ratio(x, y):
 def scenario_paths(upstream, res):
     """Admit and reject paths for one upstream: max throughput (wrk) and fixed-rate latency (oha),
     configurations interleaved within each repetition so drift hits all alike."""
-    mock = Mock() if upstream == "mock" else None
+    mock = Mock(*MOCK_OPENAI) if upstream == "mock" else None
     up = {"upstream_port": mock.port} if mock else {}
     setups = [("admit", "a", HIGH), ("admit", "b", HIGH), ("admit", "w", HIGH), ("admit", "c", HIGH),
               ("reject", "b", LOW), ("reject", "c", LOW)]
@@ -617,6 +617,9 @@ def scenario_priority(res):
 
 
 PROVIDER = dict(quota=20, offered=50, timeout=2.0)
+# The admit-path mock answers as OpenAI does: its `x-ratelimit-*` headers on every answer, for the
+# filter to parse; a quota of 10^9 requests per window never binds.
+MOCK_OPENAI = ("--style", "openai", "--quota", "1000000000")
 
 
 def scenario_provider(res):
@@ -938,7 +941,9 @@ def report(res, m, elapsed):
       f"32 connections, {SECONDS:g} s, `--latency-correction` (coordinated omission corrected). "
       "Admit path: limit 10^9 tokens, 10^9/s. Reject path: limit 1 token, 1/s. (a) has no limit, so "
       "its admit figures are its reject figures. Requests: `GET /v1/chat/completions` in the direct_response "
-      "variant and the real `POST` with a small JSON body in the mock-provider variant. Why GET: Envoy closes "
+      "variant and the real `POST` with a small JSON body in the mock-provider variant, where every answer "
+      "carries OpenAI's `x-ratelimit-*` headers (limit, remaining and reset of requests; a quota that never "
+      "binds) for the filter to parse. Why GET: Envoy closes "
       "the downstream connection after any local reply sent before the request body was read (direct_response "
       "to a POST, or a local 429 from (b) or (c)), so every such POST costs a new TCP connection (measured: "
       "~14k POST/s vs ~55k GET/s for (a) on this machine); with GET the figures are the filter's. That "

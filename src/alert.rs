@@ -100,6 +100,14 @@ pub fn payload(format: Format, provider: &str, event: &Event, now_ms: u64) -> St
     }
 }
 
+/// Every event's slot name (`Event::name`).
+pub const SLOTS: [&str; 3] = ["terminal_quota", "breaker_open", "shedding"];
+
+/// The shared-data key of filter `name`'s slot for one event.
+pub fn slot_key(name: &str, slot: &str) -> String {
+    format!("llm_ratelimit/{name}/alert/{slot}")
+}
+
 /// When an event was last sent, process-wide (a shared-data value).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SentAt(pub u64);

@@ -296,6 +296,11 @@ impl Worker {
     /// provider key would both succeed, and both count the trip.
     pub fn ensure_shared(&self, store: &impl Store, now_ns: u64) -> Result<(), Status> {
         store::ensure(store, &self.provider_key, ProviderState::default())?;
+        if self.config.alert.is_some() {
+            for slot in crate::alert::SLOTS {
+                store::ensure(store, &crate::alert::slot_key(&self.config.name, slot), crate::alert::SentAt(0))?;
+            }
+        }
         if !self.config.role.admits() {
             return Ok(());
         }
@@ -848,6 +853,19 @@ mod tests {
             assert!(provider.is_some() && cas != 0, "{json}");
             assert_eq!(store.get(&w.bucket_key).unwrap().0.is_some(), bucket, "{json}");
         }
+    }
+
+    #[test]
+    fn alert_slots_exist_before_the_first_alert() {
+        // Else two workers raising the same alert at once on a fresh slot would both send it.
+        let json = r#"{"role":"observer","alert":{"cluster":"alerts"}}"#;
+        let (w, store) = (worker(json, 1), MemStore::default());
+        w.ensure_shared(&store, 0).unwrap();
+        for slot in crate::alert::SLOTS {
+            assert_ne!(store.get(&crate::alert::slot_key(&w.config.name, slot)).unwrap().1, 0, "{slot}");
+        }
+        let event = crate::alert::Event::Shedding { per_minute: 1 };
+        assert!(crate::alert::SLOTS.contains(&event.name()));
     }
 
     #[test]

@@ -321,7 +321,7 @@ impl WorkerContext {
         };
         for (event, at_ms) in queued {
             let at_ms = if at_ms == 0 { now_ms } else { at_ms };
-            let key = format!("llm_ratelimit/{}/alert/{}", self.name(), event.name());
+            let key = alert::slot_key(self.name(), event.name());
             match alert::claim(&SharedData, &key, &event, now_ms, cfg.min_interval_ms) {
                 Ok(true) => {}
                 Ok(false) => continue,

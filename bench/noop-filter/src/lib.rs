@@ -4,19 +4,23 @@
 //! With `{"reply": H}` it answers every request itself with a 429 carrying H headers (0 to 9, the
 //! filter's own 429 has 9) and a 200-byte body: the floor of a wasm filter's reject path.
 //! With `{"mimic":1}` it makes the host calls our admit path cannot do without, and nothing else:
-//! the priority header read and the clock on the request, the `:status` read on the response.
+//! the priority header read and the clock on the request, the `:status` read on the response; in
+//! the observer's place (`"role":"observer"`, which bench/run.py keeps from envoy/envoy.yaml), the
+//! observer's: the probe and attempt-count reads on the request, every response header and the
+//! clock on the response.
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { calls: 0, reply: None, mimic: false }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { calls: 0, reply: None, mimic: false, observer: false }) });
 }}
 
 struct Root {
     calls: usize,
     reply: Option<usize>,
     mimic: bool,
+    observer: bool,
 }
 
 /// The number after `"key":` in the configuration text.
@@ -33,13 +37,14 @@ impl RootContext for Root {
         self.calls = number(&text, "calls").unwrap_or(0);
         self.reply = number(&text, "reply");
         self.mimic = number(&text, "mimic").is_some_and(|n| n > 0);
+        self.observer = text.contains("\"role\":\"observer\"");
         true
     }
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Pass { calls: self.calls, reply: self.reply, mimic: self.mimic }))
+        Some(Box::new(Pass { calls: self.calls, reply: self.reply, mimic: self.mimic, observer: self.observer }))
     }
 }
 
@@ -47,6 +52,7 @@ struct Pass {
     calls: usize,
     reply: Option<usize>,
     mimic: bool,
+    observer: bool,
 }
 
 const HEADERS: [(&str, &str); 9] = [
@@ -63,7 +69,10 @@ const HEADERS: [(&str, &str); 9] = [
 impl Context for Pass {}
 impl HttpContext for Pass {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        if self.mimic {
+        if self.mimic && self.observer {
+            let _ = self.get_http_request_header("x-llm-ratelimit-probe");
+            let _ = self.get_http_request_header("x-envoy-attempt-count");
+        } else if self.mimic {
             let _ = self.get_http_request_header("x-llm-priority");
             let _ = self.get_current_time();
         }
@@ -79,7 +88,10 @@ impl HttpContext for Pass {
     }
 
     fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
-        if self.mimic {
+        if self.mimic && self.observer {
+            let _ = self.get_http_response_headers();
+            let _ = self.get_current_time();
+        } else if self.mimic {
             let _ = self.get_http_response_header(":status");
         }
         Action::Continue
