@@ -32,11 +32,12 @@ STEPS = [
      "b073d88", {}),
     ("+ counters written per tick, the priority header rewritten only when it differs", "0e9bc44", {}),
     ("+ leases sized by the traffic, refusals reused for 1 ms", BEFORE, {}),
-    ("current build, leases off (bucket.max_lease 1)", None, {"bucket": {"max_lease": 1}}),
     ("+ context tables as plain statics, local 429s serialized once", "05d09ef", {}),
     ("+ the observer reads headers in place and skips absent provider families; no float formatter "
      "(current build)", None, {}),
+    ("current build, leases off (bucket.max_lease 1)", None, {"bucket": {"max_lease": 1}}),
 ]
+CURRENT = STEPS[-2][0]
 # The current build's admission filter making the floor's host calls and deciding nothing.
 FLOOR_CALLS = "current build, the admission filter making only those host calls and deciding nothing"
 # The mock-provider section: (label, kind, patch, extra filter JSON); kind w is the empty filter.
@@ -223,10 +224,10 @@ def main():
                  "lease) and counters (once per tick) are not per request. The empty filter making just those "
                  f"calls stands at {mimic / floor:.2f} of (w): the floor for a filter that classifies by header, "
                  "keeps time and reads the answer's status. The current build stands at "
-                 f"{ratio(STEPS[-1][0], MIMIC):.2f} of that floor. Our filter with its admission switched off "
+                 f"{ratio(CURRENT, MIMIC):.2f} of that floor. Our filter with its admission switched off "
                  f"but making the same calls stands at {ratio(FLOOR_CALLS, MIMIC):.2f} of the floor: what our module "
                  "adds by itself (its dispatch, contexts, ticks, size). The rest, "
-                 f"{ratio(STEPS[-1][0], FLOOR_CALLS):.2f} of that, is the decision's own wasm work: classifying, the "
+                 f"{ratio(CURRENT, FLOOR_CALLS):.2f} of that, is the decision's own wasm work: classifying, the "
                  "lease, counters (a profile of the .wasm in V8 shows it spread over them, none dominant).\n")
     base = "mock " + MOCK_ROWS[0][0]
     lines += ["## Ablation: the mock provider path\n",
