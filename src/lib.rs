@@ -16,6 +16,7 @@ pub mod config;
 pub mod fallback;
 pub mod global;
 pub mod hash;
+pub mod header_map;
 pub mod idmap;
 pub mod priority;
 pub mod queue;

@@ -5,6 +5,7 @@
 //! worker's VM. These declare the same proxy-wasm ABI imports with a plain `u32` status instead.
 #![allow(clashing_extern_declarations)]
 
+use crate::header_map::{serialize, HeaderMap};
 use std::ptr::{null, null_mut};
 
 pub type Status = u32;
@@ -165,10 +166,10 @@ pub fn resume_response(context_id: u32) -> Result<(), Status> {
 
 /// Answers the current request locally with `status`, `headers` and `body`.
 pub fn send_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), Status> {
-    send_serialized(status, &serialize_headers(headers), body)
+    send_serialized(status, &serialize(headers), body)
 }
 
-/// `send_response` with headers already in the ABI's encoding (`serialize_headers`).
+/// `send_response` with headers already in the ABI's encoding (`header_map::serialize`).
 pub fn send_serialized(status: u32, headers: &[u8], body: &[u8]) -> Result<(), Status> {
     check(unsafe {
         proxy_send_local_response(status, null(), 0, body.as_ptr(), body.len(), headers.as_ptr(), headers.len(), -1)
@@ -191,8 +192,8 @@ pub fn http_call_response_header(name: &str) -> Result<Option<String>, Status> {
 /// Sends an HTTP request to Envoy cluster `cluster`; the answer comes to the root context's
 /// `on_http_call_response` with the returned token.
 pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u32) -> Result<u32, Status> {
-    let headers = serialize_headers(headers);
-    let trailers = serialize_headers(&[]);
+    let headers = serialize(headers);
+    let trailers = serialize(&[]);
     let mut token = 0u32;
     check(unsafe {
         proxy_http_call(
@@ -214,7 +215,7 @@ pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_m
 /// Sends a unary gRPC call; `service` is an encoded `envoy.config.core.v3.GrpcService`. The
 /// answer comes to the calling context's `on_grpc_receive` (or `on_grpc_close` on failure).
 pub fn grpc_call(service: &[u8], name: &str, method: &str, message: &[u8], timeout_ms: u32) -> Result<u32, Status> {
-    let metadata = serialize_headers(&[]);
+    let metadata = serialize(&[]);
     let mut token = 0u32;
     check(unsafe {
         proxy_grpc_call(
@@ -302,68 +303,4 @@ pub fn response_headers() -> Result<HeaderMap, Status> {
     let (mut ptr, mut size) = (null_mut(), 0usize);
     check(unsafe { proxy_get_header_map_pairs(RESPONSE_HEADERS, &mut ptr, &mut size) })?;
     Ok(HeaderMap::read(unsafe { owned(ptr, size) }))
-}
-
-/// A header map in the encoding `serialize_headers` writes, read in place: one allocation for
-/// the whole map, not two per header. A name or value that is not UTF-8 reads as empty.
-#[derive(Default)]
-pub struct HeaderMap {
-    raw: Vec<u8>,
-    /// Where each name and value lies in `raw`.
-    spans: Vec<[usize; 4]>,
-}
-
-impl HeaderMap {
-    /// Empty if the bytes do not follow the encoding.
-    pub fn read(raw: Vec<u8>) -> HeaderMap {
-        let spans = Self::spans(&raw).unwrap_or_default();
-        HeaderMap { raw, spans }
-    }
-
-    fn spans(b: &[u8]) -> Option<Vec<[usize; 4]>> {
-        let u32_at = |i: usize| Some(u32::from_le_bytes(b.get(i..i.checked_add(4)?)?.try_into().ok()?) as usize);
-        let n = u32_at(0)?;
-        let mut data = 4usize.checked_add(n.checked_mul(8)?)?;
-        let mut out = Vec::with_capacity(n.min(256));
-        for i in 0..n {
-            let (kl, vl) = (u32_at(4 + 8 * i)?, u32_at(8 + 8 * i)?);
-            let k = data;
-            let v = k.checked_add(kl)?.checked_add(1)?;
-            data = v.checked_add(vl)?.checked_add(1)?;
-            b.get(v..v + vl)?;
-            out.push([k, k + kl, v, v + vl]);
-        }
-        Some(out)
-    }
-
-    /// (name, value) pairs, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        let text = |from: usize, to: usize| {
-            std::str::from_utf8(self.raw.get(from..to).unwrap_or_default()).unwrap_or_default()
-        };
-        self.spans.iter().map(move |&[k, ke, v, ve]| (text(k, ke), text(v, ve)))
-    }
-
-    /// The first value of `name` (lower case, as the host gives names).
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.iter().find(|&(k, _)| k == name).map(|(_, v)| v)
-    }
-}
-
-/// proxy-wasm header map encoding: count, then (key size, value size) pairs, then each key and
-/// value followed by a NUL.
-pub fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + headers.iter().map(|(k, v)| 10 + k.len() + v.len()).sum::<usize>());
-    out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
-    for (k, v) in headers {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in headers {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
 }

@@ -9,6 +9,7 @@ use super::worker::{Bodies, WorkerContext, PROBE_HEADER, REENTERED};
 use crate::breaker::{Gate, Verdict};
 use crate::classify::classify;
 use crate::config::{Config, Role};
+use crate::header_map::HeaderMap;
 use crate::priority::Priority;
 use crate::signals;
 use crate::tokens::{estimate, meter::Meter};
@@ -21,7 +22,7 @@ const MAX_BODY: usize = 64 * 1024;
 
 /// A provider 429 whose body is being read.
 struct Answer429 {
-    headers: abi::HeaderMap,
+    headers: HeaderMap,
     /// What the headers alone said.
     from_headers: signals::Signals,
     /// The body so far, when it flows past (not held).
@@ -221,7 +222,7 @@ impl Request {
         }
     }
 
-    fn parse(&self, status: u16, headers: &abi::HeaderMap, body: Option<&[u8]>, now_ms: u64) -> signals::Signals {
+    fn parse(&self, status: u16, headers: &HeaderMap, body: Option<&[u8]>, now_ms: u64) -> signals::Signals {
         let p = &self.w.config.provider;
         signals::parse(p.style, status, &headers.iter().collect::<Vec<_>>(), body, now_ms, p.breaker.max_wait_ms)
     }

@@ -232,7 +232,7 @@ impl WorkerContext {
             headers.push(("x-ratelimit-queued-ms", ms.to_string()));
         }
         let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Reply429 { key, headers: abi::serialize_headers(&pairs), body }
+        Reply429 { key, headers: crate::header_map::serialize(&pairs), body }
     }
 
     /// Answers a waiting request (not the current one) with a local 429.
