@@ -138,7 +138,7 @@ impl Sim {
                 };
                 self.carry(w, o);
             }
-            if self.now % TICK_MS == 0 {
+            if self.now.is_multiple_of(TICK_MS) {
                 for w in 0..self.gates.len() {
                     let o = self.gates[w].tick(self.now);
                     self.carry(w, o);
