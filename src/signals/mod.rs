@@ -36,6 +36,8 @@ mod ietf;
 mod providers;
 mod values;
 
+use std::cell::OnceCell;
+
 pub use values::{
     parse_count, parse_delta_seconds, parse_go_duration, parse_http_date, parse_millis, parse_ratelimit_reset,
     parse_rfc3339, When,
@@ -181,7 +183,7 @@ pub fn parse(
     max_wait_ms: u64,
 ) -> Signals {
     let headers = Headers::new(headers);
-    let clock = Clock { now_ms, date: headers.get("date"), max_wait_ms };
+    let clock = Clock { now_ms, date: headers.get("date"), date_ms: OnceCell::new(), max_wait_ms };
     let body = body.filter(|_| status >= 400).map(body::read).unwrap_or_default();
     let quota = providers::read(provider, &headers, &clock);
 
@@ -268,9 +270,10 @@ const MAX_TRUSTED_SKEW_MS: u64 = 2_000;
 /// Places provider moments on the proxy's clock.
 struct Clock<'a> {
     now_ms: u64,
-    /// The response's `Date`, which absolute instants are measured against: parsed only when
-    /// one is (most answers carry none, and every answer carries a `Date`).
+    /// The response's `Date`, which absolute instants are measured against: parsed when the
+    /// first one is (most answers carry none, and every answer carries a `Date`).
     date: Option<&'a str>,
+    date_ms: OnceCell<Option<u64>>,
     max_wait_ms: u64,
 }
 
@@ -308,7 +311,7 @@ impl Clock<'_> {
     /// What absolute instants are measured against. `Date` has whole-second precision, so it
     /// is used only to correct a real clock skew between the provider and the proxy.
     fn base_ms(&self) -> u64 {
-        match self.date.and_then(parse_http_date) {
+        match *self.date_ms.get_or_init(|| self.date.and_then(parse_http_date)) {
             Some(date) if date.abs_diff(self.now_ms) > MAX_TRUSTED_SKEW_MS => date,
             _ => self.now_ms,
         }
