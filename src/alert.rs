@@ -38,9 +38,9 @@ impl Event {
     /// The event's name in payloads and shared-data keys.
     pub fn name(&self) -> &'static str {
         match self {
-            Event::BreakerOpen { terminal: true, .. } => "terminal_quota",
-            Event::BreakerOpen { .. } | Event::BreakerClosed => "breaker_open",
-            Event::Shedding { .. } => "shedding",
+            Event::BreakerOpen { terminal: true, .. } => SLOTS[0],
+            Event::BreakerOpen { .. } | Event::BreakerClosed => SLOTS[1],
+            Event::Shedding { .. } => SLOTS[2],
         }
     }
 
@@ -100,7 +100,7 @@ pub fn payload(format: Format, provider: &str, event: &Event, now_ms: u64) -> St
     }
 }
 
-/// Every event's slot name (`Event::name`).
+/// Every event's name (`Event::name`), one alert slot each.
 pub const SLOTS: [&str; 3] = ["terminal_quota", "breaker_open", "shedding"];
 
 /// The shared-data key of filter `name`'s slot for one event.
