@@ -8,12 +8,13 @@
 //! forgotten at most `period / SLOTS` (1%) late. Denied hits are not recorded. Time is Redis'
 //! own (TIME), so instances of this service with skewed clocks agree.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::Script;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 
 /// Sub-windows per window: the window is exact as an upper bound and at most 1% long.
 pub const SLOTS: u64 = 100;
@@ -111,17 +112,47 @@ enum Conn {
 }
 
 /// Connects lazily (the service starts, and answers UNAVAILABLE, while Redis is down) and bounds
-/// every call by `timeout`: a Redis that is down or stuck costs a call at most that long.
+/// every call by `timeout`: a Redis that is down or stuck costs a call at most that long. At most
+/// `max_in_flight` operations run at once: past that, callers are refused at once rather than
+/// piling onto a slow Redis (each waiting call holds memory, and Envoy waits for it).
 pub struct Limiter {
     target: Target,
     conn: Mutex<Option<Conn>>,
     script: Script,
     timeout: Duration,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: u32,
+}
+
+/// Room for one Redis operation, from [`Limiter::reserve`]; given back when dropped.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Limiter {
-    pub fn new(target: Target, timeout: Duration) -> Limiter {
-        Limiter { target, conn: Mutex::new(None), script: Script::new(SCRIPT), timeout }
+    pub fn new(target: Target, timeout: Duration, max_in_flight: u32) -> Limiter {
+        Limiter {
+            target,
+            conn: Mutex::new(None),
+            script: Script::new(SCRIPT),
+            timeout,
+            in_flight: Arc::new(Semaphore::new(max_in_flight as usize)),
+            max_in_flight,
+        }
+    }
+
+    /// Room for `n` operations, all or none (a call is refused before any of its descriptors
+    /// counts); `Err`, at once, when they do not fit beside those in flight.
+    pub fn reserve(&self, n: usize) -> Result<Vec<Slot>, String> {
+        let max = self.max_in_flight;
+        let wanted = u32::try_from(n).ok().filter(|&n| n <= max).ok_or_else(|| {
+            format!("overloaded: a call of {n} Redis operations at once is more than --max-in-flight {max}")
+        })?;
+        let mut all = self.in_flight.clone().try_acquire_many_owned(wanted).map_err(|_| {
+            let busy = max as usize - self.in_flight.available_permits();
+            format!("overloaded: {busy} Redis operations in flight (--max-in-flight {max})")
+        })?;
+        Ok(std::iter::from_fn(|| all.split(1)).map(|p| Slot { _permit: p }).collect())
     }
 
     async fn connect(&self) -> redis::RedisResult<Conn> {
@@ -156,8 +187,15 @@ impl Limiter {
     }
 
     /// Adds `hits` to `key` if they fit in `limit` per `period`; `Err` when Redis did not answer
-    /// within the timeout or answered an error.
-    pub async fn check(&self, key: &str, limit: u32, period: Duration, hits: u64) -> Result<Decision, String> {
+    /// within the timeout or answered an error. `_slot` is held until the answer.
+    pub async fn check(
+        &self,
+        _slot: Slot,
+        key: &str,
+        limit: u32,
+        period: Duration,
+        hits: u64,
+    ) -> Result<Decision, String> {
         let call = async {
             let mut invocation = self.script.key(key);
             invocation.arg(limit).arg(period.as_micros() as u64).arg(hits.min(i64::MAX as u64)).arg(SLOTS);
@@ -182,8 +220,9 @@ impl Limiter {
         }
     }
 
-    /// PING within the timeout, for /healthz.
+    /// PING within the timeout, for /healthz; a PING counts in `max_in_flight` too.
     pub async fn ping(&self) -> Result<Duration, String> {
+        let _slot = self.reserve(1)?;
         let start = Instant::now();
         let call = async {
             let pong: String = match self.conn().await? {
@@ -200,31 +239,51 @@ impl Limiter {
     }
 }
 
+/// Values longer than this are hashed in keys (a header's value can be tens of KB).
+const MAX_VALUE: usize = 64;
+/// Names (inside the hash tag) longer than this are hashed whole: long domains or keys, or many
+/// entries, come only with a descriptor's own `limit`, which a caller may send.
+const MAX_NAME: usize = 256;
+
+/// `#` and 16 hex digits (64 bits) of `s`'s SHA-1: a fixed size whatever the input, collisions
+/// negligible (about n²/2⁶⁵ among n distinct values), and a counter of another value cannot be
+/// hit on purpose (that takes a second preimage: 2⁶⁴ tries).
+fn digest(s: &str) -> String {
+    let mut hex = sha1_smol::Sha1::from(s).digest().to_string();
+    hex.truncate(16);
+    format!("#{hex}")
+}
+
 /// The Redis key of a descriptor: the domain and entries inside a Cluster hash tag (one slot per
-/// descriptor), then the window length so that a changed unit starts afresh. `_`, `%`, `{` and
-/// `}` inside names are %-escaped so that different descriptors never share a key.
+/// descriptor), then the window length so that a changed unit starts afresh. `_`, `%`, `{`, `}`
+/// and `#` inside names are %-escaped so that different descriptors never share a key, and a
+/// hashed value or name (`#…`) is never a literal one. Limits are matched on the raw values
+/// before: hashing only bounds the key, to at most `prefix` + 267 bytes.
 pub fn key(prefix: &str, domain: &str, entries: &[(&str, &str)], period: Duration) -> String {
     fn push(out: &mut String, s: &str) {
         for c in s.chars() {
             match c {
-                '_' | '%' | '{' | '}' => out.push_str(&format!("%{:02X}", c as u32)),
+                '_' | '%' | '{' | '}' | '#' => out.push_str(&format!("%{:02X}", c as u32)),
                 c => out.push(c),
             }
         }
     }
-    let mut k = String::with_capacity(64);
-    k.push_str(prefix);
-    k.push('{');
-    push(&mut k, domain);
+    let mut name = String::with_capacity(64);
+    push(&mut name, domain);
     for (key, value) in entries {
-        k.push('_');
-        push(&mut k, key);
-        k.push('_');
-        push(&mut k, value);
+        name.push('_');
+        push(&mut name, key);
+        name.push('_');
+        if value.len() > MAX_VALUE {
+            name.push_str(&digest(value));
+        } else {
+            push(&mut name, value);
+        }
     }
-    k.push_str("}:");
-    k.push_str(&period.as_secs().to_string());
-    k
+    if name.len() > MAX_NAME {
+        name = digest(&name);
+    }
+    format!("{prefix}{{{name}}}:{}", period.as_secs())
 }
 
 #[cfg(test)]
@@ -240,5 +299,15 @@ mod tests {
         );
         assert_ne!(key("", "d", &[("a_b", "c")], p), key("", "d", &[("a", "b_c")], p));
         assert_eq!(key("x:", "d", &[("k", "{v}")], p), "x:{d_k_%7Bv%7D}:60");
+        // Long values are hashed, and a short value cannot pass for a hashed one.
+        let long = "v".repeat(MAX_VALUE + 1);
+        let hashed = key("", "d", &[("k", &long)], p);
+        assert_eq!(hashed, format!("{{d_k_{}}}:60", digest(&long)));
+        assert_eq!(hashed.len(), "{d_k_}:60".len() + 17);
+        assert_ne!(key("", "d", &[("k", &digest(&long))], p), hashed);
+        assert_ne!(hashed, key("", "d", &[("k", &format!("{long}w"))], p));
+        // A long name is hashed whole.
+        let many: Vec<(&str, &str)> = vec![("key", "value"); 100];
+        assert_eq!(key("", "d", &many, p).len(), "{}:60".len() + 17);
     }
 }

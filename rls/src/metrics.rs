@@ -16,6 +16,7 @@ pub struct Metrics {
     pub descriptors_over_limit: AtomicU64,
     pub descriptors_no_limit: AtomicU64,
     pub redis_errors: AtomicU64,
+    pub overloaded: AtomicU64,
     pub invalid_requests: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
@@ -46,6 +47,11 @@ impl Metrics {
             ("rls_descriptors_over_limit_total", "Descriptors over their limit", &self.descriptors_over_limit),
             ("rls_descriptors_no_limit_total", "Descriptors with no limit, or unlimited", &self.descriptors_no_limit),
             ("rls_redis_errors_total", "Calls answered UNAVAILABLE: Redis failed or timed out", &self.redis_errors),
+            (
+                "rls_overloaded_total",
+                "Calls answered UNAVAILABLE at once: --max-in-flight Redis operations were in flight",
+                &self.overloaded,
+            ),
             ("rls_invalid_requests_total", "Calls answered INVALID_ARGUMENT", &self.invalid_requests),
         ];
         for (name, help, value) in counters {

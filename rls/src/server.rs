@@ -15,7 +15,7 @@ use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use tonic::{Request, Response, Status};
 
 use crate::config::{unit_seconds, Config, Limit};
-use crate::limiter::{key, Limiter};
+use crate::limiter::{key, Limiter, Slot};
 use crate::metrics::Metrics;
 
 pub struct Service {
@@ -33,47 +33,63 @@ fn current_limit(limit: &Limit) -> RateLimit {
     RateLimit { name: limit.name.clone(), requests_per_unit: limit.requests_per_unit, unit: limit.unit as i32 }
 }
 
+/// What a descriptor needs: an answer now (no limit, or unlimited), or its script in Redis.
+enum Plan {
+    Done(DescriptorStatus),
+    Check(Check),
+}
+
+/// One descriptor's script: its counter, its limit and the hits to add.
+struct Check {
+    key: String,
+    period: Duration,
+    limit: Limit,
+    hits: u64,
+}
+
 impl Service {
-    /// One descriptor's status; `Err` only when Redis failed.
-    async fn descriptor(&self, domain: &str, d: &RateLimitDescriptor, hits: u64) -> Result<DescriptorStatus, String> {
+    /// Finds a descriptor's limit (on its raw values) and its counter's key.
+    fn plan(&self, domain: &str, d: &RateLimitDescriptor, hits: u64) -> Plan {
         let entries: Vec<(&str, &str)> = d.entries.iter().map(|e| (e.key.as_str(), e.value.as_str())).collect();
         // A descriptor may carry its own limit (Envoy's `limit` override); it wins over the file.
-        let own;
         let limit = match &d.limit {
             Some(o) => match Unit::try_from(o.unit) {
-                Ok(unit) if unit != Unit::Unknown => {
-                    own = Limit {
-                        requests_per_unit: o.requests_per_unit,
-                        unit,
-                        unlimited: false,
-                        shadow_mode: false,
-                        name: String::new(),
-                    };
-                    Some(&own)
-                }
+                Ok(unit) if unit != Unit::Unknown => Some(Limit {
+                    requests_per_unit: o.requests_per_unit,
+                    unit,
+                    unlimited: false,
+                    shadow_mode: false,
+                    name: String::new(),
+                }),
                 _ => None,
             },
-            None => self.config.limit(domain, &entries),
+            None => self.config.limit(domain, &entries).cloned(),
         };
         let Some(limit) = limit else {
-            self.metrics.descriptors_no_limit.fetch_add(1, Relaxed);
-            return Ok(DescriptorStatus { code: Code::Ok as i32, ..Default::default() });
+            return Plan::Done(DescriptorStatus { code: Code::Ok as i32, ..Default::default() });
         };
         if limit.unlimited {
-            self.metrics.descriptors_no_limit.fetch_add(1, Relaxed);
-            return Ok(DescriptorStatus { code: Code::Ok as i32, limit_remaining: u32::MAX, ..Default::default() });
+            return Plan::Done(DescriptorStatus {
+                code: Code::Ok as i32,
+                limit_remaining: u32::MAX,
+                ..Default::default()
+            });
         }
         let hits = d.hits_addend.as_ref().map_or(hits, |h| h.value);
         let period = Duration::from_secs(unit_seconds(limit.unit));
-        let key = key(&self.key_prefix, domain, &entries, period);
+        Plan::Check(Check { key: key(&self.key_prefix, domain, &entries, period), period, limit, hits })
+    }
+
+    /// Runs one descriptor's script; `Err` only when Redis failed.
+    async fn check(&self, slot: Slot, c: Check) -> Result<DescriptorStatus, String> {
         let start = Instant::now();
-        let decision = self.limiter.check(&key, limit.requests_per_unit, period, hits).await;
+        let decision = self.limiter.check(slot, &c.key, c.limit.requests_per_unit, c.period, c.hits).await;
         self.metrics.observe_redis(start.elapsed());
         let decision = decision?;
         let mut code = Code::Ok;
         if decision.admitted {
             self.metrics.descriptors_ok.fetch_add(1, Relaxed);
-        } else if limit.shadow_mode {
+        } else if c.limit.shadow_mode {
             self.metrics.shadow_over_limit.fetch_add(1, Relaxed);
         } else {
             self.metrics.descriptors_over_limit.fetch_add(1, Relaxed);
@@ -81,7 +97,7 @@ impl Service {
         }
         Ok(DescriptorStatus {
             code: code as i32,
-            current_limit: Some(current_limit(limit)),
+            current_limit: Some(current_limit(&c.limit)),
             limit_remaining: decision.remaining,
             duration_until_reset: Some(pb_duration(decision.until_reset)),
             ..Default::default()
@@ -107,13 +123,30 @@ impl RateLimitService for Grpc {
         }
         // hits_addend 0 means 1, as in Envoy.
         let hits = u64::from(request.hits_addend.max(1));
+        let mut statuses = vec![DescriptorStatus::default(); request.descriptors.len()];
+        let mut checks = Vec::new();
+        for (i, d) in request.descriptors.iter().enumerate() {
+            match this.plan(&request.domain, d, hits) {
+                Plan::Done(status) => statuses[i] = status,
+                Plan::Check(check) => checks.push((i, check)),
+            }
+        }
+        // Room in Redis for all of the call's scripts, or an answer at once that lets Envoy's
+        // failure mode decide (as when Redis fails).
+        let slots = match this.limiter.reserve(checks.len()) {
+            Ok(slots) => slots,
+            Err(e) => {
+                this.metrics.overloaded.fetch_add(1, Relaxed);
+                return Err(Status::unavailable(e));
+            }
+        };
+        this.metrics.descriptors_no_limit.fetch_add((statuses.len() - checks.len()) as u64, Relaxed);
         // Each descriptor is its own atomic script (its own Cluster slot); all run at once.
         let mut tasks = tokio::task::JoinSet::new();
-        for (i, d) in request.descriptors.into_iter().enumerate() {
-            let (service, domain) = (this.clone(), request.domain.clone());
-            tasks.spawn(async move { (i, service.descriptor(&domain, &d, hits).await) });
+        for ((i, check), slot) in checks.into_iter().zip(slots) {
+            let service = this.clone();
+            tasks.spawn(async move { (i, service.check(slot, check).await) });
         }
-        let mut statuses = vec![DescriptorStatus::default(); tasks.len()];
         while let Some(joined) = tasks.join_next().await {
             match joined {
                 Ok((i, Ok(status))) => statuses[i] = status,

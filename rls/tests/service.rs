@@ -248,3 +248,108 @@ fn bad_limits_exit_2_naming_the_field() {
         std::process::Command::new(env!("CARGO_BIN_EXE_llm-ratelimit-rls")).args(["--nope", "1"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn long_values_make_short_keys_and_still_count_apart() {
+    let redis = Redis::start();
+    let rls = Rls::start(&["--redis", &format!("redis://127.0.0.1:{}", redis.port)]);
+    let mut c = rls.client().await;
+    // Two 50 KB values (as a tenant header may be) that differ in their last byte.
+    let a = "t".repeat(50_000);
+    let b = format!("{}u", &a[1..]);
+    for i in 0..6 {
+        assert_eq!(c.hit(&[("m", &a)]).await, i < 5, "call {i}");
+    }
+    assert!(c.hit(&[("m", &b)]).await, "another value has its own counter");
+    // A limit the file gives to one (long) value still matches it.
+    let vip = "tenant-with-a-long-name-0123456789012345678901234567890123456789012345678901234567";
+    for i in 0..3 {
+        assert_eq!(c.hit(&[("m", vip)]).await, i < 2, "{vip}: call {i}");
+    }
+    let keys = redis.keys();
+    assert_eq!(keys.len(), 3, "{} keys", keys.len());
+    for k in &keys {
+        assert!(k.len() <= 64, "a key of {} bytes: {}...", k.len(), &k[..k.len().min(80)]);
+    }
+}
+
+#[tokio::test]
+async fn full_in_flight_answers_unavailable_at_once() {
+    let redis = Redis::start();
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let rls = Rls::start(&["--redis", &url, "--max-in-flight", "1", "--redis-timeout", "5s"]);
+    let mut c = rls.client().await;
+    assert!(c.hit(&[("m", "warm")]).await, "connected");
+    // Redis holds every command for 2 s: the next call keeps the only slot that long.
+    assert_eq!(redis.cli(&["CLIENT", "PAUSE", "2000", "ALL"]).trim(), "OK");
+    let mut slow = c.clone();
+    let held = tokio::spawn(async move { slow.call(vec![descriptor(&[("m", "held")])], 1).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for i in 0..3 {
+        let t = Instant::now();
+        let err = c.call(vec![descriptor(&[("m", "more")])], 1).await.unwrap_err();
+        let took = t.elapsed();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert!(err.message().contains("overloaded"), "{err:?}");
+        assert!(took < Duration::from_millis(250), "call {i} answered after {took:?}");
+    }
+    // A call that needs no Redis is still answered.
+    assert!(c.hit(&[("free", "x")]).await);
+    assert_eq!(held.await.unwrap().unwrap().overall_code, Code::Ok as i32, "the held call completes");
+    // Two descriptors with limits need two slots at once: never with one.
+    let err = c.call(vec![descriptor(&[("m", "p")]), descriptor(&[("m", "q")])], 1).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("--max-in-flight"), "{err:?}");
+    assert!(c.hit(&[("m", "more")]).await, "the slot is free again");
+    let (_, metrics) = rls.get("/metrics");
+    assert!(metrics.contains("rls_overloaded_total 4\n"), "{metrics}");
+    assert!(metrics.contains("rls_redis_errors_total 0\n"), "{metrics}");
+}
+
+/// Redis Cluster's slot of a key (the one of its hash tag: the first `{...}`, if not empty), from
+/// a node with cluster support (`CLUSTER KEYSLOT` needs no slots of its own).
+fn keyslot(node: &Redis, key: &str) -> u32 {
+    let slot = node.cli(&["CLUSTER", "KEYSLOT", key]);
+    slot.trim().parse().unwrap_or_else(|_| panic!("CLUSTER KEYSLOT: {slot}"))
+}
+
+#[tokio::test]
+async fn key_prefix_cannot_move_the_hash_tag() {
+    // Either the service refuses a prefix with a hash tag of its own, or it keeps each
+    // descriptor's counter in a slot of its own, whatever the prefix.
+    let port = free_port();
+    let node =
+        Redis::start_with(port, &["--cluster-enabled", "yes", "--cluster-config-file", &format!("n-{port}.conf")]);
+    let redis = Redis::start();
+    for prefix in ["{rl}:", "rl:", "a{b}c{", "}{"] {
+        redis.cli(&["FLUSHALL"]);
+        let mut args = base_args();
+        args.extend(["--redis".into(), format!("redis://127.0.0.1:{}", redis.port).into()]);
+        let rls = match launch(&args, &[("CACHE_KEY_PREFIX", prefix.into())]) {
+            Launch::Listening(rls) => rls,
+            Launch::Exited(code, stderr) => {
+                assert_eq!(code, Some(2), "{stderr}");
+                assert!(stderr.contains("CACHE_KEY_PREFIX"), "{stderr}");
+                assert!(prefix.contains(['{', '}']), "'{prefix}' refused: {stderr}");
+                continue;
+            }
+            Launch::Hung => panic!("prefix '{prefix}': hung"),
+        };
+        let mut c = rls.client().await;
+        for i in 0..8 {
+            assert!(c.hit(&[("m", &format!("user{i}"))]).await);
+        }
+        let keys = redis.keys();
+        assert_eq!(keys.len(), 8);
+        let mut slots: Vec<u32> = keys.iter().map(|k| keyslot(&node, k)).collect();
+        slots.sort();
+        slots.dedup();
+        assert!(slots.len() >= 4, "prefix '{prefix}': 8 keys in slots {slots:?}: {keys:?}");
+        for k in &keys {
+            assert!(k.starts_with(prefix), "{k}");
+            // The slot is the one of the descriptor's own name.
+            let name = k[prefix.len()..].split_once('}').unwrap().0.trim_start_matches('{');
+            assert_eq!(keyslot(&node, k), keyslot(&node, name), "{k}");
+        }
+    }
+}

@@ -2,10 +2,12 @@
 //! binary (killed on drop) and a gRPC client from envoy-types' stubs.
 #![allow(dead_code)]
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
@@ -22,6 +24,9 @@ descriptors:
     rate_limit: {unit: second, requests_per_unit: 50}
   - key: m            # 5 per minute per value
     rate_limit: {unit: minute, requests_per_unit: 5}
+  - key: m            # 2 per minute for this long value
+    value: tenant-with-a-long-name-0123456789012345678901234567890123456789012345678901234567
+    rate_limit: {unit: minute, requests_per_unit: 2}
   - key: tok          # 1000 per minute per value
     rate_limit: {unit: minute, requests_per_unit: 1000, name: tokens}
   - key: shadow
@@ -94,6 +99,11 @@ impl Redis {
         let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+
+    /// All keys (one line each).
+    pub fn keys(&self) -> Vec<String> {
+        self.cli(&["--scan"]).lines().map(str::to_string).collect()
+    }
 }
 
 impl Drop for Redis {
@@ -112,21 +122,18 @@ pub struct Rls {
 impl Rls {
     /// Starts the service on free ports with `LIMITS` and these Redis flags.
     pub fn start(redis_flags: &[&str]) -> Rls {
-        let limits = temp_dir("limits").join(format!("limits-{}.yaml", free_port()));
-        std::fs::write(&limits, LIMITS).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_llm-ratelimit-rls"))
-            .args(["--config", limits.to_str().unwrap(), "--grpc-host", "127.0.0.1", "--grpc-port", "0"])
-            .args(["--http-host", "127.0.0.1", "--http-port", "0"])
-            .args(redis_flags)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        // "listening on grpc HOST:PORT http HOST:PORT"
-        let words: Vec<&str> = line.split_whitespace().collect();
-        assert!(words.len() == 6 && words[2] == "grpc" && words[4] == "http", "first line: {line:?}");
-        Rls { child, grpc: words[3].to_string(), http: words[5].to_string() }
+        Rls::start_env(redis_flags, &[])
+    }
+
+    /// The same, with these environment variables.
+    pub fn start_env(redis_flags: &[&str], env: &[(&str, &str)]) -> Rls {
+        let mut args = base_args();
+        args.extend(redis_flags.iter().map(OsString::from));
+        let env: Vec<(&str, OsString)> = env.iter().map(|(k, v)| (*k, OsString::from(v))).collect();
+        match launch(&args, &env) {
+            Launch::Listening(rls) => rls,
+            other => panic!("the service did not start: {other:?}"),
+        }
     }
 
     pub async fn client(&self) -> Client {
@@ -149,6 +156,80 @@ impl Drop for Rls {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `--config` (`LIMITS`) and local listeners on free ports.
+pub fn base_args() -> Vec<OsString> {
+    let limits = temp_dir("limits").join(format!("limits-{}.yaml", free_port()));
+    std::fs::write(&limits, LIMITS).unwrap();
+    let mut args = vec![OsString::from("--config"), limits.into_os_string()];
+    for a in ["--grpc-host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1", "--http-port", "0"] {
+        args.push(a.into());
+    }
+    args
+}
+
+/// How a run of the binary went.
+pub enum Launch {
+    /// It printed its `listening on` line (killed on drop).
+    Listening(Rls),
+    /// It exited: code (None: killed by a signal) and stderr.
+    Exited(Option<i32>, String),
+    /// Neither within 10 s (killed).
+    Hung,
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Launch::Listening(rls) => write!(f, "Listening(grpc {})", rls.grpc),
+            Launch::Exited(code, stderr) => write!(f, "Exited({code:?}, {stderr:?})"),
+            Launch::Hung => write!(f, "Hung"),
+        }
+    }
+}
+
+/// Runs the binary with exactly these arguments and (added) environment variables.
+pub fn launch(args: &[OsString], env: &[(&str, OsString)]) -> Launch {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llm-ratelimit-rls"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let mut stderr = child.stderr.take().unwrap();
+    let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Launch::Hung;
+    };
+    if line.is_empty() {
+        // stdout closed: it exited.
+        let status = child.wait().unwrap();
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        return Launch::Exited(status.code(), text);
+    }
+    // Its stderr, passed on for the test's output.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+        }
+    });
+    // "listening on grpc HOST:PORT http HOST:PORT"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert!(words.len() == 6 && words[2] == "grpc" && words[4] == "http", "first line: {line:?}");
+    Launch::Listening(Rls { child, grpc: words[3].to_string(), http: words[5].to_string() })
 }
 
 #[derive(Clone)]
