@@ -27,8 +27,10 @@ const NANOS_PER_MS: u64 = 1_000_000;
 pub const HEARTBEAT_MS: u64 = 250;
 /// An entry older than this (or this far in the future, after a clock step) is gone.
 pub const LIVE_MS: u64 = 1_000;
-/// Most worker entries kept; more would mean more workers than Envoy runs.
-const MAX_ENTRIES: usize = 64;
+/// Most worker entries kept: Envoy runs a worker per hardware thread (`--concurrency`), and
+/// hosts with 96 to 256 threads are common. Only workers with waiters have an entry, so the
+/// value stays small while few wait; at the bound it is 8 KiB.
+const MAX_ENTRIES: usize = 256;
 /// Most token levels in one value: the provider's and one per `tokens.per_model` entry.
 const MAX_TOKEN_LEVELS: u64 = crate::config::MAX_MODELS as u64 + 1;
 
@@ -251,8 +253,9 @@ impl AdmissionRules {
     }
 
     /// `need` was taken, and `actual` tokens were used: gives back the difference, or takes the
-    /// excess. A debt is bounded by one bucket, so one misestimate never locks the bucket for
-    /// longer than one full refill.
+    /// excess. A debt is carried whole, however deep (the level is an `f64`), and the refill pays
+    /// it back before anything else of that bucket passes: written off, requests that reserve
+    /// little and use much would get many times the bucket's rate through.
     pub fn reconcile(&self, s: SharedBucket, need: Need, actual: u64, now_ns: u64) -> SharedBucket {
         self.settle(s, need, need.tokens, actual, now_ns)
     }
@@ -261,7 +264,7 @@ impl AdmissionRules {
         let i = usize::from(need.bucket);
         if let (Some(b), Some(l)) = (self.token_buckets.get(i), s.token_levels.get_mut(i)) {
             let refilled = b.refill(*l, now_ns);
-            let tokens = (refilled.tokens + taken as f64 - used as f64).max(-b.max).min(b.max);
+            let tokens = (refilled.tokens + taken as f64 - used as f64).min(b.max);
             *l = Level { tokens, ..refilled };
         }
         s
@@ -524,7 +527,12 @@ mod tests {
         assert_eq!(SharedBucket::decode(&b.encode()), Some(b.clone()));
         assert_eq!(SharedBucket::decode(&b.encode()[..20]), None);
         assert_eq!(SharedBucket::decode(b"garbage"), None);
-        assert_eq!(SharedBucket::decode(&vec![0u8; 16 + 32 * 65]), None);
+        // A level, no token levels, then one entry more than the bound.
+        let mut over = b.encode()[..24].to_vec();
+        over.resize(24 + 32 * (MAX_ENTRIES + 1), 0);
+        assert_eq!(SharedBucket::decode(&over), None);
+        over.truncate(24 + 32 * MAX_ENTRIES);
+        assert_eq!(SharedBucket::decode(&over).map(|s| s.waiters.len()), Some(MAX_ENTRIES));
     }
 
     fn with_tokens(json: &str, tokens: f64) -> (AdmissionRules, SharedBucket) {
@@ -587,19 +595,37 @@ mod tests {
     }
 
     #[test]
-    fn reconciling_refunds_or_charges_the_difference_within_one_bucket() {
+    fn reconciling_refunds_or_charges_the_difference() {
         let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":10}}"#, 400.0);
         let n = Need { bucket: 0, tokens: 500 };
         assert_eq!(r.reconcile(b.clone(), n, 200, 0).token_levels[0].tokens, 700.0);
         assert_eq!(r.reconcile(b.clone(), n, 900, 0).token_levels[0].tokens, 0.0);
-        // Refunds never overfill; a debt is at most one bucket.
+        // Refunds never overfill; a debt is carried whole.
         assert_eq!(r.reconcile(b.clone(), n, 0, 0).token_levels[0].tokens, 900.0);
-        assert_eq!(r.reconcile(b.clone(), Need { bucket: 0, tokens: 0 }, 9_000, 0).token_levels[0].tokens, -1000.0);
+        assert_eq!(r.reconcile(b.clone(), Need { bucket: 0, tokens: 0 }, 9_000, 0).token_levels[0].tokens, -8600.0);
         // The probe goes without its tokens, leaving a debt the refill pays.
         let p = r.probe(&b, need(600), 0);
         assert_eq!(p.token_levels[0].tokens, -200.0);
         // A bucket index that does not exist changes nothing.
         assert_eq!(r.reconcile(b.clone(), Need { bucket: 9, tokens: 5 }, 0, 0), b);
+    }
+
+    #[test]
+    fn a_debt_is_carried_whole_and_the_refill_pays_it_back() {
+        // 40 requests reserved 60 each and used 1500 each: 57,600 over, 57.6 buckets.
+        let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":1000}}"#, 400.0);
+        let over = r.reconcile(b.clone(), Need { bucket: 0, tokens: 40 * 60 }, 40 * 1500, 0);
+        assert_eq!(over.token_levels[0].tokens, 400.0 - 57_600.0);
+        // The probe's overrun is carried whole too.
+        assert_eq!(r.probe(&b, need(9_000), 0).token_levels[0].tokens, -8_600.0);
+        // The shared value holds it, and the refill pays it back from below zero.
+        assert_eq!(SharedBucket::decode(&over.encode()), Some(over.clone()));
+        assert_eq!(r.token_buckets[0].refill(over.token_levels[0], 57 * SEC).tokens, -200.0);
+        // Nothing of that bucket passes until the debt is paid: not even a request needing 0.
+        let d = r.arrive(&over, need(0), [0; 4], Normal, 0, 0, None).0;
+        assert_eq!(d, Arrival::Reject { reason: Reason::TokenLimit, wait_ns: 57_200 * SEC / 1000 });
+        assert!(!r.can_take(&over, need(100), Normal, 57_299 * SEC / 1000));
+        assert!(r.can_take(&over, need(100), Normal, 57_300 * SEC / 1000));
     }
 
     #[test]

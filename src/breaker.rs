@@ -125,15 +125,17 @@ pub struct BreakerRules {
     pub terminal_block_ms: u64,
 }
 
-/// Longest a request is held while the probe is out before it is told to retry.
-const PROBE_HOLD_MS: u64 = 1000;
+/// Longest a request is held while the probe is out before it is told to retry (or, for a router
+/// retry, decided again).
+pub const PROBE_HOLD_MS: u64 = 1000;
 /// How long the provider's count may stay at zero before the filter stops counting (the answer
 /// naming the next reset never came: demand fell, or the provider stopped reporting).
 const DRY_HOLD_MS: u64 = 1000;
 
 impl BreakerRules {
-    /// Decides for a request at `now_ms`; returns the new state to write, if it changed.
-    pub fn gate(&self, s: ProviderState, now_ms: u64) -> (Gate, Option<ProviderState>) {
+    /// Decides for a request at `now_ms`; returns the new state to write, if it changed. `key`
+    /// (the worker's random id, see [`probe_number`]) makes a new probe's number unguessable.
+    pub fn gate(&self, s: ProviderState, now_ms: u64, key: u64) -> (Gate, Option<ProviderState>) {
         match s.mode {
             Mode::Closed if now_ms < s.until_ms => (Gate::Hold { until_ms: s.until_ms }, None),
             Mode::Closed if self.window_opens(&s, now_ms) => (Gate::Counted, Some(self.count_window(s))),
@@ -160,11 +162,30 @@ impl BreakerRules {
                 (Gate::Hold { until_ms }, None)
             }
             Mode::Open | Mode::HalfOpen => {
-                let probe = s.probe.wrapping_add(1);
+                let probe = probe_number(key, s.probe, now_ms);
                 let next = ProviderState { mode: Mode::HalfOpen, probe_ms: now_ms, probe, terminal: false, ..s };
                 (Gate::Probe { probe }, Some(next))
             }
         }
+    }
+
+    /// Until when a request that cannot be the probe (a router retry) may wait for the probe's
+    /// answer, while the breaker waits for one: the probe's timeout while it is out; when one is
+    /// due but not out (nobody arrived to be it, or it was lost), a whole timeout more. `None`
+    /// when no probe is awaited.
+    pub fn probe_awaited(&self, s: &ProviderState, now_ms: u64) -> Option<u64> {
+        let due_ms = match s.mode {
+            Mode::HalfOpen => {
+                let deadline = s.probe_ms.saturating_add(self.probe_timeout_ms);
+                if now_ms < deadline {
+                    return Some(deadline);
+                }
+                deadline
+            }
+            Mode::Open if s.guessed && now_ms >= s.until_ms => s.until_ms,
+            Mode::Open | Mode::Closed => return None,
+        };
+        Some(due_ms.saturating_add(self.probe_timeout_ms))
     }
 
     /// A hold for an exhausted window whose limit is known has ended: the new window is counted.
@@ -323,6 +344,17 @@ impl BreakerRules {
     }
 }
 
+/// A new probe's number. Only the answer carrying it closes the breaker or grows the back-off,
+/// and it travels in a request header: a client that could guess it (sending the header itself)
+/// could close the breaker early or back everyone off. So it mixes the worker's random `key` (it
+/// never leaves the process) with the old number and the time over all 32 bits; never 0 (a fresh
+/// state's) nor the old number. Not a cryptographic MAC: no probe number is ever shown to
+/// clients, so they have nothing to learn the key from.
+fn probe_number(key: u64, old: u32, now_ms: u64) -> u32 {
+    let h = crate::hash::mix(key ^ crate::hash::mix(now_ms ^ u64::from(old).rotate_left(32)));
+    [h as u32, (h >> 32) as u32].into_iter().find(|&n| n != 0 && n != old).unwrap_or(old.wrapping_add(1).max(1))
+}
+
 /// The provider's requests per window, when the answer says the requests ran out.
 fn window_limit(signals: &Signals) -> u32 {
     match (signals.remaining_requests, signals.limit_requests) {
@@ -398,6 +430,8 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const NOW: u64 = 1_700_000_000_000;
+    /// The worker's random id, which keys probe numbers.
+    const KEY: u64 = 0x5eed_1e55_c0ff_ee00;
 
     fn rules() -> BreakerRules {
         BreakerRules {
@@ -426,7 +460,7 @@ mod tests {
 
     /// Lets the probe through at `at`; returns its number and the half-open state.
     fn probe(r: &BreakerRules, s: ProviderState, at: u64) -> (u32, ProviderState) {
-        match r.gate(s, at) {
+        match r.gate(s, at, KEY) {
             (Gate::Probe { probe }, Some(next)) => (probe, next),
             other => panic!("expected a probe, got {other:?}"),
         }
@@ -438,10 +472,10 @@ mod tests {
         let (v, s) = r.observe(ProviderState::default(), 429, &exhausted(5_000), None, NOW);
         assert!(v.tripped && !v.terminal);
         assert_eq!(v.retry_at_ms, Some(NOW + 5_000));
-        assert_eq!(r.gate(s, NOW + 4_999).0, Gate::Open { until_ms: NOW + 5_000, terminal: false });
+        assert_eq!(r.gate(s, NOW + 4_999, KEY).0, Gate::Open { until_ms: NOW + 5_000, terminal: false });
         // The provider named its reset: no probe, traffic resumes at that instant, counted
         // against the window's limit of 100.
-        let (g, closed) = r.gate(s, NOW + 5_000);
+        let (g, closed) = r.gate(s, NOW + 5_000, KEY);
         assert_eq!(g, Gate::Counted);
         let closed = closed.unwrap();
         assert_eq!(closed.mode, Mode::Closed);
@@ -457,25 +491,25 @@ mod tests {
     fn after_an_exhausted_window_only_its_limit_goes_until_the_provider_names_the_next_reset() {
         let r = rules();
         let (_, held) = r.observe(ProviderState::default(), 200, &signals(Some(0), Some(3), Some(1_000)), None, NOW);
-        assert_eq!(r.gate(held, NOW + 999).0, Gate::Hold { until_ms: NOW + 1_000 });
-        let (g, s) = r.gate(held, NOW + 1_000);
+        assert_eq!(r.gate(held, NOW + 999, KEY).0, Gate::Hold { until_ms: NOW + 1_000 });
+        let (g, s) = r.gate(held, NOW + 1_000, KEY);
         assert_eq!(g, Gate::Counted);
         let mut s = s.unwrap();
         for _ in 0..3 {
-            assert_eq!(r.gate(s, NOW + 1_010).0, Gate::Counted);
+            assert_eq!(r.gate(s, NOW + 1_010, KEY).0, Gate::Counted);
             s = r.spend(s).unwrap();
         }
         // All three are out: hold until an answer names the next reset...
-        let (g, dry) = r.gate(s, NOW + 1_020);
+        let (g, dry) = r.gate(s, NOW + 1_020, KEY);
         assert_eq!(g, Gate::Hold { until_ms: NOW + 2_020 });
         let dry = dry.unwrap();
         let (_, next) = r.observe(dry, 200, &signals(Some(0), Some(3), Some(2_000)), None, NOW + 1_030);
-        assert_eq!(r.gate(next, NOW + 1_040).0, Gate::Hold { until_ms: NOW + 2_000 });
-        assert_eq!(r.gate(next, NOW + 2_000).0, Gate::Counted);
+        assert_eq!(r.gate(next, NOW + 1_040, KEY).0, Gate::Hold { until_ms: NOW + 2_000 });
+        assert_eq!(r.gate(next, NOW + 2_000, KEY).0, Gate::Counted);
         // ...or, when none comes, stop counting after a second.
-        assert_eq!(r.gate(dry, NOW + 2_020).0, Gate::Pass);
+        assert_eq!(r.gate(dry, NOW + 2_020, KEY).0, Gate::Pass);
         // An answer saying fewer are left lowers the count; one saying more does not raise it.
-        let (_, s) = r.gate(held, NOW + 1_000);
+        let (_, s) = r.gate(held, NOW + 1_000, KEY);
         let s = s.unwrap();
         assert_eq!(r.observe(s, 200, &signals(Some(1), Some(3), Some(2_000)), None, NOW + 1_001).1.left, 1);
         assert_eq!(r.observe(s, 200, &signals(Some(9), Some(3), Some(2_000)), None, NOW + 1_001).1.left, 3);
@@ -486,16 +520,16 @@ mod tests {
         let r = rules();
         let (v, s) = r.observe(ProviderState::default(), 429, &Signals::default(), None, NOW);
         assert!(v.tripped);
-        assert_eq!(r.gate(s, NOW + 999).0, Gate::Open { until_ms: NOW + 1_000, terminal: false });
+        assert_eq!(r.gate(s, NOW + 999, KEY).0, Gate::Open { until_ms: NOW + 1_000, terminal: false });
         let (n, half) = probe(&r, s, NOW + 1_000);
         assert_eq!(half.mode, Mode::HalfOpen);
         // Only one probe: the next request is held while it is out.
-        assert!(matches!(r.gate(half, NOW + 1_001).0, Gate::Hold { .. }));
+        assert!(matches!(r.gate(half, NOW + 1_001, KEY).0, Gate::Hold { .. }));
         let (v, closed) = r.observe(half, 200, &signals(Some(99), Some(100), Some(60_000)), Some(n), NOW + 1_100);
         assert!(v.closed);
         assert_eq!(v.reset_accurate, Some(true));
         assert_eq!(closed.mode, Mode::Closed);
-        assert_eq!(r.gate(closed, NOW + 1_101).0, Gate::Pass);
+        assert_eq!(r.gate(closed, NOW + 1_101, KEY).0, Gate::Pass);
     }
 
     #[test]
@@ -544,6 +578,46 @@ mod tests {
     }
 
     #[test]
+    fn a_guessed_or_stale_probe_number_changes_nothing() {
+        let r = rules();
+        let (_, open) = r.observe(ProviderState::default(), 429, &Signals::default(), None, NOW);
+        let (lost, half) = probe(&r, open, NOW + 1_000);
+        // The first probe is lost; its replacement is the one whose answer counts.
+        let (n, half) = probe(&r, half, NOW + 11_000);
+        // Guesses a client could send as the probe header: small numbers, the previous probe's
+        // and the numbers around it.
+        let guesses = [0, 1, 2, 3, u32::MAX, lost, lost.wrapping_add(1), lost.wrapping_sub(1)];
+        for g in guesses {
+            for status in [200, 429] {
+                let (v, s) = r.observe(half, status, &Signals::default(), Some(g), NOW + 11_010);
+                assert_eq!(s, half, "probe {g} (the probe is {n}) answered {status} moved the breaker");
+                assert!(!v.closed && !v.tripped, "{g} {status}");
+            }
+        }
+        assert!(r.observe(half, 200, &Signals::default(), Some(n), NOW + 11_010).0.closed);
+        let (v, s) = r.observe(half, 429, &Signals::default(), Some(n), NOW + 11_010);
+        assert!(v.tripped);
+        assert_eq!((s.until_ms, s.failed_probes), (NOW + 11_010 + 2_000, 1), "the back-off doubled");
+    }
+
+    #[test]
+    fn probe_numbers_are_spread_over_32_bits() {
+        let r = rules();
+        let (_, open) = r.observe(ProviderState::default(), 429, &Signals::default(), None, NOW);
+        let mut seen = std::collections::HashSet::new();
+        let mut s = open;
+        for i in 0..64 {
+            let (n, half) = probe(&r, s, NOW + 1_000 + i * 10_000);
+            assert!(n >= 1 << 16, "probe {i} is {n}: guessable");
+            assert!(seen.insert(n), "probe {i} repeats {n}");
+            s = half;
+        }
+        // Across 64 numbers each of the 32 bits is set in some and clear in others.
+        let (ors, ands) = seen.iter().fold((0u32, u32::MAX), |(o, a), &n| (o | n, a & n));
+        assert_eq!((ors, ands), (u32::MAX, 0));
+    }
+
+    #[test]
     fn back_off_without_timing_grows_only_when_probes_fail() {
         let r = rules();
         let (v, mut s) = r.observe(ProviderState::default(), 429, &Signals::default(), None, NOW);
@@ -570,10 +644,10 @@ mod tests {
         let (v, s) = r.observe(ProviderState::default(), 429, &signals(Some(50), Some(100), Some(3_000)), None, NOW);
         assert!(!v.tripped);
         assert_eq!(s.mode, Mode::Closed);
-        assert_eq!(r.gate(s, NOW + 1).0, Gate::Hold { until_ms: NOW + 3_000 });
+        assert_eq!(r.gate(s, NOW + 1, KEY).0, Gate::Hold { until_ms: NOW + 3_000 });
         let (v, s2) = r.observe(s, 429, &exhausted(3_000), None, NOW + 50);
         assert!(!v.tripped, "an in-flight 429 during the hold");
-        assert_eq!(r.gate(s2, NOW + 3_000).0, Gate::Pass);
+        assert_eq!(r.gate(s2, NOW + 3_000, KEY).0, Gate::Pass);
         // The first answer after the hold says whether the reset was right.
         assert_eq!(r.observe(s2, 200, &Signals::default(), None, NOW + 3_100).0.reset_accurate, Some(true));
     }
@@ -584,7 +658,7 @@ mod tests {
         let sig = Signals { terminal: Some(Terminal::InsufficientQuota), ..Signals::default() };
         let (v, s) = r.observe(ProviderState::default(), 429, &sig, None, NOW);
         assert!(v.terminal && v.tripped);
-        assert_eq!(r.gate(s, NOW + 1).0, Gate::Open { until_ms: NOW + 3_600_000, terminal: true });
+        assert_eq!(r.gate(s, NOW + 1, KEY).0, Gate::Open { until_ms: NOW + 3_600_000, terminal: true });
         assert!(!r.observe(s, 429, &sig, None, NOW + 2).0.tripped, "still the same event");
         // A wait longer than the cap is terminal too.
         let far = Signals { retry_at_ms: Some(NOW + 86_400_000), ..Signals::default() };
@@ -596,7 +670,7 @@ mod tests {
         let r = rules();
         let (v, s) = r.observe(ProviderState::default(), 200, &signals(Some(0), Some(10), Some(4_000)), None, NOW);
         assert!(v.throttled);
-        assert_eq!(r.gate(s, NOW + 10).0, Gate::Hold { until_ms: NOW + 4_000 });
+        assert_eq!(r.gate(s, NOW + 10, KEY).0, Gate::Hold { until_ms: NOW + 4_000 });
     }
 
     #[test]
@@ -608,7 +682,7 @@ mod tests {
         assert_eq!(s.until_ms, NOW + 2_000);
         let (v, s) = r.observe(ProviderState::default(), 200, &signals(Some(50), Some(100), Some(10_000)), None, NOW);
         assert!(!v.throttled);
-        assert_eq!(r.gate(s, NOW).0, Gate::Pass);
+        assert_eq!(r.gate(s, NOW, KEY).0, Gate::Pass);
     }
 
     #[test]

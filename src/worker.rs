@@ -280,7 +280,8 @@ impl Worker {
             next.level.tokens = (next.level.tokens + requests).min(self.rules.bucket.max);
             for ((b, l), t) in self.rules.token_buckets.iter().zip(&mut next.token_levels).zip(&tokens) {
                 let refilled = b.refill(*l, now_ns);
-                *l = Level { tokens: (refilled.tokens + t).max(-b.max).min(b.max), ..refilled };
+                // A debt is written whole: the refill pays it back before more of the bucket goes.
+                *l = Level { tokens: (refilled.tokens + t).min(b.max), ..refilled };
             }
             (levels(&next, next.waiting(me, own, now_ms)), Some(next))
         })?;
@@ -368,12 +369,12 @@ impl Worker {
     pub fn gate_and_mode(&self, store: &impl Store, now_ms: u64) -> Result<(Gate, Option<Mode>), Status> {
         if let Some((s, seen_ms)) = self.provider_seen.get() {
             let fresh = now_ms >= seen_ms && now_ms - seen_ms < PROVIDER_FRESH_MS;
-            if fresh && self.breaker().gate(s, now_ms) == (Gate::Pass, None) {
+            if fresh && self.breaker().gate(s, now_ms, self.id) == (Gate::Pass, None) {
                 return Ok((Gate::Pass, None));
             }
         }
         let (gate, moved, seen) = store::update(store, &self.provider_key, ProviderState::default, |s| {
-            let (gate, next) = self.breaker().gate(s, now_ms);
+            let (gate, next) = self.breaker().gate(s, now_ms, self.id);
             let moved = next.filter(|n| n.mode != s.mode).map(|n| n.mode);
             ((gate, moved, next.unwrap_or(s)), next)
         })?;
@@ -437,22 +438,34 @@ impl Worker {
     /// provider refused) does while the provider is held or its breaker open: wait for the reset
     /// if that fits the request's class, else be answered here, never reaching the provider.
     /// Router retries then land on the reset rather than on the router's jittered back-off.
+    /// When a probe must answer first (the breaker opened without timing), a retry never goes
+    /// ahead of it or beside it: it is held and decided again every `PROBE_HOLD_MS`, so it goes
+    /// soon after the probe's success; it is answered here if no probe answers in time.
     pub fn attempt(&self, store: &impl Store, class: Priority, now_ms: u64) -> Result<Attempt, Status> {
         let max_wait_ms = self.config.class(class).max_wait_ms;
         store::update(store, &self.provider_key, ProviderState::default, |s| {
             // While an exhausted window's requests are counted, a retry is one of them.
             let s = if self.breaker().window_opens(&s, now_ms) { self.breaker().count_window(s) } else { s };
             let dry = s.counting && s.left == 0;
-            let until_ms = if dry { s.until_ms.max(s.dry_until_ms) } else { s.until_ms };
-            if until_ms <= now_ms || s.mode == Mode::HalfOpen {
+            let awaited = self.breaker().probe_awaited(&s, now_ms);
+            let until_ms = match awaited {
+                Some(end) => end.min(now_ms.saturating_add(crate::breaker::PROBE_HOLD_MS)),
+                None if dry => s.until_ms.max(s.dry_until_ms),
+                None => s.until_ms,
+            };
+            if until_ms <= now_ms && awaited.is_none() {
                 return (Attempt::Go, self.breaker().spend(s));
             }
-            let terminal = s.mode == Mode::Open && s.terminal;
-            if !terminal && until_ms - now_ms <= max_wait_ms {
+            // A terminal block that has run out waits for its probe like any other.
+            let terminal = s.mode == Mode::Open && s.terminal && now_ms < s.until_ms;
+            // No probe answered in time (none started: nobody arrived to be it): told to come
+            // back, as a new request that can be the probe.
+            let wait_ms = if until_ms > now_ms { until_ms - now_ms } else { crate::breaker::PROBE_HOLD_MS };
+            if !terminal && until_ms > now_ms && wait_ms <= max_wait_ms {
                 return (Attempt::Hold { until_ms }, None);
             }
-            let reason = if s.mode == Mode::Open { Reason::BreakerOpen } else { Reason::ProviderHold };
-            let wait_ns = (until_ms - now_ms).saturating_mul(NANOS_PER_MS);
+            let reason = if s.mode == Mode::Closed { Reason::ProviderHold } else { Reason::BreakerOpen };
+            let wait_ns = wait_ms.saturating_mul(NANOS_PER_MS);
             (
                 Attempt::Refuse(Refusal {
                     id: 0,
@@ -1095,5 +1108,31 @@ mod tests {
         w.tick(&store, T0 * MS);
         assert_eq!(tokens(&store), 900.0);
         assert!(!w.needs_tick());
+    }
+
+    #[test]
+    fn a_debt_beyond_one_bucket_is_written_back_whole() {
+        let store = MemStore::default();
+        let json = r#"{"bucket":{"max_lease":1},"tokens":{"capacity":3000,"refill_rate":1000}}"#;
+        let mut w = worker(json, 1);
+        let need = Need { bucket: 0, tokens: 60 };
+        let gate = w.gate(&store, T0).unwrap();
+        for id in 0..40 {
+            let a = w.admit(&store, id, Priority::Normal, None, Some(need), gate, T0 * MS).unwrap().admission;
+            assert!(matches!(a, Admission::Pass { .. }));
+        }
+        // Each used 1500: 57,600 more than reserved, written back on the tick.
+        for _ in 0..40 {
+            w.reconcile(need, 1500);
+        }
+        w.tick(&store, T0 * MS);
+        let shared = || store::read::<SharedBucket>(&store, "llm_ratelimit/default/bucket").unwrap().unwrap();
+        assert_eq!(shared().token_levels[0].tokens.round(), 600.0 - 57_600.0);
+        // Paid back by the refill before anything else of that bucket passes: 57 s at 1000/s.
+        let later = |s: u64| (T0 + s * 1000) * MS;
+        let a = w.admit(&store, 99, Priority::Normal, None, Some(need), Gate::Pass, later(20)).unwrap().admission;
+        assert!(matches!(a, Admission::Refuse(r) if r.reason == Reason::TokenLimit), "{a:?}");
+        let a = w.admit(&store, 99, Priority::Normal, None, Some(need), Gate::Pass, later(58)).unwrap().admission;
+        assert_eq!(a, Admission::Pass { probe: None });
     }
 }

@@ -11,13 +11,13 @@
 //! - no waiter is left paused once its deadline passes (after its worker's tick);
 //! - once every worker has ticked, the shared waiter counts equal the waiters that exist.
 
-use llm_ratelimit::admission::SharedBucket;
+use llm_ratelimit::admission::{SharedBucket, HEARTBEAT_MS};
 use llm_ratelimit::breaker::{Gate, Mode};
 use llm_ratelimit::config::Config;
 use llm_ratelimit::priority::Priority;
 use llm_ratelimit::signals::Signals;
 use llm_ratelimit::store::{self, MemStore};
-use llm_ratelimit::worker::{Admission, Refusal, Worker};
+use llm_ratelimit::worker::{Admission, Attempt, Refusal, Worker};
 use proptest::prelude::*;
 use std::collections::{HashMap, HashSet};
 
@@ -399,5 +399,119 @@ proptest! {
         // With the clock stepping, told instants are on a clock the provider does not share:
         // only stranding and drift are checked here.
         simulate(2, Style::Headers, &events, false);
+    }
+}
+
+/// Envoy runs a worker per hardware thread (96 or more on large hosts): with every one of them
+/// holding waiters, each sees the exact process-wide count, none cut off.
+#[test]
+fn waiters_of_more_than_a_hundred_workers_are_all_counted() {
+    const WORKERS: usize = 130;
+    let config = Config::parse(
+        br#"{"bucket":{"capacity":1,"refill_rate":0.1,"burst_allowance":0},
+             "priorities":{"NORMAL":{"max_wait_ms":3600000}}}"#,
+    )
+    .unwrap();
+    let store = MemStore::default();
+    let mut workers: Vec<Worker> =
+        (0..WORKERS).map(|i| Worker::new(config.clone(), 0x9e37_79b9_7f4a_7c15 ^ i as u64)).collect();
+    let (now_ms, mut id) = (START_MS, 1);
+    for (i, w) in workers.iter_mut().enumerate() {
+        // The first request takes the only token; the rest wait: 1, 2 or 3 per worker.
+        for _ in 0..(1 + i % 3 + usize::from(i == 0)) {
+            let gate = w.gate(&store, now_ms).unwrap();
+            let d = w.admit(&store, id, Priority::Normal, None, None, gate, now_ms * 1_000_000).unwrap();
+            assert!(matches!(d.admission, Admission::Wait { .. } | Admission::Pass { .. }), "{:?}", d.admission);
+            id += 1;
+        }
+    }
+    let total: u32 = workers.iter().map(|w| w.local_counts()[Priority::Normal.index()]).sum();
+    assert_eq!(total, (0..WORKERS as u32).map(|i| 1 + i % 3).sum::<u32>());
+    let shared: SharedBucket = store::read(&store, &workers[0].bucket_key).unwrap().unwrap();
+    for w in &workers {
+        let seen = shared.waiting(w.id, w.local_counts(), now_ms + 10);
+        assert_eq!(seen[Priority::Normal.index()], total, "worker {:x} sees a wrong total", w.id);
+    }
+    // Every worker's heartbeat keeps it so.
+    for w in &mut workers {
+        w.tick(&store, (now_ms + HEARTBEAT_MS) * 1_000_000);
+    }
+    let shared: SharedBucket = store::read(&store, &workers[0].bucket_key).unwrap().unwrap();
+    assert_eq!(shared.waiting(u64::MAX, [0; 4], now_ms + HEARTBEAT_MS)[Priority::Normal.index()], total);
+}
+
+/// The admission filter and the observer of one worker, over one store: the provider said
+/// nothing about timing, so the breaker opened on a 1 s guess and one probe must go first.
+fn tripped_without_timing() -> (MemStore, Worker, Worker) {
+    let store = MemStore::default();
+    let admission = Worker::new(Config::parse(br#"{"role":"admission"}"#).unwrap(), 0x1111);
+    let observer = Worker::new(Config::parse(br#"{"role":"observer"}"#).unwrap(), 0x2222);
+    admission.ensure_shared(&store, START_MS * 1_000_000).unwrap();
+    observer.observe(&store, 429, &Signals::default(), None, START_MS).unwrap();
+    (store, admission, observer)
+}
+
+/// The router's retries held in the observer, decided again whenever their hold ends (as the host
+/// does): none may go before the probe's answer.
+fn held_retries_wait(observer: &Worker, store: &MemStore, held: &mut [u64], now_ms: u64) {
+    for until in held.iter_mut().filter(|u| **u <= now_ms) {
+        match observer.attempt(store, Priority::Normal, now_ms).unwrap() {
+            Attempt::Hold { until_ms } => {
+                assert!(until_ms > now_ms, "held until {until_ms}, now {now_ms}");
+                *until = until_ms;
+            }
+            other => panic!("a held retry at {} ms: {other:?} before the probe's answer", now_ms - START_MS),
+        }
+    }
+}
+
+#[test]
+fn held_retries_wait_for_the_probes_answer() {
+    for probe_succeeds in [true, false] {
+        let (store, mut admission, observer) = tripped_without_timing();
+        // Five retries of requests the provider refused, held in the observer until the back-off.
+        let mut held = [START_MS + 10; 5];
+        held_retries_wait(&observer, &store, &mut held, START_MS + 10);
+        assert!(held.iter().all(|&u| u == START_MS + 1_000), "{held:?}");
+        // The back-off ends: the retries are decided again at the instant the probe becomes due,
+        // before and after an arrival goes as the probe; and while it is out.
+        held_retries_wait(&observer, &store, &mut held, START_MS + 1_000);
+        let gate = admission.gate(&store, START_MS + 1_000).unwrap();
+        let d = admission.admit(&store, 1, Priority::Normal, None, None, gate, (START_MS + 1_000) * 1_000_000).unwrap();
+        let Admission::Pass { probe: Some(probe) } = d.admission else { panic!("{:?}", d.admission) };
+        for t in [1_000, 1_001, 1_500, 2_000, 2_600] {
+            held_retries_wait(&observer, &store, &mut held, START_MS + t);
+        }
+        let at = START_MS + 2_700;
+        if probe_succeeds {
+            let (v, _, _) = observer.observe(&store, 200, &Signals::default(), Some(probe), at).unwrap();
+            assert!(v.closed);
+            for _ in held {
+                assert_eq!(observer.attempt(&store, Priority::Normal, at + 1).unwrap(), Attempt::Go);
+            }
+        } else {
+            let (v, _, _) = observer.observe(&store, 429, &Signals::default(), Some(probe), at).unwrap();
+            assert!(v.tripped);
+            // Open again for a doubled back-off: held until then (or refused if they may not wait).
+            for _ in held {
+                let a = observer.attempt(&store, Priority::Normal, at + 1).unwrap();
+                assert_eq!(a, Attempt::Hold { until_ms: at + 2_000 });
+            }
+        }
+    }
+}
+
+#[test]
+fn a_held_retry_is_answered_when_no_probe_comes() {
+    // Nobody arrives to be the probe: retries are held a probe timeout (10 s) past the back-off,
+    // never sent unprobed, then told to come back as new requests (one of which probes).
+    let (store, _admission, observer) = tripped_without_timing();
+    let mut held = [START_MS + 1_000; 3];
+    for t in (1_000..11_000).step_by(250) {
+        held_retries_wait(&observer, &store, &mut held, START_MS + t);
+    }
+    match observer.attempt(&store, Priority::Normal, START_MS + 11_000).unwrap() {
+        Attempt::Refuse(r) => assert_eq!((r.wait_ns, r.retry), (1_000_000_000, true)),
+        other => panic!("{other:?}"),
     }
 }

@@ -16,7 +16,7 @@
 //! it from the shared level to its worker's lease; an admission from a lease takes them from the
 //! worker's lease alone; a reconcile adds `need - actual` to its worker's settlements, which
 //! nothing spends; a tick that writes moves lease and settlements back into the shared level in
-//! one write, capped (and, for LLM tokens, a debt floored) at one bucket, as the core does.
+//! one write, capped at one bucket (a debt of LLM tokens carried whole), as the core does.
 //! Properties, checked after every event:
 //! - every admission through the store had its request token and its LLM tokens above its
 //!   class's floor; an admission from a lease (only with its worker's queue empty) had them in
@@ -31,7 +31,8 @@
 //!   once);
 //! - the tokens spent (the need of every admitted request while unsettled, its actual use once
 //!   answered) stay within `max + refill_rate × elapsed + the excess charged after the fact`,
-//!   and so does `spent + level + leases` (see [`Ledger::check`] for why both must hold);
+//!   and `spent + level + leases` within `max + refill_rate × elapsed`: no debt is forgiven (see
+//!   [`Ledger::check`] for why both must hold);
 //! - admitted requests stay within the request bucket the same way;
 //! - a need larger than its class may ever take is refused at once as `too_large`, never to
 //!   retry, and nothing else is;
@@ -48,7 +49,12 @@
 //! At the end time passes with every worker ticking: no waiter is left, and once the buckets
 //! have refilled, a request as large as its class may take passes at once from each bucket.
 //!
-//! `SIM_CASES` sets the number of schedules (500 by default), `SIM_SEED` the seed.
+//! A second simulation replays the overrun measured end to end (requests that reserve 60 tokens
+//! and use 1500, in bursts of 40): over any window, what they use stays within the bucket, its
+//! refill and one burst's underestimate (see [`check_overrun`]).
+//!
+//! `SIM_CASES` sets the number of schedules (500 by default; the overrun runs a 25th of them),
+//! `SIM_SEED` the seed.
 
 use llm_ratelimit::admission::{Need, SharedBucket};
 use llm_ratelimit::breaker::Gate;
@@ -124,7 +130,7 @@ enum Usage {
     Failed,
     /// Its estimate off by this percentage.
     Off(i64),
-    /// This many tokens more than its estimate (far more clamps the debt at one bucket).
+    /// This many tokens more than its estimate (up to three buckets: a debt carried whole).
     Over(u64),
 }
 
@@ -245,8 +251,8 @@ struct Ledger {
     /// The highest class floor: what no lease may dig into.
     burst: f64,
     rate: f64,
-    /// Whether a write back may leave a debt (LLM tokens, down to `-max`); request leases are
-    /// never negative, and their write back only caps at `max`.
+    /// Whether a write back may leave a debt (LLM tokens, carried whole); request leases are
+    /// never negative. Either write back caps at `max`.
     debt: bool,
     /// The shared level replayed from the decisions (same arithmetic as the bucket: refill, then
     /// take, lease or write back).
@@ -362,12 +368,12 @@ impl Ledger {
     }
 
     /// `worker`'s tick wrote its lease and settlements back at `now_ns`: the refilled level
-    /// plus both, capped at one bucket (a debt floored at one bucket), as one write. The cap
+    /// plus both, capped at one bucket (a debt is carried whole), as one write. The cap
     /// applies here, not at each settlement.
     fn write_back(&mut self, worker: usize, now_ns: u64) {
         let l = self.refill(self.store, now_ns);
-        let sum = l.tokens + (self.leased[worker] + self.settled[worker]);
-        let tokens = if self.debt { sum.clamp(-self.max, self.max) } else { sum.min(self.max) };
+        let tokens = (l.tokens + (self.leased[worker] + self.settled[worker])).min(self.max);
+        assert!(self.debt || tokens >= 0.0, "{}: a write back left {tokens}", self.name);
         self.store = Level { tokens, ..l };
         self.leased[worker] = 0.0;
         self.settled[worker] = 0.0;
@@ -386,16 +392,13 @@ impl Ledger {
     ///
     /// With S the tokens spent, E the excess charged after the fact and T = L + Σ leased + Σ
     /// settled (the shared level plus what every worker holds), the buckets keep `T = max + rate
-    /// × t - S - (refill lost to the cap) - (write backs cut at max) + (debt forgiven at -max)`.
-    /// A write back forgives at most the excess settled into it (its settlements are at least
-    /// minus that, its lease and the level it adds to at least 0 and -max), so `S + T <= max +
-    /// rate × t + E`. And `max + rate × t + E - S` only grows between admissions (refill; a
-    /// settle moves S by `actual - need` and E by at least that), while before each admission it
-    /// is at least what the admission takes: it is at least `L + (E written back) - (debt
-    /// forgiven)`, never below L nor below 0 (a level goes negative only by a write back of
-    /// excess), plus every worker's unspent lease, plus its settlements and its unwritten excess
-    /// (never negative together); an admission through the store takes at most L, one from a
-    /// lease at most its worker's unspent lease. So `S <= max + rate × t + E` too.
+    /// × t - S - (refill lost to the cap) - (write backs cut at max)`: an admission moves its
+    /// need from T to S, a settlement moves `actual - need` from T to S, and no debt is ever
+    /// forgiven. So `S + T <= max + rate × t`. And T is never below -E: the level goes below 0
+    /// only by a write back of excess (admissions leave it at or above a floor, the refill only
+    /// raises it), leases are never negative, and unwritten settlements are at least minus their
+    /// unwritten excess. So `S <= max + rate × t + E`: what was spent beyond the bucket is
+    /// what requests used beyond their estimates, owed by the level until the refill pays it.
     fn check(&self, level: Level, leased: &[f64], settled: &[f64], elapsed_s: f64, now_ns: u64) {
         for (what, got, model) in [("leased", leased, &self.leased), ("settled", settled, &self.settled)] {
             for (k, (&h, &m)) in got.iter().zip(model).enumerate() {
@@ -414,13 +417,15 @@ impl Ledger {
             "{}: the store and the leases hold {stored} tokens, the decisions reported leave {model}",
             self.name
         );
-        let allowed = self.max + self.rate * elapsed_s + self.excess;
+        let refilled = self.max + self.rate * elapsed_s;
+        let allowed = refilled + self.excess;
         assert!(
             self.spent <= allowed + 1e-6,
             "{}: {} tokens spent, more than the {allowed} the bucket allows after {elapsed_s} s",
             self.name,
             self.spent
         );
+        let allowed = refilled;
         assert!(
             self.spent + stored <= allowed + 1e-6,
             "{}: {} tokens spent and {stored} left (leases included), more than the {allowed} the bucket allows \
@@ -875,8 +880,12 @@ fn finish(mut sim: Sim) -> Stats {
     sim.run(&Event::TickAll);
     sim.check_counts();
     sim.check_no_leases();
-    // Once the buckets have refilled, the most a class may take passes at once from each.
-    sim.now += 20_000;
+    // Once the buckets have refilled (debts too: paid back whole), the most a class may take
+    // passes at once from each.
+    let now_ns = (sim.now + MAX_SKEW_MS) * MS;
+    let refill_ms =
+        sim.tokens.iter().map(|l| (l.max - l.refill(l.store, now_ns).tokens) / l.rate * 1000.0).fold(0.0, f64::max);
+    sim.now += refill_ms.ceil() as u64 + 20_000;
     for (bucket, class) in [(0u8, Priority::Critical), (0, Priority::Normal), (1, Priority::Low), (2, Priority::High)] {
         let tokens = sim.tokens[usize::from(bucket)].limit(class) as u64;
         let need = Some(Need { bucket, tokens });
@@ -1041,4 +1050,226 @@ fn a_tick_that_writes_a_settlement_back_still_refreshes_its_waiters() {
         Event::TickAll,
     ];
     simulate(2, Setup { requests: ROOMY, burst: 0, max_lease: Some(1) }, &[0, 0, 0], &events);
+}
+
+// The overrun scenario, measured end to end: a token bucket of 3000 refilled at 1000/s, and every
+// 7 s a burst of 40 concurrent requests that each reserve 60 tokens and use 1500. Written off at
+// one bucket per write back, the debt let 180,000 tokens through in 21 s.
+
+/// The provider token bucket of the overrun scenario: `(capacity, refill_rate)`.
+const OVERRUN_BUCKET: (u64, f64) = (3_000, 1_000.0);
+/// Each request reserves this many tokens and uses `OVERRUN_USED`.
+const OVERRUN_NEED: u64 = 60;
+const OVERRUN_USED: u64 = 1_500;
+const OVERRUN_BURST: usize = 40;
+const OVERRUN_EVERY_MS: u64 = 7_000;
+/// Bursts in one run: 63 s of traffic.
+const OVERRUN_BURSTS: usize = 9;
+/// Every worker ticks this often (`queue.tick_ms`'s default).
+const OVERRUN_TICK_MS: u64 = 10;
+/// An admitted request's answer is over this long after it went (at most).
+const OVERRUN_MAX_ANSWER_MS: u64 = 3_000;
+
+/// One request of the overrun scenario: its worker, its arrival within its burst and how long its
+/// answer takes once it goes.
+#[derive(Clone, Copy, Debug)]
+struct OverrunRequest {
+    worker: usize,
+    jitter_ms: u64,
+    answer_ms: u64,
+}
+
+/// What one run of the overrun scenario let through.
+struct OverrunRun {
+    /// Per admitted request: when it went (simulated ms since the start) and the tokens it used.
+    admitted: Vec<(u64, u64)>,
+    /// Per `OVERRUN_TICK_MS` step: the LLM tokens every worker held leased at its start.
+    leased: Vec<f64>,
+    /// The largest underestimate not yet written back to the store (requests in flight, or
+    /// settled on a worker that has not ticked since), counted at each admission, that one
+    /// included.
+    unwritten: f64,
+}
+
+fn overrun_config(max_lease: Option<u64>) -> Config {
+    let (capacity, rate) = OVERRUN_BUCKET;
+    let max_lease = max_lease.map_or_else(String::new, |m| format!(r#","max_lease":{m}"#));
+    let json = format!(
+        r#"{{"bucket":{{"capacity":1000,"refill_rate":1000,"burst_allowance":0{max_lease}}},
+            "tokens":{{"capacity":{capacity},"refill_rate":{rate}}}}}"#
+    );
+    Config::parse(json.as_bytes()).unwrap()
+}
+
+/// Replays the overrun scenario: `requests[k * OVERRUN_BURST + i]` is the `i`th request of burst
+/// `k`. Every worker ticks every `OVERRUN_TICK_MS`, reading its clock `skew` ahead.
+fn overrun(workers: usize, skew: &[u64], max_lease: Option<u64>, requests: &[OverrunRequest]) -> OverrunRun {
+    let config = overrun_config(max_lease);
+    let mut ws: Vec<Worker> = (0..workers).map(|i| Worker::new(config.clone(), 2000 + i as u64)).collect();
+    let store = MemStore::default();
+    ws[0].ensure_shared(&store, START_MS * MS).unwrap();
+    let clock_ns = |k: usize, t: u64| (START_MS + t + skew[k]) * MS;
+    let need = Need { bucket: 0, tokens: OVERRUN_NEED };
+    let under = (OVERRUN_USED - OVERRUN_NEED) as f64;
+    // Answers due: (at ms, worker, request); waiting requests: id -> request.
+    let mut answers: Vec<(u64, usize, usize)> = Vec::new();
+    let mut waiting: BTreeMap<u32, usize> = BTreeMap::new();
+    // Per worker: underestimates settled there and not written back yet.
+    let mut settled = vec![0.0f64; workers];
+    let mut in_flight = 0.0f64;
+    let mut run = OverrunRun { admitted: Vec::new(), leased: Vec::new(), unwritten: 0.0 };
+    // Past the last burst's longest wait (NORMAL's 30 s) and its answer.
+    let end_ms = OVERRUN_EVERY_MS * OVERRUN_BURSTS as u64 + 30_000 + OVERRUN_MAX_ANSWER_MS + OVERRUN_TICK_MS;
+    let admit = |run: &mut OverrunRun, in_flight: &mut f64, settled: &[f64], answers: &mut Vec<_>, k, r, t| {
+        let req: &OverrunRequest = &requests[r];
+        *in_flight += under;
+        run.unwritten = run.unwritten.max(*in_flight + settled.iter().sum::<f64>());
+        run.admitted.push((t, OVERRUN_USED));
+        answers.push((t + req.answer_ms, k, r));
+    };
+    for step in 0..end_ms / OVERRUN_TICK_MS {
+        let t = step * OVERRUN_TICK_MS;
+        run.leased.push(ws.iter().map(|w| w.lease().tokens.iter().sum::<f64>()).sum());
+        for (r, req) in requests.iter().enumerate() {
+            let at = (r / OVERRUN_BURST) as u64 * OVERRUN_EVERY_MS + req.jitter_ms;
+            if at / OVERRUN_TICK_MS != step {
+                continue;
+            }
+            let k = req.worker % workers;
+            let id = r as u32 + 1;
+            let d = ws[k].admit(&store, id, Priority::Normal, None, Some(need), Gate::Pass, clock_ns(k, t)).unwrap();
+            match d.admission {
+                Admission::Pass { .. } => admit(&mut run, &mut in_flight, &settled, &mut answers, k, r, t),
+                Admission::Wait { shed } => {
+                    assert!(shed.is_none());
+                    waiting.insert(id, r);
+                }
+                Admission::Refuse(_) => {}
+            }
+        }
+        answers.retain(|&(at, k, _)| {
+            if at > t {
+                return true;
+            }
+            ws[k].reconcile(need, OVERRUN_USED);
+            in_flight -= under;
+            settled[k] += under;
+            false
+        });
+        for k in 0..workers {
+            let tick = ws[k].tick(&store, clock_ns(k, t));
+            assert!(tick.errors.is_empty(), "{:?}", tick.errors);
+            settled[k] = 0.0;
+            for e in &tick.expired {
+                waiting.remove(&e.id).expect("expired a request that was not waiting");
+            }
+            for rel in &tick.released {
+                let r = waiting.remove(&rel.id).expect("released a request that was not waiting");
+                admit(&mut run, &mut in_flight, &settled, &mut answers, k, r, t);
+            }
+        }
+    }
+    assert!(answers.is_empty() && waiting.is_empty());
+    run
+}
+
+/// Tokens a run's requests that went in `[from_ms, to_ms)` used.
+fn used_between(run: &OverrunRun, from_ms: u64, to_ms: u64) -> u64 {
+    run.admitted.iter().filter(|(t, _)| (from_ms..to_ms).contains(t)).map(|(_, used)| used).sum()
+}
+
+/// Checks the bound on every window of a run, at `OVERRUN_TICK_MS` × 10 steps.
+///
+/// The bound: the tokens used by requests that went in a window `[a, b)` are at most `capacity +
+/// refill_rate × (b - a + skew) + leased(a) + U`. Why: let `t` be the last admission in the
+/// window. Each admission takes its reservation from the shared level (or from a lease its
+/// worker took from it earlier, held at `a` or taken since) and leaves that level at or above 0;
+/// an overrun written back only lowers it, and nothing forgives a debt. So the reservations of
+/// the window's requests plus the overruns of theirs written back by `t` are at most what the
+/// level held at `a` (at most `capacity`), plus what workers held leased at `a`, plus the refill
+/// until `t` (read on clocks up to `skew` apart). What is left is the overrun of the window's
+/// requests not written back at `t`: requests in flight, or answered on a worker that has not
+/// ticked since, at most `U`, the largest such sum at any admission. Answers take at most 3 s
+/// and bursts come 7 s apart, so `U` is at most one burst's underestimate, 40 × (1500 − 60) =
+/// 57,600, which the run checks too. Before debts were carried whole, a debt beyond one bucket
+/// was forgiven at each write back, and nothing bounded the window but the bursts' own size.
+fn check_overrun(run: &OverrunRun, max_skew_ms: u64) {
+    let (capacity, rate) = OVERRUN_BUCKET;
+    let burst_under = OVERRUN_BURST as f64 * (OVERRUN_USED - OVERRUN_NEED) as f64;
+    assert!(run.unwritten <= burst_under, "{} underestimated tokens unwritten at once", run.unwritten);
+    let grid = OVERRUN_TICK_MS * 10;
+    let cells = run.leased.len() / 10;
+    // used[i]: tokens used by requests that went before cell i.
+    let mut used = vec![0u64; cells + 1];
+    for &(t, u) in &run.admitted {
+        if let Some(c) = used.get_mut((t / grid) as usize + 1) {
+            *c += u;
+        }
+    }
+    for i in 1..used.len() {
+        used[i] += used[i - 1];
+    }
+    for a in 0..cells {
+        let leased = run.leased[a * 10];
+        for b in a + 1..=cells {
+            let in_window = (used[b] - used[a]) as f64;
+            let ms = (b - a) as u64 * grid + max_skew_ms;
+            let bound = capacity as f64 + rate * ms as f64 / 1000.0 + leased + burst_under;
+            assert!(
+                in_window <= bound,
+                "{in_window} tokens used by requests that went in [{}, {}) ms, more than {bound}",
+                a as u64 * grid,
+                b as u64 * grid
+            );
+        }
+    }
+}
+
+fn overrun_requests() -> impl Strategy<Value = Vec<OverrunRequest>> {
+    vec(
+        (0..4usize, 0..50u64, 100..=OVERRUN_MAX_ANSWER_MS).prop_map(|(worker, jitter_ms, answer_ms)| OverrunRequest {
+            worker,
+            jitter_ms,
+            answer_ms,
+        }),
+        OVERRUN_BURST * OVERRUN_BURSTS,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases().div_ceil(25),
+        rng_seed: seed(),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Requests that use far more than they reserved are paid back before more of their bucket
+    /// passes: over any window, what they use stays within the bucket, its refill and one
+    /// burst's underestimate (see [`check_overrun`]).
+    #[test]
+    fn overruns_are_paid_back_before_more_passes(
+        workers in 2..=4usize,
+        skew in vec(0..=MAX_SKEW_MS, 4),
+        max_lease in prop_oneof![Just(Some(1u64)), Just(Some(4)), Just(None)],
+        requests in overrun_requests(),
+    ) {
+        let run = overrun(workers, &skew, max_lease, &requests);
+        check_overrun(&run, *skew.iter().max().unwrap());
+    }
+}
+
+/// The measured case: four workers, leases on, the bursts' requests spread round robin and
+/// answered within 0.1 to 3 s. In the first 21 s, at most `3000 + 21 × 1000 + 57,600` (81,600)
+/// tokens may be used; one burst's 60,000 are.
+#[test]
+fn the_measured_overrun_stays_within_its_bound() {
+    let requests: Vec<OverrunRequest> = (0..OVERRUN_BURST * OVERRUN_BURSTS)
+        .map(|r| OverrunRequest { worker: r % 4, jitter_ms: (r % 5) as u64, answer_ms: 100 + (r as u64 * 73) % 2_900 })
+        .collect();
+    let run = overrun(4, &[0, 0, 0, 0], None, &requests);
+    let used = used_between(&run, 0, 21_000);
+    eprintln!("overrun: {used} tokens used by requests that went in the first 21 s (bound 81,600)");
+    assert!(used <= 81_600, "{used} tokens used in 21 s");
+    check_overrun(&run, 0);
 }

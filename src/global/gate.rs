@@ -87,8 +87,8 @@ pub struct Outcome {
 pub struct Counts {
     pub calls: u64,
     pub over_limit: u64,
-    /// Calls that failed with an error (status, unreadable answer, not sent), and calls with no
-    /// answer in `timeout_ms`.
+    /// Calls that failed with an error (status, unreadable answer, not sent), and requests that
+    /// found every key busy (`MAX_KEYS`); and calls with no answer in `timeout_ms`.
     pub errors: u64,
     pub timeouts: u64,
     /// Requests let through without the service's word (`local` / `allow` after a failure).
@@ -334,7 +334,13 @@ impl Gate {
             return Verdict::Pass { ask: None };
         }
         let Some(i) = self.key(name, now_ms) else {
-            // Every key busy: this one is not tracked; its own buckets decide.
+            // Every key busy: the service cannot be asked for this one, as if it had failed (but
+            // `local` skips it for this request only: filling the table must not switch the
+            // service off for every key).
+            self.counts.errors += 1;
+            if self.rules.failure_mode == FailureMode::Deny {
+                return Verdict::Refuse { wait_ms: RETRY_MS, unavailable: true };
+            }
             self.counts.fallback += 1;
             return Verdict::Pass { ask: None };
         };
@@ -743,5 +749,33 @@ mod tests {
             }
         }
         assert!(g.keys.len() <= MAX_KEYS);
+    }
+
+    #[test]
+    fn a_full_key_table_follows_the_failure_mode() {
+        for mode in [FailureMode::Deny, FailureMode::Local, FailureMode::Allow] {
+            let mut g = Gate::new(rules(mode, 32));
+            // Every key busy: a call in flight for each, none answered.
+            for t in 0..MAX_KEYS as u32 {
+                let a = asked(g.arrive(&t.to_string(), t, [1, 0], 1000, 0));
+                g.sent(a.key, t + 1);
+            }
+            g.take_counts();
+            let v = g.arrive("new", 5000, [1, 0], 1000, 1);
+            let c = g.take_counts();
+            match mode {
+                FailureMode::Deny => {
+                    assert_eq!(v, Verdict::Refuse { wait_ms: RETRY_MS, unavailable: true });
+                    assert_eq!(c.fallback, 0);
+                }
+                _ => {
+                    assert_eq!(v, Verdict::Pass { ask: None }, "{mode:?}");
+                    assert_eq!(c.fallback, 1, "{mode:?}");
+                }
+            }
+            assert_eq!(c.errors, 1, "{mode:?}: counted as a failure");
+            // The tracked keys are unaffected: `local` skips the service only for the untracked key.
+            assert_eq!(g.arrive("0", 6000, [1, 0], 1000, 2), Verdict::Wait { ask: None }, "{mode:?}");
+        }
     }
 }

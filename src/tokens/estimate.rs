@@ -55,10 +55,10 @@
 //!
 //! # Output tokens
 //!
-//! The requested maximum, the first valid one of `max_completion_tokens`, `max_tokens`,
+//! The requested maximum, the largest valid one of `max_completion_tokens`, `max_tokens`,
 //! `max_output_tokens` (Responses), `generationConfig.maxOutputTokens` (Gemini, also
-//! `generation_config.max_output_tokens`) and `inferenceConfig.maxTokens` (Bedrock Converse);
-//! without one, `output_default`. A negative or non-numeric value (string, null) is skipped; a
+//! `generation_config.max_output_tokens`) and `inferenceConfig.maxTokens` (Bedrock Converse):
+//! a body with several may be answered under any of them; without one, `output_default`. A negative or non-numeric value (string, null) is skipped; a
 //! fraction is rounded up; anything above [`MAX_OUTPUT_TOKENS`] (10^9) is clamped to it, so
 //! the caller should further cap it at what its limits can ever grant. The maximum is multiplied
 //! by the number of choices asked for, OpenAI `n` or Gemini `generationConfig.candidateCount`
@@ -66,9 +66,10 @@
 //!
 //! # Model and streaming
 //!
-//! `model` is the body's `model` string, else taken from the path (its query string ignored):
-//! Gemini / Vertex `.../models/<model>:<method>`, Azure `/openai/deployments/<deployment>/...` (the
-//! deployment name) or Bedrock `/model/<model-id>/<action>`. `stream` is the body's
+//! `model` is the one the path names (its query string ignored): Gemini / Vertex
+//! `.../models/<model>:<method>`, Azure `/openai/deployments/<deployment>/...` (the deployment
+//! name) or Bedrock `/model/<model-id>/<action>`; else the body's `model` string. The path's is
+//! the model served: Azure ignores the body's. [`model`](super::model) picks its bucket. `stream` is the body's
 //! `"stream": true`, or a path whose method starts with `stream` (Gemini `:streamGenerateContent`,
 //! Vertex `:streamRawPredict`) or ends with `-stream` (Bedrock `converse-stream`,
 //! `invoke-with-response-stream`).
@@ -145,7 +146,8 @@ pub fn from_body(rules: &EstimateRules, path: &str, body: &[u8]) -> Estimate {
             .saturating_add(count.media.saturating_mul(rules.image_tokens))
     };
     let output = requested_output(&root).unwrap_or(rules.output_default).saturating_mul(choices(&root));
-    let model = root.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()).or(path_model);
+    // The path's model is the one served (Azure ignores the body's): it wins.
+    let model = path_model.or_else(|| root.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()));
     let stream = root.get("stream") == Some(&Value::Bool(true)) || path_stream;
     Estimate { input, output, model: model.map(str::to_owned), stream }
 }
@@ -287,7 +289,8 @@ impl Count {
     }
 }
 
-/// The first valid requested output maximum.
+/// The largest valid requested output maximum: a body may carry several (`max_tokens` beside
+/// `max_completion_tokens`), and which one the provider honours is its own business.
 fn requested_output(root: &Map<String, Value>) -> Option<u64> {
     let nested = |outer: &str, inner: &str| root.get(outer).and_then(|o| o.get(inner));
     [
@@ -300,7 +303,8 @@ fn requested_output(root: &Map<String, Value>) -> Option<u64> {
     ]
     .into_iter()
     .flatten()
-    .find_map(|v| v.as_f64().filter(|n| *n >= 0.0).map(|n| n.ceil().min(MAX_OUTPUT_TOKENS as f64) as u64))
+    .filter_map(|v| v.as_f64().filter(|n| *n >= 0.0).map(|n| n.ceil().min(MAX_OUTPUT_TOKENS as f64) as u64))
+    .max()
 }
 
 /// OpenAI `n` or Gemini `candidateCount`, in 1..=MAX_CHOICES; 1 when absent or not a whole number.
@@ -311,6 +315,12 @@ fn choices(root: &Map<String, Value>) -> u64 {
         .flatten()
         .find_map(Value::as_u64)
         .map_or(1, |n| n.clamp(1, MAX_CHOICES))
+}
+
+/// The model the path names, if any: Gemini / Vertex `.../models/<model>:<method>`, Azure
+/// `/openai/deployments/<deployment>/...`, Bedrock `/model/<model-id>/<action>`.
+pub fn path_model(path: &str) -> Option<&str> {
+    read_path(path).0
 }
 
 /// The model named by the path, and whether the path asks for a stream.
@@ -552,7 +562,7 @@ mod tests {
     }
 
     #[test]
-    fn every_output_maximum_field_is_read_in_order() {
+    fn every_output_maximum_field_is_read() {
         for (body, output) in [
             (json!({"max_completion_tokens": 10}), 10),
             (json!({"max_tokens": 20}), 20),
@@ -560,9 +570,28 @@ mod tests {
             (json!({"generationConfig": {"maxOutputTokens": 40}}), 40),
             (json!({"generation_config": {"max_output_tokens": 50}}), 50),
             (json!({"inferenceConfig": {"maxTokens": 60}}), 60),
-            (json!({"max_tokens": 20, "max_completion_tokens": 10}), 10),
+            (json!({"max_tokens": 20, "max_completion_tokens": 10}), 20),
             (json!({"max_completion_tokens": null, "max_tokens": 20}), 20),
             (json!({"temperature": 1}), 1024),
+        ] {
+            assert_eq!(est("", &body).output, output, "{body}");
+        }
+    }
+
+    #[test]
+    fn the_largest_output_maximum_present_counts() {
+        // A provider honours the field it reads, which may be any of them: the largest is safe.
+        for (body, output) in [
+            (json!({"max_completion_tokens": 1, "max_tokens": 4096}), 4096),
+            (json!({"max_tokens": 4096, "max_completion_tokens": 1}), 4096),
+            (json!({"max_tokens": 20, "max_output_tokens": 30}), 30),
+            (json!({"generationConfig": {"maxOutputTokens": 40}, "generation_config": {"max_output_tokens": 50}}), 50),
+            (json!({"max_tokens": 7, "inferenceConfig": {"maxTokens": 60}}), 60),
+            (json!({"max_completion_tokens": -1, "max_tokens": 5}), 5),
+            (json!({"max_completion_tokens": "9000", "max_tokens": 5}), 5),
+            (json!({"max_completion_tokens": 0, "max_tokens": 0}), 0),
+            (json!({"max_completion_tokens": 2.5, "max_tokens": 2}), 3),
+            (json!({"n": 2, "max_tokens": 5, "max_completion_tokens": 9}), 18),
         ] {
             assert_eq!(est("", &body).output, output, "{body}");
         }
@@ -640,7 +669,8 @@ mod tests {
         }
         let body = json!({"model": "gpt-4o", "stream": true, "prompt": "x"});
         let e = est("/openai/deployments/prod/completions", &body);
-        assert_eq!((e.model.as_deref(), e.stream), (Some("gpt-4o"), true), "the body's model wins");
+        assert_eq!((e.model.as_deref(), e.stream), (Some("prod"), true), "the path's model wins");
+        assert_eq!(est("/v1/completions", &body).model.as_deref(), Some("gpt-4o"), "else the body's");
         for stream in [json!(false), json!("true"), json!(1), json!(null)] {
             assert!(!est("", &json!({"prompt": "x", "stream": stream})).stream, "{stream}");
         }

@@ -2,11 +2,19 @@
 //!
 //! The host feeds the response as it passes (never holding it): a JSON body is collected up to a
 //! bound and read whole at the end; a server-sent event stream is read chunk by chunk. What the
-//! request used is then, in order of preference:
-//! - the `usage` the provider reported;
-//! - for a stream without one: the estimated input plus the streamed text's size in tokens;
-//! - otherwise (no answer, client gone, body too large or unreadable): the estimate;
-//! - nothing at all for an answer that is not a success (the provider served nothing).
+//! request used is then:
+//! - for a 2xx, the `usage` the provider reported, when it is its last word;
+//! - otherwise at least the reservation: a stream with no usage (OpenAI without
+//!   `stream_options.include_usage`) or cut short (client gone, upstream reset) before its last
+//!   count, no answer, a JSON body too large or unreadable. What the stream showed (a running
+//!   count's input, its output or the streamed text's size in tokens) is charged where it is
+//!   more. Charging less than the reservation would let a request with no usage pass for free
+//!   whatever it generated;
+//! - nothing for a 4xx: the provider refused it before generating anything (a 429 is its own
+//!   limiter's refusal, which its reset headers already turn into a hold). The client's retry
+//!   reserves again: keeping this reservation too would charge one answer twice;
+//! - the reservation for a 5xx, or no status: a gateway timeout or reset may come after the
+//!   provider generated the whole answer, and an error body says nothing of that.
 //!
 //! ```
 //! use llm_ratelimit::admission::Need;
@@ -25,10 +33,10 @@ use crate::admission::Need;
 /// What the answer is being read as.
 #[derive(Debug)]
 enum Reading {
-    /// No answer yet (or one with no body).
+    /// No answer yet (or one with no body), or one whose use is unknown: the estimate.
     Nothing,
-    /// Not a success: nothing was used.
-    Failed,
+    /// Refused by the provider (4xx): nothing was used.
+    Refused,
     /// A JSON body, collected up to `max` bytes (`None` once it outgrew them).
     Json {
         body: Option<Vec<u8>>,
@@ -71,8 +79,10 @@ impl Meter {
     /// The answer's status and content type are known: how to read what follows.
     pub fn answer(&mut self, status: u16, content_type: &str, max_body: usize) {
         let media = content_type.split(';').next().unwrap_or("").trim();
-        self.reading = if !(200..300).contains(&status) {
-            Reading::Failed
+        self.reading = if (400..500).contains(&status) {
+            Reading::Refused
+        } else if !(200..300).contains(&status) {
+            Reading::Nothing
         } else if media.eq_ignore_ascii_case("text/event-stream") {
             Reading::Stream(Box::default())
         } else {
@@ -97,7 +107,7 @@ impl Meter {
                     _ => *body = None,
                 }
             }
-            Reading::Nothing | Reading::Failed => {}
+            Reading::Nothing | Reading::Refused => {}
         }
     }
 
@@ -106,17 +116,25 @@ impl Meter {
         let estimate = Used { input: self.input, output: self.need.tokens - self.input, reported: false };
         let reported = |u: Usage| Used { input: u.input, output: u.output, reported: true };
         match &mut self.reading {
-            Reading::Failed => Used { input: 0, output: 0, reported: false },
+            Reading::Refused => Used { input: 0, output: 0, reported: false },
             Reading::Nothing => estimate,
             Reading::Json { body, .. } => body.as_deref().and_then(usage::from_body).map_or(estimate, reported),
-            Reading::Stream(s) => match s.finish() {
-                Some(u) => reported(u),
-                None => {
-                    let per_token = if self.chars_per_token > 0.0 { self.chars_per_token } else { 4.0 };
-                    let output = (s.text_chars() as f64 / per_token).ceil() as u64;
-                    Used { output, ..estimate }
+            Reading::Stream(s) => {
+                let usage = s.finish();
+                match usage {
+                    Some(u) if s.is_final() => reported(u),
+                    _ => {
+                        // A running count's input is the provider's; the output is what the
+                        // stream showed, and at least the rest of the reservation.
+                        let per_token = if self.chars_per_token > 0.0 { self.chars_per_token } else { 4.0 };
+                        let text = (s.text_chars() as f64 / per_token).ceil() as u64;
+                        let input = usage.map_or(estimate.input, |u| u.input);
+                        let shown = usage.map_or(0, |u| u.output).max(text);
+                        let output = shown.max(self.need.tokens.saturating_sub(input));
+                        Used { input, output, reported: false }
+                    }
                 }
-            },
+            }
         }
     }
 }
@@ -155,7 +173,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_reports_its_usage_or_is_charged_by_its_text() {
+    fn a_stream_reports_its_usage_or_is_charged_by_its_text_and_at_least_its_estimate() {
         let stream = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":150,\"output_tokens\":1}}}\n\n\
 event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":42}}\n\n";
         let mut m = meter();
@@ -163,11 +181,14 @@ event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_toke
         m.feed(stream);
         assert_eq!(m.used(), Used { input: 150, output: 42, reported: true });
 
-        // No usage in the stream: the estimated input plus the streamed text at 4 chars a token.
+        // No usage in the stream: the estimated input plus the streamed text at 4 chars a token,
+        // and at least the reservation.
         let mut m = meter();
         m.answer(200, "Text/Event-Stream", 0);
-        m.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"0123456789\"}}]}\n\ndata: [DONE]\n\n");
-        assert_eq!(m.used(), Used { input: 200, output: 3, reported: false });
+        m.feed(
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n", "x".repeat(3999)).as_bytes(),
+        );
+        assert_eq!(m.used(), Used { input: 200, output: 1000, reported: false });
     }
 
     #[test]
@@ -185,14 +206,65 @@ event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_toke
     }
 
     #[test]
-    fn a_failed_answer_used_nothing() {
-        for status in [429, 500, 400, 0] {
+    fn a_refused_request_used_nothing_a_failed_one_its_estimate() {
+        // Refused before any generation (a 429 by the provider's own limiter): all given back.
+        for status in [400, 401, 404, 413, 422, 429] {
             let mut m = meter();
             m.answer(status, "application/json", 100);
             assert!(!m.wants_body());
             m.feed(br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
-            assert_eq!(m.used().total(), 0);
+            assert_eq!(m.used().total(), 0, "{status}");
         }
+        // A server error, a gateway timeout or reset, no status: it may have generated it all.
+        for status in [500, 502, 503, 504, 529, 0, 101, 304] {
+            let mut m = meter();
+            m.answer(status, "text/event-stream", 100);
+            assert!(!m.wants_body());
+            m.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n");
+            assert_eq!(m.used(), Used { input: 200, output: 800, reported: false }, "{status}");
+        }
+    }
+
+    #[test]
+    fn an_answer_without_a_final_usage_is_charged_at_least_its_estimate() {
+        let used = |content_type: &str, body: &[u8]| {
+            let mut m = meter();
+            m.answer(200, content_type, 1 << 20);
+            m.feed(body);
+            m.used()
+        };
+        let charged = |input, output| Used { input, output, reported: false };
+        // OpenAI without `stream_options.include_usage`: 10 characters, far less than reserved.
+        let text =
+            |s: &str| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{s}\"}}}}]}}\n\ndata: [DONE]\n\n");
+        assert_eq!(used("text/event-stream", text("0123456789").as_bytes()), charged(200, 800));
+        // More text than the estimate's output: the text.
+        assert_eq!(used("text/event-stream", text(&"x".repeat(4000)).as_bytes()), charged(200, 1000));
+        // Anthropic cut short after `message_start`: its input as reported, its output a running
+        // count (1), so at least the rest of the reservation.
+        let start = br#"data: {"type":"message_start","message":{"usage":{"input_tokens":150,"output_tokens":1}}}
+
+data: {"type":"content_block_delta","delta":{"type":"text_delta","text":"Hello"}}
+
+"#;
+        assert_eq!(used("text/event-stream", start), charged(150, 850));
+        // Gemini cut short: a chunk's running `usageMetadata`, no `finishReason` yet.
+        let gemini = br#"data: {"candidates":[{"content":{"parts":[{"text":"The"}]}}],"usageMetadata":{"promptTokenCount":300,"totalTokenCount":300}}
+
+"#;
+        assert_eq!(used("text/event-stream", gemini), charged(300, 700));
+        // vLLM's running usage on every chunk, cut before the last.
+        let running = br#"data: {"choices":[{"delta":{"content":"ab"},"finish_reason":null}],"usage":{"prompt_tokens":90,"completion_tokens":2}}
+
+"#;
+        assert_eq!(used("text/event-stream", running), charged(90, 910));
+        // A 2xx JSON body with no usage: the estimate.
+        assert_eq!(used("application/json", br#"{"choices":[]}"#), charged(200, 800));
+        // A final usage, whatever it says, is the provider's word.
+        let done = br#"data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":90,"completion_tokens":2}}
+
+"#;
+        assert_eq!(used("text/event-stream", done), Used { input: 90, output: 2, reported: true });
     }
 
     #[test]

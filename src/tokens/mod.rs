@@ -5,4 +5,5 @@
 
 pub mod estimate;
 pub mod meter;
+pub mod model;
 pub mod usage;

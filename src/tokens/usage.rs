@@ -173,6 +173,14 @@ impl StreamUsage {
         self.tally.usage
     }
 
+    /// Whether the usage [`finish`](Self::finish) returned is the provider's last word, not a
+    /// running count of a stream cut short: Anthropic's `message_start` (its output is 1), and a
+    /// chunk's usage beside a choice or candidate not finished yet (Gemini's `usageMetadata` on
+    /// every chunk, vLLM's `continuous_usage_stats`). False without a usage.
+    pub fn is_final(&self) -> bool {
+        self.tally.usage.is_some() && !self.tally.running
+    }
+
     /// Characters of generated text seen so far (text, reasoning and tool-call arguments), to
     /// charge a stream that never reports its usage.
     pub fn text_chars(&self) -> u64 {
@@ -243,7 +251,9 @@ impl StreamUsage {
     fn dispatch(&mut self) {
         if self.overflow {
             if self.salvaged.is_some() {
+                // Too long to read whole: a `response.completed` carrying its whole output.
                 self.tally.usage = self.salvaged;
+                self.tally.running = false;
             }
         } else if self.has_data && self.data != b"[DONE]" {
             if let Ok(json) = serde_json::from_slice::<Value>(&self.data) {
@@ -261,6 +271,8 @@ impl StreamUsage {
 #[derive(Debug, Default)]
 struct Tally {
     usage: Option<Usage>,
+    /// `usage` is a running count (see [`StreamUsage::is_final`]).
+    running: bool,
     /// Anthropic's usage fields so far, in the order of `ANTHROPIC`.
     anthropic: [u64; 4],
     text_chars: u64,
@@ -273,8 +285,13 @@ impl Tally {
             "message_start" => {
                 self.anthropic = [0; 4];
                 self.anthropic(json.get("message").and_then(|m| m.get("usage")));
+                // Its output is 1: the count comes with `message_delta`, at the end.
+                self.running = true;
             }
-            "message_delta" => self.anthropic(json.get("usage")),
+            "message_delta" => {
+                self.anthropic(json.get("usage"));
+                self.running = false;
+            }
             "content_block_delta" => {
                 let delta = json.get("delta");
                 for key in ["text", "partial_json", "thinking"] {
@@ -290,6 +307,7 @@ impl Tally {
                     .or_else(|| json.get("usageMetadata").and_then(gemini_usage));
                 if usage.is_some() {
                     self.usage = usage;
+                    self.running = unfinished(json);
                 }
                 for choice in items(Some(json), "choices") {
                     let delta = choice.get("delta");
@@ -376,6 +394,14 @@ fn count(object: &Value, key: &str) -> Option<u64> {
 
 fn nested<'a>(json: &'a Value, outer: &str, inner: &str) -> Option<&'a Value> {
     json.get(outer)?.get(inner)
+}
+
+/// Whether a chunk has a choice or candidate not finished yet: a usage beside it is a running
+/// count. A chunk with none (OpenAI's usage chunk, `response.completed`) is the last.
+fn unfinished(json: &Value) -> bool {
+    let open = |item: &Value, key: &str| item.get(key).is_none_or(Value::is_null);
+    items(Some(json), "choices").iter().any(|c| open(c, "finish_reason"))
+        || items(Some(json), "candidates").iter().any(|c| open(c, "finishReason"))
 }
 
 /// The array under `key`, or nothing.
@@ -723,6 +749,31 @@ mod tests {
             "\r\n\n",
         );
         assert_eq!(read_stream(stream), (usage(2, 2), 2));
+    }
+
+    #[test]
+    fn only_a_stream_s_last_count_is_final() {
+        let read = |stream: &str| {
+            let mut reader = StreamUsage::new();
+            reader.feed(stream.as_bytes());
+            (reader.finish().is_some(), reader.is_final())
+        };
+        let chat = format!("{OPENAI_CHAT_STREAM}{OPENAI_CHAT_USAGE_CHUNK}data: [DONE]\n\n");
+        let responses = responses_stream(&["Hi"]);
+        for stream in [chat.as_str(), ANTHROPIC_STREAM, GEMINI_STREAM, &responses] {
+            assert_eq!(read(stream), (true, true), "{stream}");
+        }
+        // Cut short: Anthropic after `message_start`, Gemini before its `finishReason`, a usage on
+        // every chunk (vLLM's `continuous_usage_stats`) before the last.
+        let anthropic = ANTHROPIC_STREAM.split("event: message_delta").next().unwrap_or_default();
+        let gemini = GEMINI_STREAM.split("\r\n\r\n").next().unwrap_or_default();
+        let running = r#"data: {"choices":[{"delta":{"content":"a"},"finish_reason":null}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#;
+        for stream in [anthropic, gemini, running] {
+            assert_eq!(read(stream), (true, false), "{stream}");
+        }
+        assert_eq!(read(OPENAI_CHAT_STREAM), (false, false), "no usage at all");
+        let last = r#"data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#;
+        assert_eq!(read(&format!("{running}\n\n{last}\n\n")), (true, true), "the last chunk's count");
     }
 
     #[test]
