@@ -1,13 +1,13 @@
 //! The global gate's host side: sends the rate limit service calls (gRPC, from the root context
 //! so a request that goes away does not cancel a call others wait on), reads their answers, and
-//! resumes or answers the requests that waited for them.
+//! tells the requests that waited for them (`Event::GlobalPassed`, `Event::GlobalRefused`).
 
-use super::abi;
+use super::api::{self, host};
+use super::event::{self, Event};
 use super::worker::WorkerContext;
 use crate::config::{DescriptorEntry, GlobalConfig};
 use crate::global::gate::{Ask, Gate, Outcome, Units, Verdict, REQUESTS, TOKENS};
 use crate::global::proto::{self, Descriptor};
-use crate::idmap::IdMap;
 use crate::priority::Priority;
 use crate::reply::Reason;
 use crate::worker::Refusal;
@@ -30,10 +30,6 @@ pub struct GlobalHost {
     gate: RefCell<Gate>,
     /// The encoded `GrpcService` naming the cluster.
     service: Vec<u8>,
-    /// Requests waiting on the gate: their class, for the 429 that may end the wait.
-    waiting: RefCell<IdMap<Priority>>,
-    /// Requests waiting in the local queue: what they will need from the gate once released.
-    queued: RefCell<IdMap<Need>>,
 }
 
 impl GlobalHost {
@@ -41,8 +37,6 @@ impl GlobalHost {
         GlobalHost {
             gate: RefCell::new(Gate::new(c.gate.clone())),
             service: proto::encode_service(&c.cluster),
-            waiting: RefCell::default(),
-            queued: RefCell::default(),
         }
     }
 }
@@ -92,74 +86,27 @@ impl WorkerContext {
             Verdict::Pass { ask } => {
                 if let Some(ask) = ask {
                     self.send(g, ask);
-                    if let Err(s) = abi::set_effective_context(id) {
-                        log::debug!("llm-ratelimit: #{id} cannot restore the context: status {s}");
-                    }
+                    restore(id);
                 }
                 Gated::Pass
             }
-            Verdict::Refuse { wait_ms, unavailable } => {
-                self.metrics.global.rejected.inc();
-                Gated::Refuse(refusal(id, need.class, wait_ms, unavailable))
-            }
+            Verdict::Refuse { wait_ms, unavailable } => Gated::Refuse(refusal(id, need.class, wait_ms, unavailable)),
             Verdict::Wait { ask } => {
                 self.metrics.global.waited.inc();
-                if let Ok(mut w) = g.waiting.try_borrow_mut() {
-                    w.insert(id, need.class);
-                }
                 if let Some(ask) = ask {
-                    // Sent from the root context; host calls after it act on this request again.
                     self.send(g, ask);
-                    if let Err(s) = abi::set_effective_context(id) {
-                        log::debug!("llm-ratelimit: #{id} cannot restore the context: status {s}");
-                    }
+                    restore(id);
                 }
                 Gated::Wait
             }
         }
     }
 
-    /// A request waits in the local queue: what it will need from the gate when released.
-    pub fn global_park(&self, id: u32, need: Need) {
-        if let Some(g) = &self.global {
-            if let Ok(mut q) = g.queued.try_borrow_mut() {
-                q.insert(id, need);
-            }
-        }
-    }
-
-    /// A waiter the local queue released: through the gate before it goes. False if it waits
-    /// for the gate (or was refused by it) instead.
-    pub fn global_released(&self, id: u32, waited_ms: u64, now_ms: u64) -> bool {
-        let Some(g) = &self.global else { return true };
-        let Some(need) = g.queued.try_borrow_mut().ok().and_then(|mut q| q.remove(&id)) else { return true };
-        let may_wait = self.config.class(need.class).max_wait_ms.saturating_sub(waited_ms);
-        match self.global_arrive(id, &need, may_wait, now_ms) {
-            Gated::Pass => true,
-            Gated::Wait => false,
-            Gated::Refuse(r) => {
-                self.refuse_waiter(&Refusal { queued_ms: Some(waited_ms), ..r });
-                false
-            }
-        }
-    }
-
-    /// Whether request `id` waits on the gate.
-    pub fn global_waiting(&self, id: u32) -> bool {
-        self.global.as_ref().is_some_and(|g| g.waiting.try_borrow().is_ok_and(|w| w.contains_key(&id)))
-    }
-
-    /// Request `id` is over (its client went away): forget it.
-    pub fn global_leave(&self, id: u32) -> Option<Priority> {
-        let g = self.global.as_ref()?;
-        if let Ok(mut q) = g.queued.try_borrow_mut() {
-            q.remove(&id);
-        }
-        let class = g.waiting.try_borrow_mut().ok()?.remove(&id)?;
-        if let Ok(mut gate) = g.gate.try_borrow_mut() {
+    /// Request `id`, waiting on the gate, is over (its client went away): forget it.
+    pub fn global_leave(&self, id: u32) {
+        if let Some(Ok(mut gate)) = self.global.as_ref().map(|g| g.gate.try_borrow_mut()) {
             gate.leave(id);
         }
-        Some(class)
     }
 
     /// Sends `ask`'s call from the root context; one that cannot be sent fails on the next tick.
@@ -181,11 +128,11 @@ impl WorkerContext {
             .collect();
         let hits_addend = ask.hits[REQUESTS].min(u64::from(u32::MAX)) as u32;
         let message = proto::encode_request(&c.domain, &descriptors, hits_addend);
-        if let Err(s) = abi::set_effective_context(self.root_id.get()) {
+        if let Err(s) = api::set_effective_context(self.root_id) {
             log::debug!("llm-ratelimit: cannot call from the root context: status {s}");
         }
         let timeout = c.gate.timeout_ms.min(u64::from(u32::MAX)) as u32;
-        match abi::grpc_call(&g.service, SERVICE, METHOD, &message, timeout) {
+        match host().grpc_call(&g.service, SERVICE, METHOD, &message, timeout) {
             Ok(token) => gate.sent(ask.key, token),
             Err(s) => {
                 log::warn!("llm-ratelimit: cannot call the rate limit service {}: status {s}", c.cluster);
@@ -197,8 +144,8 @@ impl WorkerContext {
     /// The service answered call `token` (`size` bytes).
     pub fn global_answered(&self, token: u32, size: usize) {
         let Some(g) = &self.global else { return };
-        let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
-        let message = abi::grpc_message(size).unwrap_or_default();
+        let now_ms = api::now_ns().unwrap_or(0) / NANOS_PER_MS;
+        let message = host().buffer(api::Buffer::GrpcMessage, size).unwrap_or_default();
         let outcome = {
             let Ok(mut gate) = g.gate.try_borrow_mut() else { return };
             match proto::decode_response(&message) {
@@ -215,7 +162,7 @@ impl WorkerContext {
     /// Call `token` ended without an answer (gRPC `status`: unavailable, deadline exceeded, ...).
     pub fn global_closed(&self, token: u32, status: u32) {
         let Some(g) = &self.global else { return };
-        let now_ms = abi::now_ns().unwrap_or(0) / NANOS_PER_MS;
+        let now_ms = api::now_ns().unwrap_or(0) / NANOS_PER_MS;
         let outcome = match g.gate.try_borrow_mut() {
             // gRPC DEADLINE_EXCEEDED: no answer within timeout_ms.
             Ok(mut gate) => gate.failed(token, status == 4, now_ms),
@@ -249,28 +196,26 @@ impl WorkerContext {
         self.carry_global(outcome);
     }
 
-    /// Resumes, refuses, and sends what the gate decided. Nothing is borrowed meanwhile: a resume
-    /// runs the request's callbacks synchronously.
+    /// Tells the waiters what the gate decided, and sends its calls.
     fn carry_global(&self, outcome: Outcome) {
         let Some(g) = &self.global else { return };
-        let done = |id: &u32| g.waiting.try_borrow_mut().ok().and_then(|mut w| w.remove(id));
         for id in outcome.pass {
-            if let Some(class) = done(&id) {
-                self.metrics.of(class).admitted.inc();
-                if let Err(s) = abi::resume_request(id) {
-                    log::debug!("llm-ratelimit: #{id} cannot resume the request: status {s}");
-                }
-            }
+            event::post(id, Event::GlobalPassed);
         }
         for (id, wait_ms, unavailable) in outcome.refuse {
-            if let Some(class) = done(&id) {
-                self.metrics.global.rejected.inc();
-                self.refuse_waiter(&refusal(id, class, wait_ms, unavailable));
-            }
+            // The class is the request's own: it answers with it.
+            event::post(id, Event::GlobalRefused(refusal(id, Priority::Normal, wait_ms, unavailable)));
         }
         for ask in outcome.asks {
             self.send(g, ask);
         }
+    }
+}
+
+/// Host calls after a call sent from the root context act on request `id` again.
+fn restore(id: u32) {
+    if let Err(s) = api::set_effective_context(id) {
+        log::debug!("llm-ratelimit: #{id} cannot restore the context: status {s}");
     }
 }
 

@@ -1,7 +1,7 @@
 //! The `log` crate's logger, writing to Envoy's log through `proxy_log`. The SDK's unwraps the
 //! host call's status (a panic that kills the VM); this one drops a message the host refuses.
 
-use super::abi;
+use super::api::host;
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct Logger;
@@ -33,8 +33,8 @@ impl Log for Logger {
             Level::Error => 4,
         };
         let _ = match record.args().as_str() {
-            Some(s) => abi::log(level, s),
-            None => abi::log(level, &record.args().to_string()),
+            Some(s) => host().log(level, s),
+            None => host().log(level, &record.args().to_string()),
         };
     }
 

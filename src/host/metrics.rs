@@ -2,24 +2,28 @@
 //! (`llm_ratelimit.provider.<name>.priority.<class>.<stat>`) because the ABI has no tags; the
 //! `stats_tags` in `envoy/` turn them into Prometheus labels.
 
-use super::abi::{self, Metric};
-use super::vm_local::VmLocal;
+use super::api::{host, Metric};
+use super::vm_local::vm_local;
 use crate::priority::Priority;
 use std::cell::RefCell;
 
-/// Counter increments not yet written: (metric id, amount). Counters are written on the next
-/// tick, not on every request (a host call each); they lag by at most one `tick_ms`. A VM runs on
-/// one worker thread, so this is per worker VM.
-static PENDING: VmLocal<RefCell<Pending>> = VmLocal::new(RefCell::new(Vec::new()));
+vm_local! {
+    /// Counter increments not yet written: (metric id, amount). Counters are written on the next
+    /// tick, not on every request (a host call each); they lag by at most one `tick_ms`. A VM
+    /// runs on one worker thread, so this is per worker VM.
+    static PENDING: RefCell<Pending> = RefCell::new(Vec::new());
+}
 
 /// Counter increments: (metric id, amount).
 type Pending = Vec<(u32, u64)>;
 
 /// Runs `f` on the pending increments (one non-generic access: each `with` is code).
 fn with_pending(f: &mut dyn FnMut(&mut Pending)) {
-    if let Ok(mut p) = PENDING.try_borrow_mut() {
-        f(&mut p);
-    }
+    PENDING.with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            f(&mut p);
+        }
+    });
 }
 
 /// Writes every pending counter increment (each tick).
@@ -27,7 +31,7 @@ pub fn flush() {
     let mut pending = Vec::new();
     with_pending(&mut |p| std::mem::swap(p, &mut pending));
     for (id, n) in pending {
-        if let Err(s) = abi::increment_metric(id, n.min(i64::MAX as u64) as i64) {
+        if let Err(s) = host().increment_metric(id, n.min(i64::MAX as u64) as i64) {
             log::debug!("llm-ratelimit: increment_metric {id} failed: status {s}");
         }
     }
@@ -45,7 +49,7 @@ impl Id {
     }
 
     fn define(kind: Metric, name: &str) -> Id {
-        match abi::define_metric(kind, name) {
+        match host().define_metric(kind, name) {
             Ok(id) => Id(Some(id)),
             Err(s) => {
                 log::error!("llm-ratelimit: cannot define metric {name}: status {s}");
@@ -73,7 +77,7 @@ impl Id {
     #[inline(never)]
     pub fn record(self, value: u64) {
         if let Some(id) = self.0 {
-            if let Err(s) = abi::record_metric(id, value) {
+            if let Err(s) = host().record_metric(id, value) {
                 log::debug!("llm-ratelimit: record_metric {id} failed: status {s}");
             }
         }

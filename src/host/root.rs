@@ -1,8 +1,7 @@
-//! The root context: one per worker VM. It parses the configuration, builds the worker's shared
-//! context, hands it to every request, and ticks it.
+//! The root context: one per plugin in a worker VM. It parses the configuration, builds the
+//! worker's shared context, hands it to every request, and ticks it.
 
-use super::abi;
-use super::dispatch::{Context, ContextType, HttpContext, RootContext};
+use super::api::{self, host};
 use super::request::Request;
 use super::shared::SharedData;
 use super::worker::WorkerContext;
@@ -15,23 +14,20 @@ pub struct Root {
     worker: Option<Rc<WorkerContext>>,
 }
 
+/// A random id for this worker VM: its entry among the shared waiter counts. A reloaded plugin
+/// or restarted VM gets a new one, and the old entry stops counting once it is not refreshed.
+fn worker_id(now_ns: u64) -> u64 {
+    host().random_u64().unwrap_or_else(|| crate::hash::stable_hash(&[&now_ns.to_string()]))
+}
+
 impl Root {
     pub fn new(id: u32) -> Root {
         Root { id, worker: None }
     }
-}
 
-impl Context for Root {}
-
-/// A random id for this worker VM: its entry among the shared waiter counts. A reloaded plugin
-/// or restarted VM gets a new one, and the old entry stops counting once it is not refreshed.
-fn worker_id(now_ns: u64) -> u64 {
-    abi::random_u64().unwrap_or_else(|| crate::hash::stable_hash(&[&now_ns.to_string()]))
-}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = match abi::plugin_configuration() {
+    /// Reads and checks the configuration; false makes Envoy refuse it (the reason is logged).
+    pub fn on_configure(&mut self) -> bool {
+        let bytes = match host().buffer(api::Buffer::PluginConfiguration, usize::MAX) {
             Ok(b) => b,
             Err(s) => {
                 log::error!("llm-ratelimit: cannot read the plugin configuration: status {s}");
@@ -45,57 +41,53 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let now = abi::now_ns().unwrap_or(0);
+        let now = api::now_ns().unwrap_or(0);
         let core = Worker::new(config, worker_id(now));
         if let Err(s) = core.ensure_shared(&SharedData, now) {
             log::warn!("llm-ratelimit: cannot create the shared state: status {s}");
         }
-        // Every role ticks: admission releases waiters, and any role lets go of 429s whose body
-        // does not come while their headers are held.
+        // Every role ticks: admission releases waiters, and any role lets go of what it holds
+        // past its deadline.
         let tick = core.config.queue.tick_ms.min(u32::MAX as u64) as u32;
-        if let Err(s) = abi::set_tick_period_ms(tick) {
+        if let Err(s) = host().set_tick_period_ms(tick) {
             log::error!("llm-ratelimit: cannot start the timer: status {s}");
             return false;
         }
         log::info!("llm-ratelimit: configured filter {:?} ({})", core.config.name, core.config.role.name());
-        let worker = WorkerContext::new(core);
-        worker.root_id.set(self.id);
+        let worker = WorkerContext::new(core, self.id);
         self.worker = Some(Rc::new(worker));
         true
     }
 
-    fn on_tick(&mut self) {
+    pub fn on_tick(&mut self) {
         let Some(w) = &self.worker else { return };
-        match abi::now_ns() {
+        match api::now_ns() {
             Ok(now) => w.tick(now),
             Err(s) => log::warn!("llm-ratelimit: no clock in on_tick: status {s}"),
         }
     }
 
-    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize) {
+    pub fn on_http_call_response(&mut self, token_id: u32, num_headers: usize) {
         if let Some(w) = &self.worker {
-            w.alert_answered(token_id, num_headers);
+            w.alerts.answered(&w.config, &w.metrics, token_id, num_headers);
         }
     }
 
-    fn on_grpc_receive(&mut self, token_id: u32, response_size: usize) {
+    pub fn on_grpc_receive(&mut self, token_id: u32, response_size: usize) {
         if let Some(w) = &self.worker {
             w.global_answered(token_id, response_size);
         }
     }
 
-    fn on_grpc_close(&mut self, token_id: u32, status_code: u32) {
+    pub fn on_grpc_close(&mut self, token_id: u32, status_code: u32) {
         if let Some(w) = &self.worker {
             w.global_closed(token_id, status_code);
         }
     }
 
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+    /// The context of a new request, when this root is configured.
+    pub fn create_request(&self, context_id: u32) -> Option<Request> {
         let worker = self.worker.clone()?;
-        Some(Box::new(Request::new(worker, context_id)))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        Some(Request::new(worker, context_id))
     }
 }

@@ -1,154 +1,87 @@
-//! What every request of one worker VM shares: the pure [`Worker`] (queue and decisions), the
-//! stats, and the responses held while their body is read. The root context ticks it; request
-//! contexts call into it.
+//! What every request of one worker VM shares: the pure [`Worker`] (queue and decisions) and the
+//! parts of the host side each with one owner: stats, gauges, alerts, holds, local replies and
+//! the global gate. The root context ticks it; request contexts call into it; what it decides for
+//! another request than the current one goes there as an `Event`.
 
-use super::abi;
+use super::alerts::Alerts;
+use super::event::{self, Event};
+use super::gauges::Gauges;
+use super::holds::Holds;
 use super::metrics::Metrics;
+use super::replies::Replies;
 use super::shared::SharedData;
-use super::vm_local::VmLocal;
+use super::vm_local::vm_local;
 use crate::admission::Need;
-use crate::alert::{self, Event};
+use crate::alert::Event as Alert;
 use crate::breaker::{Mode, Verdict};
 use crate::config::Config;
-use crate::idmap::IdMap;
-use crate::priority::Priority;
-use crate::reply::{self, Limited};
 use crate::signals::Signals;
 use crate::store::Status;
 use crate::tokens::estimate::{Estimate, EstimateRules};
 use crate::tokens::meter::{self, Meter};
-use crate::worker::{Attempt, Refusal, Release, Tick, Worker};
+use crate::tokens::model::model_bucket;
+use crate::worker::{Refusal, Tick, Worker};
 use std::cell::{Cell, RefCell};
 
 const NANOS_PER_MS: u64 = 1_000_000;
 /// The "status" of a call that found the core already borrowed; no host status uses it.
 pub const REENTERED: Status = u32::MAX;
-/// Request header that tells the observer (upstream) which probe a request is; removed there.
+/// Request header that tells the observer (upstream) which probe a request is. The admission
+/// filter removes any a client sent; the observer removes it before the provider.
 pub const PROBE_HEADER: &str = "x-llm-ratelimit-probe";
-/// How long a held 429 may wait for its body before it is let go without it: short while we do
-/// not know whether Envoy delivers bodies to paused headers (`allow_on_headers_stop_iteration`).
-const BODY_WAIT_UNKNOWN_MS: u64 = 150;
-/// The same for a request held for its body: longer, since a client may pause before its body.
-const REQUEST_BODY_WAIT_UNKNOWN_MS: u64 = 1_000;
-const BODY_WAIT_MS: u64 = 2_000;
 /// How often a worker counts the tenant table's used slots for the gauge.
 const TENANT_CENSUS_MS: u64 = 10_000;
 
-/// Whether Envoy delivers a body while the filter holds the headers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Bodies {
-    Unknown,
-    /// A body callback arrived while headers were held: the flag is on.
-    Delivered,
-    /// A held response never saw its body: the flag is off; keep today's behaviour.
-    Withheld,
-}
-
-/// Headers held until their body is read: a 429's, or a request's whose tokens are estimated
-/// from its body.
-struct Held {
-    since_ms: u64,
-    body_seen: bool,
-    request: bool,
+vm_local! {
+    /// Bumped whenever a filter of this VM learns from a provider answer that restricts admission
+    /// (a 429, an exhausted or low quota, a trip, a probe's answer). The observer upstream and the
+    /// admission filter share the worker's VM but not their cores: this is how the admission
+    /// filter knows that the provider state it cached for a millisecond is stale.
+    static PROVIDER_NEWS: Cell<u64> = Cell::new(0);
 }
 
 pub struct WorkerContext {
     pub core: RefCell<Worker>,
     /// The worker's configuration, readable while the core is borrowed.
     pub config: Config,
-    /// Per class, the bucket level it may not spend below (the core's, for the local 429).
-    floors: [f64; 4],
     pub metrics: Metrics,
-    /// Seconds to refill the whole bucket: the window in `RateLimit-Policy`.
-    pub window_s: u64,
-    /// Whether anything reads the request path (path rules, the fallback's key).
+    /// Whether anything reads the request path (path rules, the fallback's key, token limits).
     pub needs_path: bool,
-    pub bodies: Cell<Bodies>,
-    held: RefCell<IdMap<Held>>,
-    /// Attempts (router retries) the observer holds until the provider's reset: id -> until, class.
-    attempts: RefCell<IdMap<(u64, Priority)>>,
     /// How request bodies are estimated, when token limits are on.
     pub estimate: Option<EstimateRules>,
-    /// The bucket level and queue depths last published, so gauges are written only on change.
-    published_tokens: Cell<u64>,
-    published_token_bucket: Cell<u64>,
-    /// The provider's remaining and limit, requests and tokens: as last heard, and as last
-    /// published (on the tick: remaining changes with nearly every answer).
-    provider_view: Cell<[Option<u64>; 4]>,
-    published_provider: Cell<[Option<u64>; 4]>,
-    published_waiting: Cell<[u32; 4]>,
-    /// When the queue-depth gauges were last read again for waiters elsewhere.
-    levels_refreshed_ms: Cell<u64>,
-    /// When the tenant table was last counted.
-    census_ms: Cell<u64>,
-    /// Alerts to send on the next tick, and the calls sent whose answer has not come.
-    alerts: RefCell<Vec<(Event, u64)>>,
-    alert_calls: RefCell<IdMap<()>>,
-    /// This minute's start and the waiters shed in it, for the shedding alert.
-    shed_minute: Cell<(u64, u64)>,
+    pub holds: Holds,
+    pub gauges: Gauges,
+    pub alerts: Alerts,
+    pub replies: Replies,
     /// The global gate, when `global` is configured.
     pub global: Option<super::global::GlobalHost>,
     /// The root context's id: calls are made from it.
-    pub root_id: Cell<u32>,
-    /// The last local 429 sent.
-    last_429: Cell<Option<Reply429>>,
+    pub root_id: u32,
     /// `PROVIDER_NEWS` as this filter last saw it.
     provider_news: Cell<u64>,
-    /// The `Retry-After` last sampled into `retry_after_s` this tick (0: none; one is ≥ 1 s).
-    sampled_retry_after: Cell<u64>,
-}
-
-/// Bumped whenever a filter of this VM learns from a provider answer that restricts admission
-/// (a 429, an exhausted or low quota, a trip, a probe's answer). The observer upstream and the
-/// admission filter share the worker's VM but not their cores: this is how the admission filter
-/// knows that the provider state it cached for a millisecond is stale.
-static PROVIDER_NEWS: VmLocal<Cell<u64>> = VmLocal::new(Cell::new(0));
-
-/// What a local 429 says depends on: class, reason, wait, remaining, retry, queued time.
-type Reply429Key = (Priority, reply::Reason, u64, u64, bool, Option<u64>);
-
-/// A local 429, serialized: refusals within the same millisecond say the same, so the last one
-/// is kept and sent again.
-struct Reply429 {
-    key: Reply429Key,
-    headers: Vec<u8>,
-    body: String,
 }
 
 impl WorkerContext {
-    pub fn new(core: Worker) -> WorkerContext {
+    pub fn new(core: Worker, root_id: u32) -> WorkerContext {
         let c = &core.config;
         WorkerContext {
             config: c.clone(),
-            floors: core.rules.floors,
             metrics: Metrics::define(&c.name),
-            window_s: (c.bucket.capacity as f64 / c.bucket.refill_rate).ceil().max(1.0) as u64,
             needs_path: c.fallback.enabled
                 || c.tokens.is_some()
                 || c.classify.rules.iter().any(|r| matches!(r.matcher, crate::config::Matcher::PathPrefix(_))),
-            bodies: Cell::new(Bodies::Unknown),
-            held: RefCell::default(),
-            attempts: RefCell::default(),
             estimate: c.tokens.as_ref().map(|t| EstimateRules {
                 chars_per_token: t.chars_per_token,
                 output_default: t.output_default,
                 ..EstimateRules::default()
             }),
-            published_tokens: Cell::new(u64::MAX),
-            published_token_bucket: Cell::new(u64::MAX),
-            provider_view: Cell::new([None; 4]),
-            published_provider: Cell::new([None; 4]),
-            published_waiting: Cell::new([u32::MAX; 4]),
-            levels_refreshed_ms: Cell::new(0),
-            census_ms: Cell::new(0),
-            alerts: RefCell::default(),
-            alert_calls: RefCell::default(),
-            shed_minute: Cell::new((0, 0)),
+            holds: Holds::default(),
+            gauges: Gauges::default(),
+            alerts: Alerts::default(),
+            replies: Replies::new(c, core.rules.floors),
             global: c.global.as_ref().map(super::global::GlobalHost::new),
-            root_id: Cell::new(0),
-            last_429: Cell::new(None),
+            root_id,
             provider_news: Cell::new(0),
-            sampled_retry_after: Cell::new(0),
             core: RefCell::new(core),
         }
     }
@@ -163,11 +96,16 @@ impl WorkerContext {
         self.core.try_borrow().map_err(|_| REENTERED).and_then(|w| f(&w))
     }
 
+    /// Runs `f` on the core, mutably; `REENTERED` as in `with_core`.
+    pub fn with_core_mut<R>(&self, f: impl FnOnce(&mut Worker) -> Result<R, Status>) -> Result<R, Status> {
+        self.core.try_borrow_mut().map_err(|_| REENTERED).and_then(|mut w| f(&mut w))
+    }
+
     /// What the provider's last answers allow a request to do now (the core's `gate_and_mode`),
     /// first forgetting the cached provider state if a filter of this VM learned since.
     pub fn gate_and_mode(&self, now_ms: u64) -> Result<(crate::breaker::Gate, Option<Mode>), Status> {
         self.with_core(|w| {
-            let news = PROVIDER_NEWS.get();
+            let news = PROVIDER_NEWS.with(Cell::get);
             if self.provider_news.replace(news) != news {
                 w.forget_provider();
             }
@@ -175,106 +113,22 @@ impl WorkerContext {
         })
     }
 
-    /// Publishes process-wide queue depths and the bucket level (only when it changed).
     pub fn publish_levels(&self, levels: Option<crate::worker::Levels>) {
-        let Some((waiting, tokens, token_bucket)) = levels else { return };
-        if let Some(t) = token_bucket {
-            let whole = t.max(0.0) as u64;
-            if self.published_token_bucket.replace(whole) != whole {
-                self.metrics.tokens.bucket.record(whole);
-            }
-        }
-        // Gauges are host calls: written only when they change, not on every admission.
-        if self.published_waiting.replace(waiting) != waiting {
-            self.metrics.levels(waiting);
-        }
-        let whole = tokens.max(0.0) as u64;
-        if self.published_tokens.replace(whole) != whole {
-            self.metrics.bucket_tokens.record(whole);
-        }
+        self.gauges.levels(&self.metrics, levels);
     }
 
     /// Answers the current request with the local 429 for `r`.
-    pub fn send_limited(&self, r: &Refusal) -> Result<(), abi::Status> {
-        let wait_ms = r.wait_ns.div_ceil(NANOS_PER_MS);
-        let secs = reply::retry_after_secs(wait_ms);
-        // A storm of refusals says the same few values: each is sampled once per tick.
-        if self.sampled_retry_after.replace(secs) != secs {
-            self.metrics.provider.retry_after_s.record(secs);
-        }
-        let remaining = (r.tokens - self.floors[r.class.index()]).max(0.0) as u64;
-        let key = (r.class, r.reason, wait_ms, remaining, r.retry, r.queued_ms);
-        // Taken out while the host runs (it may call back into this worker), put back after.
-        let reply = match self.last_429.take() {
-            Some(last) if last.key == key => last,
-            _ => self.limited(r, key),
-        };
-        let sent = abi::send_serialized(429, &reply.headers, reply.body.as_bytes());
-        self.last_429.set(Some(reply));
-        sent
+    pub fn send_limited(&self, r: &Refusal) -> Result<(), Status> {
+        self.replies.send(&self.config, &self.metrics, r)
     }
 
-    /// The local 429 for `r`.
-    fn limited(&self, r: &Refusal, key: Reply429Key) -> Reply429 {
-        let (_, _, wait_ms, remaining, _, _) = key;
-        let c = &self.config;
-        let (_, mut headers, body) = reply::too_many_requests(&Limited {
-            name: &c.name,
-            priority: r.class,
-            reason: r.reason,
-            wait_ms,
-            remaining,
-            quota: c.bucket.capacity,
-            window_s: self.window_s,
-            retry: r.retry,
-        });
-        if let Some(ms) = r.queued_ms {
-            headers.push(("x-ratelimit-queued-ms", ms.to_string()));
-        }
-        let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Reply429 { key, headers: crate::header_map::serialize(&pairs), body }
-    }
-
-    /// Answers a waiting request (not the current one) with a local 429.
-    pub(super) fn refuse_waiter(&self, r: &Refusal) {
-        if let Err(s) = abi::set_effective_context(r.id).and_then(|_| self.send_limited(r)) {
-            log::debug!("llm-ratelimit: #{} cannot answer the waiting request: status {s}", r.id);
-        }
-    }
-
-    /// Lets a released waiter go (unless it now waits for the global gate); a probe is marked for
-    /// the observer upstream.
-    fn resume(&self, r: &Release, mark_probe: bool, now_ms: u64) {
-        if let (Some(n), true) = (r.probe, mark_probe) {
-            let marked =
-                abi::set_effective_context(r.id).and_then(|_| abi::set_request_header(PROBE_HEADER, &n.to_string()));
-            if let Err(s) = marked {
-                log::debug!("llm-ratelimit: #{} cannot mark the probe: status {s}", r.id);
-            }
-        }
-        if !self.global_released(r.id, r.waited_ms, now_ms) {
-            return;
-        }
-        self.metrics.of(r.class).admitted.inc();
-        if let Err(s) = abi::resume_request(r.id) {
-            log::debug!("llm-ratelimit: #{} cannot resume the request: status {s}", r.id);
-        }
-    }
-
-    /// Carries out what a tick or an arrival decided for waiters: stats, resumes, refusals.
+    /// Posts what a tick or an arrival decided for waiters to each of them.
     pub fn carry_out(&self, t: &Tick) {
-        let mark_probe = self.config.role == crate::config::Role::Admission;
-        let now_ms =
-            if t.released.is_empty() || self.global.is_none() { 0 } else { abi::now_ns().unwrap_or(0) / NANOS_PER_MS };
         for r in &t.released {
-            let m = self.metrics.of(r.class);
-            m.released.inc();
-            m.queue_wait_ms.record(r.waited_ms);
-            self.resume(r, mark_probe, now_ms);
+            event::post(r.id, Event::Released(*r));
         }
         for r in &t.expired {
-            self.metrics.of(r.class).expired.inc();
-            self.refuse_waiter(r);
+            event::post(r.id, Event::Expired(*r));
         }
         if let Some(mode) = t.moved {
             self.breaker_moved(mode, 0);
@@ -289,6 +143,12 @@ impl WorkerContext {
         self.publish_levels(t.levels);
     }
 
+    /// Waiter `r.id` is evicted for a more important arrival.
+    pub fn shed(&self, r: &Refusal, now_ms: u64) {
+        self.alerts.shed(&self.config, now_ms);
+        event::post(r.id, Event::Shed(*r));
+    }
+
     pub fn probe_started(&self) {
         self.metrics.provider.breaker_probes.inc();
         self.metrics.provider.breaker_state.record(Mode::HalfOpen as u64);
@@ -299,95 +159,17 @@ impl WorkerContext {
     pub fn breaker_moved(&self, mode: Mode, now_ms: u64) {
         self.metrics.provider.breaker_state.record(mode as u64);
         if mode == Mode::Closed {
-            self.raise(Event::BreakerClosed, now_ms);
+            self.alerts.raise(&self.config, Alert::BreakerClosed, now_ms);
         }
     }
 
-    /// Queues an alert for the next tick (when alerts are configured).
-    fn raise(&self, event: Event, now_ms: u64) {
-        if self.config.alert.is_some() {
-            if let Ok(mut a) = self.alerts.try_borrow_mut() {
-                a.push((event, now_ms));
-            }
-        }
-    }
-
-    /// Sends the queued alerts: one per provider and event per interval, process-wide.
-    fn send_alerts(&self, now_ms: u64) {
-        let Some(cfg) = &self.config.alert else { return };
-        let queued = match self.alerts.try_borrow_mut() {
-            Ok(mut a) if !a.is_empty() => std::mem::take(&mut *a),
-            _ => return,
-        };
-        for (event, at_ms) in queued {
-            let at_ms = if at_ms == 0 { now_ms } else { at_ms };
-            let key = alert::slot_key(self.name(), event.name());
-            match alert::claim(&SharedData, &key, &event, now_ms, cfg.min_interval_ms) {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(s) => log::debug!("llm-ratelimit: cannot claim the alert slot: status {s}"),
-            }
-            let body = alert::payload(cfg.format, self.name(), &event, at_ms);
-            let headers = [
-                (":method", "POST"),
-                (":path", cfg.path.as_str()),
-                (":authority", cfg.cluster.as_str()),
-                ("content-type", "application/json"),
-            ];
-            let timeout = cfg.timeout_ms.min(u64::from(u32::MAX)) as u32;
-            match abi::http_call(&cfg.cluster, &headers, body.as_bytes(), timeout) {
-                Ok(token) => {
-                    if let Ok(mut c) = self.alert_calls.try_borrow_mut() {
-                        c.insert(token, ());
-                    }
-                }
-                Err(s) => {
-                    self.metrics.provider.alerts_failed.inc();
-                    log::warn!(
-                        "llm-ratelimit: {}: cannot send the {} alert to {}: status {s}",
-                        self.name(),
-                        event.name(),
-                        cfg.cluster
-                    );
-                }
-            }
-        }
-    }
-
-    /// The answer to an alert: counted as sent (2xx) or failed (anything else, or none).
-    pub fn alert_answered(&self, token: u32, num_headers: usize) {
-        let ours = self.alert_calls.try_borrow_mut().is_ok_and(|mut c| c.remove(&token).is_some());
-        if !ours {
-            return;
-        }
-        let status = if num_headers == 0 { None } else { abi::http_call_response_header(":status").ok().flatten() };
-        match status.as_deref().and_then(|s| s.parse::<u16>().ok()) {
-            Some(200..=299) => self.metrics.provider.alerts_sent.inc(),
-            other => {
-                self.metrics.provider.alerts_failed.inc();
-                log::warn!("llm-ratelimit: {}: the alert receiver answered {other:?}", self.name());
-            }
-        }
-    }
-
-    pub fn shed(&self, r: &Refusal) {
-        self.metrics.of(r.class).shed.inc();
-        if let (Some(cfg), Ok(now)) = (&self.config.alert, abi::now_ns()) {
-            let now_ms = now / NANOS_PER_MS;
-            let (start, n) = self.shed_minute.get();
-            let (start, n) = if now_ms.saturating_sub(start) >= 60_000 { (now_ms, 1) } else { (start, n + 1) };
-            self.shed_minute.set((start, n));
-            if cfg.shed_per_minute > 0 && n == cfg.shed_per_minute {
-                self.raise(Event::Shedding { per_minute: n }, now_ms);
-            }
-        }
-        self.refuse_waiter(r);
-    }
-
-    /// One tick of this worker: held responses first, then the queue, then the counters.
+    /// One tick of this worker: holds first, then the queue, the global gate, the counters.
     pub fn tick(&self, now_ns: u64) {
-        self.sampled_retry_after.set(0);
-        self.tick_core(now_ns);
+        let now_ms = now_ns / NANOS_PER_MS;
+        self.replies.tick();
+        self.holds.post_due(now_ms);
+        self.count_tenants(now_ms);
+        self.tick_queue(now_ns);
         self.global_tick(now_ns);
         if let Ok(mut w) = self.core.try_borrow_mut() {
             let (leases, leased) = w.take_lease_counts();
@@ -395,22 +177,20 @@ impl WorkerContext {
             self.metrics.leased.add(leased);
         }
         self.metrics.cas_conflicts.add(super::shared::take_conflicts());
-        self.send_alerts(now_ns / NANOS_PER_MS);
-        self.publish_provider_view();
+        self.alerts.send(&self.config, &self.metrics, now_ms);
+        self.gauges.provider(&self.metrics);
         super::metrics::flush();
     }
 
-    fn tick_core(&self, now_ns: u64) {
+    fn tick_queue(&self, now_ns: u64) {
         let now_ms = now_ns / NANOS_PER_MS;
-        self.let_go_of_stale_bodies(now_ms);
-        self.send_held_attempts(now_ms);
-        self.count_tenants(now_ns);
-        let refresh = self.published_waiting.get() != [0; 4]
-            && now_ms.abs_diff(self.levels_refreshed_ms.get()) >= crate::admission::HEARTBEAT_MS;
+        let g = &self.gauges;
+        let refresh = g.anyone_waiting()
+            && now_ms.abs_diff(g.waiting_refreshed_ms.get()) >= crate::admission::HEARTBEAT_MS;
         let t = {
             let Ok(mut w) = self.core.try_borrow_mut() else { return };
             if refresh {
-                self.levels_refreshed_ms.set(now_ms);
+                g.waiting_refreshed_ms.set(now_ms);
                 w.refresh_levels();
             }
             if !w.needs_tick() {
@@ -418,20 +198,19 @@ impl WorkerContext {
             }
             w.tick(&SharedData, now_ns)
         };
-        // The borrow is dropped: answering a waiter runs its response callbacks synchronously.
         self.carry_out(&t);
     }
 
     /// Every `TENANT_CENSUS_MS`, the used slots of the tenant table (it reads every slot).
-    fn count_tenants(&self, now_ns: u64) {
-        let now_ms = now_ns / NANOS_PER_MS;
-        if self.config.tenant.is_none() || now_ms.abs_diff(self.census_ms.get()) < TENANT_CENSUS_MS {
+    fn count_tenants(&self, now_ms: u64) {
+        let census = &self.gauges.census_ms;
+        if self.config.tenant.is_none() || now_ms.abs_diff(census.get()) < TENANT_CENSUS_MS {
             return;
         }
         let Some((rules, prefix)) = self.core.try_borrow().ok().and_then(|w| w.tenants.clone()) else { return };
-        self.census_ms.set(now_ms);
+        census.set(now_ms);
         self.metrics.tenants.slots.record(u64::from(rules.slots));
-        match crate::tenants::census(&SharedData, &prefix, &rules, now_ns) {
+        match crate::tenants::census(&SharedData, &prefix, &rules, now_ms.saturating_mul(NANOS_PER_MS)) {
             Ok(c) => self.metrics.tenants.slots_used.record(u64::from(c.used)),
             Err(s) => log::debug!("llm-ratelimit: cannot count the tenant table: status {s}"),
         }
@@ -457,10 +236,10 @@ impl WorkerContext {
             }
         };
         if status == 429 || changed || v != Verdict::default() || probe.is_some() {
-            PROVIDER_NEWS.set(PROVIDER_NEWS.get().wrapping_add(1));
+            PROVIDER_NEWS.with(|n| n.set(n.get().wrapping_add(1)));
         }
         let m = &self.metrics.provider;
-        self.note_provider_view(signals);
+        self.gauges.heard(signals);
         if status == 429 && first {
             m.upstream_429.inc();
         }
@@ -479,7 +258,8 @@ impl WorkerContext {
             m.reset_error_ms.record(e);
         }
         if v.tripped {
-            self.raise(Event::BreakerOpen { until_ms: state.until_ms, terminal: v.terminal }, now_ms);
+            let open = Alert::BreakerOpen { until_ms: state.until_ms, terminal: v.terminal };
+            self.alerts.raise(&self.config, open, now_ms);
             m.breaker_trips.inc();
             let secs = state.until_ms.saturating_sub(now_ms).div_ceil(1000);
             log::warn!(
@@ -490,36 +270,18 @@ impl WorkerContext {
         }
         if changed {
             self.breaker_moved(state.mode, now_ms);
+            if state.mode == Mode::Closed {
+                self.holds.retries_due();
+            }
         }
         Some(v)
     }
 
-    /// The provider's own remaining and limits, as this answer said them.
-    fn note_provider_view(&self, s: &Signals) {
-        let now = [s.remaining_requests, s.remaining_tokens, s.limit_requests, s.limit_tokens];
-        let before = self.provider_view.get();
-        self.provider_view.set([0, 1, 2, 3].map(|i| now[i].or(before[i])));
-    }
-
-    /// Publishes the provider's own remaining and limits, beside our buckets (only what changed).
-    fn publish_provider_view(&self) {
-        let (now, before) = (self.provider_view.get(), self.published_provider.get());
-        let m = &self.metrics.provider;
-        let gauges = [m.remaining_requests, m.remaining_tokens, m.limit_requests, m.limit_tokens];
-        for ((v, was), gauge) in now.into_iter().zip(before).zip(gauges) {
-            if let Some(v) = v.filter(|_| v != was) {
-                gauge.record(v);
-            }
-        }
-        self.published_provider.set(now);
-    }
-
     /// The token bucket an estimated request draws on: its model's, if `tokens.per_model` names
-    /// it, else the provider's.
-    pub fn need(&self, e: &Estimate) -> Option<Need> {
+    /// it or its family (the path's model before the body's), else the provider's.
+    pub fn need(&self, e: &Estimate, path: &str) -> Option<Need> {
         let t = self.config.tokens.as_ref()?;
-        let model = e.model.as_deref().and_then(|m| t.per_model.binary_search_by(|(n, _)| n.as_str().cmp(m)).ok());
-        Some(Need { bucket: model.map_or(0, |i| i + 1) as u8, tokens: e.total() })
+        Some(Need { bucket: model_bucket(&t.per_model, path, e.model.as_deref()), tokens: e.total() })
     }
 
     /// An admitted request's answer is over (or will never come): the difference between its
@@ -549,142 +311,15 @@ impl WorkerContext {
         peeked.map_err(|s| log::debug!("llm-ratelimit: cannot read the provider state: status {s}")).ok()
     }
 
-    pub fn hold_response(&self, id: u32, now_ms: u64) -> bool {
-        self.hold(id, now_ms, false)
-    }
-
-    /// Holds request `id`'s headers until its body is read.
-    pub fn hold_request(&self, id: u32, now_ms: u64) -> bool {
-        self.hold(id, now_ms, true)
-    }
-
-    fn hold(&self, id: u32, now_ms: u64, request: bool) -> bool {
-        self.held
-            .try_borrow_mut()
-            .map(|mut h| h.insert(id, Held { since_ms: now_ms, body_seen: false, request }))
-            .is_ok()
-    }
-
-    /// A body callback for held response `id`: whether it is still held (the tick may have let
-    /// it go). Its arrival proves Envoy delivers bodies to held headers.
-    pub fn body_arrived(&self, id: u32) -> bool {
-        let Ok(mut h) = self.held.try_borrow_mut() else { return false };
-        let Some(e) = h.get_mut(&id) else { return false };
-        e.body_seen = true;
-        self.bodies_delivered();
-        true
-    }
-
-    /// A body arrived while its headers were held: Envoy delivers them
-    /// (`allow_on_headers_stop_iteration`), so 429 bodies are read before their headers go on.
-    pub fn bodies_delivered(&self) {
-        if self.bodies.replace(Bodies::Delivered) != Bodies::Delivered {
-            log::info!("llm-ratelimit: allow_on_headers_stop_iteration is on: bodies are read before their headers");
-        }
-    }
-
-    /// Forgets held headers of `id` (a 429's, or a request's waiting for its body).
-    pub fn release_held(&self, id: u32) {
-        if let Ok(mut h) = self.held.try_borrow_mut() {
-            h.remove(&id);
-        }
-    }
-
-    /// Held 429s whose body did not come in time go on without it, so nothing ever hangs. A
-    /// request's body comes at its client's pace, bounded by Envoy's stream timeouts; only while
-    /// it is unknown whether Envoy delivers bodies to held headers is it let go (unlimited) when
-    /// none came within a second.
-    fn let_go_of_stale_bodies(&self, now_ms: u64) {
-        let bodies = self.bodies.get();
-        let limit = if bodies == Bodies::Delivered { BODY_WAIT_MS } else { BODY_WAIT_UNKNOWN_MS };
-        let stale: Vec<(u32, bool, bool)> = match self.held.try_borrow_mut() {
-            Ok(mut h) if !h.is_empty() => {
-                let ids: Vec<(u32, bool, bool)> = h
-                    .iter()
-                    .filter(|(_, e)| !e.request || (bodies == Bodies::Unknown && !e.body_seen))
-                    .filter(|(_, e)| {
-                        let limit = if e.request { REQUEST_BODY_WAIT_UNKNOWN_MS } else { limit };
-                        now_ms.saturating_sub(e.since_ms) >= limit || now_ms < e.since_ms
-                    })
-                    .map(|(id, e)| (*id, e.body_seen, e.request))
-                    .collect();
-                for (id, ..) in &ids {
-                    h.remove(id);
-                }
-                ids
+    /// Waiter `id` left this worker's queue before its turn (client gone, or answered by Envoy).
+    pub fn leave_queue(&self, id: u32, now_ns: u64) -> bool {
+        let left = self.core.try_borrow_mut().ok().and_then(|mut w| w.leave(&SharedData, id, now_ns));
+        match left {
+            Some((_, levels)) => {
+                self.publish_levels(levels);
+                true
             }
-            _ => return,
-        };
-        for (id, body_seen, request) in stale {
-            if !body_seen && self.bodies.get() == Bodies::Unknown {
-                self.bodies.set(Bodies::Withheld);
-                log::info!(
-                    "llm-ratelimit: allow_on_headers_stop_iteration is off: bodies are read after their headers"
-                );
-            }
-            let resumed = if request {
-                log::warn!(
-                    "llm-ratelimit: #{id}: no request body came while its headers were held: let through unlimited"
-                );
-                self.metrics.errors.inc();
-                abi::resume_request(id)
-            } else {
-                abi::resume_response(id)
-            };
-            if let Err(s) = resumed {
-                log::debug!("llm-ratelimit: #{id} cannot resume: status {s}");
-            }
+            None => false,
         }
-    }
-
-    /// Holds upstream attempt `id` of `class` until `until_ms`; false if it cannot be held.
-    pub fn hold_attempt(&self, id: u32, class: Priority, until_ms: u64) -> bool {
-        self.attempts.try_borrow_mut().map(|mut a| a.insert(id, (until_ms, class))).is_ok()
-    }
-
-    pub fn attempt_held(&self, id: u32) -> bool {
-        self.attempts.try_borrow().is_ok_and(|a| a.contains_key(&id))
-    }
-
-    /// Held attempts whose reset has come are decided again (the window's count may have run
-    /// out meanwhile): sent, held longer, or answered here.
-    fn send_held_attempts(&self, now_ms: u64) {
-        let due: Vec<(u32, Priority)> = match self.attempts.try_borrow_mut() {
-            Ok(mut a) if !a.is_empty() => {
-                let due: Vec<(u32, Priority)> =
-                    a.iter().filter(|(_, (until, _))| *until <= now_ms).map(|(id, (_, class))| (*id, *class)).collect();
-                for (id, _) in &due {
-                    a.remove(id);
-                }
-                due
-            }
-            _ => return,
-        };
-        for (id, class) in due {
-            let decided = self.with_core(|w| w.attempt(&SharedData, class, now_ms));
-            match decided {
-                Ok(Attempt::Hold { until_ms }) if self.hold_attempt(id, class, until_ms) => {}
-                Ok(Attempt::Refuse(r)) => self.refuse_waiter(&Refusal { id, ..r }),
-                _ => {
-                    if let Err(s) = abi::resume_request(id) {
-                        log::debug!("llm-ratelimit: #{id} cannot send the held attempt: status {s}");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Waiter `id` of the current context left (client gone): free its place.
-    pub fn leave(&self, id: u32, now_ns: u64) -> Option<Priority> {
-        self.release_held(id);
-        if let Some(class) = self.global_leave(id) {
-            return Some(class);
-        }
-        if let Ok(mut a) = self.attempts.try_borrow_mut() {
-            a.remove(&id);
-        }
-        let (class, levels) = self.core.try_borrow_mut().ok()?.leave(&SharedData, id, now_ns)?;
-        self.publish_levels(levels);
-        Some(class)
     }
 }
