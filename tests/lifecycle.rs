@@ -203,7 +203,8 @@ fn while_body_delivery_is_unknown_a_bodiless_hold_is_decided_from_its_size_not_l
 
 #[test]
 fn a_client_that_leaves_in_any_phase_frees_what_it_held() {
-    let config = r#"{"name":"c","bucket":{"capacity":1,"refill_rate":10,"burst_allowance":0},"tokens":{"capacity":1000000}}"#;
+    let config =
+        r#"{"name":"c","bucket":{"capacity":1,"refill_rate":10,"burst_allowance":0},"tokens":{"capacity":1000000}}"#;
     let (p, mut vm) = start(config);
     vm.request_headers(1, &chat_headers(&[]), false); // reading its body
     vm.request_headers(2, &chat_headers(&[]), true); // upstream (takes the token)

@@ -80,8 +80,14 @@ pub trait Host {
     /// An HTTP call to Envoy cluster `cluster`; its answer comes to the calling root context.
     fn http_call(&self, cluster: &str, headers: &[u8], body: &[u8], timeout_ms: u32) -> Result<u32, Status>;
     /// A unary gRPC call; `service` is an encoded `envoy.config.core.v3.GrpcService`.
-    fn grpc_call(&self, service: &[u8], name: &str, method: &str, message: &[u8], timeout_ms: u32)
-        -> Result<u32, Status>;
+    fn grpc_call(
+        &self,
+        service: &[u8],
+        name: &str,
+        method: &str,
+        message: &[u8],
+        timeout_ms: u32,
+    ) -> Result<u32, Status>;
 }
 
 /// The host of this VM: the ABI in the `.wasm` (a constant, so calls are direct).

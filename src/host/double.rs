@@ -52,13 +52,37 @@ impl Process {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Call {
     /// `proxy_continue_stream` on request `id`.
-    Resume { id: u32, stream: Stream },
+    Resume {
+        id: u32,
+        stream: Stream,
+    },
     /// `proxy_send_local_response` for request `id`.
-    Reply { id: u32, status: u32, headers: Vec<(String, String)>, body: Vec<u8> },
-    SetHeader { id: u32, map: Map, name: String, value: String },
-    RemoveHeader { id: u32, map: Map, name: String },
-    HttpCall { token: u32, cluster: String, body: Vec<u8> },
-    GrpcCall { token: u32, message: Vec<u8> },
+    Reply {
+        id: u32,
+        status: u32,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    SetHeader {
+        id: u32,
+        map: Map,
+        name: String,
+        value: String,
+    },
+    RemoveHeader {
+        id: u32,
+        map: Map,
+        name: String,
+    },
+    HttpCall {
+        token: u32,
+        cluster: String,
+        body: Vec<u8>,
+    },
+    GrpcCall {
+        token: u32,
+        message: Vec<u8>,
+    },
 }
 
 /// One request's headers and bodies as Envoy holds them.
@@ -370,8 +394,14 @@ impl Host for Double {
         Ok(token)
     }
 
-    fn grpc_call(&self, _service: &[u8], _name: &str, _method: &str, message: &[u8], _timeout_ms: u32)
-        -> Result<u32, Status> {
+    fn grpc_call(
+        &self,
+        _service: &[u8],
+        _name: &str,
+        _method: &str,
+        message: &[u8],
+        _timeout_ms: u32,
+    ) -> Result<u32, Status> {
         let mut s = self.state();
         self.check(&s, "grpc_call")?;
         s.next_token += 1;

@@ -34,10 +34,7 @@ pub struct GlobalHost {
 
 impl GlobalHost {
     pub fn new(c: &GlobalConfig) -> GlobalHost {
-        GlobalHost {
-            gate: RefCell::new(Gate::new(c.gate.clone())),
-            service: proto::encode_service(&c.cluster),
-        }
+        GlobalHost { gate: RefCell::new(Gate::new(c.gate.clone())), service: proto::encode_service(&c.cluster) }
     }
 }
 

@@ -49,7 +49,12 @@ pub struct Holds {
 
 impl Default for Holds {
     fn default() -> Holds {
-        Holds { bodies: Cell::new(Bodies::Unknown), missing: Cell::new(0), held: RefCell::default(), retries: RefCell::default() }
+        Holds {
+            bodies: Cell::new(Bodies::Unknown),
+            missing: Cell::new(0),
+            held: RefCell::default(),
+            retries: RefCell::default(),
+        }
     }
 }
 

@@ -173,9 +173,7 @@ impl Request {
                 Action::Pause
             }
             Phase::Answered => Action::Pause,
-            Phase::Arriving | Phase::Upstream | Phase::Holding429 | Phase::Responding | Phase::Done => {
-                Action::Continue
-            }
+            Phase::Arriving | Phase::Upstream | Phase::Holding429 | Phase::Responding | Phase::Done => Action::Continue,
         }
     }
 
@@ -185,9 +183,7 @@ impl Request {
             // The body is whole: decide now.
             Phase::ReadingBody => self.body_read(self.body_size, true),
             Phase::Queued | Phase::AwaitingGlobal | Phase::HeldRetry | Phase::Answered => Action::Pause,
-            Phase::Arriving | Phase::Upstream | Phase::Holding429 | Phase::Responding | Phase::Done => {
-                Action::Continue
-            }
+            Phase::Arriving | Phase::Upstream | Phase::Holding429 | Phase::Responding | Phase::Done => Action::Continue,
         }
     }
 
@@ -374,7 +370,9 @@ impl Request {
             let length = content_length();
             let fits = length.is_none_or(|n| n <= t.max_body_bytes);
             let max_wait = cfg.class(self.class).max_wait_ms;
-            if fits && w.holds.bodies() != Bodies::Withheld && w.holds.hold_request(self.id, now / NANOS_PER_MS, max_wait)
+            if fits
+                && w.holds.bodies() != Bodies::Withheld
+                && w.holds.hold_request(self.id, now / NANOS_PER_MS, max_wait)
             {
                 self.phase = Phase::ReadingBody;
                 self.path = path;
@@ -421,7 +419,8 @@ impl Request {
         let w = self.w.clone();
         if w.holds.bodies() == Bodies::Delivered || self.body_size > 0 {
             w.metrics.of(self.class).expired.inc();
-            let body = b"{\"error\":{\"type\":\"request_timeout\",\"message\":\"the request body did not arrive in time\"}}";
+            let body =
+                b"{\"error\":{\"type\":\"request_timeout\",\"message\":\"the request body did not arrive in time\"}}";
             let headers = [("content-type", "application/json"), ("x-llm-ratelimit-source", "local")];
             match api::send_response(408, &headers, body) {
                 Ok(()) => self.phase = Phase::Answered,

@@ -185,8 +185,8 @@ impl WorkerContext {
     fn tick_queue(&self, now_ns: u64) {
         let now_ms = now_ns / NANOS_PER_MS;
         let g = &self.gauges;
-        let refresh = g.anyone_waiting()
-            && now_ms.abs_diff(g.waiting_refreshed_ms.get()) >= crate::admission::HEARTBEAT_MS;
+        let refresh =
+            g.anyone_waiting() && now_ms.abs_diff(g.waiting_refreshed_ms.get()) >= crate::admission::HEARTBEAT_MS;
         let t = {
             let Ok(mut w) = self.core.try_borrow_mut() else { return };
             if refresh {

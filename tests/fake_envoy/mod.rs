@@ -270,4 +270,5 @@ pub fn chat_headers(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str
     h
 }
 
-pub const CHAT_BODY: &[u8] = br#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hello there"}]}"#;
+pub const CHAT_BODY: &[u8] =
+    br#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"hello there"}]}"#;
