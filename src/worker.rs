@@ -105,6 +105,8 @@ pub enum Admission {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Attempt {
     Go,
+    /// Goes as the half-open probe: a probe was due and none was out.
+    Probe { probe: u32 },
     Hold { until_ms: u64 },
     Refuse(Refusal),
 }
@@ -440,12 +442,18 @@ impl Worker {
     /// Router retries then land on the reset rather than on the router's jittered back-off.
     /// When a probe must answer first (the breaker opened without timing), a retry never goes
     /// ahead of it or beside it: it is held and decided again every `PROBE_HOLD_MS`, so it goes
-    /// soon after the probe's success; it is answered here if no probe answers in time.
+    /// soon after the probe's success; it is answered here if no probe answers in time. When a
+    /// probe is due and none is out, the retry is the probe (retries may be all the traffic).
     pub fn attempt(&self, store: &impl Store, class: Priority, now_ms: u64) -> Result<Attempt, Status> {
         let max_wait_ms = self.config.class(class).max_wait_ms;
         store::update(store, &self.provider_key, ProviderState::default, |s| {
             // While an exhausted window's requests are counted, a retry is one of them.
             let s = if self.breaker().window_opens(&s, now_ms) { self.breaker().count_window(s) } else { s };
+            if matches!(s.mode, Mode::Open | Mode::HalfOpen) {
+                if let (Gate::Probe { probe }, next) = self.breaker().gate(s, now_ms, self.id) {
+                    return (Attempt::Probe { probe }, next);
+                }
+            }
             let dry = s.counting && s.left == 0;
             let awaited = self.breaker().probe_awaited(&s, now_ms);
             let until_ms = match awaited {

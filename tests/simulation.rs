@@ -452,48 +452,64 @@ fn tripped_without_timing() -> (MemStore, Worker, Worker) {
 }
 
 /// The router's retries held in the observer, decided again whenever their hold ends (as the host
-/// does): none may go before the probe's answer.
-fn held_retries_wait(observer: &Worker, store: &MemStore, held: &mut [u64], now_ms: u64) {
+/// does): none may go before the probe's answer; one of them may be the probe when none is out.
+/// The probe's number, if one of them became it.
+fn held_retries_wait(observer: &Worker, store: &MemStore, held: &mut [u64], now_ms: u64) -> Option<u32> {
+    let mut probe = None;
     for until in held.iter_mut().filter(|u| **u <= now_ms) {
         match observer.attempt(store, Priority::Normal, now_ms).unwrap() {
             Attempt::Hold { until_ms } => {
                 assert!(until_ms > now_ms, "held until {until_ms}, now {now_ms}");
                 *until = until_ms;
             }
+            Attempt::Probe { probe: p } if probe.is_none() => {
+                probe = Some(p);
+                *until = u64::MAX; // gone upstream
+            }
             other => panic!("a held retry at {} ms: {other:?} before the probe's answer", now_ms - START_MS),
         }
     }
+    probe
 }
 
 #[test]
 fn held_retries_wait_for_the_probes_answer() {
-    for probe_succeeds in [true, false] {
+    for (probe_succeeds, arrival_probes) in [(true, true), (false, true), (true, false), (false, false)] {
         let (store, mut admission, observer) = tripped_without_timing();
         // Five retries of requests the provider refused, held in the observer until the back-off.
         let mut held = [START_MS + 10; 5];
-        held_retries_wait(&observer, &store, &mut held, START_MS + 10);
+        assert_eq!(held_retries_wait(&observer, &store, &mut held, START_MS + 10), None);
         assert!(held.iter().all(|&u| u == START_MS + 1_000), "{held:?}");
-        // The back-off ends: the retries are decided again at the instant the probe becomes due,
-        // before and after an arrival goes as the probe; and while it is out.
-        held_retries_wait(&observer, &store, &mut held, START_MS + 1_000);
-        let gate = admission.gate(&store, START_MS + 1_000).unwrap();
-        let d = admission.admit(&store, 1, Priority::Normal, None, None, gate, (START_MS + 1_000) * 1_000_000).unwrap();
-        let Admission::Pass { probe: Some(probe) } = d.admission else { panic!("{:?}", d.admission) };
-        for t in [1_000, 1_001, 1_500, 2_000, 2_600] {
-            held_retries_wait(&observer, &store, &mut held, START_MS + t);
+        // The back-off ends: one probe goes, an arrival or one of the retries, never both.
+        let at = START_MS + 1_000;
+        let probe = if arrival_probes {
+            let gate = admission.gate(&store, at).unwrap();
+            let d = admission.admit(&store, 1, Priority::Normal, None, None, gate, at * 1_000_000).unwrap();
+            let Admission::Pass { probe: Some(probe) } = d.admission else { panic!("{:?}", d.admission) };
+            assert_eq!(held_retries_wait(&observer, &store, &mut held, at), None, "a second probe");
+            probe
+        } else {
+            let probe = held_retries_wait(&observer, &store, &mut held, at).expect("a retry probes");
+            let gate = admission.gate(&store, at).unwrap();
+            assert!(matches!(gate, Gate::Hold { .. }), "an arrival beside the probe: {gate:?}");
+            probe
+        };
+        for t in [1_001, 1_500, 2_000, 2_600] {
+            assert_eq!(held_retries_wait(&observer, &store, &mut held, START_MS + t), None);
         }
         let at = START_MS + 2_700;
+        let waiting = held.iter().filter(|&&u| u != u64::MAX).count();
         if probe_succeeds {
             let (v, _, _) = observer.observe(&store, 200, &Signals::default(), Some(probe), at).unwrap();
             assert!(v.closed);
-            for _ in held {
+            for _ in 0..waiting {
                 assert_eq!(observer.attempt(&store, Priority::Normal, at + 1).unwrap(), Attempt::Go);
             }
         } else {
             let (v, _, _) = observer.observe(&store, 429, &Signals::default(), Some(probe), at).unwrap();
             assert!(v.tripped);
             // Open again for a doubled back-off: held until then (or refused if they may not wait).
-            for _ in held {
+            for _ in 0..waiting {
                 let a = observer.attempt(&store, Priority::Normal, at + 1).unwrap();
                 assert_eq!(a, Attempt::Hold { until_ms: at + 2_000 });
             }
@@ -502,16 +518,18 @@ fn held_retries_wait_for_the_probes_answer() {
 }
 
 #[test]
-fn a_held_retry_is_answered_when_no_probe_comes() {
-    // Nobody arrives to be the probe: retries are held a probe timeout (10 s) past the back-off,
-    // never sent unprobed, then told to come back as new requests (one of which probes).
+fn a_held_retry_is_the_probe_when_no_request_arrives_and_another_when_it_is_lost() {
+    // Only retries arrive: one of them probes; the rest wait for its answer. Its answer never
+    // comes: after the probe timeout (10 s) another retry probes, never two at once.
     let (store, _admission, observer) = tripped_without_timing();
-    let mut held = [START_MS + 1_000; 3];
-    for t in (1_000..11_000).step_by(250) {
-        held_retries_wait(&observer, &store, &mut held, START_MS + t);
+    let mut held = [START_MS + 1_000; 4];
+    let mut probes = Vec::new();
+    for t in (1_000..=11_000).step_by(250) {
+        if let Some(p) = held_retries_wait(&observer, &store, &mut held, START_MS + t) {
+            probes.push((t, p));
+        }
     }
-    match observer.attempt(&store, Priority::Normal, START_MS + 11_000).unwrap() {
-        Attempt::Refuse(r) => assert_eq!((r.wait_ns, r.retry), (1_000_000_000, true)),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(probes.len(), 2, "{probes:?}");
+    assert_eq!((probes[0].0, probes[1].0), (1_000, 11_000), "{probes:?}");
+    assert_ne!(probes[0].1, probes[1].1);
 }

@@ -282,21 +282,16 @@ impl Request {
     pub fn on_event(&mut self, e: Event) {
         match (self.phase, e) {
             (Phase::Queued, Event::Released(r)) => self.released(r),
-            (Phase::Queued, Event::Expired(r)) => {
-                self.w.metrics.of(self.class).expired.inc();
-                self.refuse_waiting(&r);
-            }
-            (Phase::Queued, Event::Shed(r)) => {
-                self.w.metrics.of(self.class).shed.inc();
-                self.refuse_waiting(&r);
-            }
+            (Phase::Queued, Event::Expired(r)) => self.refuse_waiting(&r, self.w.metrics.of(self.class).expired),
+            (Phase::Queued, Event::Shed(r)) => self.refuse_waiting(&r, self.w.metrics.of(self.class).shed),
             (Phase::AwaitingGlobal, Event::GlobalPassed) => {
                 self.w.metrics.of(self.class).admitted.inc();
                 self.resume();
             }
             (Phase::AwaitingGlobal, Event::GlobalRefused(r)) => {
                 self.w.metrics.global.rejected.inc();
-                self.refuse_waiting(&Refusal { class: self.class, queued_ms: self.waited_ms, ..r });
+                let r = Refusal { class: self.class, queued_ms: self.waited_ms, ..r };
+                self.refuse_waiting(&r, self.w.metrics.of(self.class).rejected);
             }
             (Phase::ReadingBody, Event::BodyLate) => self.body_late(),
             (Phase::Holding429, Event::AnswerLate) => {
@@ -421,7 +416,7 @@ impl Request {
             w.metrics.of(self.class).expired.inc();
             let body =
                 b"{\"error\":{\"type\":\"request_timeout\",\"message\":\"the request body did not arrive in time\"}}";
-            let headers = [("content-type", "application/json"), ("x-llm-ratelimit-source", "local")];
+            let headers = [("content-type", "application/json"), ("x-llm-ratelimit-source", "proxy")];
             match api::send_response(408, &headers, body) {
                 Ok(()) => self.phase = Phase::Answered,
                 Err(s) => log::debug!("llm-ratelimit: #{} cannot answer the slow request: status {s}", self.id),
@@ -618,12 +613,12 @@ impl Request {
 
     /// Answers this request, in its own callback, with a local 429.
     fn refuse(&mut self, r: &Refusal) -> Action {
-        self.w.metrics.of(self.class).rejected.inc();
-        if r.reason == crate::reply::Reason::TooLarge {
-            self.w.metrics.tokens.too_large.inc();
-        }
         match self.w.send_limited(r) {
             Ok(()) => {
+                self.w.metrics.of(self.class).rejected.inc();
+                if r.reason == crate::reply::Reason::TooLarge {
+                    self.w.metrics.tokens.too_large.inc();
+                }
                 self.phase = Phase::Answered;
                 Action::Pause
             }
@@ -631,26 +626,33 @@ impl Request {
         }
     }
 
-    /// Answers this request, held since an earlier callback, with a local 429.
-    fn refuse_waiting(&mut self, r: &Refusal) {
+    /// Answers this request, held since an earlier callback, with a local 429 counted in `stat`.
+    fn refuse_waiting(&mut self, r: &Refusal, stat: super::metrics::Id) {
         self.let_go();
         match self.w.send_limited(r) {
-            Ok(()) => self.phase = Phase::Answered,
-            Err(s) => {
-                // The 429 cannot be sent: the request must not hang, nor pass unlimited; Envoy's
-                // stream timeout or the client's end it.
-                log::warn!("llm-ratelimit: #{} cannot answer the waiting request: status {s}", self.id);
-                self.w.metrics.errors.inc();
+            Ok(()) => {
+                stat.inc();
+                self.phase = Phase::Answered;
             }
+            Err(s) => self.resume_on_failure("send_local_response", s),
         }
     }
 
-    /// A host call failed: let the request through rather than fail user traffic on our fault.
+    /// A host call failed: let the request through rather than fail user traffic on our fault
+    /// (counted admitted, and in `errors`).
     fn fail_open(&mut self, what: &str, status: Status) -> Action {
         log::warn!("llm-ratelimit: #{} {what} failed (status {status}); letting the request through", self.id);
         self.w.metrics.errors.inc();
+        self.w.metrics.of(self.class).admitted.inc();
         self.phase = Phase::Upstream;
         Action::Continue
+    }
+
+    /// `fail_open` for a request held since an earlier callback: no request is stranded.
+    fn resume_on_failure(&mut self, what: &str, status: Status) {
+        if self.fail_open(what, status) == Action::Continue {
+            self.resume_stream();
+        }
     }
 
     /// Frees whatever its phase holds in the worker: a queue place, a wait on the gate, a hold.
@@ -705,13 +707,19 @@ impl Request {
                 self.phase = Phase::HeldRetry;
                 Action::Pause
             }
+            Ok(Attempt::Probe { probe }) => {
+                // Its answer is the probe's: it closes the breaker or opens it again.
+                self.probe = Some(probe);
+                w.probe_started();
+                self.phase = Phase::Upstream;
+                Action::Continue
+            }
             Ok(Attempt::Refuse(r)) => {
                 let r = Refusal { id: self.id, ..r };
                 if in_callback {
                     return self.refuse(&r);
                 }
-                self.w.metrics.of(self.class).rejected.inc();
-                self.refuse_waiting(&r);
+                self.refuse_waiting(&r, self.w.metrics.of(self.class).rejected);
                 Action::Pause
             }
             _ => {
@@ -754,6 +762,13 @@ impl Request {
             if end_of_stream {
                 self.settle();
             }
+        }
+        // A local reply from upstream (the observer's 429 for a retry, a cached answer) is ours:
+        // nothing to learn or rewrite (its tokens are settled as a 429's).
+        let ours = |marker| role.admits() && get(marker).is_some();
+        if (status == 429 && ours("x-llm-ratelimit-source")) || (self.cache_key.is_some() && ours("x-llm-ratelimit-fallback"))
+        {
+            return Action::Continue;
         }
         if status == 200 && self.cache_key.is_some() && !end_of_stream {
             self.capture = Some((get("content-type").unwrap_or_default(), Vec::new()));

@@ -43,6 +43,8 @@ pub struct Vm {
     tx: Sender<Job>,
     pub host: &'static Double,
     pub lives: BTreeMap<u32, Life>,
+    /// gRPC calls sent and not yet answered (tokens, oldest first).
+    pub grpc_calls: Vec<u32>,
 }
 
 impl Vm {
@@ -58,7 +60,7 @@ impl Vm {
                 job();
             }
         });
-        let vm = Vm { tx, host, lives: BTreeMap::new() };
+        let vm = Vm { tx, host, lives: BTreeMap::new(), grpc_calls: Vec::new() };
         host.open(ROOT, &[]);
         vm.run(|| d::proxy_on_context_create(ROOT, 0));
         vm.run(|| d::proxy_on_configure(ROOT, 0)).then_some(vm)
@@ -116,6 +118,7 @@ impl Vm {
                     // Envoy ends the stream with the reply: nothing of the request goes on.
                     l.held = false;
                 }
+                Call::GrpcCall { token, .. } => self.grpc_calls.push(token),
                 _ => {}
             }
         }
