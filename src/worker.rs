@@ -106,8 +106,12 @@ pub enum Admission {
 pub enum Attempt {
     Go,
     /// Goes as the half-open probe: a probe was due and none was out.
-    Probe { probe: u32 },
-    Hold { until_ms: u64 },
+    Probe {
+        probe: u32,
+    },
+    Hold {
+        until_ms: u64,
+    },
     Refuse(Refusal),
 }
 

@@ -204,7 +204,9 @@ fn garbage_rate_limit_headers_and_bodies_get_a_clean_429_and_the_filter_recovers
             // The provider's own body goes through as it was.
             Some("provider") => assert!(r.body.starts_with(b"{\"error\": {\"code\": 429"), "{r:?}"),
             // Refused while the breaker is open, or after waiting for it as long as NORMAL may.
-            Some("proxy") => assert!(matches!(r.header("x-llm-ratelimit-reason"), Some("breaker_open" | "expired")), "{r:?}"),
+            Some("proxy") => {
+                assert!(matches!(r.header("x-llm-ratelimit-reason"), Some("breaker_open" | "expired")), "{r:?}")
+            }
             other => panic!("source {other:?}: {r:?}"),
         }
     }

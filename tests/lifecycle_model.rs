@@ -63,25 +63,39 @@ enum Answer {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Arrive { vm: usize, class: usize, body: Body },
+    Arrive {
+        vm: usize,
+        class: usize,
+        body: Body,
+    },
     /// The next body chunk (or trailers) of the `n`th request still sending.
-    Send { n: usize },
-    Reset { n: usize },
-    Answer { n: usize, answer: Answer },
-    Tick { vm: usize },
-    Advance { ms: u64 },
+    Send {
+        n: usize,
+    },
+    Reset {
+        n: usize,
+    },
+    Answer {
+        n: usize,
+        answer: Answer,
+    },
+    Tick {
+        vm: usize,
+    },
+    Advance {
+        ms: u64,
+    },
     /// The rate limit service answers the oldest call of `vm`: OK, over limit, or fails.
-    Rls { vm: usize, code: u8 },
+    Rls {
+        vm: usize,
+        code: u8,
+    },
     /// The plugin's configuration is pushed again: a new root context on every worker.
     Reload,
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let body = prop_oneof![
-        Just(Body::None),
-        (1u8..4).prop_map(Body::Chunks),
-        (1u8..3).prop_map(Body::Trailers),
-    ];
+    let body = prop_oneof![Just(Body::None), (1u8..4).prop_map(Body::Chunks), (1u8..3).prop_map(Body::Trailers),];
     let answer = prop_oneof![
         Just(Answer::Ok),
         Just(Answer::Stream),
@@ -181,7 +195,8 @@ impl World {
                     self.reqs[i].chunks_left -= 1;
                     self.reqs[i].sent += 1;
                     let end = self.reqs[i].chunks_left == 0 && !r.trailers;
-                    let body = &CHAT_BODY[..CHAT_BODY.len() * usize::from(self.reqs[i].sent) / usize::from(r.sent + r.chunks_left)];
+                    let body = &CHAT_BODY
+                        [..CHAT_BODY.len() * usize::from(self.reqs[i].sent) / usize::from(r.sent + r.chunks_left)];
                     self.vms[r.vm].request_body(r.id, body, end);
                 } else if r.trailers {
                     self.reqs[i].trailers = false;
@@ -204,7 +219,12 @@ impl World {
                 if l.answered() {
                     // Envoy sends our local reply back through the filter, then ends the stream.
                     let status = l.replies[0].to_string();
-                    vm.response_headers(r.id, &[(":status", status.as_str()), ("x-llm-ratelimit-source", "local")], b"{}", false);
+                    vm.response_headers(
+                        r.id,
+                        &[(":status", status.as_str()), ("x-llm-ratelimit-source", "local")],
+                        b"{}",
+                        false,
+                    );
                     vm.response_body(r.id, 2, true);
                     vm.done(r.id);
                     return;
@@ -219,12 +239,22 @@ impl World {
                 match answer {
                     Answer::Ok => {
                         let body = br#"{"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30}}"#;
-                        vm.response_headers(r.id, &[(":status", "200"), ("content-type", "application/json")], body, false);
+                        vm.response_headers(
+                            r.id,
+                            &[(":status", "200"), ("content-type", "application/json")],
+                            body,
+                            false,
+                        );
                         vm.response_body(r.id, body.len(), true);
                     }
                     Answer::Stream => {
                         let body = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
-                        vm.response_headers(r.id, &[(":status", "200"), ("content-type", "text/event-stream")], body, false);
+                        vm.response_headers(
+                            r.id,
+                            &[(":status", "200"), ("content-type", "text/event-stream")],
+                            body,
+                            false,
+                        );
                         vm.response_body(r.id, body.len(), false);
                         vm.response_trailers(r.id);
                     }

@@ -1,7 +1,8 @@
 //! A worker's alerts: raised by what it learns, sent on its next tick (one per provider and event
 //! per interval, process-wide), and counted by their receiver's answer.
 
-use super::api::{self, host};
+use super::api::Map;
+use super::calls::host;
 use super::metrics::Metrics;
 use super::shared::SharedData;
 use crate::alert::{self, Event as Alert};
@@ -88,11 +89,8 @@ impl Alerts {
         if !ours {
             return;
         }
-        let status = if num_headers == 0 {
-            None
-        } else {
-            host().header(api::Map::HttpCallResponseHeaders, ":status").ok().flatten()
-        };
+        let status =
+            if num_headers == 0 { None } else { host().header(Map::HttpCallResponseHeaders, ":status").ok().flatten() };
         match status.as_deref().and_then(|s| s.parse::<u16>().ok()) {
             Some(200..=299) => metrics.provider.alerts_sent.inc(),
             other => {

@@ -13,21 +13,13 @@
 //! no borrow is held while our code runs and a reentrant call cannot trip over one. After every
 //! callback, the events it posted for other requests are delivered (`event`).
 
-use super::api;
+pub use super::api::Action;
+use super::calls;
 use super::event::{self, Event};
 use super::request::Request;
 use super::root::Root;
 use super::vm_local::{vm_local, Key};
 use std::cell::{Cell, RefCell};
-
-/// What a stream callback tells the host: go on with the stream, or hold it until
-/// `proxy_continue_stream`.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    Continue = 0,
-    Pause = 1,
-}
 
 /// Contexts by id. A context is taken out of its slot for the length of its callback and put
 /// back after, so no borrow of the table is held while our code runs: a reentrant callback (the
@@ -133,7 +125,7 @@ fn deliver() {
             break;
         }
         for (id, e) in posted {
-            if api::set_effective_context(id).is_ok() {
+            if calls::set_effective_context(id).is_ok() {
                 with(&REQUESTS, id, (), |r: &mut Request| r.on_event(e));
             }
         }

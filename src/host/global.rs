@@ -2,9 +2,10 @@
 //! so a request that goes away does not cancel a call others wait on), reads their answers, and
 //! tells the requests that waited for them (`Event::GlobalPassed`, `Event::GlobalRefused`).
 
-use super::api::{self, host};
+use super::api::Buffer;
+use super::calls::{self, host};
 use super::event::{self, Event};
-use super::worker::WorkerContext;
+use super::metrics::GlobalStats;
 use crate::config::{DescriptorEntry, GlobalConfig};
 use crate::global::gate::{Ask, Gate, Outcome, Units, Verdict, REQUESTS, TOKENS};
 use crate::global::proto::{self, Descriptor};
@@ -28,14 +29,15 @@ pub struct Need {
 
 pub struct GlobalHost {
     gate: RefCell<Gate>,
+    config: GlobalConfig,
+    /// The provider's name: the `provider` descriptor entry.
+    provider: String,
     /// The encoded `GrpcService` naming the cluster.
     service: Vec<u8>,
-}
-
-impl GlobalHost {
-    pub fn new(c: &GlobalConfig) -> GlobalHost {
-        GlobalHost { gate: RefCell::new(Gate::new(c.gate.clone())), service: proto::encode_service(&c.cluster) }
-    }
+    stats: GlobalStats,
+    /// The root context's id: calls are made from it, so a request that goes away does not
+    /// cancel a call others wait on.
+    root_id: u32,
 }
 
 /// What the request context does after the gate.
@@ -45,14 +47,25 @@ pub enum Gated {
     Refuse(Refusal),
 }
 
-impl WorkerContext {
-    /// Request `id`'s need from the gate, when the gate is on.
-    pub fn global_need(&self, class: Priority, tenant: Option<&str>, tokens: Option<u64>) -> Option<Need> {
-        let c = self.config.global.as_ref()?;
+impl GlobalHost {
+    pub fn new(c: &GlobalConfig, provider: &str, stats: GlobalStats, root_id: u32) -> GlobalHost {
+        GlobalHost {
+            gate: RefCell::new(Gate::new(c.gate.clone())),
+            config: c.clone(),
+            provider: provider.to_string(),
+            service: proto::encode_service(&c.cluster),
+            stats,
+            root_id,
+        }
+    }
+
+    /// A request's need from the gate.
+    pub fn need(&self, class: Priority, tenant: Option<&str>, tokens: Option<u64>) -> Need {
+        let c = &self.config;
         let mut key = String::new();
         for e in &c.descriptors {
             key.push_str(match e {
-                DescriptorEntry::Provider => &self.config.name,
+                DescriptorEntry::Provider => &self.provider,
                 // A request without the tenant header counts under "none".
                 DescriptorEntry::Tenant => tenant.unwrap_or("none"),
                 DescriptorEntry::Class => class.name(),
@@ -62,36 +75,34 @@ impl WorkerContext {
         }
         // Tokens go to the service only in their own descriptor (`unit` = `tokens`).
         let tokens = if c.descriptors.contains(&DescriptorEntry::Unit) { tokens.unwrap_or(0) } else { 0 };
-        Some(Need { key, hits: [1, tokens], class })
+        Need { key, hits: [1, tokens], class }
     }
 
     /// How long the service's last over-limit answer still holds for `need`, checked before the
     /// local buckets.
-    pub fn global_blocked_ms(&self, need: &Need, now_ms: u64) -> Option<u64> {
-        let g = self.global.as_ref()?;
-        g.gate.try_borrow().ok()?.blocked_ms(&need.key, need.hits, now_ms)
+    pub fn blocked_ms(&self, need: &Need, now_ms: u64) -> Option<u64> {
+        self.gate.try_borrow().ok()?.blocked_ms(&need.key, need.hits, now_ms)
     }
 
     /// Request `id` passed the local buckets: the gate lets it through, makes it wait, or refuses.
-    pub fn global_arrive(&self, id: u32, need: &Need, may_wait_ms: u64, now_ms: u64) -> Gated {
-        let Some(g) = &self.global else { return Gated::Pass };
-        let verdict = match g.gate.try_borrow_mut() {
+    pub fn arrive(&self, id: u32, need: &Need, may_wait_ms: u64, now_ms: u64) -> Gated {
+        let verdict = match self.gate.try_borrow_mut() {
             Ok(mut gate) => gate.arrive(&need.key, id, need.hits, may_wait_ms, now_ms),
             Err(_) => return Gated::Pass,
         };
         match verdict {
             Verdict::Pass { ask } => {
                 if let Some(ask) = ask {
-                    self.send(g, ask);
+                    self.send(ask);
                     restore(id);
                 }
                 Gated::Pass
             }
             Verdict::Refuse { wait_ms, unavailable } => Gated::Refuse(refusal(id, need.class, wait_ms, unavailable)),
             Verdict::Wait { ask } => {
-                self.metrics.global.waited.inc();
+                self.stats.waited.inc();
                 if let Some(ask) = ask {
-                    self.send(g, ask);
+                    self.send(ask);
                     restore(id);
                 }
                 Gated::Wait
@@ -100,15 +111,16 @@ impl WorkerContext {
     }
 
     /// Request `id`, waiting on the gate, is over (its client went away): forget it.
-    pub fn global_leave(&self, id: u32) {
-        if let Some(Ok(mut gate)) = self.global.as_ref().map(|g| g.gate.try_borrow_mut()) {
+    pub fn leave(&self, id: u32) {
+        if let Ok(mut gate) = self.gate.try_borrow_mut() {
             gate.leave(id);
         }
     }
 
     /// Sends `ask`'s call from the root context; one that cannot be sent fails on the next tick.
-    fn send(&self, g: &GlobalHost, ask: Ask) {
-        let (Some(c), Ok(mut gate)) = (&self.config.global, g.gate.try_borrow_mut()) else { return };
+    fn send(&self, ask: Ask) {
+        let c = &self.config;
+        let Ok(mut gate) = self.gate.try_borrow_mut() else { return };
         let name = gate.name(ask.key);
         let descriptors: Vec<Descriptor> = [(REQUESTS, "requests"), (TOKENS, "tokens")]
             .into_iter()
@@ -125,11 +137,11 @@ impl WorkerContext {
             .collect();
         let hits_addend = ask.hits[REQUESTS].min(u64::from(u32::MAX)) as u32;
         let message = proto::encode_request(&c.domain, &descriptors, hits_addend);
-        if let Err(s) = api::set_effective_context(self.root_id) {
+        if let Err(s) = calls::set_effective_context(self.root_id) {
             log::debug!("llm-ratelimit: cannot call from the root context: status {s}");
         }
         let timeout = c.gate.timeout_ms.min(u64::from(u32::MAX)) as u32;
-        match host().grpc_call(&g.service, SERVICE, METHOD, &message, timeout) {
+        match host().grpc_call(&self.service, SERVICE, METHOD, &message, timeout) {
             Ok(token) => gate.sent(ask.key, token),
             Err(s) => {
                 log::warn!("llm-ratelimit: cannot call the rate limit service {}: status {s}", c.cluster);
@@ -139,12 +151,11 @@ impl WorkerContext {
     }
 
     /// The service answered call `token` (`size` bytes).
-    pub fn global_answered(&self, token: u32, size: usize) {
-        let Some(g) = &self.global else { return };
-        let now_ms = api::now_ns().unwrap_or(0) / NANOS_PER_MS;
-        let message = host().buffer(api::Buffer::GrpcMessage, size).unwrap_or_default();
+    pub fn answered(&self, token: u32, size: usize) {
+        let now_ms = calls::now_ns().unwrap_or(0) / NANOS_PER_MS;
+        let message = host().buffer(Buffer::GrpcMessage, size).unwrap_or_default();
         let outcome = {
-            let Ok(mut gate) = g.gate.try_borrow_mut() else { return };
+            let Ok(mut gate) = self.gate.try_borrow_mut() else { return };
             match proto::decode_response(&message) {
                 Ok(r) => gate.answered(token, &r, now_ms),
                 Err(e) => {
@@ -153,31 +164,29 @@ impl WorkerContext {
                 }
             }
         };
-        self.carry_global(outcome);
+        self.carry_out(outcome);
     }
 
     /// Call `token` ended without an answer (gRPC `status`: unavailable, deadline exceeded, ...).
-    pub fn global_closed(&self, token: u32, status: u32) {
-        let Some(g) = &self.global else { return };
-        let now_ms = api::now_ns().unwrap_or(0) / NANOS_PER_MS;
-        let outcome = match g.gate.try_borrow_mut() {
+    pub fn closed(&self, token: u32, status: u32) {
+        let now_ms = calls::now_ns().unwrap_or(0) / NANOS_PER_MS;
+        let outcome = match self.gate.try_borrow_mut() {
             // gRPC DEADLINE_EXCEEDED: no answer within timeout_ms.
             Ok(mut gate) => gate.failed(token, status == 4, now_ms),
             Err(_) => return,
         };
-        self.carry_global(outcome);
+        self.carry_out(outcome);
     }
 
     /// Each tick: timeouts, resets, leases' ends; and the gate's counts into the stats.
-    pub fn global_tick(&self, now_ns: u64) {
-        let Some(g) = &self.global else { return };
+    pub fn tick(&self, now_ns: u64) {
         let now_ms = now_ns / NANOS_PER_MS;
-        let (outcome, counts) = match g.gate.try_borrow_mut() {
+        let (outcome, counts) = match self.gate.try_borrow_mut() {
             Ok(mut gate) if gate.busy() => (gate.tick(now_ms), gate.take_counts()),
             Ok(mut gate) => (Outcome::default(), gate.take_counts()),
             Err(_) => return,
         };
-        let m = &self.metrics.global;
+        let m = &self.stats;
         m.calls.add(counts.calls);
         m.over_limit.add(counts.over_limit);
         m.errors.add(counts.errors);
@@ -190,12 +199,11 @@ impl WorkerContext {
         for ms in counts.latency_ms {
             m.latency_ms.record(ms);
         }
-        self.carry_global(outcome);
+        self.carry_out(outcome);
     }
 
     /// Tells the waiters what the gate decided, and sends its calls.
-    fn carry_global(&self, outcome: Outcome) {
-        let Some(g) = &self.global else { return };
+    fn carry_out(&self, outcome: Outcome) {
         for id in outcome.pass {
             event::post(id, Event::GlobalPassed);
         }
@@ -204,14 +212,14 @@ impl WorkerContext {
             event::post(id, Event::GlobalRefused(refusal(id, Priority::Normal, wait_ms, unavailable)));
         }
         for ask in outcome.asks {
-            self.send(g, ask);
+            self.send(ask);
         }
     }
 }
 
 /// Host calls after a call sent from the root context act on request `id` again.
 fn restore(id: u32) {
-    if let Err(s) = api::set_effective_context(id) {
+    if let Err(s) = calls::set_effective_context(id) {
         log::debug!("llm-ratelimit: #{id} cannot restore the context: status {s}");
     }
 }

@@ -1,7 +1,7 @@
 //! The `log` crate's logger, writing to Envoy's log through `proxy_log`. The SDK's unwraps the
 //! host call's status (a panic that kills the VM); this one drops a message the host refuses.
 
-use super::api::host;
+use super::calls::host;
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct Logger;

@@ -2,7 +2,8 @@
 //! (`llm_ratelimit.provider.<name>.priority.<class>.<stat>`) because the ABI has no tags; the
 //! `stats_tags` in `envoy/` turn them into Prometheus labels.
 
-use super::api::{host, Metric};
+use super::api::Metric;
+use super::calls::host;
 use super::vm_local::vm_local;
 use crate::priority::Priority;
 use std::cell::RefCell;
@@ -183,6 +184,7 @@ pub struct TenantStats {
 }
 
 /// Stats of the global gate (when `global` is configured).
+#[derive(Clone, Copy)]
 pub struct GlobalStats {
     /// Calls sent to the rate limit service.
     pub calls: Id,

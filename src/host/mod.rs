@@ -1,7 +1,8 @@
 //! The thin proxy-wasm layer: it reads headers, the clock and shared data, and hands every
 //! decision to the pure core. Every host call goes through `api::Host`: the ABI in the `.wasm`
-//! (`abi`), an in-memory double natively (`double`), so tests drive the whole lifecycle as Envoy
-//! would, through `dispatch`'s entry points. No SDK (see `dispatch` for why).
+//! (`abi`), an in-memory double natively (`double`); `calls` picks this VM's and names the calls.
+//! Tests drive the whole lifecycle as Envoy would, through `dispatch`'s entry points. No SDK
+//! (see `dispatch` for why).
 //!
 //! By owner: `dispatch` (entry points, context tables, event delivery), `root` (configuration,
 //! timer), `request` (one request's phase machine), `worker` (what a worker's requests share),
@@ -12,6 +13,7 @@
 mod abi;
 mod alerts;
 pub mod api;
+pub mod calls;
 pub mod dispatch;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod double;

@@ -1,7 +1,8 @@
 //! The local 429s a worker sends: built once per distinct answer, sent again while refusals say
 //! the same (a storm of refusals within a millisecond says the same few values).
 
-use super::api::{self, Status};
+use super::api::Status;
+use super::calls;
 use super::metrics::Metrics;
 use crate::config::Config;
 use crate::priority::Priority;
@@ -60,7 +61,7 @@ impl Replies {
             Some(last) if last.key == key => last,
             _ => self.build(c, r, key),
         };
-        let sent = api::send_serialized(429, &reply.headers, reply.body.as_bytes());
+        let sent = calls::send_serialized(429, &reply.headers, reply.body.as_bytes());
         self.last.set(Some(reply));
         sent
     }

@@ -5,8 +5,8 @@
 //! is one `match` on the phase with one decision each; none is left to a default. The table of
 //! callback × phase is in README.md ("The request lifecycle").
 
-use super::api::{self, Status};
-use super::dispatch::Action;
+use super::api::{Action, Status};
+use super::calls;
 use super::event::Event;
 use super::global::{Gated, Need as GlobalNeed};
 use super::holds::Bodies;
@@ -91,7 +91,7 @@ pub struct Request {
 }
 
 fn header(name: &str) -> Option<String> {
-    api::request_header(name).unwrap_or_else(|s| {
+    calls::request_header(name).unwrap_or_else(|s| {
         log::debug!("llm-ratelimit: cannot read request header {name}: status {s}");
         None
     })
@@ -102,7 +102,7 @@ fn content_length() -> Option<u64> {
 }
 
 fn set_header(name: &str, value: &str) {
-    if let Err(s) = api::set_response_header(name, value) {
+    if let Err(s) = calls::set_response_header(name, value) {
         log::debug!("llm-ratelimit: cannot set response header {name}: status {s}");
     }
 }
@@ -112,12 +112,12 @@ fn append_chunk(body: &mut Vec<u8>, chunk_size: usize, max: usize) -> bool {
     if body.len().saturating_add(chunk_size) > max {
         return false;
     }
-    body.extend(api::response_body(chunk_size).unwrap_or_default());
+    body.extend(calls::response_body(chunk_size).unwrap_or_default());
     true
 }
 
 fn now_ms() -> u64 {
-    api::now_ns().unwrap_or(0) / NANOS_PER_MS
+    calls::now_ns().unwrap_or(0) / NANOS_PER_MS
 }
 
 impl Request {
@@ -208,7 +208,7 @@ impl Request {
                 self.w.holds.body_arrived(self.id);
                 // Held: Envoy buffers, and `size` is everything so far.
                 if end_of_stream || size >= MAX_BODY {
-                    let body = api::response_body(size.min(MAX_BODY)).unwrap_or_default();
+                    let body = calls::response_body(size.min(MAX_BODY)).unwrap_or_default();
                     self.finish_429(&body, true);
                     self.meter_body(size, end_of_stream);
                     self.phase = Phase::Responding;
@@ -237,7 +237,7 @@ impl Request {
     pub fn on_response_trailers(&mut self) -> Action {
         match self.phase {
             Phase::Holding429 => {
-                let body = api::response_body(MAX_BODY).unwrap_or_default();
+                let body = calls::response_body(MAX_BODY).unwrap_or_default();
                 self.finish_429(&body, true);
                 self.settle();
                 self.phase = Phase::Responding;
@@ -300,7 +300,7 @@ impl Request {
                     a.learned = false;
                 }
                 self.phase = Phase::Responding;
-                if let Err(s) = api::resume_response(self.id) {
+                if let Err(s) = calls::resume_response(self.id) {
                     log::debug!("llm-ratelimit: #{} cannot resume the response: status {s}", self.id);
                 }
             }
@@ -335,22 +335,22 @@ impl Request {
         // (each costs Envoy a route-cache clear, ~15% of throughput here).
         let rewrite = sent.into_inner().is_some() || self.class != cfg.classify.default;
         if rewrite {
-            if let Err(s) = api::set_request_header(&cfg.classify.header, self.class.name()) {
+            if let Err(s) = calls::set_request_header(&cfg.classify.header, self.class.name()) {
                 log::debug!("llm-ratelimit: cannot set {}: status {s}", cfg.classify.header);
             }
         }
         // Only this filter says which request is the probe: a client's claim is removed.
         if header(PROBE_HEADER).is_some() {
-            if let Err(s) = api::remove_request_header(PROBE_HEADER) {
+            if let Err(s) = calls::remove_request_header(PROBE_HEADER) {
                 log::debug!("llm-ratelimit: #{} cannot remove {PROBE_HEADER}: status {s}", self.id);
             }
         }
         if let Some(n) = cfg.class(self.class).max_retries {
-            if let Err(s) = api::set_request_header("x-envoy-max-retries", &n.to_string()) {
+            if let Err(s) = calls::set_request_header("x-envoy-max-retries", &n.to_string()) {
                 log::debug!("llm-ratelimit: cannot set x-envoy-max-retries: status {s}");
             }
         }
-        let now = match api::now_ns() {
+        let now = match calls::now_ns() {
             Ok(t) => t,
             Err(s) => return self.fail_open("get_current_time", s),
         };
@@ -397,7 +397,7 @@ impl Request {
         w.holds.let_go(self.id);
         let Some(rules) = &w.estimate else { return self.decide_now() };
         let max = w.config.tokens.as_ref().map_or(0, |t| usize::try_from(t.max_body_bytes).unwrap_or(usize::MAX));
-        let body = if whole && size <= max { api::request_body(size).unwrap_or_default() } else { Vec::new() };
+        let body = if whole && size <= max { calls::request_body(size).unwrap_or_default() } else { Vec::new() };
         let e = if !body.is_empty() {
             estimate::from_body(rules, &self.path, &body)
         } else {
@@ -417,7 +417,7 @@ impl Request {
             let body =
                 b"{\"error\":{\"type\":\"request_timeout\",\"message\":\"the request body did not arrive in time\"}}";
             let headers = [("content-type", "application/json"), ("x-llm-ratelimit-source", "proxy")];
-            match api::send_response(408, &headers, body) {
+            match calls::send_response(408, &headers, body) {
                 Ok(()) => self.phase = Phase::Answered,
                 Err(s) => log::debug!("llm-ratelimit: #{} cannot answer the slow request: status {s}", self.id),
             }
@@ -431,7 +431,7 @@ impl Request {
     }
 
     fn decide_now(&mut self) -> Action {
-        match api::now_ns() {
+        match calls::now_ns() {
             Ok(now) => self.decide(now),
             Err(s) => self.fail_open("get_current_time", s),
         }
@@ -468,11 +468,11 @@ impl Request {
         let w = self.w.clone();
         let tenant = w.config.tenant.as_ref().and_then(|t| header(&t.key_header));
         let need = self.estimate.map(|(n, _)| n);
-        let global = w.global_need(self.class, tenant.as_deref(), need.map(|n| n.tokens));
+        let global = w.global.as_ref().map(|g| g.need(self.class, tenant.as_deref(), need.map(|n| n.tokens)));
         let may_wait_ms = if w.config.queue.enabled { w.config.class(self.class).max_wait_ms } else { 0 };
-        if let Some(g) = &global {
+        if let (Some(gate), Some(g)) = (&w.global, &global) {
             // The service said over limit for longer than this request may wait: no local token spent.
-            if let Some(wait_ms) = w.global_blocked_ms(g, now_ns / NANOS_PER_MS).filter(|&t| t > may_wait_ms) {
+            if let Some(wait_ms) = gate.blocked_ms(g, now_ns / NANOS_PER_MS).filter(|&t| t > may_wait_ms) {
                 w.metrics.global.rejected.inc();
                 return self.refuse(&super::global::refusal(self.id, self.class, wait_ms, false));
             }
@@ -516,12 +516,13 @@ impl Request {
 
     /// Through the local buckets: the global gate, when there is one, then upstream.
     fn through_global(&mut self, global: Option<GlobalNeed>, may_wait_ms: u64, now_ms: u64) -> Action {
-        let Some(g) = global else {
+        let w = self.w.clone();
+        let (Some(gate), Some(g)) = (&w.global, global) else {
             self.w.metrics.of(self.class).admitted.inc();
             self.phase = Phase::Upstream;
             return Action::Continue;
         };
-        match self.w.global_arrive(self.id, &g, may_wait_ms, now_ms) {
+        match gate.arrive(self.id, &g, may_wait_ms, now_ms) {
             Gated::Pass => {
                 self.w.metrics.of(self.class).admitted.inc();
                 self.phase = Phase::Upstream;
@@ -560,7 +561,7 @@ impl Request {
     fn mark_probe(&mut self, probe: Option<u32>) {
         self.probe = probe;
         if let (Some(n), Role::Admission) = (probe, self.role()) {
-            if let Err(s) = api::set_request_header(PROBE_HEADER, &n.to_string()) {
+            if let Err(s) = calls::set_request_header(PROBE_HEADER, &n.to_string()) {
                 log::debug!("llm-ratelimit: #{} cannot mark the probe: status {s}", self.id);
             }
         }
@@ -573,7 +574,7 @@ impl Request {
     }
 
     fn resume_stream(&mut self) {
-        if let Err(s) = api::resume_request(self.id) {
+        if let Err(s) = calls::resume_request(self.id) {
             log::debug!("llm-ratelimit: #{} cannot resume the request: status {s}", self.id);
         }
     }
@@ -592,7 +593,7 @@ impl Request {
             ("x-llm-ratelimit-fallback", "cache"),
             ("x-llm-ratelimit-priority", self.class.name()),
         ];
-        match api::send_response(200, &headers, &entry.body) {
+        match calls::send_response(200, &headers, &entry.body) {
             Ok(()) => {
                 self.phase = Phase::Answered;
                 self.w.metrics.provider.fallback_served.inc();
@@ -661,9 +662,13 @@ impl Request {
         match self.phase {
             Phase::ReadingBody | Phase::Holding429 => w.holds.let_go(self.id),
             Phase::Queued => {
-                w.leave_queue(self.id, api::now_ns().unwrap_or(0));
+                w.leave_queue(self.id, calls::now_ns().unwrap_or(0));
             }
-            Phase::AwaitingGlobal => w.global_leave(self.id),
+            Phase::AwaitingGlobal => {
+                if let Some(g) = &w.global {
+                    g.leave(self.id);
+                }
+            }
             Phase::HeldRetry => w.holds.drop_retry(self.id),
             Phase::Arriving | Phase::Upstream | Phase::Responding | Phase::Answered | Phase::Done => {}
         }
@@ -678,7 +683,7 @@ impl Request {
         if let Some(n) = header(PROBE_HEADER) {
             // Which probe this attempt is, then off to the provider without the mark.
             self.probe = n.parse().ok();
-            if let Err(s) = api::remove_request_header(PROBE_HEADER) {
+            if let Err(s) = calls::remove_request_header(PROBE_HEADER) {
                 log::debug!("llm-ratelimit: #{} cannot remove {PROBE_HEADER}: status {s}", self.id);
             }
             self.phase = Phase::Upstream;
@@ -751,10 +756,10 @@ impl Request {
         }
         let role = self.role();
         // A role that learns reads every header anyway: one host call for all, `:status` included.
-        let all = if role.learns() { Some(api::response_headers().unwrap_or_default()) } else { None };
+        let all = if role.learns() { Some(calls::response_headers().unwrap_or_default()) } else { None };
         let get = |name: &str| match &all {
             Some(h) => h.get(name).map(str::to_owned),
-            None => api::response_header(name).ok().flatten(),
+            None => calls::response_header(name).ok().flatten(),
         };
         let status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0u16);
         if let (Some(m), Some(t)) = (&mut self.meter, &w.config.tokens) {
@@ -766,7 +771,8 @@ impl Request {
         // A local reply from upstream (the observer's 429 for a retry, a cached answer) is ours:
         // nothing to learn or rewrite (its tokens are settled as a 429's).
         let ours = |marker| role.admits() && get(marker).is_some();
-        if (status == 429 && ours("x-llm-ratelimit-source")) || (self.cache_key.is_some() && ours("x-llm-ratelimit-fallback"))
+        if (status == 429 && ours("x-llm-ratelimit-source"))
+            || (self.cache_key.is_some() && ours("x-llm-ratelimit-fallback"))
         {
             return Action::Continue;
         }
@@ -782,11 +788,11 @@ impl Request {
             // 429 or 503 may end a retried request (`retry_exhausted`).
             return Action::Continue;
         }
-        let Ok(now_ns) = api::now_ns() else { return Action::Continue };
+        let Ok(now_ns) = calls::now_ns() else { return Action::Continue };
         let now_ms = now_ns / NANOS_PER_MS;
         let headers = match all {
             Some(h) => h,
-            None => api::response_headers().unwrap_or_default(),
+            None => calls::response_headers().unwrap_or_default(),
         };
         if role.admits() {
             let attempts = headers.get("x-envoy-attempt-count").and_then(|v| v.parse().ok()).unwrap_or(0u32);
@@ -840,7 +846,7 @@ impl Request {
     fn finish_429(&mut self, body: &[u8], held: bool) {
         let Some(a) = self.answer_429.take() else { return };
         self.w.holds.let_go(self.id);
-        let Ok(now_ns) = api::now_ns() else { return };
+        let Ok(now_ns) = calls::now_ns() else { return };
         let now_ms = now_ns / NANOS_PER_MS;
         let signals = self.parse(429, &a.headers, Some(body), now_ms);
         let role = self.role();
@@ -872,7 +878,7 @@ impl Request {
     fn meter_body(&mut self, size: usize, end_of_stream: bool) {
         let Some(m) = &mut self.meter else { return };
         if m.wants_body() {
-            m.feed(&api::response_body(size).unwrap_or_default());
+            m.feed(&calls::response_body(size).unwrap_or_default());
         }
         if end_of_stream {
             self.settle();
@@ -897,7 +903,7 @@ impl Request {
     }
 
     fn store_in_cache(&mut self) {
-        let (Some(key), Some((content_type, body)), Ok(now)) = (&self.cache_key, self.capture.take(), api::now_ns())
+        let (Some(key), Some((content_type, body)), Ok(now)) = (&self.cache_key, self.capture.take(), calls::now_ns())
         else {
             return;
         };

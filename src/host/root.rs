@@ -1,7 +1,8 @@
 //! The root context: one per plugin in a worker VM. It parses the configuration, builds the
 //! worker's shared context, hands it to every request, and ticks it.
 
-use super::api::{self, host};
+use super::api::Buffer;
+use super::calls::{self, host};
 use super::request::Request;
 use super::shared::SharedData;
 use super::worker::WorkerContext;
@@ -27,7 +28,7 @@ impl Root {
 
     /// Reads and checks the configuration; false makes Envoy refuse it (the reason is logged).
     pub fn on_configure(&mut self) -> bool {
-        let bytes = match host().buffer(api::Buffer::PluginConfiguration, usize::MAX) {
+        let bytes = match host().buffer(Buffer::PluginConfiguration, usize::MAX) {
             Ok(b) => b,
             Err(s) => {
                 log::error!("llm-ratelimit: cannot read the plugin configuration: status {s}");
@@ -41,7 +42,7 @@ impl Root {
                 return false;
             }
         };
-        let now = api::now_ns().unwrap_or(0);
+        let now = calls::now_ns().unwrap_or(0);
         let core = Worker::new(config, worker_id(now));
         if let Err(s) = core.ensure_shared(&SharedData, now) {
             log::warn!("llm-ratelimit: cannot create the shared state: status {s}");
@@ -61,7 +62,7 @@ impl Root {
 
     pub fn on_tick(&mut self) {
         let Some(w) = &self.worker else { return };
-        match api::now_ns() {
+        match calls::now_ns() {
             Ok(now) => w.tick(now),
             Err(s) => log::warn!("llm-ratelimit: no clock in on_tick: status {s}"),
         }
@@ -74,14 +75,14 @@ impl Root {
     }
 
     pub fn on_grpc_receive(&mut self, token_id: u32, response_size: usize) {
-        if let Some(w) = &self.worker {
-            w.global_answered(token_id, response_size);
+        if let Some(g) = self.worker.as_ref().and_then(|w| w.global.as_ref()) {
+            g.answered(token_id, response_size);
         }
     }
 
     pub fn on_grpc_close(&mut self, token_id: u32, status_code: u32) {
-        if let Some(w) = &self.worker {
-            w.global_closed(token_id, status_code);
+        if let Some(g) = self.worker.as_ref().and_then(|w| w.global.as_ref()) {
+            g.closed(token_id, status_code);
         }
     }
 

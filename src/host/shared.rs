@@ -1,6 +1,6 @@
 //! Envoy's shared data as the core's `Store`.
 
-use super::api::host;
+use super::calls::host;
 use super::vm_local::vm_local;
 use crate::store::{Status, Store, CAS_MISMATCH};
 use std::cell::Cell;

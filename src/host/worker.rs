@@ -6,6 +6,7 @@
 use super::alerts::Alerts;
 use super::event::{self, Event};
 use super::gauges::Gauges;
+use super::global::GlobalHost;
 use super::holds::Holds;
 use super::metrics::Metrics;
 use super::replies::Replies;
@@ -54,9 +55,7 @@ pub struct WorkerContext {
     pub alerts: Alerts,
     pub replies: Replies,
     /// The global gate, when `global` is configured.
-    pub global: Option<super::global::GlobalHost>,
-    /// The root context's id: calls are made from it.
-    pub root_id: u32,
+    pub global: Option<GlobalHost>,
     /// `PROVIDER_NEWS` as this filter last saw it.
     provider_news: Cell<u64>,
 }
@@ -64,9 +63,11 @@ pub struct WorkerContext {
 impl WorkerContext {
     pub fn new(core: Worker, root_id: u32) -> WorkerContext {
         let c = &core.config;
+        let metrics = Metrics::define(&c.name);
+        let global_stats = metrics.global;
         WorkerContext {
             config: c.clone(),
-            metrics: Metrics::define(&c.name),
+            metrics,
             needs_path: c.fallback.enabled
                 || c.tokens.is_some()
                 || c.classify.rules.iter().any(|r| matches!(r.matcher, crate::config::Matcher::PathPrefix(_))),
@@ -79,8 +80,7 @@ impl WorkerContext {
             gauges: Gauges::default(),
             alerts: Alerts::default(),
             replies: Replies::new(c, core.rules.floors),
-            global: c.global.as_ref().map(super::global::GlobalHost::new),
-            root_id,
+            global: c.global.as_ref().map(|g| GlobalHost::new(g, &c.name, global_stats, root_id)),
             provider_news: Cell::new(0),
             core: RefCell::new(core),
         }
@@ -170,7 +170,9 @@ impl WorkerContext {
         self.holds.post_due(now_ms);
         self.count_tenants(now_ms);
         self.tick_queue(now_ns);
-        self.global_tick(now_ns);
+        if let Some(g) = &self.global {
+            g.tick(now_ns);
+        }
         if let Ok(mut w) = self.core.try_borrow_mut() {
             let (leases, leased) = w.take_lease_counts();
             self.metrics.leases.add(leases);

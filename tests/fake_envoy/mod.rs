@@ -4,7 +4,8 @@
 //! actions returned and the host calls recorded. Drives `src/host/` natively.
 #![allow(dead_code)]
 
-use llm_ratelimit::host::api::{install, Stream};
+use llm_ratelimit::host::api::Stream;
+use llm_ratelimit::host::calls::install;
 use llm_ratelimit::host::dispatch::{self as d, Action};
 use llm_ratelimit::host::double::{Call, Double, Process};
 use std::collections::BTreeMap;
