@@ -113,6 +113,9 @@ fn envoy_answering_a_queued_request_takes_it_out_of_the_queue() {
     assert_eq!(vm.lives[&2].upstream, 0, "not resumed after Envoy answered it");
     vm.done(2);
     vm.done(1);
+    vm.tick();
+    assert_eq!(vm.stat("e", "priority.normal.cancelled"), 1, "counted once, as cancelled");
+    assert_eq!(vm.stat("e", "priority.normal.admitted"), 1);
     assert_clean(&vm);
 }
 

@@ -195,6 +195,7 @@ impl Request {
             // Envoy answered a request we held (a 413, a timeout): we let go of it.
             Phase::ReadingBody | Phase::Queued | Phase::AwaitingGlobal | Phase::HeldRetry => {
                 self.let_go();
+                self.w.metrics.of(self.class).cancelled.inc();
                 self.phase = Phase::Answered;
                 Action::Continue
             }
@@ -278,7 +279,7 @@ impl Request {
     }
 
     /// What its worker tells it, decided by its phase; an event for a phase it has left is
-    /// stale and does nothing (a released request's tokens are given back).
+    /// stale and does nothing.
     pub fn on_event(&mut self, e: Event) {
         match (self.phase, e) {
             (Phase::Queued, Event::Released(r)) => self.released(r),
@@ -305,11 +306,8 @@ impl Request {
                 }
             }
             (Phase::HeldRetry, Event::RetryDue) => self.retry_due(),
-            (_, Event::Released(r)) => {
-                // Not waiting any more (answered by Envoy meanwhile): its tokens go back.
-                log::debug!("llm-ratelimit: #{} released in phase {:?}", self.id, self.phase);
-                let _ = r;
-            }
+            // Stale: the request left that phase (a tick's events are delivered right after it, so
+            // a release always finds its waiter still queued).
             _ => {}
         }
     }
