@@ -1,18 +1,56 @@
-//! The documented stats appear on Envoy's admin endpoint, with Prometheus labels from the
-//! `stats_tags` in `envoy/envoy.yaml`.
+//! The README's stats table is the filter's: natively, against the stats the filter defines
+//! (from the one table in `src/host/metrics.rs`); and in the real Envoy, on its admin endpoint,
+//! with Prometheus labels from the `stats_tags` in `envoy/envoy.yaml`.
 
+mod fake_envoy;
 mod support;
+use fake_envoy::Vm;
+use llm_ratelimit::host::api::Metric;
+use llm_ratelimit::host::double::Process;
+use std::collections::BTreeMap;
 use support::*;
 
 const CLASSES: [&str; 4] = ["critical", "high", "normal", "low"];
-const CLASS_COUNTERS: [&str; 7] = ["admitted", "rejected", "queued", "released", "shed", "expired", "cancelled"];
+const CONFIG: &str =
+    r#"{"name":"st","bucket":{"capacity":3,"refill_rate":0.01,"burst_allowance":0},"queue":{"enabled":false}}"#;
+
+/// Natively (no Envoy): every stat the filter defines, on a host double, is in the README's table
+/// with its type, and the table lists no other.
+#[test]
+fn the_readme_documents_every_defined_stat_and_no_other() {
+    let vm = Vm::start(&Process::new(1_700_000_000_000_000_000), 1, CONFIG).expect("configured");
+    let prefix = "llm_ratelimit.provider.st.";
+    let mut defined = BTreeMap::new();
+    for (name, kind, _) in vm.host.state().metrics.iter() {
+        let stat = name.strip_prefix(prefix).unwrap_or_else(|| panic!("{name} is not under {prefix}"));
+        let kind = match kind {
+            Metric::Counter => "counter",
+            Metric::Gauge => "gauge",
+            Metric::Histogram => "histogram",
+        };
+        defined.insert(stat.to_string(), kind.to_string());
+    }
+    assert!(defined.len() > 80, "{defined:?}");
+    let mut documented = BTreeMap::new();
+    for (name, kind) in documented_stats() {
+        for n in expand(&name) {
+            assert!(documented.insert(n.clone(), kind.clone()).is_none(), "{n} is in the README twice");
+        }
+    }
+    let wrong: Vec<String> = defined
+        .iter()
+        .filter(|(n, k)| documented.get(*n) != Some(k))
+        .map(|(n, k)| format!("{n} ({k}, README: {})", documented.get(n).map_or("missing", |d| d.as_str())))
+        .collect();
+    assert!(wrong.is_empty(), "defined stats the README lacks or types wrongly: {wrong:?}");
+    let extra: Vec<&String> = documented.keys().filter(|n| !defined.contains_key(*n)).collect();
+    assert!(extra.is_empty(), "stats the README lists that the filter does not define: {extra:?}");
+}
 
 #[test]
 fn every_documented_stat_is_on_the_admin_endpoint() {
     let mock = Mock::start(&[]);
-    let config =
-        r#"{"name":"st","bucket":{"capacity":3,"refill_rate":0.01,"burst_allowance":0},"queue":{"enabled":false}}"#;
-    let envoy = Envoy::start(config, 2, mock.port);
+    let envoy = Envoy::start(CONFIG, 2, mock.port);
     let replies = burst(&envoy.url("/v1/chat/completions"), 5, 1, &[]);
     assert_eq!(count(&replies, 200), 3);
 
@@ -22,23 +60,13 @@ fn every_documented_stat_is_on_the_admin_endpoint() {
     let documented = documented_stats();
     assert!(documented.len() > 30, "{documented:?}");
     for (name, kind) in documented {
-        let names: Vec<String> = match name.strip_prefix("priority.<class>.") {
-            Some(stat) => CLASSES.iter().map(|c| format!("priority.{c}.{stat}")).collect(),
-            None => vec![name.clone()],
-        };
-        for n in names {
+        for n in expand(&name) {
             let full = format!("llm_ratelimit.provider.st.{n}");
             if kind == "histogram" {
                 assert!(histograms.contains(&full), "missing histogram {full}");
             } else {
                 assert!(stats.contains_key(&format!("wasmcustom.{full}")), "missing {kind} {full}");
             }
-        }
-    }
-    for class in CLASSES {
-        for stat in CLASS_COUNTERS.iter().chain(&["queue_depth"]) {
-            let name = format!("wasmcustom.llm_ratelimit.provider.st.priority.{class}.{stat}");
-            assert!(stats.contains_key(&name), "missing {name}");
         }
     }
     assert_eq!(stats["wasmcustom.llm_ratelimit.provider.st.priority.normal.admitted"], 3);
@@ -59,6 +87,14 @@ fn every_documented_stat_is_on_the_admin_endpoint() {
         "llm_ratelimit_breaker_state{provider=\"st\"} 0",
     ] {
         assert!(prom.lines().any(|l| l == line), "missing Prometheus line {line}");
+    }
+}
+
+/// A documented name as stats are named: `priority.<class>.*` once per class.
+fn expand(name: &str) -> Vec<String> {
+    match name.strip_prefix("priority.<class>.") {
+        Some(stat) => CLASSES.iter().map(|c| format!("priority.{c}.{stat}")).collect(),
+        None => vec![name.to_string()],
     }
 }
 

@@ -85,232 +85,183 @@ impl Id {
     }
 }
 
-/// Stats for one priority class.
-#[derive(Clone, Copy)]
-pub struct ClassStats {
-    /// Let through, at once or after waiting.
-    pub admitted: Id,
-    /// Refused on arrival (no token and may not wait, or its queue was full).
-    pub rejected: Id,
-    pub queued: Id,
-    /// Let through after waiting.
-    pub released: Id,
-    /// Evicted from the queue for a more important request.
-    pub shed: Id,
-    /// Waited its class's maximum.
-    pub expired: Id,
-    /// Client went away while waiting.
-    pub cancelled: Id,
-    /// Requests waiting now, process-wide (gauge).
-    pub queue_depth: Id,
-    /// Milliseconds waited by released requests (histogram).
-    pub queue_wait_ms: Id,
-    /// Router attempts after the first (retries) that reached the upstream filters.
-    pub retry_attempts: Id,
-    /// Retried requests whose last attempt succeeded (2xx).
-    pub retry_succeeded: Id,
-    /// Retried requests that ended on a 429 or 503 (the router gave up).
-    pub retry_exhausted: Id,
+/// One declared stat, as the README's `## Stats` table documents it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// Its full name, with `<name>` for the filter's name and `<class>` for each priority class.
+    pub name: &'static str,
+    pub kind: Metric,
+    pub help: &'static str,
 }
 
-/// Stats of the provider behind this filter.
-pub struct ProviderStats {
-    /// 429s the provider answered (after Envoy's router retries).
-    pub upstream_429: Id,
-    /// Times the breaker opened.
-    pub breaker_trips: Id,
-    /// Half-open probes let through.
-    pub breaker_probes: Id,
-    /// 0 closed, 1 open, 2 half-open (gauge).
-    pub breaker_state: Id,
-    /// Provider answers that were terminal quotas (insufficient_quota, spend or daily limits).
-    pub terminal_quota: Id,
-    /// Successes that reported the quota used up (or low): requests held until the reset.
-    pub throttled: Id,
-    /// Seconds of every `Retry-After` sent to clients, local or rewritten (histogram).
-    pub retry_after_s: Id,
-    /// The first answer after a hold or trip succeeded: the reset we used was right.
-    pub reset_accurate: Id,
-    /// The first answer after a hold or trip was a 429 again: the reset we used was early.
-    pub reset_early: Id,
-    /// How far the provider's later answers placed the reset from the one we used (histogram).
-    pub reset_error_ms: Id,
-    /// Requests answered from the fallback cache while the breaker was open.
-    pub fallback_served: Id,
-    /// Successful responses stored in the fallback cache.
-    pub fallback_stored: Id,
-    /// Alerts the receiver took (2xx), and alerts that failed (no answer, not 2xx, no cluster).
-    pub alerts_sent: Id,
-    pub alerts_failed: Id,
-    /// Which attempt a retried request succeeded on (histogram).
-    pub retry_succeeded_attempt: Id,
-    /// The provider's own view, from the last answer that carried it (gauges).
-    pub remaining_requests: Id,
-    pub remaining_tokens: Id,
-    pub limit_requests: Id,
-    pub limit_tokens: Id,
+/// The stats table. Each group is a struct; each row one stat: `field, "name", Type, "help";`,
+/// named under `llm_ratelimit.provider.<name>.` (and the group's `under` prefix). It generates
+/// the struct (the help is the field's doc), its `define_under` (one `Id::named` call a stat, in
+/// row order; fields in parentheses are built by the caller and passed in), and `STATS`, the
+/// table as data. A new stat is one row here and one in the README's `## Stats` table, which
+/// `tests/stats.rs` checks against the stats the filter defines (the unit tests below check those
+/// are this table's).
+macro_rules! stats {
+    ($(
+        $(#[$attr:meta])*
+        pub struct $group:ident $(under $prefix:literal)? $(( $($part:ident: $part_ty:ty),* $(,)? ))? {
+            $($row:tt)*
+        }
+    )*) => {
+        $(stats! { @group [$($prefix)?] $(#[$attr])* pub struct $group ($($($part: $part_ty),*)?) { $($row)* } })*
+
+        /// Every stat, group by group, in row order.
+        #[allow(dead_code)] // read by the unit tests only: the .wasm has no use for help texts
+        pub const STATS: &[&[Stat]] = &[$($group::STATS),*];
+    };
+    (@group [] $($rest:tt)*) => {
+        stats! { @group [""] $($rest)* }
+    };
+    (@group [$prefix:literal] $(#[$attr:meta])* pub struct $group:ident ($($part:ident: $part_ty:ty),*) {
+        $($field:ident, $name:literal, $kind:ident, $help:literal;)*
+    }) => {
+        $(#[$attr])*
+        pub struct $group {
+            $(pub $part: $part_ty,)*
+            $(#[doc = $help] pub $field: Id,)*
+        }
+
+        impl $group {
+            const STATS: &'static [Stat] = &[$(Stat {
+                name: concat!("llm_ratelimit.provider.<name>.", $prefix, $name),
+                kind: Metric::$kind,
+                help: $help,
+            }),*];
+
+            /// Defines the group's stats as `<base>.<name>`.
+            fn define_under(base: &str, $($part: $part_ty),*) -> $group {
+                $group { $($part,)* $($field: Id::named(Metric::$kind, base, $name),)* }
+            }
+        }
+    };
 }
 
-/// Stats of the token limit (when `tokens` is configured).
-pub struct TokenStats {
-    /// Tokens reserved by estimate for admitted requests.
-    pub estimated: Id,
-    /// Tokens the provider reported used (or charged without a report), input plus output.
-    pub actual: Id,
-    pub input: Id,
-    pub output: Id,
-    /// |actual - estimate| as a percentage of the estimate, per reconciled request (histogram).
-    pub estimate_error_pct: Id,
-    /// Whole tokens left in the provider's token bucket after the last decision (gauge).
-    pub bucket: Id,
-    /// Requests refused because their estimate exceeds the whole token bucket.
-    pub too_large: Id,
-}
+stats! {
+    /// Stats for one priority class.
+    #[derive(Clone, Copy)]
+    pub struct ClassStats under "priority.<class>." {
+        admitted, "admitted", Counter, "Let through, at once or after waiting.";
+        rejected, "rejected", Counter, "Refused with a local 429 other than `expired` and `shed`.";
+        queued, "queued", Counter, "Paused to wait for a token.";
+        released, "released", Counter, "Let through after waiting.";
+        shed, "shed", Counter, "Evicted from the queue for a more important request.";
+        expired, "expired", Counter, "Waited its class's maximum, or for its own body.";
+        cancelled, "cancelled", Counter, "Client went away (or Envoy answered it) while it waited.";
+        queue_depth, "queue_depth", Gauge, "Requests waiting now, process-wide.";
+        queue_wait_ms, "queue_wait_ms", Histogram, "Milliseconds waited by released requests.";
+        retry_attempts, "retry.attempts", Counter, "Router attempts after the first (retries) that went upstream.";
+        retry_succeeded, "retry.succeeded", Counter, "Retried requests whose last attempt succeeded (2xx).";
+        retry_exhausted, "retry.exhausted", Counter, "Retried requests that ended on a 429: the router gave up.";
+    }
 
-/// Stats of the tenant table (when tenant limits are on).
-pub struct TenantStats {
-    /// Tenants that claimed a free slot.
-    pub claimed: Id,
-    /// Tenants that took the slot of an idle tenant whose bucket had refilled.
-    pub displaced: Id,
-    /// Requests that spent from the shared overflow bucket (table full of active tenants).
-    pub overflow: Id,
-    /// Requests refused because their tenant's bucket was empty.
-    pub limited: Id,
-    /// Slots in the table (gauge).
-    pub slots: Id,
-    /// Slots holding a tenant, counted every few seconds (gauge).
-    pub slots_used: Id,
-}
+    /// Stats of the provider behind this filter.
+    pub struct ProviderStats {
+        upstream_429, "upstream_429", Counter, "429s the provider answered (every attempt, when an observer runs).";
+        breaker_trips, "breaker.trips", Counter, "Times the breaker opened.";
+        breaker_probes, "breaker.probes", Counter, "Half-open probes let through.";
+        breaker_state, "breaker.state", Gauge, "0 closed, 1 open, 2 half-open.";
+        terminal_quota, "terminal_quota", Counter,
+            "Provider answers that were terminal quotas (insufficient_quota, spend or daily limits).";
+        throttled, "throttled", Counter,
+            "Successes that reported the quota used up (or low): requests held until the reset.";
+        retry_after_s, "retry_after_s", Histogram,
+            "Seconds of every `Retry-After` sent to clients, local or rewritten.";
+        reset_accurate, "reset.accurate", Counter,
+            "The first answer after a hold or trip succeeded: the reset we used was right.";
+        reset_early, "reset.early", Counter,
+            "The first answer after a hold or trip was a 429 again: the reset we used was early.";
+        reset_error_ms, "reset.error_ms", Histogram,
+            "How far the provider's later answers placed the reset from the one we used (ms).";
+        fallback_served, "fallback.served", Counter,
+            "Requests answered from the fallback cache while the breaker was open.";
+        fallback_stored, "fallback.stored", Counter, "Successful responses stored in the fallback cache.";
+        retry_succeeded_attempt, "retry.succeeded_attempt", Histogram, "Which attempt a retried request succeeded on.";
+        alerts_sent, "alerts.sent", Counter, "Alerts the receiver took (2xx).";
+        alerts_failed, "alerts.failed", Counter, "Alerts that failed (no cluster, no answer, not 2xx).";
+        remaining_requests, "provider.remaining_requests", Gauge,
+            "The provider's remaining requests, from its last answer.";
+        remaining_tokens, "provider.remaining_tokens", Gauge, "The provider's remaining tokens, from its last answer.";
+        limit_requests, "provider.limit_requests", Gauge, "The provider's request limit, from its last answer.";
+        limit_tokens, "provider.limit_tokens", Gauge, "The provider's token limit, from its last answer.";
+    }
 
-/// Stats of the global gate (when `global` is configured).
-#[derive(Clone, Copy)]
-pub struct GlobalStats {
-    /// Calls sent to the rate limit service.
-    pub calls: Id,
-    /// Answers that said over limit for a unit.
-    pub over_limit: Id,
-    /// Calls that failed (error status, unreadable answer, not sent), and calls not answered in
-    /// `timeout_ms`.
-    pub errors: Id,
-    pub timeouts: Id,
-    /// Requests let through without the service's word after a failure (`local`, `allow`).
-    pub fallback: Id,
-    /// Requests that waited for a call or a reset, and requests refused by the gate.
-    pub waited: Id,
-    pub rejected: Id,
-    /// Units leased ahead of need, and leased units dropped unspent (requests, LLM tokens).
-    pub lease_units: Id,
-    pub lease_tokens: Id,
-    pub expired: Id,
-    pub expired_tokens: Id,
-    /// Milliseconds from a call to its answer (histogram).
-    pub latency_ms: Id,
-}
+    /// Stats of the token limit (when `tokens` is configured).
+    pub struct TokenStats {
+        estimated, "tokens.estimated", Counter, "Tokens reserved by estimate for admitted requests.";
+        actual, "tokens.actual", Counter,
+            "Tokens the provider reported used (or charged without a report), input plus output.";
+        input, "tokens.input", Counter, "The input part of `actual`.";
+        output, "tokens.output", Counter, "The output part of `actual`.";
+        estimate_error_pct, "tokens.estimate_error_pct", Histogram,
+            "|actual - estimate| as a percentage of the estimate, per reconciled request.";
+        bucket, "tokens.bucket", Gauge, "Whole tokens left in the provider's token bucket after the last decision.";
+        too_large, "tokens.too_large", Counter,
+            "Requests refused because their estimate exceeds the whole token bucket.";
+    }
 
-pub struct Metrics {
-    pub class: [ClassStats; 4],
-    pub global: GlobalStats,
-    pub provider: ProviderStats,
-    pub tenants: TenantStats,
-    pub tokens: TokenStats,
-    /// Whole tokens left in the process-wide bucket after the last decision (gauge).
-    pub bucket_tokens: Id,
-    /// Leases a worker took, and the request tokens they held.
-    pub leases: Id,
-    pub leased: Id,
-    /// Shared-data writes that lost their compare-and-swap (and were decided again).
-    pub cas_conflicts: Id,
-    /// Host calls that failed; the filter let the request through (fail open).
-    pub errors: Id,
+    /// Stats of the tenant table (when tenant limits are on).
+    pub struct TenantStats {
+        claimed, "tenants.claimed", Counter, "Tenants that claimed a free slot.";
+        displaced, "tenants.displaced", Counter,
+            "Tenants that took the slot of an idle tenant whose bucket had refilled.";
+        overflow, "tenants.overflow", Counter,
+            "Requests that spent from the shared overflow bucket (table full of active tenants).";
+        limited, "tenants.limited", Counter, "Requests refused because their tenant's bucket was empty.";
+        slots, "tenants.slots", Gauge, "Slots in the table.";
+        slots_used, "tenants.slots_used", Gauge, "Slots holding a tenant, counted every few seconds.";
+    }
+
+    /// Stats of the global gate (when `global` is configured).
+    #[derive(Clone, Copy)]
+    pub struct GlobalStats {
+        calls, "global.calls", Counter, "Calls sent to the rate limit service.";
+        over_limit, "global.over_limit", Counter, "Answers that said over limit for a unit.";
+        errors, "global.errors", Counter, "Calls that failed (error status, unreadable answer, not sent).";
+        timeouts, "global.timeouts", Counter, "Calls not answered in `timeout_ms`.";
+        fallback, "global.fallback", Counter,
+            "Requests let through without the service's word after a failure (`local`, `allow`).";
+        waited, "global.waited", Counter, "Requests that waited for a call or a reset.";
+        rejected, "global.rejected", Counter, "Requests refused by the gate.";
+        lease_units, "global.lease_units", Counter, "Request units leased ahead of need.";
+        lease_tokens, "global.lease_tokens", Counter, "LLM token units leased ahead of need.";
+        expired, "global.expired", Counter, "Leased request units dropped unspent.";
+        expired_tokens, "global.expired_tokens", Counter, "Leased LLM token units dropped unspent.";
+        latency_ms, "global.latency_ms", Histogram, "Milliseconds from a call to its answer.";
+    }
+
+    /// Every stat of the filter: the groups above (defined first, by `Metrics::define`) and its
+    /// own.
+    pub struct Metrics (
+        class: [ClassStats; 4],
+        global: GlobalStats,
+        provider: ProviderStats,
+        tenants: TenantStats,
+        tokens: TokenStats,
+    ) {
+        bucket_tokens, "bucket.tokens", Gauge, "Whole tokens left in the process-wide bucket after the last decision.";
+        leases, "bucket.leases", Counter, "Leases a worker took.";
+        leased, "bucket.leased", Counter, "Request tokens the leases held.";
+        cas_conflicts, "shared.cas_conflicts", Counter,
+            "Shared-data writes that lost their compare-and-swap (and were decided again).";
+        errors, "errors", Counter, "Host calls that failed; the filter let the request through (fail open).";
+    }
 }
 
 impl Metrics {
     pub fn define(name: &str) -> Metrics {
+        // The names `STATS` gives (`<name>`, `<class>` filled in): the unit tests check they agree.
         let base = format!("llm_ratelimit.provider.{name}");
-        let class = Priority::ALL.map(|p| {
-            let class = format!("{base}.priority.{}", p.stat_name());
-            let at = |kind, stat: &str| Id::named(kind, &class, stat);
-            ClassStats {
-                admitted: at(Metric::Counter, "admitted"),
-                rejected: at(Metric::Counter, "rejected"),
-                queued: at(Metric::Counter, "queued"),
-                released: at(Metric::Counter, "released"),
-                shed: at(Metric::Counter, "shed"),
-                expired: at(Metric::Counter, "expired"),
-                cancelled: at(Metric::Counter, "cancelled"),
-                queue_depth: at(Metric::Gauge, "queue_depth"),
-                queue_wait_ms: at(Metric::Histogram, "queue_wait_ms"),
-                retry_attempts: at(Metric::Counter, "retry.attempts"),
-                retry_succeeded: at(Metric::Counter, "retry.succeeded"),
-                retry_exhausted: at(Metric::Counter, "retry.exhausted"),
-            }
-        });
-        let at = |kind, stat: &str| Id::named(kind, &base, stat);
-        let provider = ProviderStats {
-            upstream_429: at(Metric::Counter, "upstream_429"),
-            breaker_trips: at(Metric::Counter, "breaker.trips"),
-            breaker_probes: at(Metric::Counter, "breaker.probes"),
-            breaker_state: at(Metric::Gauge, "breaker.state"),
-            terminal_quota: at(Metric::Counter, "terminal_quota"),
-            throttled: at(Metric::Counter, "throttled"),
-            retry_after_s: at(Metric::Histogram, "retry_after_s"),
-            reset_accurate: at(Metric::Counter, "reset.accurate"),
-            reset_early: at(Metric::Counter, "reset.early"),
-            reset_error_ms: at(Metric::Histogram, "reset.error_ms"),
-            fallback_served: at(Metric::Counter, "fallback.served"),
-            fallback_stored: at(Metric::Counter, "fallback.stored"),
-            retry_succeeded_attempt: at(Metric::Histogram, "retry.succeeded_attempt"),
-            alerts_sent: at(Metric::Counter, "alerts.sent"),
-            alerts_failed: at(Metric::Counter, "alerts.failed"),
-            remaining_requests: at(Metric::Gauge, "provider.remaining_requests"),
-            remaining_tokens: at(Metric::Gauge, "provider.remaining_tokens"),
-            limit_requests: at(Metric::Gauge, "provider.limit_requests"),
-            limit_tokens: at(Metric::Gauge, "provider.limit_tokens"),
-        };
-        let tokens = TokenStats {
-            estimated: at(Metric::Counter, "tokens.estimated"),
-            actual: at(Metric::Counter, "tokens.actual"),
-            input: at(Metric::Counter, "tokens.input"),
-            output: at(Metric::Counter, "tokens.output"),
-            estimate_error_pct: at(Metric::Histogram, "tokens.estimate_error_pct"),
-            bucket: at(Metric::Gauge, "tokens.bucket"),
-            too_large: at(Metric::Counter, "tokens.too_large"),
-        };
-        let tenants = TenantStats {
-            claimed: at(Metric::Counter, "tenants.claimed"),
-            displaced: at(Metric::Counter, "tenants.displaced"),
-            overflow: at(Metric::Counter, "tenants.overflow"),
-            limited: at(Metric::Counter, "tenants.limited"),
-            slots: at(Metric::Gauge, "tenants.slots"),
-            slots_used: at(Metric::Gauge, "tenants.slots_used"),
-        };
-        let global = GlobalStats {
-            calls: at(Metric::Counter, "global.calls"),
-            over_limit: at(Metric::Counter, "global.over_limit"),
-            errors: at(Metric::Counter, "global.errors"),
-            timeouts: at(Metric::Counter, "global.timeouts"),
-            fallback: at(Metric::Counter, "global.fallback"),
-            waited: at(Metric::Counter, "global.waited"),
-            rejected: at(Metric::Counter, "global.rejected"),
-            lease_units: at(Metric::Counter, "global.lease_units"),
-            lease_tokens: at(Metric::Counter, "global.lease_tokens"),
-            expired: at(Metric::Counter, "global.expired"),
-            expired_tokens: at(Metric::Counter, "global.expired_tokens"),
-            latency_ms: at(Metric::Histogram, "global.latency_ms"),
-        };
-        Metrics {
-            class,
-            global,
-            provider,
-            tenants,
-            tokens,
-            bucket_tokens: at(Metric::Gauge, "bucket.tokens"),
-            leases: at(Metric::Counter, "bucket.leases"),
-            leased: at(Metric::Counter, "bucket.leased"),
-            cas_conflicts: at(Metric::Counter, "shared.cas_conflicts"),
-            errors: at(Metric::Counter, "errors"),
-        }
+        let class = Priority::ALL.map(|p| ClassStats::define_under(&format!("{base}.priority.{}", p.stat_name())));
+        let provider = ProviderStats::define_under(&base);
+        let tokens = TokenStats::define_under(&base);
+        let tenants = TenantStats::define_under(&base);
+        let global = GlobalStats::define_under(&base);
+        Metrics::define_under(&base, class, global, provider, tenants, tokens)
     }
 
     pub fn of(&self, p: Priority) -> &ClassStats {
@@ -321,6 +272,85 @@ impl Metrics {
     pub fn levels(&self, waiting: [u32; 4]) {
         for p in Priority::ALL {
             self.of(p).queue_depth.record(u64::from(waiting[p.index()]));
+        }
+    }
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+    use crate::host::calls::install;
+    use crate::host::double::{Double, Process};
+
+    /// The table's stats as named for filter `name`: (full name, type), `<class>` expanded.
+    fn expanded(name: &str) -> Vec<(String, Metric)> {
+        let mut out = Vec::new();
+        for s in STATS.iter().copied().flatten() {
+            let full = s.name.replace("<name>", name);
+            for p in Priority::ALL {
+                out.push((full.replace("<class>", p.stat_name()), s.kind));
+                if !full.contains("<class>") {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// `Metrics::define` on a host double of its own; the double records every definition.
+    fn defined(name: &str) -> (Metrics, &'static Double) {
+        let host: &'static Double = Box::leak(Box::new(Double::new(Process::new(0), 1, "")));
+        install(host);
+        (Metrics::define(name), host)
+    }
+
+    fn name_of(host: &Double, id: Id) -> String {
+        host.state().metrics[id.0.expect("defined") as usize].0.clone()
+    }
+
+    #[test]
+    fn define_defines_every_stat_of_the_table_with_its_type_and_no_other() {
+        let (_, host) = defined("p");
+        let mut got: Vec<(String, Metric)> = host.state().metrics.iter().map(|(n, k, _)| (n.clone(), *k)).collect();
+        let mut want = expanded("p");
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got, want);
+        assert!(want.len() > 80, "{}", want.len());
+    }
+
+    #[test]
+    fn each_field_holds_the_stat_of_its_row() {
+        let (m, host) = defined("p");
+        let base = "llm_ratelimit.provider.p";
+        assert_eq!(name_of(host, m.of(Priority::Low).admitted), format!("{base}.priority.low.admitted"));
+        assert_eq!(
+            name_of(host, m.of(Priority::Critical).retry_exhausted),
+            format!("{base}.priority.critical.retry.exhausted")
+        );
+        assert_eq!(name_of(host, m.provider.upstream_429), format!("{base}.upstream_429"));
+        assert_eq!(name_of(host, m.provider.limit_tokens), format!("{base}.provider.limit_tokens"));
+        assert_eq!(name_of(host, m.tokens.bucket), format!("{base}.tokens.bucket"));
+        assert_eq!(name_of(host, m.tenants.slots_used), format!("{base}.tenants.slots_used"));
+        assert_eq!(name_of(host, m.global.latency_ms), format!("{base}.global.latency_ms"));
+        assert_eq!(name_of(host, m.errors), format!("{base}.errors"));
+        assert_eq!(name_of(host, m.leased), format!("{base}.bucket.leased"));
+    }
+
+    #[test]
+    fn every_row_is_named_once_and_has_help() {
+        let all: Vec<&Stat> = STATS.iter().copied().flatten().collect();
+        for (i, s) in all.iter().enumerate() {
+            let stat = s.name.strip_prefix("llm_ratelimit.provider.<name>.").expect(s.name);
+            let plain = stat.replace("<class>", "c");
+            assert!(
+                plain.split('.').all(|part| !part.is_empty()
+                    && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')),
+                "{}",
+                s.name
+            );
+            assert!(!s.help.trim().is_empty(), "{} has no help", s.name);
+            assert!(all[..i].iter().all(|t| t.name != s.name), "{} twice", s.name);
         }
     }
 }
