@@ -7,6 +7,7 @@ of the unit tests next to each parser. `run.sh seed` runs this, then `cargo fuzz
 the seeds into corpus/<target>/, which is what is committed.
 """
 import hashlib
+import glob
 import os
 import re
 import sys
@@ -129,9 +130,10 @@ for text in literals(tests_of("src/signals/body.rs")):
         add("signals_body", PREFIX + text.encode("utf-8"))
 
 # Configuration: JSON objects in the config tests and the envoy examples.
-for text in literals(tests_of("src/config.rs")):
-    if text.lstrip().startswith("{"):
-        add("config", text)
+for path in sorted(glob.glob(os.path.join(ROOT, "src/config/*.rs"))):
+    for text in literals(tests_of(os.path.relpath(path, ROOT))):
+        if text.lstrip().startswith("{"):
+            add("config", text)
 for dirpath, _, files in os.walk(os.path.join(ROOT, "envoy")):
     for name in files:
         if name.endswith((".yaml", ".yml")):

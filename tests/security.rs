@@ -476,18 +476,44 @@ fn numeric_fields() -> Vec<(String, String, Kind)> {
 
 #[test]
 fn every_numeric_field_of_the_config_is_listed_here() {
-    // Each `.num("field")` read in src/config.rs must be one of the fields checked below, so a
-    // new numeric field without a cap fails this test.
-    let source = include_str!("../src/config.rs");
+    // Each numeric read in src/config/ must be one of the fields checked below, so a new numeric
+    // field without a cap fails this test. A numeric read is a call of a reader that src/config/
+    // mod.rs defines as `fn reader(&mut self, key: ...) -> u64` (or f64, or an Option of either),
+    // e.g. `s.whole("capacity", 100, 1)`: every such reader is found, new ones included.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/config");
+    let module = std::fs::read_to_string(format!("{dir}/mod.rs")).unwrap();
+    let readers: Vec<&str> = module
+        .split("fn ")
+        .skip(1)
+        .filter(|f| {
+            let signature = f[..f.find('{').unwrap_or(0)].trim_end();
+            let numeric = ["-> u64", "-> f64", "-> Option<u64>", "-> Option<f64>"];
+            signature.contains("(&mut self, key: ") && numeric.iter().any(|r| signature.ends_with(r))
+        })
+        .map(|f| &f[..f.find('(').unwrap()])
+        .collect();
+    for r in ["number", "whole", "whole_to", "positive", "fraction"] {
+        assert!(readers.contains(&r), "no numeric reader `{r}` found in src/config/mod.rs: {readers:?}");
+    }
     let listed: Vec<String> =
         numeric_fields().iter().map(|(p, _, _)| p.rsplit('.').next().unwrap().to_string()).collect();
     let mut read = 0;
-    for piece in source.split(".num(\"").skip(1) {
-        let name = piece.split('"').next().unwrap();
-        read += 1;
-        assert!(listed.iter().any(|l| l == name), "config field {name:?} is not checked by tests/security.rs");
+    for file in std::fs::read_dir(dir).unwrap() {
+        let path = file.unwrap().path();
+        let source = std::fs::read_to_string(&path).unwrap();
+        for reader in &readers {
+            for piece in source.split(&format!(".{reader}(\"")).skip(1) {
+                let name = piece.split('"').next().unwrap();
+                read += 1;
+                assert!(
+                    listed.iter().any(|l| l == name),
+                    "config field {name:?} ({}) is not checked by tests/security.rs",
+                    path.display()
+                );
+            }
+        }
     }
-    assert!(read >= 30, "found only {read} numeric fields in src/config.rs");
+    assert!(read >= 30, "found only {read} numeric fields in src/config/");
 }
 
 #[test]
