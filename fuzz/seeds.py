@@ -6,8 +6,8 @@ there), the mock provider's header names (mock-provider/src/styles.rs) and the s
 of the unit tests next to each parser. `run.sh seed` runs this, then `cargo fuzz cmin` minimizes
 the seeds into corpus/<target>/, which is what is committed.
 """
-import hashlib
 import glob
+import hashlib
 import os
 import re
 import sys
