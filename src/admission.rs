@@ -61,9 +61,22 @@ pub struct SharedBucket {
     pub waiters: Vec<WaiterEntry>,
 }
 
+/// A request arriving, as the rules see it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Newcomer {
+    pub class: Priority,
+    /// The LLM tokens it needs, with token limits.
+    pub need: Option<Need>,
+    /// Nothing may go upstream before this instant (the provider asked to hold); 0 for none.
+    pub not_before_ns: u64,
+    /// The least important class below `class` with a waiter on the worker it arrives at: only
+    /// those can be shed from there.
+    pub local_victim: Option<Priority>,
+}
+
 /// What to do with an arriving request.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Arrival {
+pub enum Ruling {
     /// Token taken: let it through.
     Admit,
     /// Pause it in its class's queue.
@@ -92,10 +105,11 @@ pub struct AdmissionRules {
 impl AdmissionRules {
     pub fn new(c: &Config) -> AdmissionRules {
         let b = &c.bucket;
-        let bucket = BucketRules::new(b.capacity, b.refill_rate, b.burst_allowance);
+        let bucket = BucketRules::capacity(b.capacity).refill_rate(b.refill_rate).burst_allowance(b.burst_allowance);
         let token_buckets = c.tokens.as_ref().map_or_else(Vec::new, |t| {
-            let provider = BucketRules::new(t.capacity, t.refill_rate, t.burst_allowance);
-            let models = t.per_model.iter().map(|(_, m)| BucketRules::new(m.capacity, m.refill_rate, 0));
+            let provider =
+                BucketRules::capacity(t.capacity).refill_rate(t.refill_rate).burst_allowance(t.burst_allowance);
+            let models = t.per_model.iter().map(|(_, m)| BucketRules::capacity(m.capacity).refill_rate(m.refill_rate));
             std::iter::once(provider).chain(models).collect()
         });
         AdmissionRules {
@@ -179,25 +193,19 @@ impl AdmissionRules {
         self.take(s, need, p, now_ns).is_ok()
     }
 
-    /// Decides an arrival of class `p` needing `need` LLM tokens at `now_ns`, with `waiting`
-    /// requests per class process-wide. Nothing may go upstream before `not_before_ns` (the
-    /// provider asked to hold). `local_victim` is the least important class below `p` that has a
-    /// waiter on this worker (only those can be shed from here). Returns the decision and the
-    /// bucket levels to write back.
-    #[allow(clippy::too_many_arguments)]
+    /// Decides what becomes of `newcomer` at `now_ns`, with `waiting` requests per class
+    /// process-wide. Returns the ruling and the bucket levels to write back.
     pub fn arrive(
         &self,
         s: &SharedBucket,
-        need: Option<Need>,
+        newcomer: Newcomer,
         waiting: [u32; 4],
-        p: Priority,
         now_ns: u64,
-        not_before_ns: u64,
-        local_victim: Option<Priority>,
-    ) -> (Arrival, SharedBucket) {
+    ) -> (Ruling, SharedBucket) {
+        let Newcomer { class: p, need, not_before_ns, local_victim } = newcomer;
         let refilled = SharedBucket { level: self.bucket.refill(s.level, now_ns), ..s.clone() };
         if self.too_large(need, p) {
-            return (Arrival::Reject { reason: Reason::TooLarge, wait_ns: 0 }, refilled);
+            return (Ruling::Reject { reason: Reason::TooLarge, wait_ns: 0 }, refilled);
         }
         let hold_ns = not_before_ns.saturating_sub(now_ns);
         let level = refilled.level;
@@ -205,7 +213,7 @@ impl AdmissionRules {
         let taken = self.take(&refilled, need, p, now_ns);
         if !queue_ahead && hold_ns == 0 {
             if let Ok(next) = taken {
-                return (Arrival::Admit, next);
+                return (Ruling::Admit, next);
             }
         }
         let i = p.index();
@@ -213,7 +221,7 @@ impl AdmissionRules {
         let tokens_short = taken.is_err() && self.can_release(&level, p);
         let token_wait_ns = taken.err().unwrap_or(0);
         let wait_ns = self.expected_wait_ns(&level, &waiting, p, hold_ns).max(token_wait_ns);
-        let reject = |reason| (Arrival::Reject { reason, wait_ns }, refilled.clone());
+        let reject = |reason| (Ruling::Reject { reason, wait_ns }, refilled.clone());
         if !self.queue_enabled || wait_ns > self.max_wait_ns[i] {
             return reject(if hold_ns > 0 {
                 Reason::ProviderHold
@@ -228,10 +236,10 @@ impl AdmissionRules {
         }
         let total: u32 = waiting.iter().fold(0u32, |a, &w| a.saturating_add(w));
         if total < self.max_waiting {
-            return (Arrival::Wait, refilled);
+            return (Ruling::Wait, refilled);
         }
         match local_victim {
-            Some(v) if v > p && waiting[v.index()] > 0 => (Arrival::WaitEvicting { victim: v }, refilled),
+            Some(v) if v > p && waiting[v.index()] > 0 => (Ruling::WaitEvicting { victim: v }, refilled),
             _ => reject(Reason::QueueFull),
         }
     }
@@ -247,25 +255,32 @@ impl AdmissionRules {
         let level = self.bucket.take(s.level, now_ns, 1.0, 0.0).unwrap_or_else(|_| self.bucket.refill(s.level, now_ns));
         let next = SharedBucket { level, ..s.clone() };
         match need {
-            Some(n) => self.settle(next, n, 0, n.tokens, now_ns),
+            Some(n) => self.credit(next, usize::from(n.bucket), -(n.tokens as f64), now_ns),
             None => next,
         }
     }
 
-    /// `need` was taken, and `actual` tokens were used: gives back the difference, or takes the
-    /// excess. A debt is carried whole, however deep (the level is an `f64`), and the refill pays
-    /// it back before anything else of that bucket passes: written off, requests that reserve
-    /// little and use much would get many times the bucket's rate through.
-    pub fn reconcile(&self, s: SharedBucket, need: Need, actual: u64, now_ns: u64) -> SharedBucket {
-        self.settle(s, need, need.tokens, actual, now_ns)
+    /// What a worker gives back on its tick: `requests` request tokens and, per token bucket,
+    /// `tokens[i]` LLM tokens (leased and unspent, plus refunds minus charges), each into `s`
+    /// refilled, none above its bucket's maximum.
+    pub fn give_back(&self, s: SharedBucket, requests: f64, tokens: &[f64], now_ns: u64) -> SharedBucket {
+        let level = self.bucket.refill(s.level, now_ns);
+        let level = Level { tokens: (level.tokens + requests).min(self.bucket.max), ..level };
+        let mut next = SharedBucket { level, ..s };
+        for (i, &t) in tokens.iter().enumerate() {
+            next = self.credit(next, i, t, now_ns);
+        }
+        next
     }
 
-    fn settle(&self, mut s: SharedBucket, need: Need, taken: u64, used: u64, now_ns: u64) -> SharedBucket {
-        let i = usize::from(need.bucket);
+    /// Adds `tokens` (negative: takes them) to token bucket `i` of `s` refilled, never above its
+    /// maximum. A debt is carried whole, however deep (the level is an `f64`), and the refill pays
+    /// it back before anything else of that bucket passes: written off, requests that reserve
+    /// little and use much would get many times the bucket's rate through.
+    fn credit(&self, mut s: SharedBucket, i: usize, tokens: f64, now_ns: u64) -> SharedBucket {
         if let (Some(b), Some(l)) = (self.token_buckets.get(i), s.token_levels.get_mut(i)) {
             let refilled = b.refill(*l, now_ns);
-            let tokens = (refilled.tokens + taken as f64 - used as f64).min(b.max);
-            *l = Level { tokens, ..refilled };
+            *l = Level { tokens: (refilled.tokens + tokens).min(b.max), ..refilled };
         }
         s
     }
@@ -322,11 +337,6 @@ impl SharedBucket {
             self.waiters.truncate(MAX_ENTRIES);
         }
         self
-    }
-
-    /// What this worker last wrote for itself, if its entry is there.
-    pub fn own(&self, worker: u64) -> Option<&WaiterEntry> {
-        self.waiters.iter().find(|e| e.worker == worker)
     }
 
     /// The request level, the number of token levels (8 bytes), the token levels, then the
@@ -409,14 +419,19 @@ mod tests {
         SharedBucket::new(level(tokens))
     }
 
+    /// An arrival of class `p` needing `need`, with no hold and nothing to shed.
+    fn newcomer(p: Priority, need: Option<Need>) -> Newcomer {
+        Newcomer { class: p, need, not_before_ns: 0, local_victim: None }
+    }
+
     #[test]
     fn admits_while_tokens_last_then_queues() {
         let r = rules("{}");
-        let (d, l) = r.arrive(&bucket(21.0), None, [0; 4], Normal, 0, 0, None);
-        assert_eq!(d, Arrival::Admit);
+        let (d, l) = r.arrive(&bucket(21.0), newcomer(Normal, None), [0; 4], 0);
+        assert_eq!(d, Ruling::Admit);
         assert_eq!(l.level.tokens, 20.0);
-        let (d, l) = r.arrive(&l, None, [0; 4], Normal, 0, 0, None);
-        assert_eq!(d, Arrival::Wait);
+        let (d, l) = r.arrive(&l, newcomer(Normal, None), [0; 4], 0);
+        assert_eq!(d, Ruling::Wait);
         assert_eq!(l.level.tokens, 20.0);
     }
 
@@ -424,10 +439,10 @@ mod tests {
     fn newcomers_do_not_jump_ahead_of_waiters_who_could_use_the_token() {
         let r = rules("{}");
         // One token above the reserve and a NORMAL waiter: a NORMAL newcomer must queue.
-        assert_eq!(r.arrive(&bucket(21.0), None, [0, 0, 1, 0], Normal, 0, 0, None).0, Arrival::Wait);
+        assert_eq!(r.arrive(&bucket(21.0), newcomer(Normal, None), [0, 0, 1, 0], 0).0, Ruling::Wait);
         // Only the reserve left: LOW waiters cannot use it, so CRITICAL goes straight through.
-        let (d, l) = r.arrive(&bucket(20.0), None, [0, 0, 0, 7], Critical, 0, 0, None);
-        assert_eq!(d, Arrival::Admit);
+        let (d, l) = r.arrive(&bucket(20.0), newcomer(Critical, None), [0, 0, 0, 7], 0);
+        assert_eq!(d, Ruling::Admit);
         assert_eq!(l.level.tokens, 19.0);
     }
 
@@ -435,35 +450,36 @@ mod tests {
     fn a_wait_longer_than_the_class_maximum_is_refused_at_once() {
         let r = rules(r#"{"bucket":{"refill_rate":1},"priorities":{"LOW":{"max_wait_ms":5000}}}"#);
         // LOW needs the reserve (20) refilled plus one token: 21 s at 1/s.
-        let (d, _) = r.arrive(&bucket(0.0), None, [0; 4], Low, 0, 0, None);
-        assert_eq!(d, Arrival::Reject { reason: Reason::NoToken, wait_ns: 21 * SEC });
+        let (d, _) = r.arrive(&bucket(0.0), newcomer(Low, None), [0; 4], 0);
+        assert_eq!(d, Ruling::Reject { reason: Reason::NoToken, wait_ns: 21 * SEC });
         // CRITICAL may spend the reserve: one token in 1 s, within its 30 s.
-        assert_eq!(r.arrive(&bucket(0.0), None, [0; 4], Critical, 0, 0, None).0, Arrival::Wait);
+        assert_eq!(r.arrive(&bucket(0.0), newcomer(Critical, None), [0; 4], 0).0, Ruling::Wait);
     }
 
     #[test]
     fn a_provider_hold_queues_newcomers_even_with_tokens_left() {
         let r = rules("{}");
-        let (d, l) = r.arrive(&bucket(100.0), None, [0; 4], Normal, 0, 2 * SEC, None);
-        assert_eq!(d, Arrival::Wait);
+        let (d, l) = r.arrive(&bucket(100.0), Newcomer { not_before_ns: 2 * SEC, ..newcomer(Normal, None) }, [0; 4], 0);
+        assert_eq!(d, Ruling::Wait);
         assert_eq!(l.level.tokens, 100.0);
         // A hold longer than the class may wait is refused at once, saying why.
-        let (d, _) = r.arrive(&bucket(100.0), None, [0; 4], Normal, 0, 60 * SEC, None);
-        assert_eq!(d, Arrival::Reject { reason: Reason::ProviderHold, wait_ns: 60 * SEC });
+        let (d, _) =
+            r.arrive(&bucket(100.0), Newcomer { not_before_ns: 60 * SEC, ..newcomer(Normal, None) }, [0; 4], 0);
+        assert_eq!(d, Ruling::Reject { reason: Reason::ProviderHold, wait_ns: 60 * SEC });
     }
 
     #[test]
     fn queue_disabled_rejects_with_the_time_to_the_next_token() {
         let r = rules(r#"{"queue":{"enabled":false}}"#);
-        let (d, _) = r.arrive(&bucket(20.5), None, [0; 4], Normal, 0, 0, None);
-        assert_eq!(d, Arrival::Reject { reason: Reason::NoToken, wait_ns: SEC / 20 });
+        let (d, _) = r.arrive(&bucket(20.5), newcomer(Normal, None), [0; 4], 0);
+        assert_eq!(d, Ruling::Reject { reason: Reason::NoToken, wait_ns: SEC / 20 });
     }
 
     #[test]
     fn a_full_class_queue_refuses() {
         let r = rules(r#"{"priorities":{"HIGH":{"queue_limit":2}}}"#);
-        let (d, _) = r.arrive(&bucket(0.0), None, [0, 2, 0, 0], High, 0, 0, None);
-        assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
+        let (d, _) = r.arrive(&bucket(0.0), newcomer(High, None), [0, 2, 0, 0], 0);
+        assert!(matches!(d, Ruling::Reject { reason: Reason::QueueFull, .. }));
     }
 
     #[test]
@@ -471,15 +487,15 @@ mod tests {
         let r = rules(r#"{"queue":{"max_waiting":3}}"#);
         let full = [0, 0, 1, 2];
         assert_eq!(
-            r.arrive(&bucket(0.0), None, full, Critical, 0, 0, Some(Low)).0,
-            Arrival::WaitEvicting { victim: Low }
+            r.arrive(&bucket(0.0), Newcomer { local_victim: Some(Low), ..newcomer(Critical, None) }, full, 0).0,
+            Ruling::WaitEvicting { victim: Low }
         );
         // Nothing less important on this worker: refuse.
-        let (d, _) = r.arrive(&bucket(0.0), None, full, Critical, 0, 0, None);
-        assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
+        let (d, _) = r.arrive(&bucket(0.0), newcomer(Critical, None), full, 0);
+        assert!(matches!(d, Ruling::Reject { reason: Reason::QueueFull, .. }));
         // LOW never sheds LOW.
-        let (d, _) = r.arrive(&bucket(0.0), None, full, Low, 0, 0, Some(Low));
-        assert!(matches!(d, Arrival::Reject { reason: Reason::QueueFull, .. }));
+        let (d, _) = r.arrive(&bucket(0.0), Newcomer { local_victim: Some(Low), ..newcomer(Low, None) }, full, 0);
+        assert!(matches!(d, Ruling::Reject { reason: Reason::QueueFull, .. }));
     }
 
     #[test]
@@ -546,22 +562,27 @@ mod tests {
         Some(Need { bucket: 0, tokens })
     }
 
+    /// `need` was taken and `actual` tokens used: what a worker's settlement gives back.
+    fn reconcile(r: &AdmissionRules, s: SharedBucket, need: Need, actual: u64, now_ns: u64) -> SharedBucket {
+        r.credit(s, usize::from(need.bucket), need.tokens as f64 - actual as f64, now_ns)
+    }
+
     #[test]
     fn a_request_takes_its_request_token_and_its_llm_tokens_together_or_neither() {
         let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":100}}"#, 300.0);
-        let (d, l) = r.arrive(&b, need(250), [0; 4], Normal, 0, 0, None);
-        assert_eq!(d, Arrival::Admit);
+        let (d, l) = r.arrive(&b, newcomer(Normal, need(250)), [0; 4], 0);
+        assert_eq!(d, Ruling::Admit);
         assert_eq!((l.level.tokens, l.token_levels[0].tokens), (119.0, 50.0));
         // 250 more are short by 200: it waits 2 s at 100/s, and takes nothing meanwhile.
-        let (d, l2) = r.arrive(&l, need(250), [0; 4], Normal, 0, 0, None);
-        assert_eq!(d, Arrival::Wait);
+        let (d, l2) = r.arrive(&l, newcomer(Normal, need(250)), [0; 4], 0);
+        assert_eq!(d, Ruling::Wait);
         assert_eq!((l2.level.tokens, l2.token_levels[0].tokens), (119.0, 50.0));
         assert!(!r.can_take(&l, need(250), Normal, SEC));
         assert!(r.can_take(&l, need(250), Normal, 2 * SEC));
         // Not allowed to wait: refused as a token limit, with the time until the tokens exist.
         let (r, _) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":100},"queue":{"enabled":false}}"#, 0.0);
-        let d = r.arrive(&l, need(250), [0; 4], Normal, 0, 0, None).0;
-        assert_eq!(d, Arrival::Reject { reason: Reason::TokenLimit, wait_ns: 2 * SEC });
+        let d = r.arrive(&l, newcomer(Normal, need(250)), [0; 4], 0).0;
+        assert_eq!(d, Ruling::Reject { reason: Reason::TokenLimit, wait_ns: 2 * SEC });
     }
 
     #[test]
@@ -570,11 +591,11 @@ mod tests {
         let (r, b) = with_tokens(json, 1500.0);
         // NORMAL may not spend the burst: 1000 is its most; CRITICAL may spend 1500.
         assert_eq!(
-            r.arrive(&b, need(1001), [0; 4], Normal, 0, 0, None).0,
-            Arrival::Reject { reason: Reason::TooLarge, wait_ns: 0 }
+            r.arrive(&b, newcomer(Normal, need(1001)), [0; 4], 0).0,
+            Ruling::Reject { reason: Reason::TooLarge, wait_ns: 0 }
         );
-        assert_eq!(r.arrive(&b, need(1000), [0; 4], Normal, 0, 0, None).0, Arrival::Admit);
-        assert_eq!(r.arrive(&b, need(1500), [0; 4], Critical, 0, 0, None).0, Arrival::Admit);
+        assert_eq!(r.arrive(&b, newcomer(Normal, need(1000)), [0; 4], 0).0, Ruling::Admit);
+        assert_eq!(r.arrive(&b, newcomer(Critical, need(1500)), [0; 4], 0).0, Ruling::Admit);
         assert!(r.too_large(need(1501), Critical));
         assert!(!r.too_large(None, Low));
     }
@@ -585,36 +606,36 @@ mod tests {
         let b = r.full(0);
         assert_eq!(b.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [1000.0, 100.0, 50.0]);
         let small = Some(Need { bucket: 2, tokens: 50 });
-        let (d, l) = r.arrive(&b, small, [0; 4], Normal, 0, 0, None);
-        assert_eq!(d, Arrival::Admit);
+        let (d, l) = r.arrive(&b, newcomer(Normal, small), [0; 4], 0);
+        assert_eq!(d, Ruling::Admit);
         assert_eq!(l.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [1000.0, 100.0, 0.0]);
         // 50 more at 50 a minute: longer than NORMAL's 30 s.
-        let d = r.arrive(&l, small, [0; 4], Normal, 0, 0, None).0;
-        assert_eq!(d, Arrival::Reject { reason: Reason::TokenLimit, wait_ns: 60 * SEC });
-        assert_eq!(r.arrive(&l, need(50), [0; 4], Normal, 0, 0, None).0, Arrival::Admit);
+        let d = r.arrive(&l, newcomer(Normal, small), [0; 4], 0).0;
+        assert_eq!(d, Ruling::Reject { reason: Reason::TokenLimit, wait_ns: 60 * SEC });
+        assert_eq!(r.arrive(&l, newcomer(Normal, need(50)), [0; 4], 0).0, Ruling::Admit);
     }
 
     #[test]
     fn reconciling_refunds_or_charges_the_difference() {
         let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":10}}"#, 400.0);
         let n = Need { bucket: 0, tokens: 500 };
-        assert_eq!(r.reconcile(b.clone(), n, 200, 0).token_levels[0].tokens, 700.0);
-        assert_eq!(r.reconcile(b.clone(), n, 900, 0).token_levels[0].tokens, 0.0);
+        assert_eq!(reconcile(&r, b.clone(), n, 200, 0).token_levels[0].tokens, 700.0);
+        assert_eq!(reconcile(&r, b.clone(), n, 900, 0).token_levels[0].tokens, 0.0);
         // Refunds never overfill; a debt is carried whole.
-        assert_eq!(r.reconcile(b.clone(), n, 0, 0).token_levels[0].tokens, 900.0);
-        assert_eq!(r.reconcile(b.clone(), Need { bucket: 0, tokens: 0 }, 9_000, 0).token_levels[0].tokens, -8600.0);
+        assert_eq!(reconcile(&r, b.clone(), n, 0, 0).token_levels[0].tokens, 900.0);
+        assert_eq!(reconcile(&r, b.clone(), Need { bucket: 0, tokens: 0 }, 9_000, 0).token_levels[0].tokens, -8600.0);
         // The probe goes without its tokens, leaving a debt the refill pays.
         let p = r.probe(&b, need(600), 0);
         assert_eq!(p.token_levels[0].tokens, -200.0);
         // A bucket index that does not exist changes nothing.
-        assert_eq!(r.reconcile(b.clone(), Need { bucket: 9, tokens: 5 }, 0, 0), b);
+        assert_eq!(reconcile(&r, b.clone(), Need { bucket: 9, tokens: 5 }, 0, 0), b);
     }
 
     #[test]
     fn a_debt_is_carried_whole_and_the_refill_pays_it_back() {
         // 40 requests reserved 60 each and used 1500 each: 57,600 over, 57.6 buckets.
         let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":1000}}"#, 400.0);
-        let over = r.reconcile(b.clone(), Need { bucket: 0, tokens: 40 * 60 }, 40 * 1500, 0);
+        let over = reconcile(&r, b.clone(), Need { bucket: 0, tokens: 40 * 60 }, 40 * 1500, 0);
         assert_eq!(over.token_levels[0].tokens, 400.0 - 57_600.0);
         // The probe's overrun is carried whole too.
         assert_eq!(r.probe(&b, need(9_000), 0).token_levels[0].tokens, -8_600.0);
@@ -622,8 +643,8 @@ mod tests {
         assert_eq!(SharedBucket::decode(&over.encode()), Some(over.clone()));
         assert_eq!(r.token_buckets[0].refill(over.token_levels[0], 57 * SEC).tokens, -200.0);
         // Nothing of that bucket passes until the debt is paid: not even a request needing 0.
-        let d = r.arrive(&over, need(0), [0; 4], Normal, 0, 0, None).0;
-        assert_eq!(d, Arrival::Reject { reason: Reason::TokenLimit, wait_ns: 57_200 * SEC / 1000 });
+        let d = r.arrive(&over, newcomer(Normal, need(0)), [0; 4], 0).0;
+        assert_eq!(d, Ruling::Reject { reason: Reason::TokenLimit, wait_ns: 57_200 * SEC / 1000 });
         assert!(!r.can_take(&over, need(100), Normal, 57_299 * SEC / 1000));
         assert!(r.can_take(&over, need(100), Normal, 57_300 * SEC / 1000));
     }

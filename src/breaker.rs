@@ -134,7 +134,7 @@ const DRY_HOLD_MS: u64 = 1000;
 
 impl BreakerRules {
     /// Decides for a request at `now_ms`; returns the new state to write, if it changed. `key`
-    /// (the worker's random id, see [`probe_number`]) makes a new probe's number unguessable.
+    /// (the worker's random id, see `probe_number`) makes a new probe's number unguessable.
     pub fn gate(&self, s: ProviderState, now_ms: u64, key: u64) -> (Gate, Option<ProviderState>) {
         match s.mode {
             Mode::Closed if now_ms < s.until_ms => (Gate::Hold { until_ms: s.until_ms }, None),

@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use llm_ratelimit::bucket::BucketRules;
-//! let bucket = BucketRules::new(100, 10.0, 20);     // capacity, refill per second, burst reserve
+//! let bucket = BucketRules::capacity(100).refill_rate(10.0).burst_allowance(20);
 //! let full = bucket.full(0);
 //! // A class that may not spend the reserve keeps `burst` tokens untouched:
 //! let after = bucket.take(full, 0, 1.0, bucket.reserve_floor(false)).unwrap();
@@ -38,8 +38,23 @@ pub struct Level {
 }
 
 impl BucketRules {
-    pub fn new(capacity: u64, refill_per_sec: f64, burst: u64) -> BucketRules {
-        BucketRules { max: (capacity + burst) as f64, burst: burst as f64, rate: refill_per_sec }
+    /// A bucket of `capacity` tokens every class may spend, named as in the configuration:
+    /// `BucketRules::capacity(100).refill_rate(10.0).burst_allowance(20)`. It refills nothing
+    /// until given a `refill_rate`, and has no reserve until given a `burst_allowance`.
+    pub fn capacity(capacity: u64) -> BucketRules {
+        BucketRules { max: capacity as f64, burst: 0.0, rate: 0.0 }
+    }
+
+    /// These rules refilling `per_sec` tokens a second.
+    pub fn refill_rate(self, per_sec: f64) -> BucketRules {
+        BucketRules { rate: per_sec, ..self }
+    }
+
+    /// These rules with `burst` tokens above the capacity that only classes with `use_burst`
+    /// may spend. (Added as floats: exact for any configured size, and no overflow.)
+    pub fn burst_allowance(self, burst: u64) -> BucketRules {
+        let capacity = self.max - self.burst;
+        BucketRules { max: capacity + burst as f64, burst: burst as f64, ..self }
     }
 
     /// A full bucket at `now_ns`: what the first request of the process finds.
@@ -129,7 +144,7 @@ mod tests {
 
     #[test]
     fn a_full_bucket_admits_capacity_then_the_reserve_only_to_burst_classes() {
-        let b = BucketRules::new(100, 10.0, 20);
+        let b = BucketRules::capacity(100).refill_rate(10.0).burst_allowance(20);
         let mut s = b.full(5 * SEC);
         assert_eq!(drain(&b, &mut s, 5 * SEC, b.reserve_floor(false)), 100);
         assert_eq!(drain(&b, &mut s, 5 * SEC, b.reserve_floor(true)), 20);
@@ -138,7 +153,7 @@ mod tests {
 
     #[test]
     fn refill_is_exact_and_capped() {
-        let b = BucketRules::new(100, 10.0, 20);
+        let b = BucketRules::capacity(100).refill_rate(10.0).burst_allowance(20);
         let empty = Level { tokens: 0.0, at_ns: 0 };
         assert_eq!(b.refill(empty, SEC / 2).tokens, 5.0);
         assert_eq!(b.refill(empty, 3 * SEC).tokens, 30.0);
@@ -149,7 +164,7 @@ mod tests {
 
     #[test]
     fn wait_is_the_time_until_a_token_exists_for_that_class() {
-        let b = BucketRules::new(100, 10.0, 20);
+        let b = BucketRules::capacity(100).refill_rate(10.0).burst_allowance(20);
         let s = Level { tokens: 0.0, at_ns: 0 };
         // A burst class needs 1 token: 0.1 s. Another class needs the reserve refilled too: 2.1 s.
         assert_eq!(b.take(s, 0, 1.0, 0.0), Err(SEC / 10));
@@ -160,7 +175,7 @@ mod tests {
 
     #[test]
     fn slow_rates_keep_fractions() {
-        let b = BucketRules::new(1, 0.1, 0);
+        let b = BucketRules::capacity(1).refill_rate(0.1);
         let s = Level { tokens: 0.0, at_ns: 0 };
         assert!(b.take(s, 9 * SEC, 1.0, 0.0).is_err());
         assert!(b.take(s, 10 * SEC, 1.0, 0.0).is_ok());
@@ -168,7 +183,7 @@ mod tests {
 
     #[test]
     fn a_clock_going_backwards_adds_nothing_and_does_not_stall_the_refill() {
-        let b = BucketRules::new(10, 10.0, 0);
+        let b = BucketRules::capacity(10).refill_rate(10.0);
         let s = Level { tokens: 1.0, at_ns: 10 * SEC };
         // A worker that read the clock a moment before the last writer: same instant.
         assert_eq!(b.refill(s, 10 * SEC - 1_000), s);

@@ -22,7 +22,7 @@
 //! of the identity as it is, not hashed.
 
 use crate::hash::{mix, stable_hash};
-use crate::store::{Status, Store, CAS_MISMATCH};
+use crate::store::{Status, Store, CAS_MISMATCH, MAX_CAS_TRIES};
 
 /// Candidate slots per identity: more keeps more of the newest entries when slots are scarce, at
 /// the price of more shared-data reads per lookup and store.
@@ -30,8 +30,6 @@ pub const WAYS: usize = 4;
 /// Request headers that carry a credential, in the order they are looked for: the first present
 /// one is the request's credential.
 pub const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
-/// Store attempts when other workers keep writing the chosen slot first.
-const MAX_CAS_TRIES: usize = 8;
 /// Leads every stored value: anything else (another version's layout, an old evicted marker) is
 /// not an entry.
 const MAGIC: &[u8; 4] = b"LRC\x01";

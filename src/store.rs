@@ -11,9 +11,10 @@ use std::collections::HashMap;
 pub type Status = u32;
 /// The host's answer when the value changed since it was read.
 pub const CAS_MISMATCH: Status = 8;
-/// CAS retries before giving up on one change; a conflict needs another worker to write between
-/// our read and our write, so a handful is plenty.
-const MAX_CAS_TRIES: usize = 32;
+/// Compare-and-swaps tried before giving up on one change, here and wherever else a value is
+/// decided again after a lost write (tenant slots, fallback slots). A loss needs another worker
+/// to write between our read and our write, so a handful is plenty.
+pub const MAX_CAS_TRIES: usize = 32;
 
 /// Envoy shared data: values with a CAS token. `get` gives `(None, 0)` for a missing key;
 /// `set` with `cas` 0 writes unconditionally.

@@ -47,10 +47,11 @@
 //! apart from the provider's `bucket`, which bounds all tenants together.
 //!
 //! ```
+//! use llm_ratelimit::bucket::BucketRules;
 //! use llm_ratelimit::store::MemStore;
 //! use llm_ratelimit::tenants::{self, Slot, TenantRules, TenantTake};
 //! let store = MemStore::default();
-//! let rules = TenantRules::new(2, 1.0, 0, 16);
+//! let rules = TenantRules { bucket: BucketRules::capacity(2).refill_rate(1.0), slots: 16 };
 //! tenants::ensure(&store, "llm_ratelimit/openai", &rules, 0).unwrap();
 //! let first = tenants::take(&store, "llm_ratelimit/openai", &rules, "acme", false, 0).unwrap();
 //! assert!(first.claimed && matches!(first.take, TenantTake::Taken { slot: Slot::Table(_) }));
@@ -69,8 +70,6 @@ pub const DEFAULT_SLOTS: u32 = 4096;
 pub const CANDIDATES: u64 = 4;
 /// Longest tenant value stored as itself; longer or unprintable values are stored hashed.
 const MAX_PLAIN_LEN: usize = 64;
-/// Decisions before giving up when other workers keep winning the CAS.
-const MAX_ROUNDS: usize = 32;
 /// First byte of every value this module writes, so foreign bytes read as empty.
 const MAGIC: u8 = 0x54;
 const KIND_EMPTY: u8 = 0;
@@ -87,12 +86,6 @@ pub struct TenantRules {
     pub bucket: BucketRules,
     /// Size of the table. 0 puts every tenant in the overflow bucket.
     pub slots: u32,
-}
-
-impl TenantRules {
-    pub fn new(capacity: u64, refill_per_sec: f64, burst: u64, slots: u32) -> TenantRules {
-        TenantRules { bucket: BucketRules::new(capacity, refill_per_sec, burst), slots }
-    }
 }
 
 /// Where a tenant's token came from.
@@ -178,7 +171,8 @@ pub fn take(
     let id = Identity::of(tenant);
     let candidates = candidates(tenant, rules.slots);
     let done = |take, claimed, displaced| Ok(TakeOutcome { take, claimed, displaced });
-    for _ in 0..MAX_ROUNDS {
+    // One round per decision: a lost write makes it again on what the winner wrote.
+    for _ in 0..store::MAX_CAS_TRIES {
         match scan(store, prefix, rules, &id, &candidates, now_ns)? {
             Scan::Found { slot, cas, state } => {
                 let at = Slot::Table(slot);
@@ -505,7 +499,7 @@ mod tests {
     const T0: u64 = 1_700_000_000 * SEC;
 
     fn rules(capacity: u64, rate: f64, slots: u32) -> TenantRules {
-        TenantRules::new(capacity, rate, 0, slots)
+        TenantRules { bucket: BucketRules::capacity(capacity).refill_rate(rate), slots }
     }
 
     fn table(r: &TenantRules) -> MemStore {
@@ -787,7 +781,7 @@ mod tests {
 
     #[test]
     fn burst_reserve_is_spent_only_by_burst_classes() {
-        let r = TenantRules::new(2, 1.0, 1, 4);
+        let r = TenantRules { bucket: BucketRules::capacity(2).refill_rate(1.0).burst_allowance(1), slots: 4 };
         let s = table(&r);
         assert_eq!(drain(&s, &r, "a", T0), 2);
         assert!(taken(&take(&s, P, &r, "a", true, T0).unwrap()));

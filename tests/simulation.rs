@@ -17,7 +17,7 @@ use llm_ratelimit::config::Config;
 use llm_ratelimit::priority::Priority;
 use llm_ratelimit::signals::Signals;
 use llm_ratelimit::store::{self, MemStore};
-use llm_ratelimit::worker::{Admission, Attempt, Refusal, Worker};
+use llm_ratelimit::worker::{Admission, Arrival, Attempt, Refusal, Worker};
 use proptest::prelude::*;
 use std::collections::{HashMap, HashSet};
 
@@ -221,7 +221,8 @@ impl Sim {
                 let class = Priority::ALL[class];
                 let w = &mut self.workers[worker];
                 let gate = w.gate(&self.store, now_ms).unwrap_or(Gate::Pass);
-                let Ok(decision) = w.admit(&self.store, id, class, None, None, gate, now_ns) else { return };
+                let arrival = Arrival { id, class, tenant: None, need: None, gate };
+                let Ok(decision) = w.admit(&self.store, arrival, now_ns) else { return };
                 let deadline = self.now + w.config.class(class).max_wait_ms;
                 match decision.admission {
                     Admission::Pass { probe } => self.send(worker, probe),
@@ -331,7 +332,7 @@ impl Sim {
     /// Every worker has just ticked: the shared counts are exactly the waiters that exist.
     fn check_counts(&mut self) {
         let now_ms = self.clock_ms();
-        let Ok(Some(shared)) = store::read::<SharedBucket>(&self.store, &self.workers[0].bucket_key) else { return };
+        let Ok(Some(shared)) = store::read::<SharedBucket>(&self.store, self.workers[0].bucket_key()) else { return };
         let shared = shared.waiting(u64::MAX, [0; 4], now_ms);
         let mut local = [0u32; 4];
         for w in &self.workers {
@@ -420,14 +421,15 @@ fn waiters_of_more_than_a_hundred_workers_are_all_counted() {
         // The first request takes the only token; the rest wait: 1, 2 or 3 per worker.
         for _ in 0..(1 + i % 3 + usize::from(i == 0)) {
             let gate = w.gate(&store, now_ms).unwrap();
-            let d = w.admit(&store, id, Priority::Normal, None, None, gate, now_ms * 1_000_000).unwrap();
+            let arrival = Arrival { id, class: Priority::Normal, tenant: None, need: None, gate };
+            let d = w.admit(&store, arrival, now_ms * 1_000_000).unwrap();
             assert!(matches!(d.admission, Admission::Wait { .. } | Admission::Pass { .. }), "{:?}", d.admission);
             id += 1;
         }
     }
     let total: u32 = workers.iter().map(|w| w.local_counts()[Priority::Normal.index()]).sum();
     assert_eq!(total, (0..WORKERS as u32).map(|i| 1 + i % 3).sum::<u32>());
-    let shared: SharedBucket = store::read(&store, &workers[0].bucket_key).unwrap().unwrap();
+    let shared: SharedBucket = store::read(&store, workers[0].bucket_key()).unwrap().unwrap();
     for w in &workers {
         let seen = shared.waiting(w.id, w.local_counts(), now_ms + 10);
         assert_eq!(seen[Priority::Normal.index()], total, "worker {:x} sees a wrong total", w.id);
@@ -436,7 +438,7 @@ fn waiters_of_more_than_a_hundred_workers_are_all_counted() {
     for w in &mut workers {
         w.tick(&store, (now_ms + HEARTBEAT_MS) * 1_000_000);
     }
-    let shared: SharedBucket = store::read(&store, &workers[0].bucket_key).unwrap().unwrap();
+    let shared: SharedBucket = store::read(&store, workers[0].bucket_key()).unwrap().unwrap();
     assert_eq!(shared.waiting(u64::MAX, [0; 4], now_ms + HEARTBEAT_MS)[Priority::Normal.index()], total);
 }
 
@@ -484,7 +486,8 @@ fn held_retries_wait_for_the_probes_answer() {
         let at = START_MS + 1_000;
         let probe = if arrival_probes {
             let gate = admission.gate(&store, at).unwrap();
-            let d = admission.admit(&store, 1, Priority::Normal, None, None, gate, at * 1_000_000).unwrap();
+            let arrival = Arrival { id: 1, class: Priority::Normal, tenant: None, need: None, gate };
+            let d = admission.admit(&store, arrival, at * 1_000_000).unwrap();
             let Admission::Pass { probe: Some(probe) } = d.admission else { panic!("{:?}", d.admission) };
             assert_eq!(held_retries_wait(&observer, &store, &mut held, at), None, "a second probe");
             probe

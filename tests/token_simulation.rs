@@ -63,7 +63,7 @@ use llm_ratelimit::config::Config;
 use llm_ratelimit::priority::Priority;
 use llm_ratelimit::reply::Reason;
 use llm_ratelimit::store::{self, MemStore};
-use llm_ratelimit::worker::{Admission, Lease, Worker};
+use llm_ratelimit::worker::{Admission, Arrival, Lease, Worker};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
@@ -591,10 +591,10 @@ impl Sim {
         let w = &mut self.workers[worker];
         let own = w.local_counts();
         // What the admission's compare-and-swap reads (a lost write changes nothing in between).
-        let shared: SharedBucket = store::read(&self.store, &w.bucket_key).unwrap().unwrap();
+        let shared: SharedBucket = store::read(&self.store, w.bucket_key()).unwrap().unwrap();
         let quiet = shared.waiting(w.id, own, clock_ms) == [0; 4];
         let before = holding(w.lease());
-        let decision = w.admit(&self.store, id, class, None, need, Gate::Pass, now_ns);
+        let decision = w.admit(&self.store, Arrival { id, class, tenant: None, need, gate: Gate::Pass }, now_ns);
         let after = holding(w.lease());
         let Ok(decision) = decision else {
             // Every CAS lost: nothing was written, nothing queued, nothing leased.
@@ -783,7 +783,7 @@ impl Sim {
     }
 
     fn shared(&self) -> SharedBucket {
-        store::read(&self.store, &self.workers[0].bucket_key).unwrap().unwrap()
+        store::read(&self.store, self.workers[0].bucket_key()).unwrap().unwrap()
     }
 
     /// The queues hold exactly the waiters that exist; the levels and balances are the ledger's.
@@ -1137,7 +1137,8 @@ fn overrun(workers: usize, skew: &[u64], max_lease: Option<u64>, requests: &[Ove
             }
             let k = req.worker % workers;
             let id = r as u32 + 1;
-            let d = ws[k].admit(&store, id, Priority::Normal, None, Some(need), Gate::Pass, clock_ns(k, t)).unwrap();
+            let arrival = Arrival { id, class: Priority::Normal, tenant: None, need: Some(need), gate: Gate::Pass };
+            let d = ws[k].admit(&store, arrival, clock_ns(k, t)).unwrap();
             match d.admission {
                 Admission::Pass { .. } => admit(&mut run, &mut in_flight, &settled, &mut answers, k, r, t),
                 Admission::Wait { shed } => {

@@ -19,7 +19,7 @@ use crate::header_map::HeaderMap;
 use crate::priority::Priority;
 use crate::signals;
 use crate::tokens::{estimate, meter::Meter};
-use crate::worker::{Admission, Attempt, Decision, Refusal, Release};
+use crate::worker::{Admission, Arrival, Attempt, Decision, Refusal, Release};
 use std::rc::Rc;
 
 const NANOS_PER_MS: u64 = 1_000_000;
@@ -475,8 +475,8 @@ impl Request {
                 return self.refuse(&super::global::refusal(self.id, self.class, wait_ms, false));
             }
         }
-        let decided =
-            w.with_core_mut(|c| c.admit(&SharedData, self.id, self.class, tenant.as_deref(), need, gate, now_ns));
+        let arrival = Arrival { id: self.id, class: self.class, tenant: tenant.as_deref(), need, gate };
+        let decided = w.with_core_mut(|c| c.admit(&SharedData, arrival, now_ns));
         let Decision { admission, levels, tenant } = match decided {
             Ok(d) => d,
             Err(st) => return self.fail_open("shared-data admission", st),
