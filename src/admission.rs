@@ -21,12 +21,12 @@ use crate::bucket::{BucketRules, Level};
 use crate::config::Config;
 use crate::priority::Priority;
 use crate::reply::Reason;
+use crate::time::{Duration, Instant};
 
-const NANOS_PER_MS: u64 = 1_000_000;
 /// How often a worker with waiters rewrites its entry.
-pub const HEARTBEAT_MS: u64 = 250;
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
 /// An entry older than this (or this far in the future, after a clock step) is gone.
-pub const LIVE_MS: u64 = 1_000;
+pub const LIVE: Duration = Duration::from_millis(1_000);
 /// Most worker entries kept: Envoy runs a worker per hardware thread (`--concurrency`), and
 /// hosts with 96 to 256 threads are common. Only workers with waiters have an entry, so the
 /// value stays small while few wait; at the bound it is 8 KiB.
@@ -34,7 +34,8 @@ const MAX_ENTRIES: usize = 256;
 /// Most token levels in one value: the provider's and one per `tokens.per_model` entry.
 const MAX_TOKEN_LEVELS: u64 = crate::config::MAX_MODELS as u64 + 1;
 
-/// One worker's waiting requests per class, as of `seen_ms`.
+/// One worker's waiting requests per class, as of `seen_ms` (Unix epoch milliseconds: the
+/// stored field, as written in shared data).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WaiterEntry {
     /// The worker VM's random id.
@@ -68,7 +69,7 @@ pub struct Newcomer {
     /// The LLM tokens it needs, with token limits.
     pub need: Option<Need>,
     /// Nothing may go upstream before this instant (the provider asked to hold); 0 for none.
-    pub not_before_ns: u64,
+    pub not_before: Instant,
     /// The least important class below `class` with a waiter on the worker it arrives at: only
     /// those can be shed from there.
     pub local_victim: Option<Priority>,
@@ -83,8 +84,8 @@ pub enum Ruling {
     Wait,
     /// Pause it, and shed the newest local waiter of class `victim` to make room.
     WaitEvicting { victim: Priority },
-    /// Refuse it now; a token for its class is expected in `wait_ns`.
-    Reject { reason: Reason, wait_ns: u64 },
+    /// Refuse it now; a token for its class is expected in `wait`.
+    Reject { reason: Reason, wait: Duration },
 }
 
 /// The limits admission enforces, derived once from the configuration.
@@ -99,7 +100,7 @@ pub struct AdmissionRules {
     pub floors: [f64; 4],
     pub weights: [f64; 4],
     pub queue_limits: [u64; 4],
-    pub max_wait_ns: [u64; 4],
+    pub max_wait: [Duration; 4],
 }
 
 impl AdmissionRules {
@@ -121,7 +122,7 @@ impl AdmissionRules {
             floors: c.classes.clone().map(|k| bucket.reserve_floor(k.use_burst)),
             weights: c.classes.clone().map(|k| k.weight),
             queue_limits: c.classes.clone().map(|k| k.queue_limit),
-            max_wait_ns: c.classes.clone().map(|k| k.max_wait_ms.saturating_mul(NANOS_PER_MS)),
+            max_wait: c.classes.clone().map(|k| Duration::from_millis(k.max_wait_ms)),
         }
     }
 
@@ -130,20 +131,20 @@ impl AdmissionRules {
         level.tokens - 1.0 >= self.floors[p.index()] - 1e-9
     }
 
-    /// A full bucket at `now_ns`, token buckets included, with nobody waiting.
-    pub fn full(&self, now_ns: u64) -> SharedBucket {
+    /// A full bucket at `now`, token buckets included, with nobody waiting.
+    pub fn full(&self, now: Instant) -> SharedBucket {
         SharedBucket {
-            level: self.bucket.full(now_ns),
-            token_levels: self.token_buckets.iter().map(|b| b.full(now_ns)).collect(),
+            level: self.bucket.full(now),
+            token_levels: self.token_buckets.iter().map(|b| b.full(now)).collect(),
             waiters: Vec::new(),
         }
     }
 
     /// `s` with token levels that match the configured token buckets (a reload may change them:
     /// the new ones start full).
-    pub fn fit(&self, mut s: SharedBucket, now_ns: u64) -> SharedBucket {
+    pub fn fit(&self, mut s: SharedBucket, now: Instant) -> SharedBucket {
         if s.token_levels.len() != self.token_buckets.len() {
-            s.token_levels = self.full(now_ns).token_levels;
+            s.token_levels = self.full(now).token_levels;
         }
         s
     }
@@ -161,13 +162,19 @@ impl AdmissionRules {
 
     /// Takes a request token and the `need`ed LLM tokens for class `p`, all or nothing: the
     /// levels after, or how long until both exist.
-    pub fn take(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now_ns: u64) -> Result<SharedBucket, u64> {
-        let taken = self.bucket.take(s.level, now_ns, 1.0, self.floors[p.index()]);
+    pub fn take(
+        &self,
+        s: &SharedBucket,
+        need: Option<Need>,
+        p: Priority,
+        now: Instant,
+    ) -> Result<SharedBucket, Duration> {
+        let taken = self.bucket.take(s.level, now, 1.0, self.floors[p.index()]);
         let tokens = match need.and_then(|n| Some((n, self.token_bucket(n, p)?))) {
             Some((n, (b, floor))) => {
                 let i = usize::from(n.bucket);
-                let level = s.token_levels.get(i).copied().unwrap_or_else(|| b.full(now_ns));
-                Some((i, b.take(level, now_ns, n.tokens as f64, floor)))
+                let level = s.token_levels.get(i).copied().unwrap_or_else(|| b.full(now));
+                Some((i, b.take(level, now, n.tokens as f64, floor)))
             }
             None => None,
         };
@@ -178,7 +185,7 @@ impl AdmissionRules {
                 // `fit` gives every configured bucket a level; a value without one gets full ones.
                 while next.token_levels.len() <= i {
                     let j = next.token_levels.len();
-                    next.token_levels.push(self.token_buckets.get(j).map_or(t, |b| b.full(now_ns)));
+                    next.token_levels.push(self.token_buckets.get(j).map_or(t, |b| b.full(now)));
                 }
                 next.token_levels[i] = t;
                 Ok(next)
@@ -189,29 +196,29 @@ impl AdmissionRules {
     }
 
     /// Whether a waiter of class `p` needing `need` could be released from `s` now.
-    pub fn can_take(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now_ns: u64) -> bool {
-        self.take(s, need, p, now_ns).is_ok()
+    pub fn can_take(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now: Instant) -> bool {
+        self.take(s, need, p, now).is_ok()
     }
 
-    /// Decides what becomes of `newcomer` at `now_ns`, with `waiting` requests per class
+    /// Decides what becomes of `newcomer` at `now`, with `waiting` requests per class
     /// process-wide. Returns the ruling and the bucket levels to write back.
     pub fn arrive(
         &self,
         s: &SharedBucket,
         newcomer: Newcomer,
         waiting: [u32; 4],
-        now_ns: u64,
+        now: Instant,
     ) -> (Ruling, SharedBucket) {
-        let Newcomer { class: p, need, not_before_ns, local_victim } = newcomer;
-        let refilled = SharedBucket { level: self.bucket.refill(s.level, now_ns), ..s.clone() };
+        let Newcomer { class: p, need, not_before, local_victim } = newcomer;
+        let refilled = SharedBucket { level: self.bucket.refill(s.level, now), ..s.clone() };
         if self.too_large(need, p) {
-            return (Ruling::Reject { reason: Reason::TooLarge, wait_ns: 0 }, refilled);
+            return (Ruling::Reject { reason: Reason::TooLarge, wait: Duration::ZERO }, refilled);
         }
-        let hold_ns = not_before_ns.saturating_sub(now_ns);
+        let hold = not_before - now;
         let level = refilled.level;
         let queue_ahead = Priority::ALL.iter().any(|&q| waiting[q.index()] > 0 && self.can_release(&level, q));
-        let taken = self.take(&refilled, need, p, now_ns);
-        if !queue_ahead && hold_ns == 0 {
+        let taken = self.take(&refilled, need, p, now);
+        if !queue_ahead && hold.is_zero() {
             if let Ok(next) = taken {
                 return (Ruling::Admit, next);
             }
@@ -219,11 +226,11 @@ impl AdmissionRules {
         let i = p.index();
         // The LLM tokens are the part that is short: the request token is there.
         let tokens_short = taken.is_err() && self.can_release(&level, p);
-        let token_wait_ns = taken.err().unwrap_or(0);
-        let wait_ns = self.expected_wait_ns(&level, &waiting, p, hold_ns).max(token_wait_ns);
-        let reject = |reason| (Ruling::Reject { reason, wait_ns }, refilled.clone());
-        if !self.queue_enabled || wait_ns > self.max_wait_ns[i] {
-            return reject(if hold_ns > 0 {
+        let token_wait = taken.err().unwrap_or(Duration::ZERO);
+        let wait = self.expected_wait(&level, &waiting, p, hold).max(token_wait);
+        let reject = |reason| (Ruling::Reject { reason, wait }, refilled.clone());
+        if !self.queue_enabled || wait > self.max_wait[i] {
+            return reject(if !hold.is_zero() {
                 Reason::ProviderHold
             } else if tokens_short {
                 Reason::TokenLimit
@@ -245,17 +252,17 @@ impl AdmissionRules {
     }
 
     /// Takes what a waiter of class `p` being released needs: `None` if it is not there.
-    pub fn release(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now_ns: u64) -> Option<SharedBucket> {
-        self.take(s, need, p, now_ns).ok()
+    pub fn release(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now: Instant) -> Option<SharedBucket> {
+        self.take(s, need, p, now).ok()
     }
 
     /// Takes what the half-open probe needs, as far as there is any; the probe goes regardless,
     /// because everything else waits for its answer (its LLM tokens may leave a debt).
-    pub fn probe(&self, s: &SharedBucket, need: Option<Need>, now_ns: u64) -> SharedBucket {
-        let level = self.bucket.take(s.level, now_ns, 1.0, 0.0).unwrap_or_else(|_| self.bucket.refill(s.level, now_ns));
+    pub fn probe(&self, s: &SharedBucket, need: Option<Need>, now: Instant) -> SharedBucket {
+        let level = self.bucket.take(s.level, now, 1.0, 0.0).unwrap_or_else(|_| self.bucket.refill(s.level, now));
         let next = SharedBucket { level, ..s.clone() };
         match need {
-            Some(n) => self.credit(next, usize::from(n.bucket), -(n.tokens as f64), now_ns),
+            Some(n) => self.credit(next, usize::from(n.bucket), -(n.tokens as f64), now),
             None => next,
         }
     }
@@ -263,12 +270,12 @@ impl AdmissionRules {
     /// What a worker gives back on its tick: `requests` request tokens and, per token bucket,
     /// `tokens[i]` LLM tokens (leased and unspent, plus refunds minus charges), each into `s`
     /// refilled, none above its bucket's maximum.
-    pub fn give_back(&self, s: SharedBucket, requests: f64, tokens: &[f64], now_ns: u64) -> SharedBucket {
-        let level = self.bucket.refill(s.level, now_ns);
+    pub fn give_back(&self, s: SharedBucket, requests: f64, tokens: &[f64], now: Instant) -> SharedBucket {
+        let level = self.bucket.refill(s.level, now);
         let level = Level { tokens: (level.tokens + requests).min(self.bucket.max), ..level };
         let mut next = SharedBucket { level, ..s };
         for (i, &t) in tokens.iter().enumerate() {
-            next = self.credit(next, i, t, now_ns);
+            next = self.credit(next, i, t, now);
         }
         next
     }
@@ -277,25 +284,25 @@ impl AdmissionRules {
     /// maximum. A debt is carried whole, however deep (the level is an `f64`), and the refill pays
     /// it back before anything else of that bucket passes: written off, requests that reserve
     /// little and use much would get many times the bucket's rate through.
-    fn credit(&self, mut s: SharedBucket, i: usize, tokens: f64, now_ns: u64) -> SharedBucket {
+    fn credit(&self, mut s: SharedBucket, i: usize, tokens: f64, now: Instant) -> SharedBucket {
         if let (Some(b), Some(l)) = (self.token_buckets.get(i), s.token_levels.get_mut(i)) {
-            let refilled = b.refill(*l, now_ns);
+            let refilled = b.refill(*l, now);
             *l = Level { tokens: (refilled.tokens + tokens).min(b.max), ..refilled };
         }
         s
     }
 
     /// Roughly how long a new waiter of class `p` would wait: until the first token for its class
-    /// (and at least `hold_ns`), then its turn among the waiters ahead of it, released at its
+    /// (and at least `hold`), then its turn among the waiters ahead of it, released at its
     /// weighted share of the rate.
-    pub fn expected_wait_ns(&self, level: &Level, waiting: &[u32; 4], p: Priority, hold_ns: u64) -> u64 {
-        let first = self.bucket.wait_ns(*level, 1.0, self.floors[p.index()]).max(hold_ns);
+    pub fn expected_wait(&self, level: &Level, waiting: &[u32; 4], p: Priority, hold: Duration) -> Duration {
+        let first = self.bucket.wait(*level, 1.0, self.floors[p.index()]).max(hold);
         let ahead = f64::from(waiting[p.index()]);
         let competing: f64 =
             Priority::ALL.iter().filter(|&&q| q == p || waiting[q.index()] > 0).map(|q| self.weights[q.index()]).sum();
         // ahead / (rate * weight / competing), ordered to keep exact values exact.
         let turns_ns = ahead * competing * 1e9 / (self.bucket.rate * self.weights[p.index()]);
-        first.saturating_add(turns_ns.ceil() as u64)
+        first + Duration::from_nanos(turns_ns.ceil() as u64)
     }
 }
 
@@ -303,9 +310,9 @@ fn need_tokens(need: Option<Need>) -> f64 {
     need.map_or(0.0, |n| n.tokens as f64)
 }
 
-/// Whether an entry written at `seen_ms` still counts at `now_ms`.
+/// Whether an entry written at `seen_ms` still counts at `now_ms` (both whole milliseconds).
 fn live(seen_ms: u64, now_ms: u64) -> bool {
-    seen_ms.abs_diff(now_ms) <= LIVE_MS
+    Duration::from_millis(seen_ms.abs_diff(now_ms)) <= LIVE
 }
 
 impl SharedBucket {
@@ -313,9 +320,10 @@ impl SharedBucket {
         SharedBucket { level, token_levels: Vec::new(), waiters: Vec::new() }
     }
 
-    /// Requests waiting per class process-wide at `now_ms`: every live entry, with this worker's
+    /// Requests waiting per class process-wide at `now`: every live entry, with this worker's
     /// own entry replaced by `own` (its queue, which it knows exactly).
-    pub fn waiting(&self, worker: u64, own: [u32; 4], now_ms: u64) -> [u32; 4] {
+    pub fn waiting(&self, worker: u64, own: [u32; 4], now: Instant) -> [u32; 4] {
+        let now_ms = now.as_millis();
         let mut sum = own;
         for e in self.waiters.iter().filter(|e| e.worker != worker && live(e.seen_ms, now_ms)) {
             for (s, c) in sum.iter_mut().zip(e.counts) {
@@ -325,9 +333,10 @@ impl SharedBucket {
         sum
     }
 
-    /// This worker's entry set to `own` as of `now_ms` (removed when it has no waiters), and
+    /// This worker's entry set to `own` as of `now` (removed when it has no waiters), and
     /// entries that are no longer live dropped.
-    pub fn with_worker(mut self, worker: u64, own: [u32; 4], now_ms: u64) -> SharedBucket {
+    pub fn with_worker(mut self, worker: u64, own: [u32; 4], now: Instant) -> SharedBucket {
+        let now_ms = now.as_millis();
         self.waiters.retain(|e| e.worker != worker && live(e.seen_ms, now_ms));
         if own != [0; 4] {
             self.waiters.push(WaiterEntry { worker, seen_ms: now_ms, counts: own });
@@ -407,12 +416,26 @@ mod tests {
 
     const SEC: u64 = 1_000_000_000;
 
+    /// The instant `ns` nanoseconds after the origin.
+    fn at(ns: u64) -> Instant {
+        Instant::from_nanos(ns)
+    }
+
+    /// The instant `ms` milliseconds after the origin.
+    fn at_ms(ms: u64) -> Instant {
+        Instant::from_millis(ms)
+    }
+
+    fn ns(ns: u64) -> Duration {
+        Duration::from_nanos(ns)
+    }
+
     fn rules(json: &str) -> AdmissionRules {
         AdmissionRules::new(&Config::parse(json.as_bytes()).unwrap())
     }
 
     fn level(tokens: f64) -> Level {
-        Level { tokens, at_ns: 0 }
+        Level { tokens, at: at(0) }
     }
 
     fn bucket(tokens: f64) -> SharedBucket {
@@ -421,16 +444,16 @@ mod tests {
 
     /// An arrival of class `p` needing `need`, with no hold and nothing to shed.
     fn newcomer(p: Priority, need: Option<Need>) -> Newcomer {
-        Newcomer { class: p, need, not_before_ns: 0, local_victim: None }
+        Newcomer { class: p, need, not_before: Instant::ZERO, local_victim: None }
     }
 
     #[test]
     fn admits_while_tokens_last_then_queues() {
         let r = rules("{}");
-        let (d, l) = r.arrive(&bucket(21.0), newcomer(Normal, None), [0; 4], 0);
+        let (d, l) = r.arrive(&bucket(21.0), newcomer(Normal, None), [0; 4], at(0));
         assert_eq!(d, Ruling::Admit);
         assert_eq!(l.level.tokens, 20.0);
-        let (d, l) = r.arrive(&l, newcomer(Normal, None), [0; 4], 0);
+        let (d, l) = r.arrive(&l, newcomer(Normal, None), [0; 4], at(0));
         assert_eq!(d, Ruling::Wait);
         assert_eq!(l.level.tokens, 20.0);
     }
@@ -439,9 +462,9 @@ mod tests {
     fn newcomers_do_not_jump_ahead_of_waiters_who_could_use_the_token() {
         let r = rules("{}");
         // One token above the reserve and a NORMAL waiter: a NORMAL newcomer must queue.
-        assert_eq!(r.arrive(&bucket(21.0), newcomer(Normal, None), [0, 0, 1, 0], 0).0, Ruling::Wait);
+        assert_eq!(r.arrive(&bucket(21.0), newcomer(Normal, None), [0, 0, 1, 0], at(0)).0, Ruling::Wait);
         // Only the reserve left: LOW waiters cannot use it, so CRITICAL goes straight through.
-        let (d, l) = r.arrive(&bucket(20.0), newcomer(Critical, None), [0, 0, 0, 7], 0);
+        let (d, l) = r.arrive(&bucket(20.0), newcomer(Critical, None), [0, 0, 0, 7], at(0));
         assert_eq!(d, Ruling::Admit);
         assert_eq!(l.level.tokens, 19.0);
     }
@@ -450,35 +473,36 @@ mod tests {
     fn a_wait_longer_than_the_class_maximum_is_refused_at_once() {
         let r = rules(r#"{"bucket":{"refill_rate":1},"priorities":{"LOW":{"max_wait_ms":5000}}}"#);
         // LOW needs the reserve (20) refilled plus one token: 21 s at 1/s.
-        let (d, _) = r.arrive(&bucket(0.0), newcomer(Low, None), [0; 4], 0);
-        assert_eq!(d, Ruling::Reject { reason: Reason::NoToken, wait_ns: 21 * SEC });
+        let (d, _) = r.arrive(&bucket(0.0), newcomer(Low, None), [0; 4], at(0));
+        assert_eq!(d, Ruling::Reject { reason: Reason::NoToken, wait: ns(21 * SEC) });
         // CRITICAL may spend the reserve: one token in 1 s, within its 30 s.
-        assert_eq!(r.arrive(&bucket(0.0), newcomer(Critical, None), [0; 4], 0).0, Ruling::Wait);
+        assert_eq!(r.arrive(&bucket(0.0), newcomer(Critical, None), [0; 4], at(0)).0, Ruling::Wait);
     }
 
     #[test]
     fn a_provider_hold_queues_newcomers_even_with_tokens_left() {
         let r = rules("{}");
-        let (d, l) = r.arrive(&bucket(100.0), Newcomer { not_before_ns: 2 * SEC, ..newcomer(Normal, None) }, [0; 4], 0);
+        let (d, l) =
+            r.arrive(&bucket(100.0), Newcomer { not_before: at(2 * SEC), ..newcomer(Normal, None) }, [0; 4], at(0));
         assert_eq!(d, Ruling::Wait);
         assert_eq!(l.level.tokens, 100.0);
         // A hold longer than the class may wait is refused at once, saying why.
         let (d, _) =
-            r.arrive(&bucket(100.0), Newcomer { not_before_ns: 60 * SEC, ..newcomer(Normal, None) }, [0; 4], 0);
-        assert_eq!(d, Ruling::Reject { reason: Reason::ProviderHold, wait_ns: 60 * SEC });
+            r.arrive(&bucket(100.0), Newcomer { not_before: at(60 * SEC), ..newcomer(Normal, None) }, [0; 4], at(0));
+        assert_eq!(d, Ruling::Reject { reason: Reason::ProviderHold, wait: ns(60 * SEC) });
     }
 
     #[test]
     fn queue_disabled_rejects_with_the_time_to_the_next_token() {
         let r = rules(r#"{"queue":{"enabled":false}}"#);
-        let (d, _) = r.arrive(&bucket(20.5), newcomer(Normal, None), [0; 4], 0);
-        assert_eq!(d, Ruling::Reject { reason: Reason::NoToken, wait_ns: SEC / 20 });
+        let (d, _) = r.arrive(&bucket(20.5), newcomer(Normal, None), [0; 4], at(0));
+        assert_eq!(d, Ruling::Reject { reason: Reason::NoToken, wait: ns(SEC / 20) });
     }
 
     #[test]
     fn a_full_class_queue_refuses() {
         let r = rules(r#"{"priorities":{"HIGH":{"queue_limit":2}}}"#);
-        let (d, _) = r.arrive(&bucket(0.0), newcomer(High, None), [0, 2, 0, 0], 0);
+        let (d, _) = r.arrive(&bucket(0.0), newcomer(High, None), [0, 2, 0, 0], at(0));
         assert!(matches!(d, Ruling::Reject { reason: Reason::QueueFull, .. }));
     }
 
@@ -487,14 +511,14 @@ mod tests {
         let r = rules(r#"{"queue":{"max_waiting":3}}"#);
         let full = [0, 0, 1, 2];
         assert_eq!(
-            r.arrive(&bucket(0.0), Newcomer { local_victim: Some(Low), ..newcomer(Critical, None) }, full, 0).0,
+            r.arrive(&bucket(0.0), Newcomer { local_victim: Some(Low), ..newcomer(Critical, None) }, full, at(0)).0,
             Ruling::WaitEvicting { victim: Low }
         );
         // Nothing less important on this worker: refuse.
-        let (d, _) = r.arrive(&bucket(0.0), newcomer(Critical, None), full, 0);
+        let (d, _) = r.arrive(&bucket(0.0), newcomer(Critical, None), full, at(0));
         assert!(matches!(d, Ruling::Reject { reason: Reason::QueueFull, .. }));
         // LOW never sheds LOW.
-        let (d, _) = r.arrive(&bucket(0.0), Newcomer { local_victim: Some(Low), ..newcomer(Low, None) }, full, 0);
+        let (d, _) = r.arrive(&bucket(0.0), Newcomer { local_victim: Some(Low), ..newcomer(Low, None) }, full, at(0));
         assert!(matches!(d, Ruling::Reject { reason: Reason::QueueFull, .. }));
     }
 
@@ -502,44 +526,44 @@ mod tests {
     fn expected_wait_counts_the_waiters_ahead_at_the_class_share() {
         let r = rules(r#"{"bucket":{"refill_rate":10,"burst_allowance":0}}"#);
         // 0.1 s to the first token, then 10 NORMAL waiters ahead at the full rate: 1 s.
-        assert_eq!(r.expected_wait_ns(&level(0.0), &[0, 0, 10, 0], Normal, 0), 11 * SEC / 10);
+        assert_eq!(r.expected_wait(&level(0.0), &[0, 0, 10, 0], Normal, Duration::ZERO), ns(11 * SEC / 10));
         // With CRITICAL (5) also waiting, NORMAL (1) gets a sixth of the rate.
-        assert_eq!(r.expected_wait_ns(&level(0.0), &[3, 0, 10, 0], Normal, 0), SEC / 10 + 6 * SEC);
+        assert_eq!(r.expected_wait(&level(0.0), &[3, 0, 10, 0], Normal, Duration::ZERO), ns(SEC / 10 + 6 * SEC));
     }
 
     #[test]
     fn release_respects_the_reserve_and_the_probe_always_goes() {
         let r = rules("{}");
-        let l = r.release(&bucket(21.0), None, Normal, 0).unwrap();
+        let l = r.release(&bucket(21.0), None, Normal, at(0)).unwrap();
         assert_eq!(l.level.tokens, 20.0);
-        assert_eq!(r.release(&l, None, Normal, 0), None);
-        assert!(r.release(&l, None, High, 0).is_some());
-        assert_eq!(r.probe(&bucket(0.5), None, 0).level.tokens, 0.5, "no token: the probe goes without one");
-        assert_eq!(r.probe(&bucket(3.0), None, 0).level.tokens, 2.0);
+        assert_eq!(r.release(&l, None, Normal, at(0)), None);
+        assert!(r.release(&l, None, High, at(0)).is_some());
+        assert_eq!(r.probe(&bucket(0.5), None, at(0)).level.tokens, 0.5, "no token: the probe goes without one");
+        assert_eq!(r.probe(&bucket(3.0), None, at(0)).level.tokens, 2.0);
     }
 
     #[test]
     fn waiter_counts_are_per_worker_and_heal_when_an_owner_goes_quiet() {
         let b = SharedBucket::new(level(0.0));
-        let b = b.with_worker(1, [0, 0, 2, 0], 1_000).with_worker(2, [1, 0, 0, 3], 1_000);
-        assert_eq!(b.waiting(9, [0; 4], 1_000), [1, 0, 2, 3]);
+        let b = b.with_worker(1, [0, 0, 2, 0], at_ms(1_000)).with_worker(2, [1, 0, 0, 3], at_ms(1_000));
+        assert_eq!(b.waiting(9, [0; 4], at_ms(1_000)), [1, 0, 2, 3]);
         // Each worker's own queue replaces what it wrote: a lost update is no drift.
-        assert_eq!(b.waiting(1, [0, 0, 5, 0], 1_000), [1, 0, 5, 3]);
+        assert_eq!(b.waiting(1, [0, 0, 5, 0], at_ms(1_000)), [1, 0, 5, 3]);
         // Worker 2 stops refreshing (a restarted VM): after LIVE_MS it no longer counts...
-        assert_eq!(b.waiting(9, [0; 4], 1_000 + LIVE_MS + 1), [0, 0, 2, 0].map(|_| 0));
-        let b = b.with_worker(1, [0, 0, 2, 0], 1_500);
-        assert_eq!(b.waiting(9, [0; 4], 2_001), [0, 0, 2, 0]);
+        assert_eq!(b.waiting(9, [0; 4], at_ms(1_001) + LIVE), [0, 0, 2, 0].map(|_| 0));
+        let b = b.with_worker(1, [0, 0, 2, 0], at_ms(1_500));
+        assert_eq!(b.waiting(9, [0; 4], at_ms(2_001)), [0, 0, 2, 0]);
         // ...and the next writer drops it. A worker with no waiters has no entry.
-        let b = b.with_worker(1, [0; 4], 2_001);
+        let b = b.with_worker(1, [0; 4], at_ms(2_001));
         assert!(b.waiters.is_empty());
         // A clock step back does not keep dead entries alive forever either.
-        let b = SharedBucket::new(level(0.0)).with_worker(3, [1, 0, 0, 0], 10_000);
-        assert_eq!(b.waiting(9, [0; 4], 5_000), [0; 4]);
+        let b = SharedBucket::new(level(0.0)).with_worker(3, [1, 0, 0, 0], at_ms(10_000));
+        assert_eq!(b.waiting(9, [0; 4], at_ms(5_000)), [0; 4]);
     }
 
     #[test]
     fn shared_value_round_trips_and_rejects_garbage() {
-        let b = SharedBucket::new(Level { tokens: 3.5, at_ns: 9 * SEC }).with_worker(7, [1, 2, 3, 4], 5);
+        let b = SharedBucket::new(Level { tokens: 3.5, at: at(9 * SEC) }).with_worker(7, [1, 2, 3, 4], at_ms(5));
         assert_eq!(SharedBucket::decode(&b.encode()), Some(b.clone()));
         assert_eq!(SharedBucket::decode(&b.encode()[..20]), None);
         assert_eq!(SharedBucket::decode(b"garbage"), None);
@@ -553,7 +577,7 @@ mod tests {
 
     fn with_tokens(json: &str, tokens: f64) -> (AdmissionRules, SharedBucket) {
         let r = rules(json);
-        let mut b = r.full(0);
+        let mut b = r.full(at(0));
         b.token_levels[0].tokens = tokens;
         (r, b)
     }
@@ -563,26 +587,26 @@ mod tests {
     }
 
     /// `need` was taken and `actual` tokens used: what a worker's settlement gives back.
-    fn reconcile(r: &AdmissionRules, s: SharedBucket, need: Need, actual: u64, now_ns: u64) -> SharedBucket {
-        r.credit(s, usize::from(need.bucket), need.tokens as f64 - actual as f64, now_ns)
+    fn reconcile(r: &AdmissionRules, s: SharedBucket, need: Need, actual: u64, now: Instant) -> SharedBucket {
+        r.credit(s, usize::from(need.bucket), need.tokens as f64 - actual as f64, now)
     }
 
     #[test]
     fn a_request_takes_its_request_token_and_its_llm_tokens_together_or_neither() {
         let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":100}}"#, 300.0);
-        let (d, l) = r.arrive(&b, newcomer(Normal, need(250)), [0; 4], 0);
+        let (d, l) = r.arrive(&b, newcomer(Normal, need(250)), [0; 4], at(0));
         assert_eq!(d, Ruling::Admit);
         assert_eq!((l.level.tokens, l.token_levels[0].tokens), (119.0, 50.0));
         // 250 more are short by 200: it waits 2 s at 100/s, and takes nothing meanwhile.
-        let (d, l2) = r.arrive(&l, newcomer(Normal, need(250)), [0; 4], 0);
+        let (d, l2) = r.arrive(&l, newcomer(Normal, need(250)), [0; 4], at(0));
         assert_eq!(d, Ruling::Wait);
         assert_eq!((l2.level.tokens, l2.token_levels[0].tokens), (119.0, 50.0));
-        assert!(!r.can_take(&l, need(250), Normal, SEC));
-        assert!(r.can_take(&l, need(250), Normal, 2 * SEC));
+        assert!(!r.can_take(&l, need(250), Normal, at(SEC)));
+        assert!(r.can_take(&l, need(250), Normal, at(2 * SEC)));
         // Not allowed to wait: refused as a token limit, with the time until the tokens exist.
         let (r, _) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":100},"queue":{"enabled":false}}"#, 0.0);
-        let d = r.arrive(&l, newcomer(Normal, need(250)), [0; 4], 0).0;
-        assert_eq!(d, Ruling::Reject { reason: Reason::TokenLimit, wait_ns: 2 * SEC });
+        let d = r.arrive(&l, newcomer(Normal, need(250)), [0; 4], at(0)).0;
+        assert_eq!(d, Ruling::Reject { reason: Reason::TokenLimit, wait: ns(2 * SEC) });
     }
 
     #[test]
@@ -591,11 +615,11 @@ mod tests {
         let (r, b) = with_tokens(json, 1500.0);
         // NORMAL may not spend the burst: 1000 is its most; CRITICAL may spend 1500.
         assert_eq!(
-            r.arrive(&b, newcomer(Normal, need(1001)), [0; 4], 0).0,
-            Ruling::Reject { reason: Reason::TooLarge, wait_ns: 0 }
+            r.arrive(&b, newcomer(Normal, need(1001)), [0; 4], at(0)).0,
+            Ruling::Reject { reason: Reason::TooLarge, wait: Duration::ZERO }
         );
-        assert_eq!(r.arrive(&b, newcomer(Normal, need(1000)), [0; 4], 0).0, Ruling::Admit);
-        assert_eq!(r.arrive(&b, newcomer(Critical, need(1500)), [0; 4], 0).0, Ruling::Admit);
+        assert_eq!(r.arrive(&b, newcomer(Normal, need(1000)), [0; 4], at(0)).0, Ruling::Admit);
+        assert_eq!(r.arrive(&b, newcomer(Critical, need(1500)), [0; 4], at(0)).0, Ruling::Admit);
         assert!(r.too_large(need(1501), Critical));
         assert!(!r.too_large(None, Low));
     }
@@ -603,61 +627,64 @@ mod tests {
     #[test]
     fn per_model_buckets_are_apart_from_the_provider_token_bucket() {
         let r = rules(r#"{"tokens":{"capacity":1000,"per_model":{"big":{"capacity":100},"small":{"capacity":50}}}}"#);
-        let b = r.full(0);
+        let b = r.full(at(0));
         assert_eq!(b.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [1000.0, 100.0, 50.0]);
         let small = Some(Need { bucket: 2, tokens: 50 });
-        let (d, l) = r.arrive(&b, newcomer(Normal, small), [0; 4], 0);
+        let (d, l) = r.arrive(&b, newcomer(Normal, small), [0; 4], at(0));
         assert_eq!(d, Ruling::Admit);
         assert_eq!(l.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [1000.0, 100.0, 0.0]);
         // 50 more at 50 a minute: longer than NORMAL's 30 s.
-        let d = r.arrive(&l, newcomer(Normal, small), [0; 4], 0).0;
-        assert_eq!(d, Ruling::Reject { reason: Reason::TokenLimit, wait_ns: 60 * SEC });
-        assert_eq!(r.arrive(&l, newcomer(Normal, need(50)), [0; 4], 0).0, Ruling::Admit);
+        let d = r.arrive(&l, newcomer(Normal, small), [0; 4], at(0)).0;
+        assert_eq!(d, Ruling::Reject { reason: Reason::TokenLimit, wait: ns(60 * SEC) });
+        assert_eq!(r.arrive(&l, newcomer(Normal, need(50)), [0; 4], at(0)).0, Ruling::Admit);
     }
 
     #[test]
     fn reconciling_refunds_or_charges_the_difference() {
         let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":10}}"#, 400.0);
         let n = Need { bucket: 0, tokens: 500 };
-        assert_eq!(reconcile(&r, b.clone(), n, 200, 0).token_levels[0].tokens, 700.0);
-        assert_eq!(reconcile(&r, b.clone(), n, 900, 0).token_levels[0].tokens, 0.0);
+        assert_eq!(reconcile(&r, b.clone(), n, 200, at(0)).token_levels[0].tokens, 700.0);
+        assert_eq!(reconcile(&r, b.clone(), n, 900, at(0)).token_levels[0].tokens, 0.0);
         // Refunds never overfill; a debt is carried whole.
-        assert_eq!(reconcile(&r, b.clone(), n, 0, 0).token_levels[0].tokens, 900.0);
-        assert_eq!(reconcile(&r, b.clone(), Need { bucket: 0, tokens: 0 }, 9_000, 0).token_levels[0].tokens, -8600.0);
+        assert_eq!(reconcile(&r, b.clone(), n, 0, at(0)).token_levels[0].tokens, 900.0);
+        assert_eq!(
+            reconcile(&r, b.clone(), Need { bucket: 0, tokens: 0 }, 9_000, at(0)).token_levels[0].tokens,
+            -8600.0
+        );
         // The probe goes without its tokens, leaving a debt the refill pays.
-        let p = r.probe(&b, need(600), 0);
+        let p = r.probe(&b, need(600), at(0));
         assert_eq!(p.token_levels[0].tokens, -200.0);
         // A bucket index that does not exist changes nothing.
-        assert_eq!(reconcile(&r, b.clone(), Need { bucket: 9, tokens: 5 }, 0, 0), b);
+        assert_eq!(reconcile(&r, b.clone(), Need { bucket: 9, tokens: 5 }, 0, at(0)), b);
     }
 
     #[test]
     fn a_debt_is_carried_whole_and_the_refill_pays_it_back() {
         // 40 requests reserved 60 each and used 1500 each: 57,600 over, 57.6 buckets.
         let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":1000}}"#, 400.0);
-        let over = reconcile(&r, b.clone(), Need { bucket: 0, tokens: 40 * 60 }, 40 * 1500, 0);
+        let over = reconcile(&r, b.clone(), Need { bucket: 0, tokens: 40 * 60 }, 40 * 1500, at(0));
         assert_eq!(over.token_levels[0].tokens, 400.0 - 57_600.0);
         // The probe's overrun is carried whole too.
-        assert_eq!(r.probe(&b, need(9_000), 0).token_levels[0].tokens, -8_600.0);
+        assert_eq!(r.probe(&b, need(9_000), at(0)).token_levels[0].tokens, -8_600.0);
         // The shared value holds it, and the refill pays it back from below zero.
         assert_eq!(SharedBucket::decode(&over.encode()), Some(over.clone()));
-        assert_eq!(r.token_buckets[0].refill(over.token_levels[0], 57 * SEC).tokens, -200.0);
+        assert_eq!(r.token_buckets[0].refill(over.token_levels[0], at(57 * SEC)).tokens, -200.0);
         // Nothing of that bucket passes until the debt is paid: not even a request needing 0.
-        let d = r.arrive(&over, newcomer(Normal, need(0)), [0; 4], 0).0;
-        assert_eq!(d, Ruling::Reject { reason: Reason::TokenLimit, wait_ns: 57_200 * SEC / 1000 });
-        assert!(!r.can_take(&over, need(100), Normal, 57_299 * SEC / 1000));
-        assert!(r.can_take(&over, need(100), Normal, 57_300 * SEC / 1000));
+        let d = r.arrive(&over, newcomer(Normal, need(0)), [0; 4], at(0)).0;
+        assert_eq!(d, Ruling::Reject { reason: Reason::TokenLimit, wait: ns(57_200 * SEC / 1000) });
+        assert!(!r.can_take(&over, need(100), Normal, at(57_299 * SEC / 1000)));
+        assert!(r.can_take(&over, need(100), Normal, at(57_300 * SEC / 1000)));
     }
 
     #[test]
     fn token_levels_round_trip_and_follow_the_configuration() {
         let r = rules(r#"{"tokens":{"capacity":1000,"per_model":{"m":{"capacity":10}}}}"#);
-        let b = r.full(5).with_worker(7, [1, 0, 0, 0], 5);
+        let b = r.full(at(5)).with_worker(7, [1, 0, 0, 0], at_ms(5));
         assert_eq!(SharedBucket::decode(&b.encode()), Some(b.clone()));
         // A value written before token limits were configured gets full token buckets.
         let old = SharedBucket::new(level(3.0));
-        let fitted = r.fit(SharedBucket::decode(&old.encode()).unwrap(), 9);
+        let fitted = r.fit(SharedBucket::decode(&old.encode()).unwrap(), at(9));
         assert_eq!((fitted.level.tokens, fitted.token_levels.len()), (3.0, 2));
-        assert_eq!(fitted.token_levels[1], Level { tokens: 10.0, at_ns: 9 });
+        assert_eq!(fitted.token_levels[1], Level { tokens: 10.0, at: at(9) });
     }
 }

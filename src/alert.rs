@@ -7,18 +7,20 @@
 //!
 //! ```
 //! use llm_ratelimit::alert::{payload, Event, Format};
-//! let ev = Event::BreakerOpen { until_ms: 1_700_000_060_000, terminal: false };
-//! let body = payload(Format::Json, "openai", &ev, 1_700_000_000_000);
+//! use llm_ratelimit::time::Instant;
+//! let ev = Event::BreakerOpen { until: Instant::from_millis(1_700_000_060_000), terminal: false };
+//! let body = payload(Format::Json, "openai", &ev, Instant::from_millis(1_700_000_000_000));
 //! assert!(body.contains(r#""event":"breaker_open""#) && body.contains("2023-11-14T22:14:20.000Z"));
 //! ```
 
 use crate::store::{self, Status, Store};
+use crate::time::{Duration, Instant};
 
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// The provider's quota ran out and the breaker opened, until `until_ms`.
-    BreakerOpen { until_ms: u64, terminal: bool },
+    /// The provider's quota ran out and the breaker opened, until `until`.
+    BreakerOpen { until: Instant, terminal: bool },
     /// The breaker closed again: the alert above is resolved.
     BreakerClosed,
     /// This worker shed at least `per_minute` waiting requests in the last minute.
@@ -66,19 +68,19 @@ impl Event {
     }
 }
 
-/// The alert's body for `provider` at `now_ms` (epoch milliseconds).
-pub fn payload(format: Format, provider: &str, event: &Event, now_ms: u64) -> String {
+/// The alert's body for `provider` at `at` (written to the millisecond).
+pub fn payload(format: Format, provider: &str, event: &Event, at: Instant) -> String {
     let summary = json_string(&event.summary(provider));
     let provider_json = json_string(provider);
-    let now = rfc3339(now_ms);
+    let now = rfc3339(at);
     match format {
         Format::Alertmanager => {
             // Alertmanager resolves an alert at its endsAt: the expected reset while it fires
             // (a lost resolve cannot leave it firing), now when it is resolved.
             let ends = match event {
-                Event::BreakerOpen { until_ms, .. } => rfc3339((*until_ms).max(now_ms + 60_000)),
+                Event::BreakerOpen { until, .. } => rfc3339((*until).max(at + Duration::from_secs(60))),
                 Event::BreakerClosed => now.clone(),
-                Event::Shedding { .. } => rfc3339(now_ms + 5 * 60_000),
+                Event::Shedding { .. } => rfc3339(at + Duration::from_secs(5 * 60)),
             };
             let severity = if matches!(event, Event::Shedding { .. }) { "warning" } else { "critical" };
             format!(
@@ -88,7 +90,7 @@ pub fn payload(format: Format, provider: &str, event: &Event, now_ms: u64) -> St
         }
         Format::Json => {
             let (state, until) = match event {
-                Event::BreakerOpen { until_ms, .. } => ("firing", format!(r#","until":"{}""#, rfc3339(*until_ms))),
+                Event::BreakerOpen { until, .. } => ("firing", format!(r#","until":"{}""#, rfc3339(*until))),
                 Event::BreakerClosed => ("resolved", String::new()),
                 Event::Shedding { .. } => ("firing", String::new()),
             };
@@ -108,33 +110,42 @@ pub fn slot_key(name: &str, slot: &str) -> String {
     format!("llm_ratelimit/{name}/alert/{slot}")
 }
 
-/// When an event was last sent, process-wide (a shared-data value).
+/// When an event was last sent, process-wide (a shared-data value, stored in epoch ms;
+/// `Instant::ZERO`: never).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SentAt(pub u64);
+pub struct SentAt(pub Instant);
 
 impl store::Stored for SentAt {
     fn to_bytes(&self) -> Vec<u8> {
-        self.0.to_le_bytes().to_vec()
+        self.0.as_millis().to_le_bytes().to_vec()
     }
     fn from_bytes(b: &[u8]) -> Option<Self> {
-        Some(SentAt(u64::from_le_bytes(b.try_into().ok()?)))
+        Some(SentAt(Instant::from_millis(u64::from_le_bytes(b.try_into().ok()?))))
     }
 }
 
-/// Claims the right to send `event` now: true for one caller per `min_interval_ms`, across every
+/// Claims the right to send `event` now: true for one caller per `min_interval`, across every
 /// worker sharing `store`. A resolve always goes (only the worker whose write closed the breaker
 /// sends it); it does not free the slot, so a flapping provider alerts once per interval.
-pub fn claim(store: &impl Store, key: &str, event: &Event, now_ms: u64, min_interval_ms: u64) -> Result<bool, Status> {
+pub fn claim(
+    store: &impl Store,
+    key: &str,
+    event: &Event,
+    now: Instant,
+    min_interval: Duration,
+) -> Result<bool, Status> {
+    // Stored to the millisecond: compared to the millisecond.
+    let now = now.floor_millis();
     store::update(
         store,
         key,
-        || SentAt(0),
+        || SentAt(Instant::ZERO),
         |last| {
             if *event == Event::BreakerClosed {
                 return (true, None);
             }
-            let due = last.0 == 0 || now_ms.saturating_sub(last.0) >= min_interval_ms || now_ms < last.0;
-            (due, due.then_some(SentAt(now_ms)))
+            let due = last.0 == Instant::ZERO || now - last.0 >= min_interval || now < last.0;
+            (due, due.then_some(SentAt(now)))
         },
     )
 }
@@ -155,8 +166,9 @@ fn json_string(s: &str) -> String {
     out
 }
 
-/// Epoch milliseconds as RFC 3339 in UTC, e.g. `2026-11-30T00:50:00.000Z`.
-pub fn rfc3339(ms: u64) -> String {
+/// An instant as RFC 3339 in UTC to the millisecond, e.g. `2026-11-30T00:50:00.000Z`.
+pub fn rfc3339(at: Instant) -> String {
+    let ms = at.as_millis();
     let (secs, millis) = (ms / 1000, ms % 1000);
     let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
     // Howard Hinnant's civil_from_days.
@@ -179,19 +191,23 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    const T: u64 = 1_764_463_800_000; // 2025-11-30T00:50:00Z
+    const T: Instant = Instant::from_millis(1_764_463_800_000); // 2025-11-30T00:50:00Z
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
 
     #[test]
     fn times_are_rfc3339_utc() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(T + 7), "2025-11-30T00:50:00.007Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(rfc3339(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(Instant::ZERO), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(T + ms(7)), "2025-11-30T00:50:00.007Z");
+        assert_eq!(rfc3339(Instant::from_millis(951_782_400_000)), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(Instant::from_millis(4_102_444_799_999)), "2099-12-31T23:59:59.999Z");
     }
 
     #[test]
     fn alertmanager_payloads_fire_until_the_reset_and_resolve_now() {
-        let open = Event::BreakerOpen { until_ms: T + 120_000, terminal: false };
+        let open = Event::BreakerOpen { until: T + ms(120_000), terminal: false };
         let v: serde_json::Value = serde_json::from_str(&payload(Format::Alertmanager, "openai", &open, T)).unwrap();
         let a = &v[0];
         assert_eq!(a["labels"]["alertname"], "LLMProviderQuotaExhausted");
@@ -204,7 +220,7 @@ mod tests {
             serde_json::from_str(&payload(Format::Alertmanager, "openai", &Event::BreakerClosed, T)).unwrap();
         assert_eq!(v[0]["labels"]["alertname"], "LLMProviderQuotaExhausted", "the same alert, resolved");
         assert_eq!(v[0]["endsAt"], "2025-11-30T00:50:00.000Z");
-        let terminal = Event::BreakerOpen { until_ms: T, terminal: true };
+        let terminal = Event::BreakerOpen { until: T, terminal: true };
         let v: serde_json::Value = serde_json::from_str(&payload(Format::Alertmanager, "a\"b", &terminal, T)).unwrap();
         assert_eq!(
             (v[0]["labels"]["alertname"].as_str(), v[0]["labels"]["provider"].as_str()),
@@ -223,11 +239,11 @@ mod tests {
     #[test]
     fn one_alert_per_interval_across_workers_and_a_resolve_always_goes() {
         let store = MemStore::default();
-        let open = Event::BreakerOpen { until_ms: T, terminal: false };
-        assert!(claim(&store, "k", &open, T, 60_000).unwrap());
-        assert!(!claim(&store, "k", &open, T + 10, 60_000).unwrap(), "another worker, same trip");
-        assert!(claim(&store, "k", &Event::BreakerClosed, T + 20, 60_000).unwrap());
-        assert!(!claim(&store, "k", &open, T + 30, 60_000).unwrap(), "a flapping provider: once per interval");
-        assert!(claim(&store, "k", &open, T + 60_000, 60_000).unwrap());
+        let open = Event::BreakerOpen { until: T, terminal: false };
+        assert!(claim(&store, "k", &open, T, ms(60_000)).unwrap());
+        assert!(!claim(&store, "k", &open, T + ms(10), ms(60_000)).unwrap(), "another worker, same trip");
+        assert!(claim(&store, "k", &Event::BreakerClosed, T + ms(20), ms(60_000)).unwrap());
+        assert!(!claim(&store, "k", &open, T + ms(30), ms(60_000)).unwrap(), "a flapping provider: once per interval");
+        assert!(claim(&store, "k", &open, T + ms(60_000), ms(60_000)).unwrap());
     }
 }

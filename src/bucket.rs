@@ -4,9 +4,10 @@
 //! ```
 //! use llm_ratelimit::bucket::BucketRules;
 //! let bucket = BucketRules::capacity(100).refill_rate(10.0).burst_allowance(20);
-//! let full = bucket.full(0);
+//! use llm_ratelimit::time::Instant;
+//! let full = bucket.full(Instant::ZERO);
 //! // A class that may not spend the reserve keeps `burst` tokens untouched:
-//! let after = bucket.take(full, 0, 1.0, bucket.reserve_floor(false)).unwrap();
+//! let after = bucket.take(full, Instant::ZERO, 1.0, bucket.reserve_floor(false)).unwrap();
 //! assert_eq!(after.tokens, 119.0);
 //! ```
 //!
@@ -14,10 +15,11 @@
 //! classes allowed the burst (CRITICAL and HIGH by default) may spend the last `burst` tokens, so
 //! batch traffic cannot drain what user-facing traffic needs.
 
-const NANOS_PER_SEC: f64 = 1e9;
+use crate::time::{Duration, Instant};
+
 /// How far behind the last update a clock reading may be and still count as the same instant:
 /// two workers read the clock a moment apart before racing to write. Further behind is a step.
-pub const CLOCK_JITTER_NS: u64 = 100_000_000;
+pub const CLOCK_JITTER: Duration = Duration::from_millis(100);
 
 /// Bucket parameters, fixed by the configuration.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -30,11 +32,11 @@ pub struct BucketRules {
     pub rate: f64,
 }
 
-/// The bucket's level: tokens left at instant `at_ns` (Unix epoch nanoseconds).
+/// The bucket's level: tokens left at instant `at` (stored as Unix epoch nanoseconds).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Level {
     pub tokens: f64,
-    pub at_ns: u64,
+    pub at: Instant,
 }
 
 impl BucketRules {
@@ -57,9 +59,9 @@ impl BucketRules {
         BucketRules { max: capacity + burst as f64, burst: burst as f64, ..self }
     }
 
-    /// A full bucket at `now_ns`: what the first request of the process finds.
-    pub fn full(&self, now_ns: u64) -> Level {
-        Level { tokens: self.max, at_ns: now_ns }
+    /// A full bucket at `now`: what the first request of the process finds.
+    pub fn full(&self, now: Instant) -> Level {
+        Level { tokens: self.max, at: now }
     }
 
     /// The level below which a class may not spend.
@@ -71,38 +73,38 @@ impl BucketRules {
         }
     }
 
-    /// The level brought forward to `now_ns`. A clock that went backwards adds nothing and, past
-    /// `CLOCK_JITTER_NS` (workers read the clock a moment apart), restarts the count from `now_ns`
-    /// so a step back does not stall the refill for as long as the step.
-    pub fn refill(&self, s: Level, now_ns: u64) -> Level {
-        if now_ns <= s.at_ns {
-            return if self.stepped_back(s, now_ns) { Level { at_ns: now_ns, ..s } } else { s };
+    /// The level brought forward to `now`. A clock that went backwards adds nothing and, past
+    /// `CLOCK_JITTER` (workers read the clock a moment apart), restarts the count from `now` so a
+    /// step back does not stall the refill for as long as the step.
+    pub fn refill(&self, s: Level, now: Instant) -> Level {
+        if now <= s.at {
+            return if self.stepped_back(s, now) { Level { at: now, ..s } } else { s };
         }
-        let elapsed = (now_ns - s.at_ns) as f64 / NANOS_PER_SEC;
-        Level { tokens: (s.tokens + elapsed * self.rate).min(self.max), at_ns: now_ns }
+        let elapsed = (now - s.at).as_secs_f64();
+        Level { tokens: (s.tokens + elapsed * self.rate).min(self.max), at: now }
     }
 
-    /// Whether `now_ns` is a clock step back from `s`: the refilled level then restarts its count
-    /// from `now_ns`, and callers write it even when they take nothing, or the stall persists.
-    pub fn stepped_back(&self, s: Level, now_ns: u64) -> bool {
-        s.at_ns.saturating_sub(now_ns) > CLOCK_JITTER_NS
+    /// Whether `now` is a clock step back from `s`: the refilled level then restarts its count
+    /// from `now`, and callers write it even when they take nothing, or the stall persists.
+    pub fn stepped_back(&self, s: Level, now: Instant) -> bool {
+        s.at - now > CLOCK_JITTER
     }
 
     /// Takes `n` tokens without going below `floor`, or says how long until they exist.
-    pub fn take(&self, s: Level, now_ns: u64, n: f64, floor: f64) -> Result<Level, u64> {
-        let s = self.refill(s, now_ns);
+    pub fn take(&self, s: Level, now: Instant, n: f64, floor: f64) -> Result<Level, Duration> {
+        let s = self.refill(s, now);
         if s.tokens - n >= floor - 1e-9 {
             Ok(Level { tokens: s.tokens - n, ..s })
         } else {
-            Err(self.wait_ns(s, n, floor))
+            Err(self.wait(s, n, floor))
         }
     }
 
-    /// Nanoseconds until `s` (already refilled) holds `n` tokens above `floor`.
-    pub fn wait_ns(&self, s: Level, n: f64, floor: f64) -> u64 {
+    /// Time until `s` (already refilled) holds `n` tokens above `floor`.
+    pub fn wait(&self, s: Level, n: f64, floor: f64) -> Duration {
         let missing = (floor + n - s.tokens).max(0.0);
-        // `as` saturates, so an absurd wait is u64::MAX, never a wrap to "now".
-        (missing / self.rate * NANOS_PER_SEC).ceil() as u64
+        // Saturating: an absurd wait is `Duration::MAX`, never a wrap to "now".
+        Duration::from_secs_f64_ceil(missing / self.rate)
     }
 }
 
@@ -112,7 +114,7 @@ impl Level {
     pub fn encode(&self) -> [u8; 16] {
         let mut out = [0u8; 16];
         out[..8].copy_from_slice(&self.tokens.to_le_bytes());
-        out[8..].copy_from_slice(&self.at_ns.to_le_bytes());
+        out[8..].copy_from_slice(&self.at.as_nanos().to_le_bytes());
         out
     }
 
@@ -120,7 +122,8 @@ impl Level {
     pub fn decode(bytes: &[u8]) -> Option<Level> {
         let tokens = f64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
         let at_ns = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
-        (bytes.len() == Self::ENCODED_LEN && tokens.is_finite()).then_some(Level { tokens, at_ns })
+        let at = Instant::from_nanos(at_ns);
+        (bytes.len() == Self::ENCODED_LEN && tokens.is_finite()).then_some(Level { tokens, at })
     }
 }
 
@@ -132,8 +135,16 @@ mod tests {
 
     const SEC: u64 = 1_000_000_000;
 
+    fn at(ns: u64) -> Instant {
+        Instant::from_nanos(ns)
+    }
+
+    fn ns(ns: u64) -> Duration {
+        Duration::from_nanos(ns)
+    }
+
     /// Takes single tokens at `now` until refused; returns how many were taken.
-    fn drain(b: &BucketRules, s: &mut Level, now: u64, floor: f64) -> u32 {
+    fn drain(b: &BucketRules, s: &mut Level, now: Instant, floor: f64) -> u32 {
         let mut n = 0;
         while let Ok(next) = b.take(*s, now, 1.0, floor) {
             *s = next;
@@ -145,65 +156,65 @@ mod tests {
     #[test]
     fn a_full_bucket_admits_capacity_then_the_reserve_only_to_burst_classes() {
         let b = BucketRules::capacity(100).refill_rate(10.0).burst_allowance(20);
-        let mut s = b.full(5 * SEC);
-        assert_eq!(drain(&b, &mut s, 5 * SEC, b.reserve_floor(false)), 100);
-        assert_eq!(drain(&b, &mut s, 5 * SEC, b.reserve_floor(true)), 20);
-        assert_eq!(drain(&b, &mut s, 5 * SEC, 0.0), 0);
+        let mut s = b.full(at(5 * SEC));
+        assert_eq!(drain(&b, &mut s, at(5 * SEC), b.reserve_floor(false)), 100);
+        assert_eq!(drain(&b, &mut s, at(5 * SEC), b.reserve_floor(true)), 20);
+        assert_eq!(drain(&b, &mut s, at(5 * SEC), 0.0), 0);
     }
 
     #[test]
     fn refill_is_exact_and_capped() {
         let b = BucketRules::capacity(100).refill_rate(10.0).burst_allowance(20);
-        let empty = Level { tokens: 0.0, at_ns: 0 };
-        assert_eq!(b.refill(empty, SEC / 2).tokens, 5.0);
-        assert_eq!(b.refill(empty, 3 * SEC).tokens, 30.0);
-        assert_eq!(b.refill(empty, 3600 * SEC).tokens, 120.0);
+        let empty = Level { tokens: 0.0, at: at(0) };
+        assert_eq!(b.refill(empty, at(SEC / 2)).tokens, 5.0);
+        assert_eq!(b.refill(empty, at(3 * SEC)).tokens, 30.0);
+        assert_eq!(b.refill(empty, at(3600 * SEC)).tokens, 120.0);
         let mut s = empty;
-        assert_eq!(drain(&b, &mut s, 2 * SEC, 0.0), 20);
+        assert_eq!(drain(&b, &mut s, at(2 * SEC), 0.0), 20);
     }
 
     #[test]
     fn wait_is_the_time_until_a_token_exists_for_that_class() {
         let b = BucketRules::capacity(100).refill_rate(10.0).burst_allowance(20);
-        let s = Level { tokens: 0.0, at_ns: 0 };
+        let s = Level { tokens: 0.0, at: at(0) };
         // A burst class needs 1 token: 0.1 s. Another class needs the reserve refilled too: 2.1 s.
-        assert_eq!(b.take(s, 0, 1.0, 0.0), Err(SEC / 10));
-        assert_eq!(b.take(s, 0, 1.0, 20.0), Err(21 * SEC / 10));
+        assert_eq!(b.take(s, at(0), 1.0, 0.0), Err(ns(SEC / 10)));
+        assert_eq!(b.take(s, at(0), 1.0, 20.0), Err(ns(21 * SEC / 10)));
         // Half a second later the wait has shrunk by half a second.
-        assert_eq!(b.take(s, SEC / 2, 1.0, 20.0), Err(16 * SEC / 10));
+        assert_eq!(b.take(s, at(SEC / 2), 1.0, 20.0), Err(ns(16 * SEC / 10)));
     }
 
     #[test]
     fn slow_rates_keep_fractions() {
         let b = BucketRules::capacity(1).refill_rate(0.1);
-        let s = Level { tokens: 0.0, at_ns: 0 };
-        assert!(b.take(s, 9 * SEC, 1.0, 0.0).is_err());
-        assert!(b.take(s, 10 * SEC, 1.0, 0.0).is_ok());
+        let s = Level { tokens: 0.0, at: at(0) };
+        assert!(b.take(s, at(9 * SEC), 1.0, 0.0).is_err());
+        assert!(b.take(s, at(10 * SEC), 1.0, 0.0).is_ok());
     }
 
     #[test]
     fn a_clock_going_backwards_adds_nothing_and_does_not_stall_the_refill() {
         let b = BucketRules::capacity(10).refill_rate(10.0);
-        let s = Level { tokens: 1.0, at_ns: 10 * SEC };
+        let s = Level { tokens: 1.0, at: at(10 * SEC) };
         // A worker that read the clock a moment before the last writer: same instant.
-        assert_eq!(b.refill(s, 10 * SEC - 1_000), s);
+        assert_eq!(b.refill(s, at(10 * SEC - 1_000)), s);
         // A step back of 5 s: nothing added, and the count restarts from the new clock...
-        let stepped = b.refill(s, 5 * SEC);
-        assert_eq!(stepped, Level { tokens: 1.0, at_ns: 5 * SEC });
-        let after = b.take(s, 5 * SEC, 1.0, 0.0).unwrap();
-        assert_eq!(after, Level { tokens: 0.0, at_ns: 5 * SEC });
+        let stepped = b.refill(s, at(5 * SEC));
+        assert_eq!(stepped, Level { tokens: 1.0, at: at(5 * SEC) });
+        let after = b.take(s, at(5 * SEC), 1.0, 0.0).unwrap();
+        assert_eq!(after, Level { tokens: 0.0, at: at(5 * SEC) });
         // ...so a second later a second's worth is back, not nothing for 5 s.
-        assert_eq!(b.refill(after, 6 * SEC).tokens, 10.0);
+        assert_eq!(b.refill(after, at(6 * SEC)).tokens, 10.0);
     }
 
     #[test]
     fn state_round_trips_and_garbage_is_rejected() {
-        let s = Level { tokens: 42.5, at_ns: 1_700_000_000 * SEC };
+        let s = Level { tokens: 42.5, at: at(1_700_000_000 * SEC) };
         assert_eq!(Level::decode(&s.encode()), Some(s));
         assert_eq!(Level::decode(b""), None);
         assert_eq!(Level::decode(&[0u8; 15]), None);
         assert_eq!(Level::decode(&[0u8; 17]), None);
-        let nan = Level { tokens: f64::NAN, at_ns: 0 }.encode();
+        let nan = Level { tokens: f64::NAN, at: at(0) }.encode();
         assert_eq!(Level::decode(&nan), None);
     }
 }

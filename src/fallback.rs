@@ -23,6 +23,7 @@
 
 use crate::hash::{mix, stable_hash};
 use crate::store::{Status, Store, CAS_MISMATCH, MAX_CAS_TRIES};
+use crate::time::{Duration, Instant};
 
 /// Candidate slots per identity: more keeps more of the newest entries when slots are scarce, at
 /// the price of more shared-data reads per lookup and store.
@@ -53,6 +54,7 @@ pub struct Identity {
 /// One cached response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
+    /// When it was stored, in epoch ms: the stored field (see [`Entry::stored`]).
     pub stored_ms: u64,
     pub content_type: String,
     pub body: Vec<u8>,
@@ -102,8 +104,14 @@ impl Identity {
 }
 
 impl Entry {
-    pub fn fresh(&self, now_ms: u64, max_age_ms: u64) -> bool {
-        now_ms.saturating_sub(self.stored_ms) <= max_age_ms
+    /// When it was stored.
+    pub fn stored(&self) -> Instant {
+        Instant::from_millis(self.stored_ms)
+    }
+
+    /// Whether it is at most `max_age` old at `now` (counted in whole milliseconds, as stored).
+    pub fn fresh(&self, now: Instant, max_age: Duration) -> bool {
+        now.floor_millis() - self.stored() <= max_age
     }
 }
 
@@ -213,10 +221,10 @@ impl<'a> Reader<'a> {
 }
 
 /// What a lookup serves from the decoded candidates: the newest fresh entry stored for `id`.
-pub fn answer(read: Vec<Option<(Identity, Entry)>>, id: &Identity, now_ms: u64, max_age_ms: u64) -> Option<Entry> {
+pub fn answer(read: Vec<Option<(Identity, Entry)>>, id: &Identity, now: Instant, max_age: Duration) -> Option<Entry> {
     read.into_iter()
         .flatten()
-        .filter(|(stored, e)| stored == id && e.fresh(now_ms, max_age_ms))
+        .filter(|(stored, e)| stored == id && e.fresh(now, max_age))
         .map(|(_, e)| e)
         .max_by_key(|e| e.stored_ms)
 }
@@ -224,9 +232,9 @@ pub fn answer(read: Vec<Option<(Identity, Entry)>>, id: &Identity, now_ms: u64, 
 /// Which of the decoded candidates a new entry for `id` replaces (an index into `read`, which is
 /// not empty): the one holding `id` already, else the first empty, unreadable or expired one, else
 /// the oldest.
-pub fn victim(read: &[Option<(Identity, Entry)>], id: &Identity, now_ms: u64, max_age_ms: u64) -> usize {
+pub fn victim(read: &[Option<(Identity, Entry)>], id: &Identity, now: Instant, max_age: Duration) -> usize {
     let same = read.iter().position(|r| r.as_ref().is_some_and(|(stored, _)| stored == id));
-    let free = || read.iter().position(|r| r.as_ref().is_none_or(|(_, e)| !e.fresh(now_ms, max_age_ms)));
+    let free = || read.iter().position(|r| r.as_ref().is_none_or(|(_, e)| !e.fresh(now, max_age)));
     let oldest = || {
         let stored_ms = |(_, r): &(usize, &Option<(Identity, Entry)>)| r.as_ref().map_or(0, |(_, e)| e.stored_ms);
         read.iter().enumerate().min_by_key(stored_ms).map_or(0, |(i, _)| i)
@@ -235,20 +243,20 @@ pub fn victim(read: &[Option<(Identity, Entry)>], id: &Identity, now_ms: u64, ma
 }
 
 /// The cached response for `id` in cache `name` (a table of `slots` slots), if one younger than
-/// `max_age_ms` was stored for exactly that identity.
+/// `max_age` was stored for exactly that identity.
 pub fn lookup(
     store: &impl Store,
     name: &str,
     id: &Identity,
-    now_ms: u64,
+    now: Instant,
     slots: usize,
-    max_age_ms: u64,
+    max_age: Duration,
 ) -> Result<Option<Entry>, Status> {
     let mut read = Vec::with_capacity(WAYS);
     for slot in candidates(id.slot_hash(), slots) {
         read.push(store.get(&slot_key(name, slot))?.0.and_then(|v| decode(&v)));
     }
-    Ok(answer(read, id, now_ms, max_age_ms))
+    Ok(answer(read, id, now, max_age))
 }
 
 /// Stores `entry` (stored at `entry.stored_ms`, which is also "now") for `id` in cache `name`, a
@@ -260,7 +268,7 @@ pub fn store(
     id: &Identity,
     entry: &Entry,
     slots: usize,
-    max_age_ms: u64,
+    max_age: Duration,
 ) -> Result<(), Status> {
     let value = encode(id, entry);
     let keys: Vec<String> = candidates(id.slot_hash(), slots).into_iter().map(|s| slot_key(name, s)).collect();
@@ -272,7 +280,7 @@ pub fn store(
             read.push(v.and_then(|v| decode(&v)));
             cas.push(c);
         }
-        let i = victim(&read, id, entry.stored_ms, max_age_ms);
+        let i = victim(&read, id, entry.stored(), max_age);
         let (Some(key), Some(&c)) = (keys.get(i), cas.get(i)) else { return Ok(()) };
         match store.set(key, &value, c) {
             Ok(()) => return Ok(()),
@@ -293,6 +301,15 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const HOUR: u64 = 3_600_000;
+
+    /// The instant `ms` milliseconds after the epoch.
+    fn at(ms: u64) -> Instant {
+        Instant::from_millis(ms)
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
 
     fn id(key: &str, tenant: Option<&str>, credential: Option<&str>) -> Identity {
         Identity {
@@ -450,9 +467,9 @@ mod tests {
     #[test]
     fn entries_expire_by_age() {
         let e = entry(1_000, "");
-        assert!(e.fresh(1_500, 500));
-        assert!(!e.fresh(1_501, 500));
-        assert!(e.fresh(0, 500), "a clock that went backwards is not an age");
+        assert!(e.fresh(at(1_500), ms(500)));
+        assert!(!e.fresh(at(1_501), ms(500)));
+        assert!(e.fresh(at(0), ms(500)), "a clock that went backwards is not an age");
     }
 
     #[test]
@@ -464,12 +481,12 @@ mod tests {
             Some((id("p1", Some("acme"), None), entry(900, "no credential"))),
             None,
         ];
-        assert_eq!(answer(read.clone(), &me, 1_000, HOUR), None);
+        assert_eq!(answer(read.clone(), &me, at(1_000), ms(HOUR)), None);
         let mut with_mine = read;
         with_mine.push(Some((me.clone(), entry(500, "older"))));
         with_mine.push(Some((me.clone(), entry(800, "newer"))));
-        assert_eq!(answer(with_mine.clone(), &me, 1_000, HOUR), Some(entry(800, "newer")));
-        assert_eq!(answer(with_mine, &me, 1_000, 100), None, "both too old");
+        assert_eq!(answer(with_mine.clone(), &me, at(1_000), ms(HOUR)), Some(entry(800, "newer")));
+        assert_eq!(answer(with_mine, &me, at(1_000), ms(100)), None, "both too old");
     }
 
     #[test]
@@ -478,21 +495,21 @@ mod tests {
         let other = |ms, b| Some((id(b, None, None), entry(ms, b)));
         let now = 10 * HOUR;
         // Its own slot, even when an empty one comes first.
-        assert_eq!(victim(&[None, other(now, "a"), Some((me.clone(), entry(now, "old")))], &me, now, HOUR), 2);
+        assert_eq!(victim(&[None, other(now, "a"), Some((me.clone(), entry(now, "old")))], &me, at(now), ms(HOUR)), 2);
         // Else the first empty, unreadable or expired one.
-        assert_eq!(victim(&[other(now, "a"), None, None], &me, now, HOUR), 1);
-        assert_eq!(victim(&[other(now, "a"), other(now - 2 * HOUR, "b"), None], &me, now, HOUR), 1);
+        assert_eq!(victim(&[other(now, "a"), None, None], &me, at(now), ms(HOUR)), 1);
+        assert_eq!(victim(&[other(now, "a"), other(now - 2 * HOUR, "b"), None], &me, at(now), ms(HOUR)), 1);
         // Else the oldest.
-        assert_eq!(victim(&[other(now - 5, "a"), other(now - 9, "b"), other(now - 1, "c")], &me, now, HOUR), 1);
-        assert_eq!(victim(&[other(now, "a")], &me, now, HOUR), 0);
+        assert_eq!(victim(&[other(now - 5, "a"), other(now - 9, "b"), other(now - 1, "c")], &me, at(now), ms(HOUR)), 1);
+        assert_eq!(victim(&[other(now, "a")], &me, at(now), ms(HOUR)), 0);
     }
 
     #[test]
     fn another_tenant_or_credential_never_reads_a_cached_answer() {
         let s = MemStore::default();
         let mine = id("p1", Some("acme"), Some("Bearer sk-a"));
-        store(&s, "p", &mine, &entry(1_000, "mine"), 100, HOUR).unwrap();
-        assert_eq!(lookup(&s, "p", &mine, 2_000, 100, HOUR), Ok(Some(entry(1_000, "mine"))));
+        store(&s, "p", &mine, &entry(1_000, "mine"), 100, ms(HOUR)).unwrap();
+        assert_eq!(lookup(&s, "p", &mine, at(2_000), 100, ms(HOUR)), Ok(Some(entry(1_000, "mine"))));
         for other in [
             id("p1", Some("evil"), Some("Bearer sk-a")),
             id("p1", None, Some("Bearer sk-a")),
@@ -501,12 +518,12 @@ mod tests {
             id("p1", None, None),
             Identity { path: "/v1/other".into(), ..mine.clone() },
         ] {
-            assert_eq!(lookup(&s, "p", &other, 2_000, 100, HOUR), Ok(None), "{other:?}");
+            assert_eq!(lookup(&s, "p", &other, at(2_000), 100, ms(HOUR)), Ok(None), "{other:?}");
         }
         // Another cache name is another table.
-        assert_eq!(lookup(&s, "q", &mine, 2_000, 100, HOUR), Ok(None));
+        assert_eq!(lookup(&s, "q", &mine, at(2_000), 100, ms(HOUR)), Ok(None));
         // Too old.
-        assert_eq!(lookup(&s, "p", &mine, 1_000 + HOUR + 1, 100, HOUR), Ok(None));
+        assert_eq!(lookup(&s, "p", &mine, at(1_000 + HOUR + 1), 100, ms(HOUR)), Ok(None));
     }
 
     #[test]
@@ -514,11 +531,11 @@ mod tests {
         // One slot: every identity has the same (only) candidate, as a hash collision would.
         let s = MemStore::default();
         let (a, b) = (id("p1", None, Some("sk-a")), id("p1", None, Some("sk-b")));
-        store(&s, "p", &a, &entry(1_000, "a"), 1, HOUR).unwrap();
-        assert_eq!(lookup(&s, "p", &b, 1_000, 1, HOUR), Ok(None));
-        store(&s, "p", &b, &entry(2_000, "b"), 1, HOUR).unwrap();
-        assert_eq!(lookup(&s, "p", &a, 2_000, 1, HOUR), Ok(None), "evicted by b");
-        assert_eq!(lookup(&s, "p", &b, 2_000, 1, HOUR), Ok(Some(entry(2_000, "b"))));
+        store(&s, "p", &a, &entry(1_000, "a"), 1, ms(HOUR)).unwrap();
+        assert_eq!(lookup(&s, "p", &b, at(1_000), 1, ms(HOUR)), Ok(None));
+        store(&s, "p", &b, &entry(2_000, "b"), 1, ms(HOUR)).unwrap();
+        assert_eq!(lookup(&s, "p", &a, at(2_000), 1, ms(HOUR)), Ok(None), "evicted by b");
+        assert_eq!(lookup(&s, "p", &b, at(2_000), 1, ms(HOUR)), Ok(Some(entry(2_000, "b"))));
     }
 
     #[test]
@@ -526,13 +543,14 @@ mod tests {
         let s = Keys::default();
         let slots = 16;
         for n in 0..1_000u64 {
-            store(&s, "p", &id(&n.to_string(), None, None), &entry(n, "x"), slots, HOUR).unwrap();
+            store(&s, "p", &id(&n.to_string(), None, None), &entry(n, "x"), slots, ms(HOUR)).unwrap();
         }
         let written = s.written.borrow();
         assert!(written.len() <= slots, "{written:?}");
         assert!(written.iter().all(|k| k.starts_with("llm_ratelimit/p/cache/")));
         // The newest entry is always kept; among the last few most still are.
-        let hit = |n: u64| lookup(&s, "p", &id(&n.to_string(), None, None), 1_000, slots, HOUR).unwrap().is_some();
+        let hit =
+            |n: u64| lookup(&s, "p", &id(&n.to_string(), None, None), at(1_000), slots, ms(HOUR)).unwrap().is_some();
         assert!(hit(999));
         assert!((990..1_000).filter(|&n| hit(n)).count() >= 5);
         assert!(!hit(0), "long evicted");
@@ -542,11 +560,11 @@ mod tests {
     fn storing_the_same_identity_again_replaces_it() {
         let s = Keys::default();
         let me = id("p1", Some("acme"), None);
-        for ms in 1..=20 {
-            store(&s, "p", &me, &entry(ms, &ms.to_string()), 100, HOUR).unwrap();
+        for t in 1..=20 {
+            store(&s, "p", &me, &entry(t, &t.to_string()), 100, ms(HOUR)).unwrap();
         }
         assert_eq!(s.written.borrow().len(), 1, "one slot, rewritten");
-        assert_eq!(lookup(&s, "p", &me, 20, 100, HOUR), Ok(Some(entry(20, "20"))));
+        assert_eq!(lookup(&s, "p", &me, at(20), 100, ms(HOUR)), Ok(Some(entry(20, "20"))));
     }
 
     #[test]
@@ -554,12 +572,12 @@ mod tests {
         let s = MemStore::default();
         let (a, b, c) = (id("a", None, None), id("b", None, None), id("c", None, None));
         // Two slots, so every identity's candidates are both of them.
-        store(&s, "p", &b, &entry(10, "b"), 2, HOUR).unwrap();
-        store(&s, "p", &a, &entry(5, "a"), 2, HOUR).unwrap();
-        store(&s, "p", &c, &entry(20, "c"), 2, HOUR).unwrap();
-        assert_eq!(lookup(&s, "p", &a, 20, 2, HOUR), Ok(None));
-        assert_eq!(lookup(&s, "p", &b, 20, 2, HOUR), Ok(Some(entry(10, "b"))));
-        assert_eq!(lookup(&s, "p", &c, 20, 2, HOUR), Ok(Some(entry(20, "c"))));
+        store(&s, "p", &b, &entry(10, "b"), 2, ms(HOUR)).unwrap();
+        store(&s, "p", &a, &entry(5, "a"), 2, ms(HOUR)).unwrap();
+        store(&s, "p", &c, &entry(20, "c"), 2, ms(HOUR)).unwrap();
+        assert_eq!(lookup(&s, "p", &a, at(20), 2, ms(HOUR)), Ok(None));
+        assert_eq!(lookup(&s, "p", &b, at(20), 2, ms(HOUR)), Ok(Some(entry(10, "b"))));
+        assert_eq!(lookup(&s, "p", &c, at(20), 2, ms(HOUR)), Ok(Some(entry(20, "c"))));
     }
 
     #[test]
@@ -569,9 +587,9 @@ mod tests {
         for slot in candidates(me.slot_hash(), 8) {
             s.set(&slot_key("p", slot), b"\x01\x02garbage", 0).unwrap();
         }
-        assert_eq!(lookup(&s, "p", &me, 0, 8, HOUR), Ok(None));
-        store(&s, "p", &me, &entry(5, "ok"), 8, HOUR).unwrap();
-        assert_eq!(lookup(&s, "p", &me, 5, 8, HOUR), Ok(Some(entry(5, "ok"))));
+        assert_eq!(lookup(&s, "p", &me, at(0), 8, ms(HOUR)), Ok(None));
+        store(&s, "p", &me, &entry(5, "ok"), 8, ms(HOUR)).unwrap();
+        assert_eq!(lookup(&s, "p", &me, at(5), 8, ms(HOUR)), Ok(Some(entry(5, "ok"))));
     }
 
     /// A store where, once, another worker writes `theirs` to the slot we are about to write.
@@ -600,8 +618,8 @@ mod tests {
             s.mem.set(&slot_key("p", slot), &encode(&id("x", None, None), &entry(0, "expired")), 0).unwrap();
         }
         *s.theirs.borrow_mut() = Some(encode(&them, &entry(2 * HOUR, "theirs")));
-        store(&s, "p", &me, &entry(2 * HOUR, "mine"), 100, HOUR).unwrap();
-        assert_eq!(lookup(&s, "p", &me, 2 * HOUR, 100, HOUR), Ok(Some(entry(2 * HOUR, "mine"))));
+        store(&s, "p", &me, &entry(2 * HOUR, "mine"), 100, ms(HOUR)).unwrap();
+        assert_eq!(lookup(&s, "p", &me, at(2 * HOUR), 100, ms(HOUR)), Ok(Some(entry(2 * HOUR, "mine"))));
         // Theirs was not overwritten: the retry saw it and took another expired slot.
         let kept = candidates(me.slot_hash(), 100)
             .into_iter()
@@ -614,15 +632,15 @@ mod tests {
     fn lost_cas_is_retried_and_host_failures_are_errors() {
         let s = MemStore::default();
         let me = id("p1", None, None);
-        store(&s, "p", &me, &entry(1, "a"), 10, HOUR).unwrap();
+        store(&s, "p", &me, &entry(1, "a"), 10, ms(HOUR)).unwrap();
         s.conflicts.set(3);
-        store(&s, "p", &me, &entry(2, "b"), 10, HOUR).unwrap();
-        assert_eq!(lookup(&s, "p", &me, 2, 10, HOUR), Ok(Some(entry(2, "b"))));
+        store(&s, "p", &me, &entry(2, "b"), 10, ms(HOUR)).unwrap();
+        assert_eq!(lookup(&s, "p", &me, at(2), 10, ms(HOUR)), Ok(Some(entry(2, "b"))));
         s.conflicts.set(1_000);
-        assert_eq!(store(&s, "p", &me, &entry(3, "c"), 10, HOUR), Err(CAS_MISMATCH));
+        assert_eq!(store(&s, "p", &me, &entry(3, "c"), 10, ms(HOUR)), Err(CAS_MISMATCH));
         s.conflicts.set(0);
         s.broken.set(true);
-        assert_eq!(store(&s, "p", &me, &entry(4, "d"), 10, HOUR), Err(INTERNAL_FAILURE));
-        assert_eq!(lookup(&s, "p", &me, 4, 10, HOUR), Err(INTERNAL_FAILURE));
+        assert_eq!(store(&s, "p", &me, &entry(4, "d"), 10, ms(HOUR)), Err(INTERNAL_FAILURE));
+        assert_eq!(lookup(&s, "p", &me, at(4), 10, ms(HOUR)), Err(INTERNAL_FAILURE));
     }
 }

@@ -25,6 +25,7 @@ pub mod reply;
 pub mod signals;
 pub mod store;
 pub mod tenants;
+pub mod time;
 pub mod tokens;
 pub mod worker;
 

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 
 use crate::admission::Need;
 use crate::priority::Priority;
+use crate::time::{Duration, Instant};
 
 /// Weights at or below zero, and NaN, are clamped up to this so every class is still served.
 pub const MIN_WEIGHT: f64 = 1e-6;
@@ -28,9 +29,9 @@ pub struct Waiter<T> {
     /// Which class queue the waiter sits in.
     pub class: Priority,
     /// When it started waiting, for queue-age stats.
-    pub enqueued_ms: u64,
+    pub enqueued: Instant,
     /// Absolute time it must not wait past; `expire` removes it at or after this.
-    pub deadline_ms: u64,
+    pub deadline: Instant,
     /// The LLM tokens it needs besides its request token (with token limits).
     pub need: Option<Need>,
 }
@@ -114,12 +115,12 @@ impl<T: Copy + Eq> WaitQueue<T> {
         self.queues[class.index()].front()
     }
 
-    /// The clock stepped back by `ms`: every time kept here moves back too, so deadlines stay
+    /// The clock stepped back by `step`: every time kept here moves back too, so deadlines stay
     /// the same distance away in real time.
-    pub fn shift_back(&mut self, ms: u64) {
+    pub fn shift_back(&mut self, step: Duration) {
         for w in self.queues.iter_mut().flatten() {
-            w.enqueued_ms = w.enqueued_ms.saturating_sub(ms);
-            w.deadline_ms = w.deadline_ms.saturating_sub(ms);
+            w.enqueued -= step;
+            w.deadline -= step;
         }
     }
 
@@ -136,13 +137,13 @@ impl<T: Copy + Eq> WaitQueue<T> {
         })
     }
 
-    /// Removes and returns every waiter whose deadline has passed (`deadline_ms <= now_ms`),
+    /// Removes and returns every waiter whose deadline has passed (`deadline <= now`),
     /// grouped by class, most important first, oldest first within a class.
-    pub fn expire(&mut self, now_ms: u64) -> Vec<Waiter<T>> {
+    pub fn expire(&mut self, now: Instant) -> Vec<Waiter<T>> {
         let mut expired = Vec::new();
         for q in &mut self.queues {
             q.retain(|w| {
-                let keep = w.deadline_ms > now_ms;
+                let keep = w.deadline > now;
                 if !keep {
                     expired.push(*w);
                 }
@@ -199,7 +200,8 @@ mod tests {
     }
 
     fn waiter(id: u32, class: Priority, enqueued_ms: u64, deadline_ms: u64) -> Waiter<u32> {
-        Waiter { id, class, enqueued_ms, deadline_ms, need: None }
+        let (enqueued, deadline) = (Instant::from_millis(enqueued_ms), Instant::from_millis(deadline_ms));
+        Waiter { id, class, enqueued, deadline, need: None }
     }
 
     /// Keeps every class backlogged for `releases` pops and returns each class's share.
@@ -362,12 +364,12 @@ mod tests {
         q.push(waiter(3, Critical, 0, 200));
         q.push(waiter(4, Normal, 0, 50));
 
-        assert!(q.expire(49).is_empty());
-        let mut ids: Vec<u32> = q.expire(100).iter().map(|w| w.id).collect();
+        assert!(q.expire(Instant::from_millis(49)).is_empty());
+        let mut ids: Vec<u32> = q.expire(Instant::from_millis(100)).iter().map(|w| w.id).collect();
         ids.sort_unstable();
         assert_eq!(ids, vec![1, 4]);
         assert_eq!(q.total(), 2);
-        assert_eq!(q.expire(1_000).len(), 2);
+        assert_eq!(q.expire(Instant::from_millis(1_000)).len(), 2);
         assert!(q.is_empty());
     }
 
@@ -396,7 +398,7 @@ mod tests {
         assert_eq!((q.len(Normal), q.len(Critical), q.total()), (2, 1, 3));
         assert!(!q.is_empty());
         q.remove(2);
-        assert_eq!(q.expire(400).len(), 1);
+        assert_eq!(q.expire(Instant::from_millis(400)).len(), 1);
         assert_eq!(q.total(), 1);
     }
 

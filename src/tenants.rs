@@ -50,19 +50,21 @@
 //! use llm_ratelimit::bucket::BucketRules;
 //! use llm_ratelimit::store::MemStore;
 //! use llm_ratelimit::tenants::{self, Slot, TenantRules, TenantTake};
+//! use llm_ratelimit::time::{Duration, Instant};
 //! let store = MemStore::default();
 //! let rules = TenantRules { bucket: BucketRules::capacity(2).refill_rate(1.0), slots: 16 };
-//! tenants::ensure(&store, "llm_ratelimit/openai", &rules, 0).unwrap();
-//! let first = tenants::take(&store, "llm_ratelimit/openai", &rules, "acme", false, 0).unwrap();
+//! tenants::ensure(&store, "llm_ratelimit/openai", &rules, Instant::ZERO).unwrap();
+//! let first = tenants::take(&store, "llm_ratelimit/openai", &rules, "acme", false, Instant::ZERO).unwrap();
 //! assert!(first.claimed && matches!(first.take, TenantTake::Taken { slot: Slot::Table(_) }));
-//! tenants::take(&store, "llm_ratelimit/openai", &rules, "acme", false, 0).unwrap();
-//! let third = tenants::take(&store, "llm_ratelimit/openai", &rules, "acme", false, 0).unwrap();
-//! assert!(matches!(third.take, TenantTake::Short { wait_ns: 1_000_000_000, .. }));
+//! tenants::take(&store, "llm_ratelimit/openai", &rules, "acme", false, Instant::ZERO).unwrap();
+//! let third = tenants::take(&store, "llm_ratelimit/openai", &rules, "acme", false, Instant::ZERO).unwrap();
+//! assert!(matches!(third.take, TenantTake::Short { wait, .. } if wait == Duration::from_secs(1)));
 //! ```
 
 use crate::bucket::{BucketRules, Level};
 use crate::hash::{mix, stable_hash};
 use crate::store::{self, Status, Store, Stored, CAS_MISMATCH};
+use crate::time::{Duration, Instant};
 
 /// Slots when the configuration names none.
 pub const DEFAULT_SLOTS: u32 = 4096;
@@ -102,8 +104,8 @@ pub enum Slot {
 pub enum TenantTake {
     /// A token was taken from `slot`; give it back with [`refund`] if the request goes no further.
     Taken { slot: Slot },
-    /// The tenant's bucket (or the overflow) has no token for this request for `wait_ns`.
-    Short { slot: Slot, wait_ns: u64 },
+    /// The tenant's bucket (or the overflow) has no token for this request for `wait`.
+    Short { slot: Slot, wait: Duration },
 }
 
 /// What [`take`] did, with the flags the host counts as stats.
@@ -148,14 +150,14 @@ pub fn overflow_key(prefix: &str) -> String {
 
 /// Creates the table's values (empty slots, a full overflow bucket) where there is no readable
 /// one. Call before traffic (`on_configure`): see the module notes.
-pub fn ensure(store: &impl Store, prefix: &str, rules: &TenantRules, now_ns: u64) -> Result<(), Status> {
+pub fn ensure(store: &impl Store, prefix: &str, rules: &TenantRules, now: Instant) -> Result<(), Status> {
     for slot in 0..rules.slots {
         store::ensure(store, &slot_key(prefix, slot), SlotValue::Empty)?;
     }
-    store::ensure(store, &overflow_key(prefix), Overflow(rules.bucket.full(now_ns)))
+    store::ensure(store, &overflow_key(prefix), Overflow(rules.bucket.full(now)))
 }
 
-/// Takes one token for `tenant` at `now_ns` (Unix epoch ns): from its slot, from a slot it claims,
+/// Takes one token for `tenant` at `now` (Unix epoch ns): from its slot, from a slot it claims,
 /// or from the overflow bucket. `use_burst` lets the request's class spend the burst reserve.
 /// `Err` is a store failure, or other workers winning the CAS every time.
 pub fn take(
@@ -164,7 +166,7 @@ pub fn take(
     rules: &TenantRules,
     tenant: &str,
     use_burst: bool,
-    now_ns: u64,
+    now: Instant,
 ) -> Result<TakeOutcome, Status> {
     let b = &rules.bucket;
     let floor = b.reserve_floor(use_burst);
@@ -173,17 +175,17 @@ pub fn take(
     let done = |take, claimed, displaced| Ok(TakeOutcome { take, claimed, displaced });
     // One round per decision: a lost write makes it again on what the winner wrote.
     for _ in 0..store::MAX_CAS_TRIES {
-        match scan(store, prefix, rules, &id, &candidates, now_ns)? {
+        match scan(store, prefix, rules, &id, &candidates, now)? {
             Scan::Found { slot, cas, state } => {
                 let at = Slot::Table(slot);
-                match b.take(state, now_ns, 1.0, floor) {
-                    Err(wait_ns) => {
-                        if b.stepped_back(state, now_ns) {
+                match b.take(state, now, 1.0, floor) {
+                    Err(wait) => {
+                        if b.stepped_back(state, now) {
                             // Best effort: the count restarts from the new clock, not the old one.
-                            let rebased = SlotValue::held(&id, b.refill(state, now_ns));
+                            let rebased = SlotValue::held(&id, b.refill(state, now));
                             write(store, &slot_key(prefix, slot), &rebased, cas)?;
                         }
-                        return done(TenantTake::Short { slot: at, wait_ns }, false, false);
+                        return done(TenantTake::Short { slot: at, wait }, false, false);
                     }
                     Ok(next) => {
                         if write(store, &slot_key(prefix, slot), &SlotValue::held(&id, next), cas)? {
@@ -194,10 +196,10 @@ pub fn take(
             }
             Scan::Claim { slot, cas, displaced } => {
                 let at = Slot::Table(slot);
-                let full = b.full(now_ns);
+                let full = b.full(now);
                 // Only a bucket configured too small for one token refuses a newcomer.
-                let Ok(next) = b.take(full, now_ns, 1.0, floor) else {
-                    return done(TenantTake::Short { slot: at, wait_ns: b.wait_ns(full, 1.0, floor) }, false, false);
+                let Ok(next) = b.take(full, now, 1.0, floor) else {
+                    return done(TenantTake::Short { slot: at, wait: b.wait(full, 1.0, floor) }, false, false);
                 };
                 if !write(store, &slot_key(prefix, slot), &SlotValue::held(&id, next), cas)? {
                     continue;
@@ -205,7 +207,7 @@ pub fn take(
                 if held_earlier(store, prefix, &id, &candidates, slot)? {
                     // Another worker claimed an earlier candidate for this tenant meanwhile: that
                     // one is the tenant's bucket. Put this one back to full and spend from it.
-                    refund_slot(store, prefix, rules, &id, slot, now_ns)?;
+                    refund_slot(store, prefix, rules, &id, slot, now)?;
                     continue;
                 }
                 return done(TenantTake::Taken { slot: at }, true, displaced);
@@ -214,17 +216,15 @@ pub fn take(
                 let taken = store::update(
                     store,
                     &overflow_key(prefix),
-                    || Overflow(b.full(now_ns)),
-                    |Overflow(s)| match b.take(s, now_ns, 1.0, floor) {
+                    || Overflow(b.full(now)),
+                    |Overflow(s)| match b.take(s, now, 1.0, floor) {
                         Ok(next) => (Ok(()), Some(Overflow(next))),
-                        Err(wait_ns) => {
-                            (Err(wait_ns), b.stepped_back(s, now_ns).then(|| Overflow(b.refill(s, now_ns))))
-                        }
+                        Err(wait) => (Err(wait), b.stepped_back(s, now).then(|| Overflow(b.refill(s, now)))),
                     },
                 )?;
                 let take = match taken {
                     Ok(()) => TenantTake::Taken { slot: Slot::Overflow },
-                    Err(wait_ns) => TenantTake::Short { slot: Slot::Overflow, wait_ns },
+                    Err(wait) => TenantTake::Short { slot: Slot::Overflow, wait },
                 };
                 return done(take, false, false);
             }
@@ -242,19 +242,19 @@ pub fn refund(
     rules: &TenantRules,
     tenant: &str,
     slot: Slot,
-    now_ns: u64,
+    now: Instant,
 ) -> Result<bool, Status> {
     match slot {
-        Slot::Table(i) if i < rules.slots => refund_slot(store, prefix, rules, &Identity::of(tenant), i, now_ns),
+        Slot::Table(i) if i < rules.slots => refund_slot(store, prefix, rules, &Identity::of(tenant), i, now),
         Slot::Table(_) => Ok(false),
         Slot::Overflow => {
             let b = &rules.bucket;
             store::update(
                 store,
                 &overflow_key(prefix),
-                || Overflow(b.full(now_ns)),
+                || Overflow(b.full(now)),
                 |Overflow(s)| {
-                    let next = plus_one(b, s, now_ns);
+                    let next = plus_one(b, s, now);
                     (true, (next != s).then_some(Overflow(next)))
                 },
             )
@@ -263,12 +263,12 @@ pub fn refund(
 }
 
 /// Counts the used and active slots (reads the whole table: for a timer, not per request).
-pub fn census(store: &impl Store, prefix: &str, rules: &TenantRules, now_ns: u64) -> Result<Census, Status> {
+pub fn census(store: &impl Store, prefix: &str, rules: &TenantRules, now: Instant) -> Result<Census, Status> {
     let mut c = Census::default();
     for slot in 0..rules.slots {
         if let Some(SlotValue::Held { state, .. }) = store::read::<SlotValue>(store, &slot_key(prefix, slot))? {
             c.used += 1;
-            if !idle(&rules.bucket, state, now_ns) {
+            if !idle(&rules.bucket, state, now) {
                 c.active += 1;
             }
         }
@@ -390,14 +390,14 @@ fn candidates(tenant: &str, slots: u32) -> Vec<u32> {
     out
 }
 
-/// A bucket refilled to full by `now_ns`: its tenant loses nothing if it is displaced.
-fn idle(b: &BucketRules, s: Level, now_ns: u64) -> bool {
-    b.refill(s, now_ns).tokens >= b.max - EPSILON
+/// A bucket refilled to full by `now`: its tenant loses nothing if it is displaced.
+fn idle(b: &BucketRules, s: Level, now: Instant) -> bool {
+    b.refill(s, now).tokens >= b.max - EPSILON
 }
 
-/// `s` at `now_ns` with one token given back, capped at the bucket's maximum.
-fn plus_one(b: &BucketRules, s: Level, now_ns: u64) -> Level {
-    let s = b.refill(s, now_ns);
+/// `s` at `now` with one token given back, capped at the bucket's maximum.
+fn plus_one(b: &BucketRules, s: Level, now: Instant) -> Level {
+    let s = b.refill(s, now);
     Level { tokens: (s.tokens + 1.0).min(b.max), ..s }
 }
 
@@ -417,7 +417,7 @@ fn scan(
     rules: &TenantRules,
     id: &Identity,
     candidates: &[u32],
-    now_ns: u64,
+    now: Instant,
 ) -> Result<Scan, Status> {
     let mut claim = None;
     for &slot in candidates {
@@ -425,7 +425,7 @@ fn scan(
         match bytes.and_then(|b| SlotValue::from_bytes(&b)).unwrap_or(SlotValue::Empty) {
             SlotValue::Held { id: held, state } if held == *id => return Ok(Scan::Found { slot, cas, state }),
             SlotValue::Empty if claim.is_none() => claim = Some(Scan::Claim { slot, cas, displaced: false }),
-            SlotValue::Held { state, .. } if claim.is_none() && idle(&rules.bucket, state, now_ns) => {
+            SlotValue::Held { state, .. } if claim.is_none() && idle(&rules.bucket, state, now) => {
                 claim = Some(Scan::Claim { slot, cas, displaced: true })
             }
             _ => {}
@@ -458,7 +458,7 @@ fn refund_slot(
     rules: &TenantRules,
     id: &Identity,
     slot: u32,
-    now_ns: u64,
+    now: Instant,
 ) -> Result<bool, Status> {
     store::update(
         store,
@@ -466,7 +466,7 @@ fn refund_slot(
         || SlotValue::Empty,
         |v| match v {
             SlotValue::Held { id: held, state } if held == *id => {
-                let next = plus_one(&rules.bucket, state, now_ns);
+                let next = plus_one(&rules.bucket, state, now);
                 (true, (next != state).then_some(SlotValue::Held { id: held, state: next }))
             }
             _ => (false, None),
@@ -492,11 +492,11 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    const SEC: u64 = 1_000_000_000;
-    const MS: u64 = 1_000_000;
+    const SEC: Duration = Duration::from_secs(1);
+    const MS: Duration = Duration::from_millis(1);
     const P: &str = "llm_ratelimit/test";
     /// An epoch-like start, so nothing relies on time starting at 0.
-    const T0: u64 = 1_700_000_000 * SEC;
+    const T0: Instant = Instant::from_nanos(1_700_000_000 * 1_000_000_000);
 
     fn rules(capacity: u64, rate: f64, slots: u32) -> TenantRules {
         TenantRules { bucket: BucketRules::capacity(capacity).refill_rate(rate), slots }
@@ -508,7 +508,7 @@ mod tests {
         s
     }
 
-    fn take_at(s: &impl Store, r: &TenantRules, tenant: &str, now: u64) -> TakeOutcome {
+    fn take_at(s: &impl Store, r: &TenantRules, tenant: &str, now: Instant) -> TakeOutcome {
         take(s, P, r, tenant, false, now).unwrap()
     }
 
@@ -517,7 +517,7 @@ mod tests {
     }
 
     /// Takes single tokens for `tenant` at `now` until refused; returns how many were taken.
-    fn drain(s: &impl Store, r: &TenantRules, tenant: &str, now: u64) -> u32 {
+    fn drain(s: &impl Store, r: &TenantRules, tenant: &str, now: Instant) -> u32 {
         let mut n = 0;
         while taken(&take_at(s, r, tenant, now)) {
             n += 1;
@@ -536,7 +536,7 @@ mod tests {
         let s = table(&r);
         assert_eq!(drain(&s, &r, "acme", T0), 3);
         let o = take_at(&s, &r, "acme", T0);
-        assert!(matches!(o.take, TenantTake::Short { slot: Slot::Table(_), wait_ns: SEC }), "{o:?}");
+        assert!(matches!(o.take, TenantTake::Short { slot: Slot::Table(_), wait: SEC }), "{o:?}");
         assert_eq!(drain(&s, &r, "acme", T0 + 2 * SEC), 2);
         assert_eq!(drain(&s, &r, "acme", T0 + 100 * SEC), 3);
     }
@@ -574,7 +574,7 @@ mod tests {
         }
         // The overflow holds as one limit for all the tenants in it.
         let o = take_at(&s, &r, "d", T0);
-        assert_eq!(o.take, TenantTake::Short { slot: Slot::Overflow, wait_ns: SEC });
+        assert_eq!(o.take, TenantTake::Short { slot: Slot::Overflow, wait: SEC });
         assert!(!taken(&take_at(&s, &r, "b", T0)));
         // The slot's tenant still has its own token.
         assert_eq!(take_at(&s, &r, "a", T0).take, TenantTake::Taken { slot: Slot::Table(0) });
@@ -704,7 +704,7 @@ mod tests {
 
     #[test]
     fn slot_values_round_trip_and_malformed_ones_are_rejected() {
-        let state = Level { tokens: 1.5, at_ns: T0 };
+        let state = Level { tokens: 1.5, at: T0 };
         let values = [
             SlotValue::Empty,
             SlotValue::held(&Identity::of("acme"), state),
@@ -731,7 +731,7 @@ mod tests {
         let mut unprintable = good.clone();
         unprintable[3] = b'\n';
         assert_eq!(SlotValue::from_bytes(&unprintable), None);
-        let nan = SlotValue::held(&Identity::of("acme"), Level { tokens: f64::NAN, at_ns: 0 }).to_bytes();
+        let nan = SlotValue::held(&Identity::of("acme"), Level { tokens: f64::NAN, at: Instant::ZERO }).to_bytes();
         assert_eq!(SlotValue::from_bytes(&nan), None);
         let o = Overflow(state);
         assert_eq!(Overflow::from_bytes(&o.to_bytes()), Some(o));
@@ -865,7 +865,7 @@ mod tests {
         let t = tenant_with(2, &[0, 1]);
         let mem = table(&r);
         // Slot 0 is held by x, one token short of full: full again 50 ms later.
-        let x = SlotValue::held(&Identity::of("x"), Level { tokens: 2.0, at_ns: T0 });
+        let x = SlotValue::held(&Identity::of("x"), Level { tokens: 2.0, at: T0 });
         mem.set(&slot_key(P, 0), &x.to_bytes(), 0).unwrap();
         let racy = Racy::new(&mem);
         // This worker, at T0, sees slot 0 active and goes for slot 1; meanwhile another worker,
@@ -891,7 +891,7 @@ mod tests {
         from_overflow: RefCell<f64>,
         /// Per worker: tokens it may still refund.
         pending: RefCell<[Vec<(String, Slot)>; 2]>,
-        latest: RefCell<u64>,
+        latest: RefCell<Instant>,
     }
 
     #[derive(Clone, Copy)]
@@ -901,7 +901,7 @@ mod tests {
     }
 
     impl Sim {
-        fn run(&self, store: &impl Store, worker: usize, op: Op, now: u64) {
+        fn run(&self, store: &impl Store, worker: usize, op: Op, now: Instant) {
             let latest = (*self.latest.borrow()).max(now);
             *self.latest.borrow_mut() = latest;
             match op {
@@ -937,7 +937,7 @@ mod tests {
 
         /// Most tokens one bucket can have granted since T0.
         fn bound(&self) -> f64 {
-            let elapsed_s = (*self.latest.borrow() - T0) as f64 / 1e9;
+            let elapsed_s = (*self.latest.borrow() - T0).as_secs_f64();
             self.rules.bucket.max + self.rules.bucket.rate * elapsed_s + 1e-6
         }
     }

@@ -105,7 +105,8 @@ fn a_trip_alerts_once_across_workers_and_the_close_resolves_it() {
         let now = epoch_ms();
         am.alerts().iter().all(|a| {
             let ends = a["endsAt"].as_str().unwrap_or("");
-            a["status"]["state"] != "active" || ends < llm_ratelimit::alert::rfc3339(now + 1000).as_str()
+            a["status"]["state"] != "active"
+                || ends < llm_ratelimit::alert::rfc3339(llm_ratelimit::time::Instant::from_millis(now + 1000)).as_str()
         })
     });
     assert!(gone, "the alert is still firing: {:?}", am.alerts());

@@ -15,6 +15,7 @@
 
 use llm_ratelimit::global::gate::{Ask, FailureMode, Gate, GateRules, Verdict};
 use llm_ratelimit::global::proto::{Code, Response, Status};
+use llm_ratelimit::time::{Duration, Instant};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
 
@@ -130,17 +131,17 @@ impl Sim {
             for (k, (w, hits, fails)) in due {
                 self.calls.remove(&k);
                 let o = if fails {
-                    self.gates[w].failed(k.1, false, self.now)
+                    self.gates[w].failed(k.1, false, Instant::from_millis(self.now))
                 } else {
                     let r = self.service.call(hits, self.now);
                     self.over_said |= r.overall == Code::OverLimit;
-                    self.gates[w].answered(k.1, &r, self.now)
+                    self.gates[w].answered(k.1, &r, Instant::from_millis(self.now))
                 };
                 self.carry(w, o);
             }
             if self.now.is_multiple_of(TICK_MS) {
                 for w in 0..self.gates.len() {
-                    let o = self.gates[w].tick(self.now);
+                    let o = self.gates[w].tick(Instant::from_millis(self.now));
                     self.carry(w, o);
                 }
             }
@@ -167,7 +168,13 @@ fn run(workers: usize, limit: u64, max_lease: u64, seed: u64, events: &[Event]) 
         match *e {
             Event::Arrive { w, gap, may_wait } => {
                 sim.advance(sim.now + gap);
-                match sim.gates[w].arrive("p\n", id, [1, 0], may_wait, sim.now) {
+                match sim.gates[w].arrive(
+                    "p\n",
+                    id,
+                    [1, 0],
+                    Duration::from_millis(may_wait),
+                    Instant::from_millis(sim.now),
+                ) {
                     Verdict::Pass { ask } => {
                         sim.admitted.push(sim.now);
                         if let Some(a) = ask {

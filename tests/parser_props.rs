@@ -8,6 +8,7 @@ use llm_ratelimit::bucket::Level;
 use llm_ratelimit::config::Config;
 use llm_ratelimit::fallback::{self, Entry, Identity};
 use llm_ratelimit::signals::{self, Provider};
+use llm_ratelimit::time::Instant;
 use llm_ratelimit::tokens::estimate::{self, EstimateRules};
 use llm_ratelimit::tokens::usage::{self, StreamUsage, Usage};
 use proptest::prelude::*;
@@ -382,7 +383,7 @@ proptest! {
 
 fn level() -> impl Strategy<Value = Level> {
     (any::<f64>().prop_filter("finite", |f| f.is_finite()), any::<u64>())
-        .prop_map(|(tokens, at_ns)| Level { tokens, at_ns })
+        .prop_map(|(tokens, at_ns)| Level { tokens, at: Instant::from_nanos(at_ns) })
 }
 
 fn provider_state() -> impl Strategy<Value = ProviderState> {
@@ -397,8 +398,8 @@ fn provider_state() -> impl Strategy<Value = ProviderState> {
         )| {
             ProviderState {
                 mode,
-                until_ms,
-                probe_ms,
+                until: Instant::from_millis(until_ms),
+                probe_at: Instant::from_millis(probe_ms),
                 probe,
                 terminal,
                 failed_probes,
@@ -407,7 +408,7 @@ fn provider_state() -> impl Strategy<Value = ProviderState> {
                 limit,
                 counting,
                 left,
-                dry_until_ms,
+                dry_until: Instant::from_millis(dry_until_ms),
             }
         },
     )

@@ -11,12 +11,13 @@
 //! - no waiter is left paused once its deadline passes (after its worker's tick);
 //! - once every worker has ticked, the shared waiter counts equal the waiters that exist.
 
-use llm_ratelimit::admission::{SharedBucket, HEARTBEAT_MS};
+use llm_ratelimit::admission::{SharedBucket, HEARTBEAT};
 use llm_ratelimit::breaker::{Gate, Mode};
 use llm_ratelimit::config::Config;
 use llm_ratelimit::priority::Priority;
 use llm_ratelimit::signals::Signals;
 use llm_ratelimit::store::{self, MemStore};
+use llm_ratelimit::time::{Duration, Instant};
 use llm_ratelimit::worker::{Admission, Arrival, Attempt, Refusal, Worker};
 use proptest::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -199,8 +200,8 @@ impl Sim {
 
     fn told(&mut self, r: &Refusal) {
         self.waiting.remove(&r.id);
-        let at = self.clock_ms() + r.wait_ns.div_ceil(1_000_000);
-        let rounded = self.clock_ms() + r.wait_ns.div_ceil(1_000_000_000) * 1000;
+        let at = self.clock_ms() + r.wait.as_millis_ceil();
+        let rounded = self.clock_ms() + r.wait.as_secs_ceil() * 1000;
         let latest = self.latest_retry_ms();
         assert!(
             !self.check_told || at.min(rounded) <= latest,
@@ -220,9 +221,9 @@ impl Sim {
                 self.next_id += 1;
                 let class = Priority::ALL[class];
                 let w = &mut self.workers[worker];
-                let gate = w.gate(&self.store, now_ms).unwrap_or(Gate::Pass);
+                let gate = w.gate(&self.store, Instant::from_millis(now_ms)).unwrap_or(Gate::Pass);
                 let arrival = Arrival { id, class, tenant: None, need: None, gate };
-                let Ok(decision) = w.admit(&self.store, arrival, now_ns) else { return };
+                let Ok(decision) = w.admit(&self.store, arrival, Instant::from_nanos(now_ns)) else { return };
                 let deadline = self.now + w.config.class(class).max_wait_ms;
                 match decision.admission {
                     Admission::Pass { probe } => self.send(worker, probe),
@@ -254,22 +255,24 @@ impl Sim {
                 let f = self.in_flight.remove(pick % self.in_flight.len());
                 let w = &self.workers[f.worker];
                 let probe_failed = f.probe.is_some() && f.status == 429;
-                if let Ok((v, _, _)) = w.observe(&self.store, f.status, &f.signals, f.probe, now_ms) {
+                if let Ok((v, _, _)) =
+                    w.observe(&self.store, f.status, &f.signals, f.probe, Instant::from_millis(now_ms))
+                {
                     if probe_failed && v.tripped {
                         self.failed_probes += 1;
                     }
                     if f.status == 200 && v.closed {
                         self.failed_probes = 0;
                     }
-                    if let (429, Some(at)) = (f.status, v.retry_at_ms) {
+                    if let (429, Some(at)) = (f.status, v.retry_at.map(|t| t.as_millis())) {
                         let r = Refusal {
                             id: 0,
                             class: Priority::Normal,
                             reason: llm_ratelimit::reply::Reason::BreakerOpen,
-                            wait_ns: at.saturating_sub(now_ms) * 1_000_000,
+                            wait: Duration::from_millis(at.saturating_sub(now_ms)),
                             tokens: 0.0,
                             retry: true,
-                            queued_ms: None,
+                            queued: None,
                         };
                         self.told(&r);
                     }
@@ -283,7 +286,10 @@ impl Sim {
                 ids.sort_unstable();
                 let id = ids[pick % ids.len()];
                 let (worker, _) = self.waiting.remove(&id).unwrap();
-                assert!(self.workers[worker].leave(&self.store, id, now_ns).is_some(), "waiter {id} was not queued");
+                assert!(
+                    self.workers[worker].leave(&self.store, id, Instant::from_nanos(now_ns)).is_some(),
+                    "waiter {id} was not queued"
+                );
             }
             Event::Conflicts { n } => self.store.conflicts.set(n),
             Event::StepBack { ms } => {
@@ -304,14 +310,14 @@ impl Sim {
     fn tick(&mut self, worker: usize) -> bool {
         let now_ms = self.clock_ms();
         let before = self.workers[worker].provider_state(&self.store).ok();
-        let t = self.workers[worker].tick(&self.store, now_ms * 1_000_000);
+        let t = self.workers[worker].tick(&self.store, Instant::from_nanos(now_ms * 1_000_000));
         for r in &t.released {
             assert_eq!(self.waiting.remove(&r.id).map(|(w, _)| w), Some(worker), "released a request it did not hold");
             self.send(worker, r.probe);
         }
         // A probe this tick started goes at once: nothing waits behind it.
         if let (Some(b), Ok(a)) = (before, self.workers[worker].provider_state(&self.store)) {
-            if a.mode == Mode::HalfOpen && a.probe != b.probe && a.probe_ms == now_ms {
+            if a.mode == Mode::HalfOpen && a.probe != b.probe && a.probe_at == Instant::from_millis(now_ms) {
                 assert!(self.probes.contains(&a.probe), "probe {} started by a tick but not sent", a.probe);
             }
         }
@@ -333,7 +339,7 @@ impl Sim {
     fn check_counts(&mut self) {
         let now_ms = self.clock_ms();
         let Ok(Some(shared)) = store::read::<SharedBucket>(&self.store, self.workers[0].bucket_key()) else { return };
-        let shared = shared.waiting(u64::MAX, [0; 4], now_ms);
+        let shared = shared.waiting(u64::MAX, [0; 4], Instant::from_millis(now_ms));
         let mut local = [0u32; 4];
         for w in &self.workers {
             for (l, c) in local.iter_mut().zip(w.local_counts()) {
@@ -420,9 +426,9 @@ fn waiters_of_more_than_a_hundred_workers_are_all_counted() {
     for (i, w) in workers.iter_mut().enumerate() {
         // The first request takes the only token; the rest wait: 1, 2 or 3 per worker.
         for _ in 0..(1 + i % 3 + usize::from(i == 0)) {
-            let gate = w.gate(&store, now_ms).unwrap();
+            let gate = w.gate(&store, Instant::from_millis(now_ms)).unwrap();
             let arrival = Arrival { id, class: Priority::Normal, tenant: None, need: None, gate };
-            let d = w.admit(&store, arrival, now_ms * 1_000_000).unwrap();
+            let d = w.admit(&store, arrival, Instant::from_nanos(now_ms * 1_000_000)).unwrap();
             assert!(matches!(d.admission, Admission::Wait { .. } | Admission::Pass { .. }), "{:?}", d.admission);
             id += 1;
         }
@@ -431,15 +437,19 @@ fn waiters_of_more_than_a_hundred_workers_are_all_counted() {
     assert_eq!(total, (0..WORKERS as u32).map(|i| 1 + i % 3).sum::<u32>());
     let shared: SharedBucket = store::read(&store, workers[0].bucket_key()).unwrap().unwrap();
     for w in &workers {
-        let seen = shared.waiting(w.id, w.local_counts(), now_ms + 10);
+        let seen = shared.waiting(w.id, w.local_counts(), Instant::from_millis(now_ms + 10));
         assert_eq!(seen[Priority::Normal.index()], total, "worker {:x} sees a wrong total", w.id);
     }
     // Every worker's heartbeat keeps it so.
     for w in &mut workers {
-        w.tick(&store, (now_ms + HEARTBEAT_MS) * 1_000_000);
+        w.tick(&store, Instant::from_nanos((now_ms + HEARTBEAT.as_millis()) * 1_000_000));
     }
     let shared: SharedBucket = store::read(&store, workers[0].bucket_key()).unwrap().unwrap();
-    assert_eq!(shared.waiting(u64::MAX, [0; 4], now_ms + HEARTBEAT_MS)[Priority::Normal.index()], total);
+    assert_eq!(
+        shared.waiting(u64::MAX, [0; 4], Instant::from_millis(now_ms + HEARTBEAT.as_millis()))
+            [Priority::Normal.index()],
+        total
+    );
 }
 
 /// The admission filter and the observer of one worker, over one store: the provider said
@@ -448,8 +458,8 @@ fn tripped_without_timing() -> (MemStore, Worker, Worker) {
     let store = MemStore::default();
     let admission = Worker::new(Config::parse(br#"{"role":"admission"}"#).unwrap(), 0x1111);
     let observer = Worker::new(Config::parse(br#"{"role":"observer"}"#).unwrap(), 0x2222);
-    admission.ensure_shared(&store, START_MS * 1_000_000).unwrap();
-    observer.observe(&store, 429, &Signals::default(), None, START_MS).unwrap();
+    admission.ensure_shared(&store, Instant::from_nanos(START_MS * 1_000_000)).unwrap();
+    observer.observe(&store, 429, &Signals::default(), None, Instant::from_millis(START_MS)).unwrap();
     (store, admission, observer)
 }
 
@@ -459,8 +469,9 @@ fn tripped_without_timing() -> (MemStore, Worker, Worker) {
 fn held_retries_wait(observer: &Worker, store: &MemStore, held: &mut [u64], now_ms: u64) -> Option<u32> {
     let mut probe = None;
     for until in held.iter_mut().filter(|u| **u <= now_ms) {
-        match observer.attempt(store, Priority::Normal, now_ms).unwrap() {
-            Attempt::Hold { until_ms } => {
+        match observer.attempt(store, Priority::Normal, Instant::from_millis(now_ms)).unwrap() {
+            Attempt::Hold { until: at } => {
+                let until_ms = at.as_millis();
                 assert!(until_ms > now_ms, "held until {until_ms}, now {now_ms}");
                 *until = until_ms;
             }
@@ -485,15 +496,15 @@ fn held_retries_wait_for_the_probes_answer() {
         // The back-off ends: one probe goes, an arrival or one of the retries, never both.
         let at = START_MS + 1_000;
         let probe = if arrival_probes {
-            let gate = admission.gate(&store, at).unwrap();
+            let gate = admission.gate(&store, Instant::from_millis(at)).unwrap();
             let arrival = Arrival { id: 1, class: Priority::Normal, tenant: None, need: None, gate };
-            let d = admission.admit(&store, arrival, at * 1_000_000).unwrap();
+            let d = admission.admit(&store, arrival, Instant::from_nanos(at * 1_000_000)).unwrap();
             let Admission::Pass { probe: Some(probe) } = d.admission else { panic!("{:?}", d.admission) };
             assert_eq!(held_retries_wait(&observer, &store, &mut held, at), None, "a second probe");
             probe
         } else {
             let probe = held_retries_wait(&observer, &store, &mut held, at).expect("a retry probes");
-            let gate = admission.gate(&store, at).unwrap();
+            let gate = admission.gate(&store, Instant::from_millis(at)).unwrap();
             assert!(matches!(gate, Gate::Hold { .. }), "an arrival beside the probe: {gate:?}");
             probe
         };
@@ -503,18 +514,23 @@ fn held_retries_wait_for_the_probes_answer() {
         let at = START_MS + 2_700;
         let waiting = held.iter().filter(|&&u| u != u64::MAX).count();
         if probe_succeeds {
-            let (v, _, _) = observer.observe(&store, 200, &Signals::default(), Some(probe), at).unwrap();
+            let (v, _, _) =
+                observer.observe(&store, 200, &Signals::default(), Some(probe), Instant::from_millis(at)).unwrap();
             assert!(v.closed);
             for _ in 0..waiting {
-                assert_eq!(observer.attempt(&store, Priority::Normal, at + 1).unwrap(), Attempt::Go);
+                assert_eq!(
+                    observer.attempt(&store, Priority::Normal, Instant::from_millis(at + 1)).unwrap(),
+                    Attempt::Go
+                );
             }
         } else {
-            let (v, _, _) = observer.observe(&store, 429, &Signals::default(), Some(probe), at).unwrap();
+            let (v, _, _) =
+                observer.observe(&store, 429, &Signals::default(), Some(probe), Instant::from_millis(at)).unwrap();
             assert!(v.tripped);
             // Open again for a doubled back-off: held until then (or refused if they may not wait).
             for _ in 0..waiting {
-                let a = observer.attempt(&store, Priority::Normal, at + 1).unwrap();
-                assert_eq!(a, Attempt::Hold { until_ms: at + 2_000 });
+                let a = observer.attempt(&store, Priority::Normal, Instant::from_millis(at + 1)).unwrap();
+                assert_eq!(a, Attempt::Hold { until: Instant::from_millis(at + 2_000) });
             }
         }
     }

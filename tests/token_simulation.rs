@@ -63,6 +63,7 @@ use llm_ratelimit::config::Config;
 use llm_ratelimit::priority::Priority;
 use llm_ratelimit::reply::Reason;
 use llm_ratelimit::store::{self, MemStore};
+use llm_ratelimit::time::Instant;
 use llm_ratelimit::worker::{Admission, Arrival, Lease, Worker};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -278,7 +279,7 @@ impl Ledger {
             burst: burst as f64,
             rate,
             debt,
-            store: Level { tokens: max, at_ns: START_MS * MS },
+            store: Level { tokens: max, at: Instant::from_nanos(START_MS * MS) },
             leased: vec![0.0; workers],
             settled: vec![0.0; workers],
             spent: 0.0,
@@ -288,11 +289,12 @@ impl Ledger {
 
     /// `l` brought forward to `now_ns`: nothing for a clock a moment behind the last writer.
     fn refill(&self, l: Level, now_ns: u64) -> Level {
-        if now_ns <= l.at_ns {
+        let now = Instant::from_nanos(now_ns);
+        if now <= l.at {
             return l;
         }
-        let elapsed = (now_ns - l.at_ns) as f64 / 1e9;
-        Level { tokens: (l.tokens + elapsed * self.rate).min(self.max), at_ns: now_ns }
+        let elapsed = (now - l.at).as_secs_f64();
+        Level { tokens: (l.tokens + elapsed * self.rate).min(self.max), at: now }
     }
 
     /// Most a class may ever take.
@@ -502,7 +504,7 @@ impl Sim {
         let max_lease = config.bucket.max_lease.max(1) as u32;
         let workers: Vec<Worker> = (0..workers).map(|i| Worker::new(config.clone(), 1000 + i as u64)).collect();
         let store = MemStore::default();
-        workers[0].ensure_shared(&store, START_MS * MS).unwrap();
+        workers[0].ensure_shared(&store, Instant::from_nanos(START_MS * MS)).unwrap();
         let skew = (0..workers.len()).map(|k| if k == 0 { 0 } else { skew[k - 1] }).collect();
         let n = workers.len();
         let [a, b] = MODELS;
@@ -592,9 +594,13 @@ impl Sim {
         let own = w.local_counts();
         // What the admission's compare-and-swap reads (a lost write changes nothing in between).
         let shared: SharedBucket = store::read(&self.store, w.bucket_key()).unwrap().unwrap();
-        let quiet = shared.waiting(w.id, own, clock_ms) == [0; 4];
+        let quiet = shared.waiting(w.id, own, Instant::from_millis(clock_ms)) == [0; 4];
         let before = holding(w.lease());
-        let decision = w.admit(&self.store, Arrival { id, class, tenant: None, need, gate: Gate::Pass }, now_ns);
+        let decision = w.admit(
+            &self.store,
+            Arrival { id, class, tenant: None, need, gate: Gate::Pass },
+            Instant::from_nanos(now_ns),
+        );
         let after = holding(w.lease());
         let Ok(decision) = decision else {
             // Every CAS lost: nothing was written, nothing queued, nothing leased.
@@ -699,7 +705,7 @@ impl Sim {
                 let id = *self.waiting.keys().nth(pick % self.waiting.len()).unwrap();
                 let v = self.waiting.remove(&id).unwrap();
                 let now_ns = self.clock_ms(v.worker) * MS;
-                let left = self.workers[v.worker].leave(&self.store, id, now_ns).map(|(c, _)| c);
+                let left = self.workers[v.worker].leave(&self.store, id, Instant::from_nanos(now_ns)).map(|(c, _)| c);
                 assert_eq!(left, Some(v.class), "waiter #{id} was not queued");
             }
             Event::Disconnect { pick } if !self.in_flight.is_empty() => {
@@ -707,7 +713,7 @@ impl Sim {
                 let f = &self.in_flight[pick % self.in_flight.len()];
                 let now_ns = self.clock_ms(f.worker) * MS;
                 assert!(
-                    self.workers[f.worker].leave(&self.store, f.id, now_ns).is_none(),
+                    self.workers[f.worker].leave(&self.store, f.id, Instant::from_nanos(now_ns)).is_none(),
                     "#{} left, not waiting",
                     f.id
                 );
@@ -725,7 +731,7 @@ impl Sim {
         let w = &mut self.workers[worker];
         let (held, before) = (w.holds_lease(), holding(w.lease()));
         assert!(!held || w.needs_tick(), "worker {worker} holds a lease and says it needs no tick");
-        let t = w.tick(&self.store, now_ns);
+        let t = w.tick(&self.store, Instant::from_nanos(now_ns));
         // Lease and settlements go back first, in one write that refills every bucket: all of
         // them, or none and an error.
         if held && !w.holds_lease() {
@@ -812,7 +818,7 @@ impl Sim {
 
     /// Every worker has just ticked: the shared counts are exactly the waiters that exist.
     fn check_counts(&self) {
-        let shared = self.shared().waiting(u64::MAX, [0; 4], self.now);
+        let shared = self.shared().waiting(u64::MAX, [0; 4], Instant::from_millis(self.now));
         let mut local = [0u32; 4];
         for w in &self.workers {
             for (l, c) in local.iter_mut().zip(w.local_counts()) {
@@ -1107,7 +1113,7 @@ fn overrun(workers: usize, skew: &[u64], max_lease: Option<u64>, requests: &[Ove
     let config = overrun_config(max_lease);
     let mut ws: Vec<Worker> = (0..workers).map(|i| Worker::new(config.clone(), 2000 + i as u64)).collect();
     let store = MemStore::default();
-    ws[0].ensure_shared(&store, START_MS * MS).unwrap();
+    ws[0].ensure_shared(&store, Instant::from_nanos(START_MS * MS)).unwrap();
     let clock_ns = |k: usize, t: u64| (START_MS + t + skew[k]) * MS;
     let need = Need { bucket: 0, tokens: OVERRUN_NEED };
     let under = (OVERRUN_USED - OVERRUN_NEED) as f64;
@@ -1138,7 +1144,7 @@ fn overrun(workers: usize, skew: &[u64], max_lease: Option<u64>, requests: &[Ove
             let k = req.worker % workers;
             let id = r as u32 + 1;
             let arrival = Arrival { id, class: Priority::Normal, tenant: None, need: Some(need), gate: Gate::Pass };
-            let d = ws[k].admit(&store, arrival, clock_ns(k, t)).unwrap();
+            let d = ws[k].admit(&store, arrival, Instant::from_nanos(clock_ns(k, t))).unwrap();
             match d.admission {
                 Admission::Pass { .. } => admit(&mut run, &mut in_flight, &settled, &mut answers, k, r, t),
                 Admission::Wait { shed } => {
@@ -1158,7 +1164,7 @@ fn overrun(workers: usize, skew: &[u64], max_lease: Option<u64>, requests: &[Ove
             false
         });
         for k in 0..workers {
-            let tick = ws[k].tick(&store, clock_ns(k, t));
+            let tick = ws[k].tick(&store, Instant::from_nanos(clock_ns(k, t)));
             assert!(tick.errors.is_empty(), "{:?}", tick.errors);
             settled[k] = 0.0;
             for e in &tick.expired {

@@ -252,6 +252,7 @@ pub fn rls_answer(data: &[u8]) {
     use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
     use llm_ratelimit::global::gate::{FailureMode, Gate, GateRules, Verdict};
     use llm_ratelimit::global::proto::{self, Code};
+    use llm_ratelimit::time::{Duration, Instant};
     use prost::Message;
     let ours = proto::decode_response(data);
     if let Ok(theirs) = RateLimitResponse::decode(data) {
@@ -281,17 +282,21 @@ pub fn rls_answer(data: &[u8]) {
     let Ok(r) = ours else { return };
     let rules = GateRules { timeout_ms: 50, failure_mode: FailureMode::Deny, max_lease: 8, lease_ms: 1000 };
     let mut g = Gate::new(rules);
-    let Verdict::Wait { ask: Some(a) } = g.arrive("k", 1, [1, 300], 2000, NOW) else { panic!("first call") };
+    let Verdict::Wait { ask: Some(a) } =
+        g.arrive("k", 1, [1, 300], Duration::from_millis(2000), Instant::from_millis(NOW))
+    else {
+        panic!("first call")
+    };
     g.sent(a.key, 7);
-    let mut o = g.answered(7, &r, NOW);
-    let t = g.tick(NOW + 1);
+    let mut o = g.answered(7, &r, Instant::from_millis(NOW));
+    let t = g.tick(Instant::from_millis(NOW + 1));
     o.pass.extend(t.pass);
     o.refuse.extend(t.refuse);
     assert!(o.pass.len() + o.refuse.len() <= 1, "one request, answered at most once");
     if o.pass.is_empty() && o.refuse.is_empty() {
         // Still waiting: for a reset within its 2 s, or a call (asked again at once).
-        let late = g.tick(NOW + 3_000);
-        let o = g.tick(NOW + 3_200);
+        let late = g.tick(Instant::from_millis(NOW + 3_000));
+        let o = g.tick(Instant::from_millis(NOW + 3_200));
         assert!(late.pass.len() + late.refuse.len() + o.pass.len() + o.refuse.len() <= 1);
     }
 }

@@ -14,6 +14,7 @@
 //! limit plus instances × workers × that (tests/global_simulation.rs checks it).
 
 use super::proto::{Code, Response};
+use crate::time::{Duration, Instant};
 
 pub const REQUESTS: usize = 0;
 pub const TOKENS: usize = 1;
@@ -23,16 +24,16 @@ pub type Units = [u64; 2];
 /// Most keys (descriptor value sets) one worker tracks; idle ones make room for new ones.
 pub const MAX_KEYS: usize = 1024;
 /// Over-limit without a reset in the answer (Limitador fills no `statuses`): asked again after this.
-pub const BACKOFF_MS: u64 = 1_000;
+pub const BACKOFF: Duration = Duration::from_millis(1_000);
 /// In `local` mode, how long after a failed call requests skip the service.
-pub const RETRY_MS: u64 = 1_000;
+pub const RETRY: Duration = Duration::from_millis(1_000);
 /// Beyond the call's own timeout (the host's), when the gate gives up on an answer itself.
-const TIMEOUT_GRACE_MS: u64 = 100;
+const TIMEOUT_GRACE: Duration = Duration::from_millis(100);
 
 /// What to do when the service cannot answer (error, timeout, garbage).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureMode {
-    /// Fall back to this instance's own buckets: skip the service for `RETRY_MS`, then ask again.
+    /// Fall back to this instance's own buckets: skip the service for `RETRY`, then ask again.
     Local,
     /// Let the waiting requests through; the next request asks again.
     Allow,
@@ -55,6 +56,18 @@ pub struct GateRules {
     pub lease_ms: u64,
 }
 
+impl GateRules {
+    /// `timeout_ms`, typed.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// `lease_ms`, typed.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+}
+
 /// A call the host must send: `hits` per unit for key `key` (0: that descriptor is not sent).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ask {
@@ -69,8 +82,8 @@ pub enum Verdict {
     Pass { ask: Option<Ask> },
     /// It waits for a call's answer or a reset; `ask` is the call to send, if one is needed now.
     Wait { ask: Option<Ask> },
-    /// It may not wait `wait_ms` for the service's reset (`unavailable`: the service failed, `deny`).
-    Refuse { wait_ms: u64, unavailable: bool },
+    /// It may not wait `wait` for the service's reset (`unavailable`: the service failed, `deny`).
+    Refuse { wait: Duration, unavailable: bool },
 }
 
 /// What a tick, an answer or a failure decided for waiting requests, and calls to send.
@@ -78,7 +91,7 @@ pub enum Verdict {
 pub struct Outcome {
     pub pass: Vec<u32>,
     /// id, wait until the reset, whether the service failed.
-    pub refuse: Vec<(u32, u64, bool)>,
+    pub refuse: Vec<(u32, Duration, bool)>,
     pub asks: Vec<Ask>,
 }
 
@@ -104,14 +117,14 @@ pub struct Counts {
 struct Waiter {
     id: u32,
     hits: Units,
-    deadline_ms: u64,
+    deadline: Instant,
 }
 
 #[derive(Clone, Debug)]
 struct Call {
     /// The host's token; 0 until it says the call went.
     token: u32,
-    sent_ms: u64,
+    sent: Instant,
     hits: Units,
     /// Needed units only: an over-limit answer is final.
     exact: bool,
@@ -121,11 +134,11 @@ struct Call {
 struct Key {
     /// The descriptor values that name this key (the host's encoding).
     name: String,
-    /// Leased units not spent yet, usable until `lease_until_ms`.
+    /// Leased units not spent yet, usable until `lease_until`.
     left: Units,
-    lease_until_ms: u64,
+    lease_until: Instant,
     /// Per unit: the service said over limit; nothing is asked until then.
-    over_until_ms: [u64; 2],
+    over_until: [Instant; 2],
     /// Per unit: the service's remaining after its last answer, when it says.
     remaining: [Option<u64>; 2],
     call: Option<Call>,
@@ -136,23 +149,23 @@ struct Key {
     /// Units spent this second, and in the last whole one: how large a lease should be.
     spent: Units,
     rate: Units,
-    second_ms: u64,
+    second: Instant,
 }
 
 impl Key {
-    fn new(name: &str, now_ms: u64) -> Key {
+    fn new(name: &str, now: Instant) -> Key {
         Key {
             name: name.to_string(),
             left: [0; 2],
-            lease_until_ms: 0,
-            over_until_ms: [0; 2],
+            lease_until: Instant::ZERO,
+            over_until: [Instant::ZERO; 2],
             remaining: [None; 2],
             call: None,
             exact: false,
             waiters: Vec::new(),
             spent: [0; 2],
             rate: [0; 2],
-            second_ms: now_ms,
+            second: now,
         }
     }
 
@@ -172,16 +185,16 @@ impl Key {
     }
 
     /// When the first unit `hits` lacks becomes askable again, if the service said over limit.
-    fn blocked_until(&self, hits: Units, now_ms: u64) -> Option<u64> {
+    fn blocked_until(&self, hits: Units, now: Instant) -> Option<Instant> {
         [REQUESTS, TOKENS]
             .into_iter()
-            .filter(|&u| hits[u] > self.left[u] && self.over_until_ms[u] > now_ms)
-            .map(|u| self.over_until_ms[u])
+            .filter(|&u| hits[u] > self.left[u] && self.over_until[u] > now)
+            .map(|u| self.over_until[u])
             .max()
     }
 
     /// The call for what the waiters need beyond the lease, plus a lease ahead.
-    fn ask(&mut self, index: usize, rules: &GateRules, now_ms: u64) -> Option<Ask> {
+    fn ask(&mut self, index: usize, rules: &GateRules, now: Instant) -> Option<Ask> {
         if self.call.is_some() || self.waiters.is_empty() {
             return None;
         }
@@ -195,7 +208,7 @@ impl Key {
                 need[u] = need[u].min(r.max(head[u]));
             }
         }
-        if self.blocked_until(need, now_ms).is_some() {
+        if self.blocked_until(need, now).is_some() {
             return None; // the tick asks at the reset
         }
         let ahead = if self.exact { [0, 0] } else { self.ahead(rules) };
@@ -209,21 +222,21 @@ impl Key {
         if hits == [0, 0] {
             return None;
         }
-        self.call = Some(Call { token: 0, sent_ms: now_ms, hits, exact: ahead == [0, 0] });
+        self.call = Some(Call { token: 0, sent: now, hits, exact: ahead == [0, 0] });
         Some(Ask { key: index, hits })
     }
 
     /// With nobody waiting, a call that tops the lease back up to what `ahead` says, once it has
     /// fallen below half of that: at a steady rate requests spend leased units while the call is
     /// in flight and never wait for it. A worker never holds more than `max_lease` requests.
-    fn top_up(&mut self, index: usize, rules: &GateRules, now_ms: u64) -> Option<Ask> {
+    fn top_up(&mut self, index: usize, rules: &GateRules, now: Instant) -> Option<Ask> {
         if self.call.is_some() || self.exact {
             return None;
         }
         let ahead = self.ahead(rules);
         let mut hits = [0; 2];
         for u in [REQUESTS, TOKENS] {
-            if self.left[u] < ahead[u] / 2 && self.over_until_ms[u] <= now_ms {
+            if self.left[u] < ahead[u] / 2 && self.over_until[u] <= now {
                 hits[u] = ahead[u] - self.left[u];
             }
         }
@@ -231,7 +244,7 @@ impl Key {
             // Tokens alone are topped up with the next request units: a call carries both.
             return None;
         }
-        self.call = Some(Call { token: 0, sent_ms: now_ms, hits, exact: false });
+        self.call = Some(Call { token: 0, sent: now, hits, exact: false });
         Some(Ask { key: index, hits })
     }
 
@@ -253,7 +266,7 @@ impl Key {
 
     /// Lets waiters through in arrival order while the lease covers them; refuses those who
     /// cannot wait for the service's reset.
-    fn serve(&mut self, out: &mut Outcome, now_ms: u64) {
+    fn serve(&mut self, out: &mut Outcome, now: Instant) {
         let mut served = 0;
         while let Some(w) = self.waiters.get(served).filter(|w| self.fits(w.hits)) {
             let (id, hits) = (w.id, w.hits);
@@ -264,8 +277,8 @@ impl Key {
         self.waiters.drain(..served);
         let mut kept = Vec::with_capacity(self.waiters.len());
         for w in std::mem::take(&mut self.waiters) {
-            match self.blocked_until(w.hits, now_ms) {
-                Some(until) if until > w.deadline_ms => out.refuse.push((w.id, until - now_ms, false)),
+            match self.blocked_until(w.hits, now) {
+                Some(until) if until > w.deadline => out.refuse.push((w.id, until - now, false)),
                 _ => kept.push(w),
             }
         }
@@ -279,13 +292,13 @@ pub struct Gate {
     pub rules: GateRules,
     keys: Vec<Key>,
     /// `local` mode after a failure: requests skip the service until then.
-    skip_until_ms: u64,
+    skip_until: Instant,
     counts: Counts,
 }
 
 impl Gate {
     pub fn new(rules: GateRules) -> Gate {
-        Gate { rules, keys: Vec::new(), skip_until_ms: 0, counts: Counts::default() }
+        Gate { rules, keys: Vec::new(), skip_until: Instant::ZERO, counts: Counts::default() }
     }
 
     /// The name of key `index`, for the host to build the call's descriptors.
@@ -307,61 +320,63 @@ impl Gate {
     }
 
     /// The key's index, added (evicting an idle key if the table is full) when new.
-    fn key(&mut self, name: &str, now_ms: u64) -> Option<usize> {
+    fn key(&mut self, name: &str, now: Instant) -> Option<usize> {
         if let Some(i) = self.find(name) {
             return Some(i);
         }
         if self.keys.len() >= MAX_KEYS {
-            let i = self.keys.iter().position(|k| k.idle() && k.over_until_ms.iter().all(|&t| t <= now_ms))?;
+            let i = self.keys.iter().position(|k| k.idle() && k.over_until.iter().all(|&t| t <= now))?;
             self.keys.swap_remove(i);
         }
-        self.keys.push(Key::new(name, now_ms));
+        self.keys.push(Key::new(name, now));
         Some(self.keys.len() - 1)
     }
 
     /// How long a request needing `hits` would wait for the service's reset, if the service
     /// said over limit: checked before the local buckets, so a request that cannot wait that long
     /// costs no local token.
-    pub fn blocked_ms(&self, name: &str, hits: Units, now_ms: u64) -> Option<u64> {
+    pub fn blocked(&self, name: &str, hits: Units, now: Instant) -> Option<Duration> {
+        let now = now.floor_millis();
         let k = &self.keys[self.find(name)?];
-        k.blocked_until(hits, now_ms).map(|t| t - now_ms)
+        k.blocked_until(hits, now).map(|t| t - now)
     }
 
-    /// Request `id`, admitted by the local buckets, needs `hits` and may wait `may_wait_ms`.
-    pub fn arrive(&mut self, name: &str, id: u32, hits: Units, may_wait_ms: u64, now_ms: u64) -> Verdict {
-        if now_ms < self.skip_until_ms {
+    /// Request `id`, admitted by the local buckets, needs `hits` and may wait `may_wait`.
+    pub fn arrive(&mut self, name: &str, id: u32, hits: Units, may_wait: Duration, now: Instant) -> Verdict {
+        let now = now.floor_millis();
+        if now < self.skip_until {
             self.counts.fallback += 1;
             return Verdict::Pass { ask: None };
         }
-        let Some(i) = self.key(name, now_ms) else {
+        let Some(i) = self.key(name, now) else {
             // Every key busy: the service cannot be asked for this one, as if it had failed (but
             // `local` skips it for this request only: filling the table must not switch the
             // service off for every key).
             self.counts.errors += 1;
             if self.rules.failure_mode == FailureMode::Deny {
-                return Verdict::Refuse { wait_ms: RETRY_MS, unavailable: true };
+                return Verdict::Refuse { wait: RETRY, unavailable: true };
             }
             self.counts.fallback += 1;
             return Verdict::Pass { ask: None };
         };
         let k = &mut self.keys[i];
-        roll(k, now_ms);
-        if k.lease_until_ms <= now_ms {
+        roll(k, now);
+        if k.lease_until <= now {
             expire(k, &mut self.counts);
         }
         if k.waiters.is_empty() && k.fits(hits) {
             k.spend(hits);
-            let ask = k.top_up(i, &self.rules, now_ms);
+            let ask = k.top_up(i, &self.rules, now);
             self.counted(&ask);
             return Verdict::Pass { ask };
         }
-        if let Some(until) = k.blocked_until(hits, now_ms) {
-            if until - now_ms > may_wait_ms {
-                return Verdict::Refuse { wait_ms: until - now_ms, unavailable: false };
+        if let Some(until) = k.blocked_until(hits, now) {
+            if until - now > may_wait {
+                return Verdict::Refuse { wait: until - now, unavailable: false };
             }
         }
-        k.waiters.push(Waiter { id, hits, deadline_ms: now_ms.saturating_add(may_wait_ms) });
-        let ask = k.ask(i, &self.rules, now_ms);
+        k.waiters.push(Waiter { id, hits, deadline: now + may_wait });
+        let ask = k.ask(i, &self.rules, now);
         self.counted(&ask);
         Verdict::Wait { ask }
     }
@@ -387,20 +402,21 @@ impl Gate {
     }
 
     /// The answer to call `token`.
-    pub fn answered(&mut self, token: u32, r: &Response, now_ms: u64) -> Outcome {
+    pub fn answered(&mut self, token: u32, r: &Response, now: Instant) -> Outcome {
+        let now = now.floor_millis();
         let Some(i) = self.keys.iter().position(|k| k.call.as_ref().is_some_and(|c| c.token == token)) else {
             return Outcome::default(); // late: the tick gave up on it
         };
         let mut out = Outcome::default();
         let k = &mut self.keys[i];
         let Some(call) = k.call.take() else { return out };
-        self.counts.latency_ms.push(now_ms.saturating_sub(call.sent_ms));
+        self.counts.latency_ms.push((now - call.sent).as_millis());
         // Statuses come in the order of the descriptors sent: one per unit asked.
         let asked: Vec<usize> = [REQUESTS, TOKENS].into_iter().filter(|&u| call.hits[u] > 0).collect();
         let said = |n: usize| r.statuses.get(n).copied();
         if r.overall == Code::Unknown && r.statuses.iter().all(|s| s.code == Code::Unknown) {
             k.call = Some(call);
-            return self.fail(i, now_ms, false);
+            return self.fail(i, now, false);
         }
         let need = need(k);
         let mut over = false;
@@ -419,16 +435,16 @@ impl Gate {
             if !call.exact && fits_exact {
                 k.exact = true; // asked ahead and refused: ask again for need alone
             } else {
-                let wait = s.and_then(|s| s.until_reset_ms).filter(|&ms| ms > 0).unwrap_or(BACKOFF_MS);
-                k.over_until_ms[u] = now_ms.saturating_add(wait);
+                let wait = s.and_then(|s| s.until_reset_ms).filter(|&ms| ms > 0).map_or(BACKOFF, Duration::from_millis);
+                k.over_until[u] = now + wait;
             }
         }
         if over {
             self.counts.over_limit += 1;
         }
-        k.lease_until_ms = now_ms.saturating_add(self.rules.lease_ms);
-        k.serve(&mut out, now_ms);
-        let ask = k.ask(i, &self.rules, now_ms);
+        k.lease_until = now + self.rules.lease();
+        k.serve(&mut out, now);
+        let ask = k.ask(i, &self.rules, now);
         self.counted(&ask);
         out.asks.extend(ask);
         out
@@ -436,9 +452,10 @@ impl Gate {
 
     /// Call `token` failed (error status, timeout, or could not be sent).
     /// Call `token` failed; `timeout`: it was not answered in time.
-    pub fn failed(&mut self, token: u32, timeout: bool, now_ms: u64) -> Outcome {
+    pub fn failed(&mut self, token: u32, timeout: bool, now: Instant) -> Outcome {
+        let now = now.floor_millis();
         match self.keys.iter().position(|k| k.call.as_ref().is_some_and(|c| c.token == token)) {
-            Some(i) => self.fail(i, now_ms, timeout),
+            Some(i) => self.fail(i, now, timeout),
             None => Outcome::default(),
         }
     }
@@ -447,11 +464,11 @@ impl Gate {
     /// still inside its own callback and cannot be resumed from there).
     pub fn not_sent(&mut self, key: usize) {
         if let Some(c) = self.keys.get_mut(key).and_then(|k| k.call.as_mut()) {
-            c.sent_ms = 0;
+            c.sent = Instant::ZERO;
         }
     }
 
-    fn fail(&mut self, i: usize, now_ms: u64, timeout: bool) -> Outcome {
+    fn fail(&mut self, i: usize, now: Instant, timeout: bool) -> Outcome {
         let mut out = Outcome::default();
         if timeout {
             self.counts.timeouts += 1;
@@ -462,12 +479,12 @@ impl Gate {
         k.call = None;
         let waiters = std::mem::take(&mut k.waiters);
         match self.rules.failure_mode {
-            FailureMode::Deny => out.refuse.extend(waiters.iter().map(|w| (w.id, RETRY_MS, true))),
+            FailureMode::Deny => out.refuse.extend(waiters.iter().map(|w| (w.id, RETRY, true))),
             mode => {
                 self.counts.fallback += waiters.len() as u64;
                 out.pass.extend(waiters.iter().map(|w| w.id));
                 if mode == FailureMode::Local {
-                    self.skip_until_ms = now_ms.saturating_add(RETRY_MS);
+                    self.skip_until = now + RETRY;
                 }
             }
         }
@@ -476,30 +493,31 @@ impl Gate {
 
     /// Calls not answered in time fail; leases end; waiters whose reset came are asked for,
     /// and those past their deadline are refused.
-    pub fn tick(&mut self, now_ms: u64) -> Outcome {
+    pub fn tick(&mut self, now: Instant) -> Outcome {
+        let now = now.floor_millis();
         let mut out = Outcome::default();
-        let late = self.rules.timeout_ms.saturating_add(TIMEOUT_GRACE_MS);
+        let late = self.rules.timeout() + TIMEOUT_GRACE;
         for i in 0..self.keys.len() {
             let k = &self.keys[i];
-            if k.call.as_ref().is_some_and(|c| now_ms.saturating_sub(c.sent_ms) > late) {
-                let o = self.fail(i, now_ms, true);
+            if k.call.as_ref().is_some_and(|c| now - c.sent > late) {
+                let o = self.fail(i, now, true);
                 out.pass.extend(o.pass);
                 out.refuse.extend(o.refuse);
             }
             let k = &mut self.keys[i];
-            roll(k, now_ms);
-            if k.lease_until_ms <= now_ms && k.left != [0, 0] {
+            roll(k, now);
+            if k.lease_until <= now && k.left != [0, 0] {
                 expire(k, &mut self.counts);
             }
             for u in [REQUESTS, TOKENS] {
-                if k.over_until_ms[u] <= now_ms {
-                    k.over_until_ms[u] = 0;
+                if k.over_until[u] <= now {
+                    k.over_until[u] = Instant::ZERO;
                 }
             }
             // Waiting for a call's answer is bounded by the timeout; the deadline bounds waiting
             // for a reset, and `serve` refuses whoever cannot wait for theirs.
-            k.serve(&mut out, now_ms);
-            let ask = k.ask(i, &self.rules, now_ms);
+            k.serve(&mut out, now);
+            let ask = k.ask(i, &self.rules, now);
             if ask.is_some() {
                 self.counts.calls += 1;
             }
@@ -521,12 +539,12 @@ fn need(k: &Key) -> Units {
 }
 
 /// Starts a new second of spending when one has passed.
-fn roll(k: &mut Key, now_ms: u64) {
-    let elapsed = now_ms.saturating_sub(k.second_ms);
-    if elapsed >= 1000 {
-        k.rate = if elapsed < 2000 { k.spent } else { [0, 0] };
+fn roll(k: &mut Key, now: Instant) {
+    let elapsed = now - k.second;
+    if elapsed >= Duration::from_secs(1) {
+        k.rate = if elapsed < Duration::from_secs(2) { k.spent } else { [0, 0] };
         k.spent = [0, 0];
-        k.second_ms = now_ms;
+        k.second = now;
     }
 }
 
@@ -541,6 +559,15 @@ fn expire(k: &mut Key, counts: &mut Counts) {
 mod tests {
     use super::super::proto::Status;
     use super::*;
+
+    /// The instant `ms` milliseconds after the origin.
+    fn at(ms: u64) -> Instant {
+        Instant::from_millis(ms)
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
 
     fn rules(mode: FailureMode, max_lease: u64) -> GateRules {
         GateRules { timeout_ms: 50, failure_mode: mode, max_lease, lease_ms: 1000 }
@@ -570,34 +597,34 @@ mod tests {
     #[test]
     fn first_request_waits_for_one_call_and_the_next_share_it() {
         let mut g = Gate::new(rules(FailureMode::Local, 32));
-        let a = asked(g.arrive(key(), 1, [1, 0], 1000, 0));
+        let a = asked(g.arrive(key(), 1, [1, 0], ms(1000), at(0)));
         assert_eq!(a.hits, [1, 0], "no spending seen yet: no lease ahead");
         g.sent(a.key, 7);
-        assert_eq!(g.arrive(key(), 2, [1, 0], 1000, 1), Verdict::Wait { ask: None }, "one call in flight");
-        let o = g.answered(7, &ok(99), 2);
+        assert_eq!(g.arrive(key(), 2, [1, 0], ms(1000), at(1)), Verdict::Wait { ask: None }, "one call in flight");
+        let o = g.answered(7, &ok(99), at(2));
         assert_eq!(o.pass, vec![1]);
         // Request 2 was not in the call: a second call follows, one ahead for the one spent.
         assert_eq!(o.asks, vec![Ask { key: 0, hits: [2, 0] }]);
     }
 
-    /// Arrivals at `now_ms`, every call answered at once with `answer`: (calls, largest ask).
+    /// Arrivals at `now_ms` (ms), every call answered at once with `answer`: (calls, largest ask).
     fn burst(g: &mut Gate, ids: std::ops::Range<u32>, now_ms: u64, answer: &Response) -> (u64, u64) {
         let (mut calls, mut most) = (0, 0);
         for id in ids {
-            match g.arrive(key(), id, [1, 0], 1000, now_ms) {
+            match g.arrive(key(), id, [1, 0], ms(1000), at(now_ms)) {
                 Verdict::Pass { ask: None } => {}
                 Verdict::Pass { ask: Some(a) } => {
                     // A top-up, sent while the request goes.
                     calls += 1;
                     most = most.max(a.hits[REQUESTS]);
                     g.sent(a.key, id + 1);
-                    assert!(g.answered(id + 1, answer, now_ms).pass.is_empty());
+                    assert!(g.answered(id + 1, answer, at(now_ms)).pass.is_empty());
                 }
                 Verdict::Wait { ask: Some(a) } => {
                     calls += 1;
                     most = most.max(a.hits[REQUESTS]);
                     g.sent(a.key, id + 1);
-                    assert_eq!(g.answered(id + 1, answer, now_ms).pass, vec![id]);
+                    assert_eq!(g.answered(id + 1, answer, at(now_ms)).pass, vec![id]);
                 }
                 other => panic!("{other:?}"),
             }
@@ -613,11 +640,11 @@ mod tests {
         // `max_lease` held, about a call per 16 requests once grown.
         assert!(most <= 32, "{most}");
         assert!(calls <= 200 / 16 + 6, "{calls} calls for 200 requests");
-        g.tick(1499);
+        g.tick(at(1499));
         let before = g.take_counts();
         assert_eq!(before.calls, calls);
         assert_eq!(before.expired, [0, 0], "still within lease_ms");
-        g.tick(1500);
+        g.tick(at(1500));
         let c = g.take_counts();
         // What was leased ahead and not spent is dropped at the lease's end.
         assert!(before.leased[REQUESTS] >= 200 - calls, "most requests went on leased units");
@@ -632,7 +659,7 @@ mod tests {
         // Spend until the lease is topped up; the service refuses the top-up while 3 remain.
         let mut id = 100;
         let a = loop {
-            match g.arrive(key(), id, [1, 0], 1000, 0) {
+            match g.arrive(key(), id, [1, 0], ms(1000), at(0)) {
                 Verdict::Pass { ask: Some(a) } => break a,
                 Verdict::Pass { ask: None } => id += 1,
                 other => panic!("{other:?}"),
@@ -640,11 +667,11 @@ mod tests {
         };
         assert!(a.hits[REQUESTS] > 1);
         g.sent(a.key, 1);
-        assert_eq!(g.answered(1, &over(3, 900), 1), Outcome::default());
+        assert_eq!(g.answered(1, &over(3, 900), at(1)), Outcome::default());
         // When the lease runs out, a request asks for itself alone, and gets it.
         let a = loop {
             id += 1;
-            match g.arrive(key(), id, [1, 0], 1000, 2) {
+            match g.arrive(key(), id, [1, 0], ms(1000), at(2)) {
                 Verdict::Wait { ask: Some(a) } => break a,
                 Verdict::Pass { ask: None } => {}
                 other => panic!("{other:?}"),
@@ -652,32 +679,35 @@ mod tests {
         };
         assert_eq!(a.hits, [1, 0], "exactly its need");
         g.sent(a.key, 2);
-        assert_eq!(g.answered(2, &ok(2), 3).pass, vec![id]);
+        assert_eq!(g.answered(2, &ok(2), at(3)).pass, vec![id]);
     }
 
     #[test]
     fn over_limit_is_cached_until_its_reset() {
         let mut g = Gate::new(rules(FailureMode::Local, 1));
-        let a = asked(g.arrive(key(), 1, [1, 0], 5000, 0));
+        let a = asked(g.arrive(key(), 1, [1, 0], ms(5000), at(0)));
         g.sent(a.key, 1);
-        let o = g.answered(1, &over(0, 3000), 10);
+        let o = g.answered(1, &over(0, 3000), at(10));
         assert!(o.pass.is_empty() && o.refuse.is_empty(), "may wait 5 s for a 3 s reset");
-        assert_eq!(g.blocked_ms(key(), [1, 0], 1010), Some(2000));
+        assert_eq!(g.blocked(key(), [1, 0], at(1010)), Some(ms(2000)));
         // A request that may wait 1 s is refused at once, no call.
-        assert_eq!(g.arrive(key(), 2, [1, 0], 1000, 1010), Verdict::Refuse { wait_ms: 2000, unavailable: false });
+        assert_eq!(
+            g.arrive(key(), 2, [1, 0], ms(1000), at(1010)),
+            Verdict::Refuse { wait: ms(2000), unavailable: false }
+        );
         assert_eq!(g.take_counts().calls, 1);
         // Nothing asked before the reset; asked at it.
-        assert!(g.tick(2000).asks.is_empty());
-        let o = g.tick(3010);
+        assert!(g.tick(at(2000)).asks.is_empty());
+        let o = g.tick(at(3010));
         assert_eq!(o.asks, vec![Ask { key: 0, hits: [1, 0] }]);
         g.sent(0, 2);
-        assert_eq!(g.answered(2, &ok(9), 3020).pass, vec![1]);
+        assert_eq!(g.answered(2, &ok(9), at(3020)).pass, vec![1]);
     }
 
     #[test]
     fn tokens_go_with_requests_and_each_unit_is_granted_alone() {
         let mut g = Gate::new(rules(FailureMode::Local, 1));
-        let a = asked(g.arrive(key(), 1, [1, 500], 5000, 0));
+        let a = asked(g.arrive(key(), 1, [1, 500], ms(5000), at(0)));
         assert_eq!(a.hits, [1, 500]);
         g.sent(0, 1);
         let r = Response {
@@ -687,31 +717,31 @@ mod tests {
                 Status { code: Code::OverLimit, remaining: Some(100), until_reset_ms: Some(500) },
             ],
         };
-        assert!(g.answered(1, &r, 0).pass.is_empty());
+        assert!(g.answered(1, &r, at(0)).pass.is_empty());
         // The request unit is held (leased); only tokens are asked for, at the tokens' reset.
-        assert!(g.tick(499).asks.is_empty());
-        let o = g.tick(501);
+        assert!(g.tick(at(499)).asks.is_empty());
+        let o = g.tick(at(501));
         assert_eq!(o.asks, vec![Ask { key: 0, hits: [0, 500] }]);
         g.sent(0, 2);
         let r = Response { overall: Code::Ok, statuses: vec![Status { code: Code::Ok, ..Status::default() }] };
-        assert_eq!(g.answered(2, &r, 502).pass, vec![1]);
+        assert_eq!(g.answered(2, &r, at(502)).pass, vec![1]);
     }
 
     #[test]
     fn failure_modes() {
         for (mode, passed) in [(FailureMode::Local, true), (FailureMode::Allow, true), (FailureMode::Deny, false)] {
             let mut g = Gate::new(rules(mode, 32));
-            let a = asked(g.arrive(key(), 1, [1, 0], 1000, 0));
+            let a = asked(g.arrive(key(), 1, [1, 0], ms(1000), at(0)));
             g.sent(a.key, 1);
-            g.arrive(key(), 2, [1, 0], 1000, 0);
-            let o = g.failed(1, false, 40);
+            g.arrive(key(), 2, [1, 0], ms(1000), at(0));
+            let o = g.failed(1, false, at(40));
             if passed {
                 assert_eq!(o.pass, vec![1, 2], "{mode:?}");
             } else {
-                assert_eq!(o.refuse, vec![(1, RETRY_MS, true), (2, RETRY_MS, true)]);
+                assert_eq!(o.refuse, vec![(1, RETRY, true), (2, RETRY, true)]);
             }
             // Local skips the service for a while; allow asks again at once.
-            let next = g.arrive(key(), 3, [1, 0], 1000, 50);
+            let next = g.arrive(key(), 3, [1, 0], ms(1000), at(50));
             match mode {
                 FailureMode::Local => assert_eq!(next, Verdict::Pass { ask: None }),
                 _ => assert!(matches!(next, Verdict::Wait { ask: Some(_) })),
@@ -722,20 +752,20 @@ mod tests {
     #[test]
     fn no_request_waits_past_the_timeout_for_a_silent_service() {
         let mut g = Gate::new(rules(FailureMode::Allow, 32));
-        let a = asked(g.arrive(key(), 1, [1, 0], 10_000, 0));
+        let a = asked(g.arrive(key(), 1, [1, 0], ms(10_000), at(0)));
         g.sent(a.key, 1);
-        assert!(g.tick(100).pass.is_empty());
-        assert_eq!(g.tick(151).pass, vec![1], "timeout 50 ms + grace");
-        assert_eq!(g.answered(1, &ok(5), 200), Outcome::default(), "a late answer is ignored");
+        assert!(g.tick(at(100)).pass.is_empty());
+        assert_eq!(g.tick(at(151)).pass, vec![1], "timeout 50 ms + grace");
+        assert_eq!(g.answered(1, &ok(5), at(200)), Outcome::default(), "a late answer is ignored");
     }
 
     #[test]
     fn garbage_answers_fail_like_errors() {
         let mut g = Gate::new(rules(FailureMode::Deny, 32));
-        let a = asked(g.arrive(key(), 1, [1, 0], 1000, 0));
+        let a = asked(g.arrive(key(), 1, [1, 0], ms(1000), at(0)));
         g.sent(a.key, 1);
-        let o = g.answered(1, &Response::default(), 1);
-        assert_eq!(o.refuse, vec![(1, RETRY_MS, true)]);
+        let o = g.answered(1, &Response::default(), at(1));
+        assert_eq!(o.refuse, vec![(1, RETRY, true)]);
     }
 
     #[test]
@@ -743,9 +773,9 @@ mod tests {
         let mut g = Gate::new(rules(FailureMode::Local, 32));
         for t in 0..(MAX_KEYS as u32 + 10) {
             let k = t.to_string();
-            if let Verdict::Wait { ask: Some(a) } = g.arrive(&k, t, [1, 0], 1000, 0) {
+            if let Verdict::Wait { ask: Some(a) } = g.arrive(&k, t, [1, 0], ms(1000), at(0)) {
                 g.sent(a.key, t + 1);
-                g.answered(t + 1, &ok(5), 0);
+                g.answered(t + 1, &ok(5), at(0));
             }
         }
         assert!(g.keys.len() <= MAX_KEYS);
@@ -757,15 +787,15 @@ mod tests {
             let mut g = Gate::new(rules(mode, 32));
             // Every key busy: a call in flight for each, none answered.
             for t in 0..MAX_KEYS as u32 {
-                let a = asked(g.arrive(&t.to_string(), t, [1, 0], 1000, 0));
+                let a = asked(g.arrive(&t.to_string(), t, [1, 0], ms(1000), at(0)));
                 g.sent(a.key, t + 1);
             }
             g.take_counts();
-            let v = g.arrive("new", 5000, [1, 0], 1000, 1);
+            let v = g.arrive("new", 5000, [1, 0], ms(1000), at(1));
             let c = g.take_counts();
             match mode {
                 FailureMode::Deny => {
-                    assert_eq!(v, Verdict::Refuse { wait_ms: RETRY_MS, unavailable: true });
+                    assert_eq!(v, Verdict::Refuse { wait: RETRY, unavailable: true });
                     assert_eq!(c.fallback, 0);
                 }
                 _ => {
@@ -775,7 +805,7 @@ mod tests {
             }
             assert_eq!(c.errors, 1, "{mode:?}: counted as a failure");
             // The tracked keys are unaffected: `local` skips the service only for the untracked key.
-            assert_eq!(g.arrive("0", 6000, [1, 0], 1000, 2), Verdict::Wait { ask: None }, "{mode:?}");
+            assert_eq!(g.arrive("0", 6000, [1, 0], ms(1000), at(2)), Verdict::Wait { ask: None }, "{mode:?}");
         }
     }
 }

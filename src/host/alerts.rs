@@ -8,55 +8,57 @@ use super::shared::SharedData;
 use crate::alert::{self, Event as Alert};
 use crate::config::Config;
 use crate::idmap::IdMap;
+use crate::time::{Duration, Instant};
 use std::cell::{Cell, RefCell};
 
 #[derive(Default)]
 pub struct Alerts {
-    /// Alerts to send on the next tick, and when they were raised (0: at the tick).
-    queued: RefCell<Vec<(Alert, u64)>>,
+    /// Alerts to send on the next tick, and when they were raised (`Instant::ZERO`: at the tick).
+    queued: RefCell<Vec<(Alert, Instant)>>,
     /// Calls sent whose answer has not come.
     calls: RefCell<IdMap<()>>,
     /// This minute's start and the waiters shed in it, for the shedding alert.
-    shed_minute: Cell<(u64, u64)>,
+    shed_minute: Cell<(Instant, u64)>,
 }
 
 impl Alerts {
     /// Queues `alert` for the next tick (when alerts are configured).
-    pub fn raise(&self, c: &Config, alert: Alert, now_ms: u64) {
+    pub fn raise(&self, c: &Config, alert: Alert, now: Instant) {
         if c.alert.is_some() {
             if let Ok(mut a) = self.queued.try_borrow_mut() {
-                a.push((alert, now_ms));
+                a.push((alert, now));
             }
         }
     }
 
     /// A waiter was shed: the shedding alert when this minute's count reaches its threshold.
-    pub fn shed(&self, c: &Config, now_ms: u64) {
+    pub fn shed(&self, c: &Config, now: Instant) {
         let Some(cfg) = &c.alert else { return };
+        let now = now.floor_millis();
         let (start, n) = self.shed_minute.get();
-        let (start, n) = if now_ms.saturating_sub(start) >= 60_000 { (now_ms, 1) } else { (start, n + 1) };
+        let (start, n) = if now - start >= Duration::from_secs(60) { (now, 1) } else { (start, n + 1) };
         self.shed_minute.set((start, n));
         if cfg.shed_per_minute > 0 && n == cfg.shed_per_minute {
-            self.raise(c, Alert::Shedding { per_minute: n }, now_ms);
+            self.raise(c, Alert::Shedding { per_minute: n }, now);
         }
     }
 
     /// Sends the queued alerts: one per provider and event per interval, process-wide.
-    pub fn send(&self, c: &Config, metrics: &Metrics, now_ms: u64) {
+    pub fn send(&self, c: &Config, metrics: &Metrics, now: Instant) {
         let Some(cfg) = &c.alert else { return };
         let queued = match self.queued.try_borrow_mut() {
             Ok(mut a) if !a.is_empty() => std::mem::take(&mut *a),
             _ => return,
         };
-        for (alert, at_ms) in queued {
-            let at_ms = if at_ms == 0 { now_ms } else { at_ms };
+        for (alert, at) in queued {
+            let at = if at == Instant::ZERO { now } else { at };
             let key = alert::slot_key(&c.name, alert.name());
-            match alert::claim(&SharedData, &key, &alert, now_ms, cfg.min_interval_ms) {
+            match alert::claim(&SharedData, &key, &alert, now, Duration::from_millis(cfg.min_interval_ms)) {
                 Ok(true) => {}
                 Ok(false) => continue,
                 Err(s) => log::debug!("llm-ratelimit: cannot claim the alert slot: status {s}"),
             }
-            let body = alert::payload(cfg.format, &c.name, &alert, at_ms);
+            let body = alert::payload(cfg.format, &c.name, &alert, at);
             let headers = crate::header_map::serialize(&[
                 (":method", "POST"),
                 (":path", cfg.path.as_str()),

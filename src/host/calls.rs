@@ -2,6 +2,7 @@
 
 use super::api::{Buffer, Host, Map, Status, Stream};
 use crate::header_map::HeaderMap;
+use crate::time::Instant;
 
 /// The host of this VM: the ABI in the `.wasm` (a constant, so calls are direct).
 #[cfg(target_arch = "wasm32")]
@@ -27,8 +28,9 @@ pub fn install(host: &'static dyn Host) {
     HOST.with(|h| h.set(Some(host)));
 }
 
-pub fn now_ns() -> Result<u64, Status> {
-    host().now_ns()
+/// The host's clock: the one place it is read, and typed.
+pub fn now() -> Result<Instant, Status> {
+    host().now_ns().map(Instant::from_nanos)
 }
 
 pub fn request_header(name: &str) -> Result<Option<String>, Status> {

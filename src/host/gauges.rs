@@ -3,6 +3,7 @@
 
 use super::metrics::Metrics;
 use crate::signals::Signals;
+use crate::time::Instant;
 use crate::worker::Levels;
 use std::cell::Cell;
 
@@ -11,9 +12,9 @@ pub struct Gauges {
     token_bucket: Cell<u64>,
     waiting: Cell<[u32; 4]>,
     /// When the queue depths were last read again for waiters elsewhere.
-    pub waiting_refreshed_ms: Cell<u64>,
+    pub waiting_refreshed: Cell<Instant>,
     /// When the tenant table was last counted.
-    pub census_ms: Cell<u64>,
+    pub census: Cell<Instant>,
     /// The provider's remaining and limit, requests and tokens: as last heard, and as last
     /// published.
     provider_heard: Cell<[Option<u64>; 4]>,
@@ -26,8 +27,8 @@ impl Default for Gauges {
             tokens: Cell::new(u64::MAX),
             token_bucket: Cell::new(u64::MAX),
             waiting: Cell::new([u32::MAX; 4]),
-            waiting_refreshed_ms: Cell::new(0),
-            census_ms: Cell::new(0),
+            waiting_refreshed: Cell::new(Instant::ZERO),
+            census: Cell::new(Instant::ZERO),
             provider_heard: Cell::new([None; 4]),
             provider_published: Cell::new([None; 4]),
         }

@@ -11,12 +11,12 @@ use crate::global::gate::{Ask, Gate, Outcome, Units, Verdict, REQUESTS, TOKENS};
 use crate::global::proto::{self, Descriptor};
 use crate::priority::Priority;
 use crate::reply::Reason;
+use crate::time::{Duration, Instant};
 use crate::worker::Refusal;
 use std::cell::RefCell;
 
 const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
 const METHOD: &str = "ShouldRateLimit";
-const NANOS_PER_MS: u64 = 1_000_000;
 
 /// What one request needs from the gate: its key (the values of the configured entries but
 /// `unit`, each ending in a newline, which no header value holds), units, class.
@@ -80,14 +80,14 @@ impl GlobalHost {
 
     /// How long the service's last over-limit answer still holds for `need`, checked before the
     /// local buckets.
-    pub fn blocked_ms(&self, need: &Need, now_ms: u64) -> Option<u64> {
-        self.gate.try_borrow().ok()?.blocked_ms(&need.key, need.hits, now_ms)
+    pub fn blocked(&self, need: &Need, now: Instant) -> Option<Duration> {
+        self.gate.try_borrow().ok()?.blocked(&need.key, need.hits, now)
     }
 
     /// Request `id` passed the local buckets: the gate lets it through, makes it wait, or refuses.
-    pub fn arrive(&self, id: u32, need: &Need, may_wait_ms: u64, now_ms: u64) -> Gated {
+    pub fn arrive(&self, id: u32, need: &Need, may_wait: Duration, now: Instant) -> Gated {
         let verdict = match self.gate.try_borrow_mut() {
-            Ok(mut gate) => gate.arrive(&need.key, id, need.hits, may_wait_ms, now_ms),
+            Ok(mut gate) => gate.arrive(&need.key, id, need.hits, may_wait, now),
             Err(_) => return Gated::Pass,
         };
         match verdict {
@@ -98,7 +98,7 @@ impl GlobalHost {
                 }
                 Gated::Pass
             }
-            Verdict::Refuse { wait_ms, unavailable } => Gated::Refuse(refusal(id, need.class, wait_ms, unavailable)),
+            Verdict::Refuse { wait, unavailable } => Gated::Refuse(refusal(id, need.class, wait, unavailable)),
             Verdict::Wait { ask } => {
                 self.stats.waited.inc();
                 if let Some(ask) = ask {
@@ -152,15 +152,15 @@ impl GlobalHost {
 
     /// The service answered call `token` (`size` bytes).
     pub fn answered(&self, token: u32, size: usize) {
-        let now_ms = calls::now_ns().unwrap_or(0) / NANOS_PER_MS;
+        let now = calls::now().unwrap_or_default();
         let message = host().buffer(Buffer::GrpcMessage, size).unwrap_or_default();
         let outcome = {
             let Ok(mut gate) = self.gate.try_borrow_mut() else { return };
             match proto::decode_response(&message) {
-                Ok(r) => gate.answered(token, &r, now_ms),
+                Ok(r) => gate.answered(token, &r, now),
                 Err(e) => {
                     log::warn!("llm-ratelimit: unreadable rate limit service answer: {e}");
-                    gate.failed(token, false, now_ms)
+                    gate.failed(token, false, now)
                 }
             }
         };
@@ -169,20 +169,19 @@ impl GlobalHost {
 
     /// Call `token` ended without an answer (gRPC `status`: unavailable, deadline exceeded, ...).
     pub fn closed(&self, token: u32, status: u32) {
-        let now_ms = calls::now_ns().unwrap_or(0) / NANOS_PER_MS;
+        let now = calls::now().unwrap_or_default();
         let outcome = match self.gate.try_borrow_mut() {
             // gRPC DEADLINE_EXCEEDED: no answer within timeout_ms.
-            Ok(mut gate) => gate.failed(token, status == 4, now_ms),
+            Ok(mut gate) => gate.failed(token, status == 4, now),
             Err(_) => return,
         };
         self.carry_out(outcome);
     }
 
     /// Each tick: timeouts, resets, leases' ends; and the gate's counts into the stats.
-    pub fn tick(&self, now_ns: u64) {
-        let now_ms = now_ns / NANOS_PER_MS;
+    pub fn tick(&self, now: Instant) {
         let (outcome, counts) = match self.gate.try_borrow_mut() {
-            Ok(mut gate) if gate.busy() => (gate.tick(now_ms), gate.take_counts()),
+            Ok(mut gate) if gate.busy() => (gate.tick(now), gate.take_counts()),
             Ok(mut gate) => (Outcome::default(), gate.take_counts()),
             Err(_) => return,
         };
@@ -207,9 +206,9 @@ impl GlobalHost {
         for id in outcome.pass {
             event::post(id, Event::GlobalPassed);
         }
-        for (id, wait_ms, unavailable) in outcome.refuse {
+        for (id, wait, unavailable) in outcome.refuse {
             // The class is the request's own: it answers with it.
-            event::post(id, Event::GlobalRefused(refusal(id, Priority::Normal, wait_ms, unavailable)));
+            event::post(id, Event::GlobalRefused(refusal(id, Priority::Normal, wait, unavailable)));
         }
         for ask in outcome.asks {
             self.send(ask);
@@ -224,14 +223,14 @@ fn restore(id: u32) {
     }
 }
 
-pub fn refusal(id: u32, class: Priority, wait_ms: u64, unavailable: bool) -> Refusal {
+pub fn refusal(id: u32, class: Priority, wait: Duration, unavailable: bool) -> Refusal {
     Refusal {
         id,
         class,
         reason: if unavailable { Reason::GlobalUnavailable } else { Reason::GlobalLimit },
-        wait_ns: wait_ms.saturating_mul(NANOS_PER_MS),
+        wait,
         tokens: 0.0,
         retry: true,
-        queued_ms: None,
+        queued: None,
     }
 }

@@ -7,14 +7,15 @@
 
 use super::event::{self, Event};
 use crate::idmap::IdMap;
+use crate::time::{Duration, Instant};
 use std::cell::{Cell, RefCell};
 
 /// How long a held 429 waits for its body while delivery is unknown, and once it is known.
-const ANSWER_BODY_UNKNOWN_MS: u64 = 150;
-const ANSWER_BODY_MS: u64 = 2_000;
+const ANSWER_BODY_UNKNOWN: Duration = Duration::from_millis(150);
+const ANSWER_BODY: Duration = Duration::from_millis(2_000);
 /// How long a held request waits for its first body byte while delivery is unknown; then it is
 /// decided from its size (never let through unlimited).
-const REQUEST_BODY_UNKNOWN_MS: u64 = 1_000;
+const REQUEST_BODY_UNKNOWN: Duration = Duration::from_millis(1_000);
 /// Held requests whose body never came, while delivery was unknown, before this worker concludes
 /// Envoy withholds bodies: several, so one slow client does not decide it.
 const MISSING_TO_WITHHELD: u32 = 3;
@@ -32,10 +33,10 @@ pub enum Bodies {
 
 /// Headers held until their body is read.
 struct Held {
-    since_ms: u64,
+    since: Instant,
     body_seen: bool,
     /// A request's (with its class's `max_wait_ms`), or a provider 429's (`None`).
-    request_wait_ms: Option<u64>,
+    request_wait: Option<Duration>,
 }
 
 pub struct Holds {
@@ -44,7 +45,7 @@ pub struct Holds {
     missing: Cell<u32>,
     held: RefCell<IdMap<Held>>,
     /// Router retries held until the provider's reset: id -> until.
-    retries: RefCell<IdMap<u64>>,
+    retries: RefCell<IdMap<Instant>>,
 }
 
 impl Default for Holds {
@@ -63,15 +64,15 @@ impl Holds {
         self.bodies.get()
     }
 
-    /// Holds request `id`'s headers until its body is read, at most `max_wait_ms` once bodies are
+    /// Holds request `id`'s headers until its body is read, at most `max_wait` once bodies are
     /// known to come.
-    pub fn hold_request(&self, id: u32, now_ms: u64, max_wait_ms: u64) -> bool {
-        self.hold(id, Held { since_ms: now_ms, body_seen: false, request_wait_ms: Some(max_wait_ms) })
+    pub fn hold_request(&self, id: u32, now: Instant, max_wait: Duration) -> bool {
+        self.hold(id, Held { since: now.floor_millis(), body_seen: false, request_wait: Some(max_wait) })
     }
 
     /// Holds a provider 429's headers until its body is read.
-    pub fn hold_answer(&self, id: u32, now_ms: u64) -> bool {
-        self.hold(id, Held { since_ms: now_ms, body_seen: false, request_wait_ms: None })
+    pub fn hold_answer(&self, id: u32, now: Instant) -> bool {
+        self.hold(id, Held { since: now.floor_millis(), body_seen: false, request_wait: None })
     }
 
     fn hold(&self, id: u32, h: Held) -> bool {
@@ -115,9 +116,9 @@ impl Holds {
         }
     }
 
-    /// Holds router retry `id` until `until_ms`; false if it cannot be held.
-    pub fn hold_retry(&self, id: u32, until_ms: u64) -> bool {
-        self.retries.try_borrow_mut().map(|mut r| r.insert(id, until_ms)).is_ok()
+    /// Holds router retry `id` until `until`; false if it cannot be held.
+    pub fn hold_retry(&self, id: u32, until: Instant) -> bool {
+        self.retries.try_borrow_mut().map(|mut r| r.insert(id, until)).is_ok()
     }
 
     pub fn drop_retry(&self, id: u32) {
@@ -137,20 +138,21 @@ impl Holds {
     }
 
     /// Posts an event to every hold whose time came, and forgets it.
-    pub fn post_due(&self, now_ms: u64) {
+    pub fn post_due(&self, now: Instant) {
+        let now = now.floor_millis();
         let bodies = self.bodies.get();
         if let Ok(mut h) = self.held.try_borrow_mut() {
             let due: Vec<(u32, Event)> = h
                 .iter()
                 .filter_map(|(id, e)| {
-                    let limit = match e.request_wait_ms {
+                    let limit = match e.request_wait {
                         Some(max) if e.body_seen || bodies == Bodies::Delivered => max,
-                        Some(_) => REQUEST_BODY_UNKNOWN_MS,
-                        None if bodies == Bodies::Delivered => ANSWER_BODY_MS,
-                        None => ANSWER_BODY_UNKNOWN_MS,
+                        Some(_) => REQUEST_BODY_UNKNOWN,
+                        None if bodies == Bodies::Delivered => ANSWER_BODY,
+                        None => ANSWER_BODY_UNKNOWN,
                     };
-                    let late = now_ms.saturating_sub(e.since_ms) >= limit || now_ms < e.since_ms;
-                    let ev = if e.request_wait_ms.is_some() { Event::BodyLate } else { Event::AnswerLate };
+                    let late = now - e.since >= limit || now < e.since;
+                    let ev = if e.request_wait.is_some() { Event::BodyLate } else { Event::AnswerLate };
                     late.then_some((*id, ev))
                 })
                 .collect();
@@ -160,7 +162,7 @@ impl Holds {
             }
         }
         if let Ok(mut r) = self.retries.try_borrow_mut() {
-            let due: Vec<u32> = r.iter().filter(|(_, until)| **until <= now_ms).map(|(id, _)| *id).collect();
+            let due: Vec<u32> = r.iter().filter(|(_, until)| **until <= now).map(|(id, _)| *id).collect();
             for id in due {
                 r.remove(&id);
                 event::post(id, Event::RetryDue);

@@ -10,8 +10,6 @@ use crate::reply::{self, Limited};
 use crate::worker::Refusal;
 use std::cell::Cell;
 
-const NANOS_PER_MS: u64 = 1_000_000;
-
 /// What a local 429 says depends on: class, reason, wait, remaining, retry, queued time.
 type Key = (Priority, reply::Reason, u64, u64, bool, Option<u64>);
 
@@ -49,13 +47,13 @@ impl Replies {
 
     /// Answers the current request with the local 429 for `r`.
     pub fn send(&self, c: &Config, metrics: &Metrics, r: &Refusal) -> Result<(), Status> {
-        let wait_ms = r.wait_ns.div_ceil(NANOS_PER_MS);
+        let wait_ms = r.wait.as_millis_ceil();
         let secs = reply::retry_after_secs(wait_ms);
         if self.sampled_retry_after.replace(secs) != secs {
             metrics.provider.retry_after_s.record(secs);
         }
         let remaining = (r.tokens - self.floors[r.class.index()]).max(0.0) as u64;
-        let key = (r.class, r.reason, wait_ms, remaining, r.retry, r.queued_ms);
+        let key = (r.class, r.reason, wait_ms, remaining, r.retry, r.queued.map(|q| q.as_millis()));
         // Taken out while the host runs (it may call back into this worker), put back after.
         let reply = match self.last.take() {
             Some(last) if last.key == key => last,
@@ -67,7 +65,7 @@ impl Replies {
     }
 
     fn build(&self, c: &Config, r: &Refusal, key: Key) -> Serialized {
-        let (_, _, wait_ms, remaining, _, _) = key;
+        let (_, _, wait_ms, remaining, _, queued_ms) = key;
         let (_, mut headers, body) = reply::too_many_requests(&Limited {
             name: &c.name,
             priority: r.class,
@@ -78,7 +76,7 @@ impl Replies {
             window_s: self.window_s,
             retry: r.retry,
         });
-        if let Some(ms) = r.queued_ms {
+        if let Some(ms) = queued_ms {
             headers.push(("x-ratelimit-queued-ms", ms.to_string()));
         }
         let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -18,11 +18,11 @@ use crate::config::{Config, Role};
 use crate::header_map::HeaderMap;
 use crate::priority::Priority;
 use crate::signals;
+use crate::time::{Duration, Instant};
 use crate::tokens::{estimate, meter::Meter};
 use crate::worker::{Admission, Arrival, Attempt, Decision, Refusal, Release};
 use std::rc::Rc;
 
-const NANOS_PER_MS: u64 = 1_000_000;
 /// Largest provider 429 body read for timing and terminal-quota hints.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -85,7 +85,7 @@ pub struct Request {
     /// Its tokens, once admitted, until its answer settles them.
     meter: Option<Meter>,
     /// How long it waited in the queue, for `x-ratelimit-queued-ms`.
-    waited_ms: Option<u64>,
+    waited: Option<Duration>,
     /// Which attempt of the router's this is (the observer reads `x-envoy-attempt-count`).
     attempt: u32,
 }
@@ -116,8 +116,9 @@ fn append_chunk(body: &mut Vec<u8>, chunk_size: usize, max: usize) -> bool {
     true
 }
 
-fn now_ms() -> u64 {
-    calls::now_ns().unwrap_or(0) / NANOS_PER_MS
+/// The clock, or the origin when the host cannot say.
+fn now() -> Instant {
+    calls::now().unwrap_or_default()
 }
 
 impl Request {
@@ -136,7 +137,7 @@ impl Request {
             estimate: None,
             global: None,
             meter: None,
-            waited_ms: None,
+            waited: None,
             attempt: 0,
         }
     }
@@ -291,7 +292,7 @@ impl Request {
             }
             (Phase::AwaitingGlobal, Event::GlobalRefused(r)) => {
                 self.w.metrics.global.rejected.inc();
-                let r = Refusal { class: self.class, queued_ms: self.waited_ms, ..r };
+                let r = Refusal { class: self.class, queued: self.waited, ..r };
                 self.refuse_waiting(&r, self.w.metrics.of(self.class).rejected);
             }
             (Phase::ReadingBody, Event::BodyLate) => self.body_late(),
@@ -348,7 +349,7 @@ impl Request {
                 log::debug!("llm-ratelimit: cannot set x-envoy-max-retries: status {s}");
             }
         }
-        let now = match calls::now_ns() {
+        let now = match calls::now() {
             Ok(t) => t,
             Err(s) => return self.fail_open("get_current_time", s),
         };
@@ -362,11 +363,8 @@ impl Request {
             // unless it is larger than we hold (then from its size).
             let length = content_length();
             let fits = length.is_none_or(|n| n <= t.max_body_bytes);
-            let max_wait = cfg.class(self.class).max_wait_ms;
-            if fits
-                && w.holds.bodies() != Bodies::Withheld
-                && w.holds.hold_request(self.id, now / NANOS_PER_MS, max_wait)
-            {
+            let max_wait = Duration::from_millis(cfg.class(self.class).max_wait_ms);
+            if fits && w.holds.bodies() != Bodies::Withheld && w.holds.hold_request(self.id, now, max_wait) {
                 self.phase = Phase::ReadingBody;
                 self.path = path;
                 return Action::Pause;
@@ -429,7 +427,7 @@ impl Request {
     }
 
     fn decide_now(&mut self) -> Action {
-        match calls::now_ns() {
+        match calls::now() {
             Ok(now) => self.decide(now),
             Err(s) => self.fail_open("get_current_time", s),
         }
@@ -437,13 +435,12 @@ impl Request {
 
     /// The provider's gate, an answer from the fallback cache while its breaker is open, then
     /// admission.
-    fn decide(&mut self, now: u64) -> Action {
+    fn decide(&mut self, now: Instant) -> Action {
         let w = self.w.clone();
-        let now_ms = now / NANOS_PER_MS;
-        let gate = match w.gate_and_mode(now_ms) {
+        let gate = match w.gate_and_mode(now) {
             Ok((g, moved)) => {
                 if let Some(mode) = moved {
-                    w.breaker_moved(mode, now_ms);
+                    w.breaker_moved(mode, now);
                 }
                 g
             }
@@ -455,28 +452,32 @@ impl Request {
         };
         match gate {
             Gate::Probe { .. } => w.probe_started(),
-            Gate::Open { terminal: false, .. } if self.answer_from_cache(&w.config, now_ms) => return Action::Pause,
+            Gate::Open { terminal: false, .. } if self.answer_from_cache(&w.config, now) => return Action::Pause,
             _ => {}
         }
         self.admit(gate, now)
     }
 
     /// Takes a token, waits, or refuses; then, with a global limit, the service's gate.
-    fn admit(&mut self, gate: Gate, now_ns: u64) -> Action {
+    fn admit(&mut self, gate: Gate, now: Instant) -> Action {
         let w = self.w.clone();
         let tenant = w.config.tenant.as_ref().and_then(|t| header(&t.key_header));
         let need = self.estimate.map(|(n, _)| n);
         let global = w.global.as_ref().map(|g| g.need(self.class, tenant.as_deref(), need.map(|n| n.tokens)));
-        let may_wait_ms = if w.config.queue.enabled { w.config.class(self.class).max_wait_ms } else { 0 };
+        let may_wait = if w.config.queue.enabled {
+            Duration::from_millis(w.config.class(self.class).max_wait_ms)
+        } else {
+            Duration::ZERO
+        };
         if let (Some(gate), Some(g)) = (&w.global, &global) {
             // The service said over limit for longer than this request may wait: no local token spent.
-            if let Some(wait_ms) = gate.blocked_ms(g, now_ns / NANOS_PER_MS).filter(|&t| t > may_wait_ms) {
+            if let Some(wait) = gate.blocked(g, now).filter(|&t| t > may_wait) {
                 w.metrics.global.rejected.inc();
-                return self.refuse(&super::global::refusal(self.id, self.class, wait_ms, false));
+                return self.refuse(&super::global::refusal(self.id, self.class, wait, false));
             }
         }
         let arrival = Arrival { id: self.id, class: self.class, tenant: tenant.as_deref(), need, gate };
-        let decided = w.with_core_mut(|c| c.admit(&SharedData, arrival, now_ns));
+        let decided = w.with_core_mut(|c| c.admit(&SharedData, arrival, now));
         let Decision { admission, levels, tenant } = match decided {
             Ok(d) => d,
             Err(st) => return self.fail_open("shared-data admission", st),
@@ -497,7 +498,7 @@ impl Request {
             Admission::Pass { probe } => {
                 self.start_meter();
                 self.mark_probe(probe);
-                self.through_global(global, may_wait_ms, now_ns / NANOS_PER_MS)
+                self.through_global(global, may_wait, now)
             }
             Admission::Refuse(r) => self.refuse(&r),
             Admission::Wait { shed } => {
@@ -505,7 +506,7 @@ impl Request {
                 w.metrics.of(self.class).queued.inc();
                 self.global = global;
                 if let Some(v) = shed {
-                    w.shed(&v, now_ns / NANOS_PER_MS);
+                    w.shed(&v, now);
                 }
                 Action::Pause
             }
@@ -513,14 +514,14 @@ impl Request {
     }
 
     /// Through the local buckets: the global gate, when there is one, then upstream.
-    fn through_global(&mut self, global: Option<GlobalNeed>, may_wait_ms: u64, now_ms: u64) -> Action {
+    fn through_global(&mut self, global: Option<GlobalNeed>, may_wait: Duration, now: Instant) -> Action {
         let w = self.w.clone();
         let (Some(gate), Some(g)) = (&w.global, global) else {
             self.w.metrics.of(self.class).admitted.inc();
             self.phase = Phase::Upstream;
             return Action::Continue;
         };
-        match gate.arrive(self.id, &g, may_wait_ms, now_ms) {
+        match gate.arrive(self.id, &g, may_wait, now) {
             Gated::Pass => {
                 self.w.metrics.of(self.class).admitted.inc();
                 self.phase = Phase::Upstream;
@@ -532,7 +533,7 @@ impl Request {
             }
             Gated::Refuse(r) => {
                 self.w.metrics.global.rejected.inc();
-                self.refuse(&Refusal { queued_ms: self.waited_ms, ..r })
+                self.refuse(&Refusal { queued: self.waited, ..r })
             }
         }
     }
@@ -542,15 +543,15 @@ impl Request {
         let w = self.w.clone();
         let m = w.metrics.of(self.class);
         m.released.inc();
-        m.queue_wait_ms.record(r.waited_ms);
+        m.queue_wait_ms.record(r.waited.as_millis());
         // The core kept the release for its response; this request reads it now.
         let _ = w.core.try_borrow_mut().map(|mut c| c.take_release(self.id));
-        self.waited_ms = Some(r.waited_ms);
+        self.waited = Some(r.waited);
         self.start_meter();
         self.mark_probe(r.probe);
-        let may_wait = w.config.class(self.class).max_wait_ms.saturating_sub(r.waited_ms);
+        let may_wait = Duration::from_millis(w.config.class(self.class).max_wait_ms) - r.waited;
         let global = self.global.take();
-        if self.through_global(global, may_wait, now_ms()) == Action::Continue {
+        if self.through_global(global, may_wait, now()) == Action::Continue {
             self.resume_stream();
         }
     }
@@ -578,13 +579,13 @@ impl Request {
     }
 
     /// While the breaker is open: answers with a cached response to the same request, if any.
-    fn answer_from_cache(&mut self, cfg: &Config, now_ms: u64) -> bool {
+    fn answer_from_cache(&mut self, cfg: &Config, now: Instant) -> bool {
         let fb = &cfg.fallback;
         let Some(key) = &self.cache_key else { return false };
-        let Some(entry) = super::fallback::lookup(&SharedData, &cfg.name, key, now_ms, fb) else {
+        let Some(entry) = super::fallback::lookup(&SharedData, &cfg.name, key, now, fb) else {
             return false;
         };
-        let age = (now_ms.saturating_sub(entry.stored_ms) / 1000).to_string();
+        let age = (now.floor_millis() - entry.stored()).as_secs().to_string();
         let headers = [
             ("content-type", entry.content_type.as_str()),
             ("age", age.as_str()),
@@ -660,7 +661,7 @@ impl Request {
         match self.phase {
             Phase::ReadingBody | Phase::Holding429 => w.holds.let_go(self.id),
             Phase::Queued => {
-                w.leave_queue(self.id, calls::now_ns().unwrap_or(0));
+                w.leave_queue(self.id, now());
             }
             Phase::AwaitingGlobal => {
                 if let Some(g) = &w.global {
@@ -705,8 +706,8 @@ impl Request {
     /// Sends, holds or answers a router retry (again when its hold ends).
     fn decide_attempt(&mut self, in_callback: bool) -> Action {
         let w = self.w.clone();
-        match w.with_core(|c| c.attempt(&SharedData, self.class, now_ms())) {
-            Ok(Attempt::Hold { until_ms }) if w.holds.hold_retry(self.id, until_ms) => {
+        match w.with_core(|c| c.attempt(&SharedData, self.class, now())) {
+            Ok(Attempt::Hold { until }) if w.holds.hold_retry(self.id, until) => {
                 self.phase = Phase::HeldRetry;
                 Action::Pause
             }
@@ -740,17 +741,19 @@ impl Request {
 
     // ---- The answer -----------------------------------------------------------------------
 
-    fn parse(&self, status: u16, headers: &HeaderMap, body: Option<&[u8]>, now_ms: u64) -> signals::Signals {
+    /// The signals of an answer; the parser reads instants in epoch ms.
+    fn parse(&self, status: u16, headers: &HeaderMap, body: Option<&[u8]>, now: Instant) -> signals::Signals {
         let p = &self.w.config.provider;
-        signals::parse(p.style, status, &headers.iter().collect::<Vec<_>>(), body, now_ms, p.breaker.max_wait_ms)
+        let headers = &headers.iter().collect::<Vec<_>>();
+        signals::parse(p.style, status, headers, body, now.as_millis(), p.breaker.max_wait_ms)
     }
 
     /// The provider's answer begins: learn from it, meter it, and hold a 429 for its body.
     fn answer_begins(&mut self, end_of_stream: bool) -> Action {
         let w = self.w.clone();
         self.phase = Phase::Responding;
-        if let Some(ms) = self.waited_ms {
-            set_header("x-ratelimit-queued-ms", &ms.to_string());
+        if let Some(waited) = self.waited {
+            set_header("x-ratelimit-queued-ms", &waited.as_millis().to_string());
         }
         let role = self.role();
         // A role that learns reads every header anyway: one host call for all, `:status` included.
@@ -786,8 +789,7 @@ impl Request {
             // 429 or 503 may end a retried request (`retry_exhausted`).
             return Action::Continue;
         }
-        let Ok(now_ns) = calls::now_ns() else { return Action::Continue };
-        let now_ms = now_ns / NANOS_PER_MS;
+        let Ok(now) = calls::now() else { return Action::Continue };
         let headers = match all {
             Some(h) => h,
             None => calls::response_headers().unwrap_or_default(),
@@ -800,21 +802,21 @@ impl Request {
                 w.metrics.of(self.class).retry_exhausted.inc();
             }
         }
-        let signals = self.parse(status, &headers, None, now_ms);
+        let signals = self.parse(status, &headers, None, now);
         let hold = status == 429
             && !end_of_stream
             && w.holds.bodies() != Bodies::Withheld
-            && w.holds.hold_answer(self.id, now_ms);
+            && w.holds.hold_answer(self.id, now);
         let verdict = if role.learns() && !hold {
-            w.observe(status, &signals, self.probe, now_ms, true)
+            w.observe(status, &signals, self.probe, now, true)
         } else if status == 429 {
-            w.peek(&signals, now_ms)
+            w.peek(&signals, now)
         } else {
             None
         };
         if let (429, Some(v), true) = (status, verdict, role.admits()) {
             // Said at once; a held 429 says it again with what its body adds.
-            self.rewrite_429(&v, now_ms);
+            self.rewrite_429(&v, now);
         }
         if status == 429 && !end_of_stream {
             self.answer_429 = Some(Answer429 { headers, from_headers: signals, body: Vec::new(), learned: !hold });
@@ -828,8 +830,8 @@ impl Request {
     }
 
     /// Gives a provider 429 one precise `Retry-After` (and friends) for its client.
-    fn rewrite_429(&self, verdict: &Verdict, now_ms: u64) {
-        let wait_ms = verdict.retry_at_ms.map_or(1000, |t| t.saturating_sub(now_ms));
+    fn rewrite_429(&self, verdict: &Verdict, now: Instant) {
+        let wait_ms = verdict.retry_at.map_or(1000, |t| (t - now.floor_millis()).as_millis());
         let secs = crate::reply::retry_after_secs(wait_ms);
         self.w.metrics.provider.retry_after_s.record(secs);
         set_header("retry-after", &secs.to_string());
@@ -844,19 +846,18 @@ impl Request {
     fn finish_429(&mut self, body: &[u8], held: bool) {
         let Some(a) = self.answer_429.take() else { return };
         self.w.holds.let_go(self.id);
-        let Ok(now_ns) = calls::now_ns() else { return };
-        let now_ms = now_ns / NANOS_PER_MS;
-        let signals = self.parse(429, &a.headers, Some(body), now_ms);
+        let Ok(now) = calls::now() else { return };
+        let signals = self.parse(429, &a.headers, Some(body), now);
         let role = self.role();
         let adds = signals.retry_at() != a.from_headers.retry_at() || signals.terminal != a.from_headers.terminal;
         let verdict = if role.learns() && (!a.learned || adds) {
-            self.w.observe(429, &signals, self.probe, now_ms, !a.learned)
+            self.w.observe(429, &signals, self.probe, now, !a.learned)
         } else {
             None
         };
         if held && role.admits() {
-            if let Some(v) = verdict.or_else(|| self.w.peek(&signals, now_ms)) {
-                self.rewrite_429(&v, now_ms);
+            if let Some(v) = verdict.or_else(|| self.w.peek(&signals, now)) {
+                self.rewrite_429(&v, now);
             }
         }
     }
@@ -901,12 +902,12 @@ impl Request {
     }
 
     fn store_in_cache(&mut self) {
-        let (Some(key), Some((content_type, body)), Ok(now)) = (&self.cache_key, self.capture.take(), calls::now_ns())
+        let (Some(key), Some((content_type, body)), Ok(now)) = (&self.cache_key, self.capture.take(), calls::now())
         else {
             return;
         };
         let cfg = &self.w.config;
-        let entry = crate::fallback::Entry { stored_ms: now / NANOS_PER_MS, content_type, body };
+        let entry = crate::fallback::Entry { stored_ms: now.as_millis(), content_type, body };
         match super::fallback::store(&SharedData, &cfg.name, key, &entry, &cfg.fallback) {
             Ok(()) => self.w.metrics.provider.fallback_stored.inc(),
             Err(s) => log::warn!("llm-ratelimit: #{} cannot store in the fallback cache: status {s}", self.id),

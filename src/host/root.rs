@@ -42,8 +42,8 @@ impl Root {
                 return false;
             }
         };
-        let now = calls::now_ns().unwrap_or(0);
-        let core = Worker::new(config, worker_id(now));
+        let now = calls::now().unwrap_or_default();
+        let core = Worker::new(config, worker_id(now.as_nanos()));
         if let Err(s) = core.ensure_shared(&SharedData, now) {
             log::warn!("llm-ratelimit: cannot create the shared state: status {s}");
         }
@@ -62,7 +62,7 @@ impl Root {
 
     pub fn on_tick(&mut self) {
         let Some(w) = &self.worker else { return };
-        match calls::now_ns() {
+        match calls::now() {
             Ok(now) => w.tick(now),
             Err(s) => log::warn!("llm-ratelimit: no clock in on_tick: status {s}"),
         }

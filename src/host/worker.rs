@@ -18,20 +18,20 @@ use crate::breaker::{Mode, Verdict};
 use crate::config::Config;
 use crate::signals::Signals;
 use crate::store::Status;
+use crate::time::{Duration, Instant};
 use crate::tokens::estimate::{Estimate, EstimateRules};
 use crate::tokens::meter::{self, Meter};
 use crate::tokens::model::model_bucket;
 use crate::worker::{Refusal, Tick, Worker};
 use std::cell::{Cell, RefCell};
 
-const NANOS_PER_MS: u64 = 1_000_000;
 /// The "status" of a call that found the core already borrowed; no host status uses it.
 pub const REENTERED: Status = u32::MAX;
 /// Request header that tells the observer (upstream) which probe a request is. The admission
 /// filter removes any a client sent; the observer removes it before the provider.
 pub const PROBE_HEADER: &str = "x-llm-ratelimit-probe";
 /// How often a worker counts the tenant table's used slots for the gauge.
-const TENANT_CENSUS_MS: u64 = 10_000;
+const TENANT_CENSUS: Duration = Duration::from_secs(10);
 
 vm_local! {
     /// Bumped whenever a filter of this VM learns from a provider answer that restricts admission
@@ -103,13 +103,13 @@ impl WorkerContext {
 
     /// What the provider's last answers allow a request to do now (the core's `gate_and_mode`),
     /// first forgetting the cached provider state if a filter of this VM learned since.
-    pub fn gate_and_mode(&self, now_ms: u64) -> Result<(crate::breaker::Gate, Option<Mode>), Status> {
+    pub fn gate_and_mode(&self, now: Instant) -> Result<(crate::breaker::Gate, Option<Mode>), Status> {
         self.with_core(|w| {
             let news = PROVIDER_NEWS.with(Cell::get);
             if self.provider_news.replace(news) != news {
                 w.forget_provider();
             }
-            w.gate_and_mode(&SharedData, now_ms)
+            w.gate_and_mode(&SharedData, now)
         })
     }
 
@@ -131,7 +131,7 @@ impl WorkerContext {
             event::post(r.id, Event::Expired(*r));
         }
         if let Some(mode) = t.moved {
-            self.breaker_moved(mode, 0);
+            self.breaker_moved(mode, Instant::ZERO);
         }
         if t.probe_started {
             self.probe_started();
@@ -144,8 +144,8 @@ impl WorkerContext {
     }
 
     /// Waiter `r.id` is evicted for a more important arrival.
-    pub fn shed(&self, r: &Refusal, now_ms: u64) {
-        self.alerts.shed(&self.config, now_ms);
+    pub fn shed(&self, r: &Refusal, now: Instant) {
+        self.alerts.shed(&self.config, now);
         event::post(r.id, Event::Shed(*r));
     }
 
@@ -156,22 +156,21 @@ impl WorkerContext {
 
     /// The breaker moved to `mode` (a write of ours did it): the gauge, and a resolve alert
     /// when it closed.
-    pub fn breaker_moved(&self, mode: Mode, now_ms: u64) {
+    pub fn breaker_moved(&self, mode: Mode, now: Instant) {
         self.metrics.provider.breaker_state.record(mode as u64);
         if mode == Mode::Closed {
-            self.alerts.raise(&self.config, Alert::BreakerClosed, now_ms);
+            self.alerts.raise(&self.config, Alert::BreakerClosed, now);
         }
     }
 
     /// One tick of this worker: holds first, then the queue, the global gate, the counters.
-    pub fn tick(&self, now_ns: u64) {
-        let now_ms = now_ns / NANOS_PER_MS;
+    pub fn tick(&self, now: Instant) {
         self.replies.tick();
-        self.holds.post_due(now_ms);
-        self.count_tenants(now_ms);
-        self.tick_queue(now_ns);
+        self.holds.post_due(now);
+        self.count_tenants(now);
+        self.tick_queue(now);
         if let Some(g) = &self.global {
-            g.tick(now_ns);
+            g.tick(now);
         }
         if let Ok(mut w) = self.core.try_borrow_mut() {
             let (leases, leased) = w.take_lease_counts();
@@ -179,40 +178,40 @@ impl WorkerContext {
             self.metrics.leased.add(leased);
         }
         self.metrics.cas_conflicts.add(super::shared::take_conflicts());
-        self.alerts.send(&self.config, &self.metrics, now_ms);
+        self.alerts.send(&self.config, &self.metrics, now);
         self.gauges.provider(&self.metrics);
         super::metrics::flush();
     }
 
-    fn tick_queue(&self, now_ns: u64) {
-        let now_ms = now_ns / NANOS_PER_MS;
+    fn tick_queue(&self, now: Instant) {
+        let now_ms = now.floor_millis();
         let g = &self.gauges;
-        let refresh =
-            g.anyone_waiting() && now_ms.abs_diff(g.waiting_refreshed_ms.get()) >= crate::admission::HEARTBEAT_MS;
+        let refresh = g.anyone_waiting() && now_ms.abs_diff(g.waiting_refreshed.get()) >= crate::admission::HEARTBEAT;
         let t = {
             let Ok(mut w) = self.core.try_borrow_mut() else { return };
             if refresh {
-                g.waiting_refreshed_ms.set(now_ms);
+                g.waiting_refreshed.set(now_ms);
                 w.refresh_levels();
             }
             if !w.needs_tick() {
                 return;
             }
-            w.tick(&SharedData, now_ns)
+            w.tick(&SharedData, now)
         };
         self.carry_out(&t);
     }
 
-    /// Every `TENANT_CENSUS_MS`, the used slots of the tenant table (it reads every slot).
-    fn count_tenants(&self, now_ms: u64) {
-        let census = &self.gauges.census_ms;
-        if self.config.tenant.is_none() || now_ms.abs_diff(census.get()) < TENANT_CENSUS_MS {
+    /// Every `TENANT_CENSUS`, the used slots of the tenant table (it reads every slot).
+    fn count_tenants(&self, now: Instant) {
+        let now_ms = now.floor_millis();
+        let census = &self.gauges.census;
+        if self.config.tenant.is_none() || now_ms.abs_diff(census.get()) < TENANT_CENSUS {
             return;
         }
         let Some((rules, prefix)) = self.core.try_borrow().ok().and_then(|w| w.tenants.clone()) else { return };
         census.set(now_ms);
         self.metrics.tenants.slots.record(u64::from(rules.slots));
-        match crate::tenants::census(&SharedData, &prefix, &rules, now_ms.saturating_mul(NANOS_PER_MS)) {
+        match crate::tenants::census(&SharedData, &prefix, &rules, now_ms) {
             Ok(c) => self.metrics.tenants.slots_used.record(u64::from(c.used)),
             Err(s) => log::debug!("llm-ratelimit: cannot count the tenant table: status {s}"),
         }
@@ -225,10 +224,10 @@ impl WorkerContext {
         status: u16,
         signals: &Signals,
         probe: Option<u32>,
-        now_ms: u64,
+        now: Instant,
         first: bool,
     ) -> Option<Verdict> {
-        let observed = self.with_core(|w| w.observe(&SharedData, status, signals, probe, now_ms));
+        let observed = self.with_core(|w| w.observe(&SharedData, status, signals, probe, now));
         let (v, state, changed) = match observed {
             Ok(o) => o,
             Err(s) => {
@@ -256,14 +255,14 @@ impl WorkerContext {
             Some(false) => m.reset_early.inc(),
             None => {}
         }
-        if let Some(e) = v.reset_error_ms {
-            m.reset_error_ms.record(e);
+        if let Some(e) = v.reset_error {
+            m.reset_error_ms.record(e.as_millis());
         }
         if v.tripped {
-            let open = Alert::BreakerOpen { until_ms: state.until_ms, terminal: v.terminal };
-            self.alerts.raise(&self.config, open, now_ms);
+            let open = Alert::BreakerOpen { until: state.until, terminal: v.terminal };
+            self.alerts.raise(&self.config, open, now);
             m.breaker_trips.inc();
-            let secs = state.until_ms.saturating_sub(now_ms).div_ceil(1000);
+            let secs = (state.until - now.floor_millis()).as_secs_ceil();
             log::warn!(
                 "llm-ratelimit: provider {} quota exhausted ({}): breaker open for {secs} s",
                 self.name(),
@@ -271,7 +270,7 @@ impl WorkerContext {
             );
         }
         if changed {
-            self.breaker_moved(state.mode, now_ms);
+            self.breaker_moved(state.mode, now);
             if state.mode == Mode::Closed {
                 self.holds.retries_due();
             }
@@ -308,14 +307,14 @@ impl WorkerContext {
     }
 
     /// What a 429 means for its client, without learning from it (the observer did).
-    pub fn peek(&self, signals: &Signals, now_ms: u64) -> Option<Verdict> {
-        let peeked = self.with_core(|w| w.peek(&SharedData, signals, now_ms));
+    pub fn peek(&self, signals: &Signals, now: Instant) -> Option<Verdict> {
+        let peeked = self.with_core(|w| w.peek(&SharedData, signals, now));
         peeked.map_err(|s| log::debug!("llm-ratelimit: cannot read the provider state: status {s}")).ok()
     }
 
     /// Waiter `id` left this worker's queue before its turn (client gone, or answered by Envoy).
-    pub fn leave_queue(&self, id: u32, now_ns: u64) -> bool {
-        let left = self.core.try_borrow_mut().ok().and_then(|mut w| w.leave(&SharedData, id, now_ns));
+    pub fn leave_queue(&self, id: u32, now: Instant) -> bool {
+        let left = self.core.try_borrow_mut().ok().and_then(|mut w| w.leave(&SharedData, id, now));
         match left {
             Some((_, levels)) => {
                 self.publish_levels(levels);

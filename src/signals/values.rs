@@ -13,7 +13,7 @@ pub enum When {
     At(u64),
 }
 
-const NANOS_PER_MS: u128 = 1_000_000;
+use crate::time::NANOS_PER_MS;
 const NANOS_PER_SECOND: u128 = 1_000_000_000;
 const MS_PER_SECOND: u64 = 1000;
 /// Fraction digits kept exactly; any further non-zero digit nudges the result up by one.
@@ -74,7 +74,7 @@ fn whole_decimal(text: &str) -> Option<Decimal<'_>> {
 
 /// Rounds nanoseconds up to whole milliseconds.
 fn nanos_to_ms_ceil(nanos: u128) -> Option<u64> {
-    u64::try_from(nanos.div_ceil(NANOS_PER_MS)).ok()
+    u64::try_from(nanos.div_ceil(u128::from(NANOS_PER_MS))).ok()
 }
 
 /// Splits a Go duration unit off `text`, returning its length in nanoseconds.
@@ -125,7 +125,7 @@ pub fn parse_delta_seconds(text: &str) -> Option<u64> {
 
 /// Parses a millisecond count (`120000`), as in Azure's `retry-after-ms`; fractions round up.
 pub fn parse_millis(text: &str) -> Option<u64> {
-    nanos_to_ms_ceil(whole_decimal(text)?.times_ceil(NANOS_PER_MS)?)
+    nanos_to_ms_ceil(whole_decimal(text)?.times_ceil(u128::from(NANOS_PER_MS))?)
 }
 
 /// Parses a non-negative integer count such as `x-ratelimit-remaining-tokens: 149984`.
@@ -145,7 +145,7 @@ pub fn parse_ratelimit_reset(text: &str) -> Option<When> {
     let number = whole_decimal(text)?;
     let whole = number.whole_value()?;
     if whole >= EPOCH_MS_FROM {
-        Some(When::At(nanos_to_ms_ceil(number.times_ceil(NANOS_PER_MS)?)?))
+        Some(When::At(nanos_to_ms_ceil(number.times_ceil(u128::from(NANOS_PER_MS))?)?))
     } else if whole >= EPOCH_SECONDS_FROM {
         Some(When::At(nanos_to_ms_ceil(number.times_ceil(NANOS_PER_SECOND)?)?))
     } else {

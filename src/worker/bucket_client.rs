@@ -3,12 +3,13 @@
 //! tick gives both back, the refusals reused for want of a request token, and the waiter counts
 //! this worker last wrote for itself.
 
-use super::{levels, Levels, Refusal, NANOS_PER_MS};
-use crate::admission::{AdmissionRules, Need, SharedBucket, HEARTBEAT_MS};
+use super::{levels, Levels, Refusal};
+use crate::admission::{AdmissionRules, Need, SharedBucket, HEARTBEAT};
 use crate::config::Config;
 use crate::priority::Priority;
 use crate::reply::Reason;
 use crate::store::{self, Status, Store};
+use crate::time::{Duration, Instant};
 
 /// What `published` says after a failed write: nothing matches it, so the next tick writes.
 const LOST: [u32; 4] = [u32::MAX; 4];
@@ -19,7 +20,7 @@ const LEASE_SHARE: f64 = 8.0;
 /// worker, never past the time its token exists. A token given back meanwhile by another worker
 /// (a lease, a waiter that left) is seen at most this late. At 10,000 refusals/s per worker,
 /// one read of the bucket serves ten.
-const REFUSAL_FRESH_NS: u64 = NANOS_PER_MS;
+const REFUSAL_FRESH: Duration = Duration::from_millis(1);
 
 /// Tokens this worker took from the shared bucket ahead of its requests (a lease), spent with no
 /// shared-data call, and LLM-token settlements not written yet. Both go back on the next tick.
@@ -172,8 +173,8 @@ impl Lease {
 struct Refused {
     reason: Reason,
     tokens: f64,
-    at_ns: u64,
-    until_ns: u64,
+    at: Instant,
+    until: Instant,
 }
 
 /// The bucket's key, and what this worker holds and remembers of the bucket between writes.
@@ -185,10 +186,10 @@ pub(super) struct BucketClient {
     max_lease: u32,
     pub(super) lease: Lease,
     /// Per class, the last refusal for want of a request token (no token, queue full), so more
-    /// arrivals within `REFUSAL_FRESH_NS` are refused without reading the bucket again.
+    /// arrivals within `REFUSAL_FRESH` are refused without reading the bucket again.
     refused: [Option<Refused>; 4],
-    /// The waiter counts this worker last wrote for itself, and when.
-    published: ([u32; 4], u64),
+    /// The waiter counts this worker last wrote for itself, and when (a whole millisecond).
+    published: ([u32; 4], Instant),
 }
 
 impl BucketClient {
@@ -199,7 +200,7 @@ impl BucketClient {
             max_lease: config.bucket.max_lease.max(1) as u32,
             lease: Lease { size: 1, ..Lease::default() },
             refused: [None; 4],
-            published: ([0; 4], 0),
+            published: ([0; 4], Instant::ZERO),
         }
     }
 
@@ -208,16 +209,16 @@ impl BucketClient {
         &self,
         store: &impl Store,
         rules: &AdmissionRules,
-        now_ns: u64,
+        now: Instant,
         mut f: impl FnMut(SharedBucket) -> (R, Option<SharedBucket>),
     ) -> Result<R, Status> {
-        store::update(store, &self.key, || rules.full(now_ns), |s| f(rules.fit(s, now_ns)))
+        store::update(store, &self.key, || rules.full(now), |s| f(rules.fit(s, now)))
     }
 
-    /// The request tokens the bucket holds at `now_ns`, if it can be read.
-    pub(super) fn tokens_now(&self, store: &impl Store, rules: &AdmissionRules, now_ns: u64) -> Option<f64> {
+    /// The request tokens the bucket holds at `now`, if it can be read.
+    pub(super) fn tokens_now(&self, store: &impl Store, rules: &AdmissionRules, now: Instant) -> Option<f64> {
         let s: SharedBucket = store::read(store, &self.key).ok()??;
-        Some(rules.bucket.refill(s.level, now_ns).tokens)
+        Some(rules.bucket.refill(s.level, now).tokens)
     }
 
     /// Gives the lease and the settlements back to the shared bucket, and sizes the next lease by
@@ -227,17 +228,17 @@ impl BucketClient {
         store: &impl Store,
         rules: &AdmissionRules,
         own: [u32; 4],
-        now_ns: u64,
+        now: Instant,
     ) -> Result<Option<Levels>, Status> {
         self.lease.size_next(self.max_lease);
         if !self.lease.holds() {
             return Ok(None);
         }
         let (requests, tokens) = self.lease.held(rules.token_buckets.len());
-        let (me, now_ms) = (self.me, now_ns / NANOS_PER_MS);
-        let written = self.update(store, rules, now_ns, |s| {
-            let next = rules.give_back(s, requests, &tokens, now_ns);
-            (levels(&next, next.waiting(me, own, now_ms)), Some(next))
+        let me = self.me;
+        let written = self.update(store, rules, now, |s| {
+            let next = rules.give_back(s, requests, &tokens, now);
+            (levels(&next, next.waiting(me, own, now)), Some(next))
         })?;
         self.lease.clear();
         Ok(Some(written))
@@ -250,25 +251,25 @@ impl BucketClient {
         store: &impl Store,
         rules: &AdmissionRules,
         own: [u32; 4],
-        now_ns: u64,
+        now: Instant,
     ) -> Result<Levels, Status> {
-        let (me, now_ms) = (self.me, now_ns / NANOS_PER_MS);
-        let written = self.update(store, rules, now_ns, |s| {
-            let next = s.with_worker(me, own, now_ms);
-            (levels(&next, next.waiting(me, own, now_ms)), Some(next))
+        let me = self.me;
+        let written = self.update(store, rules, now, |s| {
+            let next = s.with_worker(me, own, now);
+            (levels(&next, next.waiting(me, own, now)), Some(next))
         });
-        self.published = if written.is_ok() { (own, now_ms) } else { (LOST, 0) };
+        self.published = if written.is_ok() { (own, now.floor_millis()) } else { (LOST, Instant::ZERO) };
         written
     }
 
-    /// A write carried this worker's waiter counts `own` at `now_ms`.
-    pub(super) fn wrote(&mut self, own: [u32; 4], now_ms: u64) {
-        self.published = (own, now_ms);
+    /// A write carried this worker's waiter counts `own` at `now`.
+    pub(super) fn wrote(&mut self, own: [u32; 4], now: Instant) {
+        self.published = (own, now.floor_millis());
     }
 
     /// The counts written last are to be written again on the next tick.
     pub(super) fn write_again(&mut self) {
-        self.published = (LOST, 0);
+        self.published = (LOST, Instant::ZERO);
     }
 
     /// Whether the counts written last say this worker has waiters (or were lost).
@@ -277,26 +278,34 @@ impl BucketClient {
     }
 
     /// Whether this worker's waiter counts must be written: they are not `own`, or it has
-    /// waiters and wrote them `HEARTBEAT_MS` ago (or in the future: the clock stepped back).
-    pub(super) fn heartbeat_due(&self, own: [u32; 4], now_ms: u64) -> bool {
-        let (counts, at_ms) = self.published;
-        let stale = now_ms.saturating_sub(at_ms) >= HEARTBEAT_MS || now_ms < at_ms;
+    /// waiters and wrote them `HEARTBEAT` ago (or in the future: the clock stepped back), both
+    /// instants counted in whole milliseconds.
+    pub(super) fn heartbeat_due(&self, own: [u32; 4], now: Instant) -> bool {
+        let (counts, at) = self.published;
+        let now = now.floor_millis();
+        let stale = now - at >= HEARTBEAT || now < at;
         counts != own || (stale && own != [0; 4])
     }
 
     /// The refusal of request `id` of `class` made for want of a request token less than
-    /// `REFUSAL_FRESH_NS` ago, while its token does not exist yet.
-    pub(super) fn recent_refusal(&self, id: u32, class: Priority, now_ns: u64) -> Option<Refusal> {
+    /// `REFUSAL_FRESH` ago, while its token does not exist yet.
+    pub(super) fn recent_refusal(&self, id: u32, class: Priority, now: Instant) -> Option<Refusal> {
         let r = self.refused[class.index()]?;
-        let fresh = now_ns >= r.at_ns && now_ns < r.until_ns.min(r.at_ns.saturating_add(REFUSAL_FRESH_NS));
-        fresh.then(|| Refusal::of(id, class, r.reason, r.until_ns - now_ns, r.tokens))
+        let fresh = now >= r.at && now < r.until.min(r.at + REFUSAL_FRESH);
+        fresh.then(|| Refusal::of(id, class, r.reason, r.until - now, r.tokens))
     }
 
     /// Keeps a refusal of `class` for `reason`, when the bucket held `tokens` and a token exists
-    /// in `wait_ns`, for the next arrivals of that class.
-    pub(super) fn remember_refusal(&mut self, class: Priority, reason: Reason, tokens: f64, wait_ns: u64, now_ns: u64) {
-        let until_ns = now_ns.saturating_add(wait_ns);
-        self.refused[class.index()] = Some(Refused { reason, tokens, at_ns: now_ns, until_ns });
+    /// in `wait`, for the next arrivals of that class.
+    pub(super) fn remember_refusal(
+        &mut self,
+        class: Priority,
+        reason: Reason,
+        tokens: f64,
+        wait: Duration,
+        now: Instant,
+    ) {
+        self.refused[class.index()] = Some(Refused { reason, tokens, at: now, until: now + wait });
     }
 
     /// Leases given back may make the refusals kept wrong.

@@ -26,10 +26,9 @@ use crate::reply::Reason;
 use crate::signals::Signals;
 use crate::store::{self, Status, Store};
 use crate::tenants::{self, TakeOutcome, TenantRules, TenantTake};
+use crate::time::{Duration, Instant};
 use bucket_client::{BucketClient, Extra};
 use provider::ProviderView;
-
-const NANOS_PER_MS: u64 = 1_000_000;
 
 /// Process-wide waiters per class, request tokens and (with token limits) the provider token
 /// bucket's level, after a write: what the gauges show.
@@ -47,13 +46,13 @@ pub struct Refusal {
     pub class: Priority,
     pub reason: Reason,
     /// When a retry can succeed.
-    pub wait_ns: u64,
+    pub wait: Duration,
     /// Tokens the bucket held, for the `RateLimit` header.
     pub tokens: f64,
     /// False for a terminal quota: clients should not retry soon.
     pub retry: bool,
     /// How long it waited first, for a request refused while waiting.
-    pub queued_ms: Option<u64>,
+    pub queued: Option<Duration>,
 }
 
 /// What `admit` decided, with what the host publishes about it.
@@ -89,7 +88,7 @@ pub enum Attempt {
         probe: u32,
     },
     Hold {
-        until_ms: u64,
+        until: Instant,
     },
     Refuse(Refusal),
 }
@@ -99,7 +98,7 @@ pub enum Attempt {
 pub struct Release {
     pub id: u32,
     pub class: Priority,
-    pub waited_ms: u64,
+    pub waited: Duration,
     /// Set when it goes as the half-open probe.
     pub probe: Option<u32>,
 }
@@ -132,10 +131,10 @@ pub struct Arrival<'a> {
 }
 
 impl Refusal {
-    /// A refusal of request `id` of `class` for `reason`, to retry in `wait_ns`, when the bucket
+    /// A refusal of request `id` of `class` for `reason`, to retry in `wait`, when the bucket
     /// held `tokens`.
-    fn of(id: u32, class: Priority, reason: Reason, wait_ns: u64, tokens: f64) -> Refusal {
-        Refusal { id, class, reason, wait_ns, tokens, retry: true, queued_ms: None }
+    fn of(id: u32, class: Priority, reason: Reason, wait: Duration, tokens: f64) -> Refusal {
+        Refusal { id, class, reason, wait, tokens, retry: true, queued: None }
     }
 }
 
@@ -152,8 +151,8 @@ pub struct Worker {
     queue: WaitQueue<u32>,
     /// Requests released from the queue, until their response reads how long they waited.
     released: IdMap<Release>,
-    /// The clock at the last tick, to notice a step back.
-    last_tick_ms: u64,
+    /// The clock at the last tick (a whole millisecond), to notice a step back.
+    last_tick: Instant,
 }
 
 /// This worker's waiter counts `own` once `ruling` on an arrival of `class` is carried out.
@@ -183,7 +182,7 @@ impl Worker {
             bucket: BucketClient::new(&config, id),
             queue: WaitQueue::new(config.classes.clone().map(|c| c.weight)),
             released: IdMap::new(),
-            last_tick_ms: 0,
+            last_tick: Instant::ZERO,
             config,
         }
     }
@@ -199,8 +198,8 @@ impl Worker {
     }
 
     /// A full bucket with nobody waiting: what the first request of the process finds.
-    pub fn fresh_bucket(&self, now_ns: u64) -> SharedBucket {
-        self.rules.full(now_ns)
+    pub fn fresh_bucket(&self, now: Instant) -> SharedBucket {
+        self.rules.full(now)
     }
 
     /// Request `need` was taken and the provider reports `actual` tokens used: the difference
@@ -213,19 +212,23 @@ impl Worker {
     /// the alert slots (every role), the bucket and the tenant table (roles that admit). Before
     /// traffic, because a write to a missing key is unconditional: two workers tripping the
     /// breaker on a fresh provider key would both succeed, and both count the trip.
-    pub fn ensure_shared(&self, store: &impl Store, now_ns: u64) -> Result<(), Status> {
+    pub fn ensure_shared(&self, store: &impl Store, now: Instant) -> Result<(), Status> {
         store::ensure(store, self.provider_key(), ProviderState::default())?;
         if self.config.alert.is_some() {
             for slot in crate::alert::SLOTS {
-                store::ensure(store, &crate::alert::slot_key(&self.config.name, slot), crate::alert::SentAt(0))?;
+                store::ensure(
+                    store,
+                    &crate::alert::slot_key(&self.config.name, slot),
+                    crate::alert::SentAt(Instant::ZERO),
+                )?;
             }
         }
         if !self.config.role.admits() {
             return Ok(());
         }
-        store::ensure(store, self.bucket_key(), self.fresh_bucket(now_ns))?;
+        store::ensure(store, self.bucket_key(), self.fresh_bucket(now))?;
         match &self.tenants {
-            Some((rules, prefix)) => tenants::ensure(store, prefix, rules, now_ns),
+            Some((rules, prefix)) => tenants::ensure(store, prefix, rules, now),
             None => Ok(()),
         }
     }
@@ -274,13 +277,13 @@ impl Worker {
 
     /// What the provider's last answers allow a request to do now. A `Probe` changed the shared
     /// state: the caller must let exactly that request through.
-    pub fn gate(&self, store: &impl Store, now_ms: u64) -> Result<Gate, Status> {
-        self.gate_and_mode(store, now_ms).map(|(g, _)| g)
+    pub fn gate(&self, store: &impl Store, now: Instant) -> Result<Gate, Status> {
+        self.gate_and_mode(store, now).map(|(g, _)| g)
     }
 
     /// Like `gate`, and the breaker's new position when this call moved it.
-    pub fn gate_and_mode(&self, store: &impl Store, now_ms: u64) -> Result<(Gate, Option<Mode>), Status> {
-        self.provider.gate_and_mode(store, now_ms)
+    pub fn gate_and_mode(&self, store: &impl Store, now: Instant) -> Result<(Gate, Option<Mode>), Status> {
+        self.provider.gate_and_mode(store, now)
     }
 
     /// Another filter of this worker learned from the provider: the state cached here is stale.
@@ -305,15 +308,15 @@ impl Worker {
         status: u16,
         signals: &Signals,
         probe: Option<u32>,
-        now_ms: u64,
+        now: Instant,
     ) -> Result<(Verdict, ProviderState, bool), Status> {
-        self.provider.observe(store, status, signals, probe, now_ms)
+        self.provider.observe(store, status, signals, probe, now)
     }
 
     /// What a 429 means for its client without learning from it again: the provider's own
     /// timing, or the reset already recorded (by an observer in the upstream chain).
-    pub fn peek(&self, store: &impl Store, signals: &Signals, now_ms: u64) -> Result<Verdict, Status> {
-        self.provider.peek(store, signals, now_ms)
+    pub fn peek(&self, store: &impl Store, signals: &Signals, now: Instant) -> Result<Verdict, Status> {
+        self.provider.peek(store, signals, now)
     }
 
     /// What an attempt the router sends upstream (in the observer: a retry of a request the
@@ -321,46 +324,46 @@ impl Worker {
     /// if that fits the request's class, else be answered here, never reaching the provider.
     /// Router retries then land on the reset rather than on the router's jittered back-off.
     /// When a probe must answer first (the breaker opened without timing), a retry never goes
-    /// ahead of it or beside it: it is held and decided again every `PROBE_HOLD_MS`, so it goes
+    /// ahead of it or beside it: it is held and decided again every `PROBE_HOLD`, so it goes
     /// soon after the probe's success; it is answered here if no probe answers in time. When a
     /// probe is due and none is out, the retry is the probe (retries may be all the traffic).
-    pub fn attempt(&self, store: &impl Store, class: Priority, now_ms: u64) -> Result<Attempt, Status> {
-        self.provider.attempt(store, class, now_ms)
+    pub fn attempt(&self, store: &impl Store, class: Priority, now: Instant) -> Result<Attempt, Status> {
+        self.provider.attempt(store, class, now)
     }
 
     /// Decides an arriving request. With tenant limits it needs a token from its tenant's bucket
     /// and from the provider-wide bucket; the tenant's goes back if the provider's refuses.
-    pub fn admit(&mut self, store: &impl Store, a: Arrival<'_>, now_ns: u64) -> Result<Decision, Status> {
-        let tenant = self.take_tenant_token(store, &a, now_ns)?;
-        if let Some(t @ TakeOutcome { take: TenantTake::Short { wait_ns, .. }, .. }) = tenant {
-            let r = Refusal::of(a.id, a.class, Reason::TenantLimit, wait_ns, 0.0);
+    pub fn admit(&mut self, store: &impl Store, a: Arrival<'_>, now: Instant) -> Result<Decision, Status> {
+        let tenant = self.take_tenant_token(store, &a, now)?;
+        if let Some(t @ TakeOutcome { take: TenantTake::Short { wait, .. }, .. }) = tenant {
+            let r = Refusal::of(a.id, a.class, Reason::TenantLimit, wait, 0.0);
             return Ok(Decision { admission: Admission::Refuse(r), levels: None, tenant: Some(t) });
         }
-        let (admission, levels) = self.admit_provider(store, &a, now_ns)?;
+        let (admission, levels) = self.admit_provider(store, &a, now)?;
         if let (Gate::Counted, Admission::Pass { .. }) = (a.gate, &admission) {
             self.provider.spend(store)?;
         }
         if let (Admission::Refuse(_), Some(t)) = (&admission, &tenant) {
-            self.give_tenant_token_back(store, &a, t, now_ns);
+            self.give_tenant_token_back(store, &a, t, now);
         }
         Ok(Decision { admission, levels, tenant })
     }
 
     /// With tenant limits, takes a token from the arrival's tenant's bucket. The probe takes
     /// none: it goes whatever its tenant spent, since everything waits for its answer.
-    fn take_tenant_token(&self, store: &impl Store, a: &Arrival, now_ns: u64) -> Result<Option<TakeOutcome>, Status> {
+    fn take_tenant_token(&self, store: &impl Store, a: &Arrival, now: Instant) -> Result<Option<TakeOutcome>, Status> {
         let Some((rules, prefix)) = &self.tenants else { return Ok(None) };
         if matches!(a.gate, Gate::Probe { .. } | Gate::Open { terminal: true, .. }) {
             return Ok(None);
         }
         let use_burst = self.config.class(a.class).use_burst;
-        tenants::take(store, prefix, rules, a.tenant.unwrap_or(""), use_burst, now_ns).map(Some)
+        tenants::take(store, prefix, rules, a.tenant.unwrap_or(""), use_burst, now).map(Some)
     }
 
     /// The provider-wide bucket refused `a`: its tenant's token goes back (best effort).
-    fn give_tenant_token_back(&self, store: &impl Store, a: &Arrival, t: &TakeOutcome, now_ns: u64) {
+    fn give_tenant_token_back(&self, store: &impl Store, a: &Arrival, t: &TakeOutcome, now: Instant) {
         let Some((rules, prefix)) = &self.tenants else { return };
-        if let Err(s) = tenants::refund(store, prefix, rules, a.tenant.unwrap_or(""), t.slot(), now_ns) {
+        if let Err(s) = tenants::refund(store, prefix, rules, a.tenant.unwrap_or(""), t.slot(), now) {
             log::debug!("llm-ratelimit: #{} cannot give the tenant's token back: status {s}", a.id);
         }
     }
@@ -370,17 +373,16 @@ impl Worker {
         &mut self,
         store: &impl Store,
         a: &Arrival,
-        now_ns: u64,
+        now: Instant,
     ) -> Result<(Admission, Option<Levels>), Status> {
-        let now_ms = now_ns / NANOS_PER_MS;
         match a.gate {
-            Gate::Open { until_ms, terminal: true } => {
+            Gate::Open { until, terminal: true } => {
                 // A terminal quota leaves nothing to spend: the bucket is not consulted.
-                let wait_ns = until_ms.saturating_sub(now_ms).saturating_mul(NANOS_PER_MS);
-                let r = Refusal { retry: false, ..Refusal::of(a.id, a.class, Reason::BreakerOpen, wait_ns, 0.0) };
+                let wait = until - now.floor_millis();
+                let r = Refusal { retry: false, ..Refusal::of(a.id, a.class, Reason::BreakerOpen, wait, 0.0) };
                 return Ok((Admission::Refuse(r), None));
             }
-            Gate::Probe { probe } => return self.admit_probe(store, a.need, probe, now_ns),
+            Gate::Probe { probe } => return self.admit_probe(store, a.need, probe, now),
             _ => {}
         }
         self.bucket.lease.note_need(a.need);
@@ -390,23 +392,23 @@ impl Worker {
         // A refusal for want of a request token is reused only for an arrival that passes and
         // needs no LLM tokens: anything else depends on more than that token.
         if a.gate == Gate::Pass && a.need.is_none() {
-            if let Some(r) = self.bucket.recent_refusal(a.id, a.class, now_ns) {
+            if let Some(r) = self.bucket.recent_refusal(a.id, a.class, now) {
                 return Ok((Admission::Refuse(r), None));
             }
         }
         let newcomer = Newcomer {
             class: a.class,
             need: a.need,
-            not_before_ns: a.gate.not_before_ms().saturating_mul(NANOS_PER_MS),
+            not_before: a.gate.not_before(),
             // The least important class below ours with a waiter here: the one we may shed.
             local_victim: Priority::ALL.into_iter().rev().find(|&p| p > a.class && self.queue.len(p) > 0),
         };
         let own = self.local_counts();
         let (ruling, written, extra) =
-            self.bucket.update(store, &self.rules, now_ns, |s| self.rule_on(s, newcomer, a.gate, own, now_ns))?;
+            self.bucket.update(store, &self.rules, now, |s| self.rule_on(s, newcomer, a.gate, own, now))?;
         self.bucket.lease.add(extra, self.rules.token_buckets.len());
         let (_, tokens, _) = written;
-        Ok((self.carry_out(ruling, a, tokens, now_ns), Some(written)))
+        Ok((self.carry_out(ruling, a, tokens, now), Some(written)))
     }
 
     /// The probe takes what the bucket has for it and goes: it never waits behind the requests
@@ -416,14 +418,14 @@ impl Worker {
         store: &impl Store,
         need: Option<Need>,
         probe: u32,
-        now_ns: u64,
+        now: Instant,
     ) -> Result<(Admission, Option<Levels>), Status> {
-        let (me, own, now_ms) = (self.id, self.local_counts(), now_ns / NANOS_PER_MS);
-        let written = self.bucket.update(store, &self.rules, now_ns, |s| {
-            let next = self.rules.probe(&s, need, now_ns).with_worker(me, own, now_ms);
-            (levels(&next, next.waiting(me, own, now_ms)), Some(next))
+        let (me, own) = (self.id, self.local_counts());
+        let written = self.bucket.update(store, &self.rules, now, |s| {
+            let next = self.rules.probe(&s, need, now).with_worker(me, own, now);
+            (levels(&next, next.waiting(me, own, now)), Some(next))
         })?;
-        self.bucket.wrote(own, now_ms);
+        self.bucket.wrote(own, now);
         Ok((Admission::Pass { probe: Some(probe) }, Some(written)))
     }
 
@@ -435,11 +437,11 @@ impl Worker {
         newcomer: Newcomer,
         gate: Gate,
         own: [u32; 4],
-        now_ns: u64,
+        now: Instant,
     ) -> ((Ruling, Levels, Extra), Option<SharedBucket>) {
-        let (me, now_ms) = (self.id, now_ns / NANOS_PER_MS);
-        let waiting = s.waiting(me, own, now_ms);
-        let (ruling, mut taken) = self.rules.arrive(&s, newcomer, waiting, now_ns);
+        let me = self.id;
+        let waiting = s.waiting(me, own, now);
+        let (ruling, mut taken) = self.rules.arrive(&s, newcomer, waiting, now);
         // With tokens to spare and nobody waiting, take a lease for the next requests here.
         let extra = match ruling {
             Ruling::Admit if gate == Gate::Pass && waiting == [0; 4] => {
@@ -450,123 +452,122 @@ impl Worker {
         extra.take_from(&mut taken);
         // A refusal changes nothing but the refill, which the next writer redoes anyway (unless
         // the clock stepped back: then the restarted count must be kept).
-        if matches!(ruling, Ruling::Reject { .. }) && !self.rules.bucket.stepped_back(s.level, now_ns) {
+        if matches!(ruling, Ruling::Reject { .. }) && !self.rules.bucket.stepped_back(s.level, now) {
             return ((ruling, levels(&taken, waiting), extra), None);
         }
         let after = counts_after(own, newcomer.class, ruling);
-        let next = taken.with_worker(me, after, now_ms);
-        ((ruling, levels(&next, next.waiting(me, after, now_ms)), extra), Some(next))
+        let next = taken.with_worker(me, after, now);
+        ((ruling, levels(&next, next.waiting(me, after, now)), extra), Some(next))
     }
 
     /// Carries out `ruling` on arrival `a`, the bucket holding `tokens` after it: an admission
     /// sizes the next lease, a refusal for want of a request token is kept for reuse, a waiter
     /// is queued (shedding a less important one if told).
-    fn carry_out(&mut self, ruling: Ruling, a: &Arrival, tokens: f64, now_ns: u64) -> Admission {
-        let refusal = |reason, wait_ns| Refusal::of(a.id, a.class, reason, wait_ns, tokens);
+    fn carry_out(&mut self, ruling: Ruling, a: &Arrival, tokens: f64, now: Instant) -> Admission {
+        let refusal = |reason, wait| Refusal::of(a.id, a.class, reason, wait, tokens);
         match ruling {
             Ruling::Admit => {
                 self.bucket.lease.count_admission();
                 Admission::Pass { probe: None }
             }
-            Ruling::Reject { reason: Reason::ProviderHold, wait_ns } => {
+            Ruling::Reject { reason: Reason::ProviderHold, wait } => {
                 let open = matches!(a.gate, Gate::Open { .. });
-                Admission::Refuse(refusal(if open { Reason::BreakerOpen } else { Reason::ProviderHold }, wait_ns))
+                Admission::Refuse(refusal(if open { Reason::BreakerOpen } else { Reason::ProviderHold }, wait))
             }
-            Ruling::Reject { reason, wait_ns } => {
+            Ruling::Reject { reason, wait } => {
                 if matches!(reason, Reason::NoToken | Reason::QueueFull) && a.gate == Gate::Pass && a.need.is_none() {
-                    self.bucket.remember_refusal(a.class, reason, tokens, wait_ns, now_ns);
+                    self.bucket.remember_refusal(a.class, reason, tokens, wait, now);
                 }
-                Admission::Refuse(Refusal { retry: reason != Reason::TooLarge, ..refusal(reason, wait_ns) })
+                Admission::Refuse(Refusal { retry: reason != Reason::TooLarge, ..refusal(reason, wait) })
             }
             Ruling::Wait | Ruling::WaitEvicting { .. } => {
-                let level = Level { tokens, at_ns: now_ns };
+                let level = Level { tokens, at: now };
                 let shed = match ruling {
                     Ruling::WaitEvicting { .. } => self.queue.evict_newest_below(a.class),
                     _ => None,
                 };
-                let shed = shed.map(|v| self.refuse_waiter(&v, Reason::Shed, level, 0));
-                self.enqueue(a, now_ns);
+                let shed = shed.map(|v| self.refuse_waiter(&v, Reason::Shed, level, Duration::ZERO));
+                self.enqueue(a, now);
                 Admission::Wait { shed }
             }
         }
     }
 
     /// Queues arrival `a` until its class's `max_wait_ms`.
-    fn enqueue(&mut self, a: &Arrival, now_ns: u64) {
-        let now_ms = now_ns / NANOS_PER_MS;
-        let deadline_ms = now_ms.saturating_add(self.config.class(a.class).max_wait_ms);
-        self.queue.push(Waiter { id: a.id, class: a.class, enqueued_ms: now_ms, deadline_ms, need: a.need });
-        self.bucket.wrote(self.local_counts(), now_ms);
+    fn enqueue(&mut self, a: &Arrival, now: Instant) {
+        let enqueued = now.floor_millis();
+        let deadline = enqueued + Duration::from_millis(self.config.class(a.class).max_wait_ms);
+        self.queue.push(Waiter { id: a.id, class: a.class, enqueued, deadline, need: a.need });
+        self.bucket.wrote(self.local_counts(), now);
     }
 
     /// The refusal of waiter `w` leaving the queue for `reason`, the bucket at `level`: it is
-    /// told what it waited for (a hold of `hold_ns`, the next token), not its turn behind others.
-    fn refuse_waiter(&self, w: &Waiter<u32>, reason: Reason, level: Level, hold_ns: u64) -> Refusal {
-        let queued_ms = (level.at_ns / NANOS_PER_MS).saturating_sub(w.enqueued_ms);
-        let wait_ns = self.rules.expected_wait_ns(&level, &[0; 4], w.class, hold_ns);
-        Refusal { queued_ms: Some(queued_ms), ..Refusal::of(w.id, w.class, reason, wait_ns, level.tokens) }
+    /// told what it waited for (a hold of `hold`, the next token), not its turn behind others.
+    fn refuse_waiter(&self, w: &Waiter<u32>, reason: Reason, level: Level, hold: Duration) -> Refusal {
+        let queued = level.at.floor_millis() - w.enqueued;
+        let wait = self.rules.expected_wait(&level, &[0; 4], w.class, hold);
+        Refusal { queued: Some(queued), ..Refusal::of(w.id, w.class, reason, wait, level.tokens) }
     }
 
     /// The client of waiting request `id` went away: forget it, and say so in shared data
     /// (if that write fails, the next tick corrects it). Returns its class if it was waiting,
     /// and the process-wide levels after the write.
-    pub fn leave(&mut self, store: &impl Store, id: u32, now_ns: u64) -> Option<(Priority, Option<Levels>)> {
+    pub fn leave(&mut self, store: &impl Store, id: u32, now: Instant) -> Option<(Priority, Option<Levels>)> {
         self.released.remove(&id);
         let w = self.queue.remove(id)?;
-        Some((w.class, self.publish(store, now_ns).ok()))
+        Some((w.class, self.publish(store, now).ok()))
     }
 
     /// Writes this worker's waiter counts as they are now.
-    fn publish(&mut self, store: &impl Store, now_ns: u64) -> Result<Levels, Status> {
+    fn publish(&mut self, store: &impl Store, now: Instant) -> Result<Levels, Status> {
         let own = self.local_counts();
-        self.bucket.publish(store, &self.rules, own, now_ns)
+        self.bucket.publish(store, &self.rules, own, now)
     }
 
     /// Every `tick_ms`: gives the lease back, answers waiters whose time is up, lets through as
     /// many as the provider and the bucket allow (one, as the probe, when the breaker is
     /// half-open), and keeps this worker's waiter counts fresh in shared data.
-    pub fn tick(&mut self, store: &impl Store, now_ns: u64) -> Tick {
-        let now_ms = now_ns / NANOS_PER_MS;
+    pub fn tick(&mut self, store: &impl Store, now: Instant) -> Tick {
         let mut t = Tick::default();
-        self.follow_clock(now_ms);
+        self.follow_clock(now);
         // The tick gives leases back: a refusal before it may be wrong after it. Its releases read
         // the provider state afresh: another filter may have learned since it was cached.
         self.bucket.forget_refusals();
         self.provider.forget();
         // Not `t.levels`: that write carries no waiter counts, which the heartbeat writes.
-        let returned = self.bucket.return_lease(store, &self.rules, self.local_counts(), now_ns);
+        let returned = self.bucket.return_lease(store, &self.rules, self.local_counts(), now);
         let returned = returned.unwrap_or_else(|s| {
             t.errors.push(s);
             None
         });
         // Expired waiters are answered whatever shared data says.
-        let expired = self.queue.expire(now_ms);
-        let gate = self.release_waiters(store, now_ns, &mut t);
-        self.heartbeat(store, now_ns, &mut t);
+        let expired = self.queue.expire(now.floor_millis());
+        let gate = self.release_waiters(store, now, &mut t);
+        self.heartbeat(store, now, &mut t);
         t.levels = t.levels.or(returned);
         if !expired.is_empty() {
-            t.expired = self.answer_expired(store, &expired, gate, t.levels, now_ns);
+            t.expired = self.answer_expired(store, &expired, gate, t.levels, now);
         }
         t
     }
 
     /// A wall clock that stepped back since the last tick keeps every waiter's deadline as far
     /// away as it was.
-    fn follow_clock(&mut self, now_ms: u64) {
-        if now_ms < self.last_tick_ms {
-            self.queue.shift_back(self.last_tick_ms - now_ms);
+    fn follow_clock(&mut self, now: Instant) {
+        let now = now.floor_millis();
+        if now < self.last_tick {
+            self.queue.shift_back(self.last_tick - now);
         }
-        self.last_tick_ms = now_ms;
+        self.last_tick = now;
     }
 
     /// Lets waiters through while the gate and the bucket allow, into `t`; returns the gate
     /// the tick ended with.
-    fn release_waiters(&mut self, store: &impl Store, now_ns: u64, t: &mut Tick) -> Gate {
-        let now_ms = now_ns / NANOS_PER_MS;
-        let mut gate = self.tick_gate(store, now_ms, t);
+    fn release_waiters(&mut self, store: &impl Store, now: Instant, t: &mut Tick) -> Gate {
+        let mut gate = self.tick_gate(store, now, t);
         t.probe_started = matches!(gate, Gate::Probe { .. });
         while matches!(gate, Gate::Pass | Gate::Counted | Gate::Probe { .. }) && !self.queue.is_empty() {
-            let Some(r) = self.release_next(store, gate, now_ns, t) else { break };
+            let Some(r) = self.release_next(store, gate, now, t) else { break };
             t.released.push(r);
             gate = match gate {
                 // One probe only; while the provider's window is counted, ask again each time.
@@ -575,7 +576,7 @@ impl Worker {
                     if let Err(s) = self.provider.spend(store) {
                         t.errors.push(s);
                     }
-                    self.gate(store, now_ms).unwrap_or(Gate::Hold { until_ms: now_ms })
+                    self.gate(store, now).unwrap_or(Gate::Hold { until: now.floor_millis() })
                 }
                 g => g,
             };
@@ -589,29 +590,29 @@ impl Worker {
 
     /// Takes the tokens of the waiter that goes next under `gate`, and lets it go. `None` when
     /// nobody can go, or shared data failed (the failure goes into `t`).
-    fn release_next(&mut self, store: &impl Store, gate: Gate, now_ns: u64, t: &mut Tick) -> Option<Release> {
-        let (own, now_ms) = (self.local_counts(), now_ns / NANOS_PER_MS);
-        let picked = self.bucket.update(store, &self.rules, now_ns, |s| self.pick(s, gate, own, now_ns));
+    fn release_next(&mut self, store: &impl Store, gate: Gate, now: Instant, t: &mut Tick) -> Option<Release> {
+        let own = self.local_counts();
+        let picked = self.bucket.update(store, &self.rules, now, |s| self.pick(s, gate, own, now));
         let (class, levels) = picked.unwrap_or_else(|s| {
             t.errors.push(s);
             None
         })?;
         let w = self.queue.pop_next(|c| c == class)?;
-        self.bucket.wrote(self.local_counts(), now_ms);
+        self.bucket.wrote(self.local_counts(), now);
         t.levels = Some(levels);
         let probe = if let Gate::Probe { probe } = gate { Some(probe) } else { None };
-        let r = Release { id: w.id, class: w.class, waited_ms: now_ms.saturating_sub(w.enqueued_ms), probe };
+        let r = Release { id: w.id, class: w.class, waited: now.floor_millis() - w.enqueued, probe };
         self.released.insert(w.id, r);
         Some(r)
     }
 
     /// The gate of this tick's releases. Only a worker with someone to send may take the
     /// half-open probe's place.
-    fn tick_gate(&self, store: &impl Store, now_ms: u64, t: &mut Tick) -> Gate {
+    fn tick_gate(&self, store: &impl Store, now: Instant, t: &mut Tick) -> Gate {
         if self.queue.is_empty() {
-            return Gate::Hold { until_ms: now_ms };
+            return Gate::Hold { until: now.floor_millis() };
         }
-        match self.provider.gate_and_mode(store, now_ms) {
+        match self.provider.gate_and_mode(store, now) {
             Ok((g, moved)) => {
                 t.moved = moved;
                 g
@@ -630,37 +631,37 @@ impl Worker {
         s: SharedBucket,
         gate: Gate,
         own: [u32; 4],
-        now_ns: u64,
+        now: Instant,
     ) -> (Option<(Priority, Levels)>, Option<SharedBucket>) {
-        let (me, now_ms) = (self.id, now_ns / NANOS_PER_MS);
-        let stepped = self.rules.bucket.stepped_back(s.level, now_ns);
-        let refilled = SharedBucket { level: self.rules.bucket.refill(s.level, now_ns), ..s };
+        let me = self.id;
+        let stepped = self.rules.bucket.stepped_back(s.level, now);
+        let refilled = SharedBucket { level: self.rules.bucket.refill(s.level, now), ..s };
         let (rules, queue) = (&self.rules, &self.queue);
         let need = |p: Priority| queue.head(p).and_then(|w| w.need);
         let picked = match gate {
-            Gate::Probe { .. } => queue.peek_next_class(|_| true).map(|p| (p, rules.probe(&refilled, need(p), now_ns))),
+            Gate::Probe { .. } => queue.peek_next_class(|_| true).map(|p| (p, rules.probe(&refilled, need(p), now))),
             // A class whose oldest waiter's tokens are short is skipped, not served out of order:
             // within a class, requests go in arrival order.
             _ => queue
-                .peek_next_class(|p| rules.can_take(&refilled, need(p), p, now_ns))
-                .and_then(|p| Some((p, rules.release(&refilled, need(p), p, now_ns)?))),
+                .peek_next_class(|p| rules.can_take(&refilled, need(p), p, now))
+                .and_then(|p| Some((p, rules.release(&refilled, need(p), p, now)?))),
         };
         // Nobody to release: write nothing, unless the clock stepped back (the count restarts
         // from now, or the refill would stall for as long as the step).
         let Some((class, taken)) = picked else { return (None, stepped.then_some(refilled)) };
         let mut after = own;
         after[class.index()] = after[class.index()].saturating_sub(1);
-        let next = taken.with_worker(me, after, now_ms);
-        (Some((class, levels(&next, next.waiting(me, after, now_ms)))), Some(next))
+        let next = taken.with_worker(me, after, now);
+        (Some((class, levels(&next, next.waiting(me, after, now)))), Some(next))
     }
 
     /// Writes this worker's waiter counts if this tick did not: when they changed since written,
-    /// or, while it has waiters, every `HEARTBEAT_MS` (entries not refreshed stop counting).
-    fn heartbeat(&mut self, store: &impl Store, now_ns: u64, t: &mut Tick) {
-        if t.levels.is_some() || !self.bucket.heartbeat_due(self.local_counts(), now_ns / NANOS_PER_MS) {
+    /// or, while it has waiters, every `HEARTBEAT` (entries not refreshed stop counting).
+    fn heartbeat(&mut self, store: &impl Store, now: Instant, t: &mut Tick) {
+        if t.levels.is_some() || !self.bucket.heartbeat_due(self.local_counts(), now) {
             return;
         }
-        match self.publish(store, now_ns) {
+        match self.publish(store, now) {
             Ok(levels) => t.levels = Some(levels),
             Err(s) => t.errors.push(s),
         }
@@ -674,19 +675,17 @@ impl Worker {
         expired: &[Waiter<u32>],
         gate: Gate,
         written: Option<Levels>,
-        now_ns: u64,
+        now: Instant,
     ) -> Vec<Refusal> {
-        let now_ms = now_ns / NANOS_PER_MS;
-        let tokens =
-            written.map(|(_, tokens, _)| tokens).or_else(|| self.bucket.tokens_now(store, &self.rules, now_ns));
-        let not_before_ms = match gate {
+        let tokens = written.map(|(_, tokens, _)| tokens).or_else(|| self.bucket.tokens_now(store, &self.rules, now));
+        let not_before = match gate {
             // Nobody left here to gate: what the provider state says, without taking a probe.
-            _ if self.queue.is_empty() => self.provider.state(store).map_or(0, |s| s.until_ms),
-            g => g.not_before_ms(),
+            _ if self.queue.is_empty() => self.provider.state(store).map_or(Instant::ZERO, |s| s.until),
+            g => g.not_before(),
         };
-        let hold_ns = not_before_ms.saturating_sub(now_ms).saturating_mul(NANOS_PER_MS);
-        let level = Level { tokens: tokens.unwrap_or(0.0), at_ns: now_ns };
-        expired.iter().map(|w| self.refuse_waiter(w, Reason::Expired, level, hold_ns)).collect()
+        let hold = not_before - now.floor_millis();
+        let level = Level { tokens: tokens.unwrap_or(0.0), at: now };
+        expired.iter().map(|w| self.refuse_waiter(w, Reason::Expired, level, hold)).collect()
     }
 }
 
@@ -700,13 +699,23 @@ mod tests {
     const MS: u64 = 1_000_000;
     const T0: u64 = 1_700_000_000_000;
 
+    /// The instant `ms` milliseconds after the epoch.
+    fn at(ms: u64) -> Instant {
+        Instant::from_millis(ms)
+    }
+
+    /// The instant `ns` nanoseconds after the epoch.
+    fn at_ns(ns: u64) -> Instant {
+        Instant::from_nanos(ns)
+    }
+
     fn worker(json: &str, id: u64) -> Worker {
         Worker::new(Config::parse(json.as_bytes()).unwrap(), id)
     }
 
     /// Opens the breaker on a guess (no timing) at `T0`, for `backoff_ms`.
     fn trip(w: &Worker, store: &MemStore) {
-        w.observe(store, 429, &Signals::default(), None, T0).unwrap();
+        w.observe(store, 429, &Signals::default(), None, at(T0)).unwrap();
     }
 
     /// A NORMAL request `id` from no tenant, needing `need`, under `gate`.
@@ -715,8 +724,8 @@ mod tests {
     }
 
     fn arrive(w: &mut Worker, store: &MemStore, id: u32, at_ms: u64) -> Admission {
-        let gate = w.gate(store, at_ms).unwrap();
-        w.admit(store, normal(id, None, gate), at_ms * MS).unwrap().admission
+        let gate = w.gate(store, at(at_ms)).unwrap();
+        w.admit(store, normal(id, None, gate), at(at_ms)).unwrap().admission
     }
 
     #[test]
@@ -725,7 +734,7 @@ mod tests {
         // both succeed. Once created, every write is a compare-and-swap against a version.
         for (json, bucket) in [(r#"{"role":"observer"}"#, false), (r#"{"role":"admission"}"#, true)] {
             let (w, store) = (worker(json, 1), MemStore::default());
-            w.ensure_shared(&store, 0).unwrap();
+            w.ensure_shared(&store, at_ns(0)).unwrap();
             let (provider, cas) = store.get(w.provider_key()).unwrap();
             assert!(provider.is_some() && cas != 0, "{json}");
             assert_eq!(store.get(w.bucket_key()).unwrap().0.is_some(), bucket, "{json}");
@@ -737,7 +746,7 @@ mod tests {
         // Else two workers raising the same alert at once on a fresh slot would both send it.
         let json = r#"{"role":"observer","alert":{"cluster":"alerts"}}"#;
         let (w, store) = (worker(json, 1), MemStore::default());
-        w.ensure_shared(&store, 0).unwrap();
+        w.ensure_shared(&store, at_ns(0)).unwrap();
         for slot in crate::alert::SLOTS {
             assert_ne!(store.get(&crate::alert::slot_key(&w.config.name, slot)).unwrap().1, 0, "{slot}");
         }
@@ -748,14 +757,14 @@ mod tests {
         let store = MemStore::default();
         let json = r#"{"bucket":{"capacity":1,"refill_rate":1000000,"burst_allowance":0,"max_lease":1}}"#;
         let (mut a, b) = (worker(json, 1), worker(json, 2));
-        a.ensure_shared(&store, T0 * MS).unwrap();
+        a.ensure_shared(&store, at(T0)).unwrap();
         // A caches the provider state as passing, spends the token, and queues the next request.
         assert!(matches!(arrive(&mut a, &store, 1, T0), Admission::Pass { .. }));
         assert!(matches!(arrive(&mut a, &store, 2, T0), Admission::Wait { .. }));
         // Another filter trips the breaker; A's tick, within the millisecond its cache is fresh and
         // with a token refilled, must not send the waiter to the exhausted provider.
         trip(&b, &store);
-        assert!(a.tick(&store, T0 * MS + 500_000).released.is_empty());
+        assert!(a.tick(&store, at_ns(T0 * MS + 500_000)).released.is_empty());
     }
 
     #[test]
@@ -765,20 +774,21 @@ mod tests {
         let mut w = worker(json, 1);
         let at = |us: u64| T0 * MS + us * 1000;
         // The provider's gate says pass (its own cache is tested elsewhere).
-        let go = |w: &mut Worker, id, t: u64| w.admit(&store, normal(id, None, Gate::Pass), t).map(|d| d.admission);
+        let go =
+            |w: &mut Worker, id, t: u64| w.admit(&store, normal(id, None, Gate::Pass), at_ns(t)).map(|d| d.admission);
         assert!(matches!(go(&mut w, 1, at(0)), Ok(Admission::Pass { .. })));
         let Ok(Admission::Refuse(first)) = go(&mut w, 2, at(100)) else { panic!("no token") };
         assert_eq!(first.reason, Reason::NoToken);
         // Shared data fails from here: only a reused refusal can answer.
         store.broken.set(true);
         let Ok(Admission::Refuse(again)) = go(&mut w, 3, at(600)) else { panic!("reused") };
-        assert_eq!((again.reason, again.wait_ns), (Reason::NoToken, first.wait_ns - MS / 2));
+        assert_eq!((again.reason, again.wait.as_nanos()), (Reason::NoToken, first.wait.as_nanos() - MS / 2));
         assert!(go(&mut w, 4, at(1200)).is_err(), "a millisecond later the bucket is read again");
         // Never past the time its token exists (10 ms at 100/s): then the bucket is read.
         store.broken.set(false);
         let Ok(Admission::Refuse(r)) = go(&mut w, 5, at(9950)) else { panic!("still no token") };
         store.broken.set(true);
-        assert!(r.wait_ns <= MS / 10);
+        assert!(r.wait.as_nanos() <= MS / 10);
         assert!(go(&mut w, 6, at(10_010)).is_err(), "its token exists now: read, not reused");
     }
 
@@ -787,11 +797,11 @@ mod tests {
         let store = MemStore::default();
         let w = worker("{}", 1);
         let ok = Signals { remaining_requests: Some(500), limit_requests: Some(1000), ..Signals::default() };
-        w.observe(&store, 200, &ok, None, T0).unwrap();
+        w.observe(&store, 200, &ok, None, at(T0)).unwrap();
         store.broken.set(true);
-        assert!(w.observe(&store, 200, &ok, None, T0).is_ok(), "nothing to change: no read");
-        assert!(w.observe(&store, 429, &Signals::default(), None, T0).is_err(), "a 429 is always written");
-        assert!(w.observe(&store, 200, &ok, None, T0 + 1).is_err(), "a millisecond later it reads again");
+        assert!(w.observe(&store, 200, &ok, None, at(T0)).is_ok(), "nothing to change: no read");
+        assert!(w.observe(&store, 429, &Signals::default(), None, at(T0)).is_err(), "a 429 is always written");
+        assert!(w.observe(&store, 200, &ok, None, at(T0 + 1)).is_err(), "a millisecond later it reads again");
     }
 
     #[test]
@@ -805,10 +815,10 @@ mod tests {
         // After the back-off an arrival is the probe: it passes though three wait ahead of it.
         assert!(matches!(arrive(&mut w, &store, 9, T0 + 1_000), Admission::Pass { probe: Some(_) }));
         // The waiters stay held for its answer, then go at once.
-        assert!(w.tick(&store, (T0 + 1_010) * MS).released.is_empty());
+        assert!(w.tick(&store, at(T0 + 1_010)).released.is_empty());
         let probe = w.provider_state(&store).unwrap().probe;
-        w.observe(&store, 200, &Signals::default(), Some(probe), T0 + 1_050).unwrap();
-        assert_eq!(w.tick(&store, (T0 + 1_060) * MS).released.len(), 3);
+        w.observe(&store, 200, &Signals::default(), Some(probe), at(T0 + 1_050)).unwrap();
+        assert_eq!(w.tick(&store, at(T0 + 1_060)).released.len(), 3);
     }
 
     #[test]
@@ -816,10 +826,10 @@ mod tests {
         let store = MemStore::default();
         let mut w = worker("{}", 1);
         trip(&w, &store);
-        assert!(!w.tick(&store, (T0 + 2_000) * MS).probe_started);
+        assert!(!w.tick(&store, at(T0 + 2_000)).probe_started);
         assert_eq!(w.provider_state(&store).unwrap().mode, Mode::Open, "the probe slot is still free");
         assert_eq!(arrive(&mut w, &store, 1, T0 + 500), Admission::Wait { shed: None });
-        let t = w.tick(&store, (T0 + 1_000) * MS);
+        let t = w.tick(&store, at(T0 + 1_000));
         assert!(t.probe_started);
         assert_eq!(t.released.len(), 1);
         assert!(t.released[0].probe.is_some());
@@ -833,14 +843,14 @@ mod tests {
         assert_eq!(arrive(&mut w, &store, 2, T0), Admission::Wait { shed: None });
         // The client leaves and the write of the new count loses every CAS.
         store.conflicts.set(1_000);
-        assert_eq!(w.leave(&store, 2, T0 * MS).map(|(c, _)| c), Some(Priority::Normal));
+        assert_eq!(w.leave(&store, 2, at(T0)).map(|(c, _)| c), Some(Priority::Normal));
         store.conflicts.set(0);
         let shared: SharedBucket = store::read(&store, w.bucket_key()).unwrap().unwrap();
-        assert_eq!(shared.waiting(0, [0; 4], T0), [0, 0, 1, 0], "the phantom waiter is still there");
+        assert_eq!(shared.waiting(0, [0; 4], at(T0)), [0, 0, 1, 0], "the phantom waiter is still there");
         assert!(w.needs_tick());
-        w.tick(&store, (T0 + 10) * MS);
+        w.tick(&store, at(T0 + 10));
         let shared: SharedBucket = store::read(&store, w.bucket_key()).unwrap().unwrap();
-        assert_eq!(shared.waiting(0, [0; 4], T0 + 10), [0; 4]);
+        assert_eq!(shared.waiting(0, [0; 4], at(T0 + 10)), [0; 4]);
         assert!(!w.needs_tick());
     }
 
@@ -850,11 +860,11 @@ mod tests {
         let mut w = worker(r#"{"bucket":{"capacity":1,"refill_rate":1,"burst_allowance":0}}"#, 3);
         assert_eq!(arrive(&mut w, &store, 1, T0), Admission::Pass { probe: None });
         assert_eq!(arrive(&mut w, &store, 2, T0), Admission::Wait { shed: None });
-        w.tick(&store, (T0 + 100) * MS);
+        w.tick(&store, at(T0 + 100));
         // The clock steps back 10 s: the waiter's token comes 1 s of real time after it queued.
         let back = T0 - 10_000;
-        assert!(w.tick(&store, (back + 200) * MS).released.is_empty());
-        assert_eq!(w.tick(&store, (back + 1_300) * MS).released.len(), 1, "no stall for the step");
+        assert!(w.tick(&store, at(back + 200)).released.is_empty());
+        assert_eq!(w.tick(&store, at(back + 1_300)).released.len(), 1, "no stall for the step");
     }
 
     #[test]
@@ -863,13 +873,13 @@ mod tests {
         let w = worker(r#"{"priorities":{"LOW":{"max_wait_ms":500}}}"#, 1);
         let exhausted =
             Signals { remaining_requests: Some(0), requests_reset_ms: Some(T0 + 3_000), ..Signals::default() };
-        w.observe(&store, 429, &exhausted, None, T0).unwrap();
-        assert_eq!(w.attempt(&store, Priority::Normal, T0 + 10).unwrap(), Attempt::Hold { until_ms: T0 + 3_000 });
-        match w.attempt(&store, Priority::Low, T0 + 10).unwrap() {
-            Attempt::Refuse(r) => assert_eq!((r.reason, r.wait_ns), (Reason::BreakerOpen, 2_990 * MS)),
+        w.observe(&store, 429, &exhausted, None, at(T0)).unwrap();
+        assert_eq!(w.attempt(&store, Priority::Normal, at(T0 + 10)).unwrap(), Attempt::Hold { until: at(T0 + 3_000) });
+        match w.attempt(&store, Priority::Low, at(T0 + 10)).unwrap() {
+            Attempt::Refuse(r) => assert_eq!((r.reason, r.wait.as_nanos()), (Reason::BreakerOpen, 2_990 * MS)),
             other => panic!("{other:?}"),
         }
-        assert_eq!(w.attempt(&store, Priority::Low, T0 + 3_000).unwrap(), Attempt::Go);
+        assert_eq!(w.attempt(&store, Priority::Low, at(T0 + 3_000)).unwrap(), Attempt::Go);
     }
 
     #[test]
@@ -882,13 +892,13 @@ mod tests {
             requests_reset_ms: Some(T0 + 1_000),
             ..Signals::default()
         };
-        w.observe(&store, 200, &exhausted, None, T0).unwrap();
-        assert_eq!(w.attempt(&store, Priority::Normal, T0 + 10).unwrap(), Attempt::Hold { until_ms: T0 + 1_000 });
+        w.observe(&store, 200, &exhausted, None, at(T0)).unwrap();
+        assert_eq!(w.attempt(&store, Priority::Normal, at(T0 + 10)).unwrap(), Attempt::Hold { until: at(T0 + 1_000) });
         // At the reset the window holds two: two retries go, the third waits for the next reset.
-        assert_eq!(w.attempt(&store, Priority::Normal, T0 + 1_000).unwrap(), Attempt::Go);
-        assert_eq!(w.attempt(&store, Priority::Normal, T0 + 1_000).unwrap(), Attempt::Go);
-        assert!(matches!(w.gate(&store, T0 + 1_001).unwrap(), Gate::Hold { .. }));
-        assert!(matches!(w.attempt(&store, Priority::Normal, T0 + 1_001).unwrap(), Attempt::Hold { .. }));
+        assert_eq!(w.attempt(&store, Priority::Normal, at(T0 + 1_000)).unwrap(), Attempt::Go);
+        assert_eq!(w.attempt(&store, Priority::Normal, at(T0 + 1_000)).unwrap(), Attempt::Go);
+        assert!(matches!(w.gate(&store, at(T0 + 1_001)).unwrap(), Gate::Hold { .. }));
+        assert!(matches!(w.attempt(&store, Priority::Normal, at(T0 + 1_001)).unwrap(), Attempt::Hold { .. }));
     }
 
     #[test]
@@ -906,7 +916,7 @@ mod tests {
         }
         assert_eq!(level(&store).round(), 996.0);
         assert!(w.needs_tick(), "the tick must see the admissions to size the next lease");
-        w.tick(&store, T0 * MS);
+        w.tick(&store, at(T0));
         // 4 admissions last tick: the next takes a lease of 4 more, then the lease serves them.
         assert_eq!(arrive(&mut w, &store, 10, T0 + 1), Admission::Pass { probe: None });
         assert_eq!(level(&store).round(), 991.0);
@@ -916,7 +926,7 @@ mod tests {
         }
         assert_eq!(level(&store).round(), 991.0, "admitted from the lease: no shared-data write");
         // The tick gives the unspent token back: exactly 8 taken for 8 admissions.
-        w.tick(&store, (T0 + 2) * MS);
+        w.tick(&store, at(T0 + 2));
         assert_eq!(level(&store).round(), 992.0);
         assert!(!w.holds_lease());
     }
@@ -929,11 +939,11 @@ mod tests {
         for id in 0..8 {
             arrive(&mut w, &store, id, T0);
         }
-        w.tick(&store, T0 * MS);
+        w.tick(&store, at(T0));
         // 30 - 8 = 22 left, 12 above the reserve: a lease may take an eighth of that, 1.
         arrive(&mut w, &store, 20, T0 + 1);
         assert_eq!(w.lease().requests, 1.0);
-        w.tick(&store, (T0 + 2) * MS);
+        w.tick(&store, at(T0 + 2));
         // Drain to the reserve: NORMAL then waits, and no lease is taken while it does.
         let mut id = 30;
         while arrive(&mut w, &store, id, T0 + 3) == (Admission::Pass { probe: None }) {
@@ -943,7 +953,7 @@ mod tests {
         let mut other = worker(json, 2);
         assert_eq!(
             other
-                .admit(&store, Arrival { class: Priority::Critical, ..normal(99, None, Gate::Pass) }, (T0 + 3) * MS)
+                .admit(&store, Arrival { class: Priority::Critical, ..normal(99, None, Gate::Pass) }, at(T0 + 3))
                 .unwrap()
                 .admission,
             Admission::Pass { probe: None }
@@ -957,9 +967,9 @@ mod tests {
         let json = r#"{"bucket":{"max_lease":1},"tokens":{"capacity":1000,"refill_rate":0.001}}"#;
         let mut w = worker(json, 1);
         let need = Need { bucket: 0, tokens: 300 };
-        let gate = w.gate(&store, T0).unwrap();
+        let gate = w.gate(&store, at(T0)).unwrap();
         assert!(matches!(
-            w.admit(&store, normal(1, Some(need), gate), T0 * MS).unwrap().admission,
+            w.admit(&store, normal(1, Some(need), gate), at(T0)).unwrap().admission,
             Admission::Pass { .. }
         ));
         let tokens = |store: &MemStore| {
@@ -971,7 +981,7 @@ mod tests {
         w.reconcile(need, 100);
         assert_eq!(tokens(&store), 700.0);
         assert!(w.needs_tick());
-        w.tick(&store, T0 * MS);
+        w.tick(&store, at(T0));
         assert_eq!(tokens(&store), 900.0);
         assert!(!w.needs_tick());
     }
@@ -982,23 +992,23 @@ mod tests {
         let json = r#"{"bucket":{"max_lease":1},"tokens":{"capacity":3000,"refill_rate":1000}}"#;
         let mut w = worker(json, 1);
         let need = Need { bucket: 0, tokens: 60 };
-        let gate = w.gate(&store, T0).unwrap();
+        let gate = w.gate(&store, at(T0)).unwrap();
         for id in 0..40 {
-            let a = w.admit(&store, normal(id, Some(need), gate), T0 * MS).unwrap().admission;
+            let a = w.admit(&store, normal(id, Some(need), gate), at(T0)).unwrap().admission;
             assert!(matches!(a, Admission::Pass { .. }));
         }
         // Each used 1500: 57,600 more than reserved, written back on the tick.
         for _ in 0..40 {
             w.reconcile(need, 1500);
         }
-        w.tick(&store, T0 * MS);
+        w.tick(&store, at(T0));
         let shared = || store::read::<SharedBucket>(&store, "llm_ratelimit/default/bucket").unwrap().unwrap();
         assert_eq!(shared().token_levels[0].tokens.round(), 600.0 - 57_600.0);
         // Paid back by the refill before anything else of that bucket passes: 57 s at 1000/s.
         let later = |s: u64| (T0 + s * 1000) * MS;
-        let a = w.admit(&store, normal(99, Some(need), Gate::Pass), later(20)).unwrap().admission;
+        let a = w.admit(&store, normal(99, Some(need), Gate::Pass), at_ns(later(20))).unwrap().admission;
         assert!(matches!(a, Admission::Refuse(r) if r.reason == Reason::TokenLimit), "{a:?}");
-        let a = w.admit(&store, normal(99, Some(need), Gate::Pass), later(58)).unwrap().admission;
+        let a = w.admit(&store, normal(99, Some(need), Gate::Pass), at_ns(later(58))).unwrap().admission;
         assert_eq!(a, Admission::Pass { probe: None });
     }
 }
