@@ -47,7 +47,7 @@ pub struct WaiterEntry {
 /// LLM tokens a request needs from token bucket `bucket` (0: `tokens`, `i + 1`: the `i`th
 /// `tokens.per_model` entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Need {
+pub struct TokenNeed {
     pub bucket: u8,
     pub tokens: u64,
 }
@@ -67,7 +67,7 @@ pub struct SharedBucket {
 pub struct Newcomer {
     pub class: Priority,
     /// The LLM tokens it needs, with token limits.
-    pub need: Option<Need>,
+    pub need: Option<TokenNeed>,
     /// Nothing may go upstream before this instant (the provider asked to hold); 0 for none.
     pub not_before: Instant,
     /// The least important class below `class` with a waiter on the worker it arrives at: only
@@ -92,7 +92,7 @@ pub enum Ruling {
 #[derive(Clone, Debug)]
 pub struct AdmissionRules {
     pub bucket: BucketRules,
-    /// The token buckets, in `Need::bucket` order; empty without token limits.
+    /// The token buckets, in `TokenNeed::bucket` order; empty without token limits.
     pub token_buckets: Vec<BucketRules>,
     pub use_burst: [bool; 4],
     pub queue_enabled: bool,
@@ -126,8 +126,9 @@ impl AdmissionRules {
         }
     }
 
-    /// Whether a waiting request of class `p` can take a token from `level` (already refilled).
-    pub fn can_release(&self, level: &Level, p: Priority) -> bool {
+    /// Whether a request of class `p` can take a token from `level` (already refilled) above its
+    /// class floor.
+    pub fn clears_floor(&self, level: &Level, p: Priority) -> bool {
         level.tokens - 1.0 >= self.floors[p.index()] - 1e-9
     }
 
@@ -150,13 +151,13 @@ impl AdmissionRules {
     }
 
     /// The token bucket `need` draws on, and the level below which class `p` may not spend it.
-    fn token_bucket(&self, need: Need, p: Priority) -> Option<(&BucketRules, f64)> {
+    fn token_bucket(&self, need: TokenNeed, p: Priority) -> Option<(&BucketRules, f64)> {
         let b = self.token_buckets.get(usize::from(need.bucket))?;
         Some((b, b.reserve_floor(self.use_burst[p.index()])))
     }
 
     /// Whether `need` is more than class `p` could ever take from its token bucket.
-    pub fn too_large(&self, need: Option<Need>, p: Priority) -> bool {
+    pub fn too_large(&self, need: Option<TokenNeed>, p: Priority) -> bool {
         need.and_then(|n| self.token_bucket(n, p)).is_some_and(|(b, floor)| need_tokens(need) > b.max - floor)
     }
 
@@ -165,7 +166,7 @@ impl AdmissionRules {
     pub fn take(
         &self,
         s: &SharedBucket,
-        need: Option<Need>,
+        need: Option<TokenNeed>,
         p: Priority,
         now: Instant,
     ) -> Result<SharedBucket, Duration> {
@@ -196,7 +197,7 @@ impl AdmissionRules {
     }
 
     /// Whether a waiter of class `p` needing `need` could be released from `s` now.
-    pub fn can_take(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now: Instant) -> bool {
+    pub fn can_take(&self, s: &SharedBucket, need: Option<TokenNeed>, p: Priority, now: Instant) -> bool {
         self.take(s, need, p, now).is_ok()
     }
 
@@ -216,7 +217,7 @@ impl AdmissionRules {
         }
         let hold = not_before - now;
         let level = refilled.level;
-        let queue_ahead = Priority::ALL.iter().any(|&q| waiting[q.index()] > 0 && self.can_release(&level, q));
+        let queue_ahead = Priority::ALL.iter().any(|&q| waiting[q.index()] > 0 && self.clears_floor(&level, q));
         let taken = self.take(&refilled, need, p, now);
         if !queue_ahead && hold.is_zero() {
             if let Ok(next) = taken {
@@ -225,7 +226,7 @@ impl AdmissionRules {
         }
         let i = p.index();
         // The LLM tokens are the part that is short: the request token is there.
-        let tokens_short = taken.is_err() && self.can_release(&level, p);
+        let tokens_short = taken.is_err() && self.clears_floor(&level, p);
         let token_wait = taken.err().unwrap_or(Duration::ZERO);
         let wait = self.expected_wait(&level, &waiting, p, hold).max(token_wait);
         let reject = |reason| (Ruling::Reject { reason, wait }, refilled.clone());
@@ -251,14 +252,25 @@ impl AdmissionRules {
         }
     }
 
-    /// Takes what a waiter of class `p` being released needs: `None` if it is not there.
-    pub fn release(&self, s: &SharedBucket, need: Option<Need>, p: Priority, now: Instant) -> Option<SharedBucket> {
+    /// Takes what a waiter of class `p` needs as the queue releases it: `None` if it is not there.
+    pub fn take_for_waiter(
+        &self,
+        s: &SharedBucket,
+        need: Option<TokenNeed>,
+        p: Priority,
+        now: Instant,
+    ) -> Option<SharedBucket> {
         self.take(s, need, p, now).ok()
+    }
+
+    /// Whether the half-open probe finds a request token in `s` at `now` (`probe` takes it then).
+    pub fn probe_takes_token(&self, s: &SharedBucket, now: Instant) -> bool {
+        self.bucket.take(s.level, now, 1.0, 0.0).is_ok()
     }
 
     /// Takes what the half-open probe needs, as far as there is any; the probe goes regardless,
     /// because everything else waits for its answer (its LLM tokens may leave a debt).
-    pub fn probe(&self, s: &SharedBucket, need: Option<Need>, now: Instant) -> SharedBucket {
+    pub fn probe(&self, s: &SharedBucket, need: Option<TokenNeed>, now: Instant) -> SharedBucket {
         let level = self.bucket.take(s.level, now, 1.0, 0.0).unwrap_or_else(|_| self.bucket.refill(s.level, now));
         let next = SharedBucket { level, ..s.clone() };
         match need {
@@ -306,7 +318,7 @@ impl AdmissionRules {
     }
 }
 
-fn need_tokens(need: Option<Need>) -> f64 {
+fn need_tokens(need: Option<TokenNeed>) -> f64 {
     need.map_or(0.0, |n| n.tokens as f64)
 }
 
@@ -443,7 +455,7 @@ mod tests {
     }
 
     /// An arrival of class `p` needing `need`, with no hold and nothing to shed.
-    fn newcomer(p: Priority, need: Option<Need>) -> Newcomer {
+    fn newcomer(p: Priority, need: Option<TokenNeed>) -> Newcomer {
         Newcomer { class: p, need, not_before: Instant::ZERO, local_victim: None }
     }
 
@@ -532,12 +544,12 @@ mod tests {
     }
 
     #[test]
-    fn release_respects_the_reserve_and_the_probe_always_goes() {
+    fn take_for_waiter_respects_the_reserve_and_the_probe_always_goes() {
         let r = rules("{}");
-        let l = r.release(&bucket(21.0), None, Normal, at(0)).unwrap();
+        let l = r.take_for_waiter(&bucket(21.0), None, Normal, at(0)).unwrap();
         assert_eq!(l.level.tokens, 20.0);
-        assert_eq!(r.release(&l, None, Normal, at(0)), None);
-        assert!(r.release(&l, None, High, at(0)).is_some());
+        assert_eq!(r.take_for_waiter(&l, None, Normal, at(0)), None);
+        assert!(r.take_for_waiter(&l, None, High, at(0)).is_some());
         assert_eq!(r.probe(&bucket(0.5), None, at(0)).level.tokens, 0.5, "no token: the probe goes without one");
         assert_eq!(r.probe(&bucket(3.0), None, at(0)).level.tokens, 2.0);
     }
@@ -582,12 +594,12 @@ mod tests {
         (r, b)
     }
 
-    fn need(tokens: u64) -> Option<Need> {
-        Some(Need { bucket: 0, tokens })
+    fn need(tokens: u64) -> Option<TokenNeed> {
+        Some(TokenNeed { bucket: 0, tokens })
     }
 
     /// `need` was taken and `actual` tokens used: what a worker's settlement gives back.
-    fn reconcile(r: &AdmissionRules, s: SharedBucket, need: Need, actual: u64, now: Instant) -> SharedBucket {
+    fn settle(r: &AdmissionRules, s: SharedBucket, need: TokenNeed, actual: u64, now: Instant) -> SharedBucket {
         r.credit(s, usize::from(need.bucket), need.tokens as f64 - actual as f64, now)
     }
 
@@ -629,7 +641,7 @@ mod tests {
         let r = rules(r#"{"tokens":{"capacity":1000,"per_model":{"big":{"capacity":100},"small":{"capacity":50}}}}"#);
         let b = r.full(at(0));
         assert_eq!(b.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [1000.0, 100.0, 50.0]);
-        let small = Some(Need { bucket: 2, tokens: 50 });
+        let small = Some(TokenNeed { bucket: 2, tokens: 50 });
         let (d, l) = r.arrive(&b, newcomer(Normal, small), [0; 4], at(0));
         assert_eq!(d, Ruling::Admit);
         assert_eq!(l.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [1000.0, 100.0, 0.0]);
@@ -640,29 +652,29 @@ mod tests {
     }
 
     #[test]
-    fn reconciling_refunds_or_charges_the_difference() {
+    fn settling_refunds_or_charges_the_difference() {
         let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":10}}"#, 400.0);
-        let n = Need { bucket: 0, tokens: 500 };
-        assert_eq!(reconcile(&r, b.clone(), n, 200, at(0)).token_levels[0].tokens, 700.0);
-        assert_eq!(reconcile(&r, b.clone(), n, 900, at(0)).token_levels[0].tokens, 0.0);
+        let n = TokenNeed { bucket: 0, tokens: 500 };
+        assert_eq!(settle(&r, b.clone(), n, 200, at(0)).token_levels[0].tokens, 700.0);
+        assert_eq!(settle(&r, b.clone(), n, 900, at(0)).token_levels[0].tokens, 0.0);
         // Refunds never overfill; a debt is carried whole.
-        assert_eq!(reconcile(&r, b.clone(), n, 0, at(0)).token_levels[0].tokens, 900.0);
+        assert_eq!(settle(&r, b.clone(), n, 0, at(0)).token_levels[0].tokens, 900.0);
         assert_eq!(
-            reconcile(&r, b.clone(), Need { bucket: 0, tokens: 0 }, 9_000, at(0)).token_levels[0].tokens,
+            settle(&r, b.clone(), TokenNeed { bucket: 0, tokens: 0 }, 9_000, at(0)).token_levels[0].tokens,
             -8600.0
         );
         // The probe goes without its tokens, leaving a debt the refill pays.
         let p = r.probe(&b, need(600), at(0));
         assert_eq!(p.token_levels[0].tokens, -200.0);
         // A bucket index that does not exist changes nothing.
-        assert_eq!(reconcile(&r, b.clone(), Need { bucket: 9, tokens: 5 }, 0, at(0)), b);
+        assert_eq!(settle(&r, b.clone(), TokenNeed { bucket: 9, tokens: 5 }, 0, at(0)), b);
     }
 
     #[test]
     fn a_debt_is_carried_whole_and_the_refill_pays_it_back() {
         // 40 requests reserved 60 each and used 1500 each: 57,600 over, 57.6 buckets.
         let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":1000}}"#, 400.0);
-        let over = reconcile(&r, b.clone(), Need { bucket: 0, tokens: 40 * 60 }, 40 * 1500, at(0));
+        let over = settle(&r, b.clone(), TokenNeed { bucket: 0, tokens: 40 * 60 }, 40 * 1500, at(0));
         assert_eq!(over.token_levels[0].tokens, 400.0 - 57_600.0);
         // The probe's overrun is carried whole too.
         assert_eq!(r.probe(&b, need(9_000), at(0)).token_levels[0].tokens, -8_600.0);

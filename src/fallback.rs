@@ -21,7 +21,7 @@
 //! The path is kept as sent, query included: a credential passed in the query (`?key=`) is part
 //! of the identity as it is, not hashed.
 
-use crate::hash::{mix, stable_hash};
+use crate::hash::{slot_draw, stable_hash};
 use crate::store::{Status, Store, CAS_MISMATCH, MAX_CAS_TRIES};
 use crate::time::{Duration, Instant};
 
@@ -122,12 +122,13 @@ pub fn slot_key(name: &str, slot: usize) -> String {
 
 /// The candidate slots, in `0..slots`, of an identity with hash `hash`: `WAYS` distinct ones, or
 /// every slot when there are fewer. Each is drawn from the hash on its own; one already drawn
-/// moves on to the next slot not drawn.
+/// moves on to the next slot not drawn. (Why this and `tenants::candidates` are not one helper:
+/// see there.)
 pub fn candidates(hash: u64, slots: usize) -> Vec<usize> {
     let slots = slots.max(1);
     let mut out: Vec<usize> = Vec::with_capacity(WAYS);
     for i in 0..WAYS.min(slots) as u64 {
-        let mut s = (mix(hash.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) % slots as u64) as usize;
+        let mut s = slot_draw(hash, i, slots as u64) as usize;
         // Ends: fewer than `slots` are drawn, so one is free.
         while out.contains(&s) {
             s = (s + 1) % slots;

@@ -15,6 +15,14 @@ pub fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Draw `i` of the candidate slots, in `0..slots` (`slots` > 0), of a key with hash `hash` in a
+/// shared-data slot table: SplitMix64 steps from the hash, independent and well spread. The two
+/// 4-way tables (`tenants`, `fallback`) both draw with it; what they do with the draws differs on
+/// purpose (see `tenants::candidates` and `fallback::candidates`).
+pub fn slot_draw(hash: u64, i: u64, slots: u64) -> u64 {
+    mix(hash.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) % slots
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

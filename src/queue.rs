@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 
-use crate::admission::Need;
+use crate::admission::TokenNeed;
 use crate::priority::Priority;
 use crate::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ pub struct Waiter<T> {
     /// Absolute time it must not wait past; `expire` removes it at or after this.
     pub deadline: Instant,
     /// The LLM tokens it needs besides its request token (with token limits).
-    pub need: Option<Need>,
+    pub need: Option<TokenNeed>,
 }
 
 /// The four class queues and the stride-scheduler state; one per worker thread.

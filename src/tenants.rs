@@ -62,7 +62,7 @@
 //! ```
 
 use crate::bucket::{BucketRules, Level};
-use crate::hash::{mix, stable_hash};
+use crate::hash::{slot_draw, stable_hash};
 use crate::store::{self, Status, Store, Stored, CAS_MISMATCH};
 use crate::time::{Duration, Instant};
 
@@ -374,6 +374,15 @@ impl Stored for Overflow {
 }
 
 /// A tenant's candidate slots, in the order they are tried, without repeats.
+///
+/// Not one helper with `fallback::candidates`: both draw with `hash::slot_draw`, but their rules
+/// differ where a merge would change behaviour. Here draws 1 to 4 are taken and a repeat is
+/// dropped (a tenant may have fewer than 4 candidates), where the cache takes draws 0 to 3 and
+/// moves a repeat to the next free slot: one rule for both would move every tenant (or every
+/// cached entry) to other slots of the live shared data across an upgrade, losing buckets. And on
+/// a collision a tenant never displaces an active tenant (it spends from the overflow bucket:
+/// taking the slot would hand out a fresh bucket, minting tokens), where the cache overwrites its
+/// oldest entry (losing a cached answer costs nothing but a miss).
 fn candidates(tenant: &str, slots: u32) -> Vec<u32> {
     let mut out = Vec::with_capacity(CANDIDATES as usize);
     if slots == 0 {
@@ -381,8 +390,7 @@ fn candidates(tenant: &str, slots: u32) -> Vec<u32> {
     }
     let h = stable_hash(&["tenant-slot", tenant]);
     for i in 1..=CANDIDATES {
-        // SplitMix64 steps from the tenant's hash: independent, well-spread choices.
-        let slot = (mix(h.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))) % u64::from(slots)) as u32;
+        let slot = slot_draw(h, i, u64::from(slots)) as u32;
         if !out.contains(&slot) {
             out.push(slot);
         }

@@ -1,4 +1,4 @@
-//! Deterministic simulation of the global gate: several workers (each its own `Gate`, as each
+//! Deterministic simulation of the global gate: several workers (each its own `GlobalGate`, as each
 //! worker VM of each Envoy instance has) share one rate limit service, modelled exactly: a sliding
 //! window of `WINDOW_MS` that admits a call's hits when they fit under the limit and says how
 //! many remain and when enough will have left the window. A seeded random schedule interleaves
@@ -13,7 +13,7 @@
 //!   timeout on a silent service once its worker ticks, nor past its deadline on a reset;
 //! - a refusal for the limit is given only when the service said over limit.
 
-use llm_ratelimit::global::gate::{Ask, FailureMode, Gate, GateRules, Verdict};
+use llm_ratelimit::global::gate::{Ask, FailureMode, GlobalGate, GlobalGateRules, GlobalVerdict};
 use llm_ratelimit::global::proto::{Code, Response, Status};
 use llm_ratelimit::time::{Duration, Instant};
 use proptest::prelude::*;
@@ -76,7 +76,7 @@ fn events(workers: usize) -> impl Strategy<Value = Vec<Event>> {
 }
 
 struct Sim {
-    gates: Vec<Gate>,
+    gates: Vec<GlobalGate>,
     service: Service,
     /// Calls in flight: due time -> (worker, token, hits, fails).
     calls: BTreeMap<(u64, u32), (usize, u64, bool)>,
@@ -150,9 +150,9 @@ impl Sim {
 }
 
 fn run(workers: usize, limit: u64, max_lease: u64, seed: u64, events: &[Event]) {
-    let rules = GateRules { timeout_ms: TIMEOUT_MS, failure_mode: FailureMode::Allow, max_lease, lease_ms: 1000 };
+    let rules = GlobalGateRules { timeout_ms: TIMEOUT_MS, failure_mode: FailureMode::Allow, max_lease, lease_ms: 1000 };
     let mut sim = Sim {
-        gates: (0..workers).map(|_| Gate::new(rules.clone())).collect(),
+        gates: (0..workers).map(|_| GlobalGate::new(rules.clone())).collect(),
         service: Service { limit, log: VecDeque::new(), counted: Vec::new() },
         calls: BTreeMap::new(),
         next_token: 0,
@@ -175,19 +175,19 @@ fn run(workers: usize, limit: u64, max_lease: u64, seed: u64, events: &[Event]) 
                     Duration::from_millis(may_wait),
                     Instant::from_millis(sim.now),
                 ) {
-                    Verdict::Pass { ask } => {
+                    GlobalVerdict::Pass { ask } => {
                         sim.admitted.push(sim.now);
                         if let Some(a) = ask {
                             sim.send(w, a);
                         }
                     }
-                    Verdict::Wait { ask } => {
+                    GlobalVerdict::Wait { ask } => {
                         sim.waiting.insert(id, (w, sim.now));
                         if let Some(a) = ask {
                             sim.send(w, a);
                         }
                     }
-                    Verdict::Refuse { unavailable, .. } => {
+                    GlobalVerdict::Refuse { unavailable, .. } => {
                         assert!(!unavailable && sim.over_said, "refused before any over-limit answer");
                     }
                 }

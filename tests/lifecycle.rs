@@ -35,7 +35,7 @@ fn assert_clean(vm: &Vm) {
 }
 
 #[test]
-fn request_trailers_do_not_release_a_request_held_for_its_body() {
+fn request_trailers_do_not_resume_a_request_held_for_its_body() {
     let (_p, mut vm) = start(&tight(false));
     for id in 10..20 {
         assert_eq!(vm.request_headers(id, &chat_headers(&[]), false), Action::Pause, "held for its body");
@@ -120,14 +120,14 @@ fn envoy_answering_a_queued_request_takes_it_out_of_the_queue() {
 }
 
 #[test]
-fn a_held_provider_429_waits_for_its_body_and_trailers_do_not_release_it_early() {
+fn a_held_provider_429_waits_for_its_body_and_trailers_do_not_let_it_go_early() {
     let (_p, mut vm) = start(r#"{"name":"h"}"#);
     vm.request_headers(1, &chat_headers(&[]), true);
     let body = br#"{"error":{"type":"rate_limit_error"}}"#;
     let headers = [(":status", "429"), ("content-type", "application/json"), ("retry-after", "7")];
     assert_eq!(vm.response_headers(1, &headers, body, false), Action::Pause);
     assert_eq!(vm.response_body(1, 10, false), Action::Pause, "held until the body is whole");
-    // The response ends with trailers: read with what it has, then released once.
+    // The response ends with trailers: read with what it has, then let go once.
     assert_eq!(vm.response_trailers(1), Action::Continue);
     let told = response_header(&vm, 1, "retry-after");
     assert_eq!(told.as_deref(), Some("7"), "the client is told the provider's wait");
@@ -228,7 +228,7 @@ fn a_client_that_leaves_in_any_phase_frees_what_it_held() {
 }
 
 #[test]
-fn a_router_retry_held_by_the_observer_is_not_released_by_its_body_or_trailers() {
+fn a_router_retry_held_by_the_observer_is_not_let_go_by_its_body_or_trailers() {
     let (p, mut vm) = start(r#"{"name":"o","role":"observer"}"#);
     // The provider says: exhausted for 30 s.
     vm.request_headers(1, &[(":path", "/v1/chat/completions"), ("x-envoy-attempt-count", "1")], true);

@@ -14,7 +14,7 @@
 //! (requests and LLM tokens) and its settlements not written yet. An admission through the store
 //! takes one request token and its need from the shared level, and moves the lease it took with
 //! it from the shared level to its worker's lease; an admission from a lease takes them from the
-//! worker's lease alone; a reconcile adds `need - actual` to its worker's settlements, which
+//! worker's lease alone; a settle adds `need - actual` to its worker's settlements, which
 //! nothing spends; a tick that writes moves lease and settlements back into the shared level in
 //! one write, capped at one bucket (a debt of LLM tokens carried whole), as the core does.
 //! Properties, checked after every event:
@@ -56,7 +56,7 @@
 //! `SIM_CASES` sets the number of schedules (500 by default; the overrun runs a 25th of them),
 //! `SIM_SEED` the seed.
 
-use llm_ratelimit::admission::{Need, SharedBucket};
+use llm_ratelimit::admission::{SharedBucket, TokenNeed};
 use llm_ratelimit::breaker::Gate;
 use llm_ratelimit::bucket::Level;
 use llm_ratelimit::config::Config;
@@ -64,7 +64,7 @@ use llm_ratelimit::priority::Priority;
 use llm_ratelimit::reply::Reason;
 use llm_ratelimit::store::{self, MemStore};
 use llm_ratelimit::time::Instant;
-use llm_ratelimit::worker::{Admission, Arrival, Lease, Worker};
+use llm_ratelimit::worker::{Admission, Arrival, BucketLease, Worker};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
@@ -80,7 +80,7 @@ const ROOMY: (u64, f64, u64) = (40, 8.0, 4);
 const CAPACITY: u64 = 1_000;
 const REFILL: f64 = 200.0;
 const GEN_BURST: u64 = 300;
-/// The per-model buckets, in model-name order: `Need::bucket` 1 is "a", 2 is "b".
+/// The per-model buckets, in model-name order: `TokenNeed::bucket` 1 is "a", 2 is "b".
 const MODELS: [(u64, f64); 2] = [(400, 50.0), (150, 20.0)];
 /// Workers read the wall clock up to this far ahead of worker 0 (less than the bucket's jitter
 /// allowance: never a clock step).
@@ -151,13 +151,13 @@ enum Event {
     Arrive {
         worker: usize,
         class: usize,
-        need: Option<Need>,
+        need: Option<TokenNeed>,
     },
     /// `n` arrivals alike at once on one worker (a client's burst): what a lease serves.
     Burst {
         worker: usize,
         class: usize,
-        need: Option<Need>,
+        need: Option<TokenNeed>,
         n: usize,
     },
     Tick {
@@ -194,22 +194,22 @@ fn tokens(cap: u64, burst: u64) -> impl Strategy<Value = u64> {
     ]
 }
 
-fn need() -> impl Strategy<Value = Option<Need>> {
+fn need() -> impl Strategy<Value = Option<TokenNeed>> {
     prop_oneof![
         1 => Just(None),
-        6 => tokens(CAPACITY, GEN_BURST).prop_map(|tokens| Some(Need { bucket: 0, tokens })),
-        2 => tokens(MODELS[0].0, 0).prop_map(|tokens| Some(Need { bucket: 1, tokens })),
-        2 => tokens(MODELS[1].0, 0).prop_map(|tokens| Some(Need { bucket: 2, tokens })),
+        6 => tokens(CAPACITY, GEN_BURST).prop_map(|tokens| Some(TokenNeed { bucket: 0, tokens })),
+        2 => tokens(MODELS[0].0, 0).prop_map(|tokens| Some(TokenNeed { bucket: 1, tokens })),
+        2 => tokens(MODELS[1].0, 0).prop_map(|tokens| Some(TokenNeed { bucket: 2, tokens })),
     ]
 }
 
 /// Needs small enough for a lease to hold several.
-fn small_need() -> impl Strategy<Value = Option<Need>> {
+fn small_need() -> impl Strategy<Value = Option<TokenNeed>> {
     prop_oneof![
         1 => Just(None),
-        3 => (0..CAPACITY / 10).prop_map(|tokens| Some(Need { bucket: 0, tokens })),
-        1 => (0..MODELS[0].0 / 10).prop_map(|tokens| Some(Need { bucket: 1, tokens })),
-        1 => (0..MODELS[1].0 / 10).prop_map(|tokens| Some(Need { bucket: 2, tokens })),
+        3 => (0..CAPACITY / 10).prop_map(|tokens| Some(TokenNeed { bucket: 0, tokens })),
+        1 => (0..MODELS[0].0 / 10).prop_map(|tokens| Some(TokenNeed { bucket: 1, tokens })),
+        1 => (0..MODELS[1].0 / 10).prop_map(|tokens| Some(TokenNeed { bucket: 2, tokens })),
     ]
 }
 
@@ -442,7 +442,7 @@ impl Ledger {
 /// requests, and per token bucket its leased tokens and, apart, its unwritten settlements.
 type Holding = (f64, [f64; 3], [f64; 3]);
 
-fn holding(l: &Lease) -> Holding {
+fn holding(l: &BucketLease) -> Holding {
     let (mut tokens, mut settled) = ([0.0; 3], [0.0; 3]);
     assert!(l.tokens.len() <= tokens.len(), "a lease of {} token buckets", l.tokens.len());
     assert!(l.settled.len() <= settled.len(), "settlements for {} token buckets", l.settled.len());
@@ -454,7 +454,7 @@ fn holding(l: &Lease) -> Holding {
 struct Waiting {
     worker: usize,
     class: Priority,
-    need: Option<Need>,
+    need: Option<TokenNeed>,
     /// On its worker's clock.
     deadline_ms: u64,
 }
@@ -463,7 +463,7 @@ struct Waiting {
 struct Flight {
     worker: usize,
     id: u32,
-    need: Option<Need>,
+    need: Option<TokenNeed>,
 }
 
 /// How often the leased path ran, to tell a schedule that exercised it.
@@ -485,7 +485,7 @@ struct Sim {
     waiting: BTreeMap<u32, Waiting>,
     in_flight: Vec<Flight>,
     requests: Ledger,
-    /// In `Need::bucket` order.
+    /// In `TokenNeed::bucket` order.
     tokens: Vec<Ledger>,
     max_lease: u32,
     /// Per worker: requests `admit` let through since its last tick.
@@ -535,7 +535,7 @@ impl Sim {
     }
 
     /// Request `id` of `class` took its request token and its need from the shared level.
-    fn take(&mut self, id: u32, class: Priority, need: Option<Need>, now_ns: u64) {
+    fn take(&mut self, id: u32, class: Priority, need: Option<TokenNeed>, now_ns: u64) {
         self.requests.take(id, class, 1, now_ns);
         if let Some(n) = need {
             self.tokens[usize::from(n.bucket)].take(id, class, n.tokens, now_ns);
@@ -548,7 +548,7 @@ impl Sim {
         &mut self,
         worker: usize,
         id: u32,
-        need: Option<Need>,
+        need: Option<TokenNeed>,
         (before, after): (Holding, Holding),
         quiet: bool,
     ) {
@@ -581,7 +581,7 @@ impl Sim {
         }
     }
 
-    fn arrive(&mut self, worker: usize, class: Priority, need: Option<Need>) -> Option<Admission> {
+    fn arrive(&mut self, worker: usize, class: Priority, need: Option<TokenNeed>) -> Option<Admission> {
         let id = self.next_id;
         self.next_id += 1;
         let clock_ms = self.clock_ms(worker);
@@ -595,13 +595,13 @@ impl Sim {
         // What the admission's compare-and-swap reads (a lost write changes nothing in between).
         let shared: SharedBucket = store::read(&self.store, w.bucket_key()).unwrap().unwrap();
         let quiet = shared.waiting(w.id, own, Instant::from_millis(clock_ms)) == [0; 4];
-        let before = holding(w.lease());
+        let before = holding(w.bucket_lease());
         let decision = w.admit(
             &self.store,
             Arrival { id, class, tenant: None, need, gate: Gate::Pass },
             Instant::from_nanos(now_ns),
         );
-        let after = holding(w.lease());
+        let after = holding(w.bucket_lease());
         let Ok(decision) = decision else {
             // Every CAS lost: nothing was written, nothing queued, nothing leased.
             assert!(!w.is_waiting(id), "#{id} queued by an arrival that failed");
@@ -617,7 +617,7 @@ impl Sim {
             Admission::Pass { probe } => {
                 assert!(!too_large, "#{id} ({class:?}) needs {need:?}, more than it may ever take, yet passed");
                 assert_eq!(*probe, None);
-                if decision.levels.is_none() {
+                if decision.readout.is_none() {
                     // Served from the worker's lease, with no shared-data call.
                     assert_eq!(own, [0; 4], "#{id} served from the lease ahead of its own worker's waiters");
                     self.requests.spend_lease(id, worker, class, 1);
@@ -670,7 +670,7 @@ impl Sim {
         let f = self.in_flight.remove(pick % self.in_flight.len());
         let Some(need) = f.need else { return };
         let actual = usage.actual(need.tokens);
-        self.workers[f.worker].reconcile(need, actual);
+        self.workers[f.worker].settle(need, actual);
         self.tokens[usize::from(need.bucket)].settle(f.worker, need.tokens, actual);
     }
 
@@ -729,19 +729,23 @@ impl Sim {
         let clock_ms = self.clock_ms(worker);
         let now_ns = clock_ms * MS;
         let w = &mut self.workers[worker];
-        let (held, before) = (w.holds_lease(), holding(w.lease()));
+        let (held, before) = (w.holds_bucket_lease(), holding(w.bucket_lease()));
         assert!(!held || w.needs_tick(), "worker {worker} holds a lease and says it needs no tick");
         let t = w.tick(&self.store, Instant::from_nanos(now_ns));
-        // Lease and settlements go back first, in one write that refills every bucket: all of
+        // BucketLease and settlements go back first, in one write that refills every bucket: all of
         // them, or none and an error.
-        if held && !w.holds_lease() {
+        if held && !w.holds_bucket_lease() {
             self.requests.write_back(worker, now_ns);
             for ledger in &mut self.tokens {
                 ledger.write_back(worker, now_ns);
             }
             self.stats.write_backs += 1;
         } else {
-            assert_eq!(holding(w.lease()), before, "worker {worker}'s tick changed its lease without writing it");
+            assert_eq!(
+                holding(w.bucket_lease()),
+                before,
+                "worker {worker}'s tick changed its lease without writing it"
+            );
             assert!(!held || !t.errors.is_empty(), "worker {worker}'s tick kept its lease, reporting no failure");
             self.stats.kept += u32::from(held);
         }
@@ -805,7 +809,7 @@ impl Sim {
         let shared = self.shared();
         let now_ns = (self.now + MAX_SKEW_MS) * MS;
         let elapsed_s = (now_ns - START_MS * MS) as f64 / 1e9;
-        let held: Vec<Holding> = self.workers.iter().map(|w| holding(w.lease())).collect();
+        let held: Vec<Holding> = self.workers.iter().map(|w| holding(w.bucket_lease())).collect();
         let requests: Vec<f64> = held.iter().map(|h| h.0).collect();
         self.requests.check(shared.level, &requests, &vec![0.0; held.len()], elapsed_s, now_ns);
         assert_eq!(shared.token_levels.len(), self.tokens.len());
@@ -832,7 +836,7 @@ impl Sim {
     /// the store, which alone is the ledger.
     fn check_no_leases(&self) {
         for (k, w) in self.workers.iter().enumerate() {
-            assert!(!w.holds_lease(), "worker {k} still holds {:?} after a tick that wrote", w.lease());
+            assert!(!w.holds_bucket_lease(), "worker {k} still holds {:?} after a tick that wrote", w.bucket_lease());
         }
         let shared = self.shared();
         let now_ns = (self.now + MAX_SKEW_MS) * MS;
@@ -894,7 +898,7 @@ fn finish(mut sim: Sim) -> Stats {
     sim.now += refill_ms.ceil() as u64 + 20_000;
     for (bucket, class) in [(0u8, Priority::Critical), (0, Priority::Normal), (1, Priority::Low), (2, Priority::High)] {
         let tokens = sim.tokens[usize::from(bucket)].limit(class) as u64;
-        let need = Some(Need { bucket, tokens });
+        let need = Some(TokenNeed { bucket, tokens });
         let a = sim.arrive(bucket as usize % sim.workers.len(), class, need);
         assert_eq!(a, Some(Admission::Pass { probe: None }), "{class:?} needing {need:?} from full buckets");
         sim.answer(0, Usage::Exact);
@@ -931,7 +935,7 @@ proptest! {
 }
 
 fn arrive(worker: usize, class: Priority, need: Option<(u8, u64)>) -> Event {
-    let need = need.map(|(bucket, tokens)| Need { bucket, tokens });
+    let need = need.map(|(bucket, tokens)| TokenNeed { bucket, tokens });
     Event::Arrive { worker, class: class.index(), need }
 }
 
@@ -946,7 +950,7 @@ fn the_simulation_takes_spends_and_returns_leases() {
         Event::Burst { worker: 0, class: 0, need: None, n: 3 },
         Event::Tick { worker: 0 },
         // The first takes a lease of 3 requests and 118 tokens, which serves the next two.
-        Event::Burst { worker: 0, class: 0, need: Some(Need { bucket: 0, tokens: 50 }), n: 4 },
+        Event::Burst { worker: 0, class: 0, need: Some(TokenNeed { bucket: 0, tokens: 50 }), n: 4 },
         Event::Conflicts { n: 32 },
         Event::Tick { worker: 0 },
         Event::TickAll,
@@ -964,10 +968,10 @@ fn the_simulation_takes_spends_and_returns_leases() {
 /// Runs `events`, then `need` arriving on worker 0 as `class`: its decision.
 fn after_a_refund(events: &[Event], class: Priority, need: (u8, u64)) -> (Sim, Option<Admission>) {
     let mut sim = replay(2, LEASING, &[0, 0, 0], events);
-    let lease = sim.workers[0].lease();
+    let lease = sim.workers[0].bucket_lease();
     assert_eq!(lease.requests, 1.0, "{lease:?}");
     assert!(lease.tokens.iter().all(|&t| t == 0.0) && lease.settled[0] > 0.0, "{lease:?}");
-    let a = sim.arrive(0, class, Some(Need { bucket: need.0, tokens: need.1 }));
+    let a = sim.arrive(0, class, Some(TokenNeed { bucket: need.0, tokens: need.1 }));
     sim.check();
     (sim, a)
 }
@@ -1046,7 +1050,7 @@ fn a_tick_that_writes_a_settlement_back_still_publishes_its_waiters() {
 fn a_tick_that_writes_a_settlement_back_still_refreshes_its_waiters() {
     let events = [
         arrive(0, Priority::Critical, Some((0, 1000))),
-        Event::Burst { worker: 0, class: 0, need: Some(Need { bucket: 2, tokens: 10 }), n: 2 },
+        Event::Burst { worker: 0, class: 0, need: Some(TokenNeed { bucket: 2, tokens: 10 }), n: 2 },
         arrive(0, Priority::Critical, Some((0, 700))),
         Event::Advance { ms: 600 },
         Event::Answer { pick: 1, usage: Usage::Failed },
@@ -1115,7 +1119,7 @@ fn overrun(workers: usize, skew: &[u64], max_lease: Option<u64>, requests: &[Ove
     let store = MemStore::default();
     ws[0].ensure_shared(&store, Instant::from_nanos(START_MS * MS)).unwrap();
     let clock_ns = |k: usize, t: u64| (START_MS + t + skew[k]) * MS;
-    let need = Need { bucket: 0, tokens: OVERRUN_NEED };
+    let need = TokenNeed { bucket: 0, tokens: OVERRUN_NEED };
     let under = (OVERRUN_USED - OVERRUN_NEED) as f64;
     // Answers due: (at ms, worker, request); waiting requests: id -> request.
     let mut answers: Vec<(u64, usize, usize)> = Vec::new();
@@ -1135,7 +1139,7 @@ fn overrun(workers: usize, skew: &[u64], max_lease: Option<u64>, requests: &[Ove
     };
     for step in 0..end_ms / OVERRUN_TICK_MS {
         let t = step * OVERRUN_TICK_MS;
-        run.leased.push(ws.iter().map(|w| w.lease().tokens.iter().sum::<f64>()).sum());
+        run.leased.push(ws.iter().map(|w| w.bucket_lease().tokens.iter().sum::<f64>()).sum());
         for (r, req) in requests.iter().enumerate() {
             let at = (r / OVERRUN_BURST) as u64 * OVERRUN_EVERY_MS + req.jitter_ms;
             if at / OVERRUN_TICK_MS != step {
@@ -1158,7 +1162,7 @@ fn overrun(workers: usize, skew: &[u64], max_lease: Option<u64>, requests: &[Ove
             if at > t {
                 return true;
             }
-            ws[k].reconcile(need, OVERRUN_USED);
+            ws[k].settle(need, OVERRUN_USED);
             in_flight -= under;
             settled[k] += under;
             false

@@ -217,7 +217,7 @@ fn served(mock: &Mock) -> u64 {
 }
 
 #[test]
-fn streamed_and_whole_answers_of_every_provider_are_reconciled_from_their_usage() {
+fn streamed_and_whole_answers_of_every_provider_are_settled_from_their_usage() {
     // Replies of 20 tokens, whatever maximum the request asks for.
     let mock = Mock::start(&["--output-tokens", "20"]);
     let envoy = Envoy::start(r#"{"name":"rc","tokens":{"capacity":100000,"refill_rate":0.01}}"#, 2, mock.port);

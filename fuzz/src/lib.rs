@@ -250,7 +250,7 @@ fn check_rfc3339(text: &str) {
 /// and the waiting request is let through, refused, or still waiting for a reset it may wait.
 pub fn rls_answer(data: &[u8]) {
     use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
-    use llm_ratelimit::global::gate::{FailureMode, Gate, GateRules, Verdict};
+    use llm_ratelimit::global::gate::{FailureMode, GlobalGate, GlobalGateRules, GlobalVerdict};
     use llm_ratelimit::global::proto::{self, Code};
     use llm_ratelimit::time::{Duration, Instant};
     use prost::Message;
@@ -280,9 +280,9 @@ pub fn rls_answer(data: &[u8]) {
         }
     }
     let Ok(r) = ours else { return };
-    let rules = GateRules { timeout_ms: 50, failure_mode: FailureMode::Deny, max_lease: 8, lease_ms: 1000 };
-    let mut g = Gate::new(rules);
-    let Verdict::Wait { ask: Some(a) } =
+    let rules = GlobalGateRules { timeout_ms: 50, failure_mode: FailureMode::Deny, max_lease: 8, lease_ms: 1000 };
+    let mut g = GlobalGate::new(rules);
+    let GlobalVerdict::Wait { ask: Some(a) } =
         g.arrive("k", 1, [1, 300], Duration::from_millis(2000), Instant::from_millis(NOW))
     else {
         panic!("first call")

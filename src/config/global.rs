@@ -2,7 +2,7 @@
 //! section is there).
 
 use super::{Fault, Section};
-use crate::global::gate::{FailureMode, GateRules};
+use crate::global::gate::{FailureMode, GlobalGateRules};
 
 /// The rate limit service (Envoy's RLS v3 protocol) that a second gate asks after the local
 /// buckets.
@@ -13,7 +13,7 @@ pub struct GlobalConfig {
     pub domain: String,
     /// Which entries each descriptor carries, in order.
     pub descriptors: Vec<DescriptorEntry>,
-    pub gate: GateRules,
+    pub gate: GlobalGateRules,
 }
 
 /// A descriptor entry the filter fills in: `provider` = the filter's `name`, `tenant` = the
@@ -50,7 +50,12 @@ pub(super) fn read(s: &mut Section, has_tenant: bool) -> GlobalConfig {
     let descriptors = descriptors(s, has_tenant);
     let max_lease = s.whole_to("max_lease", 256, 1, 10_000);
     let lease_ms = s.whole_to("lease_ms", 1000, 1, 60_000);
-    GlobalConfig { cluster, domain, descriptors, gate: GateRules { timeout_ms, failure_mode, max_lease, lease_ms } }
+    GlobalConfig {
+        cluster,
+        domain,
+        descriptors,
+        gate: GlobalGateRules { timeout_ms, failure_mode, max_lease, lease_ms },
+    }
 }
 
 /// `descriptors`: distinct entries, `["provider", "unit"]` when absent.

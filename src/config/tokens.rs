@@ -3,7 +3,7 @@
 use super::{per_minute, Fault, Section};
 
 /// Token limits: each request needs its estimated LLM tokens from a process-wide token bucket
-/// as well as a request token, and is reconciled from the provider's `usage` after.
+/// as well as a request token, and is settled from the provider's `usage` after.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokensConfig {
     pub capacity: u64,

@@ -47,7 +47,7 @@ impl FailureMode {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct GateRules {
+pub struct GlobalGateRules {
     pub timeout_ms: u64,
     pub failure_mode: FailureMode,
     /// Most requests one call may lease ahead (1: a call per request).
@@ -56,7 +56,7 @@ pub struct GateRules {
     pub lease_ms: u64,
 }
 
-impl GateRules {
+impl GlobalGateRules {
     /// `timeout_ms`, typed.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
@@ -77,7 +77,7 @@ pub struct Ask {
 
 /// What `arrive` decided for one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum GlobalVerdict {
     /// It goes; `ask` tops the lease up ahead of need (sent while it goes).
     Pass { ask: Option<Ask> },
     /// It waits for a call's answer or a reset; `ask` is the call to send, if one is needed now.
@@ -194,7 +194,7 @@ impl Key {
     }
 
     /// The call for what the waiters need beyond the lease, plus a lease ahead.
-    fn ask(&mut self, index: usize, rules: &GateRules, now: Instant) -> Option<Ask> {
+    fn ask(&mut self, index: usize, rules: &GlobalGateRules, now: Instant) -> Option<Ask> {
         if self.call.is_some() || self.waiters.is_empty() {
             return None;
         }
@@ -229,7 +229,7 @@ impl Key {
     /// With nobody waiting, a call that tops the lease back up to what `ahead` says, once it has
     /// fallen below half of that: at a steady rate requests spend leased units while the call is
     /// in flight and never wait for it. A worker never holds more than `max_lease` requests.
-    fn top_up(&mut self, index: usize, rules: &GateRules, now: Instant) -> Option<Ask> {
+    fn top_up(&mut self, index: usize, rules: &GlobalGateRules, now: Instant) -> Option<Ask> {
         if self.call.is_some() || self.exact {
             return None;
         }
@@ -251,7 +251,7 @@ impl Key {
     /// Units to lease beyond need: a second's spending (the last whole one's, or this one's so
     /// far if more: a burst leases at once), capped by `max_lease` requests (and their tokens) and
     /// by an eighth of the service's remaining.
-    fn ahead(&self, rules: &GateRules) -> Units {
+    fn ahead(&self, rules: &GlobalGateRules) -> Units {
         let extra = rules.max_lease.saturating_sub(1);
         let rate = [self.rate[0].max(self.spent[0]), self.rate[1].max(self.spent[1])];
         let tokens_per_request = rate[TOKENS] / rate[REQUESTS].max(1);
@@ -288,17 +288,17 @@ impl Key {
 
 /// One worker's global gate.
 #[derive(Clone, Debug)]
-pub struct Gate {
-    pub rules: GateRules,
+pub struct GlobalGate {
+    pub rules: GlobalGateRules,
     keys: Vec<Key>,
     /// `local` mode after a failure: requests skip the service until then.
     skip_until: Instant,
     counts: Counts,
 }
 
-impl Gate {
-    pub fn new(rules: GateRules) -> Gate {
-        Gate { rules, keys: Vec::new(), skip_until: Instant::ZERO, counts: Counts::default() }
+impl GlobalGate {
+    pub fn new(rules: GlobalGateRules) -> GlobalGate {
+        GlobalGate { rules, keys: Vec::new(), skip_until: Instant::ZERO, counts: Counts::default() }
     }
 
     /// The name of key `index`, for the host to build the call's descriptors.
@@ -342,11 +342,11 @@ impl Gate {
     }
 
     /// Request `id`, admitted by the local buckets, needs `hits` and may wait `may_wait`.
-    pub fn arrive(&mut self, name: &str, id: u32, hits: Units, may_wait: Duration, now: Instant) -> Verdict {
+    pub fn arrive(&mut self, name: &str, id: u32, hits: Units, may_wait: Duration, now: Instant) -> GlobalVerdict {
         let now = now.floor_millis();
         if now < self.skip_until {
             self.counts.fallback += 1;
-            return Verdict::Pass { ask: None };
+            return GlobalVerdict::Pass { ask: None };
         }
         let Some(i) = self.key(name, now) else {
             // Every key busy: the service cannot be asked for this one, as if it had failed (but
@@ -354,10 +354,10 @@ impl Gate {
             // service off for every key).
             self.counts.errors += 1;
             if self.rules.failure_mode == FailureMode::Deny {
-                return Verdict::Refuse { wait: RETRY, unavailable: true };
+                return GlobalVerdict::Refuse { wait: RETRY, unavailable: true };
             }
             self.counts.fallback += 1;
-            return Verdict::Pass { ask: None };
+            return GlobalVerdict::Pass { ask: None };
         };
         let k = &mut self.keys[i];
         roll(k, now);
@@ -368,17 +368,17 @@ impl Gate {
             k.spend(hits);
             let ask = k.top_up(i, &self.rules, now);
             self.counted(&ask);
-            return Verdict::Pass { ask };
+            return GlobalVerdict::Pass { ask };
         }
         if let Some(until) = k.blocked_until(hits, now) {
             if until - now > may_wait {
-                return Verdict::Refuse { wait: until - now, unavailable: false };
+                return GlobalVerdict::Refuse { wait: until - now, unavailable: false };
             }
         }
         k.waiters.push(Waiter { id, hits, deadline: now + may_wait });
         let ask = k.ask(i, &self.rules, now);
         self.counted(&ask);
-        Verdict::Wait { ask }
+        GlobalVerdict::Wait { ask }
     }
 
     fn counted(&mut self, ask: &Option<Ask>) {
@@ -569,8 +569,8 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    fn rules(mode: FailureMode, max_lease: u64) -> GateRules {
-        GateRules { timeout_ms: 50, failure_mode: mode, max_lease, lease_ms: 1000 }
+    fn rules(mode: FailureMode, max_lease: u64) -> GlobalGateRules {
+        GlobalGateRules { timeout_ms: 50, failure_mode: mode, max_lease, lease_ms: 1000 }
     }
 
     fn key() -> &'static str {
@@ -587,20 +587,24 @@ mod tests {
         Response { overall: Code::OverLimit, statuses: vec![s] }
     }
 
-    fn asked(v: Verdict) -> Ask {
+    fn asked(v: GlobalVerdict) -> Ask {
         match v {
-            Verdict::Wait { ask: Some(a) } => a,
+            GlobalVerdict::Wait { ask: Some(a) } => a,
             other => panic!("expected a call, got {other:?}"),
         }
     }
 
     #[test]
     fn first_request_waits_for_one_call_and_the_next_share_it() {
-        let mut g = Gate::new(rules(FailureMode::Local, 32));
+        let mut g = GlobalGate::new(rules(FailureMode::Local, 32));
         let a = asked(g.arrive(key(), 1, [1, 0], ms(1000), at(0)));
         assert_eq!(a.hits, [1, 0], "no spending seen yet: no lease ahead");
         g.sent(a.key, 7);
-        assert_eq!(g.arrive(key(), 2, [1, 0], ms(1000), at(1)), Verdict::Wait { ask: None }, "one call in flight");
+        assert_eq!(
+            g.arrive(key(), 2, [1, 0], ms(1000), at(1)),
+            GlobalVerdict::Wait { ask: None },
+            "one call in flight"
+        );
         let o = g.answered(7, &ok(99), at(2));
         assert_eq!(o.pass, vec![1]);
         // Request 2 was not in the call: a second call follows, one ahead for the one spent.
@@ -608,19 +612,19 @@ mod tests {
     }
 
     /// Arrivals at `now_ms` (ms), every call answered at once with `answer`: (calls, largest ask).
-    fn burst(g: &mut Gate, ids: std::ops::Range<u32>, now_ms: u64, answer: &Response) -> (u64, u64) {
+    fn burst(g: &mut GlobalGate, ids: std::ops::Range<u32>, now_ms: u64, answer: &Response) -> (u64, u64) {
         let (mut calls, mut most) = (0, 0);
         for id in ids {
             match g.arrive(key(), id, [1, 0], ms(1000), at(now_ms)) {
-                Verdict::Pass { ask: None } => {}
-                Verdict::Pass { ask: Some(a) } => {
+                GlobalVerdict::Pass { ask: None } => {}
+                GlobalVerdict::Pass { ask: Some(a) } => {
                     // A top-up, sent while the request goes.
                     calls += 1;
                     most = most.max(a.hits[REQUESTS]);
                     g.sent(a.key, id + 1);
                     assert!(g.answered(id + 1, answer, at(now_ms)).pass.is_empty());
                 }
-                Verdict::Wait { ask: Some(a) } => {
+                GlobalVerdict::Wait { ask: Some(a) } => {
                     calls += 1;
                     most = most.max(a.hits[REQUESTS]);
                     g.sent(a.key, id + 1);
@@ -634,7 +638,7 @@ mod tests {
 
     #[test]
     fn a_lease_grows_with_a_burst_and_expires_unspent() {
-        let mut g = Gate::new(rules(FailureMode::Local, 32));
+        let mut g = GlobalGate::new(rules(FailureMode::Local, 32));
         let (calls, most) = burst(&mut g, 0..200, 500, &ok(100_000));
         // Leases grow with what this second spent, topped up at half: never more than
         // `max_lease` held, about a call per 16 requests once grown.
@@ -653,15 +657,15 @@ mod tests {
 
     #[test]
     fn leases_shrink_with_the_remaining_and_a_refused_lease_is_asked_again_exactly() {
-        let mut g = Gate::new(rules(FailureMode::Local, 32));
+        let mut g = GlobalGate::new(rules(FailureMode::Local, 32));
         let (_, most) = burst(&mut g, 0..100, 0, &ok(40));
         assert!((2..=1 + 40 / 8).contains(&most), "at most an eighth of the remaining ahead: {most}");
         // Spend until the lease is topped up; the service refuses the top-up while 3 remain.
         let mut id = 100;
         let a = loop {
             match g.arrive(key(), id, [1, 0], ms(1000), at(0)) {
-                Verdict::Pass { ask: Some(a) } => break a,
-                Verdict::Pass { ask: None } => id += 1,
+                GlobalVerdict::Pass { ask: Some(a) } => break a,
+                GlobalVerdict::Pass { ask: None } => id += 1,
                 other => panic!("{other:?}"),
             }
         };
@@ -672,8 +676,8 @@ mod tests {
         let a = loop {
             id += 1;
             match g.arrive(key(), id, [1, 0], ms(1000), at(2)) {
-                Verdict::Wait { ask: Some(a) } => break a,
-                Verdict::Pass { ask: None } => {}
+                GlobalVerdict::Wait { ask: Some(a) } => break a,
+                GlobalVerdict::Pass { ask: None } => {}
                 other => panic!("{other:?}"),
             }
         };
@@ -684,7 +688,7 @@ mod tests {
 
     #[test]
     fn over_limit_is_cached_until_its_reset() {
-        let mut g = Gate::new(rules(FailureMode::Local, 1));
+        let mut g = GlobalGate::new(rules(FailureMode::Local, 1));
         let a = asked(g.arrive(key(), 1, [1, 0], ms(5000), at(0)));
         g.sent(a.key, 1);
         let o = g.answered(1, &over(0, 3000), at(10));
@@ -693,7 +697,7 @@ mod tests {
         // A request that may wait 1 s is refused at once, no call.
         assert_eq!(
             g.arrive(key(), 2, [1, 0], ms(1000), at(1010)),
-            Verdict::Refuse { wait: ms(2000), unavailable: false }
+            GlobalVerdict::Refuse { wait: ms(2000), unavailable: false }
         );
         assert_eq!(g.take_counts().calls, 1);
         // Nothing asked before the reset; asked at it.
@@ -706,7 +710,7 @@ mod tests {
 
     #[test]
     fn tokens_go_with_requests_and_each_unit_is_granted_alone() {
-        let mut g = Gate::new(rules(FailureMode::Local, 1));
+        let mut g = GlobalGate::new(rules(FailureMode::Local, 1));
         let a = asked(g.arrive(key(), 1, [1, 500], ms(5000), at(0)));
         assert_eq!(a.hits, [1, 500]);
         g.sent(0, 1);
@@ -730,7 +734,7 @@ mod tests {
     #[test]
     fn failure_modes() {
         for (mode, passed) in [(FailureMode::Local, true), (FailureMode::Allow, true), (FailureMode::Deny, false)] {
-            let mut g = Gate::new(rules(mode, 32));
+            let mut g = GlobalGate::new(rules(mode, 32));
             let a = asked(g.arrive(key(), 1, [1, 0], ms(1000), at(0)));
             g.sent(a.key, 1);
             g.arrive(key(), 2, [1, 0], ms(1000), at(0));
@@ -743,15 +747,15 @@ mod tests {
             // Local skips the service for a while; allow asks again at once.
             let next = g.arrive(key(), 3, [1, 0], ms(1000), at(50));
             match mode {
-                FailureMode::Local => assert_eq!(next, Verdict::Pass { ask: None }),
-                _ => assert!(matches!(next, Verdict::Wait { ask: Some(_) })),
+                FailureMode::Local => assert_eq!(next, GlobalVerdict::Pass { ask: None }),
+                _ => assert!(matches!(next, GlobalVerdict::Wait { ask: Some(_) })),
             }
         }
     }
 
     #[test]
     fn no_request_waits_past_the_timeout_for_a_silent_service() {
-        let mut g = Gate::new(rules(FailureMode::Allow, 32));
+        let mut g = GlobalGate::new(rules(FailureMode::Allow, 32));
         let a = asked(g.arrive(key(), 1, [1, 0], ms(10_000), at(0)));
         g.sent(a.key, 1);
         assert!(g.tick(at(100)).pass.is_empty());
@@ -761,7 +765,7 @@ mod tests {
 
     #[test]
     fn garbage_answers_fail_like_errors() {
-        let mut g = Gate::new(rules(FailureMode::Deny, 32));
+        let mut g = GlobalGate::new(rules(FailureMode::Deny, 32));
         let a = asked(g.arrive(key(), 1, [1, 0], ms(1000), at(0)));
         g.sent(a.key, 1);
         let o = g.answered(1, &Response::default(), at(1));
@@ -770,10 +774,10 @@ mod tests {
 
     #[test]
     fn the_key_table_is_bounded() {
-        let mut g = Gate::new(rules(FailureMode::Local, 32));
+        let mut g = GlobalGate::new(rules(FailureMode::Local, 32));
         for t in 0..(MAX_KEYS as u32 + 10) {
             let k = t.to_string();
-            if let Verdict::Wait { ask: Some(a) } = g.arrive(&k, t, [1, 0], ms(1000), at(0)) {
+            if let GlobalVerdict::Wait { ask: Some(a) } = g.arrive(&k, t, [1, 0], ms(1000), at(0)) {
                 g.sent(a.key, t + 1);
                 g.answered(t + 1, &ok(5), at(0));
             }
@@ -784,7 +788,7 @@ mod tests {
     #[test]
     fn a_full_key_table_follows_the_failure_mode() {
         for mode in [FailureMode::Deny, FailureMode::Local, FailureMode::Allow] {
-            let mut g = Gate::new(rules(mode, 32));
+            let mut g = GlobalGate::new(rules(mode, 32));
             // Every key busy: a call in flight for each, none answered.
             for t in 0..MAX_KEYS as u32 {
                 let a = asked(g.arrive(&t.to_string(), t, [1, 0], ms(1000), at(0)));
@@ -795,17 +799,17 @@ mod tests {
             let c = g.take_counts();
             match mode {
                 FailureMode::Deny => {
-                    assert_eq!(v, Verdict::Refuse { wait: RETRY, unavailable: true });
+                    assert_eq!(v, GlobalVerdict::Refuse { wait: RETRY, unavailable: true });
                     assert_eq!(c.fallback, 0);
                 }
                 _ => {
-                    assert_eq!(v, Verdict::Pass { ask: None }, "{mode:?}");
+                    assert_eq!(v, GlobalVerdict::Pass { ask: None }, "{mode:?}");
                     assert_eq!(c.fallback, 1, "{mode:?}");
                 }
             }
             assert_eq!(c.errors, 1, "{mode:?}: counted as a failure");
             // The tracked keys are unaffected: `local` skips the service only for the untracked key.
-            assert_eq!(g.arrive("0", 6000, [1, 0], ms(1000), at(2)), Verdict::Wait { ask: None }, "{mode:?}");
+            assert_eq!(g.arrive("0", 6000, [1, 0], ms(1000), at(2)), GlobalVerdict::Wait { ask: None }, "{mode:?}");
         }
     }
 }

@@ -4,7 +4,7 @@
 use super::metrics::Metrics;
 use crate::signals::Signals;
 use crate::time::Instant;
-use crate::worker::Levels;
+use crate::worker::Readout;
 use std::cell::Cell;
 
 pub struct Gauges {
@@ -42,8 +42,8 @@ impl Gauges {
     }
 
     /// Publishes process-wide queue depths and the bucket levels (only what changed).
-    pub fn levels(&self, m: &Metrics, levels: Option<Levels>) {
-        let Some((waiting, tokens, token_bucket)) = levels else { return };
+    pub fn publish(&self, m: &Metrics, readout: Option<Readout>) {
+        let Some((waiting, tokens, token_bucket)) = readout else { return };
         if let Some(t) = token_bucket {
             let whole = t.max(0.0) as u64;
             if self.token_bucket.replace(whole) != whole {
@@ -51,7 +51,7 @@ impl Gauges {
             }
         }
         if self.waiting.replace(waiting) != waiting {
-            m.levels(waiting);
+            m.depths(waiting);
         }
         let whole = tokens.max(0.0) as u64;
         if self.tokens.replace(whole) != whole {

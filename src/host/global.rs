@@ -7,7 +7,7 @@ use super::calls::{self, host};
 use super::event::{self, Event};
 use super::metrics::GlobalStats;
 use crate::config::{DescriptorEntry, GlobalConfig};
-use crate::global::gate::{Ask, Gate, Outcome, Units, Verdict, REQUESTS, TOKENS};
+use crate::global::gate::{Ask, GlobalGate, GlobalVerdict, Outcome, Units, REQUESTS, TOKENS};
 use crate::global::proto::{self, Descriptor};
 use crate::priority::Priority;
 use crate::reply::Reason;
@@ -21,14 +21,14 @@ const METHOD: &str = "ShouldRateLimit";
 /// What one request needs from the gate: its key (the values of the configured entries but
 /// `unit`, each ending in a newline, which no header value holds), units, class.
 #[derive(Clone, Debug)]
-pub struct Need {
+pub struct GlobalNeed {
     pub key: String,
     pub hits: Units,
     pub class: Priority,
 }
 
 pub struct GlobalHost {
-    gate: RefCell<Gate>,
+    gate: RefCell<GlobalGate>,
     config: GlobalConfig,
     /// The provider's name: the `provider` descriptor entry.
     provider: String,
@@ -50,7 +50,7 @@ pub enum Gated {
 impl GlobalHost {
     pub fn new(c: &GlobalConfig, provider: &str, stats: GlobalStats, root_id: u32) -> GlobalHost {
         GlobalHost {
-            gate: RefCell::new(Gate::new(c.gate.clone())),
+            gate: RefCell::new(GlobalGate::new(c.gate.clone())),
             config: c.clone(),
             provider: provider.to_string(),
             service: proto::encode_service(&c.cluster),
@@ -60,7 +60,7 @@ impl GlobalHost {
     }
 
     /// A request's need from the gate.
-    pub fn need(&self, class: Priority, tenant: Option<&str>, tokens: Option<u64>) -> Need {
+    pub fn need(&self, class: Priority, tenant: Option<&str>, tokens: Option<u64>) -> GlobalNeed {
         let c = &self.config;
         let mut key = String::new();
         for e in &c.descriptors {
@@ -75,31 +75,31 @@ impl GlobalHost {
         }
         // Tokens go to the service only in their own descriptor (`unit` = `tokens`).
         let tokens = if c.descriptors.contains(&DescriptorEntry::Unit) { tokens.unwrap_or(0) } else { 0 };
-        Need { key, hits: [1, tokens], class }
+        GlobalNeed { key, hits: [1, tokens], class }
     }
 
     /// How long the service's last over-limit answer still holds for `need`, checked before the
     /// local buckets.
-    pub fn blocked(&self, need: &Need, now: Instant) -> Option<Duration> {
+    pub fn blocked(&self, need: &GlobalNeed, now: Instant) -> Option<Duration> {
         self.gate.try_borrow().ok()?.blocked(&need.key, need.hits, now)
     }
 
     /// Request `id` passed the local buckets: the gate lets it through, makes it wait, or refuses.
-    pub fn arrive(&self, id: u32, need: &Need, may_wait: Duration, now: Instant) -> Gated {
+    pub fn arrive(&self, id: u32, need: &GlobalNeed, may_wait: Duration, now: Instant) -> Gated {
         let verdict = match self.gate.try_borrow_mut() {
             Ok(mut gate) => gate.arrive(&need.key, id, need.hits, may_wait, now),
             Err(_) => return Gated::Pass,
         };
         match verdict {
-            Verdict::Pass { ask } => {
+            GlobalVerdict::Pass { ask } => {
                 if let Some(ask) = ask {
                     self.send(ask);
                     restore(id);
                 }
                 Gated::Pass
             }
-            Verdict::Refuse { wait, unavailable } => Gated::Refuse(refusal(id, need.class, wait, unavailable)),
-            Verdict::Wait { ask } => {
+            GlobalVerdict::Refuse { wait, unavailable } => Gated::Refuse(refusal(id, need.class, wait, unavailable)),
+            GlobalVerdict::Wait { ask } => {
                 self.stats.waited.inc();
                 if let Some(ask) = ask {
                     self.send(ask);

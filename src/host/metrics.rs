@@ -198,7 +198,7 @@ stats! {
         input, "tokens.input", Counter, "The input part of `actual`.";
         output, "tokens.output", Counter, "The output part of `actual`.";
         estimate_error_pct, "tokens.estimate_error_pct", Histogram,
-            "|actual - estimate| as a percentage of the estimate, per reconciled request.";
+            "|actual - estimate| as a percentage of the estimate, per settled request.";
         bucket, "tokens.bucket", Gauge, "Whole tokens left in the provider's token bucket after the last decision.";
         too_large, "tokens.too_large", Counter,
             "Requests refused because their estimate exceeds the whole token bucket.";
@@ -269,7 +269,7 @@ impl Metrics {
     }
 
     /// Publishes the process-wide queue depths just written to shared data.
-    pub fn levels(&self, waiting: [u32; 4]) {
+    pub fn depths(&self, waiting: [u32; 4]) {
         for p in Priority::ALL {
             self.of(p).queue_depth.record(u64::from(waiting[p.index()]));
         }

@@ -8,7 +8,7 @@
 use super::api::{Action, Status};
 use super::calls;
 use super::event::Event;
-use super::global::{Gated, Need as GlobalNeed};
+use super::global::{Gated, GlobalNeed};
 use super::holds::Bodies;
 use super::shared::SharedData;
 use super::worker::{WorkerContext, PROBE_HEADER, REENTERED};
@@ -79,7 +79,7 @@ pub struct Request {
     /// The body buffered so far while it is read.
     body_size: usize,
     /// Its token estimate, until it is admitted: what it needs, and the input part.
-    estimate: Option<(crate::admission::Need, u64)>,
+    estimate: Option<(crate::admission::TokenNeed, u64)>,
     /// What it needs from the global gate, kept while it waits in the queue.
     global: Option<GlobalNeed>,
     /// Its tokens, once admitted, until its answer settles them.
@@ -165,7 +165,7 @@ impl Request {
     }
 
     /// Envoy with `allow_on_headers_stop_iteration` delivers the body while the headers are
-    /// paused, and a Continue here would release them: a held request holds its body too.
+    /// paused, and a Continue here would resume them: a held request holds its body too.
     pub fn on_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         match self.phase {
             Phase::ReadingBody => self.read_body(size, end_of_stream),
@@ -178,7 +178,7 @@ impl Request {
         }
     }
 
-    /// Trailers end the request: a Continue here would release held headers and body with them.
+    /// Trailers end the request: a Continue here would resume held headers and body with them.
     pub fn on_request_trailers(&mut self) -> Action {
         match self.phase {
             // The body is whole: decide now.
@@ -469,20 +469,20 @@ impl Request {
         } else {
             Duration::ZERO
         };
-        if let (Some(gate), Some(g)) = (&w.global, &global) {
+        if let (Some(global_gate), Some(g)) = (&w.global, &global) {
             // The service said over limit for longer than this request may wait: no local token spent.
-            if let Some(wait) = gate.blocked(g, now).filter(|&t| t > may_wait) {
+            if let Some(wait) = global_gate.blocked(g, now).filter(|&t| t > may_wait) {
                 w.metrics.global.rejected.inc();
                 return self.refuse(&super::global::refusal(self.id, self.class, wait, false));
             }
         }
         let arrival = Arrival { id: self.id, class: self.class, tenant: tenant.as_deref(), need, gate };
         let decided = w.with_core_mut(|c| c.admit(&SharedData, arrival, now));
-        let Decision { admission, levels, tenant } = match decided {
+        let Decision { admission, readout, tenant } = match decided {
             Ok(d) => d,
             Err(st) => return self.fail_open("shared-data admission", st),
         };
-        w.publish_levels(levels);
+        w.publish_readout(readout);
         if let Some(t) = tenant {
             let m = &w.metrics.tenants;
             for (happened, stat) in [(t.claimed, m.claimed), (t.displaced, m.displaced), (t.overflow(), m.overflow)] {
@@ -516,12 +516,12 @@ impl Request {
     /// Through the local buckets: the global gate, when there is one, then upstream.
     fn through_global(&mut self, global: Option<GlobalNeed>, may_wait: Duration, now: Instant) -> Action {
         let w = self.w.clone();
-        let (Some(gate), Some(g)) = (&w.global, global) else {
+        let (Some(global_gate), Some(g)) = (&w.global, global) else {
             self.w.metrics.of(self.class).admitted.inc();
             self.phase = Phase::Upstream;
             return Action::Continue;
         };
-        match gate.arrive(self.id, &g, may_wait, now) {
+        match global_gate.arrive(self.id, &g, may_wait, now) {
             Gated::Pass => {
                 self.w.metrics.of(self.class).admitted.inc();
                 self.phase = Phase::Upstream;
@@ -533,9 +533,18 @@ impl Request {
             }
             Gated::Refuse(r) => {
                 self.w.metrics.global.rejected.inc();
+                self.give_back(now);
                 self.refuse(&Refusal { queued: self.waited, ..r })
             }
         }
+    }
+
+    /// The global gate refused it (or it left while waiting for the gate's word) after the local
+    /// buckets let it through: its request token and the LLM tokens it reserved go back (its
+    /// meter with them: nothing is settled at its end).
+    fn give_back(&mut self, now: Instant) {
+        let need = self.meter.take().map(|m| m.need);
+        self.w.give_back(self.probe, need, now);
     }
 
     /// Its turn in the queue came: through the global gate, then upstream.
@@ -657,7 +666,7 @@ impl Request {
 
     /// Frees whatever its phase holds in the worker: a queue place, a wait on the gate, a hold.
     fn let_go(&mut self) {
-        let w = &self.w;
+        let w = self.w.clone();
         match self.phase {
             Phase::ReadingBody | Phase::Holding429 => w.holds.let_go(self.id),
             Phase::Queued => {
@@ -667,6 +676,8 @@ impl Request {
                 if let Some(g) = &w.global {
                     g.leave(self.id);
                 }
+                // Refused by the gate, or gone before its word: it never uses its local tokens.
+                self.give_back(now());
             }
             Phase::HeldRetry => w.holds.drop_retry(self.id),
             Phase::Arriving | Phase::Upstream | Phase::Responding | Phase::Answered | Phase::Done => {}

@@ -12,7 +12,7 @@ use super::metrics::Metrics;
 use super::replies::Replies;
 use super::shared::SharedData;
 use super::vm_local::vm_local;
-use crate::admission::Need;
+use crate::admission::TokenNeed;
 use crate::alert::Event as Alert;
 use crate::breaker::{Mode, Verdict};
 use crate::config::Config;
@@ -113,8 +113,8 @@ impl WorkerContext {
         })
     }
 
-    pub fn publish_levels(&self, levels: Option<crate::worker::Levels>) {
-        self.gauges.levels(&self.metrics, levels);
+    pub fn publish_readout(&self, readout: Option<crate::worker::Readout>) {
+        self.gauges.publish(&self.metrics, readout);
     }
 
     /// Answers the current request with the local 429 for `r`.
@@ -140,7 +140,7 @@ impl WorkerContext {
             self.metrics.errors.inc();
             log::warn!("llm-ratelimit: {}: shared data failed in the tick: status {s}", self.name());
         }
-        self.publish_levels(t.levels);
+        self.publish_readout(t.readout);
     }
 
     /// Waiter `r.id` is evicted for a more important arrival.
@@ -191,7 +191,7 @@ impl WorkerContext {
             let Ok(mut w) = self.core.try_borrow_mut() else { return };
             if refresh {
                 g.waiting_refreshed.set(now_ms);
-                w.refresh_levels();
+                w.refresh_depths();
             }
             if !w.needs_tick() {
                 return;
@@ -280,9 +280,9 @@ impl WorkerContext {
 
     /// The token bucket an estimated request draws on: its model's, if `tokens.per_model` names
     /// it or its family (the path's model before the body's), else the provider's.
-    pub fn need(&self, e: &Estimate, path: &str) -> Option<Need> {
+    pub fn need(&self, e: &Estimate, path: &str) -> Option<TokenNeed> {
         let t = self.config.tokens.as_ref()?;
-        Some(Need { bucket: model_bucket(&t.per_model, path, e.model.as_deref()), tokens: e.total() })
+        Some(TokenNeed { bucket: model_bucket(&t.per_model, path, e.model.as_deref()), tokens: e.total() })
     }
 
     /// An admitted request's answer is over (or will never come): the difference between its
@@ -290,10 +290,10 @@ impl WorkerContext {
     pub fn settle(&self, mut m: Meter) {
         let used = m.used();
         match self.core.try_borrow_mut() {
-            Ok(mut w) => w.reconcile(m.need, used.total()),
+            Ok(mut w) => w.settle(m.need, used.total()),
             Err(_) => {
                 self.metrics.errors.inc();
-                log::warn!("llm-ratelimit: {}: cannot reconcile a request's tokens: re-entered", self.name());
+                log::warn!("llm-ratelimit: {}: cannot settle a request's tokens: re-entered", self.name());
             }
         }
         let t = &self.metrics.tokens;
@@ -303,6 +303,19 @@ impl WorkerContext {
         t.output.add(used.output);
         if used.reported {
             t.estimate_error_pct.record(meter::error_pct(m.need.tokens, used.total()));
+        }
+    }
+
+    /// The global gate refused a request the local buckets let through (the gate chain's step 4,
+    /// `worker::chain`): its request token (`probe`: only if the probe took one) and the `need`
+    /// LLM tokens it reserved go back to the shared bucket.
+    pub fn give_back(&self, probe: Option<u32>, need: Option<TokenNeed>, now: Instant) {
+        match self.with_core_mut(|w| w.give_back(&SharedData, probe, need, now)) {
+            Ok(readout) => self.publish_readout(Some(readout)),
+            Err(s) => {
+                self.metrics.errors.inc();
+                log::warn!("llm-ratelimit: {}: cannot give a refused request's tokens back: status {s}", self.name());
+            }
         }
     }
 
@@ -316,8 +329,8 @@ impl WorkerContext {
     pub fn leave_queue(&self, id: u32, now: Instant) -> bool {
         let left = self.core.try_borrow_mut().ok().and_then(|mut w| w.leave(&SharedData, id, now));
         match left {
-            Some((_, levels)) => {
-                self.publish_levels(levels);
+            Some((_, readout)) => {
+                self.publish_readout(readout);
                 true
             }
             None => false,

@@ -17,10 +17,10 @@
 //!   provider generated the whole answer, and an error body says nothing of that.
 //!
 //! ```
-//! use llm_ratelimit::admission::Need;
+//! use llm_ratelimit::admission::TokenNeed;
 //! use llm_ratelimit::tokens::meter::Meter;
 //!
-//! let mut m = Meter::new(Need { bucket: 0, tokens: 1100 }, 100, 4.0);
+//! let mut m = Meter::new(TokenNeed { bucket: 0, tokens: 1100 }, 100, 4.0);
 //! m.answer(200, "application/json", 1 << 20);
 //! m.feed(br#"{"usage":{"prompt_tokens":90,"completion_tokens":30,"total_tokens":120}}"#);
 //! let used = m.used();
@@ -28,7 +28,7 @@
 //! ```
 
 use super::usage::{self, StreamUsage, Usage};
-use crate::admission::Need;
+use crate::admission::TokenNeed;
 
 /// What the answer is being read as.
 #[derive(Debug)]
@@ -64,7 +64,7 @@ impl Used {
 #[derive(Debug)]
 pub struct Meter {
     /// What it reserved, and from which bucket.
-    pub need: Need,
+    pub need: TokenNeed,
     /// The estimated input part of the reservation.
     input: u64,
     chars_per_token: f64,
@@ -72,7 +72,7 @@ pub struct Meter {
 }
 
 impl Meter {
-    pub fn new(need: Need, estimated_input: u64, chars_per_token: f64) -> Meter {
+    pub fn new(need: TokenNeed, estimated_input: u64, chars_per_token: f64) -> Meter {
         Meter { need, input: estimated_input.min(need.tokens), chars_per_token, reading: Reading::Nothing }
     }
 
@@ -153,7 +153,7 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    const NEED: Need = Need { bucket: 0, tokens: 1000 };
+    const NEED: TokenNeed = TokenNeed { bucket: 0, tokens: 1000 };
 
     fn meter() -> Meter {
         Meter::new(NEED, 200, 4.0)
@@ -269,7 +269,7 @@ data: {"type":"content_block_delta","delta":{"type":"text_delta","text":"Hello"}
 
     #[test]
     fn estimated_input_never_exceeds_the_reservation() {
-        let mut m = Meter::new(Need { bucket: 0, tokens: 10 }, 50, 4.0);
+        let mut m = Meter::new(TokenNeed { bucket: 0, tokens: 10 }, 50, 4.0);
         assert_eq!(m.used(), Used { input: 10, output: 0, reported: false });
     }
 

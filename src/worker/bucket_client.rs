@@ -3,8 +3,8 @@
 //! tick gives both back, the refusals reused for want of a request token, and the waiter counts
 //! this worker last wrote for itself.
 
-use super::{levels, Levels, Refusal};
-use crate::admission::{AdmissionRules, Need, SharedBucket, HEARTBEAT};
+use super::{readout, Readout, Refusal};
+use crate::admission::{AdmissionRules, SharedBucket, TokenNeed, HEARTBEAT};
 use crate::config::Config;
 use crate::priority::Priority;
 use crate::reply::Reason;
@@ -25,7 +25,7 @@ const REFUSAL_FRESH: Duration = Duration::from_millis(1);
 /// Tokens this worker took from the shared bucket ahead of its requests (a lease), spent with no
 /// shared-data call, and LLM-token settlements not written yet. Both go back on the next tick.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Lease {
+pub struct BucketLease {
     pub requests: f64,
     /// Per token bucket: LLM tokens leased, spent only by admissions from the lease.
     pub tokens: Vec<f64>,
@@ -61,7 +61,7 @@ impl Extra {
     }
 }
 
-impl Lease {
+impl BucketLease {
     /// Whether it holds leased tokens or settlements to write back.
     pub(super) fn holds(&self) -> bool {
         self.requests > 0.0 || self.tokens.iter().chain(&self.settled).any(|&t| t != 0.0)
@@ -73,7 +73,7 @@ impl Lease {
     }
 
     /// Notes what an arrival needs: an average of recent needs sizes token leases.
-    pub(super) fn note_need(&mut self, need: Option<Need>) {
+    pub(super) fn note_need(&mut self, need: Option<TokenNeed>) {
         if let Some(n) = need {
             let avg = &mut self.avg_need;
             *avg = if *avg == 0.0 { n.tokens as f64 } else { 0.9 * *avg + 0.1 * n.tokens as f64 };
@@ -81,7 +81,7 @@ impl Lease {
     }
 
     /// Admits a request from the lease, if it holds enough for it.
-    pub(super) fn take(&mut self, need: Option<Need>) -> bool {
+    pub(super) fn take(&mut self, need: Option<TokenNeed>) -> bool {
         if self.requests < 1.0 {
             return false;
         }
@@ -103,7 +103,7 @@ impl Lease {
 
     /// What to lease beside an admission that left `s`: requests, and LLM tokens from the
     /// bucket `need` draws on. Nothing when leases are off, or near any class's floor.
-    pub(super) fn extra(&self, rules: &AdmissionRules, s: &SharedBucket, need: Option<Need>) -> Extra {
+    pub(super) fn extra(&self, rules: &AdmissionRules, s: &SharedBucket, need: Option<TokenNeed>) -> Extra {
         let top_floor = rules.floors.iter().fold(0.0f64, |a, &b| a.max(b));
         let room = ((s.level.tokens - top_floor) / LEASE_SHARE).floor();
         let requests = f64::from(self.size.saturating_sub(1)).min(room).max(0.0);
@@ -136,7 +136,7 @@ impl Lease {
     }
 
     /// Request `need` used `actual` LLM tokens: the difference is held until the tick.
-    pub(super) fn settle(&mut self, buckets: usize, need: Need, actual: u64) {
+    pub(super) fn settle(&mut self, buckets: usize, need: TokenNeed, actual: u64) {
         self.settled.resize(buckets.max(self.settled.len()), 0.0);
         if let Some(t) = self.settled.get_mut(usize::from(need.bucket)) {
             *t += need.tokens as f64 - actual as f64;
@@ -184,7 +184,7 @@ pub(super) struct BucketClient {
     me: u64,
     /// The most requests a lease takes.
     max_lease: u32,
-    pub(super) lease: Lease,
+    pub(super) lease: BucketLease,
     /// Per class, the last refusal for want of a request token (no token, queue full), so more
     /// arrivals within `REFUSAL_FRESH` are refused without reading the bucket again.
     refused: [Option<Refused>; 4],
@@ -198,7 +198,7 @@ impl BucketClient {
             key: format!("llm_ratelimit/{}/bucket", config.name),
             me: id,
             max_lease: config.bucket.max_lease.max(1) as u32,
-            lease: Lease { size: 1, ..Lease::default() },
+            lease: BucketLease { size: 1, ..BucketLease::default() },
             refused: [None; 4],
             published: ([0; 4], Instant::ZERO),
         }
@@ -222,14 +222,14 @@ impl BucketClient {
     }
 
     /// Gives the lease and the settlements back to the shared bucket, and sizes the next lease by
-    /// how many requests the last one served. `own`: this worker's waiters, for the levels.
+    /// how many requests the last one served. `own`: this worker's waiters, for the readout.
     pub(super) fn return_lease(
         &mut self,
         store: &impl Store,
         rules: &AdmissionRules,
         own: [u32; 4],
         now: Instant,
-    ) -> Result<Option<Levels>, Status> {
+    ) -> Result<Option<Readout>, Status> {
         self.lease.size_next(self.max_lease);
         if !self.lease.holds() {
             return Ok(None);
@@ -238,7 +238,7 @@ impl BucketClient {
         let me = self.me;
         let written = self.update(store, rules, now, |s| {
             let next = rules.give_back(s, requests, &tokens, now);
-            (levels(&next, next.waiting(me, own, now)), Some(next))
+            (readout(&next, next.waiting(me, own, now)), Some(next))
         })?;
         self.lease.clear();
         Ok(Some(written))
@@ -252,11 +252,11 @@ impl BucketClient {
         rules: &AdmissionRules,
         own: [u32; 4],
         now: Instant,
-    ) -> Result<Levels, Status> {
+    ) -> Result<Readout, Status> {
         let me = self.me;
         let written = self.update(store, rules, now, |s| {
             let next = s.with_worker(me, own, now);
-            (levels(&next, next.waiting(me, own, now)), Some(next))
+            (readout(&next, next.waiting(me, own, now)), Some(next))
         });
         self.published = if written.is_ok() { (own, now.floor_millis()) } else { (LOST, Instant::ZERO) };
         written

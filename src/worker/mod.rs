@@ -6,16 +6,19 @@
 //! them into host calls. Tests and the simulation drive several `Worker`s over one `MemStore`.
 //!
 //! `Worker` owns the queue and the requests released from it, and orchestrates the rest: the
-//! provider state and what this worker caches of it are `provider`'s; the shared bucket, the
-//! lease taken from it, the refusals reused and the waiter counts written are `bucket_client`'s;
-//! the rules are `admission`'s and `breaker`'s.
+//! gate chain a request meets (provider state, tenant bucket, provider bucket, global gate),
+//! each gate's take beside its compensation, is `chain`'s (`admit`, `give_back`); the provider
+//! state and what this worker caches of it are `provider`'s; the shared bucket, the lease taken
+//! from it, the refusals reused and the waiter counts written are `bucket_client`'s; the rules
+//! are `admission`'s and `breaker`'s.
 
 mod bucket_client;
+mod chain;
 mod provider;
 
-pub use bucket_client::Lease;
+pub use bucket_client::BucketLease;
 
-use crate::admission::{AdmissionRules, Need, Newcomer, Ruling, SharedBucket};
+use crate::admission::{AdmissionRules, Newcomer, Ruling, SharedBucket, TokenNeed};
 use crate::breaker::{Gate, Mode, ProviderState, Verdict};
 use crate::bucket::{BucketRules, Level};
 use crate::config::Config;
@@ -25,16 +28,17 @@ use crate::queue::{WaitQueue, Waiter};
 use crate::reply::Reason;
 use crate::signals::Signals;
 use crate::store::{self, Status, Store};
-use crate::tenants::{self, TakeOutcome, TenantRules, TenantTake};
+use crate::tenants::{self, TenantRules};
 use crate::time::{Duration, Instant};
 use bucket_client::{BucketClient, Extra};
 use provider::ProviderView;
 
-/// Process-wide waiters per class, request tokens and (with token limits) the provider token
-/// bucket's level, after a write: what the gauges show.
-pub type Levels = ([u32; 4], f64, Option<f64>);
+/// Process-wide queue depths (waiters per class), request tokens and (with token limits) the
+/// provider token bucket's level, after a write: what the gauges show. (A bucket's `Level` is
+/// its tokens; a queue's count of waiters is its depth.)
+pub type Readout = ([u32; 4], f64, Option<f64>);
 
-fn levels(s: &SharedBucket, waiting: [u32; 4]) -> Levels {
+fn readout(s: &SharedBucket, waiting: [u32; 4]) -> Readout {
     (waiting, s.level.tokens, s.token_levels.first().map(|l| l.tokens))
 }
 
@@ -60,7 +64,7 @@ pub struct Refusal {
 pub struct Decision {
     pub admission: Admission,
     /// Process-wide waiters and tokens after the write, for the gauges.
-    pub levels: Option<Levels>,
+    pub readout: Option<Readout>,
     /// What the tenant table did, when tenant limits are on.
     pub tenant: Option<tenants::TakeOutcome>,
 }
@@ -114,7 +118,7 @@ pub struct Tick {
     /// The breaker's new position, when this tick moved it.
     pub moved: Option<Mode>,
     /// Process-wide waiters and tokens after the last write, for the gauges.
-    pub levels: Option<Levels>,
+    pub readout: Option<Readout>,
     /// Shared-data failures (the tick went on with what it could do).
     pub errors: Vec<Status>,
 }
@@ -126,7 +130,7 @@ pub struct Arrival<'a> {
     pub id: u32,
     pub class: Priority,
     pub tenant: Option<&'a str>,
-    pub need: Option<Need>,
+    pub need: Option<TokenNeed>,
     pub gate: Gate,
 }
 
@@ -153,6 +157,10 @@ pub struct Worker {
     released: IdMap<Release>,
     /// The clock at the last tick (a whole millisecond), to notice a step back.
     last_tick: Instant,
+    /// The last half-open probe this worker let through, and whether it took a request token
+    /// (it goes without one when there is none): what `give_back` returns if the global gate
+    /// refuses it.
+    probe_took: Option<(u32, bool)>,
 }
 
 /// This worker's waiter counts `own` once `ruling` on an arrival of `class` is carried out.
@@ -183,6 +191,7 @@ impl Worker {
             queue: WaitQueue::new(config.classes.clone().map(|c| c.weight)),
             released: IdMap::new(),
             last_tick: Instant::ZERO,
+            probe_took: None,
             config,
         }
     }
@@ -204,7 +213,7 @@ impl Worker {
 
     /// Request `need` was taken and the provider reports `actual` tokens used: the difference
     /// is given back or taken on the next tick (held here until then, like a lease).
-    pub fn reconcile(&mut self, need: Need, actual: u64) {
+    pub fn settle(&mut self, need: TokenNeed, actual: u64) {
         self.bucket.lease.settle(self.rules.token_buckets.len(), need, actual);
     }
 
@@ -246,16 +255,16 @@ impl Worker {
     /// Whether the tick has work: waiters to serve, or counts to correct in shared data.
     pub fn needs_tick(&self) -> bool {
         // Admissions since the last tick size the next lease: the tick must see them.
-        !self.queue.is_empty() || self.bucket.shows_waiters() || self.holds_lease() || self.bucket.lease.in_use()
+        !self.queue.is_empty() || self.bucket.shows_waiters() || self.holds_bucket_lease() || self.bucket.lease.in_use()
     }
 
     /// Whether this worker holds leased tokens or settlements to write back.
-    pub fn holds_lease(&self) -> bool {
+    pub fn holds_bucket_lease(&self) -> bool {
         self.bucket.lease.holds()
     }
 
     /// What this worker holds beside the shared value (for tests and the simulation).
-    pub fn lease(&self) -> &Lease {
+    pub fn bucket_lease(&self) -> &BucketLease {
         &self.bucket.lease
     }
 
@@ -271,7 +280,7 @@ impl Worker {
 
     /// Writes this worker's counts again on the next tick, which reads everyone's: the gauges it
     /// wrote last showed waiters elsewhere, and an idle worker would otherwise never correct them.
-    pub fn refresh_levels(&mut self) {
+    pub fn refresh_depths(&mut self) {
         self.bucket.write_again();
     }
 
@@ -331,50 +340,13 @@ impl Worker {
         self.provider.attempt(store, class, now)
     }
 
-    /// Decides an arriving request. With tenant limits it needs a token from its tenant's bucket
-    /// and from the provider-wide bucket; the tenant's goes back if the provider's refuses.
-    pub fn admit(&mut self, store: &impl Store, a: Arrival<'_>, now: Instant) -> Result<Decision, Status> {
-        let tenant = self.take_tenant_token(store, &a, now)?;
-        if let Some(t @ TakeOutcome { take: TenantTake::Short { wait, .. }, .. }) = tenant {
-            let r = Refusal::of(a.id, a.class, Reason::TenantLimit, wait, 0.0);
-            return Ok(Decision { admission: Admission::Refuse(r), levels: None, tenant: Some(t) });
-        }
-        let (admission, levels) = self.admit_provider(store, &a, now)?;
-        if let (Gate::Counted, Admission::Pass { .. }) = (a.gate, &admission) {
-            self.provider.spend(store)?;
-        }
-        if let (Admission::Refuse(_), Some(t)) = (&admission, &tenant) {
-            self.give_tenant_token_back(store, &a, t, now);
-        }
-        Ok(Decision { admission, levels, tenant })
-    }
-
-    /// With tenant limits, takes a token from the arrival's tenant's bucket. The probe takes
-    /// none: it goes whatever its tenant spent, since everything waits for its answer.
-    fn take_tenant_token(&self, store: &impl Store, a: &Arrival, now: Instant) -> Result<Option<TakeOutcome>, Status> {
-        let Some((rules, prefix)) = &self.tenants else { return Ok(None) };
-        if matches!(a.gate, Gate::Probe { .. } | Gate::Open { terminal: true, .. }) {
-            return Ok(None);
-        }
-        let use_burst = self.config.class(a.class).use_burst;
-        tenants::take(store, prefix, rules, a.tenant.unwrap_or(""), use_burst, now).map(Some)
-    }
-
-    /// The provider-wide bucket refused `a`: its tenant's token goes back (best effort).
-    fn give_tenant_token_back(&self, store: &impl Store, a: &Arrival, t: &TakeOutcome, now: Instant) {
-        let Some((rules, prefix)) = &self.tenants else { return };
-        if let Err(s) = tenants::refund(store, prefix, rules, a.tenant.unwrap_or(""), t.slot(), now) {
-            log::debug!("llm-ratelimit: #{} cannot give the tenant's token back: status {s}", a.id);
-        }
-    }
-
     /// The provider-wide part of `admit`: the breaker's gate, the shared bucket and the queue.
     fn admit_provider(
         &mut self,
         store: &impl Store,
         a: &Arrival,
         now: Instant,
-    ) -> Result<(Admission, Option<Levels>), Status> {
+    ) -> Result<(Admission, Option<Readout>), Status> {
         match a.gate {
             Gate::Open { until, terminal: true } => {
                 // A terminal quota leaves nothing to spend: the bucket is not consulted.
@@ -416,21 +388,24 @@ impl Worker {
     fn admit_probe(
         &mut self,
         store: &impl Store,
-        need: Option<Need>,
+        need: Option<TokenNeed>,
         probe: u32,
         now: Instant,
-    ) -> Result<(Admission, Option<Levels>), Status> {
+    ) -> Result<(Admission, Option<Readout>), Status> {
         let (me, own) = (self.id, self.local_counts());
+        let mut took = false;
         let written = self.bucket.update(store, &self.rules, now, |s| {
+            took = self.rules.probe_takes_token(&s, now);
             let next = self.rules.probe(&s, need, now).with_worker(me, own, now);
-            (levels(&next, next.waiting(me, own, now)), Some(next))
+            (readout(&next, next.waiting(me, own, now)), Some(next))
         })?;
         self.bucket.wrote(own, now);
+        self.probe_took = Some((probe, took));
         Ok((Admission::Pass { probe: Some(probe) }, Some(written)))
     }
 
     /// One round of an arrival's compare-and-swap on `s`: the rules' ruling, the lease taken
-    /// beside an admission, the levels for the gauges, and the value to write.
+    /// beside an admission, the readout for the gauges, and the value to write.
     fn rule_on(
         &self,
         s: SharedBucket,
@@ -438,7 +413,7 @@ impl Worker {
         gate: Gate,
         own: [u32; 4],
         now: Instant,
-    ) -> ((Ruling, Levels, Extra), Option<SharedBucket>) {
+    ) -> ((Ruling, Readout, Extra), Option<SharedBucket>) {
         let me = self.id;
         let waiting = s.waiting(me, own, now);
         let (ruling, mut taken) = self.rules.arrive(&s, newcomer, waiting, now);
@@ -453,11 +428,11 @@ impl Worker {
         // A refusal changes nothing but the refill, which the next writer redoes anyway (unless
         // the clock stepped back: then the restarted count must be kept).
         if matches!(ruling, Ruling::Reject { .. }) && !self.rules.bucket.stepped_back(s.level, now) {
-            return ((ruling, levels(&taken, waiting), extra), None);
+            return ((ruling, readout(&taken, waiting), extra), None);
         }
         let after = counts_after(own, newcomer.class, ruling);
         let next = taken.with_worker(me, after, now);
-        ((ruling, levels(&next, next.waiting(me, after, now)), extra), Some(next))
+        ((ruling, readout(&next, next.waiting(me, after, now)), extra), Some(next))
     }
 
     /// Carries out `ruling` on arrival `a`, the bucket holding `tokens` after it: an admission
@@ -511,15 +486,15 @@ impl Worker {
 
     /// The client of waiting request `id` went away: forget it, and say so in shared data
     /// (if that write fails, the next tick corrects it). Returns its class if it was waiting,
-    /// and the process-wide levels after the write.
-    pub fn leave(&mut self, store: &impl Store, id: u32, now: Instant) -> Option<(Priority, Option<Levels>)> {
+    /// and the process-wide readout after the write.
+    pub fn leave(&mut self, store: &impl Store, id: u32, now: Instant) -> Option<(Priority, Option<Readout>)> {
         self.released.remove(&id);
         let w = self.queue.remove(id)?;
         Some((w.class, self.publish(store, now).ok()))
     }
 
     /// Writes this worker's waiter counts as they are now.
-    fn publish(&mut self, store: &impl Store, now: Instant) -> Result<Levels, Status> {
+    fn publish(&mut self, store: &impl Store, now: Instant) -> Result<Readout, Status> {
         let own = self.local_counts();
         self.bucket.publish(store, &self.rules, own, now)
     }
@@ -534,7 +509,7 @@ impl Worker {
         // the provider state afresh: another filter may have learned since it was cached.
         self.bucket.forget_refusals();
         self.provider.forget();
-        // Not `t.levels`: that write carries no waiter counts, which the heartbeat writes.
+        // Not `t.readout`: that write carries no waiter counts, which the heartbeat writes.
         let returned = self.bucket.return_lease(store, &self.rules, self.local_counts(), now);
         let returned = returned.unwrap_or_else(|s| {
             t.errors.push(s);
@@ -544,9 +519,9 @@ impl Worker {
         let expired = self.queue.expire(now.floor_millis());
         let gate = self.release_waiters(store, now, &mut t);
         self.heartbeat(store, now, &mut t);
-        t.levels = t.levels.or(returned);
+        t.readout = t.readout.or(returned);
         if !expired.is_empty() {
-            t.expired = self.answer_expired(store, &expired, gate, t.levels, now);
+            t.expired = self.answer_expired(store, &expired, gate, t.readout, now);
         }
         t
     }
@@ -593,14 +568,17 @@ impl Worker {
     fn release_next(&mut self, store: &impl Store, gate: Gate, now: Instant, t: &mut Tick) -> Option<Release> {
         let own = self.local_counts();
         let picked = self.bucket.update(store, &self.rules, now, |s| self.pick(s, gate, own, now));
-        let (class, levels) = picked.unwrap_or_else(|s| {
+        let (class, readout, took) = picked.unwrap_or_else(|s| {
             t.errors.push(s);
             None
         })?;
         let w = self.queue.pop_next(|c| c == class)?;
         self.bucket.wrote(self.local_counts(), now);
-        t.levels = Some(levels);
+        t.readout = Some(readout);
         let probe = if let Gate::Probe { probe } = gate { Some(probe) } else { None };
+        if let Some(n) = probe {
+            self.probe_took = Some((n, took));
+        }
         let r = Release { id: w.id, class: w.class, waited: now.floor_millis() - w.enqueued, probe };
         self.released.insert(w.id, r);
         Some(r)
@@ -625,14 +603,15 @@ impl Worker {
     }
 
     /// One round of a release's compare-and-swap on `s`: the class whose oldest waiter goes next
-    /// under `gate` and the levels after, and the value to write.
+    /// under `gate`, the readout after and whether it took a request token (always, but the probe
+    /// takes one only if there is one), and the value to write.
     fn pick(
         &self,
         s: SharedBucket,
         gate: Gate,
         own: [u32; 4],
         now: Instant,
-    ) -> (Option<(Priority, Levels)>, Option<SharedBucket>) {
+    ) -> (Option<(Priority, Readout, bool)>, Option<SharedBucket>) {
         let me = self.id;
         let stepped = self.rules.bucket.stepped_back(s.level, now);
         let refilled = SharedBucket { level: self.rules.bucket.refill(s.level, now), ..s };
@@ -644,37 +623,41 @@ impl Worker {
             // within a class, requests go in arrival order.
             _ => queue
                 .peek_next_class(|p| rules.can_take(&refilled, need(p), p, now))
-                .and_then(|p| Some((p, rules.release(&refilled, need(p), p, now)?))),
+                .and_then(|p| Some((p, rules.take_for_waiter(&refilled, need(p), p, now)?))),
         };
         // Nobody to release: write nothing, unless the clock stepped back (the count restarts
         // from now, or the refill would stall for as long as the step).
+        let took = match gate {
+            Gate::Probe { .. } => rules.probe_takes_token(&refilled, now),
+            _ => true,
+        };
         let Some((class, taken)) = picked else { return (None, stepped.then_some(refilled)) };
         let mut after = own;
         after[class.index()] = after[class.index()].saturating_sub(1);
         let next = taken.with_worker(me, after, now);
-        (Some((class, levels(&next, next.waiting(me, after, now)))), Some(next))
+        (Some((class, readout(&next, next.waiting(me, after, now)), took)), Some(next))
     }
 
     /// Writes this worker's waiter counts if this tick did not: when they changed since written,
     /// or, while it has waiters, every `HEARTBEAT` (entries not refreshed stop counting).
     fn heartbeat(&mut self, store: &impl Store, now: Instant, t: &mut Tick) {
-        if t.levels.is_some() || !self.bucket.heartbeat_due(self.local_counts(), now) {
+        if t.readout.is_some() || !self.bucket.heartbeat_due(self.local_counts(), now) {
             return;
         }
         match self.publish(store, now) {
-            Ok(levels) => t.levels = Some(levels),
+            Ok(readout) => t.readout = Some(readout),
             Err(s) => t.errors.push(s),
         }
     }
 
     /// The refusals answering the `expired` waiters, with the gate the tick ended with and the
-    /// levels it last wrote (or read).
+    /// readout it last wrote (or read).
     fn answer_expired(
         &self,
         store: &impl Store,
         expired: &[Waiter<u32>],
         gate: Gate,
-        written: Option<Levels>,
+        written: Option<Readout>,
         now: Instant,
     ) -> Vec<Refusal> {
         let tokens = written.map(|(_, tokens, _)| tokens).or_else(|| self.bucket.tokens_now(store, &self.rules, now));
@@ -719,7 +702,7 @@ mod tests {
     }
 
     /// A NORMAL request `id` from no tenant, needing `need`, under `gate`.
-    fn normal(id: u32, need: Option<Need>, gate: Gate) -> Arrival<'static> {
+    fn normal(id: u32, need: Option<TokenNeed>, gate: Gate) -> Arrival<'static> {
         Arrival { id, class: Priority::Normal, tenant: None, need, gate }
     }
 
@@ -920,7 +903,7 @@ mod tests {
         // 4 admissions last tick: the next takes a lease of 4 more, then the lease serves them.
         assert_eq!(arrive(&mut w, &store, 10, T0 + 1), Admission::Pass { probe: None });
         assert_eq!(level(&store).round(), 991.0);
-        assert_eq!(w.lease().requests, 4.0);
+        assert_eq!(w.bucket_lease().requests, 4.0);
         for id in 11..14 {
             assert_eq!(arrive(&mut w, &store, id, T0 + 1), Admission::Pass { probe: None });
         }
@@ -928,7 +911,7 @@ mod tests {
         // The tick gives the unspent token back: exactly 8 taken for 8 admissions.
         w.tick(&store, at(T0 + 2));
         assert_eq!(level(&store).round(), 992.0);
-        assert!(!w.holds_lease());
+        assert!(!w.holds_bucket_lease());
     }
 
     #[test]
@@ -942,14 +925,14 @@ mod tests {
         w.tick(&store, at(T0));
         // 30 - 8 = 22 left, 12 above the reserve: a lease may take an eighth of that, 1.
         arrive(&mut w, &store, 20, T0 + 1);
-        assert_eq!(w.lease().requests, 1.0);
+        assert_eq!(w.bucket_lease().requests, 1.0);
         w.tick(&store, at(T0 + 2));
         // Drain to the reserve: NORMAL then waits, and no lease is taken while it does.
         let mut id = 30;
         while arrive(&mut w, &store, id, T0 + 3) == (Admission::Pass { probe: None }) {
             id += 1;
         }
-        assert_eq!(w.lease().requests, 0.0);
+        assert_eq!(w.bucket_lease().requests, 0.0);
         let mut other = worker(json, 2);
         assert_eq!(
             other
@@ -958,7 +941,7 @@ mod tests {
                 .admission,
             Admission::Pass { probe: None }
         );
-        assert_eq!(other.lease().requests, 0.0, "a waiter elsewhere: no lease");
+        assert_eq!(other.bucket_lease().requests, 0.0, "a waiter elsewhere: no lease");
     }
 
     #[test]
@@ -966,7 +949,7 @@ mod tests {
         let store = MemStore::default();
         let json = r#"{"bucket":{"max_lease":1},"tokens":{"capacity":1000,"refill_rate":0.001}}"#;
         let mut w = worker(json, 1);
-        let need = Need { bucket: 0, tokens: 300 };
+        let need = TokenNeed { bucket: 0, tokens: 300 };
         let gate = w.gate(&store, at(T0)).unwrap();
         assert!(matches!(
             w.admit(&store, normal(1, Some(need), gate), at(T0)).unwrap().admission,
@@ -978,7 +961,7 @@ mod tests {
                 .round()
         };
         assert_eq!(tokens(&store), 700.0);
-        w.reconcile(need, 100);
+        w.settle(need, 100);
         assert_eq!(tokens(&store), 700.0);
         assert!(w.needs_tick());
         w.tick(&store, at(T0));
@@ -991,7 +974,7 @@ mod tests {
         let store = MemStore::default();
         let json = r#"{"bucket":{"max_lease":1},"tokens":{"capacity":3000,"refill_rate":1000}}"#;
         let mut w = worker(json, 1);
-        let need = Need { bucket: 0, tokens: 60 };
+        let need = TokenNeed { bucket: 0, tokens: 60 };
         let gate = w.gate(&store, at(T0)).unwrap();
         for id in 0..40 {
             let a = w.admit(&store, normal(id, Some(need), gate), at(T0)).unwrap().admission;
@@ -999,7 +982,7 @@ mod tests {
         }
         // Each used 1500: 57,600 more than reserved, written back on the tick.
         for _ in 0..40 {
-            w.reconcile(need, 1500);
+            w.settle(need, 1500);
         }
         w.tick(&store, at(T0));
         let shared = || store::read::<SharedBucket>(&store, "llm_ratelimit/default/bucket").unwrap().unwrap();
