@@ -282,26 +282,21 @@ impl World {
                 if self.vms[v].grpc_calls.is_empty() {
                     return;
                 }
-                let token = self.vms[v].grpc_calls.remove(0);
+                let (root, token) = self.vms[v].grpc_calls.remove(0);
                 match code {
-                    0 => self.vms[v].grpc_answer(token, vec![0x08, 0x01]),
-                    1 => self.vms[v].grpc_answer(token, vec![0x08, 0x02]),
-                    _ => self.vms[v].grpc_close(token, 14),
+                    0 => self.vms[v].grpc_answer(root, token, vec![0x08, 0x01]),
+                    1 => self.vms[v].grpc_answer(root, token, vec![0x08, 0x02]),
+                    _ => self.vms[v].grpc_close(root, token, 14),
                 }
             }
             Op::Reload => {
-                // A new configuration: a new root context on every worker; requests in flight keep
-                // the old one. (The driver's requests are created by the first root; a reload
-                // must not disturb them.)
+                // A new configuration: a new root context on every worker. New requests are the
+                // new root's; requests in flight keep the old one, and both tick.
                 self.generation += 1;
                 let g = self.generation;
                 let cfg = config(self.tokens, self.global, g);
-                for vm in &self.vms {
-                    let root = 50 + g;
-                    vm.host.open(root, &[]);
-                    vm.host.state().configuration = cfg.clone().into_bytes();
-                    vm.run(move || llm_ratelimit::host::dispatch::proxy_on_context_create(root, 0));
-                    assert!(vm.run_as(root, move || llm_ratelimit::host::dispatch::proxy_on_configure(root, 0)));
+                for vm in &mut self.vms {
+                    assert!(vm.reload(50 + g, &cfg), "the reloaded configuration is taken");
                 }
             }
         }

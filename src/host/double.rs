@@ -79,8 +79,10 @@ pub enum Call {
         cluster: String,
         body: Vec<u8>,
     },
+    /// A gRPC call, sent from root context `root`, whose answer goes back to it.
     GrpcCall {
         token: u32,
+        root: u32,
         message: Vec<u8>,
     },
 }
@@ -406,7 +408,8 @@ impl Host for Double {
         self.check(&s, "grpc_call")?;
         s.next_token += 1;
         let token = s.next_token;
-        s.calls.push(Call::GrpcCall { token, message: message.to_vec() });
+        let root = s.current;
+        s.calls.push(Call::GrpcCall { token, root, message: message.to_vec() });
         Ok(token)
     }
 }

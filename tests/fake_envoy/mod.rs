@@ -44,8 +44,11 @@ pub struct Vm {
     tx: Sender<Job>,
     pub host: &'static Double,
     pub lives: BTreeMap<u32, Life>,
-    /// gRPC calls sent and not yet answered (tokens, oldest first).
-    pub grpc_calls: Vec<u32>,
+    /// gRPC calls sent and not yet answered: (root context, token), oldest first.
+    pub grpc_calls: Vec<(u32, u32)>,
+    /// The root contexts, oldest first: new requests are created by the newest (a reload adds
+    /// one; requests in flight keep theirs), and every root ticks.
+    pub roots: Vec<u32>,
 }
 
 impl Vm {
@@ -61,7 +64,7 @@ impl Vm {
                 job();
             }
         });
-        let vm = Vm { tx, host, lives: BTreeMap::new(), grpc_calls: Vec::new() };
+        let vm = Vm { tx, host, lives: BTreeMap::new(), grpc_calls: Vec::new(), roots: vec![ROOT] };
         host.open(ROOT, &[]);
         vm.run(|| d::proxy_on_context_create(ROOT, 0));
         vm.run(|| d::proxy_on_configure(ROOT, 0)).then_some(vm)
@@ -119,7 +122,7 @@ impl Vm {
                     // Envoy ends the stream with the reply: nothing of the request goes on.
                     l.held = false;
                 }
-                Call::GrpcCall { token, .. } => self.grpc_calls.push(token),
+                Call::GrpcCall { token, root, .. } => self.grpc_calls.push((root, token)),
                 _ => {}
             }
         }
@@ -147,7 +150,8 @@ impl Vm {
     pub fn request_headers(&mut self, id: u32, headers: &[(&str, &str)], end: bool) -> Action {
         self.host.open(id, headers);
         self.life(id);
-        self.run(move || d::proxy_on_context_create(id, ROOT));
+        let root = *self.roots.last().unwrap_or(&ROOT);
+        self.run(move || d::proxy_on_context_create(id, root));
         let a = self.run_as(id, move || d::proxy_on_request_headers(id, 0, end));
         // Headers that are not stopped go on at once.
         if a == Action::Continue && !self.life(id).answered() {
@@ -214,20 +218,36 @@ impl Vm {
     }
 
     pub fn tick(&mut self) {
-        self.run(|| d::proxy_on_tick(ROOT));
+        for root in self.roots.clone() {
+            self.run_as(root, move || d::proxy_on_tick(root));
+        }
         self.settle_calls();
     }
 
     /// The gRPC answer `message` to call `token`.
-    pub fn grpc_answer(&mut self, token: u32, message: Vec<u8>) {
+    /// The plugin's configuration is pushed again: a new root context `root` configured with
+    /// `config`; true if the filter took it.
+    pub fn reload(&mut self, root: u32, config: &str) -> bool {
+        self.host.open(root, &[]);
+        self.host.state().configuration = config.as_bytes().to_vec();
+        self.run(move || d::proxy_on_context_create(root, 0));
+        let ok = self.run_as(root, move || d::proxy_on_configure(root, 0));
+        if ok {
+            self.roots.push(root);
+        }
+        ok
+    }
+
+    /// The gRPC answer `message` to call `token` of `root`.
+    pub fn grpc_answer(&mut self, root: u32, token: u32, message: Vec<u8>) {
         let size = message.len();
         self.host.state().grpc_message = message;
-        self.run(move || d::proxy_on_grpc_receive(ROOT, token, size));
+        self.run_as(root, move || d::proxy_on_grpc_receive(root, token, size));
         self.settle_calls();
     }
 
-    pub fn grpc_close(&mut self, token: u32, status: u32) {
-        self.run(move || d::proxy_on_grpc_close(ROOT, token, status));
+    pub fn grpc_close(&mut self, root: u32, token: u32, status: u32) {
+        self.run_as(root, move || d::proxy_on_grpc_close(root, token, status));
         self.settle_calls();
     }
 
