@@ -334,15 +334,17 @@ def report(res, wasms):
         name = f"(w) answering a 429 with {label.split()[-1]} headers" if label.startswith("w reply") else label
         lines.append(f"| {name} | {run.fmt(t)}{run.spread(res[label])} | {t / floor:.2f} | {t / nine:.2f} |")
     lines.append("\nThe filter's reject path = that floor plus three host calls, the priority and probe header "
-                 "reads and the clock; the 429 is serialized once and sent again while it says the same, and its `retry_after_s` "
-                 "sample is taken once per value and tick. Reject ÷ admit cannot reach 1.0 while the 429 carries "
-                 "its 9 headers: Envoy's local reply with them costs more than passing the request on.\n")
+                 "reads and the clock; the 429 is serialized once and sent again while it says the same, and its "
+                 "`retry_after_s` sample is taken once per value and tick. Reject ÷ admit cannot reach 1.0 while "
+                 "the 429 carries its 9 headers: Envoy's local reply with them costs more than passing the request "
+                 "on.\n")
     lines += [f"## Ablation: the current build against `{PREVIOUS}`\n",
-              f"Same run; the current build is `{res.get('current commit', 'HEAD')}`. `{PREVIOUS}` is the previous build (the host layer before every request's life became "
-              "one `Phase`); the current build also reads one more request header per request in the admission "
-              "filter (`x-llm-ratelimit-probe`, to remove a client's forged one). The two rows of a path run back "
-              "to back in every repetition (in the opposite order every other repetition); the ratio is taken "
-              "within each repetition, then their median and min–max, and each in run order.\n",
+              f"Same run; the current build is `{res.get('current commit', 'HEAD')}`. `{PREVIOUS}` is the "
+              "previous build (the host layer before every request's life became one `Phase`); the current build "
+              "also reads one more request header per request in the admission filter (`x-llm-ratelimit-probe`, "
+              "to remove a client's forged one). The two rows of a path run back to back in every repetition (in "
+              "the opposite order every other repetition); the ratio is taken within each repetition, then their "
+              "median and min–max, and each in run order.\n",
               f"| path | `{PREVIOUS}` req/s | current req/s | current ÷ `{PREVIOUS}` | per repetition | "
               f"current, probe header not read, ÷ `{PREVIOUS}` |", "|---|---|---|---|---|---|"]
     for path, prev, cur, unread in (
@@ -357,10 +359,18 @@ def report(res, wasms):
     lines.append("")
     out = Path(os.environ.get("BENCH_OUT", str(ROOT / "BENCHMARKS.md")))
     text = out.read_text() if out.is_file() else ""
+    # Our sections replace the last run's, from the first to the next section that is not ours
+    # (anything written after them by hand stays, after the new tables).
     marker = "## Ablation: the admit path, lever by lever"
+    rest = ""
     if marker in text:
-        text = text[:text.index(marker)].rstrip() + "\n"
-    out.write_text(text + "\n" + "\n".join(lines) + "\n")
+        start = text.index(marker)
+        after = [i for i in range(start + 1, len(text)) if text.startswith("\n## ", i)
+                 and not text.startswith("\n## Ablation: ", i)]
+        if after:
+            rest = "\n" + text[after[0] + 1:].rstrip() + "\n"
+        text = text[:start].rstrip() + "\n"
+    out.write_text(text + "\n" + "\n".join(lines) + "\n" + rest)
     run.log(f"ablation written to {out}")
 
 
@@ -370,6 +380,6 @@ if __name__ == "__main__":
     if "--report" in sys.argv:  # the tables again from the last run's figures, without measuring
         saved = json.loads((ROOT / "target/bench/ablation.json").read_text())
         run.REPS = len(saved["w"])
-        report(saved, [build(c or "HEAD") for _, c, _ in STEPS])
+        report(saved, [build(c or saved.get("current commit", "HEAD")) for _, c, _ in STEPS])
     else:
         main()
