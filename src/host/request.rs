@@ -11,7 +11,7 @@ use super::event::Event;
 use super::global::{Gated, GlobalNeed};
 use super::holds::Bodies;
 use super::shared::SharedData;
-use super::worker::{WorkerContext, PROBE_HEADER, REENTERED};
+use super::worker::{WorkerContext, PROBE_HEADER};
 use crate::breaker::{Gate, Verdict};
 use crate::classify::classify;
 use crate::config::{Config, Role};
@@ -142,12 +142,13 @@ impl Request {
         }
     }
 
-    pub fn phase(&self) -> Phase {
-        self.phase
-    }
-
     fn role(&self) -> Role {
         self.w.config.role
+    }
+
+    /// The most of a request body read for its estimate (`tokens.max_body_bytes`).
+    fn max_body(&self) -> usize {
+        self.w.config.tokens.as_ref().map_or(0, |t| usize::try_from(t.max_body_bytes).unwrap_or(usize::MAX))
     }
 
     // ---- Callbacks from Envoy -------------------------------------------------------------
@@ -380,7 +381,7 @@ impl Request {
     fn read_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         self.w.holds.body_arrived(self.id);
         self.body_size = size;
-        let max = self.w.config.tokens.as_ref().map_or(0, |t| usize::try_from(t.max_body_bytes).unwrap_or(usize::MAX));
+        let max = self.max_body();
         if !end_of_stream && size < max {
             return Action::Pause;
         }
@@ -392,7 +393,7 @@ impl Request {
         let w = self.w.clone();
         w.holds.let_go(self.id);
         let Some(rules) = &w.estimate else { return self.decide_now() };
-        let max = w.config.tokens.as_ref().map_or(0, |t| usize::try_from(t.max_body_bytes).unwrap_or(usize::MAX));
+        let max = self.max_body();
         let body = if whole && size <= max { calls::request_body(size).unwrap_or_default() } else { Vec::new() };
         let e = if !body.is_empty() {
             estimate::from_body(rules, &self.path, &body)
@@ -925,6 +926,3 @@ impl Request {
         }
     }
 }
-
-// `REENTERED` is the status `with_core` reports for a re-entered core.
-const _: Status = REENTERED;

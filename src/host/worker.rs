@@ -26,7 +26,7 @@ use crate::worker::{Refusal, Tick, Worker};
 use std::cell::{Cell, RefCell};
 
 /// The "status" of a call that found the core already borrowed; no host status uses it.
-pub const REENTERED: Status = u32::MAX;
+const REENTERED: Status = u32::MAX;
 /// Request header that tells the observer (upstream) which probe a request is. The admission
 /// filter removes any a client sent; the observer removes it before the provider.
 pub const PROBE_HEADER: &str = "x-llm-ratelimit-probe";
