@@ -45,12 +45,25 @@ pub struct WaiterEntry {
 }
 
 /// LLM tokens a request needs from token bucket `bucket` (0: `tokens`, `i + 1`: the `i`th
-/// `tokens.per_model` entry).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `tokens.per_model` entry), `input` of them its estimated prompt: with `tokens.input` and
+/// `tokens.output`, it also needs `input` from the one and the rest from the other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenNeed {
     pub bucket: u8,
     pub tokens: u64,
+    pub input: u64,
 }
+
+impl TokenNeed {
+    /// The output part: what is reserved beside the prompt.
+    pub fn output(&self) -> u64 {
+        self.tokens.saturating_sub(self.input)
+    }
+}
+
+/// Token buckets one request draws on, with how many tokens from each: its own (the provider's
+/// or its model's), then the input and the output buckets when configured.
+pub type Draws = [Option<(usize, u64)>; 3];
 
 /// The shared value of one bucket.
 #[derive(Clone, Debug, PartialEq)]
@@ -92,8 +105,14 @@ pub enum Ruling {
 #[derive(Clone, Debug)]
 pub struct AdmissionRules {
     pub bucket: BucketRules,
-    /// The token buckets, in `TokenNeed::bucket` order; empty without token limits.
+    /// The token buckets, in `TokenNeed::bucket` order, then `tokens.input` and `tokens.output`
+    /// when configured; empty without token limits.
     pub token_buckets: Vec<BucketRules>,
+    /// Where `tokens.input` and `tokens.output` are in `token_buckets`.
+    pub input_bucket: Option<usize>,
+    pub output_bucket: Option<usize>,
+    /// Whether cache reads count toward `tokens.input`.
+    pub count_cached_input: bool,
     pub use_burst: [bool; 4],
     pub queue_enabled: bool,
     pub max_waiting: u32,
@@ -107,14 +126,25 @@ impl AdmissionRules {
     pub fn new(c: &Config) -> AdmissionRules {
         let b = &c.bucket;
         let bucket = BucketRules::capacity(b.capacity).refill_rate(b.refill_rate).burst_allowance(b.burst_allowance);
-        let token_buckets = c.tokens.as_ref().map_or_else(Vec::new, |t| {
+        let limit = |m: &crate::config::ModelLimit| BucketRules::capacity(m.capacity).refill_rate(m.refill_rate);
+        let token_buckets: Vec<BucketRules> = c.tokens.as_ref().map_or_else(Vec::new, |t| {
             let provider =
                 BucketRules::capacity(t.capacity).refill_rate(t.refill_rate).burst_allowance(t.burst_allowance);
-            let models = t.per_model.iter().map(|(_, m)| BucketRules::capacity(m.capacity).refill_rate(m.refill_rate));
-            std::iter::once(provider).chain(models).collect()
+            let models = t.per_model.iter().map(|(_, m)| limit(m));
+            std::iter::once(provider)
+                .chain(models)
+                .chain(t.input.iter().map(limit))
+                .chain(t.output.iter().map(limit))
+                .collect()
         });
+        let apart = |has: bool, from_end: usize| has.then(|| token_buckets.len() - from_end);
+        let (has_input, has_output) =
+            c.tokens.as_ref().map_or((false, false), |t| (t.input.is_some(), t.output.is_some()));
         AdmissionRules {
             bucket,
+            input_bucket: apart(has_input, 1 + usize::from(has_output)),
+            output_bucket: apart(has_output, 1),
+            count_cached_input: c.tokens.as_ref().is_some_and(|t| t.count_cached_input),
             token_buckets,
             use_burst: c.classes.clone().map(|k| k.use_burst),
             queue_enabled: c.queue.enabled,
@@ -150,15 +180,37 @@ impl AdmissionRules {
         s
     }
 
-    /// The token bucket `need` draws on, and the level below which class `p` may not spend it.
-    fn token_bucket(&self, need: TokenNeed, p: Priority) -> Option<(&BucketRules, f64)> {
-        let b = self.token_buckets.get(usize::from(need.bucket))?;
-        Some((b, b.reserve_floor(self.use_burst[p.index()])))
+    /// The token buckets `need` draws on, and how much from each.
+    pub fn draws(&self, need: TokenNeed) -> Draws {
+        [
+            Some((usize::from(need.bucket), need.tokens)),
+            self.input_bucket.map(|i| (i, need.input)),
+            self.output_bucket.map(|i| (i, need.output())),
+        ]
     }
 
-    /// Whether `need` is more than class `p` could ever take from its token bucket.
+    /// What a request that reserved `need` used, per bucket it drew on: `input` tokens (`cached`
+    /// of them cache reads) and `output` tokens.
+    pub fn used_draws(&self, need: TokenNeed, input: u64, output: u64, cached: u64) -> Draws {
+        let counted = if self.count_cached_input { input } else { input.saturating_sub(cached) };
+        [
+            Some((usize::from(need.bucket), input.saturating_add(output))),
+            self.input_bucket.map(|i| (i, counted)),
+            self.output_bucket.map(|i| (i, output)),
+        ]
+    }
+
+    /// The level below which class `p` may not spend token bucket `b`.
+    fn token_floor(&self, b: &BucketRules, p: Priority) -> f64 {
+        b.reserve_floor(self.use_burst[p.index()])
+    }
+
+    /// Whether `need` is more than class `p` could ever take from a token bucket it draws on.
     pub fn too_large(&self, need: Option<TokenNeed>, p: Priority) -> bool {
-        need.and_then(|n| self.token_bucket(n, p)).is_some_and(|(b, floor)| need_tokens(need) > b.max - floor)
+        let Some(n) = need else { return false };
+        self.draws(n).into_iter().flatten().any(|(i, tokens)| {
+            self.token_buckets.get(i).is_some_and(|b| tokens as f64 > b.max - self.token_floor(b, p))
+        })
     }
 
     /// Takes a request token and the `need`ed LLM tokens for class `p`, all or nothing: the
@@ -170,29 +222,32 @@ impl AdmissionRules {
         p: Priority,
         now: Instant,
     ) -> Result<SharedBucket, Duration> {
-        let taken = self.bucket.take(s.level, now, 1.0, self.floors[p.index()]);
-        let tokens = match need.and_then(|n| Some((n, self.token_bucket(n, p)?))) {
-            Some((n, (b, floor))) => {
-                let i = usize::from(n.bucket);
-                let level = s.token_levels.get(i).copied().unwrap_or_else(|| b.full(now));
-                Some((i, b.take(level, now, n.tokens as f64, floor)))
+        // The longest wait of any bucket that is short.
+        let mut short: Option<Duration> = None;
+        let mut next = s.clone();
+        match self.bucket.take(s.level, now, 1.0, self.floors[p.index()]) {
+            Ok(level) => next.level = level,
+            Err(w) => short = Some(w),
+        }
+        if let Some(n) = need {
+            // `fit` gives every configured bucket a level; a value without one gets full ones.
+            while next.token_levels.len() < self.token_buckets.len() {
+                let j = next.token_levels.len();
+                next.token_levels.push(self.token_buckets[j].full(now));
             }
-            None => None,
-        };
-        match (taken, tokens) {
-            (Ok(level), None) => Ok(SharedBucket { level, ..s.clone() }),
-            (Ok(level), Some((i, Ok(t)))) => {
-                let mut next = SharedBucket { level, ..s.clone() };
-                // `fit` gives every configured bucket a level; a value without one gets full ones.
-                while next.token_levels.len() <= i {
-                    let j = next.token_levels.len();
-                    next.token_levels.push(self.token_buckets.get(j).map_or(t, |b| b.full(now)));
+            for (i, tokens) in self.draws(n).into_iter().flatten() {
+                let (Some(b), Some(level)) = (self.token_buckets.get(i), next.token_levels.get_mut(i)) else {
+                    continue;
+                };
+                match b.take(*level, now, tokens as f64, self.token_floor(b, p)) {
+                    Ok(t) => *level = t,
+                    Err(w) => short = Some(short.map_or(w, |s| s.max(w))),
                 }
-                next.token_levels[i] = t;
-                Ok(next)
             }
-            (Err(a), Some((_, Err(b)))) => Err(a.max(b)),
-            (Err(a), _) | (_, Some((_, Err(a)))) => Err(a),
+        }
+        match short {
+            None => Ok(next),
+            Some(wait) => Err(wait),
         }
     }
 
@@ -272,11 +327,11 @@ impl AdmissionRules {
     /// because everything else waits for its answer (its LLM tokens may leave a debt).
     pub fn probe(&self, s: &SharedBucket, need: Option<TokenNeed>, now: Instant) -> SharedBucket {
         let level = self.bucket.take(s.level, now, 1.0, 0.0).unwrap_or_else(|_| self.bucket.refill(s.level, now));
-        let next = SharedBucket { level, ..s.clone() };
-        match need {
-            Some(n) => self.credit(next, usize::from(n.bucket), -(n.tokens as f64), now),
-            None => next,
+        let mut next = SharedBucket { level, ..s.clone() };
+        for (i, tokens) in need.map(|n| self.draws(n)).unwrap_or_default().into_iter().flatten() {
+            next = self.credit(next, i, -(tokens as f64), now);
         }
+        next
     }
 
     /// What a worker gives back on its tick: `requests` request tokens and, per token bucket,
@@ -316,10 +371,6 @@ impl AdmissionRules {
         let turns_ns = ahead * competing * 1e9 / (self.bucket.rate * self.weights[p.index()]);
         first + Duration::from_nanos(turns_ns.ceil() as u64)
     }
-}
-
-fn need_tokens(need: Option<TokenNeed>) -> f64 {
-    need.map_or(0.0, |n| n.tokens as f64)
 }
 
 /// Whether an entry written at `seen_ms` still counts at `now_ms` (both whole milliseconds).
@@ -595,7 +646,7 @@ mod tests {
     }
 
     fn need(tokens: u64) -> Option<TokenNeed> {
-        Some(TokenNeed { bucket: 0, tokens })
+        Some(TokenNeed { bucket: 0, tokens, input: 0 })
     }
 
     /// `need` was taken and `actual` tokens used: what a worker's settlement gives back.
@@ -641,7 +692,7 @@ mod tests {
         let r = rules(r#"{"tokens":{"capacity":1000,"per_model":{"big":{"capacity":100},"small":{"capacity":50}}}}"#);
         let b = r.full(at(0));
         assert_eq!(b.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [1000.0, 100.0, 50.0]);
-        let small = Some(TokenNeed { bucket: 2, tokens: 50 });
+        let small = Some(TokenNeed { bucket: 2, tokens: 50, input: 0 });
         let (d, l) = r.arrive(&b, newcomer(Normal, small), [0; 4], at(0));
         assert_eq!(d, Ruling::Admit);
         assert_eq!(l.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [1000.0, 100.0, 0.0]);
@@ -652,29 +703,59 @@ mod tests {
     }
 
     #[test]
+    fn input_and_output_limits_hold_each_kind_of_client_by_its_own_bucket() {
+        // Anthropic's ITPM 2,000 and OTPM 400: the total defaults to their sum and never binds.
+        let r = rules(r#"{"tokens":{"input":{"capacity":2000},"output":{"capacity":400}},"queue":{"enabled":false}}"#);
+        let b = r.full(at(0));
+        assert_eq!(b.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [2400.0, 2000.0, 400.0]);
+        let ask = |input, output| Some(TokenNeed { bucket: 0, tokens: input + output, input });
+        // Small prompts, long outputs: the second waits for OTPM (300 + 300 > 400).
+        let (d, l) = r.arrive(&b, newcomer(Normal, ask(50, 300)), [0; 4], at(0));
+        assert_eq!(d, Ruling::Admit);
+        assert_eq!(l.token_levels.iter().map(|l| l.tokens).collect::<Vec<_>>(), [2050.0, 1950.0, 100.0]);
+        let d = r.arrive(&l, newcomer(Normal, ask(50, 300)), [0; 4], at(0)).0;
+        // 200 output tokens short at 400 a minute: 30 s.
+        assert_eq!(d, Ruling::Reject { reason: Reason::TokenLimit, wait: ns(30 * SEC) });
+        // Long prompts, short outputs: held by ITPM.
+        let (d, l) = r.arrive(&b, newcomer(Normal, ask(1500, 10)), [0; 4], at(0));
+        assert_eq!(d, Ruling::Admit);
+        assert!(matches!(r.arrive(&l, newcomer(Normal, ask(1500, 10)), [0; 4], at(0)).0, Ruling::Reject { .. }));
+        // A prompt larger than the whole input bucket can never pass.
+        assert!(r.too_large(ask(2001, 1), Normal));
+        assert!(!r.too_large(ask(10, 400), Normal));
+        assert!(r.too_large(ask(10, 401), Normal));
+        // Settling: cache reads do not count toward the input bucket unless configured.
+        let n = TokenNeed { bucket: 0, tokens: 350, input: 50 };
+        assert_eq!(r.used_draws(n, 500, 20, 400), [Some((0, 520)), Some((1, 100)), Some((2, 20))]);
+        let counted =
+            rules(r#"{"tokens":{"input":{"capacity":2000},"output":{"capacity":400},"count_cached_input":true}}"#);
+        assert_eq!(counted.used_draws(n, 500, 20, 400)[1], Some((1, 500)));
+    }
+
+    #[test]
     fn settling_refunds_or_charges_the_difference() {
         let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":10}}"#, 400.0);
-        let n = TokenNeed { bucket: 0, tokens: 500 };
+        let n = TokenNeed { bucket: 0, tokens: 500, input: 0 };
         assert_eq!(settle(&r, b.clone(), n, 200, at(0)).token_levels[0].tokens, 700.0);
         assert_eq!(settle(&r, b.clone(), n, 900, at(0)).token_levels[0].tokens, 0.0);
         // Refunds never overfill; a debt is carried whole.
         assert_eq!(settle(&r, b.clone(), n, 0, at(0)).token_levels[0].tokens, 900.0);
         assert_eq!(
-            settle(&r, b.clone(), TokenNeed { bucket: 0, tokens: 0 }, 9_000, at(0)).token_levels[0].tokens,
+            settle(&r, b.clone(), TokenNeed { bucket: 0, tokens: 0, input: 0 }, 9_000, at(0)).token_levels[0].tokens,
             -8600.0
         );
         // The probe goes without its tokens, leaving a debt the refill pays.
         let p = r.probe(&b, need(600), at(0));
         assert_eq!(p.token_levels[0].tokens, -200.0);
         // A bucket index that does not exist changes nothing.
-        assert_eq!(settle(&r, b.clone(), TokenNeed { bucket: 9, tokens: 5 }, 0, at(0)), b);
+        assert_eq!(settle(&r, b.clone(), TokenNeed { bucket: 9, tokens: 5, input: 0 }, 0, at(0)), b);
     }
 
     #[test]
     fn a_debt_is_carried_whole_and_the_refill_pays_it_back() {
         // 40 requests reserved 60 each and used 1500 each: 57,600 over, 57.6 buckets.
         let (r, b) = with_tokens(r#"{"tokens":{"capacity":1000,"refill_rate":1000}}"#, 400.0);
-        let over = settle(&r, b.clone(), TokenNeed { bucket: 0, tokens: 40 * 60 }, 40 * 1500, at(0));
+        let over = settle(&r, b.clone(), TokenNeed { bucket: 0, tokens: 40 * 60, input: 0 }, 40 * 1500, at(0));
         assert_eq!(over.token_levels[0].tokens, 400.0 - 57_600.0);
         // The probe's overrun is carried whole too.
         assert_eq!(r.probe(&b, need(9_000), at(0)).token_levels[0].tokens, -8_600.0);

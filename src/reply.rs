@@ -3,6 +3,7 @@
 //! error body, so existing SDKs back off as they would for the provider's own 429.
 
 use crate::priority::Priority;
+use crate::quota::Unit;
 
 /// Why the proxy (not the provider) refused a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +31,13 @@ pub enum Reason {
     GlobalLimit,
     /// The rate limit service did not answer and `global.failure_mode` is `deny`.
     GlobalUnavailable,
+    /// A money budget (a `usd` quota, here or in the rate limit service) is spent until its
+    /// window's reset.
+    BudgetExceeded,
+    /// A day or month window (`quotas`) has no room for the request until its reset.
+    QuotaExceeded,
+    /// `prices` has no price for the request's model and no `default`: it can never pass.
+    UnpricedModel,
 }
 
 impl Reason {
@@ -46,6 +54,9 @@ impl Reason {
             Reason::TooLarge => "too_large",
             Reason::GlobalLimit => "global_limit",
             Reason::GlobalUnavailable => "global_unavailable",
+            Reason::BudgetExceeded => "budget_exceeded",
+            Reason::QuotaExceeded => "quota_exceeded",
+            Reason::UnpricedModel => "unpriced_model",
         }
     }
 }
@@ -66,6 +77,8 @@ pub struct Limited<'a> {
     pub window_s: u64,
     /// False for a terminal provider quota: clients should not retry soon.
     pub retry: bool,
+    /// For a `quotas` window that refused: its unit, limit and period ("day", "month").
+    pub window: Option<(Unit, u64, &'a str)>,
 }
 
 /// Status, headers and body of the local reply.
@@ -82,13 +95,35 @@ pub fn too_many_requests(l: &Limited) -> (u32, Vec<(&'static str, String)>, Stri
         ("x-should-retry", l.retry.to_string()),
         ("content-type", "application/json".to_string()),
     ];
-    let (message, kind) = match l.reason {
-        Reason::TooLarge => (
+    let (message, kind) = match (l.reason, l.window) {
+        (r @ (Reason::BudgetExceeded | Reason::QuotaExceeded), Some((unit, limit, per))) => (
+            format!(
+                "{} reached by the proxy: {} per {per}. It resets in {}.{:03}s.",
+                if r == Reason::BudgetExceeded { "Budget" } else { "Quota" },
+                amount(unit, limit),
+                l.wait_ms / 1000,
+                l.wait_ms % 1000
+            ),
+            if r == Reason::BudgetExceeded { "budget" } else { "quota" },
+        ),
+        (Reason::BudgetExceeded, None) => (
+            format!(
+                "Budget reached at the rate limit service. It resets in {}.{:03}s.",
+                l.wait_ms / 1000,
+                l.wait_ms % 1000
+            ),
+            "budget",
+        ),
+        (Reason::UnpricedModel, _) => (
+            "The proxy has no price for this model (unpriced_model): it can never pass. Do not retry it.".to_string(),
+            "budget",
+        ),
+        (Reason::TooLarge, _) => (
             "Request too large for the proxy's token limit (too_large): it can never pass. Do not retry it."
                 .to_string(),
             "tokens",
         ),
-        r => (
+        (r, _) => (
             format!(
                 "Rate limit reached by the proxy for {} priority requests ({}). Please try again in {}.{:03}s.",
                 l.priority.name(),
@@ -103,6 +138,17 @@ pub fn too_many_requests(l: &Limited) -> (u32, Vec<(&'static str, String)>, Stri
     let body =
         format!(r#"{{"error":{{"message":"{message}","type":"{kind}","param":null,"code":"rate_limit_exceeded"}}}}"#);
     (429, headers, body)
+}
+
+/// A quota's limit in its unit's words: `$1.50`, `1000 tokens`.
+fn amount(unit: Unit, limit: u64) -> String {
+    match unit {
+        Unit::MicroUsd => {
+            let cents = limit.div_ceil(10_000);
+            format!("${}.{:02}", cents / 100, cents % 100)
+        }
+        u => format!("{limit} {}", u.name().replace('_', " ")),
+    }
 }
 
 /// Whole seconds for `Retry-After`: rounded up so a client never retries before the token
@@ -127,6 +173,7 @@ mod tests {
             quota: 100,
             window_s: 10,
             retry: true,
+            window: None,
         }
     }
 

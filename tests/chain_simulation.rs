@@ -152,8 +152,13 @@ struct Sim {
 
 impl Sim {
     fn new(workers: usize, limit: u64, max_lease: u64) -> Sim {
-        let rules =
-            GlobalGateRules { timeout_ms: TIMEOUT_MS, failure_mode: FailureMode::Deny, max_lease, lease_ms: 1000 };
+        let rules = GlobalGateRules {
+            timeout_ms: TIMEOUT_MS,
+            failure_mode: FailureMode::Deny,
+            max_lease,
+            lease_ms: 1000,
+            charged_after: [false; 3],
+        };
         let config = config();
         Sim {
             store: MemStore::default(),
@@ -190,7 +195,7 @@ impl Sim {
     fn through_global(&mut self, w: usize, id: u32, class: Priority, need: Option<TokenNeed>, may_wait: Duration) {
         let req = Req { worker: w, class, need, stage: Stage::AwaitingGlobal };
         let now = self.now();
-        match self.gates[w].arrive("c\n", id, [1, 0], may_wait, now) {
+        match self.gates[w].arrive("c\n", id, [1, 0, 0], may_wait, now) {
             GlobalVerdict::Pass { ask } => {
                 self.pass(w, req);
                 self.send(w, ask);
@@ -199,6 +204,7 @@ impl Sim {
                 self.waiting.insert(id, req);
                 self.send(w, ask);
             }
+            GlobalVerdict::Fallback => self.pass(w, req),
             GlobalVerdict::Refuse { .. } => self.give_back(req),
         }
     }
@@ -219,12 +225,12 @@ impl Sim {
     }
 
     fn carry(&mut self, w: usize, o: Outcome) {
-        for id in o.pass {
+        for id in o.pass.into_iter().chain(o.fallback) {
             let req = self.waiting.remove(&id).expect("a request the gate passes waits for it");
             self.pass(w, req);
         }
-        for (id, _, _) in o.refuse {
-            let req = self.waiting.remove(&id).expect("a request the gate refuses waits for it");
+        for r in o.refuse {
+            let req = self.waiting.remove(&r.id).expect("a request the gate refuses waits for it");
             assert_eq!(req.stage, Stage::AwaitingGlobal);
             self.give_back(req);
         }
@@ -241,10 +247,10 @@ impl Sim {
                 let (id, now) = (self.next_id, self.now());
                 self.next_id += 1;
                 let class = Priority::ALL[class];
-                let need = (need > 0).then_some(TokenNeed { bucket: 0, tokens: need });
+                let need = (need > 0).then_some(TokenNeed { bucket: 0, tokens: need, input: 0 });
                 let may_wait = self.may_wait(class);
                 // As the host does: a key over limit for longer than it may wait takes nothing.
-                if self.gates[w].blocked("c\n", [1, 0], now).is_some_and(|t| t > may_wait) {
+                if self.gates[w].blocked("c\n", [1, 0, 0], now).is_some_and(|(t, _)| t > may_wait) {
                     return;
                 }
                 let worker = &mut self.workers[w];

@@ -386,3 +386,164 @@ fn token_estimates_go_to_the_service_as_token_hits() {
     assert!(statuses[3..].iter().all(|(s, r)| *s == 429 && r.as_deref() == Some("global_limit")), "{statuses:?}");
     assert_eq!(mock.received(), 3);
 }
+
+/// The service with `extra` flags (e.g. `--clock-offset-s`), on a free gRPC port.
+fn rls_with(redis_port: u16, limits: &str, dir: &TempDir, extra: &[&str]) -> (Killed, u16) {
+    let file = dir.0.join("limits.yaml");
+    std::fs::write(&file, limits).unwrap();
+    let bin = root().join("target/release/llm-ratelimit-rls");
+    let mut child = Command::new(&bin)
+        .arg("--config")
+        .arg(&file)
+        .args(["--redis", &format!("redis://127.0.0.1:{redis_port}")])
+        .args(["--grpc-host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1", "--http-port", "0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e} (make build builds it)", bin.display()));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let grpc = line.split_whitespace().nth(3).and_then(|a| a.rsplit(':').next()?.parse().ok());
+    (Killed(child), grpc.unwrap_or_else(|| panic!("unexpected banner {line:?}")))
+}
+
+/// `usage.total_tokens` of an OpenAI answer.
+fn total_tokens(r: &Reply) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap_or_default();
+    v["usage"]["total_tokens"].as_u64().unwrap_or(0)
+}
+
+/// A chat body with a 40-character prompt asking for at most `max_tokens`.
+fn small_prompt(max_tokens: u64) -> String {
+    format!(
+        r#"{{"model":"gpt-4o","max_tokens":{max_tokens},"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(40)
+    )
+}
+
+#[test]
+fn estimates_ten_times_the_usage_are_settled_so_two_envoys_use_the_shared_token_limit() {
+    let dir = TempDir::new();
+    let (_redis, redis_port) = redis();
+    let limits = "
+domain: llm-ratelimit
+descriptors:
+  - key: provider
+    value: shared
+    descriptors:
+      - key: unit
+        value: requests
+        rate_limit: {unit: second, requests_per_unit: 10000}
+      - key: unit
+        value: tokens
+        rate_limit: {unit: minute, requests_per_unit: 6000}
+";
+    let (_rls, rls_port) = rls(redis_port, limits, &dir);
+    // Answers of 40 tokens to prompts of ~10: ~50 used, ~500 reserved (max_tokens 490).
+    let mock = Mock::start(&["--output-tokens", "40"]);
+    let config = r#"{"name":"shared","tokens":{"capacity":10000000},"queue":{"enabled":false},
+        "global":{"cluster":"ratelimit","timeout_ms":1000,"failure_mode":"deny"}}"#;
+    let (a, b) = (envoy(config, &mock, rls_port), envoy(config, &mock, rls_port));
+    let urls = [a.url("/v1/chat/completions"), b.url("/v1/chat/completions")];
+    let body = small_prompt(490);
+    let totals = std::sync::Mutex::new((0u64, 0u64));
+    let end = Instant::now() + Duration::from_secs(5);
+    std::thread::scope(|s| {
+        for i in 0..4 {
+            let (url, body, totals) = (&urls[i % 2], &body, &totals);
+            s.spawn(move || {
+                while Instant::now() < end {
+                    let r = post(url, body, &[]).unwrap();
+                    if r.status == 200 {
+                        let mut t = totals.lock().unwrap();
+                        t.0 += 1;
+                        t.1 += total_tokens(&r);
+                    } else {
+                        assert_eq!(r.header("x-llm-ratelimit-reason"), Some("global_limit"), "{r:?}");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            });
+        }
+    });
+    let (served, used) = totals.into_inner().unwrap();
+    let per_request = used as f64 / served.max(1) as f64;
+    println!("served {served}, used {used} tokens, {per_request:.1} per request");
+
+    // What the window holds, used: the estimates alone would have let 12 through.
+    let fair = 6000.0 / per_request;
+    assert!(served as f64 >= 0.85 * fair, "{served} served < 85% of {fair:.0}");
+    // Overshoot: at most the usage beyond their estimates of the requests in flight (none here:
+    // each used a tenth of its estimate), so never past the limit.
+    assert!(used <= 6000, "{used} tokens used against a limit of 6000");
+    assert!(a.stat("shared", "global.refunded_tokens") + b.stat("shared", "global.refunded_tokens") > 0);
+}
+
+#[test]
+fn a_daily_budget_across_two_envoys_holds_across_their_restarts_and_resets_at_midnight() {
+    let dir = TempDir::new();
+    let (_redis, redis_port) = redis();
+    let tz = "PST8PDT,M3.2.0,M11.1.0";
+    let limits = format!(
+        "
+domain: llm-ratelimit
+descriptors:
+  - key: provider
+    value: shared
+    descriptors:
+      - key: unit
+        value: requests
+        rate_limit: {{unit: second, requests_per_unit: 10000}}
+      - key: unit
+        value: cost
+        rate_limit: {{unit: day, requests_per_unit: 1000000, time_zone: \"{tz}\"}}
+"
+    );
+    let (rls_process, rls_port) = rls_with(redis_port, &limits, &dir, &[]);
+    // Each answer: 50 output tokens at $200 per million, $0.01; a budget of $1.00 a day.
+    let mock = Mock::start(&["--output-tokens", "50"]);
+    let config = r#"{"name":"shared","tokens":{"capacity":10000000},"queue":{"enabled":false},
+        "prices":{"models":{"gpt-4o":{"input":0,"output":200}}},
+        "global":{"cluster":"ratelimit","timeout_ms":1000,"failure_mode":"deny"}}"#;
+    let (a, b) = (envoy(config, &mock, rls_port), envoy(config, &mock, rls_port));
+    let body = small_prompt(100);
+    let mut served = 0;
+    let mut refused = None;
+    for i in 0..110 {
+        let e = if i % 2 == 0 { &a } else { &b };
+        let r = post(&e.url("/v1/chat/completions"), &body, &[]).unwrap();
+        match r.status {
+            200 => served += 1,
+            _ => {
+                refused = Some(r);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the budget ran out");
+    assert!((99..=101).contains(&served), "{served} served for $1.00 at $0.01");
+    assert_eq!(refused.header("x-llm-ratelimit-reason"), Some("budget_exceeded"), "{refused:?}");
+    // Retry-After: the time to midnight Pacific, as the service says.
+    let now = llm_ratelimit::time::Instant::from_millis(epoch_ms());
+    let tz_rule = llm_ratelimit::calendar::TimeZone::parse(tz).unwrap();
+    let (_, midnight) = llm_ratelimit::calendar::window(now, llm_ratelimit::calendar::Period::Day, &tz_rule);
+    let to_midnight = (midnight - now).as_millis() as f64 / 1000.0;
+    let retry_after: f64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((retry_after - to_midnight).abs() <= 2.0, "Retry-After {retry_after}, midnight in {to_midnight}");
+    assert_eq!(refused.header("x-should-retry"), Some(if to_midnight > 3600.0 { "false" } else { "true" }));
+    // Both Envoys restart: the day's spend is in Redis.
+    drop((a, b));
+    let (a, b) = (envoy(config, &mock, rls_port), envoy(config, &mock, rls_port));
+    for e in [&a, &b] {
+        let r = post(&e.url("/v1/chat/completions"), &body, &[]).unwrap();
+        assert_eq!(r.header("x-llm-ratelimit-reason"), Some("budget_exceeded"), "after a restart: {r:?}");
+    }
+    // Past midnight Pacific (the service's clock moved on): a new day's budget.
+    drop(rls_process);
+    let offset = format!("{}", to_midnight.ceil() as u64 + 5);
+    let (_rls, rls_port2) = rls_with(redis_port, &limits, &dir, &["--clock-offset-s", &offset]);
+    drop((a, b));
+    let a = envoy(config, &mock, rls_port2);
+    let r = post(&a.url("/v1/chat/completions"), &body, &[]).unwrap();
+    assert_eq!(r.status, 200, "a new day: {r:?}");
+}

@@ -499,7 +499,7 @@ proptest! {
         });
         let bytes = format!("event: response.completed\ndata: {data}\n\ndata: [DONE]\n\n").into_bytes();
         let chunks = cut(&bytes, &cuts);
-        let expected = Some(Usage { input, output });
+        let expected = Some(Usage { input, output, cached_input: 0 });
         prop_assert_eq!(read_stream([&bytes[..]]).0, expected);
         prop_assert_eq!(read_stream(chunks).0, expected);
     }

@@ -425,7 +425,10 @@ fn numeric_fields() -> Vec<(String, String, Kind)> {
         for i in (0..parts.len()).rev() {
             let extra = match parts[..i].join(".").as_str() {
                 "tokens" | "tokens.per_model.m" if parts[i] != "capacity" => r#","capacity":9"#,
+                "tenant.tokens" | "tokens.input" if parts[i] != "capacity" => r#","capacity":9"#,
                 "alert" | "global" => r#","cluster":"x""#,
+                // Tenant tokens are estimated by the `tokens` section.
+                "" if path.starts_with("tenant.tokens") => r#","tokens":{"capacity":9}"#,
                 _ => "",
             };
             json = format!(r#"{{"{}":{json}{extra}}}"#, parts[i]);
@@ -471,6 +474,15 @@ fn numeric_fields() -> Vec<(String, String, Kind)> {
     for f in ["timeout_ms", "max_lease", "lease_ms"] {
         add(&format!("global.{f}"), Whole);
     }
+    add("tenant.newcomers", Whole);
+    for f in ["capacity", "burst_allowance"] {
+        add(&format!("tenant.tokens.{f}"), Whole);
+    }
+    add("tenant.tokens.refill_rate", Positive);
+    add("tokens.input.capacity", Whole);
+    add("tokens.input.refill_rate", Positive);
+    // A list entry: its path is `quotas[0].limit`.
+    v.push(("quotas[0].limit".into(), r#"{"quotas":[{"unit":"requests","per":"day","limit":@}]}"#.into(), Whole));
     v
 }
 

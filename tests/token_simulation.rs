@@ -64,7 +64,13 @@ use llm_ratelimit::priority::Priority;
 use llm_ratelimit::reply::Reason;
 use llm_ratelimit::store::{self, MemStore};
 use llm_ratelimit::time::Instant;
+use llm_ratelimit::tokens::meter::Used;
 use llm_ratelimit::worker::{Admission, Arrival, BucketLease, Worker};
+
+/// A reported usage of `total` tokens, all output.
+fn used(total: u64) -> Used {
+    Used { input: 0, output: total, cached_input: 0, reported: true }
+}
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::RngSeed;
@@ -197,9 +203,9 @@ fn tokens(cap: u64, burst: u64) -> impl Strategy<Value = u64> {
 fn need() -> impl Strategy<Value = Option<TokenNeed>> {
     prop_oneof![
         1 => Just(None),
-        6 => tokens(CAPACITY, GEN_BURST).prop_map(|tokens| Some(TokenNeed { bucket: 0, tokens })),
-        2 => tokens(MODELS[0].0, 0).prop_map(|tokens| Some(TokenNeed { bucket: 1, tokens })),
-        2 => tokens(MODELS[1].0, 0).prop_map(|tokens| Some(TokenNeed { bucket: 2, tokens })),
+        6 => tokens(CAPACITY, GEN_BURST).prop_map(|tokens| Some(TokenNeed { bucket: 0, tokens, input: 0 })),
+        2 => tokens(MODELS[0].0, 0).prop_map(|tokens| Some(TokenNeed { bucket: 1, tokens, input: 0 })),
+        2 => tokens(MODELS[1].0, 0).prop_map(|tokens| Some(TokenNeed { bucket: 2, tokens, input: 0 })),
     ]
 }
 
@@ -207,9 +213,9 @@ fn need() -> impl Strategy<Value = Option<TokenNeed>> {
 fn small_need() -> impl Strategy<Value = Option<TokenNeed>> {
     prop_oneof![
         1 => Just(None),
-        3 => (0..CAPACITY / 10).prop_map(|tokens| Some(TokenNeed { bucket: 0, tokens })),
-        1 => (0..MODELS[0].0 / 10).prop_map(|tokens| Some(TokenNeed { bucket: 1, tokens })),
-        1 => (0..MODELS[1].0 / 10).prop_map(|tokens| Some(TokenNeed { bucket: 2, tokens })),
+        3 => (0..CAPACITY / 10).prop_map(|tokens| Some(TokenNeed { bucket: 0, tokens, input: 0 })),
+        1 => (0..MODELS[0].0 / 10).prop_map(|tokens| Some(TokenNeed { bucket: 1, tokens, input: 0 })),
+        1 => (0..MODELS[1].0 / 10).prop_map(|tokens| Some(TokenNeed { bucket: 2, tokens, input: 0 })),
     ]
 }
 
@@ -670,7 +676,7 @@ impl Sim {
         let f = self.in_flight.remove(pick % self.in_flight.len());
         let Some(need) = f.need else { return };
         let actual = usage.actual(need.tokens);
-        self.workers[f.worker].settle(need, actual);
+        self.workers[f.worker].settle(need, &used(actual));
         self.tokens[usize::from(need.bucket)].settle(f.worker, need.tokens, actual);
     }
 
@@ -898,7 +904,7 @@ fn finish(mut sim: Sim) -> Stats {
     sim.now += refill_ms.ceil() as u64 + 20_000;
     for (bucket, class) in [(0u8, Priority::Critical), (0, Priority::Normal), (1, Priority::Low), (2, Priority::High)] {
         let tokens = sim.tokens[usize::from(bucket)].limit(class) as u64;
-        let need = Some(TokenNeed { bucket, tokens });
+        let need = Some(TokenNeed { bucket, tokens, input: 0 });
         let a = sim.arrive(bucket as usize % sim.workers.len(), class, need);
         assert_eq!(a, Some(Admission::Pass { probe: None }), "{class:?} needing {need:?} from full buckets");
         sim.answer(0, Usage::Exact);
@@ -935,7 +941,7 @@ proptest! {
 }
 
 fn arrive(worker: usize, class: Priority, need: Option<(u8, u64)>) -> Event {
-    let need = need.map(|(bucket, tokens)| TokenNeed { bucket, tokens });
+    let need = need.map(|(bucket, tokens)| TokenNeed { bucket, tokens, input: 0 });
     Event::Arrive { worker, class: class.index(), need }
 }
 
@@ -950,7 +956,7 @@ fn the_simulation_takes_spends_and_returns_leases() {
         Event::Burst { worker: 0, class: 0, need: None, n: 3 },
         Event::Tick { worker: 0 },
         // The first takes a lease of 3 requests and 118 tokens, which serves the next two.
-        Event::Burst { worker: 0, class: 0, need: Some(TokenNeed { bucket: 0, tokens: 50 }), n: 4 },
+        Event::Burst { worker: 0, class: 0, need: Some(TokenNeed { bucket: 0, tokens: 50, input: 0 }), n: 4 },
         Event::Conflicts { n: 32 },
         Event::Tick { worker: 0 },
         Event::TickAll,
@@ -971,7 +977,7 @@ fn after_a_refund(events: &[Event], class: Priority, need: (u8, u64)) -> (Sim, O
     let lease = sim.workers[0].bucket_lease();
     assert_eq!(lease.requests, 1.0, "{lease:?}");
     assert!(lease.tokens.iter().all(|&t| t == 0.0) && lease.settled[0] > 0.0, "{lease:?}");
-    let a = sim.arrive(0, class, Some(TokenNeed { bucket: need.0, tokens: need.1 }));
+    let a = sim.arrive(0, class, Some(TokenNeed { bucket: need.0, tokens: need.1, input: 0 }));
     sim.check();
     (sim, a)
 }
@@ -1050,7 +1056,7 @@ fn a_tick_that_writes_a_settlement_back_still_publishes_its_waiters() {
 fn a_tick_that_writes_a_settlement_back_still_refreshes_its_waiters() {
     let events = [
         arrive(0, Priority::Critical, Some((0, 1000))),
-        Event::Burst { worker: 0, class: 0, need: Some(TokenNeed { bucket: 2, tokens: 10 }), n: 2 },
+        Event::Burst { worker: 0, class: 0, need: Some(TokenNeed { bucket: 2, tokens: 10, input: 0 }), n: 2 },
         arrive(0, Priority::Critical, Some((0, 700))),
         Event::Advance { ms: 600 },
         Event::Answer { pick: 1, usage: Usage::Failed },
@@ -1119,7 +1125,7 @@ fn overrun(workers: usize, skew: &[u64], max_lease: Option<u64>, requests: &[Ove
     let store = MemStore::default();
     ws[0].ensure_shared(&store, Instant::from_nanos(START_MS * MS)).unwrap();
     let clock_ns = |k: usize, t: u64| (START_MS + t + skew[k]) * MS;
-    let need = TokenNeed { bucket: 0, tokens: OVERRUN_NEED };
+    let need = TokenNeed { bucket: 0, tokens: OVERRUN_NEED, input: 0 };
     let under = (OVERRUN_USED - OVERRUN_NEED) as f64;
     // Answers due: (at ms, worker, request); waiting requests: id -> request.
     let mut answers: Vec<(u64, usize, usize)> = Vec::new();
@@ -1162,7 +1168,7 @@ fn overrun(workers: usize, skew: &[u64], max_lease: Option<u64>, requests: &[Ove
             if at > t {
                 return true;
             }
-            ws[k].settle(need, OVERRUN_USED);
+            ws[k].settle(need, &used(OVERRUN_USED));
             in_flight -= under;
             settled[k] += under;
             false

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+use llm_ratelimit::calendar::{Period, TimeZone};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -57,6 +58,11 @@ struct YamlRateLimit {
     name: String,
     #[serde(default)]
     replaces: Vec<serde_yaml_ng::Value>,
+    // Extensions: the time zone of a calendar window (`day`, `month`), and a sliding window for
+    // those units instead.
+    time_zone: Option<String>,
+    #[serde(default)]
+    rolling: bool,
 }
 
 /// One limit from the file, or from a descriptor's own `limit` override.
@@ -67,6 +73,50 @@ pub struct Limit {
     pub unlimited: bool,
     pub shadow_mode: bool,
     pub name: String,
+    pub window: Window,
+}
+
+/// How a limit counts time.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Window {
+    /// The last `unit_seconds(unit)`, at every instant (second, minute, hour, week, year, and day
+    /// or month with `rolling: true`).
+    Sliding,
+    /// A fixed window from one local midnight (day) or first of the month (month) to the next, in
+    /// a time zone: `unit: day` and `unit: month` unless `rolling: true`.
+    Calendar(Calendar),
+}
+
+/// A calendar window's period and time zone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Calendar {
+    pub period: Period,
+    pub time_zone: TimeZone,
+    /// As written in the file ("UTC" by default), for /usage.
+    pub time_zone_name: String,
+}
+
+impl Window {
+    /// `day` and `month` count calendar windows in `time_zone` (UTC when `None`), unless `rolling`.
+    pub fn of(unit: Unit, rolling: bool, time_zone: Option<&str>) -> Result<Window, String> {
+        let period = match unit {
+            Unit::Day if !rolling => Period::Day,
+            Unit::Month if !rolling => Period::Month,
+            _ => {
+                return match time_zone {
+                    None => Ok(Window::Sliding),
+                    Some(_) => Err("only a calendar window (unit day or month, without rolling: true) has a time \
+                                    zone"
+                        .into()),
+                }
+            }
+        };
+        let (time_zone, time_zone_name) = match time_zone {
+            None => (TimeZone::UTC, "UTC".to_string()),
+            Some(rule) => (TimeZone::parse(rule).map_err(|e| format!("'{rule}': {e}"))?, rule.to_string()),
+        };
+        Ok(Window::Calendar(Calendar { period, time_zone, time_zone_name }))
+    }
 }
 
 #[derive(Default, Debug)]
@@ -206,12 +256,21 @@ fn parse_limit(rl: &YamlRateLimit, shadow_mode: bool, here: &str) -> Result<Limi
     if !rl.unlimited && unit == Unit::Unknown {
         return Err(format!("{here}.unit: missing (second, minute, hour, day, week, month or year)"));
     }
+    let window = if rl.unlimited {
+        if rl.time_zone.is_some() {
+            return Err(format!("{here}.time_zone: an unlimited limit has no window"));
+        }
+        Window::Sliding
+    } else {
+        Window::of(unit, rl.rolling, rl.time_zone.as_deref()).map_err(|e| format!("{here}.time_zone: {e}"))?
+    };
     Ok(Limit {
         requests_per_unit: rl.requests_per_unit,
         unit,
         unlimited: rl.unlimited,
         shadow_mode,
         name: rl.name.clone(),
+        window,
     })
 }
 
@@ -260,6 +319,41 @@ descriptors:
         assert_eq!(c.limit("other", &[("provider", "a")]), None);
     }
 
+    #[test]
+    fn day_and_month_are_calendar_windows_unless_rolling() {
+        let mut c = Config::default();
+        c.add_yaml(
+            "domain: d
+descriptors:
+  - {key: a, rate_limit: {unit: day, requests_per_unit: 1}}
+  - {key: b, rate_limit: {unit: month, requests_per_unit: 1, time_zone: 'PST8PDT,M3.2.0,M11.1.0'}}
+  - {key: c, rate_limit: {unit: day, requests_per_unit: 1, rolling: true}}
+  - {key: e, rate_limit: {unit: week, requests_per_unit: 1}}
+  - {key: f, rate_limit: {unit: minute, requests_per_unit: 1, rolling: true}}
+",
+        )
+        .unwrap();
+        let window = |key| c.limit("d", &[(key, "x")]).unwrap().window.clone();
+        let calendar = |period, name: &str| {
+            let time_zone = if name == "UTC" { TimeZone::UTC } else { TimeZone::parse(name).unwrap() };
+            Window::Calendar(Calendar { period, time_zone, time_zone_name: name.into() })
+        };
+        assert_eq!(window("a"), calendar(Period::Day, "UTC"));
+        assert_eq!(window("b"), calendar(Period::Month, "PST8PDT,M3.2.0,M11.1.0"));
+        for key in ["c", "e", "f"] {
+            assert_eq!(window(key), Window::Sliding, "{key}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_limits_load() {
+        let mut c = Config::default();
+        c.add_yaml(include_str!("../limits.yaml")).unwrap();
+        let l = c.limit("llm-ratelimit", &[("provider", "openai"), ("tenant", "acme"), ("unit", "cost")]).unwrap();
+        assert_eq!((l.requests_per_unit, l.unit), (1_000_000, Unit::Day));
+        assert!(matches!(&l.window, Window::Calendar(cal) if cal.time_zone_name == "UTC"));
+    }
+
     fn error(yaml: &str) -> String {
         Config::default().add_yaml(yaml).unwrap_err()
     }
@@ -279,5 +373,15 @@ descriptors:
         assert!(error("domain: [\n").contains("line"));
         let e = error("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unlimited: true, unit: second}\n");
         assert!(e.contains("when unlimited"), "{e}");
+        let e = error(
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: day, requests_per_unit: 1, time_zone: PST}\n",
+        );
+        assert!(e.starts_with("descriptors[0].rate_limit.time_zone: 'PST': not a POSIX TZ rule"), "{e}");
+        let e = error(
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: hour, requests_per_unit: 1, time_zone: UTC}\n",
+        );
+        assert!(e.starts_with("descriptors[0].rate_limit.time_zone: only a calendar window"), "{e}");
+        let e = error("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unlimited: true, time_zone: UTC}\n");
+        assert!(e.starts_with("descriptors[0].rate_limit.time_zone: "), "{e}");
     }
 }

@@ -1,5 +1,5 @@
 //! llm-ratelimit-rls: a stateless Envoy rate limit service (envoy.service.ratelimit.v3) whose
-//! counters are sliding windows in Redis or a Redis Cluster. Settings mirror envoyproxy/ratelimit's
+//! counters are sliding or calendar windows in Redis or a Redis Cluster. Settings mirror envoyproxy/ratelimit's
 //! environment variables where the same thing exists; flags win over the environment.
 
 mod config;
@@ -21,7 +21,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 const USAGE: &str = "\
 usage: llm-ratelimit-rls [--config FILE|DIR] [--redis redis://HOST:PORT | --redis-cluster HOST:PORT,...]
                          [--grpc-host H] [--grpc-port P] [--http-host H] [--http-port P] [--redis-timeout 40ms]
-                         [--max-in-flight N]
+                         [--max-in-flight N] [--clock-offset-s N]
 
   --config FILE|DIR    limits, in envoyproxy/ratelimit's YAML; a directory loads its *.yaml files
                        (env CONFIG; else $RUNTIME_ROOT/$RUNTIME_SUBDIRECTORY/config)
@@ -29,10 +29,12 @@ usage: llm-ratelimit-rls [--config FILE|DIR] [--redis redis://HOST:PORT | --redi
                        default redis://127.0.0.1:6379)
   --redis-cluster LIST a Redis Cluster's seed nodes host:port,host:port (env REDIS_URL with REDIS_TYPE=cluster)
   --grpc-host/--grpc-port   gRPC listener (env GRPC_HOST, GRPC_PORT; default 0.0.0.0:8081; port 0 to 65535)
-  --http-host/--http-port   /metrics and /healthz (env HOST, PORT; default 0.0.0.0:8080; port 0 to 65535)
+  --http-host/--http-port   /metrics, /healthz, /usage (env HOST, PORT; default 0.0.0.0:8080; port 0 to 65535)
   --redis-timeout D    bound on one Redis call, connecting included (env REDIS_TIMEOUT; 40ms; 1ms to 60s)
   --max-in-flight N    Redis calls at once; more are answered UNAVAILABLE at once (env MAX_IN_FLIGHT;
                        1000; 1 to 1000000)
+  --clock-offset-s N   for tests and drills: shifts the service's clock (Redis' TIME) by N seconds, signed
+                       (env LLM_RLS_CLOCK_OFFSET_S; 0; -3153600000 to 3153600000)
   (env CACHE_KEY_PREFIX: a prefix for every Redis key, without '{' or '}')
 Port 0 picks a free port; the first line on stdout is `listening on grpc HOST:PORT http HOST:PORT`.";
 
@@ -40,6 +42,9 @@ Port 0 picks a free port; the first line on stdout is `listening on grpc HOST:PO
 const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(60));
 /// The bounds of `--max-in-flight` (the semaphore refuses more than `usize::MAX >> 3`).
 const MAX_IN_FLIGHT_RANGE: RangeInclusive<u32> = 1..=1_000_000;
+/// The bounds of `--clock-offset-s`: a century either way keeps Redis' time plus it positive and
+/// exact in the scripts' numbers.
+const CLOCK_OFFSET_RANGE: RangeInclusive<i64> = -3_153_600_000..=3_153_600_000;
 
 struct Settings {
     config: PathBuf,
@@ -50,6 +55,7 @@ struct Settings {
     timeout: Duration,
     max_in_flight: u32,
     key_prefix: String,
+    clock_offset_s: i64,
 }
 
 /// A value as messages show it: at most 40 characters (a hostile one may be 60 KB).
@@ -141,6 +147,7 @@ fn settings(args: &[String]) -> Result<Settings, String> {
             "http-port",
             "redis-timeout",
             "max-in-flight",
+            "clock-offset-s",
         ];
         if !known.contains(&name.as_str()) {
             return Err(format!("unknown flag --{}", shown(&name)));
@@ -208,6 +215,7 @@ fn settings(args: &[String]) -> Result<Settings, String> {
         timeout,
         max_in_flight: number(&get("max-in-flight", "MAX_IN_FLIGHT", "1000")?, MAX_IN_FLIGHT_RANGE)?,
         key_prefix: key_prefix(env("CACHE_KEY_PREFIX")?.unwrap_or_default())?,
+        clock_offset_s: number(&get("clock-offset-s", "LLM_RLS_CLOCK_OFFSET_S", "0")?, CLOCK_OFFSET_RANGE)?,
     })
 }
 
@@ -240,7 +248,12 @@ async fn main() -> ExitCode {
     };
     let service = Arc::new(server::Service {
         config,
-        limiter: limiter::Limiter::new(settings.redis, settings.timeout, settings.max_in_flight),
+        limiter: limiter::Limiter::new(
+            settings.redis,
+            settings.timeout,
+            settings.max_in_flight,
+            settings.clock_offset_s,
+        ),
         metrics: Default::default(),
         key_prefix: settings.key_prefix,
     });
@@ -259,6 +272,9 @@ async fn main() -> ExitCode {
         println!("listening on grpc {g} http {h}");
     }
     eprintln!("llm-ratelimit-rls: limits from {}, redis {}", settings.config.display(), settings.redis_desc);
+    if settings.clock_offset_s != 0 {
+        eprintln!("llm-ratelimit-rls: clock shifted by {} s (--clock-offset-s)", settings.clock_offset_s);
+    }
 
     let http_server = axum::serve(http, server::http(service.clone()));
     let grpc_server = tonic::transport::Server::builder()

@@ -18,6 +18,10 @@ pub struct Metrics {
     pub redis_errors: AtomicU64,
     pub overloaded: AtomicU64,
     pub invalid_requests: AtomicU64,
+    pub settles_refund: AtomicU64,
+    pub settles_charge: AtomicU64,
+    pub units_refunded: AtomicU64,
+    pub units_charged: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -56,6 +60,26 @@ impl Metrics {
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
+        }
+        let by_kind = [
+            (
+                "rls_settles_total",
+                "Settling descriptors (last entry llm_ratelimit.settle) received, by kind",
+                [&self.settles_refund, &self.settles_charge],
+            ),
+            (
+                "rls_settled_units_total",
+                "Units refunded (taken off a window: at most what it held) or charged (added to it)",
+                [&self.units_refunded, &self.units_charged],
+            ),
+        ];
+        for (name, help, [refund, charge]) in by_kind {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{kind=\"refund\"}} {}\n{name}{{kind=\"charge\"}} {}",
+                refund.load(Relaxed),
+                charge.load(Relaxed)
+            );
         }
         let name = "rls_redis_latency_seconds";
         let _ = writeln!(

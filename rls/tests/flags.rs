@@ -73,7 +73,10 @@ fn no_panic(what: &str, launch: &Launch) {
 
 /// Values of a numeric setting that are allowed after all.
 fn allowed(flag: &str, value: &str) -> bool {
-    matches!((flag, value), ("grpc-port" | "http-port", "0") | ("max-in-flight", "65536"))
+    matches!(
+        (flag, value),
+        ("grpc-port" | "http-port", "0") | ("max-in-flight", "65536") | ("clock-offset-s", "-1" | "0" | "65536")
+    )
 }
 
 #[test]
@@ -84,6 +87,7 @@ fn hostile_flag_values_exit_2_without_panic() {
         ("grpc-port", "GRPC_PORT", "0 to 65535"),
         ("http-port", "PORT", "0 to 65535"),
         ("max-in-flight", "MAX_IN_FLIGHT", "1 to 1000000"),
+        ("clock-offset-s", "LLM_RLS_CLOCK_OFFSET_S", "-3153600000 to 3153600000"),
     ];
     for (flag, var, range) in numeric {
         for value in hostile() {

@@ -1,5 +1,8 @@
 //! The filter encodes RLS requests and decodes answers by hand (src/global/proto.rs, to keep the
-//! `.wasm` small): both directions checked against prost and envoy-types, what the service runs.
+//! `.wasm` small): both directions checked against prost and envoy-types, what the service runs;
+//! and a settlement the filter encodes does what it says at the service.
+
+mod common;
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -8,6 +11,8 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use envoy_types::pb::google::protobuf::{Duration, UInt64Value};
 use llm_ratelimit::global::proto;
 use prost::Message;
+
+use common::{usage, Redis, Rls};
 
 #[test]
 fn the_filters_request_is_what_prost_reads() {
@@ -65,4 +70,55 @@ fn prosts_answer_is_what_the_filter_reads() {
             s(proto::Code::Ok, None, None),
         ]
     );
+}
+
+/// The filter's request, as the service receives it.
+fn as_received(bytes: &[u8]) -> RateLimitRequest {
+    let got = RateLimitRequest::decode(bytes).expect("prost decodes it");
+    assert_eq!(bytes, got.encode_to_vec(), "the same bytes as prost's");
+    got
+}
+
+#[test]
+fn the_filters_settlement_is_the_documented_wire_form() {
+    assert_eq!(proto::SETTLE_KEY, common::SETTLE);
+    let d = |kind, hits| {
+        proto::Descriptor { entries: vec![("provider", "openai"), ("unit", "tokens")], hits: Some(hits) }.settling(kind)
+    };
+    let got = as_received(&proto::encode_request(
+        "llm-ratelimit",
+        &[d(proto::Settle::Refund, 850), d(proto::Settle::Charge, 419)],
+        0,
+    ));
+    let want = |kind: &str, hits| RateLimitDescriptor {
+        entries: [("provider", "openai"), ("unit", "tokens"), ("llm_ratelimit.settle", kind)]
+            .map(|(k, v)| Entry { key: k.into(), value: v.into() })
+            .to_vec(),
+        hits_addend: Some(UInt64Value { value: hits }),
+        ..Default::default()
+    };
+    assert_eq!(got.descriptors, [want("refund", 850), want("charge", 419)]);
+}
+
+#[tokio::test]
+async fn the_filters_settlements_refund_and_charge_at_the_service() {
+    let redis = Redis::start();
+    let rls = Rls::start(&["--redis", &format!("redis://127.0.0.1:{}", redis.port)]);
+    let client = rls.client().await.0;
+    // `tok` has 1000 per minute (tests/common's limits).
+    let d = |hits| proto::Descriptor { entries: vec![("tok", "w")], hits: Some(hits) };
+    let send = |bytes: Vec<u8>| {
+        let request = as_received(&bytes);
+        let mut c = client.clone();
+        async move { c.should_rate_limit(request).await.unwrap().into_inner() }
+    };
+    let reserve = send(proto::encode_request("test", &[d(800)], 800)).await;
+    assert_eq!((reserve.overall_code, reserve.statuses[0].limit_remaining), (Code::Ok as i32, 200));
+    let refund = send(proto::encode_request("test", &[d(500).settling(proto::Settle::Refund)], 500)).await;
+    let status = proto::decode_response(&refund.encode_to_vec()).unwrap();
+    assert_eq!(status.overall, proto::Code::Ok);
+    assert_eq!(status.statuses[0].remaining, Some(700), "the filter reads the settled numbers");
+    let charge = send(proto::encode_request("test", &[d(900).settling(proto::Settle::Charge)], 900)).await;
+    assert_eq!((charge.overall_code, charge.statuses[0].limit_remaining), (Code::Ok as i32, 0));
+    assert_eq!(usage(&rls, "tok=w").1["used"], 1200);
 }

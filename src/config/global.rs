@@ -2,7 +2,7 @@
 //! section is there).
 
 use super::{Fault, Section};
-use crate::global::gate::{FailureMode, GlobalGateRules};
+use crate::global::gate::{Accounting, FailureMode, GlobalGateRules};
 
 /// The rate limit service (Envoy's RLS v3 protocol) that a second gate asks after the local
 /// buckets.
@@ -14,6 +14,7 @@ pub struct GlobalConfig {
     /// Which entries each descriptor carries, in order.
     pub descriptors: Vec<DescriptorEntry>,
     pub gate: GlobalGateRules,
+    pub accounting: Accounting,
 }
 
 /// A descriptor entry the filter fills in: `provider` = the filter's `name`, `tenant` = the
@@ -50,11 +51,21 @@ pub(super) fn read(s: &mut Section, has_tenant: bool) -> GlobalConfig {
     let descriptors = descriptors(s, has_tenant);
     let max_lease = s.whole_to("max_lease", 256, 1, 10_000);
     let lease_ms = s.whole_to("lease_ms", 1000, 1, 60_000);
+    let accountings = Accounting::NAMES;
+    let accounting =
+        s.variant("accounting", &accountings.map(|a| a.0), &accountings.map(|a| a.1)).unwrap_or(Accounting::Reserve);
     GlobalConfig {
         cluster,
         domain,
         descriptors,
-        gate: GlobalGateRules { timeout_ms, failure_mode, max_lease, lease_ms },
+        gate: GlobalGateRules {
+            timeout_ms,
+            failure_mode,
+            max_lease,
+            lease_ms,
+            charged_after: [false, accounting == Accounting::ChargeAfter, true],
+        },
+        accounting,
     }
 }
 

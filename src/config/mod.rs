@@ -20,9 +20,11 @@ mod bucket;
 mod classify;
 mod fallback;
 mod global;
+mod prices;
 mod priorities;
 mod provider;
 mod queue;
+mod quotas;
 mod role;
 mod tenant;
 mod tokens;
@@ -35,11 +37,14 @@ pub use global::{DescriptorEntry, GlobalConfig};
 pub use priorities::ClassConfig;
 pub use provider::ProviderConfig;
 pub use queue::QueueConfig;
+pub use quotas::MAX_QUOTAS;
 pub use role::Role;
-pub use tenant::TenantConfig;
+pub use tenant::{TenantConfig, TenantTokens};
 pub use tokens::{ModelLimit, TokensConfig, MAX_MODELS};
 
 use crate::priority::Priority;
+use crate::quota::Quota;
+use crate::tokens::price::Prices;
 use serde_json::{Map, Value};
 use std::cell::Cell;
 
@@ -60,6 +65,10 @@ pub struct Config {
     pub tenant: Option<TenantConfig>,
     /// LLM-token limits (`None`: requests only, and no body is held).
     pub tokens: Option<TokensConfig>,
+    /// What tokens cost, for money budgets (`None`: no costs counted).
+    pub prices: Option<Prices>,
+    /// Day and month windows for requests, tokens and money (empty: none).
+    pub quotas: Vec<Quota>,
     /// Alerts the filter sends itself (`None`: it only logs and counts).
     pub alert: Option<AlertConfig>,
     /// One limit across many Envoy instances, through a rate limit service (`None`: this
@@ -111,9 +120,35 @@ impl Config {
         let fallback = top.with("fallback", fallback::read);
         let tenant = top.with_opt("tenant", tenant::read);
         let tokens = top.with_opt("tokens", tokens::read);
+        let prices = top.with_opt("prices", prices::read);
+        let quotas = quotas::read(top, tokens.is_some(), prices.is_some());
         let alert = top.with_opt("alert", alert::read);
         let global = top.with_opt("global", |s| global::read(s, tenant.is_some()));
-        Config { name, bucket, classes, classify, queue, provider, role, fallback, tenant, tokens, alert, global }
+        // Tenant tokens and prices count what the `tokens` section estimates and reads.
+        if tokens.is_none() {
+            if tenant.as_ref().is_some_and(|t| t.tokens.is_some()) {
+                top.fail(Fault::Value, "tenant.tokens", "needs the \"tokens\" section (the estimate)");
+            }
+            if prices.is_some() {
+                top.fail(Fault::Value, "prices", "needs the \"tokens\" section (the estimate and the usage read)");
+            }
+        }
+        Config {
+            name,
+            bucket,
+            classes,
+            classify,
+            queue,
+            provider,
+            role,
+            fallback,
+            tenant,
+            tokens,
+            prices,
+            quotas,
+            alert,
+            global,
+        }
     }
 }
 
@@ -212,6 +247,11 @@ impl<'a> Section<'a> {
             self.known.push(key);
         }
         self.map?.get(key).filter(|v| !v.is_null())
+    }
+
+    /// Whether field `key` is there (not `null`), without reading it.
+    fn has(&self, key: &str) -> bool {
+        self.map.is_some_and(|m| m.get(key).is_some_and(|v| !v.is_null()))
     }
 
     /// An error at `key` unless it is present.

@@ -1,6 +1,6 @@
 //! `tenant`: a bucket per tenant, inside the provider's (off unless the section is there).
 
-use super::{header_name, Section};
+use super::{header_name, per_minute, Section};
 
 /// Each tenant (a value of `key_header`) gets its own bucket, and needs a token from it as well
 /// as from the provider-wide `bucket`.
@@ -12,6 +12,18 @@ pub struct TenantConfig {
     pub burst_allowance: u64,
     /// Size of the bounded tenant table; tenants beyond it share an overflow bucket.
     pub slots: u64,
+    /// LLM tokens per tenant (`None`: requests only), inside the provider's token bucket.
+    pub tokens: Option<TenantTokens>,
+    /// Tenant buckets' worth that new tenants together may start with (`None`: each starts full).
+    pub newcomers: Option<u64>,
+}
+
+/// Each tenant's LLM-token bucket: team A gets 200k tokens per minute.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantTokens {
+    pub capacity: u64,
+    pub refill_rate: f64,
+    pub burst_allowance: u64,
 }
 
 pub(super) fn read(s: &mut Section) -> TenantConfig {
@@ -21,6 +33,16 @@ pub(super) fn read(s: &mut Section) -> TenantConfig {
         refill_rate: s.positive("refill_rate", 1.0),
         burst_allowance: s.whole("burst_allowance", 0, 0),
         slots: s.whole_to("slots", u64::from(crate::tenants::DEFAULT_SLOTS), 1, 65_536),
+        newcomers: s.has("newcomers").then(|| s.whole_to("newcomers", 1, 1, 65_536)),
+        tokens: s.with_opt("tokens", |t| {
+            t.require("capacity", "required to limit each tenant's tokens");
+            let capacity = t.whole("capacity", 0, 1);
+            TenantTokens {
+                capacity,
+                refill_rate: t.positive("refill_rate", per_minute(capacity)),
+                burst_allowance: t.whole("burst_allowance", 0, 0),
+            }
+        }),
     }
 }
 

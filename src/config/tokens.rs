@@ -17,6 +17,13 @@ pub struct TokensConfig {
     pub max_body_bytes: u64,
     /// Models with their own bucket (no burst), in name order: bucket `i + 1` is `per_model[i]`.
     pub per_model: Vec<(String, ModelLimit)>,
+    /// Input tokens apart (Anthropic's ITPM): every request also takes its estimated input from
+    /// this bucket, settled from the input its answer reports.
+    pub input: Option<ModelLimit>,
+    /// Output tokens apart (Anthropic's OTPM): reserved from the requested maximum.
+    pub output: Option<ModelLimit>,
+    /// Whether cache reads count toward `input` (Anthropic: they do not, for most models).
+    pub count_cached_input: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -29,26 +36,43 @@ pub struct ModelLimit {
 pub const MAX_MODELS: usize = 64;
 
 pub(super) fn read(s: &mut Section) -> TokensConfig {
-    s.require("capacity", "required to limit tokens (leave out \"tokens\" for no token limit)");
-    let capacity = s.whole("capacity", 0, 1);
+    let input = s.with_opt("input", limit);
+    let output = s.with_opt("output", limit);
+    // With input and output limits apart, the total defaults to their sum: it never binds first.
+    let (apart, apart_rate) = match (&input, &output) {
+        (Some(i), Some(o)) => (Some(i.capacity.saturating_add(o.capacity)), i.refill_rate + o.refill_rate),
+        _ => (None, 0.0),
+    };
+    if apart.is_none() {
+        s.require("capacity", "required to limit tokens (leave out \"tokens\" for no token limit)");
+    }
+    let explicit = s.has("capacity");
+    let capacity = s.whole("capacity", apart.unwrap_or(0), 1);
+    let default_rate = if explicit || apart.is_none() { per_minute(capacity) } else { apart_rate };
     TokensConfig {
         capacity,
-        refill_rate: s.positive("refill_rate", per_minute(capacity)),
+        refill_rate: s.positive("refill_rate", default_rate),
         burst_allowance: s.whole("burst_allowance", 0, 0),
         output_default: s.whole("output_default", 1024, 0),
         chars_per_token: s.positive("chars_per_token", 4.0),
         max_body_bytes: s.whole("max_body_bytes", 1 << 20, 1),
         per_model: s.with("per_model", per_model),
+        input,
+        output,
+        count_cached_input: s.flag("count_cached_input", false),
     }
+}
+
+/// `{"capacity": N, "refill_rate": R}`: a bucket of its own, refilled per minute by default.
+fn limit(m: &mut Section) -> ModelLimit {
+    m.require("capacity", "required");
+    let capacity = m.whole("capacity", 0, 1);
+    ModelLimit { capacity, refill_rate: m.positive("refill_rate", per_minute(capacity)) }
 }
 
 /// `{"<model>": {"capacity": N, "refill_rate": R}}`.
 fn per_model(s: &mut Section) -> Vec<(String, ModelLimit)> {
-    let models = s.entries(|m| {
-        m.require("capacity", "required");
-        let capacity = m.whole("capacity", 0, 1);
-        ModelLimit { capacity, refill_rate: m.positive("refill_rate", per_minute(capacity)) }
-    });
+    let models = s.entries(limit);
     if models.len() > MAX_MODELS {
         s.fail(Fault::Value, "", format_args!("at most {MAX_MODELS} models, got {}", models.len()));
     }

@@ -10,6 +10,34 @@ pub struct Descriptor<'a> {
     pub hits: Option<u64>,
 }
 
+/// The key of the entry that makes a descriptor a settlement at llm-ratelimit-rls: its last
+/// entry, valued `refund` or `charge`; the units are the descriptor's `hits_addend`.
+pub const SETTLE_KEY: &str = "llm_ratelimit.settle";
+
+/// A settlement's kind: units taken off the window (never below 0), or added with no check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settle {
+    Refund,
+    Charge,
+}
+
+impl Settle {
+    pub fn value(self) -> &'static str {
+        match self {
+            Settle::Refund => "refund",
+            Settle::Charge => "charge",
+        }
+    }
+}
+
+impl<'a> Descriptor<'a> {
+    /// This descriptor as a settlement of `kind`: the settle entry goes last.
+    pub fn settling(mut self, kind: Settle) -> Descriptor<'a> {
+        self.entries.push((SETTLE_KEY, kind.value()));
+        self
+    }
+}
+
 /// `RateLimitResponse.Code`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Code {
@@ -220,7 +248,7 @@ pub fn decode_response(b: &[u8]) -> Result<Response, &'static str> {
     Ok(r)
 }
 
-/// The filter sends at most two descriptors; a hostile service cannot make it keep more.
+/// The filter sends at most three descriptors; a hostile service cannot make it keep more.
 const MAX_STATUSES: usize = 8;
 
 #[cfg(test)]
@@ -237,6 +265,17 @@ mod tests {
         // The same bytes prost encodes for this message (rls/tests/wire.rs checks it both ways).
         let want: &[u8] = b"\n\rllm-ratelimit\x12*\n\x12\n\x08provider\x12\x06openai\n\x10\n\x04unit\x12\x08requests\x1a\x02\x08\x03\x12)\n\x12\n\x08provider\x12\x06openai\n\x0e\n\x04unit\x12\x06tokens\x1a\x03\x08\xac\x02\x18\x03";
         assert_eq!(request(), want);
+    }
+
+    #[test]
+    fn a_settlement_is_a_descriptor_whose_last_entry_says_which() {
+        let d = |unit: &'static str, hits, kind| {
+            Descriptor { entries: vec![("provider", "openai"), ("unit", unit)], hits: Some(hits) }.settling(kind)
+        };
+        let b = encode_request("llm-ratelimit", &[d("tokens", 850, Settle::Refund), d("cost", 419, Settle::Charge)], 0);
+        // The same bytes prost encodes (checked once with envoy-types' RateLimitRequest).
+        let want: &[u8] = b"\n\rllm-ratelimit\x12I\n\x12\n\x08provider\x12\x06openai\n\x0e\n\x04unit\x12\x06tokens\n\x1e\n\x14llm_ratelimit.settle\x12\x06refund\x1a\x03\x08\xd2\x06\x12G\n\x12\n\x08provider\x12\x06openai\n\x0c\n\x04unit\x12\x04cost\n\x1e\n\x14llm_ratelimit.settle\x12\x06charge\x1a\x03\x08\xa3\x03";
+        assert_eq!(b, want);
     }
 
     #[test]

@@ -201,7 +201,13 @@ stats! {
             "|actual - estimate| as a percentage of the estimate, per settled request.";
         bucket, "tokens.bucket", Gauge, "Whole tokens left in the provider's token bucket after the last decision.";
         too_large, "tokens.too_large", Counter,
-            "Requests refused because their estimate exceeds the whole token bucket.";
+            "Requests refused because their estimate exceeds the whole token bucket (or their tenant's).";
+        spent, "cost.spent_micro_usd", Counter,
+            "Micro-dollars settled requests cost at `prices` (their usage, else their estimate).";
+        budget_refused, "cost.budget_refused", Counter,
+            "Requests refused because a money budget was spent (a `usd` quota, or the service's `unit=cost`).";
+        unpriced, "cost.unpriced", Counter, "Requests refused because `prices` has no price for their model.";
+        quota_refused, "quota.refused", Counter, "Requests refused by a `quotas` window of requests or tokens.";
     }
 
     /// Stats of the tenant table (when tenant limits are on).
@@ -231,6 +237,13 @@ stats! {
         lease_tokens, "global.lease_tokens", Counter, "LLM token units leased ahead of need.";
         expired, "global.expired", Counter, "Leased request units dropped unspent.";
         expired_tokens, "global.expired_tokens", Counter, "Leased LLM token units dropped unspent.";
+        settle_calls, "global.settle_calls", Counter, "Settlement calls sent (one per key and tick, or at once for cost).";
+        settle_errors, "global.settle_errors", Counter, "Settlement calls that failed or could not be sent.";
+        settle_dropped, "global.settle_dropped", Counter,
+            "Requests whose settlement was dropped (over 1024 keys at once).";
+        refunded_tokens, "global.refunded_tokens", Counter, "LLM tokens refunded to the service (`reserve`).";
+        charged_tokens, "global.charged_tokens", Counter, "LLM tokens charged to the service after the answer.";
+        charged_cost, "global.charged_cost", Counter, "Micro-dollars charged to the service after the answer.";
         latency_ms, "global.latency_ms", Histogram, "Milliseconds from a call to its answer.";
     }
 

@@ -26,6 +26,7 @@ mod logger;
 mod metrics;
 mod replies;
 pub mod request;
+mod reservation;
 mod root;
 mod shared;
 mod vm_local;

@@ -10,6 +10,7 @@ use super::calls;
 use super::event::Event;
 use super::global::{Gated, GlobalNeed};
 use super::holds::Bodies;
+use super::reservation::{self, Reservation};
 use super::shared::SharedData;
 use super::worker::{WorkerContext, PROBE_HEADER};
 use crate::breaker::{Gate, Verdict};
@@ -17,9 +18,11 @@ use crate::classify::classify;
 use crate::config::{Config, Role};
 use crate::header_map::HeaderMap;
 use crate::priority::Priority;
+use crate::reply::Reason;
 use crate::signals;
 use crate::time::{Duration, Instant};
-use crate::tokens::{estimate, meter::Meter};
+use crate::tokens::estimate::{self, Estimate};
+use crate::tokens::meter::Meter;
 use crate::worker::{Admission, Arrival, Attempt, Decision, Refusal, Release};
 use std::rc::Rc;
 
@@ -78,12 +81,14 @@ pub struct Request {
     path: String,
     /// The body buffered so far while it is read.
     body_size: usize,
-    /// Its token estimate, until it is admitted: what it needs, and the input part.
-    estimate: Option<(crate::admission::TokenNeed, u64)>,
+    /// Its token estimate, until it is admitted.
+    estimate: Option<crate::admission::TokenNeed>,
+    /// `prices` has no price for its model: it is refused.
+    unpriced: bool,
     /// What it needs from the global gate, kept while it waits in the queue.
     global: Option<GlobalNeed>,
-    /// Its tokens, once admitted, until its answer settles them.
-    meter: Option<Meter>,
+    /// What it holds at the gates, until its answer settles it.
+    held: Reservation,
     /// How long it waited in the queue, for `x-ratelimit-queued-ms`.
     waited: Option<Duration>,
     /// Which attempt of the router's this is (the observer reads `x-envoy-attempt-count`).
@@ -135,8 +140,9 @@ impl Request {
             path: String::new(),
             body_size: 0,
             estimate: None,
+            unpriced: false,
             global: None,
-            meter: None,
+            held: Reservation::default(),
             waited: None,
             attempt: 0,
         }
@@ -293,6 +299,9 @@ impl Request {
             }
             (Phase::AwaitingGlobal, Event::GlobalRefused(r)) => {
                 self.w.metrics.global.rejected.inc();
+                if r.reason == Reason::BudgetExceeded {
+                    self.w.metrics.tokens.budget_refused.inc();
+                }
                 let r = Refusal { class: self.class, queued: self.waited, ..r };
                 self.refuse_waiting(&r, self.w.metrics.of(self.class).rejected);
             }
@@ -371,7 +380,7 @@ impl Request {
                 return Action::Pause;
             }
             let e = estimate::from_unread(rules, &path, length.unwrap_or(0));
-            self.estimate = w.need(&e, &path).map(|n| (n, e.input));
+            self.estimated(&e, &path);
         }
         self.decide(now)
     }
@@ -400,8 +409,20 @@ impl Request {
         } else {
             estimate::from_unread(rules, &self.path, content_length().unwrap_or(size as u64))
         };
-        self.estimate = w.need(&e, &self.path).map(|n| (n, e.input));
+        let path = std::mem::take(&mut self.path);
+        self.estimated(&e, &path);
+        self.path = path;
         self.decide_now()
+    }
+
+    /// Its estimate: what it needs from the token buckets, and its model's price.
+    fn estimated(&mut self, e: &Estimate, path: &str) {
+        self.estimate = self.w.need(e, path);
+        match self.w.price(e, path) {
+            Some(Some(p)) => self.held.price = Some(p),
+            Some(None) => self.unpriced = true,
+            None => {}
+        }
     }
 
     /// Its body did not come in time. Once bodies are known to come, the client is too slow: a
@@ -463,8 +484,17 @@ impl Request {
     fn admit(&mut self, gate: Gate, now: Instant) -> Action {
         let w = self.w.clone();
         let tenant = w.config.tenant.as_ref().and_then(|t| header(&t.key_header));
-        let need = self.estimate.map(|(n, _)| n);
-        let global = w.global.as_ref().map(|g| g.need(self.class, tenant.as_deref(), need.map(|n| n.tokens)));
+        let need = self.estimate;
+        if self.unpriced {
+            w.metrics.tokens.unpriced.inc();
+            let r = Refusal {
+                retry: false,
+                ..Refusal::of(self.id, self.class, Reason::UnpricedModel, Duration::ZERO, 0.0)
+            };
+            return self.refuse(&r);
+        }
+        let cost = self.held.price.map(|p| reservation::charge(need, Some(&p)).micro_usd);
+        let global = w.global.as_ref().map(|g| g.need(self.class, tenant.as_deref(), need.map(|n| n.tokens), cost));
         let may_wait = if w.config.queue.enabled {
             Duration::from_millis(w.config.class(self.class).max_wait_ms)
         } else {
@@ -472,12 +502,13 @@ impl Request {
         };
         if let (Some(global_gate), Some(g)) = (&w.global, &global) {
             // The service said over limit for longer than this request may wait: no local token spent.
-            if let Some(wait) = global_gate.blocked(g, now).filter(|&t| t > may_wait) {
+            if let Some((wait, cause)) = global_gate.blocked(g, now).filter(|&(t, _)| t > may_wait) {
                 w.metrics.global.rejected.inc();
-                return self.refuse(&super::global::refusal(self.id, self.class, wait, false));
+                return self.refuse(&global_gate.refusal(self.id, self.class, wait, cause));
             }
         }
         let arrival = Arrival { id: self.id, class: self.class, tenant: tenant.as_deref(), need, gate };
+        let tenant_name = w.config.tenant.as_ref().map(|_| tenant.clone().unwrap_or_default());
         let decided = w.with_core_mut(|c| c.admit(&SharedData, arrival, now));
         let Decision { admission, readout, tenant } = match decided {
             Ok(d) => d,
@@ -485,6 +516,9 @@ impl Request {
         };
         w.publish_readout(readout);
         if let Some(t) = tenant {
+            if let (crate::tenants::TenantTake::Taken { slot }, Some(name)) = (t.take, &tenant_name) {
+                self.held.tenant = Some((name.clone(), slot));
+            }
             let m = &w.metrics.tenants;
             for (happened, stat) in [(t.claimed, m.claimed), (t.displaced, m.displaced), (t.overflow(), m.overflow)] {
                 if happened {
@@ -499,7 +533,7 @@ impl Request {
             Admission::Pass { probe } => {
                 self.start_meter();
                 self.mark_probe(probe);
-                self.through_global(global, may_wait, now)
+                self.through_later_gates(global, may_wait, now)
             }
             Admission::Refuse(r) => self.refuse(&r),
             Admission::Wait { shed } => {
@@ -514,7 +548,33 @@ impl Request {
         }
     }
 
-    /// Through the local buckets: the global gate, when there is one, then upstream.
+    /// Through the local buckets: the quota windows, then the global gate, then upstream.
+    fn through_later_gates(&mut self, global: Option<GlobalNeed>, may_wait: Duration, now: Instant) -> Action {
+        let w = self.w.clone();
+        if !w.config.quotas.is_empty() {
+            let charge = reservation::charge(self.held.meter.as_ref().map(|m| m.need), self.held.price.as_ref());
+            match w.with_core(|c| c.take_quotas(&SharedData, &charge, now)) {
+                Ok(Ok(())) => self.held.quota = Some((charge, now)),
+                Ok(Err(e)) => {
+                    self.give_back(now);
+                    let budget = e.unit == crate::quota::Unit::MicroUsd;
+                    let stat = if budget { w.metrics.tokens.budget_refused } else { w.metrics.tokens.quota_refused };
+                    stat.inc();
+                    let wait = e.reset - now.floor_millis();
+                    let reason = if budget { Reason::BudgetExceeded } else { Reason::QuotaExceeded };
+                    // A reset further away than a client should wait: tell it not to retry soon.
+                    let retry = wait.as_millis() <= w.config.provider.breaker.max_wait_ms;
+                    let r =
+                        Refusal { retry, queued: self.waited, ..Refusal::of(self.id, self.class, reason, wait, 0.0) };
+                    return self.refuse_with_quota(&r, &e);
+                }
+                Err(st) => return self.fail_open("shared-data quotas", st),
+            }
+        }
+        self.through_global(global, may_wait, now)
+    }
+
+    /// The global gate, when there is one, then upstream.
     fn through_global(&mut self, global: Option<GlobalNeed>, may_wait: Duration, now: Instant) -> Action {
         let w = self.w.clone();
         let (Some(global_gate), Some(g)) = (&w.global, global) else {
@@ -524,11 +584,13 @@ impl Request {
         };
         match global_gate.arrive(self.id, &g, may_wait, now) {
             Gated::Pass => {
+                self.held.global = Some(g);
                 self.w.metrics.of(self.class).admitted.inc();
                 self.phase = Phase::Upstream;
                 Action::Continue
             }
             Gated::Wait => {
+                self.held.global = Some(g);
                 self.phase = Phase::AwaitingGlobal;
                 Action::Pause
             }
@@ -544,8 +606,8 @@ impl Request {
     /// buckets let it through: its request token and the LLM tokens it reserved go back (its
     /// meter with them: nothing is settled at its end).
     fn give_back(&mut self, now: Instant) {
-        let need = self.meter.take().map(|m| m.need);
-        self.w.give_back(self.probe, need, now);
+        let w = self.w.clone();
+        self.held.give_back(&w, self.probe, now);
     }
 
     /// Its turn in the queue came: through the global gate, then upstream.
@@ -561,7 +623,7 @@ impl Request {
         self.mark_probe(r.probe);
         let may_wait = Duration::from_millis(w.config.class(self.class).max_wait_ms) - r.waited;
         let global = self.global.take();
-        if self.through_global(global, may_wait, now()) == Action::Continue {
+        if self.through_later_gates(global, may_wait, now()) == Action::Continue {
             self.resume_stream();
         }
     }
@@ -617,8 +679,8 @@ impl Request {
 
     /// It was let through (at once or from the queue): its estimate is now reserved.
     fn start_meter(&mut self) {
-        let (Some((need, input)), Some(rules)) = (self.estimate.take(), &self.w.estimate) else { return };
-        self.meter = Some(Meter::new(need, input, rules.chars_per_token));
+        let (Some(need), Some(rules)) = (self.estimate.take(), &self.w.estimate) else { return };
+        self.held.meter = Some(Meter::new(need, need.input, rules.chars_per_token));
     }
 
     /// Answers this request, in its own callback, with a local 429.
@@ -626,9 +688,25 @@ impl Request {
         match self.w.send_limited(r) {
             Ok(()) => {
                 self.w.metrics.of(self.class).rejected.inc();
-                if r.reason == crate::reply::Reason::TooLarge {
+                if r.reason == Reason::BudgetExceeded {
+                    self.w.metrics.tokens.budget_refused.inc();
+                }
+                if r.reason == Reason::TooLarge {
                     self.w.metrics.tokens.too_large.inc();
                 }
+                self.phase = Phase::Answered;
+                Action::Pause
+            }
+            Err(st) => self.fail_open("send_local_response", st),
+        }
+    }
+
+    /// Answers this request, in its own callback, with the local 429 of the quota window that
+    /// refused it (its limit and period in the body).
+    fn refuse_with_quota(&mut self, r: &Refusal, e: &crate::quota::Exhausted) -> Action {
+        match self.w.send_quota_limited(r, e.index) {
+            Ok(()) => {
+                self.w.metrics.of(self.class).rejected.inc();
                 self.phase = Phase::Answered;
                 Action::Pause
             }
@@ -672,6 +750,8 @@ impl Request {
             Phase::ReadingBody | Phase::Holding429 => w.holds.let_go(self.id),
             Phase::Queued => {
                 w.leave_queue(self.id, now());
+                // It never went: its tenant's token and LLM tokens go back.
+                self.held.give_tenant_back(&w, self.estimate, now());
             }
             Phase::AwaitingGlobal => {
                 if let Some(g) = &w.global {
@@ -775,7 +855,7 @@ impl Request {
             None => calls::response_header(name).ok().flatten(),
         };
         let status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0u16);
-        if let (Some(m), Some(t)) = (&mut self.meter, &w.config.tokens) {
+        if let (Some(m), Some(t)) = (&mut self.held.meter, &w.config.tokens) {
             m.answer(status, &get("content-type").unwrap_or_default(), t.max_body_bytes as usize);
             if end_of_stream {
                 self.settle();
@@ -887,7 +967,7 @@ impl Request {
     /// The answer's tokens, read as they pass (never held: a stream reaches its client chunk by
     /// chunk).
     fn meter_body(&mut self, size: usize, end_of_stream: bool) {
-        let Some(m) = &mut self.meter else { return };
+        let Some(m) = &mut self.held.meter else { return };
         if m.wants_body() {
             m.feed(&calls::response_body(size).unwrap_or_default());
         }
@@ -908,9 +988,8 @@ impl Request {
 
     /// An admitted request's answer is over, or will never come: its tokens are settled.
     fn settle(&mut self) {
-        if let Some(m) = self.meter.take() {
-            self.w.settle(m);
-        }
+        let w = self.w.clone();
+        self.held.settle(&w, now());
     }
 
     fn store_in_cache(&mut self) {

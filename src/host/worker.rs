@@ -20,8 +20,8 @@ use crate::signals::Signals;
 use crate::store::Status;
 use crate::time::{Duration, Instant};
 use crate::tokens::estimate::{Estimate, EstimateRules};
-use crate::tokens::meter::{self, Meter};
 use crate::tokens::model::model_bucket;
+use crate::tokens::price::Price;
 use crate::worker::{Refusal, Tick, Worker};
 use std::cell::{Cell, RefCell};
 
@@ -80,7 +80,10 @@ impl WorkerContext {
             gauges: Gauges::default(),
             alerts: Alerts::default(),
             replies: Replies::new(c, core.rules.floors),
-            global: c.global.as_ref().map(|g| GlobalHost::new(g, &c.name, global_stats, root_id)),
+            global: c
+                .global
+                .as_ref()
+                .map(|g| GlobalHost::new(g, &c.name, global_stats, root_id, c.provider.breaker.max_wait_ms)),
             provider_news: Cell::new(0),
             core: RefCell::new(core),
         }
@@ -119,7 +122,12 @@ impl WorkerContext {
 
     /// Answers the current request with the local 429 for `r`.
     pub fn send_limited(&self, r: &Refusal) -> Result<(), Status> {
-        self.replies.send(&self.config, &self.metrics, r)
+        self.replies.send(&self.config, &self.metrics, r, None)
+    }
+
+    /// Answers the current request with the local 429 of quota window `index` refusing it.
+    pub fn send_quota_limited(&self, r: &Refusal, index: usize) -> Result<(), Status> {
+        self.replies.send(&self.config, &self.metrics, r, self.config.quotas.get(index))
     }
 
     /// Posts what a tick or an arrival decided for waiters to each of them.
@@ -282,28 +290,16 @@ impl WorkerContext {
     /// it or its family (the path's model before the body's), else the provider's.
     pub fn need(&self, e: &Estimate, path: &str) -> Option<TokenNeed> {
         let t = self.config.tokens.as_ref()?;
-        Some(TokenNeed { bucket: model_bucket(&t.per_model, path, e.model.as_deref()), tokens: e.total() })
+        let bucket = model_bucket(&t.per_model, path, e.model.as_deref());
+        let tokens = e.total();
+        Some(TokenNeed { bucket, tokens, input: e.input.min(tokens) })
     }
 
-    /// An admitted request's answer is over (or will never come): the difference between its
-    /// reservation and what it used is given back or taken (on the next tick), and both counted.
-    pub fn settle(&self, mut m: Meter) {
-        let used = m.used();
-        match self.core.try_borrow_mut() {
-            Ok(mut w) => w.settle(m.need, used.total()),
-            Err(_) => {
-                self.metrics.errors.inc();
-                log::warn!("llm-ratelimit: {}: cannot settle a request's tokens: re-entered", self.name());
-            }
-        }
-        let t = &self.metrics.tokens;
-        t.estimated.add(m.need.tokens);
-        t.actual.add(used.total());
-        t.input.add(used.input);
-        t.output.add(used.output);
-        if used.reported {
-            t.estimate_error_pct.record(meter::error_pct(m.need.tokens, used.total()));
-        }
+    /// The price of an estimated request, with `prices` configured: `Some(None)` when its model
+    /// has none (it is refused).
+    pub fn price(&self, e: &Estimate, path: &str) -> Option<Option<Price>> {
+        let prices = self.config.prices.as_ref()?;
+        Some(prices.of(path, e.model.as_deref()).copied())
     }
 
     /// The global gate refused a request the local buckets let through (the gate chain's step 4,

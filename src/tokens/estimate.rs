@@ -73,8 +73,17 @@
 //! `"stream": true`, or a path whose method starts with `stream` (Gemini `:streamGenerateContent`,
 //! Vertex `:streamRawPredict`) or ends with `-stream` (Bedrock `converse-stream`,
 //! `invoke-with-response-stream`).
+//!
+//! # How the body is read
+//!
+//! In one pass over its bytes, in place ([`Scan`]): strings are checked and their characters
+//! counted where they lie, everything not needed is checked and skipped, and nothing is
+//! allocated but the model's name. The pass accepts only what serde_json accepts, and reads
+//! what it accepts as serde_json's `Value` would: where it cannot be sure of that (a key written
+//! with an escape, a key repeated where serde_json would keep only the last, more than 32 keys
+//! in one object of counted JSON) it gives up, and the body is read into a `Value` instead.
 
-use serde_json::{Map, Value};
+use serde_json::{Map, Number, Value};
 
 /// Output maxima above this are clamped to it.
 pub const MAX_OUTPUT_TOKENS: u64 = 1_000_000_000;
@@ -122,34 +131,35 @@ impl Estimate {
 /// The estimate for a whole request body; `path` is the request path (Gemini, Azure and Bedrock
 /// put the model in it).
 pub fn from_body(rules: &EstimateRules, path: &str, body: &[u8]) -> Estimate {
-    let (path_model, path_stream) = read_path(path);
-    let Ok(Value::Object(root)) = serde_json::from_slice::<Value>(body) else {
-        let model = path_model.map(str::to_owned);
-        return Estimate { model, stream: path_stream, ..from_size(rules, body.len() as u64) };
+    let tree;
+    let fields = match Fields::scan(body) {
+        Some(fields) => Some(fields),
+        None => {
+            tree = serde_json::from_slice::<Value>(body);
+            tree.as_ref().ok().and_then(Value::as_object).map(Fields::of)
+        }
     };
-    let mut count = Count::default();
-    for key in PROMPT_KEYS {
-        if let Some(v) = root.get(key) {
-            count.walk(v, 0);
-        }
-    }
-    for key in ["tools", "functions", "toolConfig"] {
-        if let Some(v) = root.get(key) {
-            count.json(v, 0);
-        }
-    }
+    estimate(rules, path, body.len() as u64, fields)
+}
+
+/// The estimate for a body of `bytes` whose fields are read (`None`: not a JSON object).
+fn estimate(rules: &EstimateRules, path: &str, bytes: u64, fields: Option<Fields>) -> Estimate {
+    let (path_model, path_stream) = read_path(path);
+    let Some(fields) = fields else {
+        return Estimate { model: path_model.map(str::to_owned), stream: path_stream, ..from_size(rules, bytes) };
+    };
+    let count = &fields.count;
     let input = if count.is_empty() {
-        text_tokens(rules, body.len() as u64)
+        text_tokens(rules, bytes)
     } else {
         text_tokens(rules, count.chars)
             .saturating_add(count.tokens)
             .saturating_add(count.media.saturating_mul(rules.image_tokens))
     };
-    let output = requested_output(&root).unwrap_or(rules.output_default).saturating_mul(choices(&root));
+    let output = fields.output().unwrap_or(rules.output_default).saturating_mul(fields.choices());
     // The path's model is the one served (Azure ignores the body's): it wins.
-    let model = path_model.or_else(|| root.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()));
-    let stream = root.get("stream") == Some(&Value::Bool(true)) || path_stream;
-    Estimate { input, output, model: model.map(str::to_owned), stream }
+    let model = path_model.or(fields.model.filter(|m| !m.is_empty()));
+    Estimate { input, output, model: model.map(str::to_owned), stream: fields.stream || path_stream }
 }
 
 /// The estimate for a body that was not read (too large, or not JSON): its input from its size.
@@ -173,7 +183,7 @@ fn text_tokens(rules: &EstimateRules, chars: u64) -> u64 {
 }
 
 /// What the prompt holds.
-#[derive(Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct Count {
     /// Characters of text.
     chars: u64,
@@ -186,6 +196,8 @@ struct Count {
 /// Top-level fields holding the prompt.
 const PROMPT_KEYS: [&str; 8] =
     ["messages", "prompt", "input", "instructions", "system", "contents", "systemInstruction", "system_instruction"];
+/// Top-level fields whose JSON text is counted (tool definitions).
+const TOOL_KEYS: [&str; 3] = ["tools", "functions", "toolConfig"];
 /// Fields of a message or part whose text is counted (strings) or walked into.
 const WALK_KEYS: [&str; 13] = [
     "text",
@@ -209,10 +221,146 @@ const MEDIA_TYPES: [&str; 8] =
     ["image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "document"];
 /// Fields that make a part a media part (Gemini, Bedrock Converse).
 const MEDIA_KEYS: [&str; 7] = ["inlineData", "inline_data", "fileData", "file_data", "image", "document", "video"];
+/// The numbers read, by their index in [`Fields::numbers`]: top-level fields, then fields of
+/// top-level objects. 0 to 5 are output maxima, 6 to 8 choices, each group in its order of
+/// precedence.
+const NUMBERS: [(&str, usize); 4] =
+    [("max_completion_tokens", 0), ("max_tokens", 1), ("max_output_tokens", 2), ("n", 6)];
+const NESTED_NUMBERS: [(&str, &[(&str, usize)]); 3] = [
+    ("generationConfig", &[("maxOutputTokens", 3), ("candidateCount", 7)]),
+    ("generation_config", &[("max_output_tokens", 4), ("candidate_count", 8)]),
+    ("inferenceConfig", &[("maxTokens", 5)]),
+];
+/// The most keys an object of counted JSON may have for [`Scan`] to find a repeated one.
+const MAX_KEYS: usize = 32;
+
+/// What a request body says.
+#[derive(Debug, Default)]
+struct Fields<'a> {
+    count: Count,
+    /// The numbers of [`NUMBERS`] and [`NESTED_NUMBERS`] present (absent, or not a number: `None`).
+    numbers: [Option<Number>; 9],
+    model: Option<&'a str>,
+    stream: bool,
+}
+
+impl<'a> Fields<'a> {
+    /// The fields of a body read into a `Value`.
+    fn of(root: &'a Map<String, Value>) -> Fields<'a> {
+        let mut count = Count::default();
+        for key in PROMPT_KEYS {
+            if let Some(v) = root.get(key) {
+                count.walk(v, 0);
+            }
+        }
+        for key in TOOL_KEYS {
+            if let Some(v) = root.get(key) {
+                count.json(v, 0);
+            }
+        }
+        let mut numbers: [Option<Number>; 9] = Default::default();
+        let number = |v: Option<&Value>| v.and_then(Value::as_number).cloned();
+        for (key, at) in NUMBERS {
+            numbers[at] = number(root.get(key));
+        }
+        for (outer, inner) in NESTED_NUMBERS {
+            for &(key, at) in inner {
+                numbers[at] = number(root.get(outer).and_then(|o| o.get(key)));
+            }
+        }
+        let model = root.get("model").and_then(Value::as_str);
+        Fields { count, numbers, model, stream: root.get("stream") == Some(&Value::Bool(true)) }
+    }
+
+    /// The fields of a body read in place, or `None` to leave it to serde_json (see [`Scan`]).
+    fn scan(body: &'a [u8]) -> Option<Fields<'a>> {
+        let mut s = Scan::new(body);
+        let mut f = Fields::default();
+        let mut counted = 0u32;
+        s.open(b'{')?;
+        let mut first = true;
+        while s.more(b'}', &mut first)? {
+            let key = s.key()?;
+            if let Some(i) = position(&PROMPT_KEYS, key) {
+                once(&mut counted, i)?;
+                f.count.add(s.walk(0)?);
+            } else if let Some(i) = position(&TOOL_KEYS, key) {
+                once(&mut counted, PROMPT_KEYS.len() + i)?;
+                f.count.chars = f.count.chars.saturating_add(s.json(0)?);
+            } else if is(key, "model") {
+                f.model = s.str_or_skip()?;
+            } else if is(key, "stream") {
+                f.stream = s.peek()? == b't';
+                s.skip()?;
+            } else if let Some(&(_, at)) = NUMBERS.iter().find(|(k, _)| is(k, key)) {
+                f.numbers[at] = s.number_or_skip()?;
+            } else if let Some((_, inner)) = NESTED_NUMBERS.iter().find(|(k, _)| is(k, key)) {
+                // A repeated object replaces the earlier one whole.
+                inner.iter().for_each(|&(_, at)| f.numbers[at] = None);
+                if s.peek()? != b'{' {
+                    s.skip()?;
+                    continue;
+                }
+                s.open(b'{')?;
+                let mut first = true;
+                while s.more(b'}', &mut first)? {
+                    let key = s.key()?;
+                    match inner.iter().find(|(k, _)| is(k, key)) {
+                        Some(&(_, at)) => f.numbers[at] = s.number_or_skip()?,
+                        None => s.skip()?,
+                    }
+                }
+            } else {
+                s.skip()?;
+            }
+        }
+        s.end()?;
+        Some(f)
+    }
+
+    /// The largest valid requested output maximum: a body may carry several (`max_tokens` beside
+    /// `max_completion_tokens`), and which one the provider honours is its own business.
+    fn output(&self) -> Option<u64> {
+        let valid =
+            |n: &Number| n.as_f64().filter(|n| *n >= 0.0).map(|n| n.ceil().min(MAX_OUTPUT_TOKENS as f64) as u64);
+        self.numbers[..6].iter().flatten().filter_map(valid).max()
+    }
+
+    /// OpenAI `n` or Gemini `candidateCount`, in 1..=MAX_CHOICES; 1 when absent or not a whole number.
+    fn choices(&self) -> u64 {
+        self.numbers[6..].iter().flatten().find_map(Number::as_u64).map_or(1, |n| n.clamp(1, MAX_CHOICES))
+    }
+}
+
+fn position(keys: &[&str], key: &str) -> Option<usize> {
+    keys.iter().position(|k| is(k, key))
+}
+
+/// `a == b`, the length and first byte compared first: most keys tried are not the one.
+fn is(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.as_bytes().first() == b.as_bytes().first() && a == b
+}
+
+/// Marks field `i` of an object as seen; `None` if it was: serde_json keeps a repeated key's last
+/// value only, and a count cannot take back what the first added.
+fn once(seen: &mut u32, i: usize) -> Option<()> {
+    let bit = 1 << i;
+    if *seen & bit != 0 {
+        return None;
+    }
+    *seen |= bit;
+    Some(())
+}
 
 impl Count {
     fn is_empty(&self) -> bool {
         self.chars == 0 && self.tokens == 0 && self.media == 0
+    }
+
+    fn add(&mut self, other: Count) {
+        self.chars = self.chars.saturating_add(other.chars);
+        self.tokens = self.tokens.saturating_add(other.tokens);
+        self.media = self.media.saturating_add(other.media);
     }
 
     fn text(&mut self, text: &str) {
@@ -260,15 +408,10 @@ impl Count {
     /// The characters of `value` written as compact JSON, counting an escape as one character and
     /// a number that is not a whole number as 8 (no serialiser in the .wasm).
     fn json(&mut self, value: &Value, depth: u32) {
-        let digits = |n: u64| n.checked_ilog10().map_or(1, |log| u64::from(log) + 1);
         let chars = match value {
             Value::Null | Value::Bool(true) => 4,
             Value::Bool(false) => 5,
-            Value::Number(n) => match (n.as_u64(), n.as_i64()) {
-                (Some(n), _) => digits(n),
-                (None, Some(n)) => digits(n.unsigned_abs()) + 1,
-                _ => 8,
-            },
+            Value::Number(n) => number_chars(n),
             Value::String(text) => text.chars().count() as u64 + 2,
             // Brackets and commas.
             Value::Array(items) => {
@@ -289,32 +432,451 @@ impl Count {
     }
 }
 
-/// The largest valid requested output maximum: a body may carry several (`max_tokens` beside
-/// `max_completion_tokens`), and which one the provider honours is its own business.
-fn requested_output(root: &Map<String, Value>) -> Option<u64> {
-    let nested = |outer: &str, inner: &str| root.get(outer).and_then(|o| o.get(inner));
-    [
-        root.get("max_completion_tokens"),
-        root.get("max_tokens"),
-        root.get("max_output_tokens"),
-        nested("generationConfig", "maxOutputTokens"),
-        nested("generation_config", "max_output_tokens"),
-        nested("inferenceConfig", "maxTokens"),
-    ]
-    .into_iter()
-    .flatten()
-    .filter_map(|v| v.as_f64().filter(|n| *n >= 0.0).map(|n| n.ceil().min(MAX_OUTPUT_TOKENS as f64) as u64))
-    .max()
+/// The characters of a number written as JSON: its digits when whole, 8 otherwise.
+fn number_chars(n: &Number) -> u64 {
+    let digits = |n: u64| n.checked_ilog10().map_or(1, |log| u64::from(log) + 1);
+    match (n.as_u64(), n.as_i64()) {
+        (Some(n), _) => digits(n),
+        (None, Some(n)) => digits(n.unsigned_abs()) + 1,
+        _ => 8,
+    }
 }
 
-/// OpenAI `n` or Gemini `candidateCount`, in 1..=MAX_CHOICES; 1 when absent or not a whole number.
-fn choices(root: &Map<String, Value>) -> u64 {
-    let nested = |outer: &str, inner: &str| root.get(outer).and_then(|o| o.get(inner));
-    [root.get("n"), nested("generationConfig", "candidateCount"), nested("generation_config", "candidate_count")]
-        .into_iter()
-        .flatten()
-        .find_map(Value::as_u64)
-        .map_or(1, |n| n.clamp(1, MAX_CHOICES))
+/// A JSON text read in place, as serde_json reads it: each method reads one thing at the
+/// position and returns `None` where serde_json would fail, and also where this reading leaves
+/// the text to serde_json whole (a key written with an escape; see [`Fields::scan`] for the
+/// rest). A caller given `None` reads the text into a `Value` instead, so `None` is always
+/// safe: what matters is that nothing serde_json refuses is accepted here.
+pub(super) struct Scan<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    /// Arrays and objects open.
+    open: u32,
+}
+
+/// A string as it lies in the text: the bytes between its quotes (valid UTF-8), escapes not
+/// decoded.
+pub(super) struct Str<'a> {
+    pub raw: &'a [u8],
+    pub escaped: bool,
+    /// Every byte is ASCII (so every byte a character).
+    pub ascii: bool,
+}
+
+impl Str<'_> {
+    /// Its characters once decoded: each escape is one (a surrogate pair one in all).
+    pub fn chars(&self) -> u64 {
+        // Valid UTF-8: a character is a byte that does not continue one (0x80..=0xBF).
+        let chars = if self.ascii { self.raw.len() } else { self.raw.iter().filter(|&&b| b as i8 >= -0x40).count() };
+        let chars = chars as u64;
+        if !self.escaped {
+            return chars;
+        }
+        // Checked by `Scan::string`: a `\u` has four hex digits, and a trailing surrogate comes
+        // right after a leading one.
+        let (mut extra, mut rest) = (0, self.raw);
+        while let Some(at) = rest.iter().position(|&b| b == b'\\') {
+            let (len, less) = match rest.get(at + 1) {
+                Some(b'u') => match rest.get(at + 2..at + 6).and_then(hex) {
+                    Some(0xDC00..=0xDFFF) => (6, 6),
+                    _ => (6, 5),
+                },
+                _ => (2, 1),
+            };
+            extra += less;
+            rest = rest.get(at + len..).unwrap_or_default();
+        }
+        chars.saturating_sub(extra)
+    }
+}
+
+/// How many bytes of `bytes` come before the first quote, backslash or control character (all
+/// of them if none), read eight at a time; and whether those are all ASCII.
+fn plain(bytes: &[u8]) -> (usize, bool) {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGH: u64 = ONES << 7;
+    let (mut n, mut high) = (0, 0);
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in chunks.by_ref() {
+        let word = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+        // A byte's high bit is set where it is zero once XORed (the quote, the backslash) or
+        // where it is below 0x20; the lowest such byte is exact (a borrow moves only upwards).
+        let quote = word ^ (ONES * u64::from(b'"'));
+        let backslash = word ^ (ONES * u64::from(b'\\'));
+        let hits = (quote.wrapping_sub(ONES) & !quote
+            | backslash.wrapping_sub(ONES) & !backslash
+            | word.wrapping_sub(ONES * 0x20) & !word)
+            & HIGH;
+        if hits != 0 {
+            let at = hits.trailing_zeros() / 8;
+            // The bytes before the first hit.
+            let before = if at == 0 { 0 } else { word & (u64::MAX >> (64 - 8 * at)) };
+            return (n + at as usize, high | before & HIGH == 0);
+        }
+        high |= word & HIGH;
+        n += 8;
+    }
+    let rest = chunks.remainder().iter().take_while(|&&b| b != b'"' && b != b'\\' && b >= 0x20);
+    let (count, ascii) = rest.fold((0, true), |(count, ascii), &b| (count + 1, ascii && b.is_ascii()));
+    (n + count, high == 0 && ascii)
+}
+
+/// Whether `bytes` are UTF-8, as `str::from_utf8` decides (the well-formed sequences of the
+/// Unicode Standard's table 3-7), ASCII read eight bytes at a time: `from_utf8` built for size
+/// costs a long answer's text more than all the rest of its reading.
+fn utf8(bytes: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(&lead) = bytes.get(at) {
+        if let Some(chunk) = bytes.get(at..at + 8) {
+            if u64::from_le_bytes(chunk.try_into().unwrap_or_default()) & u64::from_le_bytes([0x80; 8]) == 0 {
+                at += 8;
+                continue;
+            }
+        }
+        // The length of the sequence `lead` starts and the range of its second byte; any
+        // further byte is in 0x80..=0xBF.
+        let (len, second) = match lead {
+            0x00..=0x7F => (1, 0..=0xFF),
+            0xC2..=0xDF => (2, 0x80..=0xBF),
+            0xE0 => (3, 0xA0..=0xBF),
+            0xE1..=0xEC | 0xEE..=0xEF => (3, 0x80..=0xBF),
+            0xED => (3, 0x80..=0x9F),
+            0xF0 => (4, 0x90..=0xBF),
+            0xF1..=0xF3 => (4, 0x80..=0xBF),
+            0xF4 => (4, 0x80..=0x8F),
+            _ => return false,
+        };
+        if len > 1 {
+            let Some([next, rest @ ..]) = bytes.get(at + 1..at + len) else { return false };
+            if !second.contains(next) || !rest.iter().all(|b| (0x80..=0xBF).contains(b)) {
+                return false;
+            }
+        }
+        at += len;
+    }
+    true
+}
+
+/// Four hex digits.
+fn hex(digits: &[u8]) -> Option<u16> {
+    digits.iter().try_fold(0u16, |n, &d| Some(n << 4 | (d as char).to_digit(16)? as u16))
+}
+
+impl<'a> Scan<'a> {
+    pub(super) fn new(bytes: &'a [u8]) -> Self {
+        Scan { bytes, at: 0, open: 0 }
+    }
+
+    /// The next byte after whitespace, not taken.
+    pub(super) fn peek(&mut self) -> Option<u8> {
+        while let Some(&b) = self.bytes.get(self.at) {
+            if !matches!(b, b' ' | b'\n' | b'\t' | b'\r') {
+                return Some(b);
+            }
+            self.at += 1;
+        }
+        None
+    }
+
+    /// Only whitespace is left.
+    pub(super) fn end(&mut self) -> Option<()> {
+        self.peek().is_none().then_some(())
+    }
+
+    /// Opens an array (`[`) or object (`{`): serde_json refuses a 128th level.
+    pub(super) fn open(&mut self, bracket: u8) -> Option<()> {
+        (self.peek()? == bracket && self.open < 127).then(|| {
+            self.at += 1;
+            self.open += 1;
+        })
+    }
+
+    /// Before each item of the array or object opened: whether one follows (`first` is true
+    /// before the first), or the closing bracket `close` was taken. An item must follow a comma.
+    pub(super) fn more(&mut self, close: u8, first: &mut bool) -> Option<bool> {
+        let b = self.peek()?;
+        if !std::mem::take(first) {
+            if b != close {
+                (b == b',').then(|| self.at += 1)?;
+                return Some(true);
+            }
+        } else if b != close {
+            return Some(true);
+        }
+        self.at += 1;
+        self.open -= 1;
+        Some(false)
+    }
+
+    /// An object's next key and its colon; `None` for one written with an escape.
+    pub(super) fn key(&mut self) -> Option<&'a str> {
+        let key = self.string()?;
+        if key.escaped || self.peek()? != b':' {
+            return None;
+        }
+        self.at += 1;
+        std::str::from_utf8(key.raw).ok()
+    }
+
+    /// A string, checked as serde_json checks it: escapes valid (surrogates paired), no control
+    /// characters, valid UTF-8.
+    pub(super) fn string(&mut self) -> Option<Str<'a>> {
+        if self.peek()? != b'"' {
+            return None;
+        }
+        let start = self.at + 1;
+        let (mut escaped, mut ascii) = (false, true);
+        let mut at = start;
+        loop {
+            let (n, all_ascii) = plain(self.bytes.get(at..)?);
+            at += n;
+            ascii &= all_ascii;
+            match *self.bytes.get(at)? {
+                b'"' => break,
+                b'\\' => {
+                    escaped = true;
+                    at = self.escape(at + 1)?;
+                }
+                _ => return None,
+            }
+        }
+        let raw = self.bytes.get(start..at)?;
+        // ASCII is UTF-8 (and escapes are ASCII).
+        if !ascii && !utf8(raw) {
+            return None;
+        }
+        self.at = at + 1;
+        Some(Str { raw, escaped, ascii })
+    }
+
+    /// The escape after a backslash at `at`: where it ends.
+    fn escape(&self, at: usize) -> Option<usize> {
+        match self.bytes.get(at)? {
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(at + 1),
+            b'u' => {
+                let n = hex(self.bytes.get(at + 1..at + 5)?)?;
+                match n {
+                    // A leading surrogate needs its trailing one, right after it.
+                    0xD800..=0xDBFF => {
+                        let pair = self.bytes.get(at + 5..at + 11)?;
+                        let m = hex(pair.get(2..)?)?;
+                        (pair.starts_with(b"\\u") && (0xDC00..=0xDFFF).contains(&m)).then_some(at + 11)
+                    }
+                    0xDC00..=0xDFFF => None,
+                    _ => Some(at + 5),
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// A number, as serde_json reads it (a whole number within `u64` here, any other by serde_json).
+    pub(super) fn number(&mut self) -> Option<Number> {
+        self.peek()?;
+        let start = self.at;
+        while matches!(self.bytes.get(self.at), Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')) {
+            self.at += 1;
+        }
+        // Whatever follows must end the value (`,`, `]`, `}`, whitespace, the end), which the
+        // caller checks: serde_json reads no more of a number than this run of bytes.
+        let text = self.bytes.get(start..self.at)?;
+        if (1..=19).contains(&text.len()) && text.iter().all(u8::is_ascii_digit) && (text[0] != b'0' || text.len() == 1)
+        {
+            return Some(text.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')).into());
+        }
+        match serde_json::from_slice(text) {
+            Ok(Value::Number(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// `true`, `false` or `null`.
+    fn literal(&mut self) -> Option<()> {
+        let rest = self.bytes.get(self.at..)?;
+        let len = [&b"true"[..], b"false", b"null"].iter().find(|word| rest.starts_with(word))?.len();
+        self.at += len;
+        Some(())
+    }
+
+    /// Any value, checked and skipped.
+    pub(super) fn skip(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.string().map(drop),
+            b'[' => {
+                self.open(b'[')?;
+                let mut first = true;
+                while self.more(b']', &mut first)? {
+                    self.skip()?;
+                }
+                Some(())
+            }
+            b'{' => {
+                self.open(b'{')?;
+                let mut first = true;
+                while self.more(b'}', &mut first)? {
+                    self.key()?;
+                    self.skip()?;
+                }
+                Some(())
+            }
+            b't' | b'f' | b'n' => self.literal(),
+            _ => self.number().map(drop),
+        }
+    }
+
+    /// Any value, parsed by serde_json from its text (for the few small values kept whole).
+    pub(super) fn value(&mut self) -> Option<Value> {
+        self.peek()?;
+        let start = self.at;
+        self.skip()?;
+        serde_json::from_slice(self.bytes.get(start..self.at)?).ok()
+    }
+
+    /// A string without escapes, or any other value skipped (`None` inside).
+    fn str_or_skip(&mut self) -> Option<Option<&'a str>> {
+        if self.peek()? != b'"' {
+            return self.skip().map(|()| None);
+        }
+        let s = self.string()?;
+        if s.escaped {
+            return None;
+        }
+        std::str::from_utf8(s.raw).ok().map(Some)
+    }
+
+    /// A number, or any other value skipped (`None` inside).
+    fn number_or_skip(&mut self) -> Option<Option<Number>> {
+        match self.peek()? {
+            b'-' | b'0'..=b'9' => self.number().map(Some),
+            _ => self.skip().map(|()| None),
+        }
+    }
+
+    /// [`Count::walk`], reading the value.
+    fn walk(&mut self, depth: u32) -> Option<Count> {
+        let mut count = Count::default();
+        if depth > MAX_DEPTH {
+            self.skip()?;
+            return Some(count);
+        }
+        match self.peek()? {
+            b'"' => count.chars = self.string()?.chars(),
+            b'[' => {
+                self.open(b'[')?;
+                let mut first = true;
+                while self.more(b']', &mut first)? {
+                    count.add(self.walk(depth + 1)?);
+                }
+            }
+            b'{' => return self.part(depth),
+            b't' | b'f' | b'n' => self.literal()?,
+            _ => {
+                self.number()?;
+                count.tokens = 1;
+            }
+        }
+        Some(count)
+    }
+
+    /// [`Count::part`], reading the object: what decides the part (its `type`, `source`, a
+    /// media field) may come after its text, so the text is counted aside until the end.
+    fn part(&mut self, depth: u32) -> Option<Count> {
+        let (mut kind, mut text_source, mut media) = (None, None, false);
+        let (mut text, mut counted) = (Count::default(), 0u32);
+        self.open(b'{')?;
+        let mut first = true;
+        while self.more(b'}', &mut first)? {
+            let key = self.key()?;
+            if is(key, "type") {
+                kind = self.str_or_skip()?;
+            } else if is(key, "source") {
+                text_source = self.source(depth)?;
+            } else if position(&MEDIA_KEYS, key).is_some() {
+                media = true;
+                self.skip()?;
+            } else if let Some(i) = position(&WALK_KEYS, key) {
+                once(&mut counted, i)?;
+                text.add(self.walk(depth + 1)?);
+            } else if let Some(i) = position(&JSON_KEYS, key) {
+                once(&mut counted, WALK_KEYS.len() + i)?;
+                let chars = match self.peek()? {
+                    b'"' => self.string()?.chars(),
+                    _ => self.json(depth + 1)?,
+                };
+                text.chars = text.chars.saturating_add(chars);
+            } else {
+                self.skip()?;
+            }
+        }
+        let kind = kind.unwrap_or("");
+        Some(match text_source {
+            Some(data) if kind == "document" => data,
+            _ if position(&MEDIA_TYPES, kind).is_some() || media => Count { media: 1, ..Count::default() },
+            _ => text,
+        })
+    }
+
+    /// A part's `source`: when it is an object of `"type": "text"`, the text of its `data`.
+    fn source(&mut self, depth: u32) -> Option<Option<Count>> {
+        if self.peek()? != b'{' {
+            return self.skip().map(|()| None);
+        }
+        let (mut text, mut data) = (false, Count::default());
+        self.open(b'{')?;
+        let mut first = true;
+        while self.more(b'}', &mut first)? {
+            match self.key()? {
+                "type" => text = self.str_or_skip()? == Some("text"),
+                "data" => data = self.walk(depth + 1)?,
+                _ => self.skip()?,
+            }
+        }
+        Some(text.then_some(data))
+    }
+
+    /// [`Count::json`], reading the value: its characters as compact JSON.
+    fn json(&mut self, depth: u32) -> Option<u64> {
+        let mut chars = 0u64;
+        let mut inner = |s: &mut Self| -> Option<()> {
+            let c = if depth <= MAX_DEPTH { s.json(depth + 1)? } else { s.skip().map(|()| 0)? };
+            chars = chars.saturating_add(c);
+            Some(())
+        };
+        let own = match self.peek()? {
+            b'"' => self.string()?.chars() + 2,
+            b'[' => {
+                let mut items = 0u64;
+                self.open(b'[')?;
+                let mut first = true;
+                while self.more(b']', &mut first)? {
+                    items += 1;
+                    inner(self)?;
+                }
+                items.max(1) + 1
+            }
+            b'{' => {
+                // serde_json keeps one value per key: a repeated key is left to it.
+                let mut keys: [&str; MAX_KEYS] = [""; MAX_KEYS];
+                let mut n = 0;
+                self.open(b'{')?;
+                let mut first = true;
+                while self.more(b'}', &mut first)? {
+                    let key = self.key()?;
+                    if keys[..n].contains(&key) {
+                        return None;
+                    }
+                    *keys.get_mut(n)? = key;
+                    n += 1;
+                    inner(self)?;
+                }
+                keys[..n].iter().map(|key| key.chars().count() as u64 + 4).sum::<u64>().saturating_add(1).max(2)
+            }
+            b't' | b'n' => self.literal().map(|()| 4)?,
+            b'f' => self.literal().map(|()| 5)?,
+            _ => number_chars(&self.number()?),
+        };
+        Some(chars.saturating_add(own))
+    }
 }
 
 /// The model the path names, if any: Gemini / Vertex `.../models/<model>:<method>`, Azure
@@ -323,18 +885,31 @@ pub fn path_model(path: &str) -> Option<&str> {
     read_path(path).0
 }
 
+/// `text` up to byte `at` (all of it for `None`).
+fn before(text: &str, at: Option<usize>) -> &str {
+    text.get(..at.unwrap_or(text.len())).unwrap_or("")
+}
+
+/// `text` after the last `byte`, if any.
+fn after(text: &str, byte: u8) -> Option<&str> {
+    text.get(text.bytes().rposition(|b| b == byte)? + 1..)
+}
+
 /// The model named by the path, and whether the path asks for a stream.
 fn read_path(path: &str) -> (Option<&str>, bool) {
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    let segment_after = |marker: &str, ends: &[char]| {
-        let rest = path.get(path.rfind(marker)? + marker.len()..)?;
-        rest.split(ends).next().filter(|m| !m.is_empty())
+    // Searched as bytes (every delimiter is ASCII, so every cut is at a character boundary):
+    // `str`'s pattern searchers cost more than the whole walk of a short path.
+    let path = before(path, path.bytes().position(|b| b == b'?' || b == b'#'));
+    let segment_after = |marker: &str, ends: &[u8]| {
+        let at = path.as_bytes().windows(marker.len()).rposition(|w| w == marker.as_bytes())?;
+        let rest = path.get(at + marker.len()..)?;
+        Some(before(rest, rest.bytes().position(|b| ends.contains(&b)))).filter(|m| !m.is_empty())
     };
-    let model = segment_after("/models/", &[':', '/'])
-        .or_else(|| segment_after("/deployments/", &['/']))
-        .or_else(|| segment_after("/model/", &['/']));
-    let last = path.rsplit('/').next().unwrap_or("");
-    let method = last.rsplit_once(':').map_or("", |(_, method)| method);
+    let model = segment_after("/models/", b":/")
+        .or_else(|| segment_after("/deployments/", b"/"))
+        .or_else(|| segment_after("/model/", b"/"));
+    let last = after(path, b'/').unwrap_or(path);
+    let method = after(last, b':').unwrap_or("");
     (model, method.starts_with("stream") || last.ends_with("-stream"))
 }
 
@@ -349,7 +924,318 @@ mod tests {
     const ONE: EstimateRules = EstimateRules { chars_per_token: 1.0, output_default: 1024, image_tokens: 1000 };
 
     fn est(path: &str, body: &Value) -> Estimate {
-        from_body(&ONE, path, body.to_string().as_bytes())
+        let body = body.to_string();
+        let e = from_body(&ONE, path, body.as_bytes());
+        assert!(Fields::scan(body.as_bytes()).is_some(), "read in place: {body}");
+        assert_eq!(e, by_value(&ONE, path, body.as_bytes()), "{body}");
+        e
+    }
+
+    /// The estimate with the body read into a `Value`, as it was before the in-place reading:
+    /// what `from_body` must always give.
+    fn by_value(rules: &EstimateRules, path: &str, body: &[u8]) -> Estimate {
+        let tree = serde_json::from_slice::<Value>(body);
+        estimate(rules, path, body.len() as u64, tree.as_ref().ok().and_then(Value::as_object).map(Fields::of))
+    }
+
+    /// Asserts that `body` reads the same in place as through a `Value`; whether it was read in
+    /// place (not left to serde_json).
+    fn same(body: &[u8]) -> bool {
+        for (rules, path) in
+            [(&ONE, "/v1/chat/completions"), (&EstimateRules::default(), "/v1beta/models/g:generateContent")]
+        {
+            let e = from_body(rules, path, body);
+            assert_eq!(e, by_value(rules, path, body), "{:?}", String::from_utf8_lossy(body));
+        }
+        let scanned = Fields::scan(body).is_some();
+        if scanned {
+            assert!(
+                serde_json::from_slice::<Value>(body).is_ok(),
+                "accepted in place only: {:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        scanned
+    }
+
+    /// A tiny seeded LCG.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) as usize % n.max(1)
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[self.below(items.len())]
+        }
+    }
+
+    /// Strings, numbers and keys that JSON readers differ on, some not JSON at all.
+    const STRINGS: [&str; 16] = [
+        "",
+        "hi",
+        "caf\\u00e9",
+        "\\ud83d\\ude00",
+        "a\\nb",
+        "\\\"q\\\"",
+        "\\\\",
+        "\\/",
+        "é👋🏽",
+        "\\u0000",
+        "text",
+        "document",
+        "image_url",
+        "\\ud800",
+        "\\udc00x",
+        "\\x",
+    ];
+    const NUMBERS_TEXT: [&str; 18] = [
+        "0",
+        "7",
+        "-0",
+        "12",
+        "-12",
+        "2.5",
+        "1e3",
+        "1E-3",
+        "-0.0",
+        "18446744073709551615",
+        "18446744073709551616",
+        "-9223372036854775808",
+        "-9223372036854775809",
+        "123456789012345678901234567890",
+        "1e400",
+        "01",
+        "1.",
+        "-",
+    ];
+    const KEYS: [&str; 40] = [
+        "messages",
+        "prompt",
+        "input",
+        "instructions",
+        "system",
+        "contents",
+        "systemInstruction",
+        "tools",
+        "functions",
+        "toolConfig",
+        "model",
+        "stream",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "n",
+        "generationConfig",
+        "maxOutputTokens",
+        "candidateCount",
+        "inferenceConfig",
+        "maxTokens",
+        "type",
+        "source",
+        "data",
+        "text",
+        "content",
+        "parts",
+        "name",
+        "arguments",
+        "args",
+        "json",
+        "image",
+        "inlineData",
+        "function",
+        "role",
+        "other",
+        "t\\u0065xt",
+        "usage",
+        "x",
+        "",
+    ];
+
+    /// A random JSON text (or nearly: a few of its pieces are not JSON), `depth` levels at most.
+    fn random_json(r: &mut Lcg, depth: u32, out: &mut String) {
+        let ws = |r: &mut Lcg, out: &mut String| out.push_str(["", "", "", " ", "\n\t ", "\r"][r.below(6)]);
+        ws(r, out);
+        match if depth == 0 { r.below(4) } else { r.below(7) } {
+            0 => out.push_str(&format!("\"{}\"", r.pick(&STRINGS))),
+            1 => out.push_str(r.pick(&NUMBERS_TEXT)),
+            2 => out.push_str(["true", "false", "null"][r.below(3)]),
+            3 => out.push_str(&format!("\"{}\"", r.pick(&STRINGS[..13]))),
+            4 => {
+                out.push('[');
+                for i in 0..r.below(4) {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    random_json(r, depth - 1, out);
+                }
+                out.push(']');
+            }
+            _ => {
+                out.push('{');
+                for i in 0..r.below(5) {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    ws(r, out);
+                    out.push_str(&format!("\"{}\":", r.pick(&KEYS)));
+                    random_json(r, depth - 1, out);
+                }
+                ws(r, out);
+                out.push('}');
+            }
+        }
+        ws(r, out);
+    }
+
+    #[test]
+    fn reading_in_place_gives_what_a_value_gives() {
+        let mut r = Lcg(1);
+        let (mut scanned, mut total) = (0, 0);
+        for _ in 0..20_000 {
+            let mut body = String::from("{");
+            for i in 0..r.below(5) {
+                if i > 0 {
+                    body.push(',');
+                }
+                body.push_str(&format!("\"{}\":", r.pick(&KEYS[..24])));
+                random_json(&mut r, 5, &mut body);
+            }
+            body.push('}');
+            total += 1;
+            scanned += usize::from(same(body.as_bytes()));
+            // Cut short, or with a byte changed: mostly not JSON.
+            let bytes = body.as_bytes();
+            same(&bytes[..r.below(bytes.len())]);
+            let mut changed = bytes.to_vec();
+            let at = r.below(changed.len());
+            let junk = b"{}[],:\"\\ 0e-x\xff\x01";
+            changed[at] = junk[r.below(junk.len())];
+            same(&changed);
+        }
+        // Most valid bodies are read in place, not left to serde_json.
+        assert!(scanned * 2 > total, "{scanned} of {total} read in place");
+    }
+
+    #[test]
+    fn odd_json_reads_as_a_value_reads_it() {
+        let bodies: [&[u8]; 36] = [
+            br#"{"prompt":"a","prompt":"bcd"}"#,
+            br#"{"messages":[{"content":"ab","content":"abc"}]}"#,
+            br#"{"messages":[{"type":"image","type":"text","text":"abc"}]}"#,
+            br#"{"tools":[{"a":1,"a":22}]}"#,
+            br#"{"tools":{"\u0061":1,"a":2}}"#,
+            br#"{"pr\u006fmpt":"abc"}"#,
+            br#"{"model":"g\u0070t","prompt":"x"}"#,
+            br#"{"model":"a","model":"bb","prompt":"x"}"#,
+            br#"{"generationConfig":{"maxOutputTokens":5},"generationConfig":{},"prompt":"x"}"#,
+            br#"{"generationConfig":{"maxOutputTokens":5,"maxOutputTokens":"x"},"prompt":"x"}"#,
+            br#"{"stream":true,"stream":false,"prompt":"x"}"#,
+            br#"{"max_tokens":1e400,"prompt":"x"}"#,
+            br#"{"max_tokens":-0,"n":-0,"prompt":"x"}"#,
+            br#"{"tools":[-0,-0.0,1E2,18446744073709551616,-9223372036854775808,-9223372036854775809]}"#,
+            br#"{"prompt":"\ud83d\ude00\u00e9\n\"\\\/"}"#,
+            br#"{"prompt":"\ud83d"}"#,
+            br#"{"prompt":"\ude00"}"#,
+            br#"{"prompt":"\ud83d\u0041"}"#,
+            br#"{"prompt":"\uD83D\uDE00\uABCD"}"#,
+            br#"{"prompt":"\u12"}"#,
+            b"{\"prompt\":\"a\x01b\"}",
+            b"{\"prompt\":\"\xc3\"}",
+            b"{\"prompt\":\"a\x7fb\"}",
+            br#"{"prompt":"a",}"#,
+            br#"{"prompt":["a",]}"#,
+            br#"{"prompt":["a" "b"]}"#,
+            br#"{"prompt":01}"#,
+            br#"{"prompt":[1.]}"#,
+            br#"{"prompt":[tru]}"#,
+            br#"{"prompt":"a"} x"#,
+            b"\xef\xbb\xbf{\"prompt\":\"a\"}",
+            br#"{"messages":[{"type":"document","source":{"type":"text","data":"abc","type":"base64"}}]}"#,
+            br#"{"messages":[{"source":{"data":"abcd","type":"text"},"type":"document","text":"zz"}]}"#,
+            br#"{"messages":[{"type":"document","source":{"type":"text","data":["ab",{"text":"c"}]}}]}"#,
+            br#"{"input":[{"type":"function_call","arguments":{"k":[1,2]},"input":"abc"}]}"#,
+            b" \t\r\n{\"prompt\" : [ \"ab\" , 12 ] }\n ",
+        ];
+        for body in bodies {
+            same(body);
+        }
+        let keys: String = (0..40).map(|i| format!("\"k{i}\":{i},")).collect();
+        same(format!(r#"{{"tools":{{{keys}"k":0}}}}"#).as_bytes());
+        for depth in [60, 63, 64, 65, 66, 126, 127, 128, 129] {
+            for (open, close) in [("[", "]"), (r#"{"content":"#, "}"), (r#"{"a":"#, "}")] {
+                for key in ["messages", "tools"] {
+                    let body =
+                        format!(r#"{{"{key}":{}"deep"{},"prompt":"ab"}}"#, open.repeat(depth), close.repeat(depth));
+                    same(body.as_bytes());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn utf8_is_what_from_utf8_accepts() {
+        let mut r = Lcg(3);
+        // Bytes around every boundary of the table, ASCII runs, and text.
+        let pieces: [&[u8]; 16] = [
+            b"a",
+            b"abcdefghij",
+            b"\x7f",
+            b"\x80",
+            b"\xbf",
+            b"\xc0",
+            b"\xc1",
+            b"\xc2",
+            b"\xdf",
+            b"\xe0",
+            b"\xed",
+            b"\xef",
+            b"\xf0",
+            b"\xf4",
+            b"\xf5",
+            b"\xff",
+        ];
+        let texts =
+            ["é", "—", "€", "👋🏽", "\u{10FFFF}", "\u{D7FF}", "\u{E000}", "\u{FFFF}", "\u{10000}", "\u{800}", "\u{7FF}"];
+        for _ in 0..200_000 {
+            let mut bytes = Vec::new();
+            for _ in 0..r.below(6) {
+                match r.below(3) {
+                    0 => bytes.extend_from_slice(pieces[r.below(pieces.len())]),
+                    1 => bytes.extend_from_slice(texts[r.below(texts.len())].as_bytes()),
+                    _ => bytes.push(0x80 | r.below(0x80) as u8),
+                }
+            }
+            assert_eq!(utf8(&bytes), std::str::from_utf8(&bytes).is_ok(), "{bytes:x?}");
+        }
+        for b in 0..=0xFFFF_u32 {
+            for bytes in
+                [&b.to_be_bytes()[2..], &(b << 8 | 0x80).to_be_bytes()[1..], &(b << 16 | 0x8080).to_be_bytes()[..]]
+            {
+                assert_eq!(utf8(bytes), std::str::from_utf8(bytes).is_ok(), "{bytes:x?}");
+            }
+        }
+    }
+
+    #[test]
+    fn escaped_strings_count_their_characters() {
+        for (raw, chars) in [
+            ("", 0),
+            ("abc", 3),
+            ("caf\\u00e9", 4),
+            ("\\ud83d\\ude00", 1),
+            ("\\n\\t\\\"\\\\\\/", 5),
+            ("\\\\u0041", 6),
+            ("é\\u00e9👋", 3),
+        ] {
+            let body = format!("\"{raw}\"");
+            let mut s = Scan::new(body.as_bytes());
+            let string = s.string().unwrap_or_else(|| panic!("{raw}"));
+            let decoded: String = serde_json::from_str(&body).unwrap_or_default();
+            assert_eq!((string.chars(), decoded.chars().count() as u64), (chars, chars), "{raw}");
+        }
     }
 
     fn chars(text: &str) -> u64 {

@@ -20,11 +20,11 @@
 //! use llm_ratelimit::admission::TokenNeed;
 //! use llm_ratelimit::tokens::meter::Meter;
 //!
-//! let mut m = Meter::new(TokenNeed { bucket: 0, tokens: 1100 }, 100, 4.0);
+//! let mut m = Meter::new(TokenNeed { bucket: 0, tokens: 1100, input: 0 }, 100, 4.0);
 //! m.answer(200, "application/json", 1 << 20);
-//! m.feed(br#"{"usage":{"prompt_tokens":90,"completion_tokens":30,"total_tokens":120}}"#);
+//! m.feed(br#"{"usage":{"prompt_tokens":90,"completion_tokens":30,"prompt_tokens_details":{"cached_tokens":64}}}"#);
 //! let used = m.used();
-//! assert_eq!((used.input, used.output, used.reported), (90, 30, true));
+//! assert_eq!((used.input, used.output, used.cached_input, used.reported), (90, 30, 64, true));
 //! ```
 
 use super::usage::{self, StreamUsage, Usage};
@@ -50,6 +50,10 @@ enum Reading {
 pub struct Used {
     pub input: u64,
     pub output: u64,
+    /// The part of `input` the provider read from its prompt cache
+    /// ([`Usage::cached_input`](super::usage::Usage::cached_input)), as it reported it; 0 when it
+    /// did not (an estimate's input).
+    pub cached_input: u64,
     /// The provider reported them (else they are the estimate, or counted from the stream).
     pub reported: bool,
 }
@@ -113,10 +117,12 @@ impl Meter {
 
     /// What the request used, once its answer is over (or will never come).
     pub fn used(&mut self) -> Used {
-        let estimate = Used { input: self.input, output: self.need.tokens - self.input, reported: false };
-        let reported = |u: Usage| Used { input: u.input, output: u.output, reported: true };
+        let estimate =
+            Used { input: self.input, output: self.need.tokens - self.input, cached_input: 0, reported: false };
+        let reported =
+            |u: Usage| Used { input: u.input, output: u.output, cached_input: u.cached_input, reported: true };
         match &mut self.reading {
-            Reading::Refused => Used { input: 0, output: 0, reported: false },
+            Reading::Refused => Used { input: 0, output: 0, cached_input: 0, reported: false },
             Reading::Nothing => estimate,
             Reading::Json { body, .. } => body.as_deref().and_then(usage::from_body).map_or(estimate, reported),
             Reading::Stream(s) => {
@@ -124,14 +130,15 @@ impl Meter {
                 match usage {
                     Some(u) if s.is_final() => reported(u),
                     _ => {
-                        // A running count's input is the provider's; the output is what the
-                        // stream showed, and at least the rest of the reservation.
+                        // A running count's input is the provider's (and so is its cached
+                        // part); the output is what the stream showed, and at least the rest of
+                        // the reservation.
                         let per_token = if self.chars_per_token > 0.0 { self.chars_per_token } else { 4.0 };
                         let text = (s.text_chars() as f64 / per_token).ceil() as u64;
                         let input = usage.map_or(estimate.input, |u| u.input);
                         let shown = usage.map_or(0, |u| u.output).max(text);
                         let output = shown.max(self.need.tokens.saturating_sub(input));
-                        Used { input, output, reported: false }
+                        Used { input, output, cached_input: usage.map_or(0, |u| u.cached_input), reported: false }
                     }
                 }
             }
@@ -153,7 +160,7 @@ mod tests {
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
-    const NEED: TokenNeed = TokenNeed { bucket: 0, tokens: 1000 };
+    const NEED: TokenNeed = TokenNeed { bucket: 0, tokens: 1000, input: 0 };
 
     fn meter() -> Meter {
         Meter::new(NEED, 200, 4.0)
@@ -168,7 +175,7 @@ mod tests {
             m.answer(200, "application/json; charset=utf-8", 1 << 20);
             m.feed(&body[..split]);
             m.feed(&body[split..]);
-            assert_eq!(m.used(), Used { input: 200, output: 57, reported: true });
+            assert_eq!(m.used(), Used { input: 200, output: 57, cached_input: 20, reported: true });
         }
     }
 
@@ -179,7 +186,7 @@ event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_toke
         let mut m = meter();
         m.answer(200, "text/event-stream", 0);
         m.feed(stream);
-        assert_eq!(m.used(), Used { input: 150, output: 42, reported: true });
+        assert_eq!(m.used(), Used { input: 150, output: 42, cached_input: 0, reported: true });
 
         // No usage in the stream: the estimated input plus the streamed text at 4 chars a token,
         // and at least the reservation.
@@ -188,12 +195,12 @@ event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_toke
         m.feed(
             format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n", "x".repeat(3999)).as_bytes(),
         );
-        assert_eq!(m.used(), Used { input: 200, output: 1000, reported: false });
+        assert_eq!(m.used(), Used { input: 200, output: 1000, cached_input: 0, reported: false });
     }
 
     #[test]
     fn no_answer_an_unreadable_one_or_one_too_large_costs_the_estimate() {
-        let estimate = Used { input: 200, output: 800, reported: false };
+        let estimate = Used { input: 200, output: 800, cached_input: 0, reported: false };
         assert_eq!(meter().used(), estimate, "client gone before the answer");
         let mut m = meter();
         m.answer(200, "application/json", 10);
@@ -221,7 +228,7 @@ event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_toke
             m.answer(status, "text/event-stream", 100);
             assert!(!m.wants_body());
             m.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n");
-            assert_eq!(m.used(), Used { input: 200, output: 800, reported: false }, "{status}");
+            assert_eq!(m.used(), Used { input: 200, output: 800, cached_input: 0, reported: false }, "{status}");
         }
     }
 
@@ -233,7 +240,7 @@ event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_toke
             m.feed(body);
             m.used()
         };
-        let charged = |input, output| Used { input, output, reported: false };
+        let charged = |input, output| Used { input, output, cached_input: 0, reported: false };
         // OpenAI without `stream_options.include_usage`: 10 characters, far less than reserved.
         let text =
             |s: &str| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{s}\"}}}}]}}\n\ndata: [DONE]\n\n");
@@ -264,13 +271,36 @@ data: {"type":"content_block_delta","delta":{"type":"text_delta","text":"Hello"}
         let done = br#"data: {"choices":[{"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":90,"completion_tokens":2}}
 
 "#;
-        assert_eq!(used("text/event-stream", done), Used { input: 90, output: 2, reported: true });
+        assert_eq!(used("text/event-stream", done), Used { input: 90, output: 2, cached_input: 0, reported: true });
+    }
+
+    #[test]
+    fn the_cached_input_is_carried_from_the_provider_s_count() {
+        let used = |content_type: &str, body: &[u8]| {
+            let mut m = meter();
+            m.answer(200, content_type, 1 << 20);
+            m.feed(body);
+            m.used()
+        };
+        let body =
+            br#"{"usageMetadata":{"promptTokenCount":300,"cachedContentTokenCount":256,"candidatesTokenCount":9}}"#;
+        assert_eq!(used("application/json", body), Used { input: 300, output: 9, cached_input: 256, reported: true });
+        // Anthropic cut short after `message_start`: its input, and the cached part of it, are
+        // the provider's count; the output is at least the rest of the reservation.
+        let start = br#"data: {"type":"message_start","message":{"usage":{"input_tokens":50,"cache_read_input_tokens":100,"output_tokens":1}}}
+
+"#;
+        assert_eq!(
+            used("text/event-stream", start),
+            Used { input: 150, output: 850, cached_input: 100, reported: false }
+        );
+        assert_eq!(used("application/json", b"{}").cached_input, 0, "the estimate has none");
     }
 
     #[test]
     fn estimated_input_never_exceeds_the_reservation() {
-        let mut m = Meter::new(TokenNeed { bucket: 0, tokens: 10 }, 50, 4.0);
-        assert_eq!(m.used(), Used { input: 10, output: 0, reported: false });
+        let mut m = Meter::new(TokenNeed { bucket: 0, tokens: 10, input: 0 }, 50, 4.0);
+        assert_eq!(m.used(), Used { input: 10, output: 0, cached_input: 0, reported: false });
     }
 
     #[test]

@@ -6,4 +6,5 @@
 pub mod estimate;
 pub mod meter;
 pub mod model;
+pub mod price;
 pub mod usage;

@@ -9,7 +9,10 @@
 //! use llm_ratelimit::tokens::usage::{from_body, StreamUsage, Usage};
 //!
 //! let body = br#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
-//! assert_eq!(from_body(body), Some(Usage { input: 12, output: 30 }));
+//! assert_eq!(from_body(body), Some(Usage { input: 12, output: 30, cached_input: 0 }));
+//!
+//! let body = br#"{"usage":{"input_tokens":5,"cache_read_input_tokens":1000,"output_tokens":7}}"#;
+//! assert_eq!(from_body(body), Some(Usage { input: 1005, output: 7, cached_input: 1000 }));
 //!
 //! let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"Grüße\"}}]}\n\n\
 //!               data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":2}}\n\n\
@@ -18,19 +21,19 @@
 //! for chunk in stream.as_bytes().chunks(7) {
 //!     reader.feed(chunk); // a chunk may end inside a line or inside a UTF-8 character
 //! }
-//! assert_eq!(reader.finish(), Some(Usage { input: 12, output: 2 }));
+//! assert_eq!(reader.finish(), Some(Usage { input: 12, output: 2, cached_input: 0 }));
 //! assert_eq!(reader.text_chars(), 5);
 //! ```
 //!
 //! Formats read (the same reader serves bodies and stream events, told apart by their fields):
 //! - OpenAI chat completions (and compatible APIs): `usage.{prompt_tokens, completion_tokens}`;
-//!   cached prompt tokens are already inside `prompt_tokens`, reasoning tokens inside
-//!   `completion_tokens`. Streamed, usage comes in a last chunk `{"choices":[],"usage":{..}}`
+//!   cached prompt tokens (`prompt_tokens_details.cached_tokens`) are already inside
+//!   `prompt_tokens`, reasoning tokens inside `completion_tokens`. Streamed, usage comes in a last chunk `{"choices":[],"usage":{..}}`
 //!   only when the request asked `stream_options.include_usage`; Groq's `x_groq.usage` is read too.
 //!   Text: `choices[].delta.{content, reasoning_content, reasoning, refusal}`,
 //!   `choices[].delta.tool_calls[].function.arguments` and legacy `choices[].text`.
-//! - OpenAI Responses: `usage.{input_tokens, output_tokens}` (cached tokens are inside
-//!   `input_tokens`); streamed, in `response.usage` of `response.completed` (or
+//! - OpenAI Responses: `usage.{input_tokens, output_tokens}` (cached tokens,
+//!   `input_tokens_details.cached_tokens`, are inside `input_tokens`); streamed, in `response.usage` of `response.completed` (or
 //!   `response.incomplete`, `response.failed`). Text: the `delta` of the `response.output_text`,
 //!   `refusal`, `function_call_arguments`, `reasoning_text` and `reasoning_summary_text` deltas.
 //! - Anthropic messages: `usage.{input_tokens, output_tokens}`; `cache_creation_input_tokens`
@@ -44,6 +47,9 @@
 //!   last one counts. A whole body may also be the JSON array of chunks that
 //!   `streamGenerateContent` returns without `alt=sse`. Text: `candidates[].content.parts[].text`.
 //!
+//! The cache reads among the input are reported apart as [`Usage::cached_input`] (Anthropic's
+//! `cache_read_input_tokens`, not its cache writes).
+//!
 //! Where a total is reported (`total_tokens`, `totalTokenCount`) and exceeds input plus output,
 //! the excess is counted as output, so categories unknown here are still charged.
 //! Counts that are negative become 0, fractions are truncated, and counts beyond `u64` saturate.
@@ -52,8 +58,14 @@
 //! it there), so `event:` lines are not needed and are ignored, like `id:`, `retry:` and `:`
 //! comments. Non-SSE bodies (a plain JSON error, Gemini's JSON array stream) are for
 //! [`from_body`]: fed to a [`StreamUsage`] they read as nothing.
+//!
+//! [`from_body`] reads a body in place (the estimate's `Scan`), keeping only the few fields the
+//! usage is in, each parsed whole; the rest, such as a long answer's text, is checked and
+//! skipped, never copied. What that reading cannot be sure to read as serde_json does (a key
+//! written with an escape) is read into a `Value` whole, with the same result.
 
-use serde_json::Value;
+use super::estimate::Scan;
+use serde_json::{Map, Value};
 
 /// The longest line a [`StreamUsage`] keeps, and the most data one event may gather.
 const MAX_LINE: usize = 64 * 1024;
@@ -82,6 +94,11 @@ pub struct Usage {
     pub input: u64,
     /// Generated tokens, including reasoning (Gemini's `thoughtsTokenCount`).
     pub output: u64,
+    /// The part of `input` read from the provider's prompt cache: Anthropic's
+    /// `cache_read_input_tokens`, OpenAI's `prompt_tokens_details.cached_tokens` (chat) or
+    /// `input_tokens_details.cached_tokens` (Responses), Gemini's `cachedContentTokenCount`. 0
+    /// when not reported; never more than `input`.
+    pub cached_input: u64,
 }
 
 impl Usage {
@@ -95,13 +112,67 @@ impl Usage {
 /// JSON or reports none. A JSON array (Gemini's stream without `alt=sse`) is read element by
 /// element, the last usage counting.
 pub fn from_body(body: &[u8]) -> Option<Usage> {
-    let json: Value = serde_json::from_slice(body).ok()?;
+    let json = match pruned(body) {
+        Some(json) => json,
+        None => serde_json::from_slice(body).ok()?,
+    };
     let mut tally = Tally::default();
     match &json {
         Value::Array(items) => items.iter().for_each(|item| tally.event(item)),
         other => tally.event(other),
     }
     tally.usage
+}
+
+/// The fields of an event (a body, or an item of a JSON array) that hold its usage, as
+/// [`Tally::event`] reads them: parsed whole, and of the objects around a usage only the usage.
+const EVENT_WHOLE: [&str; 3] = ["type", "usage", "usageMetadata"];
+const EVENT_NESTED: [&str; 3] = ["message", "response", "x_groq"];
+
+/// What [`Tally::event`] reads of a body for its usage, read in place: of the body (or of each
+/// item of a JSON array) the fields [`EVENT_WHOLE`] and the `usage` of [`EVENT_NESTED`], each
+/// parsed by serde_json; anything else is checked and skipped. `None` leaves the body to
+/// serde_json (see [`Scan`]).
+fn pruned(body: &[u8]) -> Option<Value> {
+    let mut s = Scan::new(body);
+    let json = if s.peek()? == b'[' {
+        let mut items = Vec::new();
+        s.open(b'[')?;
+        let mut first = true;
+        while s.more(b']', &mut first)? {
+            items.push(pruned_object(&mut s, &EVENT_WHOLE, &EVENT_NESTED)?);
+        }
+        Value::Array(items)
+    } else {
+        pruned_object(&mut s, &EVENT_WHOLE, &EVENT_NESTED)?
+    };
+    s.end()?;
+    Some(json)
+}
+
+/// Of an object, its fields `whole` parsed whole and its fields `nested` with their `usage` only
+/// (a repeated key keeps its last value, as in serde_json). A value that is not an object reads
+/// as `null`: nothing in it is read.
+fn pruned_object(s: &mut Scan, whole: &[&str], nested: &[&str]) -> Option<Value> {
+    if s.peek()? != b'{' {
+        return s.skip().map(|()| Value::Null);
+    }
+    let mut map = Map::new();
+    s.open(b'{')?;
+    let mut first = true;
+    while s.more(b'}', &mut first)? {
+        let key = s.key()?;
+        let value = if whole.contains(&key) {
+            s.value()?
+        } else if nested.contains(&key) {
+            pruned_object(s, &["usage"], &[])?
+        } else {
+            s.skip()?;
+            continue;
+        };
+        map.insert(key.to_owned(), value);
+    }
+    Some(Value::Object(map))
 }
 
 /// Reads the usage of a server-sent event stream (`text/event-stream`) fed chunk by chunk,
@@ -337,7 +408,8 @@ impl Tally {
             }
         }
         let [input, creation, read, output] = self.anthropic;
-        self.usage = Some(Usage { input: input.saturating_add(creation).saturating_add(read), output });
+        let input = input.saturating_add(creation).saturating_add(read);
+        self.usage = Some(Usage { input, output, cached_input: read.min(input) });
     }
 
     fn text(&mut self, text: Option<&Value>) {
@@ -350,15 +422,17 @@ impl Tally {
 /// A `usage` object: OpenAI chat (`prompt_tokens`), else OpenAI Responses or Anthropic
 /// (`input_tokens`, cache fields added).
 fn usage_of(usage: &Value) -> Option<Usage> {
-    let (input, output) = if usage.get("prompt_tokens").is_some() || usage.get("completion_tokens").is_some() {
-        (count(usage, "prompt_tokens"), count(usage, "completion_tokens"))
+    let cached = |details: &str| usage.get(details).and_then(|d| count(d, "cached_tokens"));
+    let (input, output, cached) = if usage.get("prompt_tokens").is_some() || usage.get("completion_tokens").is_some() {
+        (count(usage, "prompt_tokens"), count(usage, "completion_tokens"), cached("prompt_tokens_details"))
     } else if ANTHROPIC.iter().any(|key| usage.get(key).is_some()) {
         let input = ANTHROPIC[..3].iter().filter_map(|key| count(usage, key)).fold(0, u64::saturating_add);
-        (Some(input), count(usage, "output_tokens"))
+        let cached = count(usage, "cache_read_input_tokens").or_else(|| cached("input_tokens_details"));
+        (Some(input), count(usage, "output_tokens"), cached)
     } else {
         return None;
     };
-    Some(with_total(input.unwrap_or(0), output.unwrap_or(0), count(usage, "total_tokens")))
+    Some(with_total(input.unwrap_or(0), output.unwrap_or(0), count(usage, "total_tokens"), cached))
 }
 
 /// Gemini's `usageMetadata`.
@@ -375,13 +449,15 @@ fn gemini_usage(usage: &Value) -> Option<Usage> {
         return None;
     }
     let sum = |a: Option<u64>, b: Option<u64>| a.unwrap_or(0).saturating_add(b.unwrap_or(0));
-    Some(with_total(sum(prompt, tool_use), sum(candidates, thoughts), total))
+    let cached = count(usage, "cachedContentTokenCount");
+    Some(with_total(sum(prompt, tool_use), sum(candidates, thoughts), total, cached))
 }
 
-/// Charges as output whatever a reported total has beyond input and output.
-fn with_total(input: u64, output: u64, total: Option<u64>) -> Usage {
+/// Charges as output whatever a reported total has beyond input and output; the cached part of
+/// the input is at most the input.
+fn with_total(input: u64, output: u64, total: Option<u64>, cached: Option<u64>) -> Usage {
     let output = output.max(total.unwrap_or(0).saturating_sub(input));
-    Usage { input, output }
+    Usage { input, output, cached_input: cached.unwrap_or(0).min(input) }
 }
 
 /// A token count: negatives are 0, fractions truncated, anything beyond `u64` saturates.
@@ -477,7 +553,12 @@ mod tests {
     }
 
     fn usage(input: u64, output: u64) -> Option<Usage> {
-        Some(Usage { input, output })
+        Some(Usage { input, output, cached_input: 0 })
+    }
+
+    /// A usage with `cached_input` of its input read from the cache.
+    fn cached(input: u64, output: u64, cached_input: u64) -> Option<Usage> {
+        Some(Usage { input, output, cached_input })
     }
 
     const OPENAI_CHAT_STREAM: &str = concat!(
@@ -551,7 +632,7 @@ mod tests {
           "service_tier": "default",
           "system_fingerprint": "fp_fc9f1d7035"
         }"#;
-        assert_eq!(from_body(body.as_bytes()), usage(1117, 46));
+        assert_eq!(from_body(body.as_bytes()), cached(1117, 46, 1024));
         assert_eq!(from_body(body.as_bytes()).map(|u| u.total()), Some(1163));
     }
 
@@ -610,7 +691,7 @@ mod tests {
           "temperature":1.0,"text":{"format":{"type":"text"}},"tool_choice":"auto","tools":[],"top_p":1.0,"truncation":"disabled",
           "usage":{"input_tokens":328,"input_tokens_details":{"cached_tokens":256},"output_tokens":52,
           "output_tokens_details":{"reasoning_tokens":0},"total_tokens":380},"user":null,"metadata":{}}"#;
-        assert_eq!(from_body(body.as_bytes()), usage(328, 52));
+        assert_eq!(from_body(body.as_bytes()), cached(328, 52, 256));
     }
 
     const ANTHROPIC_STREAM: &str = concat!(
@@ -635,7 +716,7 @@ mod tests {
 
     #[test]
     fn anthropic_stream_adds_cache_reads_to_input() {
-        assert_eq!(read_stream(ANTHROPIC_STREAM), (usage(472 + 2048, 15), 5 + 9));
+        assert_eq!(read_stream(ANTHROPIC_STREAM), (cached(472 + 2048, 15, 2048), 5 + 9));
     }
 
     #[test]
@@ -648,7 +729,7 @@ mod tests {
                 "\n\nevent: message_stop",
             ),
         );
-        assert_eq!(read_stream(&stream), (usage(2520, 27), 14));
+        assert_eq!(read_stream(&stream), (cached(2520, 27, 2048), 14));
     }
 
     #[test]
@@ -657,7 +738,7 @@ mod tests {
             r#""usage":{"output_tokens":15}"#,
             r#""usage":{"input_tokens":472,"cache_creation_input_tokens":100,"cache_read_input_tokens":2048,"output_tokens":15,"server_tool_use":{"web_search_requests":0}}"#,
         );
-        assert_eq!(read_stream(&stream), (usage(472 + 100 + 2048, 15), 14));
+        assert_eq!(read_stream(&stream), (cached(472 + 100 + 2048, 15, 2048), 14));
     }
 
     #[test]
@@ -705,7 +786,7 @@ mod tests {
         let body = r#"{"candidates":[{"content":{"parts":[{"text":"Hello there"}],"role":"model"},"finishReason":"STOP","avgLogprobs":-0.05}],
           "usageMetadata":{"promptTokenCount":1200,"candidatesTokenCount":40,"totalTokenCount":1300,"cachedContentTokenCount":1024,
           "thoughtsTokenCount":60,"promptTokensDetails":[{"modality":"TEXT","tokenCount":1200}]},"modelVersion":"gemini-2.5-pro"}"#;
-        assert_eq!(from_body(body.as_bytes()), usage(1200, 100));
+        assert_eq!(from_body(body.as_bytes()), cached(1200, 100, 1024));
         let array = r#"[{"candidates":[{"content":{"role":"model","parts":[{"text":"Hel"}]}}],"usageMetadata":{"promptTokenCount":5,"totalTokenCount":5}},
           {"candidates":[{"content":{"role":"model","parts":[{"text":"lo"}]},"finishReason":"STOP"}],
            "usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":2,"totalTokenCount":7}}]"#;
@@ -818,7 +899,7 @@ mod tests {
         assert_eq!(read(r#"{"prompt_tokens":1e300,"completion_tokens":5}"#).map(|u| u.total()), Some(u64::MAX));
         assert_eq!(
             read(r#"{"input_tokens":18446744073709551615,"cache_read_input_tokens":9,"output_tokens":-0.5}"#),
-            usage(u64::MAX, 0)
+            cached(u64::MAX, 0, 9)
         );
         let mut reader = StreamUsage::new();
         reader.feed(b"data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":-3}}\n\n");

@@ -4,7 +4,7 @@
 //! this worker last wrote for itself.
 
 use super::{readout, Readout, Refusal};
-use crate::admission::{AdmissionRules, SharedBucket, TokenNeed, HEARTBEAT};
+use crate::admission::{AdmissionRules, Draws, SharedBucket, TokenNeed, HEARTBEAT};
 use crate::config::Config;
 use crate::priority::Priority;
 use crate::reply::Reason;
@@ -42,18 +42,19 @@ pub struct BucketLease {
     pub taken: (u64, u64),
 }
 
-/// What a lease takes beside one admission: request tokens, and LLM tokens from one bucket.
+/// What a lease takes beside one admission: request tokens, and LLM tokens from each bucket
+/// the admission drew on.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(super) struct Extra {
     requests: f64,
-    tokens: Option<(usize, f64)>,
+    tokens: [Option<(usize, f64)>; 3],
 }
 
 impl Extra {
     /// Takes it out of `s`, the value the admission writes.
     pub(super) fn take_from(self, s: &mut SharedBucket) {
         s.level.tokens -= self.requests;
-        if let Some((i, t)) = self.tokens {
+        for (i, t) in self.tokens.into_iter().flatten() {
             if let Some(l) = s.token_levels.get_mut(i) {
                 l.tokens -= t;
             }
@@ -80,15 +81,21 @@ impl BucketLease {
         }
     }
 
-    /// Admits a request from the lease, if it holds enough for it.
-    pub(super) fn take(&mut self, need: Option<TokenNeed>) -> bool {
+    /// Admits a request from the lease, if it holds enough for it in every bucket it draws on.
+    pub(super) fn take(&mut self, rules: &AdmissionRules, need: Option<TokenNeed>) -> bool {
         if self.requests < 1.0 {
             return false;
         }
         if let Some(n) = need {
-            match self.tokens.get_mut(usize::from(n.bucket)) {
-                Some(t) if *t >= n.tokens as f64 => *t -= n.tokens as f64,
-                _ => return false,
+            let draws = rules.draws(n);
+            let held = |&(i, t): &(usize, u64)| self.tokens.get(i).is_some_and(|h| *h >= t as f64);
+            if !draws.iter().flatten().all(held) {
+                return false;
+            }
+            for (i, t) in draws.into_iter().flatten() {
+                if let Some(h) = self.tokens.get_mut(i) {
+                    *h -= t as f64;
+                }
             }
         }
         self.requests -= 1.0;
@@ -110,14 +117,16 @@ impl BucketLease {
         if requests < 1.0 {
             return Extra::default();
         }
-        let Some(n) = need else { return Extra { requests, tokens: None } };
-        let i = usize::from(n.bucket);
-        let (Some(b), Some(level)) = (rules.token_buckets.get(i), s.token_levels.get(i)) else {
-            return Extra { requests, tokens: None };
-        };
-        let room = ((level.tokens - b.burst) / LEASE_SHARE).floor();
+        let Some(n) = need else { return Extra { requests, tokens: [None; 3] } };
         let avg = self.avg_need.max(n.tokens as f64);
-        Extra { requests, tokens: Some((i, (requests * avg).min(room).max(0.0))) }
+        // Each bucket's part of the average need, as this request's parts are.
+        let share = |t: u64| if n.tokens == 0 { 1.0 } else { t as f64 / n.tokens as f64 };
+        let lease = |(i, t): (usize, u64)| {
+            let (b, level) = (rules.token_buckets.get(i)?, s.token_levels.get(i)?);
+            let room = ((level.tokens - b.burst) / LEASE_SHARE).floor();
+            Some((i, (requests * avg * share(t)).min(room).max(0.0)))
+        };
+        Extra { requests, tokens: rules.draws(n).map(|d| d.and_then(lease)) }
     }
 
     /// Adds what an admission leased beside it, in a lease of `buckets` token buckets.
@@ -127,7 +136,7 @@ impl BucketLease {
             self.taken.0 += 1;
             self.taken.1 += extra.requests as u64;
         }
-        if let Some((i, t)) = extra.tokens {
+        for (i, t) in extra.tokens.into_iter().flatten() {
             self.tokens.resize(buckets.max(self.tokens.len()), 0.0);
             if let Some(held) = self.tokens.get_mut(i) {
                 *held += t;
@@ -135,11 +144,16 @@ impl BucketLease {
         }
     }
 
-    /// Request `need` used `actual` LLM tokens: the difference is held until the tick.
-    pub(super) fn settle(&mut self, buckets: usize, need: TokenNeed, actual: u64) {
+    /// A request reserved `reserved` and used `used` (per bucket): the difference is held until
+    /// the tick.
+    pub(super) fn settle(&mut self, buckets: usize, reserved: Draws, used: Draws) {
         self.settled.resize(buckets.max(self.settled.len()), 0.0);
-        if let Some(t) = self.settled.get_mut(usize::from(need.bucket)) {
-            *t += need.tokens as f64 - actual as f64;
+        for (r, u) in reserved.into_iter().zip(used) {
+            if let (Some((i, r)), Some((_, u))) = (r, u) {
+                if let Some(t) = self.settled.get_mut(i) {
+                    *t += r as f64 - u as f64;
+                }
+            }
         }
     }
 

@@ -4,9 +4,14 @@
 //! | # | gate | where | takes | when a later gate refuses |
 //! |---|------|-------|-------|---------------------------|
 //! | 1 | provider state (breaker, holds) | [`Worker::gate`], before `admit`; carried in [`Arrival::gate`] | under `Gate::Counted`, one of the requests the provider has left (after the bucket passes it) | nothing: the count is the provider's window, which a refusal here does not change |
-//! | 2 | tenant bucket | [`Worker::admit`] step 2 | one token of the tenant's bucket (not the probe's, not under a terminal quota) | step 3 refuses: the token goes back (`give_tenant_token_back`); step 3 queues: spent; step 4 refuses: spent |
-//! | 3 | provider bucket | [`Worker::admit`] step 3 (arrival), `Worker::tick` (a waiter's release) | the request token and the request's LLM tokens (from the lease, or one compare-and-swap), or a place in the queue | step 4 refuses: both go back ([`Worker::give_back`]) |
-//! | 4 | global gate (the rate limit service) | the host, `host/request.rs` `through_global`, after step 3 passes or releases | the service's units | the last gate |
+//! | 2 | tenant bucket | [`Worker::admit`] step 2 | one token of the tenant's bucket and, with `tenant.tokens`, the request's LLM tokens, in one compare-and-swap (not the probe's, not under a terminal quota) | step 3 refuses: both go back (`give_tenant_token_back`); a later step refuses, or it leaves the queue without going: both go back ([`Worker::give_tenant_back`], from the host) |
+//! | 3 | provider bucket | [`Worker::admit`] step 3 (arrival), `Worker::tick` (a waiter's release) | the request token and the request's LLM tokens (its bucket's, and `tokens.input` / `tokens.output`'s; from the lease, or one compare-and-swap), or a place in the queue | step 4 or 5 refuses: they go back ([`Worker::give_back`]) |
+//! | 4 | quota windows (`quotas`: day, month; requests, tokens, money) | [`Worker::take_quotas`], from the host after step 3 passes or releases | the request's charge in every window, in one compare-and-swap | step 5 refuses: it goes back ([`Worker::give_quotas_back`]), with steps 2 and 3's |
+//! | 5 | global gate (the rate limit service) | the host, `host/request.rs` `through_global` | the service's units | the last gate |
+//!
+//! What each step took is settled from the answer's `usage` when it ends (the host's
+//! `Reservation`: [`Worker::settle`], [`Worker::settle_tenant`], [`Worker::settle_quotas`], and
+//! the service's settlement).
 //!
 //! Before step 2 the host asks the global gate whether its key is over limit for longer than
 //! the request may wait (`GlobalHost::blocked`): such a request is refused before it takes
@@ -17,16 +22,25 @@
 use super::{readout, Admission, Arrival, Decision, Readout, Refusal, Worker};
 use crate::admission::TokenNeed;
 use crate::breaker::Gate;
+use crate::quota::{self, Charge, Exhausted};
 use crate::reply::Reason;
 use crate::store::{Status, Store};
-use crate::tenants::{self, TakeOutcome, TenantTake};
-use crate::time::Instant;
+use crate::tenants::{self, Slot, TakeOutcome, TenantTake};
+use crate::time::{Duration, Instant};
 
 impl Worker {
     /// Decides an arriving request: steps 2 and 3 of the chain (step 1's answer is `a.gate`;
     /// step 4 is the host's, and [`Worker::give_back`] its compensation).
     pub fn admit(&mut self, store: &impl Store, a: Arrival<'_>, now: Instant) -> Result<Decision, Status> {
-        // 2. Tenant bucket: one token from the tenant's bucket.
+        // 2. Tenant bucket: one token (and the LLM tokens) from the tenant's bucket; a request
+        // needing more than the tenant's whole bucket can never pass.
+        if let (Some((rules, _)), true) = (&self.tenants, takes_tenant_token(a.gate)) {
+            let use_burst = self.config.class(a.class).use_burst;
+            if tenants::too_large(rules, a.need.map_or(0, |n| n.tokens), use_burst) {
+                let r = Refusal { retry: false, ..Refusal::of(a.id, a.class, Reason::TooLarge, Duration::ZERO, 0.0) };
+                return Ok(Decision { admission: Admission::Refuse(r), readout: None, tenant: None });
+            }
+        }
         let tenant = self.take_tenant_token(store, &a, now)?;
         if let Some(t @ TakeOutcome { take: TenantTake::Short { wait, .. }, .. }) = tenant {
             let r = Refusal::of(a.id, a.class, Reason::TenantLimit, wait, 0.0);
@@ -63,8 +77,10 @@ impl Worker {
         };
         let requests = if took_request { 1.0 } else { 0.0 };
         let mut tokens = vec![0.0; self.rules.token_buckets.len()];
-        if let Some(t) = need.and_then(|n| tokens.get_mut(usize::from(n.bucket)).map(|t| (t, n.tokens))) {
-            *t.0 = t.1 as f64;
+        for (i, t) in need.map(|n| self.rules.draws(n)).unwrap_or_default().into_iter().flatten() {
+            if let Some(slot) = tokens.get_mut(i) {
+                *slot = t as f64;
+            }
         }
         let (me, own, rules) = (self.id, self.local_counts(), &self.rules);
         self.bucket.update(store, rules, now, |s| {
@@ -73,25 +89,93 @@ impl Worker {
         })
     }
 
+    /// Step 4: reserves `charge` in every quota window, all or none. `Ok(Err(_))`: a window has no
+    /// room until its reset (a money budget: it is spent).
+    pub fn take_quotas(
+        &self,
+        store: &impl Store,
+        charge: &Charge,
+        now: Instant,
+    ) -> Result<Result<(), Exhausted>, Status> {
+        quota::take(store, &self.quota_key, &self.config.quotas, charge, now)
+    }
+
+    /// Step 4's compensation: a later gate refused a request that reserved `charge` at
+    /// `reserved_at`.
+    pub fn give_quotas_back(&self, store: &impl Store, charge: &Charge, reserved_at: Instant, now: Instant) {
+        if let Err(s) = quota::give_back(store, &self.quota_key, &self.config.quotas, charge, reserved_at, now) {
+            log::debug!("llm-ratelimit: cannot give a quota reservation back: status {s}");
+        }
+    }
+
+    /// The answer of a request that reserved `reserved` at `reserved_at` says it used `used`.
+    pub fn settle_quotas(
+        &self,
+        store: &impl Store,
+        reserved: &Charge,
+        used: &Charge,
+        reserved_at: Instant,
+        now: Instant,
+    ) -> Result<(), Status> {
+        quota::settle(store, &self.quota_key, &self.config.quotas, reserved, used, reserved_at, now)
+    }
+
+    /// Each quota's use in its current window, for the gauges.
+    pub fn quota_readout(&self, store: &impl Store, now: Instant) -> Result<Vec<(u64, u64, Instant)>, Status> {
+        quota::readout(store, &self.quota_key, &self.config.quotas, now)
+    }
+
+    /// The answer of a request that took `reserved` LLM tokens from `tenant`'s bucket in `slot`
+    /// says it used `used`: the difference goes back or is taken as a debt.
+    pub fn settle_tenant(
+        &self,
+        store: &impl Store,
+        tenant: &str,
+        slot: Slot,
+        reserved: u64,
+        used: u64,
+        now: Instant,
+    ) -> Result<(), Status> {
+        let Some((rules, prefix)) = &self.tenants else { return Ok(()) };
+        tenants::settle(store, prefix, rules, tenant, slot, reserved, used, now).map(|_| ())
+    }
+
+    /// A later gate (quotas, the global gate) refused a request that took a token and `tokens`
+    /// LLM tokens from `tenant`'s bucket in `slot`: they go back (best effort).
+    pub fn give_tenant_back(&self, store: &impl Store, tenant: &str, slot: Slot, tokens: u64, now: Instant) {
+        let Some((rules, prefix)) = &self.tenants else { return };
+        if let Err(s) = tenants::refund(store, prefix, rules, tenant, slot, tokens, now) {
+            log::debug!("llm-ratelimit: cannot give the tenant's tokens back: status {s}");
+        }
+    }
+
     /// Step 2: with tenant limits, takes a token from the arrival's tenant's bucket. The probe takes
     /// none: it goes whatever its tenant spent, since everything waits for its answer.
     fn take_tenant_token(&self, store: &impl Store, a: &Arrival, now: Instant) -> Result<Option<TakeOutcome>, Status> {
         let Some((rules, prefix)) = &self.tenants else { return Ok(None) };
-        if matches!(a.gate, Gate::Probe { .. } | Gate::Open { terminal: true, .. }) {
+        if !takes_tenant_token(a.gate) {
             return Ok(None);
         }
         let use_burst = self.config.class(a.class).use_burst;
-        tenants::take(store, prefix, rules, a.tenant.unwrap_or(""), use_burst, now).map(Some)
+        let tokens = a.need.map_or(0, |n| n.tokens);
+        tenants::take(store, prefix, rules, a.tenant.unwrap_or(""), use_burst, tokens, now).map(Some)
     }
 
     /// Step 2's compensation: the provider-wide bucket refused `a`, its tenant's token goes back
     /// (best effort).
     fn give_tenant_token_back(&self, store: &impl Store, a: &Arrival, t: &TakeOutcome, now: Instant) {
         let Some((rules, prefix)) = &self.tenants else { return };
-        if let Err(s) = tenants::refund(store, prefix, rules, a.tenant.unwrap_or(""), t.slot(), now) {
+        let tokens = a.need.map_or(0, |n| n.tokens);
+        if let Err(s) = tenants::refund(store, prefix, rules, a.tenant.unwrap_or(""), t.slot(), tokens, now) {
             log::debug!("llm-ratelimit: #{} cannot give the tenant's token back: status {s}", a.id);
         }
     }
+}
+
+/// Whether a request under `gate` meets the tenant bucket: not the probe (everything waits for
+/// its answer), not under a terminal quota (refused at step 3 before anything is spent).
+fn takes_tenant_token(gate: Gate) -> bool {
+    !matches!(gate, Gate::Probe { .. } | Gate::Open { terminal: true, .. })
 }
 
 #[cfg(test)]
@@ -119,7 +203,7 @@ mod tests {
         let store = MemStore::default();
         let now = Instant::from_millis(T0);
         w.ensure_shared(&store, now).unwrap();
-        let need = Some(TokenNeed { bucket: 0, tokens: 300 });
+        let need = Some(TokenNeed { bucket: 0, tokens: 300, input: 0 });
         let a = Arrival { id: 1, class: Priority::High, tenant: None, need, gate: Gate::Pass };
         assert_eq!(w.admit(&store, a, now).unwrap().admission, Admission::Pass { probe: None });
         assert_eq!(levels(&w, &store), (3.0, 700.0));

@@ -30,6 +30,7 @@ use crate::signals::Signals;
 use crate::store::{self, Status, Store};
 use crate::tenants::{self, TenantRules};
 use crate::time::{Duration, Instant};
+use crate::tokens::meter::Used;
 use bucket_client::{BucketClient, Extra};
 use provider::ProviderView;
 
@@ -137,7 +138,7 @@ pub struct Arrival<'a> {
 impl Refusal {
     /// A refusal of request `id` of `class` for `reason`, to retry in `wait`, when the bucket
     /// held `tokens`.
-    fn of(id: u32, class: Priority, reason: Reason, wait: Duration, tokens: f64) -> Refusal {
+    pub fn of(id: u32, class: Priority, reason: Reason, wait: Duration, tokens: f64) -> Refusal {
         Refusal { id, class, reason, wait, tokens, retry: true, queued: None }
     }
 }
@@ -150,6 +151,8 @@ pub struct Worker {
     pub id: u64,
     /// Tenant limits, and the prefix of the tenant table's keys.
     pub tenants: Option<(TenantRules, String)>,
+    /// The shared-data key of the `quotas` windows.
+    quota_key: String,
     provider: ProviderView,
     bucket: BucketClient,
     queue: WaitQueue<u32>,
@@ -184,8 +187,13 @@ impl Worker {
                 let slots = t.slots.min(u64::from(u32::MAX)) as u32;
                 let bucket =
                     BucketRules::capacity(t.capacity).refill_rate(t.refill_rate).burst_allowance(t.burst_allowance);
-                (TenantRules { bucket, slots }, format!("llm_ratelimit/{}", config.name))
+                let tokens = t.tokens.as_ref().map(|k| {
+                    BucketRules::capacity(k.capacity).refill_rate(k.refill_rate).burst_allowance(k.burst_allowance)
+                });
+                let newcomers = t.newcomers.map(|n| n.min(u64::from(u32::MAX)) as u32);
+                (TenantRules { bucket, tokens, slots, newcomers }, format!("llm_ratelimit/{}", config.name))
             }),
+            quota_key: crate::quota::key(&format!("llm_ratelimit/{}", config.name)),
             provider: ProviderView::new(&config, id),
             bucket: BucketClient::new(&config, id),
             queue: WaitQueue::new(config.classes.clone().map(|c| c.weight)),
@@ -211,10 +219,12 @@ impl Worker {
         self.rules.full(now)
     }
 
-    /// Request `need` was taken and the provider reports `actual` tokens used: the difference
-    /// is given back or taken on the next tick (held here until then, like a lease).
-    pub fn settle(&mut self, need: TokenNeed, actual: u64) {
-        self.bucket.lease.settle(self.rules.token_buckets.len(), need, actual);
+    /// Request `need` was taken and the provider reports `used` tokens: the difference, in each
+    /// bucket it drew on, is given back or taken on the next tick (held here until then, like a
+    /// lease).
+    pub fn settle(&mut self, need: TokenNeed, used: &Used) {
+        let used = self.rules.used_draws(need, used.input, used.output, used.cached_input);
+        self.bucket.lease.settle(self.rules.token_buckets.len(), self.rules.draws(need), used);
     }
 
     /// Creates what this worker's role writes in shared data, if missing: the provider state and
@@ -236,6 +246,7 @@ impl Worker {
             return Ok(());
         }
         store::ensure(store, self.bucket_key(), self.fresh_bucket(now))?;
+        crate::quota::ensure(store, &self.quota_key, &self.config.quotas, now)?;
         match &self.tenants {
             Some((rules, prefix)) => tenants::ensure(store, prefix, rules, now),
             None => Ok(()),
@@ -358,7 +369,7 @@ impl Worker {
             _ => {}
         }
         self.bucket.lease.note_need(a.need);
-        if a.gate == Gate::Pass && self.queue.is_empty() && self.bucket.lease.take(a.need) {
+        if a.gate == Gate::Pass && self.queue.is_empty() && self.bucket.lease.take(&self.rules, a.need) {
             return Ok((Admission::Pass { probe: None }, None));
         }
         // A refusal for want of a request token is reused only for an arrival that passes and
@@ -701,6 +712,11 @@ mod tests {
         w.observe(store, 429, &Signals::default(), None, at(T0)).unwrap();
     }
 
+    /// A reported usage of `total` tokens, all output.
+    fn used(total: u64) -> Used {
+        Used { input: 0, output: total, cached_input: 0, reported: true }
+    }
+
     /// A NORMAL request `id` from no tenant, needing `need`, under `gate`.
     fn normal(id: u32, need: Option<TokenNeed>, gate: Gate) -> Arrival<'static> {
         Arrival { id, class: Priority::Normal, tenant: None, need, gate }
@@ -949,7 +965,7 @@ mod tests {
         let store = MemStore::default();
         let json = r#"{"bucket":{"max_lease":1},"tokens":{"capacity":1000,"refill_rate":0.001}}"#;
         let mut w = worker(json, 1);
-        let need = TokenNeed { bucket: 0, tokens: 300 };
+        let need = TokenNeed { bucket: 0, tokens: 300, input: 0 };
         let gate = w.gate(&store, at(T0)).unwrap();
         assert!(matches!(
             w.admit(&store, normal(1, Some(need), gate), at(T0)).unwrap().admission,
@@ -961,7 +977,7 @@ mod tests {
                 .round()
         };
         assert_eq!(tokens(&store), 700.0);
-        w.settle(need, 100);
+        w.settle(need, &used(100));
         assert_eq!(tokens(&store), 700.0);
         assert!(w.needs_tick());
         w.tick(&store, at(T0));
@@ -974,7 +990,7 @@ mod tests {
         let store = MemStore::default();
         let json = r#"{"bucket":{"max_lease":1},"tokens":{"capacity":3000,"refill_rate":1000}}"#;
         let mut w = worker(json, 1);
-        let need = TokenNeed { bucket: 0, tokens: 60 };
+        let need = TokenNeed { bucket: 0, tokens: 60, input: 0 };
         let gate = w.gate(&store, at(T0)).unwrap();
         for id in 0..40 {
             let a = w.admit(&store, normal(id, Some(need), gate), at(T0)).unwrap().admission;
@@ -982,7 +998,7 @@ mod tests {
         }
         // Each used 1500: 57,600 more than reserved, written back on the tick.
         for _ in 0..40 {
-            w.settle(need, 1500);
+            w.settle(need, &used(1500));
         }
         w.tick(&store, at(T0));
         let shared = || store::read::<SharedBucket>(&store, "llm_ratelimit/default/bucket").unwrap().unwrap();

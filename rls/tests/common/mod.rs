@@ -127,7 +127,12 @@ impl Rls {
 
     /// The same, with these environment variables.
     pub fn start_env(redis_flags: &[&str], env: &[(&str, &str)]) -> Rls {
-        let mut args = base_args();
+        Rls::start_limits(LIMITS, redis_flags, env)
+    }
+
+    /// The same, with these limits.
+    pub fn start_limits(limits: &str, redis_flags: &[&str], env: &[(&str, &str)]) -> Rls {
+        let mut args = args_with_limits(limits);
         args.extend(redis_flags.iter().map(OsString::from));
         let env: Vec<(&str, OsString)> = env.iter().map(|(k, v)| (*k, OsString::from(v))).collect();
         match launch(&args, &env) {
@@ -160,8 +165,13 @@ impl Drop for Rls {
 
 /// `--config` (`LIMITS`) and local listeners on free ports.
 pub fn base_args() -> Vec<OsString> {
+    args_with_limits(LIMITS)
+}
+
+/// `--config` (these limits) and local listeners on free ports.
+pub fn args_with_limits(text: &str) -> Vec<OsString> {
     let limits = temp_dir("limits").join(format!("limits-{}.yaml", free_port()));
-    std::fs::write(&limits, LIMITS).unwrap();
+    std::fs::write(&limits, text).unwrap();
     let mut args = vec![OsString::from("--config"), limits.into_os_string()];
     for a in ["--grpc-host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1", "--http-port", "0"] {
         args.push(a.into());
@@ -230,6 +240,29 @@ pub fn launch(args: &[OsString], env: &[(&str, OsString)]) -> Launch {
     let words: Vec<&str> = line.split_whitespace().collect();
     assert!(words.len() == 6 && words[2] == "grpc" && words[4] == "http", "first line: {line:?}");
     Launch::Listening(Rls { child, grpc: words[3].to_string(), http: words[5].to_string() })
+}
+
+/// The entry that makes a descriptor a settlement (the last one): `refund` or `charge`.
+pub const SETTLE: &str = "llm_ratelimit.settle";
+
+/// A descriptor with its own `hits_addend`.
+pub fn weighed(entries: &[(&str, &str)], hits: u64) -> RateLimitDescriptor {
+    let mut d = descriptor(entries);
+    d.hits_addend = Some(envoy_types::pb::google::protobuf::UInt64Value { value: hits });
+    d
+}
+
+/// A settlement of `units` on the counter of `entries`: `kind` is refund or charge.
+pub fn settle(entries: &[(&str, &str)], kind: &str, units: u64) -> RateLimitDescriptor {
+    let mut all = entries.to_vec();
+    all.push((SETTLE, kind));
+    weighed(&all, units)
+}
+
+/// The service's /usage answer for `descriptor` (k=v,k=v) in domain `test`: status and JSON.
+pub fn usage(rls: &Rls, descriptor: &str) -> (u16, serde_json::Value) {
+    let (status, body) = rls.get(&format!("/usage?domain=test&descriptor={descriptor}"));
+    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("/usage: {e}: {body:?}")))
 }
 
 #[derive(Clone)]
