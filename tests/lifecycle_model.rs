@@ -16,7 +16,9 @@
 mod fake_envoy;
 use fake_envoy::*;
 use llm_ratelimit::admission::SharedBucket;
+use llm_ratelimit::config::Config;
 use llm_ratelimit::host::double::Process;
+use llm_ratelimit::store::{MemStore, Store};
 use proptest::prelude::*;
 use std::sync::Arc;
 
@@ -30,7 +32,14 @@ const REFILL: f64 = 0.001;
 const MAX_WAIT_MS: u64 = 2_000;
 
 fn config(tokens: bool, global: bool, generation: u32) -> String {
-    let tokens = if tokens { r#","tokens":{"capacity":1000000000}"# } else { "" };
+    // With token limits, every gate that settles from usage too: tenant tokens, a day window
+    // of requests, prices.
+    let tokens = if tokens {
+        r#","tokens":{"capacity":1000000000},"tenant":{"capacity":1000000,"tokens":{"capacity":1000000000}},
+            "prices":{"default":{"input":1,"output":1}},"quotas":[{"unit":"requests","per":"day","limit":1000000}]"#
+    } else {
+        ""
+    };
     let global = if global { r#","global":{"cluster":"rls","timeout_ms":300,"failure_mode":"deny"}"# } else { "" };
     format!(
         r#"{{"name":"m","bucket":{{"capacity":{CAPACITY},"refill_rate":{REFILL},"burst_allowance":{BURST}}},
@@ -393,6 +402,23 @@ impl World {
             REFILL * elapsed_s,
             probes
         );
+        if self.tokens {
+            // The day window counted each request that went upstream once: none that a later
+            // gate refused or that left first, none twice (a request let through when a host call
+            // failed takes nothing: `errors`).
+            let store = MemStore::default();
+            let key = llm_ratelimit::quota::key("llm_ratelimit/m");
+            let raw = self.process.shared(&key).expect("quota in shared data");
+            store.set(&key, &raw, 0).expect("set");
+            let config = Config::parse(config(true, self.global, 0).as_bytes()).expect("config");
+            let now = llm_ratelimit::time::Instant::from_nanos(self.process.now_ns());
+            let used = llm_ratelimit::quota::readout(&store, &key, &config.quotas, now).expect("readout")[0].0;
+            let errors: u64 = self.vms.iter().map(|vm| vm.stat("m", "errors")).sum();
+            prop_assert!(
+                used <= upstream as u64 && used + errors >= upstream as u64,
+                "the day window counted {used}, {upstream} went upstream ({errors} host errors)"
+            );
+        }
         Ok(())
     }
 }
