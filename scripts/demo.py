@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """llm-ratelimit demo: Envoy with the filter in front of the mock LLM provider, hit by a
 mixed-priority burst well above the quota. Shows who got through at once, who waited, who got a
-local 429 and why, what the provider actually received, and the filter's own Envoy stats.
+local 429 and why, what the provider actually received, and the filter's own Envoy stats. Then:
+act 2, the provider's own quota runs out; act 3, a token-heavy batch beside interactive traffic;
+act 4, two Envoys held to one limit by the rate limit service (rls/, Redis); act 5, two tenants
+under token limits and daily budgets in that service, settled from the answers' usage.
 
 Run with `make demo` (builds first) or `python3 scripts/demo.py`. Python 3 stdlib only.
 `make demo DEMO_ARGS=--monitoring` (or `--monitoring`) also starts Prometheus and Alertmanager
 natively (Debian packages; deploy/prometheus, deploy/alertmanager), turns the filter's alerts on,
-trips the breaker once and prints the alert that arrived.
+trips the breaker once and prints the alert that arrived. `--act N` (or `--act 2,5`) runs only
+those acts, e.g. `make demo DEMO_ARGS="--act 5"`. Acts 4 and 5 need redis-server and
+target/release/llm-ratelimit-rls, and are skipped without them.
 Everything it starts is stopped on exit, also on Ctrl-C.
 """
 
@@ -481,18 +486,17 @@ SHARED_FILTER = {
 ACT4_S, ACT4_RATE = 6, 25  # seconds; requests per second offered to each Envoy
 
 
-def start_rls(procs, tmp):
-    """redis-server and our rate limit service (rls/) on free ports; returns the gRPC port."""
+def start_rls(procs, tmp, limits_yaml, tag):
+    """redis-server and our rate limit service (rls/) with `limits_yaml`, on free ports; returns
+    the service's (gRPC port, HTTP port), or None when either binary is missing."""
     rls = ROOT / "target/release/llm-ratelimit-rls"
     if not shutil.which("redis-server") or not rls.is_file():
         return None
     redis = free_port()
     procs.append(subprocess.Popen(["redis-server", "--port", str(redis), "--bind", "127.0.0.1", "--save", "",
                                    "--appendonly", "no"], stdout=subprocess.DEVNULL))
-    limits = tmp / "limits.yaml"
-    limits.write_text("domain: llm-ratelimit\ndescriptors:\n  - key: provider\n    value: shared\n"
-                      "    descriptors:\n      - key: unit\n        value: requests\n"
-                      f"        rate_limit: {{unit: second, requests_per_unit: {SHARED_LIMIT}}}\n")
+    limits = tmp / f"limits-{tag}.yaml"
+    limits.write_text(limits_yaml)
     for _ in range(50):
         try:
             socket.create_connection(("127.0.0.1", redis), timeout=0.2).close()
@@ -503,18 +507,24 @@ def start_rls(procs, tmp):
                           "--grpc-host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1",
                           "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     procs.append(p)
-    banner = p.stdout.readline().split()  # listening on grpc HOST:PORT http HOST:PORT
-    return int(banner[3].rsplit(":", 1)[1])
+    line = p.stdout.readline()
+    banner = line.split()  # listening on grpc HOST:PORT http HOST:PORT
+    if len(banner) != 6 or banner[:3] != ["listening", "on", "grpc"]:
+        raise SystemExit(f"llm-ratelimit-rls did not start (said {line.strip()!r})")
+    return int(banner[3].rsplit(":", 1)[1]), int(banner[5].rsplit(":", 1)[1])
 
 
 def shared_limit(procs, tmp, mock):
     """Two Envoys in front of one provider, each with its own bucket, held to one limit by the
     rate limit service: the provider sees the limit, not twice it."""
     global RLS_PORT
-    RLS_PORT = start_rls(procs, tmp)
-    if RLS_PORT is None:
+    ports = start_rls(procs, tmp, "domain: llm-ratelimit\ndescriptors:\n  - key: provider\n    value: shared\n"
+                      "    descriptors:\n      - key: unit\n        value: requests\n"
+                      f"        rate_limit: {{unit: second, requests_per_unit: {SHARED_LIMIT}}}\n", "shared")
+    if ports is None:
         print("\n==> act 4 skipped: redis-server or target/release/llm-ratelimit-rls missing (make build)")
         return []
+    RLS_PORT = ports[0]
     http_post(mock, "/mock/config", {"quota": 0, "token_quota": 0, "latency_ms": 50})
     http_post(mock, "/mock/reset", {})
     envoys = [start_envoy(procs, tmp, mock, SHARED_FILTER, tag) for tag in ("-a", "-b")]
@@ -543,6 +553,190 @@ def shared_limit(procs, tmp, mock):
     failed = [r for rs in results.values() for r in rs if r["status"] not in (200, 429)]
     if not failed and received > most * 1.02:
         print(f"FAILED: the provider received {received}, more than the shared limit allows ({most})")
+        failed = [{"status": None}]
+    return failed
+
+
+# ---- Act 5: quotas that follow real usage -------------------------------------------------
+
+# Two tenants, each with its own token limit in this Envoy and a daily budget in the rate limit
+# service (Redis: it holds across restarts and instances). Every call sends a 160-character
+# prompt (40 tokens) asking for up to 1260 tokens, so ~1300 are reserved; the mock answers 90
+# (x-mock-output-tokens): 130 used, a tenth of the estimate, and at gpt-4o's $2.50 / $10 per
+# million tokens, 40 x 2.5 + 90 x 10 = 1000 micro-dollars, $0.001 an answer.
+PACIFIC = "PST8PDT,M3.2.0,M11.1.0"  # Los Angeles: midnight there is when the budgets reset
+TENANT_TOKENS = 3000  # each tenant's LLM tokens per minute, in this Envoy
+QUOTAS_FILTER = {
+    "name": "quotas",
+    "bucket": {"capacity": 100, "refill_rate": 50},
+    "tokens": {"capacity": 90000},
+    "tenant": {"key_header": "x-llm-tenant", "capacity": 20, "refill_rate": 10,
+               "tokens": {"capacity": TENANT_TOKENS}},
+    "prices": {"models": {"gpt-4o": {"input": 2.5, "output": 10}}},
+    "global": {"cluster": "ratelimit", "descriptors": ["provider", "tenant", "unit"], "timeout_ms": 500,
+               "failure_mode": "deny"},
+}
+BUDGETS = {"team-a": 5000, None: 1_000_000}  # micro-dollars a day: team-a $0.005, every other tenant $1
+SERVICE_TOKENS = 20000  # per tenant and minute, in the service too: counted there as used, not as estimated
+QUOTA_CALL = {"prompt_chars": 160, "max_tokens": 1260, "output_tokens": 90}
+TENANT_RATES = {"team-a": 2, "team-b": 4}  # requests per second
+ACT5_S = 8
+
+
+def quotas_limits():
+    """The service's limits file: [provider=quotas, tenant, unit] with a daily cost budget
+    (team-a's own, else the default) and a token limit per tenant."""
+    def tenant(value, budget):
+        head = "      - key: tenant\n" + (f"        value: {value}\n" if value else "")
+        return (head + "        descriptors:\n"
+                "          - key: unit\n            value: cost\n"
+                f"            rate_limit: {{unit: day, requests_per_unit: {budget}, time_zone: \"{PACIFIC}\", "
+                "name: daily_budget_usd_micros}\n"
+                "          - key: unit\n            value: tokens\n"
+                f"            rate_limit: {{unit: minute, requests_per_unit: {SERVICE_TOKENS}}}\n")
+    return ("domain: llm-ratelimit\ndescriptors:\n  - key: provider\n    value: quotas\n    descriptors:\n"
+            + "".join(tenant(t, b) for t, b in BUDGETS.items()))
+
+
+def tenant_call(port, tenant):
+    """One gpt-4o call of QUOTA_CALL for `tenant`; what the client saw, with a 429's body."""
+    body = json.dumps({"model": "gpt-4o", "max_tokens": QUOTA_CALL["max_tokens"],
+                       "messages": [{"role": "user", "content": "x" * QUOTA_CALL["prompt_chars"]}]}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={
+        "content-type": "application/json", "x-llm-tenant": tenant,
+        "x-mock-output-tokens": str(QUOTA_CALL["output_tokens"])})
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as r:
+            usage = json.loads(r.read()).get("usage", {})
+            return {"status": r.status, "tokens": usage.get("total_tokens", 0)}
+    except urllib.error.HTTPError as e:
+        h = e.headers
+        return {"status": e.code, "reason": h.get("x-llm-ratelimit-reason"), "retry_after": h.get("retry-after"),
+                "retry_after_ms": h.get("retry-after-ms"), "should_retry": h.get("x-should-retry"),
+                "body": e.read().decode(errors="replace"), "at": time.time()}
+    except OSError as e:
+        return {"status": None, "error": str(e)}
+
+
+def local_time(epoch_s, rule):
+    """`epoch_s` as "YYYY-MM-DD HH:MM ZONE" under the POSIX TZ `rule` (Python's time.tzset, which
+    reads the same rules the service does)."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = rule
+    time.tzset()
+    try:
+        return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(epoch_s))
+    finally:
+        if saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+
+
+def error_message(body):
+    """The `error.message` of an OpenAI-style error body, else the body."""
+    try:
+        return json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return body
+
+
+def usd(micros):
+    return f"${micros / 1e6:.3f}"
+
+
+def tenant_quotas(procs, tmp, mock):
+    """Two tenants under token limits and a daily budget: team-a spends its budget and is told
+    when it resets, team-b goes on, held by its own token limit, which follows what it uses."""
+    global RLS_PORT
+    started = time.monotonic()
+    ports = start_rls(procs, tmp, quotas_limits(), "quotas")
+    if ports is None:
+        print("\n==> act 5 skipped: redis-server or target/release/llm-ratelimit-rls missing (make build)")
+        return []
+    RLS_PORT, rls_http = ports
+    http_post(mock, "/mock/config", {"quota": 0, "token_quota": 0, "latency_ms": 50})
+    http_post(mock, "/mock/reset", {})
+    port, admin, log = start_envoy(procs, tmp, mock, QUOTAS_FILTER)
+    print(f"\n==> act 5: quotas that follow real usage. Two tenants (x-llm-tenant), each with "
+          f"{TENANT_TOKENS} tokens/min in this Envoy and a daily budget in the rate limit service "
+          f"(team-a {usd(BUDGETS['team-a'])}, others {usd(BUDGETS[None])}, midnight to midnight Pacific, "
+          f"time_zone \"{PACIFIC}\"); for {ACT5_S} s, team-a sends {TENANT_RATES['team-a']}/s and team-b "
+          f"{TENANT_RATES['team-b']}/s gpt-4o calls: a {QUOTA_CALL['prompt_chars']}-character prompt, max_tokens "
+          f"{QUOTA_CALL['max_tokens']}, answered with {QUOTA_CALL['output_tokens']} tokens")
+    print(f"    {json.dumps(QUOTAS_FILTER)}")
+    results = {t: [] for t in TENANT_RATES}
+    lock = threading.Lock()
+
+    def one(tenant):
+        r = tenant_call(port, tenant)
+        with lock:
+            results[tenant].append(r)
+
+    elapsed = on_schedule(sorted([(i / rate, one, (t,)) for t, rate in TENANT_RATES.items()
+                                  for i in range(rate * ACT5_S)], key=lambda x: x[0]))
+    time.sleep(1.5)  # leased tokens expire (global.lease_ms) and are refunded; the stats are written on the tick
+    for t, rs in results.items():
+        ok = [r for r in rs if r["status"] == 200]
+        print(f"   {t} ({TENANT_RATES[t]}/s) sent {len(rs)}: {len(ok)} answered 200 "
+              f"({sum(r['tokens'] for r in ok)} tokens used), {sum(r['status'] == 429 for r in rs)} refused "
+              f"({refusals(rs)})")
+    stats = {}
+    for line in http_get(admin, f"/stats?filter=llm_ratelimit.provider.{QUOTAS_FILTER['name']}.").splitlines():
+        name, _, value = line.partition(": ")
+        if value.isdigit():
+            stats[name.split(f".{QUOTAS_FILTER['name']}.", 1)[1]] = int(value)
+
+    served = sum(r["status"] == 200 for rs in results.values() for r in rs)
+    spent = stats.get("cost.spent_micro_usd", 0)
+    budget = [r for r in results["team-a"] if r.get("reason") == "budget_exceeded"]
+    if budget:
+        first = budget[0]
+        wait_s = int(first["retry_after_ms"] or 0) / 1000 or float(first["retry_after"] or 0)
+        reset = first["at"] + wait_s
+        a_ok = sum(r["status"] == 200 for r in results["team-a"])
+        print(f"   team-a spent its {usd(BUDGETS['team-a'])} in {a_ok} answers of {usd(spent / max(served, 1))}, "
+              f"then got 429 budget_exceeded with Retry-After {first['retry_after']} s "
+              f"({int(wait_s // 3600)} h {int(wait_s % 3600 // 60):02d} min: the budget resets at "
+              f"{local_time(reset, PACIFIC)} = {local_time(reset, 'UTC0')[11:]}), x-should-retry: "
+              f"{first['should_retry']}, and the message \"{error_message(first['body'])}\"")
+    team_b = results["team-b"]
+    b_ok = sum(r["status"] == 200 for r in team_b)
+    est, act = stats.get("tokens.estimated", 0), stats.get("tokens.actual", 0)
+    per_call = est / max(served, 1)  # the estimate each call reserved
+    by_estimate = int((TENANT_TOKENS + TENANT_TOKENS / 60 * elapsed) // per_call)
+    waits = sorted(int(r["retry_after_ms"] or 0) for r in team_b if r.get("reason") == "tenant_limit")
+    told = f"; its tenant_limit 429s said when: retry-after-ms {waits[0]} to {waits[-1]}" if waits else ""
+    print(f"   team-b, its budget far from spent, was held by its token limit instead: {b_ok} answers in "
+          f"{elapsed:.1f} s from {TENANT_TOKENS} tokens + {TENANT_TOKENS / 60:.0f}/s, each reservation of "
+          f"{per_call:.0f} settled to the tokens its answer used (on estimates alone: {by_estimate}){told}")
+    print(f"   filter stats: tokens.estimated {est}, tokens.actual {act} "
+          f"(estimates {est / act if act else 0:.1f}x usage), tenants.limited {stats.get('tenants.limited', '?')}, "
+          f"cost.spent_micro_usd {spent}, cost.budget_refused {stats.get('cost.budget_refused', '?')}, "
+          f"global.refunded_tokens {stats.get('global.refunded_tokens', '?')} (estimates and leases unspent), "
+          f"global.charged_cost {stats.get('global.charged_cost', '?')} (+1 each check counted)")
+    usage = {}
+    for t, unit in (("team-a", "cost"), ("team-b", "cost"), ("team-b", "tokens")):
+        path = f"/usage?domain=llm-ratelimit&descriptor=provider={QUOTAS_FILTER['name']},tenant={t},unit={unit}"
+        try:
+            usage[t, unit] = json.loads(http_get(rls_http, path))
+        except (OSError, ValueError) as e:
+            usage[t, unit] = {"error": str(e)}
+        if (t, unit) == ("team-a", "cost"):
+            print(f"   the service's count: GET http://127.0.0.1:{rls_http}{path}\n     {json.dumps(usage[t, unit])}")
+    b_cost, b_tokens = usage["team-b", "cost"], usage["team-b", "tokens"]
+    print(f"   and team-b's: {usd(b_cost.get('used', 0))} spent of {usd(b_cost.get('limit', 0))} today; "
+          f"{b_tokens.get('used', '?')} tokens of {b_tokens.get('limit', '?')} in the last minute "
+          f"(reserved by estimate and never settled: {b_ok * per_call:.0f}). Act 5 took "
+          f"{time.monotonic() - started:.1f} s")
+
+    failed = [r for rs in results.values() for r in rs if r["status"] not in (200, 429)]
+    if not failed and not budget:
+        print("FAILED: team-a's budget never ran out")
+        failed = [{"status": None}]
+    if not failed and any(r.get("reason") == "budget_exceeded" for r in team_b):
+        print("FAILED: team-b was refused for a budget it had not spent")
         failed = [{"status": None}]
     return failed
 
@@ -615,8 +809,33 @@ def show_alert(port, am, prom):
 
 # ---- Main ------------------------------------------------------------------------------------
 
+ACTS = {1: "a mixed-priority burst", 2: "the provider's quota runs out", 3: "a token-heavy batch",
+        4: "two Envoys, one limit", 5: "quotas that follow real usage"}
+
+
+def parse_args(argv):
+    """`--monitoring`, and `--act N` (repeatable, or `--act 2,5`): run only those acts."""
+    monitoring, acts, args = False, set(), list(argv)
+    while args:
+        a = args.pop(0)
+        if a == "--monitoring":
+            monitoring = True
+        elif a == "--act" or a.startswith("--act="):
+            value = a.partition("=")[2] if "=" in a else (args.pop(0) if args else "")
+            try:
+                acts |= {int(n) for n in value.split(",")}
+            except ValueError:
+                acts.add(0)
+            if not acts <= set(ACTS):
+                sys.exit(f"--act: expected act numbers 1 to {len(ACTS)}, got {value!r}")
+        else:
+            sys.exit(f"unknown argument {a!r}: scripts/demo.py [--monitoring] [--act N[,N...]]\n"
+                     + "\n".join(f"  act {n}: {what}" for n, what in ACTS.items()))
+    return monitoring, acts or set(ACTS)
+
+
 def main():
-    monitoring = "--monitoring" in sys.argv[1:]
+    monitoring, acts = parse_args(sys.argv[1:])
     for f, hint in ((WASM, "the filter"), (MOCK, "the mock provider")):
         if not f.is_file():
             sys.exit(f"{f} not found: build {hint} first with `make build`")
@@ -626,45 +845,48 @@ def main():
             mock = start_mock(procs)
             if monitoring:
                 am, prom = start_monitoring(procs, Path(tmp))
-            port, admin, log = start_envoy(procs, Path(tmp), mock)
-            if monitoring:
-                start_prometheus(procs, Path(tmp), prom, admin, am)
-            envoy = procs[-1]
-            print(f"==> mock provider on 127.0.0.1:{mock} (50 ms latency); Envoy on 127.0.0.1:{port} "
-                  f"(admin {admin}, 2 workers) with envoy/envoy.yaml and this filter config:")
-            print(f"    {json.dumps(FILTER)}")
-            mix = ", ".join(f"{int(v * 100)}% {k}" for k, v in MIX.items())
-            print(f"==> sending ~{RATE}/s for {DURATION_S:.0f} s ({mix}), "
-                  f"{RATE / FILTER['bucket']['refill_rate']:.0f}x the refill rate")
-            results, elapsed = drive(port)
-            if envoy.poll() is not None:
-                print("Envoy exited during the run. Its log:\n" + log.read_text())
-                return 1
-            provider = json.loads(http_get(mock, "/mock/stats")).get("by_priority", {})
-            print("\n==> what the clients saw, per priority")
-            summary(results, provider)
-            print("\n==> the filter's Envoy stats (GET /stats?filter=llm_ratelimit)")
-            stats = envoy_stats(admin)
-            failed = [r for r in results if r["status"] not in (200, 429)]
-            if failed:
-                kinds = sorted({r.get("error") or f"HTTP {r['status']}" for r in failed})
-                print(f"\nFAILED: {len(failed)} requests got neither a 200 nor a 429: {', '.join(kinds)}."
-                      f"\nEnvoy log (last 40 lines):\n" + "\n".join(log.read_text().splitlines()[-40:]))
-                return 1
-            print("\n==> what you just saw")
-            explain(results, provider, stats, elapsed)
-            failed = provider_exhaustion(port, admin, mock)
-            if failed:
-                print(f"\nFAILED: {len(failed)} requests in act 2 got neither a 200 nor a 429")
-                return 1
-            failed = token_limits(procs, Path(tmp), mock)
-            if failed:
-                print(f"\nFAILED: {len(failed)} requests in act 3 got neither a 200 nor a 429")
-                return 1
-            failed = shared_limit(procs, Path(tmp), mock)
-            if failed:
-                print(f"\nFAILED: {len(failed)} requests in act 4 got neither a 200 nor a 429")
-                return 1
+            # Acts 1 and 2 and the monitoring share the first Envoy.
+            if acts & {1, 2} or monitoring:
+                port, admin, log = start_envoy(procs, Path(tmp), mock)
+                if monitoring:
+                    start_prometheus(procs, Path(tmp), prom, admin, am)
+                envoy = procs[-1]
+                print(f"==> mock provider on 127.0.0.1:{mock} (50 ms latency); Envoy on 127.0.0.1:{port} "
+                      f"(admin {admin}, 2 workers) with envoy/envoy.yaml and this filter config:")
+                print(f"    {json.dumps(FILTER)}")
+            if 1 in acts:
+                mix = ", ".join(f"{int(v * 100)}% {k}" for k, v in MIX.items())
+                print(f"==> sending ~{RATE}/s for {DURATION_S:.0f} s ({mix}), "
+                      f"{RATE / FILTER['bucket']['refill_rate']:.0f}x the refill rate")
+                results, elapsed = drive(port)
+                if envoy.poll() is not None:
+                    print("Envoy exited during the run. Its log:\n" + log.read_text())
+                    return 1
+                provider = json.loads(http_get(mock, "/mock/stats")).get("by_priority", {})
+                print("\n==> what the clients saw, per priority")
+                summary(results, provider)
+                print("\n==> the filter's Envoy stats (GET /stats?filter=llm_ratelimit)")
+                stats = envoy_stats(admin)
+                failed = [r for r in results if r["status"] not in (200, 429)]
+                if failed:
+                    kinds = sorted({r.get("error") or f"HTTP {r['status']}" for r in failed})
+                    print(f"\nFAILED: {len(failed)} requests got neither a 200 nor a 429: {', '.join(kinds)}."
+                          f"\nEnvoy log (last 40 lines):\n" + "\n".join(log.read_text().splitlines()[-40:]))
+                    return 1
+                print("\n==> what you just saw")
+                explain(results, provider, stats, elapsed)
+            later = ((2, lambda: provider_exhaustion(port, admin, mock)),
+                     (3, lambda: token_limits(procs, Path(tmp), mock)),
+                     (4, lambda: shared_limit(procs, Path(tmp), mock)),
+                     (5, lambda: tenant_quotas(procs, Path(tmp), mock)))
+            for n, act in later:
+                if n not in acts:
+                    continue
+                failed = act()
+                if failed:
+                    print(f"\nFAILED: {len(failed)} requests in act {n} got neither a 200 nor a 429, "
+                          f"or the act's own check failed")
+                    return 1
             # Last, on the first Envoy, whose act-2 hold has long ended.
             if monitoring and not show_alert(port, am, prom):
                 return 1
