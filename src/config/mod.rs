@@ -124,6 +124,19 @@ impl Config {
         let quotas = quotas::read(top, tokens.is_some(), prices.is_some());
         let alert = top.with_opt("alert", alert::read);
         let global = top.with_opt("global", |s| global::read(s, tenant.is_some()));
+        // A model the operator limits apart must have a price, or every request for it is refused.
+        if let (Some(p), Some(t)) = (&prices, &tokens) {
+            let unpriced = t.per_model.iter().find(|(m, _)| p.default.is_none() && p.of("", Some(m)).is_none());
+            if let Some((m, _)) = unpriced {
+                top.fail(
+                    Fault::Value,
+                    "prices",
+                    format_args!(
+                        "no price for tokens.per_model model {m:?}: price it in \"models\" or give a \"default\""
+                    ),
+                );
+            }
+        }
         // Tenant tokens and prices count what the `tokens` section estimates and reads.
         if tokens.is_none() {
             if tenant.as_ref().is_some_and(|t| t.tokens.is_some()) {

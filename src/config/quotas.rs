@@ -112,6 +112,12 @@ mod tests {
         assert!(e.starts_with("prices.default.input: must be a number of dollars from 0 to 10^6, got -1"), "{e}");
         let e = err(r#"{"tokens":{"capacity":9},"prices":{"default":{"input":1,"output":1,"cache":1}}}"#);
         assert!(e.starts_with("prices.default.cache: unknown field"), "{e}");
+        let e = err(
+            r#"{"tokens":{"capacity":9,"per_model":{"o1":{"capacity":5}}},"prices":{"models":{"gpt-4o":{"input":1,"output":1}}}}"#,
+        );
+        assert!(e.starts_with("prices: no price for tokens.per_model model \"o1\""), "{e}");
+        let priced = r#"{"tokens":{"capacity":9,"per_model":{"o1":{"capacity":5}}},"prices":{"default":{"input":1,"output":1}}}"#;
+        assert!(Config::parse(priced.as_bytes()).is_ok());
         let many = [r#"{"unit":"requests","per":"day","limit":1}"#; 9].join(",");
         let e = err(&format!(r#"{{"quotas":[{many}]}}"#));
         assert!(e.starts_with("quotas: at most 8 quotas"), "{e}");
