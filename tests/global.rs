@@ -521,6 +521,7 @@ descriptors:
         }
     }
     let refused = refused.expect("the budget ran out");
+    println!("served {served} for $1.00 at $0.01, then {:?}", refused.header("x-llm-ratelimit-reason"));
     assert!((99..=101).contains(&served), "{served} served for $1.00 at $0.01");
     assert_eq!(refused.header("x-llm-ratelimit-reason"), Some("budget_exceeded"), "{refused:?}");
     // Retry-After: the time to midnight Pacific, as the service says.
