@@ -23,7 +23,9 @@ descriptors:
 ";
 
 fn start(redis: &Redis) -> Rls {
-    Rls::start_limits(SETTLE_LIMITS, &["--redis", &format!("redis://127.0.0.1:{}", redis.port)], &[])
+    // A second for Redis: a loaded machine can take more than the default 40 ms.
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    Rls::start_limits(SETTLE_LIMITS, &["--redis", &url, "--redis-timeout", "1s"], &[])
 }
 
 /// (code, limit_remaining) of the only status.

@@ -103,7 +103,8 @@ fn the_filters_settlement_is_the_documented_wire_form() {
 #[tokio::test]
 async fn the_filters_settlements_refund_and_charge_at_the_service() {
     let redis = Redis::start();
-    let rls = Rls::start(&["--redis", &format!("redis://127.0.0.1:{}", redis.port)]);
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let rls = Rls::start(&["--redis", &url, "--redis-timeout", "1s"]);
     let client = rls.client().await.0;
     // `tok` has 1000 per minute (tests/common's limits).
     let d = |hits| proto::Descriptor { entries: vec![("tok", "w")], hits: Some(hits) };
