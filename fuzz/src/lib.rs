@@ -280,17 +280,24 @@ pub fn rls_answer(data: &[u8]) {
         }
     }
     let Ok(r) = ours else { return };
-    let rules = GlobalGateRules { timeout_ms: 50, failure_mode: FailureMode::Deny, max_lease: 8, lease_ms: 1000 };
+    let rules = GlobalGateRules {
+        timeout_ms: 50,
+        failure_mode: FailureMode::Deny,
+        max_lease: 8,
+        lease_ms: 1000,
+        charged_after: [false, false, true],
+    };
     let mut g = GlobalGate::new(rules);
     let GlobalVerdict::Wait { ask: Some(a) } =
-        g.arrive("k", 1, [1, 300], Duration::from_millis(2000), Instant::from_millis(NOW))
+        g.arrive("k", 1, [1, 300, 1], Duration::from_millis(2000), Instant::from_millis(NOW))
     else {
         panic!("first call")
     };
     g.sent(a.key, 7);
     let mut o = g.answered(7, &r, Instant::from_millis(NOW));
     let t = g.tick(Instant::from_millis(NOW + 1));
-    o.pass.extend(t.pass);
+    o.pass.extend(t.pass.into_iter().chain(t.fallback));
+    o.pass.extend(std::mem::take(&mut o.fallback));
     o.refuse.extend(t.refuse);
     assert!(o.pass.len() + o.refuse.len() <= 1, "one request, answered at most once");
     if o.pass.is_empty() && o.refuse.is_empty() {
