@@ -13,6 +13,7 @@ pub enum When {
     At(u64),
 }
 
+use crate::calendar::{days_from_civil, days_in_month};
 use crate::time::NANOS_PER_MS;
 const NANOS_PER_SECOND: u128 = 1_000_000_000;
 const MS_PER_SECOND: u64 = 1000;
@@ -180,30 +181,6 @@ impl CivilTime {
         let seconds_of_day = i64::from(self.hour * 3600 + self.minute * 60 + self.second);
         days.checked_mul(86_400)?.checked_add(seconds_of_day)
     }
-}
-
-fn is_leap_year(year: i64) -> bool {
-    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
-}
-
-fn days_in_month(year: i64, month: u32) -> u32 {
-    match month {
-        2 if is_leap_year(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year.rem_euclid(400);
-    let month_from_march = i64::from((month + 9) % 12);
-    let day_of_year = (153 * month_from_march + 2) / 5 + i64::from(day) - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
 }
 
 /// Exactly `len` ASCII digits.
