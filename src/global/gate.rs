@@ -732,19 +732,9 @@ impl Ledger {
         if delta == [0; UNITS.len()] {
             return true;
         }
-        let i = match self.keys.iter().position(|(k, _)| k == key) {
-            Some(i) => i,
-            None if self.keys.len() < MAX_KEYS => {
-                self.keys.push((key.to_string(), [0; UNITS.len()]));
-                self.keys.len() - 1
-            }
-            None => {
-                self.dropped += 1;
-                return false;
-            }
-        };
+        let Some(net) = self.net(key) else { return false };
         for u in UNITS {
-            self.keys[i].1[u] += delta[u];
+            net[u] += delta[u];
         }
         true
     }
@@ -763,6 +753,14 @@ impl Ledger {
     /// `tokens` leased for `key` and dropped unspent: refunded with the next settlement
     /// (`reserve`; `charge_after` leases no tokens). False when dropped.
     pub fn expired(&mut self, key: &str, tokens: u64) -> bool {
+        let Some(net) = self.net(key) else { return false };
+        net[TOKENS] -= i128::from(tokens);
+        true
+    }
+
+    /// What `key` nets so far, added when new; `None` (counted as dropped) when `MAX_KEYS` keys
+    /// are held already.
+    fn net(&mut self, key: &str) -> Option<&mut [i128; UNITS.len()]> {
         let i = match self.keys.iter().position(|(k, _)| k == key) {
             Some(i) => i,
             None if self.keys.len() < MAX_KEYS => {
@@ -771,11 +769,10 @@ impl Ledger {
             }
             None => {
                 self.dropped += 1;
-                return false;
+                return None;
             }
         };
-        self.keys[i].1[TOKENS] -= i128::from(tokens);
-        true
+        self.keys.get_mut(i).map(|(_, net)| net)
     }
 
     pub fn take(&mut self, accounting: Accounting) -> Vec<Settlement> {
