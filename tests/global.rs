@@ -39,11 +39,11 @@ fn redis() -> (Killed, u16) {
 
 /// Our rate limit service with `limits` (envoyproxy/ratelimit's YAML), on free ports.
 fn rls(redis_port: u16, limits: &str, dir: &TempDir) -> (Killed, u16) {
-    rls_on(redis_port, limits, dir, 0)
+    rls_on(redis_port, limits, dir, 0, &[])
 }
 
-/// The same on gRPC port `grpc` (0: a free one).
-fn rls_on(redis_port: u16, limits: &str, dir: &TempDir, grpc: u16) -> (Killed, u16) {
+/// The same on gRPC port `grpc` (0: a free one), with `extra` flags (e.g. `--clock-offset-s`).
+fn rls_on(redis_port: u16, limits: &str, dir: &TempDir, grpc: u16, extra: &[&str]) -> (Killed, u16) {
     let file = dir.0.join("limits.yaml");
     std::fs::write(&file, limits).unwrap();
     let bin = root().join("target/release/llm-ratelimit-rls");
@@ -53,6 +53,7 @@ fn rls_on(redis_port: u16, limits: &str, dir: &TempDir, grpc: u16) -> (Killed, u
         .args(["--redis", &format!("redis://127.0.0.1:{redis_port}")])
         .args(["--grpc-host", "127.0.0.1", "--grpc-port", &grpc.to_string(), "--http-host", "127.0.0.1"])
         .args(["--http-port", "0"])
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{}: {e} (make build builds it)", bin.display()));
@@ -304,7 +305,7 @@ fn the_service_dying_mid_run_falls_back_and_the_limit_returns_with_it() {
     let dir = TempDir::new();
     let (_redis, redis_port) = redis();
     let grpc = free_port();
-    let (service, rls_port) = rls_on(redis_port, LIMITS, &dir, grpc);
+    let (service, rls_port) = rls_on(redis_port, LIMITS, &dir, grpc, &[]);
     assert_eq!(rls_port, grpc);
     let mock = Mock::start(&[]);
     let e = envoy(&SHARED.replace(r#""timeout_ms":200"#, r#""timeout_ms":100"#), &mock, rls_port);
@@ -328,7 +329,7 @@ fn the_service_dying_mid_run_falls_back_and_the_limit_returns_with_it() {
     assert!(e.stat("shared", "global.fallback") > 0);
     assert!(e.stat("shared", "global.errors") + e.stat("shared", "global.timeouts") > 0);
     // Back on the same port: the limit holds again (after at most the 1 s local mode skips it).
-    let (_service, _) = rls_on(redis_port, LIMITS, &dir, grpc);
+    let (_service, _) = rls_on(redis_port, LIMITS, &dir, grpc, &[]);
     std::thread::sleep(Duration::from_millis(1200));
     let (ok, limited, other) = clients(&urls, 4, Some(100.0), Duration::from_millis(2900));
     assert!(other.is_empty(), "{other:?}");
@@ -385,26 +386,6 @@ fn token_estimates_go_to_the_service_as_token_hits() {
     assert_eq!(ok, 3, "1000 tokens a minute hold three requests of ~300: {statuses:?}");
     assert!(statuses[3..].iter().all(|(s, r)| *s == 429 && r.as_deref() == Some("global_limit")), "{statuses:?}");
     assert_eq!(mock.received(), 3);
-}
-
-/// The service with `extra` flags (e.g. `--clock-offset-s`), on a free gRPC port.
-fn rls_with(redis_port: u16, limits: &str, dir: &TempDir, extra: &[&str]) -> (Killed, u16) {
-    let file = dir.0.join("limits.yaml");
-    std::fs::write(&file, limits).unwrap();
-    let bin = root().join("target/release/llm-ratelimit-rls");
-    let mut child = Command::new(&bin)
-        .arg("--config")
-        .arg(&file)
-        .args(["--redis", &format!("redis://127.0.0.1:{redis_port}")])
-        .args(["--grpc-host", "127.0.0.1", "--grpc-port", "0", "--http-host", "127.0.0.1", "--http-port", "0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e} (make build builds it)", bin.display()));
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let grpc = line.split_whitespace().nth(3).and_then(|a| a.rsplit(':').next()?.parse().ok());
-    (Killed(child), grpc.unwrap_or_else(|| panic!("unexpected banner {line:?}")))
 }
 
 /// `usage.total_tokens` of an OpenAI answer.
@@ -499,7 +480,7 @@ descriptors:
         rate_limit: {{unit: day, requests_per_unit: 1000000, time_zone: \"{tz}\"}}
 "
     );
-    let (rls_process, rls_port) = rls_with(redis_port, &limits, &dir, &[]);
+    let (rls_process, rls_port) = rls_on(redis_port, &limits, &dir, 0, &[]);
     // Each answer: 50 output tokens at $200 per million, $0.01; a budget of $1.00 a day.
     let mock = Mock::start(&["--output-tokens", "50"]);
     let config = r#"{"name":"shared","tokens":{"capacity":10000000},"queue":{"enabled":false},
@@ -542,7 +523,7 @@ descriptors:
     // Past midnight Pacific (the service's clock moved on): a new day's budget.
     drop(rls_process);
     let offset = format!("{}", to_midnight.ceil() as u64 + 5);
-    let (_rls, rls_port2) = rls_with(redis_port, &limits, &dir, &["--clock-offset-s", &offset]);
+    let (_rls, rls_port2) = rls_on(redis_port, &limits, &dir, 0, &["--clock-offset-s", &offset]);
     drop((a, b));
     let a = envoy(config, &mock, rls_port2);
     let r = post(&a.url("/v1/chat/completions"), &body, &[]).unwrap();
