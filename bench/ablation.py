@@ -15,9 +15,11 @@ import hashlib
 import itertools
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,6 +74,30 @@ MOCK_ROWS = [
     ("current build, `provider.style: openai` (one provider family read, not every one)", "c", None,
      {"provider": {"style": "openai"}}),
 ]
+# Token limits, mock provider, POST (bench/run.py's (t) against (c), same body): (t) with one part
+# of its work switched off at a time (a patch), to see where the difference goes. (label, patch,
+# token limit on). With `--tree`, the same (c) and (t) built from HEAD as committed are added.
+TOKEN_C = "(c) the request limit only"
+TOKEN_T = "(t) with a token limit (never binding)"
+TOKEN_ROWS = [
+    (TOKEN_C, None, False),
+    (TOKEN_T, None, True),
+    ("(t), both bodies read into a serde_json `Value` (the reading before the in-place one)", "parse-by-value", True),
+    ("(t), the answer's usage not parsed (the same usage given)", "usage-unparsed", True),
+    ("(t), the answer's body not read (so not parsed either): settled at the estimate, the same", "answer-unread",
+     True),
+    ("(t), the request body read but not parsed (the same estimate given)", "request-unparsed", True),
+    ("(t), the request body not read (its headers still held until it is in; the same estimate given)",
+     "body-unread", True),
+    ("(t), the request not held (decided at its headers, with the same estimate)", "not-held", True),
+]
+TOKEN_HEAD = {False: "(c), HEAD as committed", True: "(t), HEAD as committed"}
+# `--base REV`: (c) and (t) built at REV are added too (say, the commit before a change).
+BASE = None
+# `--rows patch,...`: only those of the patched rows (and (c) and (t)).
+PICK = None
+# `--at REV`: the token rows built at REV instead of HEAD (the patches must fit its source).
+AT = "HEAD"
 # The empty filter (w) making N host calls per request: what one host call costs.
 CALLS = [1, 2, 4]
 # The empty filter making exactly the host calls our admit path cannot do without.
@@ -102,6 +128,28 @@ ADMITS = "self.w.config.role.admits()"
 OBSERVER = "!" + ADMITS
 # The admission filter's read of a client's probe header, in `arrive`.
 PROBE_READ = "if header(PROBE_HEADER).is_some() {\n"
+# Token limits: the request body's read and estimate (`Request::body_read`), the hold
+# (`Request::arrive`), the estimate and the answer's usage (src/tokens/).
+BODY_READ = """        let body = if whole && size <= max { calls::request_body(size).unwrap_or_default() } else { Vec::new() };
+        let e = if !body.is_empty() {
+            estimate::from_body(rules, &self.path, &body)
+        } else {
+            estimate::from_unread(rules, &self.path, content_length().unwrap_or(size as u64))
+        };
+"""
+FITS = "let fits = length.is_none_or(|n| n <= t.max_body_bytes);\n"
+ESTIMATE = "src/tokens/estimate.rs"
+ESTIMATE_FROM_BODY = "pub fn from_body(rules: &EstimateRules, path: &str, body: &[u8]) -> Estimate {\n"
+USAGE = "src/tokens/usage.rs"
+USAGE_FROM_BODY = "pub fn from_body(body: &[u8]) -> Option<Usage> {\n"
+METER = "src/tokens/meter.rs"
+WANTS_BODY = "pub fn wants_body(&self) -> bool {\n"
+# What the estimate and the usage of bench/chat.json and of the mock provider's answer to it are
+# (its `usage`): a row that skips reading either is given them, so that it reserves and settles
+# the same tokens (leases refilled as often) and differs only by the work skipped.
+FROM_UNREAD = "pub fn from_unread(rules: &EstimateRules, path: &str, bytes: u64) -> Estimate {\n"
+SAME_ESTIMATE = (ESTIMATE, FROM_UNREAD, 'if bytes > 0 { return Estimate { input: 198, output: 256, '
+                 'model: Some("gpt-4o-mini".to_owned()), stream: false }; }\n')
 PATCHES = {
     # The admission filter makes the floor's host calls and decides nothing.
     "floor-calls": [
@@ -122,6 +170,29 @@ PATCHES = {
     ],
     # The admission filter does not read (nor remove) a client's probe header; all else whole.
     "probe-unread": [(REQUEST, PROBE_READ, "if false {\n", "replace")],
+    # Token limits, part by part (the TOKEN_ROWS): the answer's usage not parsed (a reported
+    # usage of 0 settled, as a parsed one would be).
+    "usage-unparsed": [(USAGE, USAGE_FROM_BODY,
+                        "if !body.is_empty() { return Some(Usage { input: 198, output: 256, ..Usage::default() }); }\n")],
+    # The answer's body neither read nor parsed: the meter settles the estimate.
+    "answer-unread": [(METER, WANTS_BODY, "if true { return false; }\n")],
+    # The request body read, not parsed: estimated from its size (and the path's model).
+    "request-unparsed": [(ESTIMATE, ESTIMATE_FROM_BODY, "if true { return from_unread(rules, path, body.len() as u64); }\n"),
+                         SAME_ESTIMATE],
+    # The request held until its body is in, the body not read: estimated from its size.
+    "body-unread": [(REQUEST, BODY_READ, "        let _ = (whole, max);\n        let e = estimate::from_unread(rules, &self.path, size as u64);\n",
+                     "replace"), SAME_ESTIMATE],
+    # Both bodies read into a serde_json `Value` whole, as before the in-place reading
+    # (`estimate::Fields::scan`, `usage::pruned`): what that reading saves.
+    # (`if false`: the in-place reading still compiled, so nothing is reported unused.)
+    "parse-by-value": [(ESTIMATE, "let fields = match Fields::scan(body) {",
+                        "let fields = match if false { Fields::scan(body) } else { None } {", "replace"),
+                       (USAGE, "let json = match pruned(body) {",
+                        "let json = match if false { pruned(body) } else { None } {", "replace")],
+    # The request not held: estimated from its content-length at the headers, as a body too
+    # large to hold is.
+    "not-held": [(REQUEST, FITS, "let fits = false && length.is_none_or(|n| n <= t.max_body_bytes);\n", "replace"),
+                 SAME_ESTIMATE],
 }
 WASM_OPT = ["-Oz", "--flatten", "--rereloop", "-Oz", "--merge-similar-functions", "-Oz", "--converge",
             "--enable-bulk-memory", "--enable-sign-ext", "--enable-nontrapping-float-to-int",
@@ -137,7 +208,8 @@ def head():
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src", "Cargo.toml",
                                 "Cargo.lock"], capture_output=True, text=True).stdout.strip()
         if dirty:
-            run.log(f"ablation: note: the working tree's changes to src/ are not measured; the current build "
+            also = f", but for those to {', '.join(TREE)} (--tree)" if TREE else ""
+            run.log(f"ablation: note: the working tree's changes to src/ are not measured{also}; the current build "
                     f"is HEAD ({_HEAD}) as committed")
     return _HEAD
 
@@ -145,12 +217,31 @@ def head():
 _HEAD = None
 
 
-def build(commit, patch=None):
-    """The optimized .wasm of `commit`, with PATCHES[patch] applied if given (cached by both, and by
-    the patch's text)."""
+# `--tree PATH,...` (or BENCH_TREE): the current source is HEAD plus the working tree's changes
+# to those paths (e.g. `src/tokens`), so that work not committed yet is measured against HEAD
+# (whose rows are then added as such) while changes others are making elsewhere are left out.
+TREE = []
+_DIFF = None
+
+
+def tree_diff():
+    """The working tree's diff against HEAD of the TREE paths (tracked files), or '': read once, so
+    that every row of a run is built from the same source whatever is edited meanwhile."""
+    global _DIFF
+    if _DIFF is None:
+        _DIFF = subprocess.run(["git", "-C", str(ROOT), "diff", "--binary", "HEAD", "--", *TREE], check=True,
+                               capture_output=True, text=True).stdout if TREE else ""
+    return _DIFF
+
+
+def build(commit, patch=None, diff=""):
+    """The optimized .wasm of `commit`, with the working tree's `diff` (tree_diff()) and then
+    PATCHES[patch] applied if given (cached by all three, and by the patch's text)."""
     if commit == "HEAD":
         commit = head()
     tag = f"-{patch}-{hashlib.sha256(repr(PATCHES[patch]).encode()).hexdigest()[:8]}" if patch else ""
+    if diff:
+        tag = f"-tree-{hashlib.sha256(diff.encode()).hexdigest()[:8]}{tag}"
     out = OUT / f"{commit}{tag}.wasm"
     if out.is_file():
         return out
@@ -159,6 +250,9 @@ def build(commit, patch=None):
         tree = Path(tmp) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), commit], check=True)
         try:
+            if diff:
+                subprocess.run(["git", "-C", str(tree), "apply", "--whitespace=nowarn", "-"], input=diff, text=True,
+                               check=True)
             for file, anchor, text, *how in PATCHES.get(patch, []):
                 path = tree / file
                 source = path.read_text()
@@ -170,7 +264,8 @@ def build(commit, patch=None):
                 text = text.replace("HOSTCALLS::", f"{module}::").replace("NOW()", f"{clock}()")
                 new = text if how == ["replace"] else anchor + "        " + text
                 path.write_text(source.replace(anchor, new, 1))
-            run.log(f"building {commit}" + (f" with {patch}" if patch else ""))
+            run.log(f"building {commit}" + (" + the working tree's " + ",".join(TREE) if diff else "")
+                    + (f" with {patch}" if patch else ""))
             subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "-p", "llm-ratelimit",
                             "--target-dir", str(OUT / "target")], cwd=tree, check=True)
             raw = OUT / "target/wasm32-wasip1/release/llm_ratelimit.wasm"
@@ -188,6 +283,221 @@ def measure(wasm):
     copy = OUT / f"measured-{next(COPIES)}.wasm"
     copy.write_bytes(wasm.read_bytes())
     run.MEASURED = copy
+
+
+def token_envoys(mock):
+    """The token-limit rows' Envoys against `mock`: (label, Envoy), (c) first."""
+    lim, diff, out = run.HIGH, tree_diff(), []
+    rows = [(label, build(AT, patch, diff), tokens) for label, patch, tokens in TOKEN_ROWS
+            if patch is None or PICK is None or patch in PICK]
+    if diff:
+        rows += [(TOKEN_HEAD[tokens], build("HEAD"), tokens) for tokens in (False, True)]
+    if BASE:
+        rows += [(f"({'t' if tokens else 'c'}), `{BASE}`", build(BASE), tokens) for tokens in (False, True)]
+    for label, wasm, tokens in rows:
+        measure(wasm)
+        fj = run.ours_json(lim["capacity"], lim["rate"], extra=run.TOKENS if tokens else None)
+        out.append((label, run.Envoy("c", "mock", 2, upstream_port=mock.port, capacity=lim["capacity"],
+                                     rate=lim["rate"], filter_json=fj)))
+    return out
+
+
+def cpu_ns(pid):
+    """CPU time of every thread of `pid` so far, in ns (schedstat: finer than /proc/<pid>/stat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def children_cpu_ns():
+    """CPU time of the children waited for (each wrk run, once it is over), in ns."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return int((r.ru_utime + r.ru_stime) * 1e9)
+
+
+def wrk_cpu(e, mock):
+    """One wrk run (POST) against `e`, with the CPU each process spent per request in it, in µs:
+    Envoy's (every thread), the mock provider's and wrk's. CPU time per request is what the filter
+    costs, and unlike req/s it hardly moves with other work on the machine."""
+    before = (cpu_ns(e.proc.pid), cpu_ns(mock.proc.pid), children_cpu_ns())
+    r = run.wrk(e.url, run.SECONDS, post=True)
+    after = (cpu_ns(e.proc.pid), cpu_ns(mock.proc.pid), children_cpu_ns())
+    n = max(r["requests"], 1)
+    envoy, upstream, client = ((b - a) / n / 1e3 for a, b in zip(before, after))
+    return {"rps": r["rps"], "requests": r["requests"], "envoy_us": envoy, "mock_us": upstream, "wrk_us": client}
+
+
+def oha_cpu(e, mock, rate):
+    """As wrk_cpu, with oha's open loop at `rate` requests/s instead (`--rate`): at a fixed rate
+    below the maximum, Envoy handles each request alike whatever else runs, so its CPU time per
+    request is the filter's cost with little of the batching a saturated loop changes with load."""
+    before = (cpu_ns(e.proc.pid), cpu_ns(mock.proc.pid))
+    r = run.oha(e.url, run.SECONDS, rate, post=True)
+    after = (cpu_ns(e.proc.pid), cpu_ns(mock.proc.pid))
+    n = max(sum(r["codes"].values()), 1)
+    envoy, upstream = ((b - a) / n / 1e3 for a, b in zip(before, after))
+    return {"rps": r["rps"], "requests": n, "envoy_us": envoy, "mock_us": upstream, "wrk_us": 0.0,
+            "p50_us": r["p50_us"], "p99_us": r["p99_us"]}
+
+
+def together(e, c):
+    """wrk against `e` and against `c` at the same time (`--together`; each 1 thread, 16
+    connections): both under the same load from the rest of the machine at the same instants, so
+    that the ratio of their req/s moves far less with it than that of runs taken one after the
+    other. Their req/s and Envoy's CPU time per request, in µs."""
+    before = (cpu_ns(e.proc.pid), cpu_ns(c.proc.pid))
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(run.wrk, x.url, run.SECONDS, True, 1, 16) for x in (e, c)]
+        (re, rc) = (f.result() for f in runs)
+    after = (cpu_ns(e.proc.pid), cpu_ns(c.proc.pid))
+    cpu = [(b - a) / max(r["requests"], 1) / 1e3 for a, b, r in zip(before, after, (re, rc))]
+    return {"rps": re["rps"], "rps_c": rc["rps"], "envoy_us": cpu[0], "envoy_c_us": cpu[1]}
+
+
+RATE = None
+TOGETHER = False
+CONTROL = "(c) again, a second Envoy alike (the method's own error)"
+
+
+def tokens_main():
+    """`--tokens`: the token-limit rows alone (BENCH_REPS, default 10), interleaved as in main();
+    the table goes to target/bench/ablation-tokens.md (or BENCH_OUT), never into BENCHMARKS.md."""
+    run.MEASURED.parent.mkdir(parents=True, exist_ok=True)
+    mock, envoys, res = None, [], {}
+    try:
+        mock = run.Mock(*run.MOCK_OPENAI)
+        envoys = token_envoys(mock)
+        if TOGETHER:
+            lim = run.HIGH
+            measure(build(AT, None, tree_diff()))
+            envoys.append((CONTROL, run.Envoy("c", "mock", 2, upstream_port=mock.port, capacity=lim["capacity"],
+                                              rate=lim["rate"], filter_json=run.ours_json(lim["capacity"], lim["rate"]))))
+        for _, e in envoys:
+            run.wrk(e.url, 1, post=True)
+        for rep in range(run.REPS):
+            run.log(f"ablation (token limits): repetition {rep + 1}/{run.REPS}")
+            if TOGETHER:
+                c = envoys[0][1]
+                for label, e in envoys[1:][::1 if rep % 2 == 0 else -1]:
+                    res.setdefault("together " + label, []).append(together(e, c))
+                continue
+            for label, e in envoys[::1 if rep % 2 == 0 else -1]:
+                r = oha_cpu(e, mock, RATE) if RATE else wrk_cpu(e, mock)
+                res.setdefault("mock " + label, []).append(r["rps"])
+                res.setdefault("cpu " + label, []).append(r)
+    finally:
+        for _, e in envoys:
+            e.stop()
+        if mock:
+            mock.stop()
+        run.cleanup()
+    res["current commit"] = head() if AT == "HEAD" else AT
+    res["tree"] = ",".join(TREE)
+    res["rate"] = RATE
+    res["together"] = TOGETHER
+    res["wasm bytes"] = {label: build(AT, patch, tree_diff()).stat().st_size for label, patch, _ in TOKEN_ROWS[:2]}
+    if BASE:
+        res["wasm bytes"][BASE] = build(BASE).stat().st_size
+    (ROOT / "target/bench/ablation-tokens.json").write_text(json.dumps(res, indent=1))
+    out = Path(os.environ.get("BENCH_OUT", str(ROOT / "target/bench/ablation-tokens.md")))
+    out.write_text("\n".join(token_report(res)) + "\n")
+    run.log(f"token-limit ablation written to {out}")
+
+
+def token_report(res):
+    """The token-limit tables of `res`: per row, its req/s and ratios to (c) and (t) within each
+    repetition; with CPU figures (`--tokens`), Envoy's CPU time per request against (c) and (t)."""
+    if res.get("together"):
+        return together_report(res)
+    base, t = "mock " + TOKEN_C, "mock " + TOKEN_T
+    if base not in res or t not in res:
+        return []
+    keys = ["mock " + label for label, _, _ in TOKEN_ROWS if "mock " + label in res] + [
+        key for key in res if key.startswith(("mock (c), ", "mock (t), ")) and key[len("mock "):] not in
+        [label for label, _, _ in TOKEN_ROWS]]
+    name = lambda key: key[len("mock "):]
+    per = lambda key, ref, f: [f(a, b) for a, b in zip(res[key], res[ref])]
+    cell = lambda xs, digits, sign="": f"{run.med(xs):{sign},.{digits}f}{run.spread(xs, digits)}"
+    tree, rate = res.get("tree"), res.get("rate")
+    source = f"`{res.get('current commit', 'HEAD')}`" + (f" plus the working tree's changes to {tree}" if tree else "")
+    load = f"oha open loop at {rate} requests/s" if rate else "wrk closed loop"
+    lines = ["## Ablation: token limits, part by part\n",
+             f"Mock provider (OpenAI style), the real `POST` of `bench/chat.json`, `--concurrency 2`, {load}, "
+             f"{len(res[base])} × {run.SECONDS:g} s, every row in the same run, interleaved (every other repetition in "
+             "the opposite order); figures against (c) or (t) are taken within each repetition, then their median "
+             "(min–max). (c) is the filter with its request limit only; (t) adds a token limit that never binds (as in "
+             "bench/run.py); the rows below (t) are (t) with one part switched off (a patch in `bench/ablation.py`). "
+             f"Source: {source}.\n"]
+    if not rate:
+        lines += ["| build | req/s | ÷ (c) | ÷ (t) |", "|---|---|---|---|"]
+        for key in keys:
+            lines.append(f"| {name(key)} | {cell(res[key], 0)} | {cell(per(key, base, lambda a, b: a / b), 3)} | "
+                         f"{cell(per(key, t, lambda a, b: a / b), 3)} |")
+        lines.append("")
+    cpu = lambda key: res.get("cpu " + name(key))
+    if not all(cpu(key) for key in keys):
+        return lines
+    envoy = lambda key: [r["envoy_us"] for r in cpu(key)]
+    minus = lambda key, ref: [a - b for a, b in zip(envoy(key), envoy(ref))]
+    lines += ["Envoy's CPU time per request in the same runs (every thread's, from `/proc/<pid>/task/*/schedstat`), "
+              "which other work on the machine moves less than req/s" + (
+                  "; and oha's latency (with `--latency-correction`)." if rate else
+                  "; predicted ÷ (c): (c)'s CPU per request (Envoy + mock provider + wrk, from `getrusage`) over the "
+                  "row's, per repetition, the throughput ratio of a closed loop bound by the CPU they share.") + "\n"]
+    if rate:
+        lines += ["| build | Envoy µs/request | − (c), µs | − (t), µs | p50 µs | p99 µs |", "|---|---|---|---|---|---|"]
+        for key in keys:
+            lat = lambda f: [r[f] for r in cpu(key)]
+            lines.append(f"| {name(key)} | {cell(envoy(key), 1)} | {cell(minus(key, base), 1, '+')} | "
+                         f"{cell(minus(key, t), 1, '+')} | {cell(lat('p50_us'), 0)} | {cell(lat('p99_us'), 0)} |")
+    else:
+        total = lambda key: [r["envoy_us"] + r["mock_us"] + r["wrk_us"] for r in cpu(key)]
+        lines += ["| build | Envoy µs/request | − (c), µs | − (t), µs | predicted ÷ (c) |", "|---|---|---|---|---|"]
+        for key in keys:
+            pred = [b / a for a, b in zip(total(key), total(base))]
+            lines.append(f"| {name(key)} | {cell(envoy(key), 1)} | {cell(minus(key, base), 1, '+')} | "
+                         f"{cell(minus(key, t), 1, '+')} | {cell(pred, 3)} |")
+    return lines + [""]
+
+
+def together_report(res):
+    """The `--together` table: each row run at the same time as (c)."""
+    keys = [key for key in res if key.startswith("together ")]
+    tree = res.get("tree")
+    source = f"`{res.get('current commit', 'HEAD')}`" + (f" plus the working tree's changes to {tree}" if tree else "")
+    lines = ["## Ablation: token limits, part by part, each beside (c)\n",
+             "Mock provider (OpenAI style), the real `POST` of `bench/chat.json`, `--concurrency 2`. Each row's Envoy "
+             "and (c)'s are loaded at the same time, each by its own wrk (1 thread, 16 connections, closed loop, "
+             f"{run.SECONDS:g} s), so that both share whatever else the machine runs; {len(res[keys[0]])} repetitions, "
+             "the rows in the opposite order every other one; the ratio of the two req/s and the difference of "
+             "Envoy's CPU time per request (every thread's, `/proc/<pid>/task/*/schedstat`) are taken within each "
+             "run, then their median (min–max). (c) is the filter with its request limit only; (t) adds a token "
+             "limit that never binds (as in bench/run.py); the rows below (t) are (t) with one part switched off (a "
+             f"patch in `bench/ablation.py`). Source: {source}.\n",
+             "| build | req/s beside (c) | ÷ (c) | ÷ (t) | Envoy µs/request − (c)'s | − (t)'s |",
+             "|---|---|---|---|---|---|"]
+    t = "together " + TOKEN_T
+    ratio = lambda key: [r["rps"] / r["rps_c"] for r in res[key]]
+    diff = lambda key: [r["envoy_us"] - r["envoy_c_us"] for r in res[key]]
+    for key in keys:
+        rps = [r["rps"] for r in res[key]]
+        # Against (t): both measured against (c) in the same repetition.
+        over_t = [a / b for a, b in zip(ratio(key), ratio(t))] if t in res else []
+        minus_t = [a - b for a, b in zip(diff(key), diff(t))] if t in res else []
+        lines.append(f"| {key[len('together '):]} | {run.fmt(run.med(rps))}{run.spread(rps)} | "
+                     f"{run.med(ratio(key)):.3f}{run.spread(ratio(key), 3)} | "
+                     f"{run.med(over_t) or 0:.3f}{run.spread(over_t, 3)} | "
+                     f"{run.med(diff(key)):+.1f}{run.spread(diff(key), 1)} | "
+                     f"{run.med(minus_t) or 0:+.1f}{run.spread(minus_t, 1)} |")
+    control = "together " + CONTROL
+    if control in res:
+        lines.append(f"\nThe control, (c) beside another (c), is the method's own error: its ratio "
+                     f"({run.med(ratio(control)):.3f}) would be 1.000 and its difference 0 without it.")
+    return lines + [""]
 
 
 def main():
@@ -231,6 +541,7 @@ def main():
                 run.ours_json(lim["capacity"], lim["rate"], extra=extra) if kind != "w" else None)
             mocks.append((label, run.Envoy("w" if kind == "w" else "c", "mock", 2, upstream_port=mock.port,
                                            capacity=lim["capacity"], rate=lim["rate"], filter_json=fj)))
+        mocks += token_envoys(mock)
         before = wasms[[commit for _, commit, _ in STEPS].index(BEFORE)]
         for label, wasm in ((REJECT_BEFORE, before), (REJECT_PREVIOUS, previous), (REJECT, current),
                             (REJECT_PROBE_UNREAD, patched["probe-unread"])):
@@ -323,6 +634,7 @@ def report(res, wasms):
                  f"and learning {ratio(row['observer-floor'], base) - ratio(full, base):+.2f}. The parse reads every "
                  "provider family under `auto` (the default): a family none of whose headers is present costs one "
                  "pass over the names.\n")
+    lines += token_report(res)
     lines += ["## Ablation: the reject path\n",
               "Same run. A wasm filter's local reply costs Envoy more the more headers it carries: (w) answering "
               "every request with a 429 of 0 and of 9 headers (as many as the filter's own 429) and a 200-byte body, "
@@ -375,9 +687,28 @@ def report(res, wasms):
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv):
+        sys.exit(print(__doc__ + "\nOptions: see bench/README.md."))
     if "--quick" in sys.argv:
         run.REPS, run.SECONDS = 1, 1
-    if "--report" in sys.argv:  # the tables again from the last run's figures, without measuring
+    if "--tree" in sys.argv[:-1]:
+        TREE = sys.argv[sys.argv.index("--tree") + 1].split(",")
+    elif os.environ.get("BENCH_TREE"):
+        TREE = os.environ["BENCH_TREE"].split(",")
+    if "--at" in sys.argv[:-1]:
+        AT = sys.argv[sys.argv.index("--at") + 1]
+    if "--rows" in sys.argv[:-1]:
+        PICK = sys.argv[sys.argv.index("--rows") + 1].split(",")
+    if "--base" in sys.argv[:-1]:
+        BASE = sys.argv[sys.argv.index("--base") + 1]
+    TOGETHER = "--together" in sys.argv
+    if "--rate" in sys.argv[:-1]:
+        RATE = int(sys.argv[sys.argv.index("--rate") + 1])
+    if "--tokens" in sys.argv:
+        if "BENCH_REPS" not in os.environ and "--quick" not in sys.argv:
+            run.REPS = 10
+        tokens_main()
+    elif "--report" in sys.argv:  # the tables again from the last run's figures, without measuring
         saved = json.loads((ROOT / "target/bench/ablation.json").read_text())
         run.REPS = len(saved["w"])
         report(saved, [build(c or saved.get("current commit", "HEAD")) for _, c, _ in STEPS])

@@ -162,15 +162,15 @@ fn pruned_object(s: &mut Scan, whole: &[&str], nested: &[&str]) -> Option<Value>
     let mut first = true;
     while s.more(b'}', &mut first)? {
         let key = s.key()?;
-        let value = if whole.contains(&key) {
-            s.value()?
-        } else if nested.contains(&key) {
-            pruned_object(s, &["usage"], &[])?
+        let (name, value) = if let Some(name) = whole.iter().find(|name| name.as_bytes() == key) {
+            (name, s.value()?)
+        } else if let Some(name) = nested.iter().find(|name| name.as_bytes() == key) {
+            (name, pruned_object(s, &["usage"], &[])?)
         } else {
             s.skip()?;
             continue;
         };
-        map.insert(key.to_owned(), value);
+        map.insert((*name).to_owned(), value);
     }
     Some(Value::Object(map))
 }
