@@ -20,6 +20,7 @@ pub mod global;
 pub mod hash;
 pub mod header_map;
 pub mod idmap;
+pub mod inflight;
 pub mod priority;
 pub mod queue;
 pub mod quota;

@@ -38,6 +38,9 @@ pub enum Reason {
     QuotaExceeded,
     /// `prices` has no price for the request's model and no `default`: it can never pass.
     UnpricedModel,
+    /// `in_flight`: the provider has as many requests as it may at once, and a slot is not
+    /// expected within the request's wait (or its queue is off).
+    InFlightLimit,
 }
 
 impl Reason {
@@ -57,6 +60,7 @@ impl Reason {
             Reason::BudgetExceeded => "budget_exceeded",
             Reason::QuotaExceeded => "quota_exceeded",
             Reason::UnpricedModel => "unpriced_model",
+            Reason::InFlightLimit => "in_flight_limit",
         }
     }
 }

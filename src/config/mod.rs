@@ -20,6 +20,7 @@ mod bucket;
 mod classify;
 mod fallback;
 mod global;
+mod in_flight;
 mod prices;
 mod priorities;
 mod provider;
@@ -69,6 +70,8 @@ pub struct Config {
     pub prices: Option<Prices>,
     /// Day and month windows for requests, tokens and money (empty: none).
     pub quotas: Vec<Quota>,
+    /// The most requests at the provider at once, fixed or adaptive (`None`: no limit).
+    pub in_flight: Option<crate::inflight::Rules>,
     /// Alerts the filter sends itself (`None`: it only logs and counts).
     pub alert: Option<AlertConfig>,
     /// One limit across many Envoy instances, through a rate limit service (`None`: this
@@ -122,6 +125,7 @@ impl Config {
         let tokens = top.with_opt("tokens", tokens::read);
         let prices = top.with_opt("prices", prices::read);
         let quotas = quotas::read(top, tokens.is_some(), prices.is_some());
+        let in_flight = top.with_opt("in_flight", in_flight::read);
         let alert = top.with_opt("alert", alert::read);
         let global = top.with_opt("global", |s| global::read(s, tenant.is_some()));
         // A model the operator limits apart must have a price, or every request for it is refused.
@@ -159,6 +163,7 @@ impl Config {
             tokens,
             prices,
             quotas,
+            in_flight,
             alert,
             global,
         }

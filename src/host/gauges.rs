@@ -19,6 +19,8 @@ pub struct Gauges {
     /// published.
     provider_heard: Cell<[Option<u64>; 4]>,
     provider_published: Cell<[Option<u64>; 4]>,
+    /// Requests in flight and the limit, as last published.
+    slots: Cell<(u64, u64)>,
 }
 
 impl Default for Gauges {
@@ -31,6 +33,7 @@ impl Default for Gauges {
             census: Cell::new(Instant::ZERO),
             provider_heard: Cell::new([None; 4]),
             provider_published: Cell::new([None; 4]),
+            slots: Cell::new((u64::MAX, u64::MAX)),
         }
     }
 }
@@ -56,6 +59,19 @@ impl Gauges {
         let whole = tokens.max(0.0) as u64;
         if self.tokens.replace(whole) != whole {
             m.bucket_tokens.record(whole);
+        }
+    }
+
+    /// Publishes requests in flight and the in-flight limit (only what changed).
+    pub fn slots(&self, m: &Metrics, readout: Option<crate::worker::SlotReadout>) {
+        let Some((limit, out)) = readout else { return };
+        let (limit, out) = (limit.max(0.0) as u64, u64::from(out));
+        let (was_limit, was_out) = self.slots.replace((limit, out));
+        if out != was_out {
+            m.in_flight.record(out);
+        }
+        if limit != was_limit {
+            m.in_flight_limit.record(limit);
         }
     }
 

@@ -259,6 +259,11 @@ stats! {
         bucket_tokens, "bucket.tokens", Gauge, "Whole tokens left in the process-wide bucket after the last decision.";
         leases, "bucket.leases", Counter, "Leases a worker took.";
         leased, "bucket.leased", Counter, "Request tokens the leases held.";
+        in_flight, "in_flight", Gauge, "Requests at the provider now, process-wide (`in_flight`; written each tick).";
+        in_flight_limit, "in_flight.limit", Gauge, "The in-flight limit now (`in_flight`; adaptive: where it has moved).";
+        in_flight_raised, "in_flight.raised", Counter, "Times the adaptive limit rose (by 1 / limit).";
+        in_flight_cut, "in_flight.cut", Counter,
+            "Times the adaptive limit was cut (a 429, 503 or 504, or headers later than `tolerance` × the baseline).";
         cas_conflicts, "shared.cas_conflicts", Counter,
             "Shared-data writes that lost their compare-and-swap (and were decided again).";
         errors, "errors", Counter, "Host calls that failed; the filter let the request through (fail open).";

@@ -93,6 +93,8 @@ pub struct Request {
     waited: Option<Duration>,
     /// Which attempt of the router's this is (the observer reads `x-envoy-attempt-count`).
     attempt: u32,
+    /// Its answer's status and when its headers came, for the adaptive in-flight limit.
+    answered: Option<(u16, Instant)>,
 }
 
 fn header(name: &str) -> Option<String> {
@@ -145,6 +147,7 @@ impl Request {
             held: Reservation::default(),
             waited: None,
             attempt: 0,
+            answered: None,
         }
     }
 
@@ -283,6 +286,8 @@ impl Request {
             Phase::Arriving | Phase::Upstream | Phase::Responding | Phase::Answered | Phase::Done => {}
         }
         self.settle();
+        // Whatever its phase: a release from the queue may have given it a slot just before.
+        self.w.end_in_flight(self.id, self.answered);
         self.phase = Phase::Done;
     }
 
@@ -608,6 +613,7 @@ impl Request {
     fn give_back(&mut self, now: Instant) {
         let w = self.w.clone();
         self.held.give_back(&w, self.probe, now);
+        w.end_in_flight(self.id, None);
     }
 
     /// Its turn in the queue came: through the global gate, then upstream.
@@ -855,6 +861,9 @@ impl Request {
             None => calls::response_header(name).ok().flatten(),
         };
         let status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0u16);
+        if w.config.in_flight.is_some() {
+            self.answered = calls::now().ok().map(|now| (status, now));
+        }
         if let (Some(m), Some(t)) = (&mut self.held.meter, &w.config.tokens) {
             m.answer(status, &get("content-type").unwrap_or_default(), t.max_body_bytes as usize);
             if end_of_stream {

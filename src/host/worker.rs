@@ -16,6 +16,7 @@ use crate::admission::TokenNeed;
 use crate::alert::Event as Alert;
 use crate::breaker::{Mode, Verdict};
 use crate::config::Config;
+use crate::inflight::Change;
 use crate::signals::Signals;
 use crate::store::Status;
 use crate::time::{Duration, Instant};
@@ -184,6 +185,7 @@ impl WorkerContext {
             let (leases, leased) = w.take_lease_counts();
             self.metrics.leases.add(leases);
             self.metrics.leased.add(leased);
+            self.gauges.slots(&self.metrics, w.slot_readout());
         }
         self.metrics.cas_conflicts.add(super::shared::take_conflicts());
         self.alerts.send(&self.config, &self.metrics, now);
@@ -311,6 +313,24 @@ impl WorkerContext {
             Err(s) => {
                 self.metrics.errors.inc();
                 log::warn!("llm-ratelimit: {}: cannot give a refused request's tokens back: status {s}", self.name());
+            }
+        }
+    }
+
+    /// Request `id` ended, or a later gate refused it: its slot in flight goes back (with
+    /// `in_flight`), its `answer` (status, when its headers came) teaching the adaptive limit.
+    pub fn end_in_flight(&self, id: u32, answer: Option<(u16, Instant)>) {
+        if self.config.in_flight.is_none() {
+            return;
+        }
+        let Ok(now) = super::calls::now() else { return };
+        match self.with_core_mut(|w| w.end_in_flight(&SharedData, id, answer, now)) {
+            Ok(Some(Change::Raised)) => self.metrics.in_flight_raised.inc(),
+            Ok(Some(Change::Cut)) => self.metrics.in_flight_cut.inc(),
+            Ok(None) => {}
+            Err(s) => {
+                self.metrics.errors.inc();
+                log::warn!("llm-ratelimit: {}: cannot give a slot in flight back: status {s}", self.name());
             }
         }
     }

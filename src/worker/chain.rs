@@ -46,9 +46,31 @@ impl Worker {
             let r = Refusal::of(a.id, a.class, Reason::TenantLimit, wait, 0.0);
             return Ok(Decision { admission: Admission::Refuse(r), readout: None, tenant: Some(t) });
         }
+        // 3. In flight (`in_flight`): a slot, or the request meets the bucket as if the provider
+        // held it for a slot's expected wait: it waits in the queue, or is refused.
+        let mut a = a;
+        let slot_short = match (&mut self.slots, a.gate) {
+            (Some(slots), gate @ (Gate::Pass | Gate::Counted | Gate::Probe { .. })) => {
+                slots.take(store, Some(a.id), matches!(gate, Gate::Probe { .. }), now)?.err()
+            }
+            // A request held or refused by the provider state takes no slot.
+            _ => None,
+        };
+        if let Some(wait) = slot_short {
+            let until = (now + wait).max(a.gate.not_before());
+            a.gate = Gate::Hold { until };
+        }
         // 3. Provider bucket: the request token and the LLM tokens, or a place in the queue
         // (a terminal quota refuses here before the bucket is read; the probe takes what is there).
-        let (admission, readout) = self.admit_provider(store, &a, now)?;
+        let (mut admission, readout) = self.admit_provider(store, &a, now)?;
+        if !matches!(admission, Admission::Pass { .. }) {
+            self.end_in_flight(store, a.id, None, now)?;
+        }
+        if let (Admission::Refuse(r), Some(_)) = (&mut admission, slot_short) {
+            if r.reason == Reason::ProviderHold {
+                r.reason = Reason::InFlightLimit;
+            }
+        }
         // 1. Provider state, counted once the bucket let it through.
         if let (Gate::Counted, Admission::Pass { .. }) = (a.gate, &admission) {
             self.provider.spend(store)?;

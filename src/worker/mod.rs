@@ -15,6 +15,7 @@
 mod bucket_client;
 mod chain;
 mod provider;
+mod slots;
 
 pub use bucket_client::BucketLease;
 
@@ -33,6 +34,8 @@ use crate::time::{Duration, Instant};
 use crate::tokens::meter::Used;
 use bucket_client::{BucketClient, Extra};
 use provider::ProviderView;
+pub use slots::SlotReadout;
+use slots::Slots;
 
 /// Process-wide queue depths (waiters per class), request tokens and (with token limits) the
 /// provider token bucket's level, after a write: what the gauges show. (A bucket's `Level` is
@@ -155,6 +158,8 @@ pub struct Worker {
     quota_key: String,
     provider: ProviderView,
     bucket: BucketClient,
+    /// Requests in flight, with `in_flight` on (admitting roles).
+    slots: Option<Slots>,
     queue: WaitQueue<u32>,
     /// Requests released from the queue, until their response reads how long they waited.
     released: IdMap<Release>,
@@ -196,6 +201,7 @@ impl Worker {
             quota_key: crate::quota::key(&format!("llm_ratelimit/{}", config.name)),
             provider: ProviderView::new(&config, id),
             bucket: BucketClient::new(&config, id),
+            slots: config.in_flight.filter(|_| config.role.admits()).map(|r| Slots::new(r, &config.name, id)),
             queue: WaitQueue::new(config.classes.clone().map(|c| c.weight)),
             released: IdMap::new(),
             last_tick: Instant::ZERO,
@@ -246,6 +252,9 @@ impl Worker {
             return Ok(());
         }
         store::ensure(store, self.bucket_key(), self.fresh_bucket(now))?;
+        if let Some(slots) = &self.slots {
+            slots.ensure(store, now)?;
+        }
         crate::quota::ensure(store, &self.quota_key, &self.config.quotas, now)?;
         match &self.tenants {
             Some((rules, prefix)) => tenants::ensure(store, prefix, rules, now),
@@ -266,7 +275,11 @@ impl Worker {
     /// Whether the tick has work: waiters to serve, or counts to correct in shared data.
     pub fn needs_tick(&self) -> bool {
         // Admissions since the last tick size the next lease: the tick must see them.
-        !self.queue.is_empty() || self.bucket.shows_waiters() || self.holds_bucket_lease() || self.bucket.lease.in_use()
+        !self.queue.is_empty()
+            || self.bucket.shows_waiters()
+            || self.holds_bucket_lease()
+            || self.bucket.lease.in_use()
+            || self.slots.as_ref().is_some_and(|s| s.any_out())
     }
 
     /// Whether this worker holds leased tokens or settlements to write back.
@@ -319,6 +332,32 @@ impl Worker {
     /// The provider state as it is, for the gauges and log lines.
     pub fn provider_state(&self, store: &impl Store) -> Result<ProviderState, Status> {
         self.provider.state(store)
+    }
+
+    /// Request `id` ended, or a later gate refused it: the slot it holds in flight (if any) goes
+    /// back, its `answer` (status, when its headers came) teaching the adaptive limit. Returns
+    /// what that did to the limit.
+    pub fn end_in_flight(
+        &mut self,
+        store: &impl Store,
+        id: u32,
+        answer: Option<(u16, Instant)>,
+        now: Instant,
+    ) -> Result<Option<crate::inflight::Change>, Status> {
+        match &mut self.slots {
+            Some(slots) => slots.give(store, Some(id), answer, now),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether request `id` holds a slot in flight.
+    pub fn in_flight(&self, id: u32) -> bool {
+        self.slots.as_ref().is_some_and(|s| s.holds(id))
+    }
+
+    /// The in-flight limit and requests in flight process-wide, as last written or read.
+    pub fn slot_readout(&self) -> Option<SlotReadout> {
+        self.slots.as_ref().and_then(|s| s.readout)
     }
 
     /// Learns from one provider answer; `probe` is the probe number the request carried.
@@ -530,6 +569,9 @@ impl Worker {
         let expired = self.queue.expire(now.floor_millis());
         let gate = self.release_waiters(store, now, &mut t);
         self.heartbeat(store, now, &mut t);
+        if let Some(Err(s)) = self.slots.as_mut().map(|slots| slots.heartbeat(store, now)) {
+            t.errors.push(s);
+        }
         t.readout = t.readout.or(returned);
         if !expired.is_empty() {
             t.expired = self.answer_expired(store, &expired, gate, t.readout, now);
@@ -553,7 +595,25 @@ impl Worker {
         let mut gate = self.tick_gate(store, now, t);
         t.probe_started = matches!(gate, Gate::Probe { .. });
         while matches!(gate, Gate::Pass | Gate::Counted | Gate::Probe { .. }) && !self.queue.is_empty() {
-            let Some(r) = self.release_next(store, gate, now, t) else { break };
+            // With `in_flight`, a slot first (the probe's whatever is out); back if nobody goes.
+            let probe = matches!(gate, Gate::Probe { .. });
+            match self.slots.as_mut().map(|slots| slots.take(store, None, probe, now)) {
+                None | Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(_))) => break,
+                Some(Err(s)) => {
+                    t.errors.push(s);
+                    break;
+                }
+            }
+            let Some(r) = self.release_next(store, gate, now, t) else {
+                if let Some(Err(s)) = self.slots.as_mut().map(|slots| slots.give(store, None, None, now)) {
+                    t.errors.push(s);
+                }
+                break;
+            };
+            if let Some(slots) = &mut self.slots {
+                slots.give_pending(r.id);
+            }
             t.released.push(r);
             gate = match gate {
                 // One probe only; while the provider's window is counted, ask again each time.
