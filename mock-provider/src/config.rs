@@ -2,6 +2,7 @@
 //! `POST /mock/config`. Both go through `Settings::set`, so flags, JSON fields
 //! and error messages stay the same everywhere.
 
+use axum::http::StatusCode;
 use serde_json::{json, Map, Value};
 
 use crate::fault::Fault;
@@ -12,6 +13,7 @@ usage: mock-provider [--port N] [--host ADDR] [--latency-ms N] [--quota N] [--wi
                      [--window fixed|sliding] [--style STYLE] [--token-quota N]
                      [--request-window-ms N] [--low-remaining N] [--terminal KIND]
                      [--output-tokens N] [--fault KIND]
+                     [--capacity K] [--capacity-queue Q] [--capacity-status 503|429]
   --quota 0 and --token-quota 0 mean unlimited; --port 0 picks a free port.
   --output-tokens N: every reply is N tokens long, or max_tokens if that is less
   (0, the default: max_tokens, else 16); header x-mock-output-tokens overrides it.
@@ -24,7 +26,14 @@ usage: mock-provider [--port N] [--host ADDR] [--latency-ms N] [--quota N] [--wi
   KIND:  none insufficient_quota spend_limit daily request_too_large gemini_daily
   --fault: none reset (TCP reset after the request) garbage (non-HTTP bytes, then close)
            bad_limits (429s with nonsense rate-limit headers and a body that is not JSON);
-  header x-mock-fault overrides it per request; /mock/* is never faulted.";
+  header x-mock-fault overrides it per request; /mock/* is never faulted.
+  --capacity K: hidden capacity, like an overloaded self-hosted vLLM/TGI: K requests are served at
+  once, Q more wait for a slot in arrival order (--capacity-queue, default: K, following it), any
+  more get --capacity-status (503, the default, or 429) at once. A slot is held for --latency-ms
+  (alias --service-ms; x-mock-latency-ms per request) and, for a stream, until its last byte, so
+  time to headers = wait for a slot + latency. 200s and overflow answers carry no rate-limit
+  headers (a --quota, if set too, still answers its own 429s in --style). 0 (default): unlimited.
+  A lower --capacity set at runtime holds new requests back until enough slots are given back.";
 
 /// How a provider reports its limits (headers and 429 bodies).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +139,15 @@ pub fn parse_latency(s: &str) -> Result<u64, String> {
     }
 }
 
+/// The overflow answer of a full capacity queue: 503 (vLLM/TGI overloaded) or 429.
+pub fn parse_capacity_status(s: &str) -> Result<StatusCode, String> {
+    match s {
+        "503" => Ok(StatusCode::SERVICE_UNAVAILABLE),
+        "429" => Ok(StatusCode::TOO_MANY_REQUESTS),
+        _ => Err(format!("expected 503 or 429, got '{s}'")),
+    }
+}
+
 /// The longest reply, in tokens (max_tokens above it are clamped to it).
 pub const MAX_OUTPUT_TOKENS: u64 = 4096;
 
@@ -158,6 +176,12 @@ pub struct Settings {
     pub output_tokens: u64,
     /// A fault on every LLM request (`fault::Fault`).
     pub fault: Fault,
+    /// Hidden capacity (`capacity.rs`): LLM requests served at once; 0: unlimited.
+    pub capacity: u64,
+    /// How many more may wait for a slot; `None`: as many as `capacity`.
+    pub capacity_queue: Option<u64>,
+    /// The answer when the queue is full too: 503 or 429.
+    pub capacity_status: StatusCode,
 }
 
 impl Default for Settings {
@@ -176,6 +200,9 @@ impl Default for Settings {
             terminal: Terminal::None,
             output_tokens: 0,
             fault: Fault::None,
+            capacity: 0,
+            capacity_queue: None,
+            capacity_status: StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -229,7 +256,8 @@ impl Settings {
             "host" | "port" if !startup => return Err("can only be set on the command line".into()),
             "host" => self.host = value.to_string(),
             "port" => self.port = value.parse().map_err(|_| format!("expected a port 0..=65535, got '{value}'"))?,
-            "latency_ms" => self.latency_ms = parse_latency(value)?,
+            // With a capacity, the latency is each request's service time, spent holding its slot.
+            "latency_ms" | "service_ms" => self.latency_ms = parse_latency(value)?,
             "quota" => self.quota = number(0)?,
             "window_ms" => self.window_ms = number(1)?,
             "request_window_ms" => self.request_window_ms = number(0)?,
@@ -240,15 +268,24 @@ impl Settings {
             "terminal" => self.terminal = Terminal::parse(value)?,
             "output_tokens" => self.output_tokens = parse_output_tokens(value, 0)?,
             "fault" => self.fault = Fault::parse(value)?,
+            "capacity" => self.capacity = number(0)?,
+            "capacity_queue" => self.capacity_queue = Some(number(0)?),
+            "capacity_status" => self.capacity_status = parse_capacity_status(value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting; known: latency_ms, quota, window_ms, request_window_ms, window, \
-                     style, token_quota, low_remaining, terminal, output_tokens, fault{}",
+                    "unknown setting; known: latency_ms (or service_ms), quota, window_ms, request_window_ms, \
+                     window, style, token_quota, low_remaining, terminal, output_tokens, fault, capacity, \
+                     capacity_queue, capacity_status{}",
                     if startup { ", host, port" } else { "" }
                 ))
             }
         }
         Ok(())
+    }
+
+    /// How many requests may wait for a slot when all `capacity` are taken.
+    pub fn queue_limit(&self) -> u64 {
+        self.capacity_queue.unwrap_or(self.capacity)
     }
 
     /// Whether switching from `self` to `other` needs a fresh quota window.
@@ -272,6 +309,9 @@ impl Settings {
             "terminal": self.terminal.as_str(),
             "output_tokens": self.output_tokens,
             "fault": self.fault.as_str(),
+            "capacity": self.capacity,
+            "capacity_queue": self.queue_limit(),
+            "capacity_status": self.capacity_status.as_u16(),
         })
     }
 }
@@ -317,5 +357,23 @@ mod tests {
         assert_eq!(base.patched(bad.as_object().unwrap()).unwrap_err(), "port: can only be set on the command line");
         let bad = json!({"latency_ms": -1});
         assert!(base.patched(bad.as_object().unwrap()).is_err());
+    }
+
+    #[test]
+    fn capacity_settings() {
+        let s = args("--capacity 8 --service-ms 300 --capacity-status 429").unwrap().unwrap();
+        assert_eq!((s.capacity, s.queue_limit(), s.latency_ms), (8, 8, 300));
+        assert_eq!(s.capacity_status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(Settings::default().capacity_status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(args("--capacity-status 500").unwrap_err(), "--capacity-status: expected 503 or 429, got '500'");
+
+        // The queue follows the capacity until it is set.
+        let next = s.patched(json!({"capacity": 4}).as_object().unwrap()).unwrap();
+        assert_eq!((next.capacity, next.queue_limit()), (4, 4));
+        let next = next.patched(json!({"capacity_queue": 0, "service_ms": 5}).as_object().unwrap()).unwrap();
+        assert_eq!((next.queue_limit(), next.latency_ms), (0, 5));
+        assert_eq!(next.to_json()["capacity_queue"], 0);
+        assert_eq!(next.to_json()["capacity_status"], 429);
+        assert!(!s.quota_changed(&next));
     }
 }

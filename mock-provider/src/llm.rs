@@ -1,7 +1,7 @@
 //! The LLM endpoints: OpenAI chat completions and Responses, Anthropic messages
 //! and Gemini generateContent / streamGenerateContent. All go through `answer`,
-//! which applies overrides, latency, terminal states and the quota, then renders
-//! the result in the chosen style, whole or streamed (`shapes`, `stream`).
+//! which applies overrides, the capacity slot, latency, terminal states and the quota,
+//! then renders the result in the chosen style, whole or streamed (`shapes`, `stream`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -12,6 +12,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 
+use crate::capacity::{self, Admission};
 use crate::config::{parse_latency, parse_output_tokens, Style, Terminal};
 use crate::fault::Fault;
 use crate::quota::{Budget, Decision, Snapshot};
@@ -75,7 +76,6 @@ async fn answer(state: Arc<AppState>, route: Route, headers: HeaderMap, body: By
     let priority = header(&headers, "x-llm-priority").unwrap_or("none");
     let in_flight = InFlight::start(&state, &route.path, priority);
 
-    let settings = state.lock().settings.clone();
     let o = match Overrides::parse(&headers) {
         Ok(o) => o,
         Err(message) => {
@@ -83,6 +83,18 @@ async fn answer(state: Arc<AppState>, route: Route, headers: HeaderMap, body: By
             return styles::error(StatusCode::BAD_REQUEST, &message);
         }
     };
+    // Hidden capacity: wait for a slot (before any header is sent), or overflow at once. The
+    // slot is held through the latency, and a stream's body (`held`).
+    let slot = match capacity::admit(&state).await {
+        Admission::Served(slot) => slot,
+        Admission::Overflow(status) => {
+            state.lock().stats.finished(Outcome::Overflowed);
+            return styles::overloaded(status);
+        }
+    };
+    let held = (in_flight, slot);
+
+    let settings = state.lock().settings.clone();
     let style = o.style.unwrap_or(settings.style);
     let terminal = o.terminal.unwrap_or(settings.terminal);
 
@@ -145,19 +157,24 @@ async fn answer(state: Arc<AppState>, route: Route, headers: HeaderMap, body: By
             inner.stats.answered(input, output, framing != Framing::Json);
             drop(inner);
             report.snapshot = low_remaining(snapshot, settings.low_remaining);
-            let headers = styles::quota_headers(style, &report);
+            // With a capacity, like vLLM: no rate-limit headers at all.
+            let headers = match settings.capacity {
+                0 => styles::quota_headers(style, &report),
+                _ => Headers::new(),
+            };
             match framing {
                 Framing::Json => styles::respond(StatusCode::OK, headers, reply.json()),
-                _ => streamed(headers, framing, &reply, in_flight),
+                _ => streamed(headers, framing, &reply, held),
             }
         }
     }
 }
 
-/// A 200 whose body is sent in uneven chunks; the request stays in flight until it ends.
-fn streamed(headers: Headers, framing: Framing, reply: &Reply, in_flight: InFlight) -> Response {
+/// A 200 whose body is sent in uneven chunks; the request stays in flight (and holds its
+/// capacity slot) until it ends.
+fn streamed(headers: Headers, framing: Framing, reply: &Reply, held: (InFlight, capacity::Slot)) -> Response {
     let bytes = reply.stream_bytes(framing);
-    let mut response = Response::new(stream::body(stream::split(&bytes), in_flight));
+    let mut response = Response::new(stream::body(stream::split(&bytes), held));
     let content_type = if framing == Framing::Sse { "text/event-stream" } else { "application/json" };
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));

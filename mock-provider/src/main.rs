@@ -7,7 +7,10 @@
 //! `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent`.
 //! Control: `GET /mock/stats`, `POST /mock/reset`, `POST /mock/config`.
 //! Faults (`--fault`, `fault.rs`): connection resets, non-HTTP bytes, garbage 429s.
+//! Hidden capacity (`--capacity`, `capacity.rs`): K requests at once, a bounded FIFO queue,
+//! 503s past it, and no rate-limit headers, like an overloaded self-hosted vLLM/TGI.
 
+mod capacity;
 mod config;
 mod fault;
 mod llm;
@@ -46,12 +49,17 @@ pub struct Inner {
     settings: Settings,
     quota: Quota,
     stats: Stats,
+    /// Requests waiting for a slot of `settings.capacity`.
+    queue: capacity::Queue,
 }
 
 impl AppState {
     fn new(settings: Settings) -> Self {
         let quota = new_quota(&settings);
-        AppState { inner: Mutex::new(Inner { settings, quota, stats: Stats::default() }), next_id: AtomicU64::new(0) }
+        AppState {
+            inner: Mutex::new(Inner { settings, quota, stats: Stats::default(), queue: capacity::Queue::default() }),
+            next_id: AtomicU64::new(0),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -138,7 +146,8 @@ async fn reset(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(inner.settings.to_json())
 }
 
-/// Changes any subset of the runtime settings; a quota change starts a new window.
+/// Changes any subset of the runtime settings; a quota change starts a new window, and
+/// a capacity change applies to the next request (more room goes to the waiting at once).
 async fn update_config(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let patch = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(patch)) => patch,
@@ -153,6 +162,7 @@ async fn update_config(State(state): State<Arc<AppState>>, body: Bytes) -> Respo
         inner.quota = new_quota(&next);
     }
     inner.settings = next;
+    capacity::pump(&mut inner);
     Json(inner.settings.to_json()).into_response()
 }
 

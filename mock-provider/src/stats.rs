@@ -27,6 +27,44 @@ pub struct Stats {
     pub tokens_output: u64,
     /// 200 answers sent as a stream.
     pub streamed: u64,
+    /// The slots of `--capacity` (`capacity.rs`).
+    pub capacity: Capacity,
+}
+
+/// Slots and their queue (`--capacity`). Without a capacity every request gets a slot at once.
+#[derive(Default)]
+pub struct Capacity {
+    /// Requests holding a slot now (streams until their last byte is sent).
+    pub in_flight: u64,
+    /// Requests queued for a slot now.
+    pub waiting: u64,
+    pub max_in_flight_seen: u64,
+    /// Requests given a slot.
+    pub served: u64,
+    /// Requests that had to wait for their slot.
+    pub queued_total: u64,
+    /// Requests answered `capacity_status` because the queue was full.
+    pub overflowed: u64,
+}
+
+impl Capacity {
+    /// Counts a request taking a slot.
+    pub fn granted(&mut self) {
+        self.in_flight += 1;
+        self.served += 1;
+        self.max_in_flight_seen = self.max_in_flight_seen.max(self.in_flight);
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "in_flight": self.in_flight,
+            "waiting": self.waiting,
+            "max_in_flight_seen": self.max_in_flight_seen,
+            "served": self.served,
+            "queued_total": self.queued_total,
+            "overflowed": self.overflowed,
+        })
+    }
 }
 
 /// How a request was answered.
@@ -37,6 +75,8 @@ pub enum Outcome {
     Forced,
     BadRequest,
     Fault,
+    /// The capacity queue was full.
+    Overflowed,
 }
 
 impl Stats {
@@ -57,6 +97,7 @@ impl Stats {
             Outcome::Forced => self.forced += 1,
             Outcome::BadRequest => self.bad_request += 1,
             Outcome::Fault => self.faults += 1,
+            Outcome::Overflowed => self.capacity.overflowed += 1,
         }
     }
 
@@ -67,9 +108,16 @@ impl Stats {
         self.streamed += u64::from(streamed);
     }
 
-    /// Zeroes everything except requests still being served.
+    /// Zeroes everything except requests still being served (or waiting for a slot).
     pub fn reset(&mut self) {
-        *self = Stats { in_flight: self.in_flight, max_in_flight: self.in_flight, ..Stats::default() };
+        let c = &self.capacity;
+        let capacity = Capacity {
+            in_flight: c.in_flight,
+            waiting: c.waiting,
+            max_in_flight_seen: c.in_flight,
+            ..Capacity::default()
+        };
+        *self = Stats { in_flight: self.in_flight, max_in_flight: self.in_flight, capacity, ..Stats::default() };
     }
 
     pub fn to_json(&self) -> Value {
@@ -88,6 +136,7 @@ impl Stats {
             "tokens_input": self.tokens_input,
             "tokens_output": self.tokens_output,
             "streamed": self.streamed,
+            "capacity": self.capacity.to_json(),
         })
     }
 }

@@ -336,6 +336,12 @@ pub fn retry_soon() -> Response {
     respond(StatusCode::TOO_MANY_REQUESTS, headers, body)
 }
 
+/// The capacity queue is full (`--capacity`): 503 (or 429) with no timing hint at all, like
+/// an overloaded vLLM/TGI.
+pub fn overloaded(status: StatusCode) -> Response {
+    respond(status, vec![], json!({"error": {"message": "server overloaded", "type": "overloaded"}}))
+}
+
 /// Errors about the request itself (bad override header, unknown route).
 pub fn error(status: StatusCode, message: &str) -> Response {
     let kind = if status == StatusCode::NOT_FOUND { "not_found" } else { "invalid_request_error" };

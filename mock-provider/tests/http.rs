@@ -3,9 +3,10 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -367,4 +368,161 @@ async fn faults_reset_or_garbage_the_connection_and_leave_mock_routes_alone() {
     let bad = raw_exchange(&server.addr, "").await.unwrap();
     assert!(bad.starts_with(b"HTTP/1.1 429 "), "{:?}", String::from_utf8_lossy(&bad));
     assert!(String::from_utf8_lossy(&bad).contains("\r\nretry-after: soon\r\n"));
+}
+
+/// Sends `n` chat requests at once; each comes back with the time its whole answer took
+/// (for these small JSON answers, the time to headers).
+async fn concurrent_chats(server: Arc<Server>, n: usize) -> Vec<(Reply, Duration)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let reply = server.chat(&[]).await;
+                (reply, start.elapsed())
+            })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for task in tasks {
+        replies.push(task.await.unwrap());
+    }
+    replies
+}
+
+/// Polls `/mock/stats` until `ready` holds (5 s at most), and returns those stats.
+async fn stats_when(server: &Server, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = server.request("GET", "/mock/stats", &[], "").await.body;
+        if ready(&stats) {
+            return stats;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {stats}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The names of the headers a client could read a limit or a wait from.
+fn rate_limit_headers(r: &Reply) -> Vec<&str> {
+    let names = r.headers.keys().map(String::as_str);
+    names.filter(|n| n.contains("ratelimit") || n.contains("retry-after")).collect()
+}
+
+fn overloaded_body() -> Value {
+    json!({"error": {"message": "server overloaded", "type": "overloaded"}})
+}
+
+fn statuses(replies: &[(Reply, Duration)]) -> Vec<(u16, Duration)> {
+    replies.iter().map(|(r, t)| (r.status, *t)).collect()
+}
+
+#[tokio::test]
+async fn hidden_capacity_serves_k_queues_q_and_overflows_without_rate_limit_headers() {
+    // A quota too (never reached), so a 200 would have x-ratelimit-* headers without the capacity.
+    let args = "--capacity 2 --capacity-queue 1 --service-ms 300 --quota 1000 --style openai";
+    let server = Arc::new(Server::start(args));
+    let mut replies = concurrent_chats(server.clone(), 5).await;
+    replies.sort_by_key(|(_, took)| *took);
+    let (ok, overflowed): (Vec<_>, Vec<_>) = replies.iter().partition(|(r, _)| r.status == 200);
+    assert_eq!((ok.len(), overflowed.len()), (3, 2), "{:?}", statuses(&replies));
+    for (r, _) in &replies {
+        assert!(rate_limit_headers(r).is_empty(), "{} with {:?}", r.status, r.headers);
+    }
+    assert_eq!(ok[0].0.body["object"], "chat.completion");
+    // Two served at once (300 ms), the third after waiting for a slot (300 + 300 ms).
+    assert!(ok[0].1 >= Duration::from_millis(290), "{:?}", statuses(&replies));
+    assert!(ok[2].1 >= Duration::from_millis(450), "the queued one waited: {:?}", statuses(&replies));
+    for (r, took) in &overflowed {
+        assert_eq!((r.status, &r.body), (503, &overloaded_body()));
+        assert!(*took < ok[0].1, "overflow is answered at once: {:?}", statuses(&replies));
+    }
+    let stats = server.request("GET", "/mock/stats", &[], "").await.body;
+    let expected = json!({"in_flight": 0, "waiting": 0, "max_in_flight_seen": 2, "served": 3,
+        "queued_total": 1, "overflowed": 2});
+    assert_eq!(stats["capacity"], expected);
+    assert_eq!((stats["requests"].as_u64(), stats["ok"].as_u64()), (Some(5), Some(3)));
+    let settings = &stats["settings"];
+    assert_eq!((&settings["capacity"], &settings["capacity_queue"]), (&json!(2), &json!(1)));
+    assert_eq!((&settings["capacity_status"], &settings["latency_ms"]), (&json!(503), &json!(300)));
+
+    // Down to one slot at runtime: one at a time, the queue (set explicitly) still 1.
+    server.request("POST", "/mock/reset", &[], "").await;
+    let settings = server.request("POST", "/mock/config", &[], r#"{"capacity":1}"#).await.body;
+    assert_eq!((&settings["capacity"], &settings["capacity_queue"]), (&json!(1), &json!(1)));
+    let replies = concurrent_chats(server.clone(), 3).await;
+    let served = replies.iter().filter(|(r, _)| r.status == 200).count();
+    assert_eq!(served, 2, "{:?}", statuses(&replies));
+    let stats = server.request("GET", "/mock/stats", &[], "").await.body;
+    let expected = json!({"in_flight": 0, "waiting": 0, "max_in_flight_seen": 1, "served": 2,
+        "queued_total": 1, "overflowed": 1});
+    assert_eq!(stats["capacity"], expected);
+}
+
+#[tokio::test]
+async fn lowering_capacity_at_runtime_holds_new_requests_until_slots_come_back() {
+    let server = Arc::new(Server::start("--capacity 8 --latency-ms 800 --capacity-status 429"));
+    let old = tokio::spawn(concurrent_chats(server.clone(), 6));
+    stats_when(&server, "6 in flight", |s| s["capacity"]["in_flight"] == 6).await;
+
+    // 8 -> 4 while 6 are served: the queue follows (4), and new requests wait for in-flight < 4.
+    let settings = server.request("POST", "/mock/config", &[], r#"{"capacity":4}"#).await.body;
+    assert_eq!((&settings["capacity"], &settings["capacity_queue"]), (&json!(4), &json!(4)));
+    let new = tokio::spawn(concurrent_chats(server.clone(), 6));
+    let stats = stats_when(&server, "6 new ones queued or turned away", |s| {
+        s["capacity"]["waiting"].as_u64().unwrap() + s["capacity"]["overflowed"].as_u64().unwrap() == 6
+    })
+    .await;
+    let c = &stats["capacity"];
+    assert_eq!((&c["in_flight"], &c["waiting"], &c["overflowed"]), (&json!(6), &json!(4), &json!(2)), "{stats}");
+
+    let old = old.await.unwrap();
+    assert!(old.iter().all(|(r, _)| r.status == 200), "{:?}", statuses(&old));
+    let c = server.request("GET", "/mock/stats", &[], "").await.body["capacity"].clone();
+    assert!(c["in_flight"].as_u64().unwrap() <= 4, "{c}");
+    let new = new.await.unwrap();
+    let (ok, limited): (Vec<_>, Vec<_>) = new.iter().partition(|(r, _)| r.status == 200);
+    assert_eq!((ok.len(), limited.len()), (4, 2), "{:?}", statuses(&new));
+    for (r, _) in &limited {
+        assert_eq!((r.status, &r.body), (429, &overloaded_body()));
+        assert!(rate_limit_headers(r).is_empty(), "{:?}", r.headers);
+    }
+    let stats = server.request("GET", "/mock/stats", &[], "").await.body;
+    let expected = json!({"in_flight": 0, "waiting": 0, "max_in_flight_seen": 6, "served": 10,
+        "queued_total": 4, "overflowed": 2});
+    assert_eq!(stats["capacity"], expected);
+}
+
+/// Sends a chat request and leaves the connection open without reading.
+async fn send_only(addr: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let req = "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ncontent-length: 2\r\n\r\n{}";
+    stream.write_all(req.as_bytes()).await.unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn clients_gone_mid_wait_or_mid_service_give_their_slot_back() {
+    let server = Server::start("--capacity 1 --capacity-queue 2 --service-ms 3000");
+    let served = send_only(&server.addr).await;
+    stats_when(&server, "the first served", |s| s["capacity"]["in_flight"] == 1).await;
+    let queued = send_only(&server.addr).await;
+    stats_when(&server, "the second queued", |s| s["capacity"]["waiting"] == 1).await;
+
+    drop(queued);
+    let stats = stats_when(&server, "the queued one gone", |s| s["capacity"]["waiting"] == 0).await;
+    assert_eq!(stats["capacity"]["in_flight"], 1, "the first still holds the slot: {stats}");
+    drop(served);
+    let stats = stats_when(&server, "the served one gone", |s| s["capacity"]["in_flight"] == 0).await;
+    assert_eq!((stats["in_flight"].as_u64(), stats["ok"].as_u64()), (Some(0), Some(0)), "{stats}");
+
+    // The slot is free again: a stream is served at once, also without rate-limit headers.
+    let body = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hello there!"}]}"#;
+    let r = server.request("POST", "/v1/chat/completions", &[("x-mock-latency-ms", "0")], body).await;
+    assert_eq!((r.status, r.header("content-type")), (200, "text/event-stream"));
+    assert!(r.text.ends_with("data: [DONE]\n\n") && rate_limit_headers(&r).is_empty(), "{:?}", r.headers);
+    let stats = server.request("GET", "/mock/stats", &[], "").await.body;
+    let expected = json!({"in_flight": 0, "waiting": 0, "max_in_flight_seen": 1, "served": 2,
+        "queued_total": 1, "overflowed": 0});
+    assert_eq!(stats["capacity"], expected);
 }
