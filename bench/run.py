@@ -159,7 +159,9 @@ def render(kind, upstream, port, admin, upstream_port=9000, capacity=None, rate=
                 lines[k] = f"{pad}value: '{text}'"
     # The route.
     if upstream == "direct":
-        r = find_line(lines, lambda s: s == "route:", "route: block")
+        # The catch-all route (the failover route before it matches only a header we never send).
+        m = find_line(lines, lambda s: s == '- match: { prefix: "/" }', "catch-all route")
+        r = m + 1
         pad = lines[r][: len(lines[r]) - len(lines[r].lstrip())]
         lines[r : block_end(lines, r)] = [f'{pad}direct_response: {{status: 200, body: {{inline_string: "{{}}"}}}}']
     text = "\n".join(lines) + "\n"

@@ -69,6 +69,7 @@ def envoy_bin():
 
 ALERTMANAGER_PORT = None  # set by --monitoring
 RLS_PORT = None  # set by act 4
+BACKUP_PORT = None  # set by the failover act
 
 
 def render_config(filter_json, port, admin, upstream):
@@ -80,12 +81,18 @@ def render_config(filter_json, port, admin, upstream):
         body = line.lstrip()
         if body.startswith("value: '{") and body.endswith("'"):
             indent = line[: len(line) - len(body)]
-            config = dict(json.loads(filter_json), role=json.loads(body[len("value: '"):-1])["role"])
+            own = json.loads(body[len("value: '"):-1])
+            config = json.loads(filter_json)
+            # A failover target's observer runs with that target's own configuration.
+            config = next((t["provider"] for t in config.get("failover", [])
+                           if t.get("provider", {}).get("name") == own.get("name")), config)
+            config = dict(config, role=own["role"])
             line = f"{indent}value: '{json.dumps(config)}'"
         else:
             line = (line.replace("port_value: 10000", f"port_value: {port}")
                         .replace("port_value: 9901", f"port_value: {admin}")
                         .replace("port_value: 9000", f"port_value: {upstream}")
+                        .replace("port_value: 9002", f"port_value: {BACKUP_PORT or 9002}")
                         .replace("port_value: 9093", f"port_value: {ALERTMANAGER_PORT or 9093}")
                         .replace("port_value: 8081", f"port_value: {RLS_PORT or 8081}")
                         .replace("target/wasm32-wasip1/release/llm_ratelimit.wasm", str(WASM)))

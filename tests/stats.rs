@@ -11,8 +11,10 @@ use std::collections::BTreeMap;
 use support::*;
 
 const CLASSES: [&str; 4] = ["critical", "high", "normal", "low"];
-const CONFIG: &str =
-    r#"{"name":"st","bucket":{"capacity":3,"refill_rate":0.01,"burst_allowance":0},"queue":{"enabled":false}}"#;
+/// With a failover target "b" (for CRITICAL only: the NORMAL requests below stay), so its stats
+/// are defined too.
+const CONFIG: &str = r#"{"name":"st","bucket":{"capacity":3,"refill_rate":0.01,"burst_allowance":0},"queue":{"enabled":false},
+    "failover":[{"provider":{"name":"b"},"classes":["CRITICAL"]}]}"#;
 
 /// Natively (no Envoy): every stat the filter defines, on a host double, is in the README's table
 /// with its type, and the table lists no other.
@@ -90,8 +92,12 @@ fn every_documented_stat_is_on_the_admin_endpoint() {
     }
 }
 
-/// A documented name as stats are named: `priority.<class>.*` once per class.
+/// A documented name as stats are named: `priority.<class>.*` once per class, `failover.<target>.*`
+/// for `CONFIG`'s target.
 fn expand(name: &str) -> Vec<String> {
+    if let Some(stat) = name.strip_prefix("failover.<target>.") {
+        return vec![format!("failover.b.{stat}")];
+    }
     match name.strip_prefix("priority.<class>.") {
         Some(stat) => CLASSES.iter().map(|c| format!("priority.{c}.{stat}")).collect(),
         None => vec![name.to_string()],

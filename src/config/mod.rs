@@ -18,6 +18,7 @@
 mod alert;
 mod bucket;
 mod classify;
+mod failover;
 mod fallback;
 mod global;
 mod in_flight;
@@ -33,6 +34,7 @@ mod tokens;
 pub use alert::AlertConfig;
 pub use bucket::BucketConfig;
 pub use classify::{ClassifyConfig, Matcher, Rule};
+pub use failover::{FailoverTarget, MAX_TARGETS};
 pub use fallback::FallbackConfig;
 pub use global::{DescriptorEntry, GlobalConfig};
 pub use priorities::ClassConfig;
@@ -70,6 +72,8 @@ pub struct Config {
     pub prices: Option<Prices>,
     /// Day and month windows for requests, tokens and money (empty: none).
     pub quotas: Vec<Quota>,
+    /// Where a request goes when this provider cannot serve it now, in order (empty: nowhere).
+    pub failover: Vec<FailoverTarget>,
     /// The most requests at the provider at once, fixed or adaptive (`None`: no limit).
     pub in_flight: Option<crate::inflight::Rules>,
     /// Alerts the filter sends itself (`None`: it only logs and counts).
@@ -126,6 +130,7 @@ impl Config {
         let prices = top.with_opt("prices", prices::read);
         let quotas = quotas::read(top, tokens.is_some(), prices.is_some());
         let in_flight = top.with_opt("in_flight", in_flight::read);
+        let failover = failover::read(top, &name, tokens.is_some());
         let alert = top.with_opt("alert", alert::read);
         let global = top.with_opt("global", |s| global::read(s, tenant.is_some()));
         // A model the operator limits apart must have a price, or every request for it is refused.
@@ -164,6 +169,7 @@ impl Config {
             prices,
             quotas,
             in_flight,
+            failover,
             alert,
             global,
         }

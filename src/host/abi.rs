@@ -37,6 +37,7 @@ extern "C" {
     fn proxy_get_current_time_nanoseconds(t: *mut u64) -> Status;
     fn proxy_set_tick_period_milliseconds(ms: u32) -> Status;
     fn proxy_get_buffer_bytes(b: Buffer, start: usize, max: usize, v: *mut *mut u8, vs: *mut usize) -> Status;
+    fn proxy_set_buffer_bytes(b: Buffer, start: usize, size: usize, v: *const u8, vs: usize) -> Status;
     fn proxy_log(level: u32, m: *const u8, ms: usize) -> Status;
     fn proxy_http_call(
         upstream: *const u8,
@@ -166,6 +167,11 @@ impl Host for Abi {
             NOT_FOUND => Ok(Vec::new()),
             s => Err(s),
         }
+    }
+
+    fn set_buffer(&self, buffer: Buffer, len: usize, bytes: &[u8]) -> Result<(), Status> {
+        // From 0 over the whole buffer: Envoy drains it and puts `bytes` in its place.
+        check(unsafe { proxy_set_buffer_bytes(buffer, 0, len, bytes.as_ptr(), bytes.len()) })
     }
 
     fn now_ns(&self) -> Result<u64, Status> {

@@ -81,6 +81,8 @@ pub trait Host {
     fn remove_header(&self, map: Map, name: &str) -> Result<(), Status>;
     /// At most `max` bytes of `buffer` from its start.
     fn buffer(&self, buffer: Buffer, max: usize) -> Result<Vec<u8>, Status>;
+    /// Replaces the `len` bytes `buffer` holds (all of it) with `bytes`.
+    fn set_buffer(&self, buffer: Buffer, len: usize, bytes: &[u8]) -> Result<(), Status>;
     fn now_ns(&self) -> Result<u64, Status>;
     /// Eight random bytes, or `None` if the host has none to give.
     fn random_u64(&self) -> Option<u64>;

@@ -61,6 +61,11 @@ pub fn request_body(max: usize) -> Result<Vec<u8>, Status> {
     host().buffer(Buffer::RequestBody, max)
 }
 
+/// Replaces the `len` bytes of request body buffered so far (in a request body callback).
+pub fn set_request_body(len: usize, bytes: &[u8]) -> Result<(), Status> {
+    host().set_buffer(Buffer::RequestBody, len, bytes)
+}
+
 pub fn response_body(max: usize) -> Result<Vec<u8>, Status> {
     host().buffer(Buffer::ResponseBody, max)
 }

@@ -364,6 +364,18 @@ impl Host for Double {
         Ok(bytes[..bytes.len().min(max)].to_vec())
     }
 
+    fn set_buffer(&self, buffer: Buffer, _len: usize, bytes: &[u8]) -> Result<(), Status> {
+        let mut s = self.state();
+        self.check(&s, "set_buffer")?;
+        let stream = self.current(&mut s)?;
+        match buffer {
+            Buffer::RequestBody => stream.request_body = bytes.to_vec(),
+            Buffer::ResponseBody => stream.response_body = bytes.to_vec(),
+            _ => return Err(FAILED),
+        }
+        Ok(())
+    }
+
     fn now_ns(&self) -> Result<u64, Status> {
         self.check(&self.state(), "now_ns")?;
         Ok(self.process.now_ns())
@@ -455,6 +467,9 @@ impl Host for Failing {
         Err(FAILED)
     }
     fn buffer(&self, _: Buffer, _: usize) -> Result<Vec<u8>, Status> {
+        Err(FAILED)
+    }
+    fn set_buffer(&self, _: Buffer, _: usize, _: &[u8]) -> Result<(), Status> {
         Err(FAILED)
     }
     fn now_ns(&self) -> Result<u64, Status> {

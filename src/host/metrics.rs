@@ -157,6 +157,15 @@ stats! {
         retry_attempts, "retry.attempts", Counter, "Router attempts after the first (retries) that went upstream.";
         retry_succeeded, "retry.succeeded", Counter, "Retried requests whose last attempt succeeded (2xx).";
         retry_exhausted, "retry.exhausted", Counter, "Retried requests that ended on a 429: the router gave up.";
+        failover, "failover", Counter, "Sent to a `failover` target instead of the primary.";
+    }
+
+    /// Stats of one `failover` target (defined per target, beside the primary's).
+    #[derive(Clone, Copy)]
+    pub struct TargetStats under "failover.<target>." {
+        sent, "sent", Counter, "Requests sent to this target because the primary could not serve them now.";
+        refused, "refused", Counter,
+            "Requests this target could not take at once (its breaker, hold, buckets or slots): tried next, or left with the primary.";
     }
 
     /// Stats of the provider behind this filter.
@@ -282,6 +291,11 @@ impl Metrics {
         Metrics::define_under(&base, class, global, provider, tenants, tokens)
     }
 
+    /// The stats of failover target `target` of filter `name`.
+    pub fn of_target(name: &str, target: &str) -> TargetStats {
+        TargetStats::define_under(&format!("llm_ratelimit.provider.{name}.failover.{target}"))
+    }
+
     pub fn of(&self, p: Priority) -> &ClassStats {
         &self.class[p.index()]
     }
@@ -303,7 +317,8 @@ mod tests {
     /// The table's stats as named for filter `name`: (full name, type), `<class>` expanded.
     fn expanded(name: &str) -> Vec<(String, Metric)> {
         let mut out = Vec::new();
-        for s in STATS.iter().copied().flatten() {
+        // Per-target stats are defined per `failover` target, not by `Metrics::define`.
+        for s in STATS.iter().copied().flatten().filter(|s| !s.name.contains("<target>")) {
             let full = s.name.replace("<name>", name);
             for p in Priority::ALL {
                 out.push((full.replace("<class>", p.stat_name()), s.kind));
@@ -360,7 +375,7 @@ mod tests {
         let all: Vec<&Stat> = STATS.iter().copied().flatten().collect();
         for (i, s) in all.iter().enumerate() {
             let stat = s.name.strip_prefix("llm_ratelimit.provider.<name>.").expect(s.name);
-            let plain = stat.replace("<class>", "c");
+            let plain = stat.replace("<class>", "c").replace("<target>", "t");
             assert!(
                 plain.split('.').all(|part| !part.is_empty()
                     && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')),

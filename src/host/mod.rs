@@ -18,6 +18,7 @@ pub mod dispatch;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod double;
 pub mod event;
+mod failover;
 mod fallback;
 mod gauges;
 mod global;

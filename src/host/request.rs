@@ -8,6 +8,7 @@
 use super::api::{Action, Status};
 use super::calls;
 use super::event::Event;
+use super::failover::{Backup, ROUTE_HEADER};
 use super::global::{Gated, GlobalNeed};
 use super::holds::Bodies;
 use super::reservation::{self, Reservation};
@@ -95,6 +96,8 @@ pub struct Request {
     attempt: u32,
     /// Its answer's status and when its headers came, for the adaptive in-flight limit.
     answered: Option<(u16, Instant)>,
+    /// Its body, kept from its read to its decision when a failover target may rename its model.
+    body: Option<Vec<u8>>,
 }
 
 fn header(name: &str) -> Option<String> {
@@ -148,6 +151,7 @@ impl Request {
             waited: None,
             attempt: 0,
             answered: None,
+            body: None,
         }
     }
 
@@ -287,7 +291,7 @@ impl Request {
         }
         self.settle();
         // Whatever its phase: a release from the queue may have given it a slot just before.
-        self.w.end_in_flight(self.id, self.answered);
+        self.w.end_in_flight(self.held.target, self.id, self.answered);
         self.phase = Phase::Done;
     }
 
@@ -417,7 +421,12 @@ impl Request {
         let path = std::mem::take(&mut self.path);
         self.estimated(&e, &path);
         self.path = path;
-        self.decide_now()
+        if !body.is_empty() && w.backups.iter().any(|b| !b.target.models.is_empty()) {
+            self.body = Some(body);
+        }
+        let action = self.decide_now();
+        self.body = None;
+        action
     }
 
     /// Its estimate: what it needs from the token buckets, and its model's price.
@@ -479,6 +488,8 @@ impl Request {
         };
         match gate {
             Gate::Probe { .. } => w.probe_started(),
+            // The primary holds or refuses everything now: a class that may goes elsewhere.
+            Gate::Hold { .. } | Gate::Open { .. } if self.fail_over(now) => return Action::Continue,
             Gate::Open { terminal: false, .. } if self.answer_from_cache(&w.config, now) => return Action::Pause,
             _ => {}
         }
@@ -613,7 +624,7 @@ impl Request {
     fn give_back(&mut self, now: Instant) {
         let w = self.w.clone();
         self.held.give_back(&w, self.probe, now);
-        w.end_in_flight(self.id, None);
+        w.end_in_flight(self.held.target, self.id, None);
     }
 
     /// Its turn in the queue came: through the global gate, then upstream.
@@ -685,12 +696,78 @@ impl Request {
 
     /// It was let through (at once or from the queue): its estimate is now reserved.
     fn start_meter(&mut self) {
-        let (Some(need), Some(rules)) = (self.estimate.take(), &self.w.estimate) else { return };
+        let (Some(need), Some(rules)) = (self.estimate, &self.w.estimate) else { return };
         self.held.meter = Some(Meter::new(need, need.input, rules.chars_per_token));
     }
 
-    /// Answers this request, in its own callback, with a local 429.
+    /// Sends this request to the first `failover` target its class may use that takes it at once:
+    /// routed there by `ROUTE_HEADER`, its `model` renamed as the target names it (which needs its
+    /// body in hand: a target that renames is skipped otherwise). Whatever it held at the primary
+    /// was given back by the gate that refused it.
+    fn fail_over(&mut self, now: Instant) -> bool {
+        let w = self.w.clone();
+        let tenant_of = |b: &Backup| b.target.provider.tenant.as_ref().and_then(|t| header(&t.key_header));
+        for (i, b) in w.backups.iter().enumerate() {
+            if !b.takes(self.class) {
+                continue;
+            }
+            let body = match (&self.body, b.target.models.is_empty()) {
+                (_, true) => None,
+                (Some(body), false) => b.rewrite_model(body).map(|new| (body.len(), new)),
+                (None, false) => continue,
+            };
+            let tenant = tenant_of(b);
+            let need = self.estimate.or(self.held.meter.as_ref().map(|m| m.need));
+            let a = Arrival { id: self.id, class: self.class, tenant: tenant.as_deref(), need, gate: Gate::Pass };
+            let d = match b.admit(a, now) {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    b.stats.refused.inc();
+                    continue;
+                }
+                Err(s) => {
+                    w.metrics.errors.inc();
+                    log::warn!("llm-ratelimit: #{} cannot try failover target {}: status {s}", self.id, b.name());
+                    continue;
+                }
+            };
+            if let Some((len, new)) = &body {
+                if calls::set_request_body(*len, new).is_ok() {
+                    let _ = calls::set_request_header("content-length", &new.len().to_string());
+                }
+            }
+            if let Err(s) = calls::set_request_header(ROUTE_HEADER, b.name()) {
+                log::debug!("llm-ratelimit: #{} cannot route to {}: status {s}", self.id, b.name());
+            }
+            let price = self.held.price.take();
+            self.held = Reservation { target: Some(i as u8), price, ..Reservation::default() };
+            if let (Some(t), Some(name)) = (d.tenant, tenant) {
+                if let crate::tenants::TenantTake::Taken { slot } = t.take {
+                    self.held.tenant = Some((name, slot));
+                }
+            }
+            self.estimate = need;
+            self.start_meter();
+            b.stats.sent.inc();
+            let m = w.metrics.of(self.class);
+            m.failover.inc();
+            m.admitted.inc();
+            self.phase = Phase::Upstream;
+            return true;
+        }
+        false
+    }
+
+    /// Whether a `failover` target may take this request (before the clock is read for it).
+    fn may_fail_over(&self) -> bool {
+        self.held.target.is_none() && self.w.backups.iter().any(|b| b.takes(self.class))
+    }
+
+    /// Answers this request with a local 429, unless a `failover` target takes it.
     fn refuse(&mut self, r: &Refusal) -> Action {
+        if self.may_fail_over() && calls::now().is_ok_and(|now| self.fail_over(now)) {
+            return Action::Continue;
+        }
         match self.w.send_limited(r) {
             Ok(()) => {
                 self.w.metrics.of(self.class).rejected.inc();
@@ -710,6 +787,9 @@ impl Request {
     /// Answers this request, in its own callback, with the local 429 of the quota window that
     /// refused it (its limit and period in the body).
     fn refuse_with_quota(&mut self, r: &Refusal, e: &crate::quota::Exhausted) -> Action {
+        if self.may_fail_over() && calls::now().is_ok_and(|now| self.fail_over(now)) {
+            return Action::Continue;
+        }
         match self.w.send_quota_limited(r, e.index) {
             Ok(()) => {
                 self.w.metrics.of(self.class).rejected.inc();
@@ -861,6 +941,10 @@ impl Request {
             None => calls::response_header(name).ok().flatten(),
         };
         let status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0u16);
+        if !w.backups.is_empty() && role.admits() {
+            let target = self.held.target.and_then(|t| w.backups.get(usize::from(t)));
+            set_header("x-llm-ratelimit-provider", target.map_or(w.name(), |b| b.name()));
+        }
         if w.config.in_flight.is_some() {
             self.answered = calls::now().ok().map(|now| (status, now));
         }
@@ -908,13 +992,7 @@ impl Request {
             && !end_of_stream
             && w.holds.bodies() != Bodies::Withheld
             && w.holds.hold_answer(self.id, now);
-        let verdict = if role.learns() && !hold {
-            w.observe(status, &signals, self.probe, now, true)
-        } else if status == 429 {
-            w.peek(&signals, now)
-        } else {
-            None
-        };
+        let verdict = self.judge(status, &signals, now, role.learns() && !hold, true);
         if let (429, Some(v), true) = (status, verdict, role.admits()) {
             // Said at once; a held 429 says it again with what its body adds.
             self.rewrite_429(&v, now);
@@ -928,6 +1006,47 @@ impl Request {
         } else {
             Action::Continue
         }
+    }
+
+    /// What an answer means: learned from (`learn`; `first`: not read before) by the provider that
+    /// gave it, or, for a 429, read for its client. A request that failed over was answered by
+    /// its target: its state learns, never the primary's, and its 429 says the sooner of the
+    /// target's reset and the primary's.
+    fn judge(
+        &self,
+        status: u16,
+        signals: &signals::Signals,
+        now: Instant,
+        learn: bool,
+        first: bool,
+    ) -> Option<Verdict> {
+        let w = &self.w;
+        let Some(b) = self.held.target.and_then(|t| w.backups.get(usize::from(t))) else {
+            return if learn {
+                w.observe(status, signals, self.probe, now, first)
+            } else if status == 429 {
+                w.peek(signals, now)
+            } else {
+                None
+            };
+        };
+        let core = b.core.try_borrow().ok()?;
+        let verdict = if learn {
+            core.observe(&SharedData, status, signals, None, now).ok().map(|(v, _, _)| v)
+        } else if status == 429 {
+            core.peek(&SharedData, signals, now).ok()
+        } else {
+            None
+        };
+        let primary = w.with_core(|c| c.provider_state(&SharedData)).ok().map(|s| s.until).filter(|&until| until > now);
+        verdict.map(|mut v| {
+            if let (Some(p), 429) = (primary, status) {
+                if v.retry_at.map_or(true, |r| p < r) {
+                    v.retry_at = Some(p);
+                }
+            }
+            v
+        })
     }
 
     /// Gives a provider 429 one precise `Retry-After` (and friends) for its client.
@@ -951,13 +1070,10 @@ impl Request {
         let signals = self.parse(429, &a.headers, Some(body), now);
         let role = self.role();
         let adds = signals.retry_at() != a.from_headers.retry_at() || signals.terminal != a.from_headers.terminal;
-        let verdict = if role.learns() && (!a.learned || adds) {
-            self.w.observe(429, &signals, self.probe, now, !a.learned)
-        } else {
-            None
-        };
+        let verdict =
+            if role.learns() && (!a.learned || adds) { self.judge(429, &signals, now, true, !a.learned) } else { None };
         if held && role.admits() {
-            if let Some(v) = verdict.or_else(|| self.w.peek(&signals, now)) {
+            if let Some(v) = verdict.or_else(|| self.judge(429, &signals, now, false, false)) {
                 self.rewrite_429(&v, now);
             }
         }

@@ -23,6 +23,8 @@ pub struct Reservation {
     pub global: Option<GlobalNeed>,
     /// Its model's price, when `prices` is configured.
     pub price: Option<Price>,
+    /// The failover target it went to (`None`: the primary): whose core settles it.
+    pub target: Option<u8>,
 }
 
 /// What `need` (or a request without token limits) counts in the quota windows, at `price`.
@@ -75,7 +77,7 @@ impl Reservation {
         let need = m.need;
         let count_cached = w.config.tokens.as_ref().is_some_and(|t| t.count_cached_input);
         let spent = used_charge(&used, self.price.as_ref(), count_cached);
-        let settled = w.with_core_mut(|core| {
+        let settled = w.with_target_mut(self.target, |core| {
             core.settle(need, &used);
             if let Some((tenant, slot)) = &self.tenant {
                 core.settle_tenant(&SharedData, tenant, *slot, need.tokens, used.total(), now)?;

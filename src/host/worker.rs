@@ -5,6 +5,7 @@
 
 use super::alerts::Alerts;
 use super::event::{self, Event};
+use super::failover::Backup;
 use super::gauges::Gauges;
 use super::global::GlobalHost;
 use super::holds::Holds;
@@ -57,6 +58,8 @@ pub struct WorkerContext {
     pub replies: Replies,
     /// The global gate, when `global` is configured.
     pub global: Option<GlobalHost>,
+    /// The `failover` targets, in order.
+    pub backups: Vec<Backup>,
     /// `PROVIDER_NEWS` as this filter last saw it.
     provider_news: Cell<u64>,
 }
@@ -86,6 +89,10 @@ impl WorkerContext {
                 .as_ref()
                 .map(|g| GlobalHost::new(g, &c.name, global_stats, root_id, c.provider.breaker.max_wait_ms)),
             provider_news: Cell::new(0),
+            backups: {
+                let now = super::calls::now().unwrap_or_default();
+                c.failover.iter().map(|t| Backup::new(&c.name, t, core.id, now)).collect()
+            },
             core: RefCell::new(core),
         }
     }
@@ -98,6 +105,23 @@ impl WorkerContext {
     /// `REENTERED`, handled like any failed host call.
     pub fn with_core<R>(&self, f: impl FnOnce(&Worker) -> Result<R, Status>) -> Result<R, Status> {
         self.core.try_borrow().map_err(|_| REENTERED).and_then(|w| f(&w))
+    }
+
+    /// The core of the primary (`None`) or of failover target `target`.
+    pub fn core_of(&self, target: Option<u8>) -> &RefCell<Worker> {
+        match target.and_then(|t| self.backups.get(usize::from(t))) {
+            Some(b) => &b.core,
+            None => &self.core,
+        }
+    }
+
+    /// Runs `f` on the core of `target` (as `core_of`), mutably; `REENTERED` as in `with_core`.
+    pub fn with_target_mut<R>(
+        &self,
+        target: Option<u8>,
+        f: impl FnOnce(&mut Worker) -> Result<R, Status>,
+    ) -> Result<R, Status> {
+        self.core_of(target).try_borrow_mut().map_err(|_| REENTERED).and_then(|mut w| f(&mut w))
     }
 
     /// Runs `f` on the core, mutably; `REENTERED` as in `with_core`.
@@ -180,6 +204,9 @@ impl WorkerContext {
         self.tick_queue(now);
         if let Some(g) = &self.global {
             g.tick(now);
+        }
+        for b in &self.backups {
+            b.tick(now);
         }
         if let Ok(mut w) = self.core.try_borrow_mut() {
             let (leases, leased) = w.take_lease_counts();
@@ -319,12 +346,16 @@ impl WorkerContext {
 
     /// Request `id` ended, or a later gate refused it: its slot in flight goes back (with
     /// `in_flight`), its `answer` (status, when its headers came) teaching the adaptive limit.
-    pub fn end_in_flight(&self, id: u32, answer: Option<(u16, Instant)>) {
-        if self.config.in_flight.is_none() {
+    pub fn end_in_flight(&self, target: Option<u8>, id: u32, answer: Option<(u16, Instant)>) {
+        let config = match target.and_then(|t| self.backups.get(usize::from(t))) {
+            Some(b) => &b.target.provider,
+            None => &self.config,
+        };
+        if config.in_flight.is_none() {
             return;
         }
         let Ok(now) = super::calls::now() else { return };
-        match self.with_core_mut(|w| w.end_in_flight(&SharedData, id, answer, now)) {
+        match self.with_target_mut(target, |w| w.end_in_flight(&SharedData, id, answer, now)) {
             Ok(Some(Change::Raised)) => self.metrics.in_flight_raised.inc(),
             Ok(Some(Change::Cut)) => self.metrics.in_flight_cut.inc(),
             Ok(None) => {}

@@ -129,6 +129,21 @@ impl Envoy {
         }
     }
 
+    /// Like `start`, with the `failover` target "backup" (`envoy.yaml`'s `llm_backup` cluster) at
+    /// `backup_port`.
+    pub fn start_with_backup(filter_config: &str, concurrency: u32, upstream_port: u16, backup_port: u16) -> Envoy {
+        let (port, admin) = (free_port(), free_port());
+        let yaml = render_config(filter_config, port, admin, upstream_port, &wasm_path())
+            .replace("port_value: 9002", &format!("port_value: {backup_port}"));
+        let concurrency = concurrency.to_string();
+        let args = ["--concurrency", concurrency.as_str(), "--disable-hot-restart"];
+        let ready = |admin| get(&format!("http://127.0.0.1:{admin}/ready")).is_ok_and(|r| r.status == 200);
+        match Envoy::launch(TempDir::new(), &yaml, "envoy", port, admin, &args, ready) {
+            Ok(e) => e,
+            Err(log) => panic!("Envoy did not become ready; its log:\n{log}"),
+        }
+    }
+
     /// Starts Envoy and waits until it is ready, or returns its log if it exits or times out.
     pub fn spawn(o: &EnvoyOpts) -> Result<Envoy, String> {
         let (port, admin) = (free_port(), free_port());
@@ -246,11 +261,20 @@ pub fn render_config(filter_config: &str, port: u16, admin: u16, upstream: u16, 
         .join("\n")
 }
 
-/// `filter_config` with the "role" of the yaml line's own configuration. Text that is not a JSON
-/// object (a bad-config test) is used as it is.
+/// `filter_config` with the "role" of the yaml line's own configuration; on the line of a failover
+/// target's observer (its "name" is a `failover` target's), that target's own configuration. Text
+/// that is not a JSON object (a bad-config test) is used as it is.
 fn with_role(filter_config: &str, yaml_json: &str) -> String {
-    let role = serde_json::from_str::<serde_json::Value>(yaml_json).ok().and_then(|v| v.get("role").cloned());
-    match (serde_json::from_str::<serde_json::Value>(filter_config), role) {
+    let line = serde_json::from_str::<serde_json::Value>(yaml_json).ok();
+    let role = line.as_ref().and_then(|v| v.get("role").cloned());
+    let name = line.as_ref().and_then(|v| v.get("name").cloned());
+    let config = serde_json::from_str::<serde_json::Value>(filter_config).map(|c| {
+        let targets = c.get("failover").and_then(|f| f.as_array()).cloned().unwrap_or_default();
+        let target =
+            targets.into_iter().filter_map(|t| t.get("provider").cloned()).find(|p| p.get("name") == name.as_ref());
+        target.unwrap_or(c)
+    });
+    match (config, role) {
         (Ok(serde_json::Value::Object(mut m)), Some(role)) => {
             m.insert("role".into(), role);
             serde_json::Value::Object(m).to_string()
