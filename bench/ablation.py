@@ -73,6 +73,10 @@ MOCK_ROWS = [
     (PROBE_UNREAD, "c", "probe-unread", {}),
     ("current build, `provider.style: openai` (one provider family read, not every one)", "c", None,
      {"provider": {"style": "openai"}}),
+    ("current build, `in_flight.max` set (a slot taken and given back per request, never binding)", "c", None,
+     {"in_flight": {"max": 1000000}}),
+    ("current build, a `failover` target configured (never used)", "c", None,
+     {"failover": [{"provider": {"name": "backup"}}]}),
 ]
 # Token limits, mock provider, POST (bench/run.py's (t) against (c), same body): (t) with one part
 # of its work switched off at a time (a patch), to see where the difference goes. (label, patch,

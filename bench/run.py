@@ -56,10 +56,15 @@ LOW = dict(capacity=1, rate=1)
 ACC = dict(capacity=100, rate=100)
 
 NAMES = {"a": "(a) no filter", "b": "(b) native local_ratelimit", "c": "(c) llm-ratelimit",
-         "w": "(w) empty wasm filter", "t": "(t) llm-ratelimit with a token limit"}
+         "w": "(w) empty wasm filter", "t": "(t) llm-ratelimit with a token limit",
+         "u": "(u) llm-ratelimit with a token limit and a money budget"}
 # (t): (c) plus a token limit that never binds: every POST body is held, read and estimated, and
 # every answer's usage read and settled.
 TOKENS = {"tokens": {"capacity": 1_000_000_000_000, "refill_rate": 1_000_000_000_000}}
+# (u): (t) plus a price table and a daily money budget that never binds: every request's cost is
+# reserved in the quota windows' compare-and-swap and settled from its usage.
+BUDGET = dict(TOKENS, prices={"default": {"input": 2.5, "output": 10}},
+              quotas=[{"unit": "usd", "per": "day", "limit": 1_000_000_000}])
 NOOP = ROOT / "target/bench-noop/wasm32-wasip1/release/bench_noop_filter.wasm"
 # The run measures a copy of the .wasm taken at its start, so a rebuild meanwhile changes nothing.
 MEASURED = ROOT / "target/bench/llm_ratelimit.wasm"
@@ -491,14 +496,16 @@ def scenario_paths(upstream, res):
               ("reject", "b", LOW), ("reject", "c", LOW)]
     if upstream == "mock":  # GETs to direct_response have no body to read
         setups.insert(4, ("admit", "t", HIGH))
+        setups.insert(5, ("admit", "u", HIGH))
     envoys = {}
     try:
         for path, kind, lim in setups:
             kw = dict(up)
             if kind != "a":
                 kw.update(capacity=lim["capacity"], rate=lim["rate"])
-            if kind == "t":
-                kw.update(filter_json=ours_json(lim["capacity"], lim["rate"], extra=TOKENS))
+            if kind in ("t", "u"):
+                extra = TOKENS if kind == "t" else BUDGET
+                kw.update(filter_json=ours_json(lim["capacity"], lim["rate"], extra=extra))
             envoys[(path, kind)] = Envoy(kind, upstream, 2, **kw)
         # direct_response: GET, so connections are kept alive and the figures are the filter's
         # (Envoy closes the connection after any local reply sent before the request body was
@@ -963,7 +970,7 @@ def report(res, m, elapsed):
         w("|---|---|---|---|---|---|---|---|---|---|---|---|")
         fig = {}
         for path in ("admit", "reject"):
-            for kind in ("a", "b", "w", "c", "t"):
+            for kind in ("a", "b", "w", "c", "t", "u"):
                 key = f"{upstream}/{path}/{kind}"
                 if key not in res:
                     key = f"{upstream}/admit/a" if kind == "a" else None
@@ -976,7 +983,7 @@ def report(res, m, elapsed):
             a = fig.get((path, "a"))
             b = fig.get((path, "b"))
             wf = fig.get(("admit", "w"))
-            for kind in ("a", "b", "w", "c", "t"):
+            for kind in ("a", "b", "w", "c", "t", "u"):
                 if (path, kind) not in fig:
                     continue
                 key = f"{upstream}/{path}/{kind}" if kind != "a" else f"{upstream}/admit/a"
@@ -984,7 +991,7 @@ def report(res, m, elapsed):
                 t, p50, p99 = fig[(path, kind)]
                 ts, p50s, p99s, non2 = series(r)
                 w(f"| {path} | {NAMES[kind]} | {fmt(t)}{spread(ts)} | {ratio(t, a[0])} | {ratio(t, b[0])} | "
-                  f"{ratio(t, wf[0]) if wf and kind in ('c', 't') else '–'} | "
+                  f"{ratio(t, wf[0]) if wf and kind in ('c', 't', 'u') else '–'} | "
                   f"{fmt(p50)}{spread(p50s)} | {fmt(p99)}{spread(p99s)} | {ratio(p99, a[2])} | "
                   f"{ratio(p99, b[2])} | {fmt(p99 - a[2]) if kind != 'a' else '–'} | {non2:.1%} |")
         w("")
@@ -1000,6 +1007,11 @@ def report(res, m, elapsed):
               f"p99 {t_p99 - c_p99:+.0f} µs. (t) holds each request's headers until its body is read, "
               "estimates its tokens, reserves them in the same compare-and-swap as the request token, "
               "and reads the answer's `usage` to settle them.\n")
+        if ("admit", "u") in fig and ("admit", "t") in fig:
+            (u_t, _, u_p99), (t_t, _, t_p99) = fig[("admit", "u")], fig[("admit", "t")]
+            w(f"A money budget (u) against the token limit alone (t): throughput {u_t / t_t:.2f}×, "
+              f"p99 {u_p99 - t_p99:+.0f} µs. (u) also reserves each request's estimated cost in its "
+              "day's window (one more compare-and-swap) and settles it from the answer's usage.\n")
         if ("admit", "c") in fig and ("admit", "w") in fig:
             c_t, w_t = fig[("admit", "c")][0], fig[("admit", "w")][0]
             goal = 0.95 if upstream == "direct" else 0.90

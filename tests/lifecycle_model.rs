@@ -30,13 +30,17 @@ const CAPACITY: f64 = 4.0;
 const BURST: f64 = 1.0;
 const REFILL: f64 = 0.001;
 const MAX_WAIT_MS: u64 = 2_000;
+/// The failover target's bucket (with token limits), refilled as slowly.
+const FAILOVER_CAPACITY: f64 = 2.0;
 
 fn config(tokens: bool, global: bool, generation: u32) -> String {
     // With token limits, every gate that settles from usage too: tenant tokens, a day window
-    // of requests, prices.
+    // of requests, prices; and slots in flight, and a failover target for CRITICAL.
     let tokens = if tokens {
         r#","tokens":{"capacity":1000000000},"tenant":{"capacity":1000000,"tokens":{"capacity":1000000000}},
-            "prices":{"default":{"input":1,"output":1}},"quotas":[{"unit":"requests","per":"day","limit":1000000}]"#
+            "prices":{"default":{"input":1,"output":1}},"quotas":[{"unit":"requests","per":"day","limit":1000000}],
+            "in_flight":{"max":3},
+            "failover":[{"provider":{"name":"fb","bucket":{"capacity":2,"refill_rate":0.001},"in_flight":{"max":1}},"classes":["CRITICAL"]}]"#
     } else {
         ""
     };
@@ -312,11 +316,13 @@ impl World {
     }
 
     /// Upstream requests never exceed what the bucket holds plus its refill, and the half-open
-    /// probes (at most one per provider 429).
+    /// probes (at most one per provider 429); with token limits, plus what the failover target's
+    /// bucket holds (its stats, written per tick, lag: they are checked at the end).
     fn check_bucket(&self) -> Result<(), TestCaseError> {
         let upstream: usize = self.vms.iter().map(Vm::upstream).sum();
         let elapsed_s = (self.process.now_ns() - T0) as f64 / 1e9;
-        let allowed = CAPACITY + BURST + REFILL * elapsed_s + self.limited as f64;
+        let target = if self.tokens { FAILOVER_CAPACITY + REFILL * elapsed_s } else { 0.0 };
+        let allowed = CAPACITY + BURST + REFILL * elapsed_s + self.limited as f64 + target;
         prop_assert!(upstream as f64 <= allowed + 1e-9, "{upstream} upstream, the bucket allows {allowed}");
         Ok(())
     }
@@ -368,6 +374,28 @@ impl World {
         Ok(())
     }
 
+    /// No slot in flight is left taken once every request has ended and a reloaded VM's entry has
+    /// expired: the primary's and the failover target's.
+    fn check_slots(&mut self) -> Result<(), TestCaseError> {
+        if !self.tokens {
+            return Ok(());
+        }
+        self.process.advance_ms(llm_ratelimit::inflight::LIVE.as_millis() + 1);
+        for v in 0..self.vms.len() {
+            self.step(&Op::Tick { vm: v });
+        }
+        let now = llm_ratelimit::time::Instant::from_nanos(self.process.now_ns());
+        for name in ["m", "fb"] {
+            let Some(raw) = self.process.shared(&format!("llm_ratelimit/{name}/in_flight")) else { continue };
+            let store = MemStore::default();
+            store.set("k", &raw, 0).expect("set");
+            let s: llm_ratelimit::inflight::Shared =
+                llm_ratelimit::store::read(&store, "k").expect("read").expect("in_flight decodes");
+            prop_assert_eq!(s.total(0, 0, now), 0, "{}: slots left taken: {:?}", name, s.entries);
+        }
+        Ok(())
+    }
+
     /// Per class: every arrival was admitted, rejected, expired, shed or cancelled, once.
     fn check_stats(&self) -> Result<(), TestCaseError> {
         for (c, class) in CLASSES.iter().enumerate() {
@@ -386,7 +414,9 @@ impl World {
     fn check_tokens(&self) -> Result<(), TestCaseError> {
         let raw = self.process.shared("llm_ratelimit/m/bucket").expect("bucket in shared data");
         let bucket = SharedBucket::decode(&raw).expect("bucket decodes");
-        let upstream: usize = self.vms.iter().map(Vm::upstream).sum();
+        // Requests that failed over took nothing from this bucket.
+        let failed_over: u64 = self.vms.iter().map(|vm| vm.stat("m", "priority.critical.failover")).sum();
+        let upstream = self.vms.iter().map(Vm::upstream).sum::<usize>() - failed_over as usize;
         let elapsed_s = (self.process.now_ns() - T0) as f64 / 1e9;
         let probes: u64 = self.vms.iter().map(|vm| vm.stat("m", "breaker.probes")).sum();
         let total = bucket.level.tokens + upstream as f64;
@@ -394,13 +424,14 @@ impl World {
         // A probe goes even with no token left: it takes one if there is one.
         prop_assert!(
             total >= start - 1e-6 && total <= start + REFILL * elapsed_s + probes as f64 + 1e-6,
-            "bucket {} + {} upstream = {}, started with {} (refill {:.4}, {} probes)",
+            "bucket {} + {} upstream = {}, started with {} (refill {:.4}, {} probes; {} failed over)",
             bucket.level.tokens,
             upstream,
             total,
             start,
             REFILL * elapsed_s,
-            probes
+            probes,
+            failed_over
         );
         if self.tokens {
             // The day window counted each request that went upstream once: none that a later
@@ -435,6 +466,7 @@ fn run(workers: usize, tokens: bool, global: bool, ops: &[Op]) -> Result<(), Tes
     // With the global gate too: a request the service refuses after the local bucket let it
     // through gives its token back.
     world.check_tokens()?;
+    world.check_slots()?;
     Ok(())
 }
 
