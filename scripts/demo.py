@@ -4,7 +4,9 @@ mixed-priority burst well above the quota. Shows who got through at once, who wa
 local 429 and why, what the provider actually received, and the filter's own Envoy stats. Then:
 act 2, the provider's own quota runs out; act 3, a token-heavy batch beside interactive traffic;
 act 4, two Envoys held to one limit by the rate limit service (rls/, Redis); act 5, two tenants
-under token limits and daily budgets in that service, settled from the answers' usage.
+under token limits and daily budgets in that service, settled from the answers' usage; act 6, HIGH
+fails over to a backup provider while the primary's quota is out; act 7, the adaptive in-flight
+limit finds a self-hosted server's hidden capacity from cold, and follows it down.
 
 Run with `make demo` (builds first) or `python3 scripts/demo.py`. Python 3 stdlib only.
 `make demo DEMO_ARGS=--monitoring` (or `--monitoring`) also starts Prometheus and Alertmanager
@@ -100,9 +102,10 @@ def render_config(filter_json, port, admin, upstream):
     return "\n".join(out)
 
 
-def start_mock(procs):
-    """The mock provider on a free port, answering after 50 ms; returns its port."""
-    p = subprocess.Popen([str(MOCK), "--port", "0", "--latency-ms", "50"],
+def start_mock(procs, *args):
+    """The mock provider on a free port, answering after 50 ms unless `args` (its flags) say
+    otherwise; returns its port."""
+    p = subprocess.Popen([str(MOCK), "--port", "0", "--latency-ms", "50", *args],
                          stdout=subprocess.PIPE, text=True)
     procs.append(p)
     banner = p.stdout.readline().strip()  # "listening on 127.0.0.1:PORT"
@@ -748,6 +751,260 @@ def tenant_quotas(procs, tmp, mock):
     return failed
 
 
+# ---- Act 6: failover by priority ----------------------------------------------------------
+
+# The primary's quota runs out; HIGH goes to a backup provider (a second mock, on its own cluster
+# llm_backup in envoy/envoy.yaml) while LOW waits for the primary's reset. The backup takes at
+# most 10/s (its own bucket, and the backup mock's quota of 10 per second), HIGH is 9/s of it.
+FAILOVER_FILTER = {
+    "name": "primary",
+    "bucket": {"capacity": 1000, "refill_rate": 1000},
+    "classify": {"header": "x-llm-priority", "trust_header": True},
+    "failover": [{"provider": {"name": "backup", "bucket": {"capacity": 2, "refill_rate": 10, "burst_allowance": 0}},
+                  "classes": ["CRITICAL", "HIGH"]}],
+}
+# The primary allows ACT6_QUOTA requests per ACT6_WINDOW_S window: enough that the LOW held during
+# the window all fit in the next one.
+ACT6_QUOTA, ACT6_WINDOW_S, ACT6_RATE, ACT6_S = 120, 8, 30, 5
+
+
+def filter_stats(admin, name, pattern=""):
+    """The filter's stats of provider `name` whose names match `pattern` (a regex, after the
+    provider's prefix), as {"priority.high.failover": 3, ...}."""
+    stats = {}
+    prefix = f"llm_ratelimit.provider.{name}."
+    for line in http_get(admin, "/stats?filter=" + urllib.parse.quote(prefix + pattern)).splitlines():
+        key, _, value = line.partition(": ")
+        if value.isdigit() and prefix in key:
+            stats[key.split(prefix, 1)[1]] = int(value)
+    return stats
+
+
+def failover(procs, tmp, mock):
+    """HIGH fails over to a backup provider while the primary's quota is out; LOW waits for the
+    primary's reset, and nothing reaches the exhausted primary meanwhile."""
+    global BACKUP_PORT
+    started = time.monotonic()
+    BACKUP_PORT = backup = start_mock(procs, "--quota", "10", "--window-ms", "1000")
+    port, admin, log = start_envoy(procs, tmp, mock, FAILOVER_FILTER)
+    print(f"\n==> act 6: failover by priority. The primary allows {ACT6_QUOTA} requests per {ACT6_WINDOW_S} s "
+          f"(OpenAI-style headers) and is used up first; a backup mock (127.0.0.1:{backup}, 10 requests/s) "
+          f"takes CRITICAL and HIGH meanwhile. Then {ACT6_RATE}/s for {ACT6_S} s, 3 in 10 HIGH, the rest LOW")
+    print(f"    {json.dumps(FAILOVER_FILTER)}")
+    http_post(mock, "/mock/config", {"quota": ACT6_QUOTA, "window_ms": ACT6_WINDOW_S * 1000, "style": "openai",
+                                     "latency_ms": 50, "token_quota": 0})
+    http_post(mock, "/mock/reset", {})
+    window_start = time.monotonic()
+
+    # Use the primary's quota up, in parallel batches no larger than what the last answer said
+    # remains, until an answer says x-ratelimit-remaining-requests: 0.
+    remaining, exhausting, lock = ACT6_QUOTA, [], threading.Lock()
+
+    def spend():
+        try:
+            status, headers = post_chat(port, BODY, {"x-llm-priority": "NORMAL"})
+        except OSError:
+            status, headers = None, {}
+        with lock:
+            exhausting.append((status, headers.get("x-ratelimit-remaining-requests")))
+
+    while remaining > 0 and len(exhausting) < 2 * ACT6_QUOTA:
+        batch = [threading.Thread(target=spend, daemon=True) for _ in range(min(20, remaining))]
+        for th in batch:
+            th.start()
+        for th in batch:
+            th.join(REQUEST_TIMEOUT_S)
+        left = [int(r) for s, r in exhausting[-len(batch):] if s == 200 and r is not None and r.isdigit()]
+        if not left:
+            print(f"   FAILED: the primary's answers carry no x-ratelimit-remaining-requests: {exhausting[-3:]}")
+            return [{"status": None}]
+        remaining = min(left)
+    before = json.loads(http_get(mock, "/mock/stats"))["requests"]
+    reset_in = ACT6_WINDOW_S - (time.monotonic() - window_start)
+    print(f"   {len(exhausting)} NORMAL requests used the primary's quota up: the last answer said "
+          f"x-ratelimit-remaining-requests: 0, reset in {reset_in:.1f} s")
+
+    results = []
+
+    def one(priority):
+        sent = time.monotonic()
+        try:
+            status, headers = post_chat(port, BODY, {"x-llm-priority": priority})
+        except OSError:
+            status, headers = None, {}
+        queued = headers.get("x-ratelimit-queued-ms")
+        with lock:
+            results.append({"priority": priority, "status": status, "provider": headers.get("x-llm-ratelimit-provider"),
+                            "reason": headers.get("x-llm-ratelimit-reason"),
+                            "queued_ms": int(queued) if queued is not None else None,
+                            "ms": int((time.monotonic() - sent) * 1000)})
+
+    elapsed = on_schedule([(i / ACT6_RATE, one, ("HIGH" if i % 10 in (0, 3, 6) else "LOW",))
+                           for i in range(ACT6_RATE * ACT6_S)])
+    after = json.loads(http_get(mock, "/mock/stats"))
+    backup_stats = json.loads(http_get(backup, "/mock/stats"))
+    stats = filter_stats(admin, "primary", "(priority.high.failover|failover.backup.sent)")
+
+    high = [r for r in results if r["priority"] == "HIGH"]
+    low = [r for r in results if r["priority"] == "LOW"]
+    high_backup = [r for r in high if r["status"] == 200 and r["provider"] == "backup"]
+    low_after = [r for r in low if r["status"] == 200 and r["provider"] == "primary" and r["queued_ms"] is not None]
+    waits = [r["queued_ms"] for r in low_after]
+    during_hold = after["requests"] - before - len(low_after)
+    print(f"   sent {ACT6_RATE * ACT6_S}, answered {len(high)} HIGH and {len(low)} LOW, {elapsed:.1f} s from the "
+          f"first request to the last answer")
+    print(f"   HIGH: {len(high_backup)} of {len(high)} answered 200 by the backup "
+          f"(x-llm-ratelimit-provider: backup), slowest {max((r['ms'] for r in high_backup), default=0)} ms; "
+          f"other answers: {len(high) - len(high_backup)}")
+    print(f"   LOW: {len(low_after)} of {len(low)} answered 200 by the primary after its reset, having waited "
+          f"{min(waits, default=0)} to {max(waits, default=0)} ms (p50 {pct(waits, 0.5)} ms); "
+          f"refused: {refusals(low)}; "
+          f"other answers: {len(low) - len(low_after) - sum(r['status'] == 429 for r in low)}")
+    print(f"   the backup mock received {backup_stats['requests']} requests and answered "
+          f"{backup_stats['rate_limited']} of them with 429")
+    print(f"   the exhausted primary received {during_hold} requests during the hold ({after['requests']} in all, "
+          f"{before} before the traffic, {len(low_after)} LOW after its reset); it answered "
+          f"{after['rate_limited']} with 429")
+    print(f"   filter stats: priority.high.failover {stats.get('priority.high.failover', '?')}, "
+          f"failover.backup.sent {stats.get('failover.backup.sent', '?')}. Act 6 took "
+          f"{time.monotonic() - started:.1f} s")
+    http_post(mock, "/mock/config", {"quota": 0})
+
+    failed = [r for r in results if r["status"] not in (200, 429)]
+    if not failed and len(high_backup) != len(high):
+        print(f"FAILED: {len(high) - len(high_backup)} HIGH requests were not answered 200 by the backup")
+        failed = [{"status": None}]
+    if not failed and backup_stats["rate_limited"]:
+        print(f"FAILED: the backup answered {backup_stats['rate_limited']} requests with 429")
+        failed = [{"status": None}]
+    if not failed and during_hold:
+        print(f"FAILED: {during_hold} requests reached the exhausted primary during its hold")
+        failed = [{"status": None}]
+    return failed
+
+
+# ---- Act 7: a self-hosted server's capacity, found from cold ------------------------------
+
+# A self-hosted server (vLLM, TGI) publishes no quota: it serves K at once, queues some more and
+# answers 503 beyond that. The adaptive in-flight limit starts at 1 and finds K from the answers.
+ADAPTIVE_FILTER = {
+    "name": "selfhosted",
+    "bucket": {"capacity": 100000, "refill_rate": 100000},
+    "in_flight": {"max": 64, "adaptive": {}},
+}
+ACT7_CAPACITY, ACT7_SERVICE_MS, ACT7_CLIENTS = 8, 200, 24
+ACT7_S, ACT7_LOWER_AT_S, ACT7_LOWERED, ACT7_DIRECT_S = 18, 12, 4, 3
+
+
+def closed_loop(port, clients, seconds, on_second=None):
+    """`clients` threads each sending one request after the other to `port` for `seconds`;
+    `on_second(t, results, lock)` is called at 0.1 s and then every second. Returns
+    [(t, status)] of every request: t, seconds from the start to its answer."""
+    results, lock, stop_at = [], threading.Lock(), threading.Event()
+
+    def client():
+        while not stop_at.is_set():
+            try:
+                status, _ = post_chat(port, BODY, {})
+            except OSError:
+                status = None
+            with lock:
+                results.append((time.monotonic() - start, status))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    start = time.monotonic()
+    for th in threads:
+        th.start()
+    # 0.1 s: the first requests are out, none answered yet.
+    for second in [0.1] + list(range(1, int(seconds) + 1)):
+        time.sleep(max(0.0, second - (time.monotonic() - start)))
+        if on_second:
+            on_second(second, results, lock)
+    stop_at.set()
+    for th in threads:
+        th.join(REQUEST_TIMEOUT_S + 2)
+    return results
+
+
+def adaptive_capacity(procs, tmp):
+    """24 closed-loop clients against a server that serves 8 at once (hidden): the filter's
+    adaptive in-flight limit climbs from 1 to about 8, then follows the capacity down to 4."""
+    started = time.monotonic()
+    server = start_mock(procs, "--capacity", str(ACT7_CAPACITY), "--latency-ms", str(ACT7_SERVICE_MS))
+    port, admin, log = start_envoy(procs, tmp, server, ADAPTIVE_FILTER)
+    k_rate = ACT7_CAPACITY * 1000 / ACT7_SERVICE_MS
+    print(f"\n==> act 7: a self-hosted server's capacity, found from cold. The mock serves {ACT7_CAPACITY} "
+          f"at once for {ACT7_SERVICE_MS} ms each ({k_rate:.0f}/s), queues {ACT7_CAPACITY} more and answers "
+          f"503 beyond, with no rate-limit headers; {ACT7_CLIENTS} closed-loop clients, and at "
+          f"{ACT7_LOWER_AT_S} s its capacity drops to {ACT7_LOWERED}")
+    print(f"    {json.dumps(ADAPTIVE_FILTER)}")
+    print(f"  {'t':>5} {'limit':>6} {'in flight':>10} {'queued':>7} {'503s':>6} {'200s':>6}   (limit: the filter's "
+          f"in_flight.limit gauge; in flight, queued, 503s so far: the server's capacity stats; 200s: answers "
+          f"to the clients since the row before)")
+    seen, marks = {}, {"ok": 0}
+
+    def on_second(t, results, lock):
+        limit = filter_stats(admin, "selfhosted", "in_flight.limit").get("in_flight.limit")
+        cap = json.loads(http_get(server, "/mock/stats"))["capacity"]
+        with lock:
+            ok = sum(s == 200 for _, s in results)
+        seen[t] = {"limit": limit}
+        note = ""
+        if t == ACT7_LOWER_AT_S:
+            http_post(server, "/mock/config", {"capacity": ACT7_LOWERED})
+            note = f"   <- capacity set to {ACT7_LOWERED} (POST /mock/config)"
+        print(f"  {t:>4}s {limit if limit is not None else '?':>6} {cap['in_flight']:>10} {cap['waiting']:>7} "
+              f"{cap['overflowed']:>6} {ok - marks['ok']:>6}{note}", flush=True)
+        marks["ok"] = ok
+
+    results = closed_loop(port, ACT7_CLIENTS, ACT7_S, on_second)
+    mock_stats = json.loads(http_get(server, "/mock/stats"))
+    stats = filter_stats(admin, "selfhosted", "in_flight")
+    ok_k = sum(s == 200 for t, s in results if t < ACT7_LOWER_AT_S)
+    found_at = min((t for t in range(1, ACT7_LOWER_AT_S) if (seen[t]["limit"] or 0) >= ACT7_CAPACITY - 1),
+                   default=ACT7_LOWER_AT_S - 1)
+    ok_found = sum(s == 200 for t, s in results if found_at <= t < ACT7_LOWER_AT_S)
+    # From a second after the drop: the requests answered just after it were let in before.
+    ok_low = sum(s == 200 for t, s in results if ACT7_LOWER_AT_S + 1 <= t < ACT7_S)
+    low_s = ACT7_S - ACT7_LOWER_AT_S - 1
+    limit_10 = seen[10]["limit"]
+    share = mock_stats["capacity"]["overflowed"] / max(mock_stats["requests"], 1)
+    others = [s for t, s in results if s != 200]
+    print(f"   the limit after 10 s: {limit_10} (the server's capacity: {ACT7_CAPACITY}); after the drop: "
+          f"{seen[ACT7_S]['limit']} (capacity {ACT7_LOWERED})")
+    print(f"   served: {ok_k / ACT7_LOWER_AT_S:.1f}/s over the first {ACT7_LOWER_AT_S} s (from cold), "
+          f"{ok_found / (ACT7_LOWER_AT_S - found_at):.1f}/s from {found_at} s (the limit near {ACT7_CAPACITY}), of the "
+          f"{k_rate:.0f}/s {ACT7_CAPACITY} slots allow; {ok_low / low_s:.1f}/s from a second after the drop, of "
+          f"{ACT7_LOWERED * 1000 / ACT7_SERVICE_MS:.0f}/s; {len(results)} answers to the clients, "
+          f"{len(others)} not 200{' (' + ', '.join(sorted({str(s) for s in others})) + ')' if others else ''}")
+    print(f"   the server received {mock_stats['requests']} requests (Envoy's retries included) and answered "
+          f"{mock_stats['capacity']['overflowed']} with 503: {100 * share:.1f}%; most in flight at once "
+          f"{mock_stats['capacity']['max_in_flight_seen']}")
+    print(f"   filter stats: in_flight.raised {stats.get('in_flight.raised', '?')}, in_flight.cut "
+          f"{stats.get('in_flight.cut', '?')}")
+
+    # For contrast: the same clients straight at the server, without the filter.
+    http_post(server, "/mock/config", {"capacity": ACT7_CAPACITY})
+    deadline = time.monotonic() + 5
+    while json.loads(http_get(server, "/mock/stats"))["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    http_post(server, "/mock/reset", {})
+    direct = closed_loop(server, ACT7_CLIENTS, ACT7_DIRECT_S)
+    d_ok, d_503 = sum(s == 200 for _, s in direct), sum(s == 503 for _, s in direct)
+    d_rate = sum(s == 200 for t, s in direct if t < ACT7_DIRECT_S) / ACT7_DIRECT_S
+    d_share = d_503 / max(len(direct), 1)
+    print(f"   without the filter, the same {ACT7_CLIENTS} clients straight at the server (capacity "
+          f"{ACT7_CAPACITY}) for {ACT7_DIRECT_S} s: {len(direct)} requests, {d_ok} served "
+          f"({d_rate:.1f}/s), {d_503} answered 503: {100 * d_share:.1f}%. Act 7 took "
+          f"{time.monotonic() - started:.1f} s")
+
+    failed = [{"status": s} for _, s in results if s is None]
+    if not failed and (limit_10 is None or not 6 <= limit_10 <= 10):
+        print(f"FAILED: the limit after 10 s is {limit_10}, not within [6, 10]")
+        failed = [{"status": None}]
+    return failed
+
+
 # ---- Monitoring: Prometheus and Alertmanager, natively ------------------------------------
 
 def start_monitoring(procs, tmp):
@@ -817,7 +1074,8 @@ def show_alert(port, am, prom):
 # ---- Main ------------------------------------------------------------------------------------
 
 ACTS = {1: "a mixed-priority burst", 2: "the provider's quota runs out", 3: "a token-heavy batch",
-        4: "two Envoys, one limit", 5: "quotas that follow real usage"}
+        4: "two Envoys, one limit", 5: "quotas that follow real usage", 6: "failover by priority",
+        7: "a self-hosted server's capacity, found from cold"}
 
 
 def parse_args(argv):
@@ -885,7 +1143,9 @@ def main():
             later = ((2, lambda: provider_exhaustion(port, admin, mock)),
                      (3, lambda: token_limits(procs, Path(tmp), mock)),
                      (4, lambda: shared_limit(procs, Path(tmp), mock)),
-                     (5, lambda: tenant_quotas(procs, Path(tmp), mock)))
+                     (5, lambda: tenant_quotas(procs, Path(tmp), mock)),
+                     (6, lambda: failover(procs, Path(tmp), mock)),
+                     (7, lambda: adaptive_capacity(procs, Path(tmp))))
             for n, act in later:
                 if n not in acts:
                     continue

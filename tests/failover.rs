@@ -97,36 +97,76 @@ fn high_fails_over_to_the_backup_within_its_limit_and_low_waits_for_the_primary(
     assert_eq!(envoy.stat("primary", "priority.low.failover"), 0);
 }
 
+/// `n` HIGH chat requests at once over one HTTP/2 connection, each ending with request trailers
+/// (tests/h2client.py): (status, provider, model answered) of each.
+fn h2_high(port: u16, n: usize) -> Vec<(u64, String, String)> {
+    let py = root().join(".venv/bin/python3");
+    let has_h2 = std::process::Command::new(&py).args(["-c", "import h2"]).output().is_ok_and(|o| o.status.success());
+    assert!(has_h2, "{} cannot import h2: run `scripts/setup.sh --test` (it installs h2 into .venv/)", py.display());
+    let out = std::process::Command::new(py)
+        .arg(root().join("tests/h2client.py"))
+        .args(["--port", &port.to_string(), "-n", &n.to_string(), "--header", "x-llm-priority:HIGH", "--timeout", "20"])
+        .output()
+        .expect("tests/h2client.py");
+    assert!(out.status.success(), "tests/h2client.py: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("h2client JSON");
+    v["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| {
+            let body: serde_json::Value =
+                r["body"].as_str().and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
+            (
+                r["status"].as_u64().unwrap_or(0),
+                r["headers"]["x-llm-ratelimit-provider"].as_str().unwrap_or("none").to_string(),
+                body["model"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
 /// With token limits the body is held: a request that fails over is sent with the backup's name
-/// for its model; the backup's own bucket refuses what it cannot take at once, counted, and the
-/// request then waits at the primary.
+/// for its model, over HTTP/1.1 and over HTTP/2 with request trailers; what the backup's own
+/// bucket cannot take at once is counted refused and stays with the primary (here refused: HIGH
+/// may wait 500 ms, the primary's reset is seconds away).
 #[test]
 fn a_failed_over_request_carries_the_backups_model_and_a_full_backup_leaves_it_with_the_primary() {
-    let primary = Mock::start(&["--quota", "1", "--window-ms", "3000"]);
+    let primary = Mock::start(&["--quota", "1", "--window-ms", "10000"]);
     let backup = Mock::start(&[]);
-    let cfg = config(r#","models":{"gpt-4o-mini":"backup-mini"}"#)
-        .replace(r#""classify""#, r#""tokens":{"capacity":100000},"classify""#);
+    let cfg = config(r#","models":{"gpt-4o-mini":"backup-mini"}"#).replace(
+        r#""classify""#,
+        r#""tokens":{"capacity":100000},"priorities":{"HIGH":{"max_wait_ms":500}},"classify""#,
+    );
     let envoy = Envoy::start_with_backup(&cfg, 2, primary.port, backup.port);
     let url = envoy.url(CHAT);
-    primary.restart_window_at_phase(3000, 0);
+    primary.restart_window_at_phase(10_000, 0);
     let first = chat(&url, &[("x-llm-priority", "HIGH")]).unwrap();
     assert_eq!(first.header("x-llm-ratelimit-provider"), Some("primary"));
     // The primary's quota is gone: three HIGH at once; the backup's bucket holds 2.
     let replies = simultaneous(3, &url, &[("x-llm-priority", "HIGH")]);
+    let seen: Vec<(u16, Option<String>)> =
+        replies.iter().map(|t| (t.status(), t.header("x-llm-ratelimit-provider").map(str::to_string))).collect();
+    println!("HTTP/1.1, 3 HIGH at once: {seen:?}");
     let backups: Vec<&Timed> =
         replies.iter().filter(|t| t.header("x-llm-ratelimit-provider") == Some("backup")).collect();
-    println!(
-        "3 HIGH at once: {:?}",
-        replies
-            .iter()
-            .map(|t| (t.status(), t.header("x-llm-ratelimit-provider").map(str::to_string)))
-            .collect::<Vec<_>>()
-    );
-    assert_eq!(backups.len(), 2);
+    assert_eq!(backups.len(), 2, "{seen:?}");
     for t in &backups {
+        assert_eq!(t.status(), 200);
         let body: serde_json::Value = serde_json::from_str(&t.reply.as_ref().unwrap().body).unwrap();
         assert_eq!(body["model"], "backup-mini", "{body}");
     }
-    assert!(replies.iter().all(|t| t.status() == 200), "the third waits at the primary for its reset");
+    let third: Vec<&Timed> = replies.iter().filter(|t| t.status() == 429).collect();
+    assert_eq!(third.len(), 1, "{seen:?}");
+    assert_eq!(third[0].header("x-llm-ratelimit-source"), Some("proxy"));
     assert_eq!(envoy.stat("primary", "failover.backup.refused"), 1);
+    // HTTP/2, the bodies ending with trailers: the backup's bucket has refilled.
+    std::thread::sleep(Duration::from_millis(400));
+    let h2 = h2_high(envoy.port, 2);
+    println!("HTTP/2 with trailers, 2 HIGH at once: {h2:?}");
+    assert!(
+        h2.iter().all(|(status, provider, model)| *status == 200 && provider == "backup" && model == "backup-mini"),
+        "{h2:?}"
+    );
+    assert_eq!(primary.received(), 1, "the held primary was sent more than the first request");
 }

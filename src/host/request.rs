@@ -98,6 +98,8 @@ pub struct Request {
     answered: Option<(u16, Instant)>,
     /// Its body, kept from its read to its decision when a failover target may rename its model.
     body: Option<Vec<u8>>,
+    /// The failover targets were tried for it (once: a refusal after a hold does not try again).
+    failover_tried: bool,
 }
 
 fn header(name: &str) -> Option<String> {
@@ -152,6 +154,7 @@ impl Request {
             attempt: 0,
             answered: None,
             body: None,
+            failover_tried: false,
         }
     }
 
@@ -705,6 +708,9 @@ impl Request {
     /// body in hand: a target that renames is skipped otherwise). Whatever it held at the primary
     /// was given back by the gate that refused it.
     fn fail_over(&mut self, now: Instant) -> bool {
+        if std::mem::replace(&mut self.failover_tried, true) {
+            return false;
+        }
         let w = self.w.clone();
         let tenant_of = |b: &Backup| b.target.provider.tenant.as_ref().and_then(|t| header(&t.key_header));
         for (i, b) in w.backups.iter().enumerate() {
@@ -760,7 +766,7 @@ impl Request {
 
     /// Whether a `failover` target may take this request (before the clock is read for it).
     fn may_fail_over(&self) -> bool {
-        self.held.target.is_none() && self.w.backups.iter().any(|b| b.takes(self.class))
+        !self.failover_tried && self.w.backups.iter().any(|b| b.takes(self.class))
     }
 
     /// Answers this request with a local 429, unless a `failover` target takes it.
