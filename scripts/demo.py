@@ -834,7 +834,7 @@ def failover(procs, tmp, mock):
             status, headers = None, {}
         queued = headers.get("x-ratelimit-queued-ms")
         with lock:
-            results.append({"priority": priority, "status": status, "provider": headers.get("x-llm-ratelimit-provider"),
+            results.append({"priority": priority, "status": status, "provider": headers.get("x-llm-ratelimit-provider", "primary"),
                             "reason": headers.get("x-llm-ratelimit-reason"),
                             "queued_ms": int(queued) if queued is not None else None,
                             "ms": int((time.monotonic() - sent) * 1000)})

@@ -947,11 +947,12 @@ impl Request {
             None => calls::response_header(name).ok().flatten(),
         };
         let status = get(":status").and_then(|s| s.parse().ok()).unwrap_or(0u16);
-        if !w.backups.is_empty() && role.admits() {
-            let target = self.held.target.and_then(|t| w.backups.get(usize::from(t)));
-            set_header("x-llm-ratelimit-provider", target.map_or(w.name(), |b| b.name()));
+        // Only on an answer from a failover target: the normal path pays no header.
+        if let (Some(b), true) = (self.held.target.and_then(|t| w.backups.get(usize::from(t))), role.admits()) {
+            set_header("x-llm-ratelimit-provider", b.name());
         }
-        if w.config.in_flight.is_some() {
+        // The time to headers teaches the adaptive limit only.
+        if w.in_flight_of(self.held.target).is_some_and(|r| r.adaptive.is_some()) {
             self.answered = calls::now().ok().map(|now| (status, now));
         }
         if let (Some(m), Some(t)) = (&mut self.held.meter, &w.config.tokens) {

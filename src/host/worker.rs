@@ -17,7 +17,6 @@ use crate::admission::TokenNeed;
 use crate::alert::Event as Alert;
 use crate::breaker::{Mode, Verdict};
 use crate::config::Config;
-use crate::inflight::Change;
 use crate::signals::Signals;
 use crate::store::Status;
 use crate::time::{Duration, Instant};
@@ -213,6 +212,9 @@ impl WorkerContext {
             self.metrics.leases.add(leases);
             self.metrics.leased.add(leased);
             self.gauges.slots(&self.metrics, w.slot_readout());
+            let (raised, cut) = w.take_slot_changes();
+            self.metrics.in_flight_raised.add(raised);
+            self.metrics.in_flight_cut.add(cut);
         }
         self.metrics.cas_conflicts.add(super::shared::take_conflicts());
         self.alerts.send(&self.config, &self.metrics, now);
@@ -347,22 +349,25 @@ impl WorkerContext {
     /// Request `id` ended, or a later gate refused it: its slot in flight goes back (with
     /// `in_flight`), its `answer` (status, when its headers came) teaching the adaptive limit.
     pub fn end_in_flight(&self, target: Option<u8>, id: u32, answer: Option<(u16, Instant)>) {
-        let config = match target.and_then(|t| self.backups.get(usize::from(t))) {
-            Some(b) => &b.target.provider,
-            None => &self.config,
-        };
-        if config.in_flight.is_none() {
+        if self.in_flight_of(target).is_none() {
             return;
         }
-        let Ok(now) = super::calls::now() else { return };
+        // The clock only when the slot is written now (not when it stays spare).
+        let now = || super::calls::now().ok();
         match self.with_target_mut(target, |w| w.end_in_flight(&SharedData, id, answer, now)) {
-            Ok(Some(Change::Raised)) => self.metrics.in_flight_raised.inc(),
-            Ok(Some(Change::Cut)) => self.metrics.in_flight_cut.inc(),
-            Ok(None) => {}
+            Ok(()) => {}
             Err(s) => {
                 self.metrics.errors.inc();
                 log::warn!("llm-ratelimit: {}: cannot give a slot in flight back: status {s}", self.name());
             }
+        }
+    }
+
+    /// The `in_flight` rules of the primary (`None`) or of failover target `target`.
+    pub fn in_flight_of(&self, target: Option<u8>) -> Option<&crate::inflight::Rules> {
+        match target.and_then(|t| self.backups.get(usize::from(t))) {
+            Some(b) => b.target.provider.in_flight.as_ref(),
+            None => self.config.in_flight.as_ref(),
         }
     }
 

@@ -64,7 +64,7 @@ impl Worker {
         // (a terminal quota refuses here before the bucket is read; the probe takes what is there).
         let (mut admission, readout) = self.admit_provider(store, &a, now)?;
         if !matches!(admission, Admission::Pass { .. }) {
-            self.end_in_flight(store, a.id, None, now)?;
+            self.end_in_flight(store, a.id, None, || Some(now))?;
         }
         if let (Admission::Refuse(r), Some(_)) = (&mut admission, slot_short) {
             if r.reason == Reason::ProviderHold {

@@ -279,7 +279,7 @@ impl Worker {
             || self.bucket.shows_waiters()
             || self.holds_bucket_lease()
             || self.bucket.lease.in_use()
-            || self.slots.as_ref().is_some_and(|s| s.any_out())
+            || self.slots.as_ref().is_some_and(|s| s.needs_tick())
     }
 
     /// Whether this worker holds leased tokens or settlements to write back.
@@ -342,12 +342,17 @@ impl Worker {
         store: &impl Store,
         id: u32,
         answer: Option<(u16, Instant)>,
-        now: Instant,
-    ) -> Result<Option<crate::inflight::Change>, Status> {
+        now: impl FnOnce() -> Option<Instant>,
+    ) -> Result<(), Status> {
         match &mut self.slots {
             Some(slots) => slots.give(store, Some(id), answer, now),
-            None => Ok(None),
+            None => Ok(()),
         }
+    }
+
+    /// What answers did to the adaptive in-flight limit since the last call: (raised, cut).
+    pub fn take_slot_changes(&mut self) -> slots::Changes {
+        self.slots.as_mut().map_or((0, 0), |s| s.take_changes())
     }
 
     /// Whether request `id` holds a slot in flight.
@@ -569,7 +574,7 @@ impl Worker {
         let expired = self.queue.expire(now.floor_millis());
         let gate = self.release_waiters(store, now, &mut t);
         self.heartbeat(store, now, &mut t);
-        if let Some(Err(s)) = self.slots.as_mut().map(|slots| slots.heartbeat(store, now)) {
+        if let Some(Err(s)) = self.slots.as_mut().map(|slots| slots.tick(store, now)) {
             t.errors.push(s);
         }
         t.readout = t.readout.or(returned);
@@ -606,7 +611,7 @@ impl Worker {
                 }
             }
             let Some(r) = self.release_next(store, gate, now, t) else {
-                if let Some(Err(s)) = self.slots.as_mut().map(|slots| slots.give(store, None, None, now)) {
+                if let Some(Err(s)) = self.slots.as_mut().map(|slots| slots.give(store, None, None, || Some(now))) {
                     t.errors.push(s);
                 }
                 break;
