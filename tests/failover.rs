@@ -171,3 +171,41 @@ fn a_failed_over_request_carries_the_backups_model_and_a_full_backup_leaves_it_w
     );
     assert_eq!(primary.received(), 1, "the held primary was sent more than the first request");
 }
+
+/// A request that failed over and meets a 429 at the backup (whose quota the filter did not know
+/// was spent) is told the sooner of the two resets: here the primary's, seconds before the
+/// backup's.
+#[test]
+fn a_429_from_the_backup_says_the_sooner_of_the_two_resets() {
+    let primary = Mock::start(&["--quota", "1", "--window-ms", "4000"]);
+    let backup = Mock::start(&["--quota", "1", "--window-ms", "30000"]);
+    // HIGH may wait 500 ms, at the primary and at the backup (whose observer holds router
+    // retries by its own configuration).
+    let high = r#""priorities":{"HIGH":{"max_wait_ms":500}}"#;
+    let cfg = config("")
+        .replace(r#""classify""#, &format!(r#"{high},"classify""#))
+        .replace(r#""burst_allowance":0}"#, &format!(r#""burst_allowance":0}},{high}"#));
+    let envoy = Envoy::start_with_backup(&cfg, 2, primary.port, backup.port);
+    let url = envoy.url(CHAT);
+    let primary_reset = primary.restart_window_at_phase(4000, 0);
+    backup.restart_window_at_phase(30_000, 0);
+    // The backup's one request is spent behind the filter's back; the primary's through it.
+    assert_eq!(chat(&backup.url(CHAT), &[]).unwrap().status, 200);
+    assert_eq!(chat(&url, &[]).unwrap().status, 200);
+    let sent = epoch_ms();
+    let r = chat(&url, &[("x-llm-priority", "HIGH")]).unwrap();
+    let told: u64 = r.header("retry-after-ms").and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
+    println!(
+        "HIGH at the spent backup: {} from {:?}, retry-after-ms {told} (primary resets in {} ms, the backup in ~30 s)",
+        r.status,
+        r.header("x-llm-ratelimit-provider"),
+        primary_reset.saturating_sub(sent)
+    );
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.header("x-llm-ratelimit-provider"), Some("backup"));
+    let to_primary = primary_reset.saturating_sub(sent);
+    assert!(
+        told <= to_primary + 500 && told + 1500 >= to_primary,
+        "told {told} ms, the primary resets in {to_primary} ms"
+    );
+}

@@ -964,9 +964,16 @@ impl Request {
         // A local reply from upstream (the observer's 429 for a retry, a cached answer) is ours:
         // nothing to learn or rewrite (its tokens are settled as a 429's).
         let ours = |marker| role.admits() && get(marker).is_some();
-        if (status == 429 && ours("x-llm-ratelimit-source"))
-            || (self.cache_key.is_some() && ours("x-llm-ratelimit-fallback"))
-        {
+        if status == 429 && ours("x-llm-ratelimit-source") {
+            // The target's observer answered a retry with the target's reset: the primary's may
+            // be sooner.
+            if self.held.target.is_some() {
+                let wait = get("retry-after-ms").and_then(|v| v.parse().ok()).map(Duration::from_millis);
+                self.sooner_with_primary(wait);
+            }
+            return Action::Continue;
+        }
+        if self.cache_key.is_some() && ours("x-llm-ratelimit-fallback") {
             return Action::Continue;
         }
         if status == 200 && self.cache_key.is_some() && !end_of_stream {
@@ -1054,6 +1061,17 @@ impl Request {
             }
             v
         })
+    }
+
+    /// A failover target's 429 whose client was told to wait `wait`: when the primary's reset is
+    /// sooner, it is told that instead.
+    fn sooner_with_primary(&self, wait: Option<Duration>) {
+        let Ok(now) = calls::now() else { return };
+        let Ok(state) = self.w.with_core(|c| c.provider_state(&SharedData)) else { return };
+        let until = state.until;
+        if until > now && wait.is_none_or(|w| until - now.floor_millis() < w) {
+            self.rewrite_429(&Verdict { retry_at: Some(until), ..Verdict::default() }, now);
+        }
     }
 
     /// Gives a provider 429 one precise `Retry-After` (and friends) for its client.

@@ -355,6 +355,12 @@ impl WorkerContext {
         // The clock only when the slot is written now (not when it stays spare).
         let now = || super::calls::now().ok();
         match self.with_target_mut(target, |w| w.end_in_flight(&SharedData, id, answer, now)) {
+            // A waiter here takes the slot now, not on the next tick.
+            Ok(()) if target.is_none() && self.core.try_borrow().is_ok_and(|w| w.local_counts() != [0; 4]) => {
+                if let Ok(now) = super::calls::now() {
+                    self.tick_queue(now);
+                }
+            }
             Ok(()) => {}
             Err(s) => {
                 self.metrics.errors.inc();

@@ -8,12 +8,15 @@
 //! the observer's place (`"role":"observer"`, which bench/run.py keeps from envoy/envoy.yaml), the
 //! observer's: the probe and attempt-count reads on the request, every response header and the
 //! clock on the response.
+//! With `{"bodies":1}` (in the listener) it holds a request's headers until its body is in, reads
+//! the body, and reads each answer's last body chunk: what any filter that estimates from the
+//! request and settles from the answer's `usage` must make Envoy do, and nothing else.
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { calls: 0, reply: None, mimic: false, observer: false }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { calls: 0, reply: None, mimic: false, observer: false, bodies: false }) });
 }}
 
 struct Root {
@@ -21,6 +24,7 @@ struct Root {
     reply: Option<usize>,
     mimic: bool,
     observer: bool,
+    bodies: bool,
 }
 
 /// The number after `"key":` in the configuration text.
@@ -38,13 +42,20 @@ impl RootContext for Root {
         self.reply = number(&text, "reply");
         self.mimic = number(&text, "mimic").is_some_and(|n| n > 0);
         self.observer = text.contains("\"role\":\"observer\"");
+        self.bodies = !self.observer && number(&text, "bodies").is_some_and(|n| n > 0);
         true
     }
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Pass { calls: self.calls, reply: self.reply, mimic: self.mimic, observer: self.observer }))
+        Some(Box::new(Pass {
+            calls: self.calls,
+            reply: self.reply,
+            mimic: self.mimic,
+            observer: self.observer,
+            bodies: self.bodies,
+        }))
     }
 }
 
@@ -53,6 +64,7 @@ struct Pass {
     reply: Option<usize>,
     mimic: bool,
     observer: bool,
+    bodies: bool,
 }
 
 const HEADERS: [(&str, &str); 9] = [
@@ -68,7 +80,7 @@ const HEADERS: [(&str, &str); 9] = [
 ];
 impl Context for Pass {}
 impl HttpContext for Pass {
-    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+    fn on_http_request_headers(&mut self, _: usize, end_of_stream: bool) -> Action {
         if self.mimic && self.observer {
             let _ = self.get_http_request_header("x-llm-ratelimit-probe");
             let _ = self.get_http_request_header("x-envoy-attempt-count");
@@ -83,6 +95,27 @@ impl HttpContext for Pass {
             let body = [b'x'; 200];
             self.send_http_response(429, HEADERS[..n.min(9)].to_vec(), Some(&body));
             return Action::Pause;
+        }
+        if self.bodies && !end_of_stream {
+            return Action::Pause;
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if !self.bodies {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let _ = self.get_http_request_body(0, size);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.bodies && end_of_stream {
+            let _ = self.get_http_response_body(0, size);
         }
         Action::Continue
     }
