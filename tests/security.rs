@@ -427,6 +427,8 @@ fn numeric_fields() -> Vec<(String, String, Kind)> {
                 "tokens" | "tokens.per_model.m" if parts[i] != "capacity" => r#","capacity":9"#,
                 "tenant.tokens" | "tokens.input" if parts[i] != "capacity" => r#","capacity":9"#,
                 "alert" | "global" => r#","cluster":"x""#,
+                // The adaptive limit moves under `in_flight.max`.
+                "in_flight" if parts[i] != "max" => r#","max":9"#,
                 // Tenant tokens are estimated by the `tokens` section.
                 "" if path.starts_with("tenant.tokens") => r#","tokens":{"capacity":9}"#,
                 _ => "",
@@ -479,6 +481,12 @@ fn numeric_fields() -> Vec<(String, String, Kind)> {
         add(&format!("tenant.tokens.{f}"), Whole);
     }
     add("tenant.tokens.refill_rate", Positive);
+    add("in_flight.max", Whole);
+    for f in ["floor", "initial"] {
+        add(&format!("in_flight.adaptive.{f}"), Whole);
+    }
+    add("in_flight.adaptive.tolerance", Positive);
+    add("in_flight.adaptive.backoff", Fraction);
     add("tokens.input.capacity", Whole);
     add("tokens.input.refill_rate", Positive);
     // A list entry: its path is `quotas[0].limit`.
