@@ -40,7 +40,7 @@ fn config(tokens: bool, global: bool, generation: u32) -> String {
         r#","tokens":{"capacity":1000000000},"tenant":{"capacity":1000000,"tokens":{"capacity":1000000000}},
             "prices":{"default":{"input":1,"output":1}},"quotas":[{"unit":"requests","per":"day","limit":1000000}],
             "in_flight":{"max":3},
-            "failover":[{"provider":{"name":"fb","bucket":{"capacity":2,"refill_rate":0.001},"in_flight":{"max":1}},"classes":["CRITICAL"]}]"#
+            "failover":[{"provider":{"name":"fb","bucket":{"capacity":2,"refill_rate":0.001,"burst_allowance":0},"in_flight":{"max":1}},"classes":["CRITICAL"]}]"#
     } else {
         ""
     };

@@ -64,7 +64,9 @@ impl Worker {
         // (a terminal quota refuses here before the bucket is read; the probe takes what is there).
         let (mut admission, readout) = self.admit_provider(store, &a, now)?;
         if !matches!(admission, Admission::Pass { .. }) {
-            self.end_in_flight(store, a.id, None, || Some(now))?;
+            // A lost write keeps the slot spare for the tick to write back: the request's fate
+            // stands.
+            let _ = self.end_in_flight(store, a.id, None, || Some(now));
         }
         if let (Admission::Refuse(r), Some(_)) = (&mut admission, slot_short) {
             if r.reason == Reason::ProviderHold {
