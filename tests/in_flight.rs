@@ -104,7 +104,8 @@ fn an_adaptive_limit_finds_a_hidden_capacity_from_cold_and_follows_it_down() {
     });
     // The clients got answers throughout: the excess waited in the filter's queue.
     println!("clients: {} answers, {} not 200", answers.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
-    assert!(eventually(Duration::from_secs(10), || envoy.stat("selfhosted", "in_flight") == 0), "slots left out");
+    let out = || envoy.stat("selfhosted", "in_flight");
+    assert!(eventually(Duration::from_secs(10), || out() == 0), "in_flight shows {} with no client left", out());
 
     // The same load straight at the provider (K back at 8): over 30% of its answers are 503s.
     ureq::post(&mock.url("/mock/config")).send_json(serde_json::json!({"capacity": 8})).expect("config");
@@ -143,7 +144,8 @@ fn a_fixed_limit_holds_process_wide_and_leaks_no_slot_when_clients_leave() {
             s.spawn(|| chat_within(Duration::from_millis(100), &url, &[]));
         }
     });
-    assert!(eventually(Duration::from_secs(5), || envoy.stat("fixed", "in_flight") == 0), "slots left out");
+    let out = || envoy.stat("fixed", "in_flight");
+    assert!(eventually(Duration::from_secs(5), || out() == 0), "in_flight shows {} with no client left", out());
     ureq::post(&mock.url("/mock/reset")).call().expect("reset");
     let started = Instant::now();
     let replies = simultaneous(3, &url, &[]);

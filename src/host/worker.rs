@@ -211,6 +211,9 @@ impl WorkerContext {
             let (leases, leased) = w.take_lease_counts();
             self.metrics.leases.add(leases);
             self.metrics.leased.add(leased);
+            if let Err(s) = w.refresh_slots(&SharedData, now) {
+                log::debug!("llm-ratelimit: cannot read the in-flight count: status {s}");
+            }
             self.gauges.slots(&self.metrics, w.slot_readout());
             let (raised, cut) = w.take_slot_changes();
             self.metrics.in_flight_raised.add(raised);

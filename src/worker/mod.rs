@@ -365,6 +365,11 @@ impl Worker {
         self.slots.as_ref().and_then(|s| s.readout)
     }
 
+    /// Reads the in-flight count again when this worker has none out (for its gauge).
+    pub fn refresh_slots(&mut self, store: &impl Store, now: Instant) -> Result<(), Status> {
+        self.slots.as_mut().map_or(Ok(()), |s| s.refresh(store, now))
+    }
+
     /// Learns from one provider answer; `probe` is the probe number the request carried.
     pub fn observe(
         &self,

@@ -48,8 +48,9 @@ pub struct Slots {
     samples: Vec<Sample>,
     /// When this worker last wrote its entry.
     written_at: Instant,
-    /// What the last write or read showed.
+    /// What the last write or read showed, and when.
     pub readout: Option<SlotReadout>,
+    seen_at: Instant,
     /// What the answers learned from did to the limit, since the host last read it.
     changes: Changes,
 }
@@ -67,6 +68,7 @@ impl Slots {
             samples: Vec::new(),
             written_at: Instant::ZERO,
             readout: None,
+            seen_at: Instant::ZERO,
             changes: (0, 0),
         }
     }
@@ -129,6 +131,7 @@ impl Slots {
         match (r, wrote) {
             (Ok((r, changes)), Some(readout)) => {
                 self.written_at = now;
+                self.seen_at = now;
                 self.readout = Some(readout);
                 self.changes.0 += changes.0;
                 self.changes.1 += changes.1;
@@ -177,6 +180,7 @@ impl Slots {
             }
             Err((wait, readout)) => {
                 self.readout = Some(readout);
+                self.seen_at = now;
                 self.keep = 0;
                 Ok(Err(wait))
             }
@@ -231,6 +235,21 @@ impl Slots {
             self.spare = spare;
         }
         written
+    }
+
+    /// The readout of a worker with nothing out, read again every `HEARTBEAT`: it is what this
+    /// worker's gauge shows, and a count from before other workers' requests ended would
+    /// otherwise stay on the process-wide gauge for good.
+    pub fn refresh(&mut self, store: &impl Store, now: Instant) -> Result<(), Status> {
+        if self.own() > 0 || self.readout.is_none() || now.saturating_since(self.seen_at) < HEARTBEAT {
+            return Ok(());
+        }
+        self.seen_at = now;
+        if let Some(s) = store::read::<Shared>(store, &self.key)? {
+            let s = self.rules.fit(s);
+            self.readout = Some((s.limit, s.total(self.me, 0, now)));
+        }
+        Ok(())
     }
 
     /// Each tick: spare slots and kept answers written, and this worker's entry rewritten every
@@ -301,6 +320,28 @@ mod tests {
         b.tick(&store, later).unwrap();
         assert_eq!(b.take(&store, Some(4), false, later), Ok(Ok(())));
         assert_eq!(b.readout, Some((3.0, 3)));
+    }
+
+    #[test]
+    fn an_idle_workers_readout_follows_the_others_requests_as_they_end() {
+        let store = MemStore::default();
+        let (mut a, mut b) = (fixed(3.0, 1), fixed(3.0, 2));
+        b.take(&store, Some(1), false, at(0)).unwrap().unwrap();
+        a.take(&store, Some(1), false, at(0)).unwrap().unwrap();
+        a.give(&store, Some(1), None, clock(1)).unwrap();
+        // a's last write saw b's request out.
+        assert_eq!(a.readout, Some((3.0, 1)));
+        b.give(&store, Some(1), None, clock(2)).unwrap();
+        assert_eq!(b.readout, Some((3.0, 0)));
+        // Read again only once a heartbeat has passed since a last saw the value.
+        a.refresh(&store, at(2)).unwrap();
+        assert_eq!(a.readout, Some((3.0, 1)));
+        a.refresh(&store, at(1 + HEARTBEAT.as_millis())).unwrap();
+        assert_eq!(a.readout, Some((3.0, 0)));
+        // A worker with requests out keeps what its writes show.
+        b.take(&store, Some(2), false, at(300)).unwrap().unwrap();
+        b.refresh(&store, at(900)).unwrap();
+        assert_eq!(b.readout, Some((3.0, 1)));
     }
 
     #[test]
