@@ -98,22 +98,10 @@ fn high_fails_over_to_the_backup_within_its_limit_and_low_waits_for_the_primary(
     assert_eq!(envoy.stat("primary", "priority.low.failover"), 0);
 }
 
-/// `n` HIGH chat requests at once over one HTTP/2 connection, each ending with request trailers
-/// (tests/h2client.py): (status, provider, model answered) of each.
+/// `n` HIGH chat requests at once over one HTTP/2 connection, each ending with request trailers:
+/// (status, provider, model answered) of each.
 fn h2_high(port: u16, n: usize) -> Vec<(u64, String, String)> {
-    let py = root().join(".venv/bin/python3");
-    let has_h2 = std::process::Command::new(&py).args(["-c", "import h2"]).output().is_ok_and(|o| o.status.success());
-    assert!(has_h2, "{} cannot import h2: run `scripts/setup.sh --test` (it installs h2 into .venv/)", py.display());
-    let out = std::process::Command::new(py)
-        .arg(root().join("tests/h2client.py"))
-        .args(["--port", &port.to_string(), "-n", &n.to_string(), "--header", "x-llm-priority:HIGH", "--timeout", "20"])
-        .output()
-        .expect("tests/h2client.py");
-    assert!(out.status.success(), "tests/h2client.py: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("h2client JSON");
-    v["results"]
-        .as_array()
-        .expect("results")
+    h2_chats(port, n, 1, &["x-llm-priority:HIGH"], 20.0)
         .iter()
         .map(|r| {
             let body: serde_json::Value =

@@ -155,6 +155,35 @@ fn a_fixed_limit_holds_process_wide_and_leaks_no_slot_when_clients_leave() {
     assert!(took < Duration::from_millis(550), "3 requests in {took:?}: a slot was lost");
 }
 
+/// The same limit over HTTP/2, 12 streams on 2 connections, each body ending with request
+/// trailers: all answered, never more than 3 at the provider; streams given up on (the client
+/// closes its connections mid-wait and mid-request) leave no slot behind.
+#[test]
+fn over_http2_with_trailers_the_limit_holds_and_abandoned_streams_give_their_slots_back() {
+    let mock = Mock::start(&["--latency-ms", "300"]);
+    let envoy = Envoy::start(r#"{"name":"h2","in_flight":{"max":3}}"#, 2, mock.port);
+    let results = h2_chats(envoy.port, 12, 2, &[], 20.0);
+    let statuses: Vec<u64> = results.iter().map(|r| r["status"].as_u64().unwrap_or(0)).collect();
+    let most = capacity(&mock, "max_in_flight_seen");
+    println!("HTTP/2, 12 streams with trailers through a limit of 3: {statuses:?}, at most {most} at the provider");
+    assert!(statuses.iter().all(|&s| s == 200), "{results:?}");
+    assert!(most <= 3, "{most} requests at the provider at once");
+
+    // The client gives up after 0.4 s: 3 streams upstream, 9 waiting in the filter's queue.
+    let gave_up = h2_chats(envoy.port, 12, 2, &[], 0.4);
+    assert!(gave_up.iter().any(|r| r["status"].is_null()), "every stream was answered within 0.4 s: {gave_up:?}");
+    let out = || envoy.stat("h2", "in_flight");
+    assert!(eventually(Duration::from_secs(5), || out() == 0), "in_flight shows {} with no client left", out());
+    ureq::post(&mock.url("/mock/reset")).call().expect("reset");
+    let again = h2_chats(envoy.port, 3, 1, &[], 10.0);
+    assert!(again.iter().all(|r| r["status"] == 200), "{again:?}");
+    // From the first stream sent to the last answered: one round trip of 300 ms, not two.
+    let at = |field: &'static str| again.iter().filter_map(move |r| r[field].as_u64());
+    let took = at("done_ms").max().unwrap_or(0).saturating_sub(at("sent_ms").min().unwrap_or(0));
+    println!("after the abandoned streams, 3 at once answered in {took} ms");
+    assert!(took < 550, "3 streams in {took} ms: a slot was lost");
+}
+
 /// With the queue off, a request over the limit is refused at once: 429 `in_flight_limit`.
 #[test]
 fn over_the_limit_without_a_queue_is_refused_with_its_reason() {

@@ -433,6 +433,25 @@ pub fn simultaneous(n: usize, url: &str, headers: &[(&str, &str)]) -> Vec<Timed>
 }
 
 /// Polls `f` every 20 ms until it is true or `timeout` passes; returns whether it became true.
+/// `n` chat requests at once over HTTP/2 (`connections` connections), each body ending with
+/// request trailers (tests/h2client.py, `--timeout` `secs` for the whole run): each result
+/// object (`status`, `headers`, `body`, `error`, ...; see the script), in request order.
+pub fn h2_chats(port: u16, n: usize, connections: usize, headers: &[&str], secs: f64) -> Vec<serde_json::Value> {
+    let py = root().join(".venv/bin/python3");
+    let has_h2 = Command::new(&py).args(["-c", "import h2"]).output().is_ok_and(|o| o.status.success());
+    assert!(has_h2, "{} cannot import h2: run `scripts/setup.sh --test` (it installs h2 into .venv/)", py.display());
+    let mut cmd = Command::new(py);
+    cmd.arg(root().join("tests/h2client.py")).args(["--port", &port.to_string(), "-n", &n.to_string()]);
+    cmd.args(["--connections", &connections.to_string(), "--timeout", &secs.to_string()]);
+    for h in headers {
+        cmd.args(["--header", h]);
+    }
+    let out = cmd.output().expect("tests/h2client.py");
+    assert!(out.status.success(), "tests/h2client.py: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("h2client JSON");
+    v["results"].as_array().expect("results").clone()
+}
+
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
