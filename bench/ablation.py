@@ -184,8 +184,9 @@ PATCHES = {
     "request-unparsed": [(ESTIMATE, ESTIMATE_FROM_BODY, "if true { return from_unread(rules, path, body.len() as u64); }\n"),
                          SAME_ESTIMATE],
     # The request held until its body is in, the body not read: estimated from its size.
-    "body-unread": [(REQUEST, BODY_READ, "        let _ = (whole, max);\n        let e = estimate::from_unread(rules, &self.path, size as u64);\n",
-                     "replace"), SAME_ESTIMATE],
+    # (No body kept, so none for a failover target's model map either.)
+    "body-unread": [(REQUEST, BODY_READ, "        let _ = (whole, max);\n        let body: Vec<u8> = Vec::new();\n"
+                     "        let e = estimate::from_unread(rules, &self.path, size as u64);\n", "replace"), SAME_ESTIMATE],
     # Both bodies read into a serde_json `Value` whole, as before the in-place reading
     # (`estimate::Fields::scan`, `usage::pruned`): what that reading saves.
     # (`if false`: the in-place reading still compiled, so nothing is reported unused.)
