@@ -78,6 +78,68 @@ fn request_trailers_do_not_release_a_queued_request() {
     assert_clean(&vm);
 }
 
+fn request_header(vm: &Vm, id: u32, name: &str) -> Option<String> {
+    let s = vm.host.state();
+    s.streams[&id].request_headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+}
+
+/// A request that waited in the queue past its class's `max_wait_ms` (more important ones took
+/// the tokens it was promised) goes to a failover target that takes its class: resumed, routed
+/// there, counted once, never answered with a 429. At arrival it queued, so the primary held
+/// nothing against it.
+#[test]
+fn a_queued_request_whose_wait_runs_out_fails_over_instead_of_a_429() {
+    let config = r#"{"name":"p","bucket":{"capacity":1,"refill_rate":1,"burst_allowance":0},
+        "priorities":{"NORMAL":{"max_wait_ms":1500}},"queue":{"tick_ms":10},
+        "classify":{"trust_header":true},"failover":[{"provider":{"name":"fb"},"classes":["NORMAL"]}]}"#;
+    let (p, mut vm) = start(config);
+    assert_eq!(vm.request_headers(1, &chat_headers(&[]), true), Action::Continue);
+    // One token a second: NORMAL #2 may wait 1.5 s, so it queues; then two CRITICAL go first.
+    assert_eq!(vm.request_headers(2, &chat_headers(&[]), true), Action::Pause);
+    for id in [3, 4] {
+        assert_eq!(vm.request_headers(id, &chat_headers(&[("x-llm-priority", "CRITICAL")]), true), Action::Pause);
+    }
+    for _ in 0..16 {
+        p.advance_ms(100);
+        vm.tick();
+    }
+    assert_eq!(vm.lives[&3].upstream, 1, "{:?}", vm.lives);
+    assert_eq!(vm.lives[&2].upstream, 1, "the NORMAL waiter is resumed: {:?}", vm.lives);
+    assert!(vm.lives[&2].replies.is_empty(), "{:?}", vm.lives);
+    assert_eq!(request_header(&vm, 2, "x-llm-ratelimit-target").as_deref(), Some("fb"));
+    assert_eq!(request_header(&vm, 3, "x-llm-ratelimit-target"), None);
+    for id in 1..=4 {
+        vm.done(id);
+    }
+    vm.tick();
+    assert_eq!(vm.stat("p", "priority.normal.failover"), 1);
+    assert_eq!(vm.stat("p", "failover.fb.sent"), 1);
+    assert_eq!(vm.stat("p", "priority.normal.expired"), 0);
+    assert_clean(&vm);
+}
+
+/// The rate limit service's first word on a request is over limit: it goes to the failover
+/// target that takes its class instead of a 429.
+#[test]
+fn a_request_the_rate_limit_service_refuses_fails_over_instead_of_a_429() {
+    // No queue: over limit, it may not wait for the service's next window.
+    let config = r#"{"name":"g","global":{"cluster":"rls","timeout_ms":300},"queue":{"enabled":false},
+        "failover":[{"provider":{"name":"fb"},"classes":["NORMAL"]}]}"#;
+    let (_p, mut vm) = start(config);
+    assert_eq!(vm.request_headers(1, &chat_headers(&[]), true), Action::Pause, "waits for the service");
+    let (root, token) = vm.grpc_calls.remove(0);
+    vm.grpc_answer(root, token, vec![0x08, 0x02]); // OVER_LIMIT
+    assert_eq!(vm.lives[&1].upstream, 1, "{:?}", vm.lives);
+    assert!(vm.lives[&1].replies.is_empty(), "{:?}", vm.lives);
+    assert_eq!(request_header(&vm, 1, "x-llm-ratelimit-target").as_deref(), Some("fb"));
+    vm.done(1);
+    vm.tick();
+    assert_eq!(vm.stat("g", "priority.normal.failover"), 1);
+    assert_eq!(vm.stat("g", "global.rejected"), 1);
+    assert_eq!(vm.stat("g", "priority.normal.rejected"), 0);
+    assert_clean(&vm);
+}
+
 #[test]
 fn a_queued_request_is_released_once_by_the_tick_and_never_after_its_client_left() {
     let config = r#"{"name":"q","bucket":{"capacity":1,"refill_rate":10,"burst_allowance":0},"queue":{"tick_ms":10}}"#;

@@ -764,9 +764,10 @@ impl Request {
         false
     }
 
-    /// Whether a `failover` target may take this request (before the clock is read for it).
+    /// Whether a `failover` target may take this request (before the clock is read for it). Only
+    /// where the route is still to be chosen: never in the observer, past the router.
     fn may_fail_over(&self) -> bool {
-        !self.failover_tried && self.w.backups.iter().any(|b| b.takes(self.class))
+        !self.failover_tried && self.w.config.role.admits() && self.w.backups.iter().any(|b| b.takes(self.class))
     }
 
     /// Answers this request with a local 429, unless a `failover` target takes it.
@@ -806,9 +807,16 @@ impl Request {
         }
     }
 
-    /// Answers this request, held since an earlier callback, with a local 429 counted in `stat`.
+    /// Answers this request, held since an earlier callback, with a local 429 counted in `stat`,
+    /// unless a `failover` target takes it: its wait ran out, it was shed, or the rate limit
+    /// service refused it. It holds nothing at the primary by then; a target that renames the
+    /// model is skipped (the body is no longer in hand).
     fn refuse_waiting(&mut self, r: &Refusal, stat: super::metrics::Id) {
         self.let_go();
+        if self.may_fail_over() && calls::now().is_ok_and(|now| self.fail_over(now)) {
+            self.resume_stream();
+            return;
+        }
         match self.w.send_limited(r) {
             Ok(()) => {
                 stat.inc();
