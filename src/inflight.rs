@@ -225,7 +225,7 @@ impl Shared {
 
     fn decode(b: &[u8]) -> Option<Shared> {
         let (&version, rest) = b.split_first()?;
-        if version != VERSION || rest.len() < HEAD || (rest.len() - HEAD) % 20 != 0 {
+        if version != VERSION || rest.len() < HEAD || !(rest.len() - HEAD).is_multiple_of(20) {
             return None;
         }
         let u64_at = |i: usize| Some(u64::from_le_bytes(rest.get(i..i + 8)?.try_into().ok()?));
@@ -290,12 +290,6 @@ mod tests {
 
     fn sample(sent: u64, binding: bool, status: u16, latency_ms: u64) -> Sample {
         Sample { sent: at(sent), binding, status, latency: Duration::from_millis(latency_ms) }
-    }
-
-    /// A provider serving `k` at once, each in `service` ms, queueing the rest: the time to
-    /// headers of a request sent with `n` in flight.
-    fn latency(n: u32, k: u32, service: u64) -> u64 {
-        service * u64::from(n.max(k)) / u64::from(k)
     }
 
     #[test]

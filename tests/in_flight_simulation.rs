@@ -180,7 +180,7 @@ impl Sim {
                 while left > 0 {
                     let step = left.min(200);
                     left -= step;
-                    self.now = self.now + Duration::from_millis(step);
+                    self.now += Duration::from_millis(step);
                     for w in 0..self.workers.len() {
                         self.tick(w);
                     }
@@ -239,7 +239,7 @@ fn run(events: &[Event], workers: usize, adaptive: bool, max: usize) {
             sim.requests[worker].remove(&id);
             sim.workers[worker].end_in_flight(&sim.store, id, Some((200, sim.now)), || Some(sim.now)).unwrap();
         }
-        sim.now = sim.now + Duration::from_millis(50);
+        sim.now += Duration::from_millis(50);
         for w in 0..workers {
             sim.tick(w);
         }

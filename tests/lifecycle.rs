@@ -140,6 +140,75 @@ fn a_request_the_rate_limit_service_refuses_fails_over_instead_of_a_429() {
     assert_clean(&vm);
 }
 
+/// A failover target's own quota windows are taken as the primary's are: one request a day
+/// there, so the second that would fail over stays with the primary (refused, no queue).
+#[test]
+fn a_failover_target_s_quota_holds_what_it_is_sent() {
+    let config = r#"{"name":"q","bucket":{"capacity":1,"refill_rate":0.001,"burst_allowance":0},
+        "queue":{"enabled":false},"failover":[{"provider":{"name":"fb",
+        "quotas":[{"unit":"requests","per":"day","limit":1}]},"classes":["NORMAL"]}]}"#;
+    let (_p, mut vm) = start(config);
+    for id in 1..=3 {
+        vm.request_headers(id, &chat_headers(&[]), true);
+    }
+    assert_eq!(vm.upstream(), 2, "the primary's token, then the target's one request: {:?}", vm.lives);
+    assert_eq!(request_header(&vm, 2, "x-llm-ratelimit-target").as_deref(), Some("fb"));
+    assert_eq!(vm.lives[&3].replies, vec![429], "{:?}", vm.lives);
+    for id in 1..=3 {
+        vm.done(id);
+    }
+    vm.tick();
+    assert_eq!(vm.stat("q", "failover.fb.sent"), 1);
+    assert_eq!(vm.stat("q", "failover.fb.refused"), 1);
+    assert_eq!(vm.stat("q", "priority.normal.rejected"), 1);
+    assert_clean(&vm);
+}
+
+/// A target prices a request by its own table, for the model it is sent as: one whose table
+/// has no price for it (and no default) does not take it; one whose budget is spent neither.
+#[test]
+fn a_failover_target_prices_by_its_own_table_and_keeps_its_budget() {
+    let target = |prices: &str| {
+        format!(
+            r#"{{"name":"m","bucket":{{"capacity":1,"refill_rate":0.001,"burst_allowance":0}},
+            "tokens":{{"capacity":1000000}},"queue":{{"enabled":false}},
+            "failover":[{{"provider":{{"name":"fb","tokens":{{"capacity":1000000}},"prices":{prices},
+            "quotas":[{{"unit":"usd","per":"day","limit":0.0001}}]}},"classes":["NORMAL"],
+            "models":{{"gpt-4o-mini":"fb-mini"}}}}]}}"#
+        )
+    };
+    // Priced only for another model: the target never takes it.
+    let (_p, mut vm) = start(&target(r#"{"models":{"other":{"input":1,"output":1}}}"#));
+    for id in 1..=2 {
+        vm.request_headers(id, &chat_headers(&[]), false);
+        vm.request_body(id, CHAT_BODY, true);
+    }
+    assert_eq!(vm.lives[&2].replies, vec![429], "{:?}", vm.lives);
+    for id in 1..=2 {
+        vm.done(id);
+    }
+    vm.tick();
+    assert_eq!(vm.stat("m", "failover.fb.refused"), 1);
+    assert_clean(&vm);
+
+    // Priced for the name it is sent as: a budget of $0.0001 passes while unspent, so it takes
+    // the first (whose estimate costs more than the budget), not the second.
+    let (_p, mut vm) = start(&target(r#"{"models":{"fb-mini":{"input":10,"output":10}}}"#));
+    for id in 1..=3 {
+        vm.request_headers(id, &chat_headers(&[]), false);
+        vm.request_body(id, CHAT_BODY, true);
+    }
+    assert_eq!(request_header(&vm, 2, "x-llm-ratelimit-target").as_deref(), Some("fb"), "{:?}", vm.lives);
+    assert_eq!(vm.lives[&3].replies, vec![429], "{:?}", vm.lives);
+    for id in 1..=3 {
+        vm.done(id);
+    }
+    vm.tick();
+    assert_eq!(vm.stat("m", "failover.fb.sent"), 1);
+    assert_eq!(vm.stat("m", "failover.fb.refused"), 1);
+    assert_clean(&vm);
+}
+
 #[test]
 fn a_queued_request_is_released_once_by_the_tick_and_never_after_its_client_left() {
     let config = r#"{"name":"q","bucket":{"capacity":1,"refill_rate":10,"burst_allowance":0},"queue":{"tick_ms":10}}"#;

@@ -100,6 +100,9 @@ pub struct Request {
     body: Option<Vec<u8>>,
     /// The failover targets were tried for it (once: a refusal after a hold does not try again).
     failover_tried: bool,
+    /// Its estimate's model, kept when there are failover targets (each prices it by its own
+    /// table).
+    model: Option<String>,
 }
 
 fn header(name: &str) -> Option<String> {
@@ -155,6 +158,7 @@ impl Request {
             answered: None,
             body: None,
             failover_tried: false,
+            model: None,
         }
     }
 
@@ -435,6 +439,9 @@ impl Request {
     /// Its estimate: what it needs from the token buckets, and its model's price.
     fn estimated(&mut self, e: &Estimate, path: &str) {
         self.estimate = self.w.need(e, path);
+        if !self.w.backups.is_empty() {
+            self.model.clone_from(&e.model);
+        }
         match self.w.price(e, path) {
             Some(Some(p)) => self.held.price = Some(p),
             Some(None) => self.unpriced = true,
@@ -724,8 +731,20 @@ impl Request {
             };
             let tenant = tenant_of(b);
             let need = self.estimate.or(self.held.meter.as_ref().map(|m| m.need));
+            // Priced by the target's own table (for the model it is sent as), else as at the primary.
+            let price = match (&b.target.provider.prices, need) {
+                (Some(table), Some(_)) => match table.of(&self.path, b.model_for(self.model.as_deref())) {
+                    Some(p) => Some(*p),
+                    None => {
+                        b.stats.refused.inc();
+                        continue;
+                    }
+                },
+                _ => self.held.price,
+            };
+            let charge = reservation::charge(need, price.as_ref());
             let a = Arrival { id: self.id, class: self.class, tenant: tenant.as_deref(), need, gate: Gate::Pass };
-            let d = match b.admit(a, now) {
+            let (d, quota) = match b.admit(a, &charge, now) {
                 Ok(Some(d)) => d,
                 Ok(None) => {
                     b.stats.refused.inc();
@@ -745,8 +764,7 @@ impl Request {
             if let Err(s) = calls::set_request_header(ROUTE_HEADER, b.name()) {
                 log::debug!("llm-ratelimit: #{} cannot route to {}: status {s}", self.id, b.name());
             }
-            let price = self.held.price.take();
-            self.held = Reservation { target: Some(i as u8), price, ..Reservation::default() };
+            self.held = Reservation { target: Some(i as u8), price, quota, ..Reservation::default() };
             if let (Some(t), Some(name)) = (d.tenant, tenant) {
                 if let crate::tenants::TenantTake::Taken { slot } = t.take {
                     self.held.tenant = Some((name, slot));
@@ -1063,7 +1081,7 @@ impl Request {
         let primary = w.with_core(|c| c.provider_state(&SharedData)).ok().map(|s| s.until).filter(|&until| until > now);
         verdict.map(|mut v| {
             if let (Some(p), 429) = (primary, status) {
-                if v.retry_at.map_or(true, |r| p < r) {
+                if v.retry_at.is_none_or(|r| p < r) {
                     v.retry_at = Some(p);
                 }
             }
