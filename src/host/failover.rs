@@ -5,8 +5,8 @@
 //!
 //! A request fails over only when the primary cannot serve it now (its provider state holds or
 //! refuses it, or a gate refuses it, at its arrival or while it waits), only if its class may,
-//! and only to a target that takes it at once: a target never queues a request. The header is written only
-//! then, so the normal path pays no route-cache clear.
+//! and only to a target that takes it at once: a target never queues a request. The header is
+//! written only then, so the normal path pays no route-cache clear.
 
 use super::metrics::{Metrics, TargetStats};
 use super::shared::SharedData;
@@ -68,7 +68,7 @@ impl Backup {
         if !matches!(gate, Gate::Pass | Gate::Counted) {
             return Ok(None);
         }
-        let (id, need, tenant) = (a.id, a.need, a.tenant.map(str::to_owned));
+        let (id, need, tenant) = (a.id, a.need, a.tenant);
         let d = core.admit(&SharedData, Arrival { gate, ..a }, now)?;
         // Its queue is off: it never answers Wait; a refusal leaves the request with the primary.
         if !matches!(d.admission, Admission::Pass { .. }) {
@@ -82,7 +82,7 @@ impl Backup {
             taken => {
                 // Steps 2 and 3 go back, as the primary's do when its step 4 refuses.
                 core.give_back(&SharedData, None, need, now)?;
-                if let (Some(t), Some(name)) = (&d.tenant, &tenant) {
+                if let (Some(t), Some(name)) = (&d.tenant, tenant) {
                     if let TenantTake::Taken { slot } = t.take {
                         core.give_tenant_back(&SharedData, name, slot, need.map_or(0, |n| n.tokens), now);
                     }
