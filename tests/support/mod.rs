@@ -432,7 +432,6 @@ pub fn simultaneous(n: usize, url: &str, headers: &[(&str, &str)]) -> Vec<Timed>
     })
 }
 
-/// Polls `f` every 20 ms until it is true or `timeout` passes; returns whether it became true.
 /// `n` chat requests at once over HTTP/2 (`connections` connections), each body ending with
 /// request trailers (tests/h2client.py, `--timeout` `secs` for the whole run): each result
 /// object (`status`, `headers`, `body`, `error`, ...; see the script), in request order.
@@ -452,6 +451,7 @@ pub fn h2_chats(port: u16, n: usize, connections: usize, headers: &[&str], secs:
     v["results"].as_array().expect("results").clone()
 }
 
+/// Polls `f` every 20 ms until it is true or `timeout` passes; returns whether it became true.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
