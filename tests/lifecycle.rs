@@ -83,6 +83,13 @@ fn request_header(vm: &Vm, id: u32, name: &str) -> Option<String> {
     s.streams[&id].request_headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
 }
 
+/// Request `id` went upstream once, routed to failover target `target`, with no local reply.
+fn assert_failed_over(vm: &Vm, id: u32, target: &str) {
+    assert_eq!(vm.lives[&id].upstream, 1, "#{id}: {:?}", vm.lives);
+    assert!(vm.lives[&id].replies.is_empty(), "#{id}: {:?}", vm.lives);
+    assert_eq!(request_header(vm, id, "x-llm-ratelimit-target").as_deref(), Some(target), "#{id}");
+}
+
 /// A request that waited in the queue past its class's `max_wait_ms` (more important ones took
 /// the tokens it was promised) goes to a failover target that takes its class: resumed, routed
 /// there, counted once, never answered with a 429. At arrival it queued, so the primary held
@@ -104,9 +111,8 @@ fn a_queued_request_whose_wait_runs_out_fails_over_instead_of_a_429() {
         vm.tick();
     }
     assert_eq!(vm.lives[&3].upstream, 1, "{:?}", vm.lives);
-    assert_eq!(vm.lives[&2].upstream, 1, "the NORMAL waiter is resumed: {:?}", vm.lives);
-    assert!(vm.lives[&2].replies.is_empty(), "{:?}", vm.lives);
-    assert_eq!(request_header(&vm, 2, "x-llm-ratelimit-target").as_deref(), Some("fb"));
+    // The NORMAL waiter is resumed, to the target.
+    assert_failed_over(&vm, 2, "fb");
     assert_eq!(request_header(&vm, 3, "x-llm-ratelimit-target"), None);
     for id in 1..=4 {
         vm.done(id);
@@ -129,9 +135,7 @@ fn a_request_the_rate_limit_service_refuses_fails_over_instead_of_a_429() {
     assert_eq!(vm.request_headers(1, &chat_headers(&[]), true), Action::Pause, "waits for the service");
     let (root, token) = vm.grpc_calls.remove(0);
     vm.grpc_answer(root, token, vec![0x08, 0x02]); // OVER_LIMIT
-    assert_eq!(vm.lives[&1].upstream, 1, "{:?}", vm.lives);
-    assert!(vm.lives[&1].replies.is_empty(), "{:?}", vm.lives);
-    assert_eq!(request_header(&vm, 1, "x-llm-ratelimit-target").as_deref(), Some("fb"));
+    assert_failed_over(&vm, 1, "fb");
     vm.done(1);
     vm.tick();
     assert_eq!(vm.stat("g", "priority.normal.failover"), 1);
@@ -152,7 +156,7 @@ fn a_failover_target_s_quota_holds_what_it_is_sent() {
         vm.request_headers(id, &chat_headers(&[]), true);
     }
     assert_eq!(vm.upstream(), 2, "the primary's token, then the target's one request: {:?}", vm.lives);
-    assert_eq!(request_header(&vm, 2, "x-llm-ratelimit-target").as_deref(), Some("fb"));
+    assert_failed_over(&vm, 2, "fb");
     assert_eq!(vm.lives[&3].replies, vec![429], "{:?}", vm.lives);
     for id in 1..=3 {
         vm.done(id);
@@ -198,7 +202,7 @@ fn a_failover_target_prices_by_its_own_table_and_keeps_its_budget() {
         vm.request_headers(id, &chat_headers(&[]), false);
         vm.request_body(id, CHAT_BODY, true);
     }
-    assert_eq!(request_header(&vm, 2, "x-llm-ratelimit-target").as_deref(), Some("fb"), "{:?}", vm.lives);
+    assert_failed_over(&vm, 2, "fb");
     assert_eq!(vm.lives[&3].replies, vec![429], "{:?}", vm.lives);
     for id in 1..=3 {
         vm.done(id);

@@ -788,9 +788,14 @@ impl Request {
         !self.failover_tried && self.w.config.role.admits() && self.w.backups.iter().any(|b| b.takes(self.class))
     }
 
+    /// `fail_over` from a refusal: the clock read only when a target may take it.
+    fn fail_over_now(&mut self) -> bool {
+        self.may_fail_over() && calls::now().is_ok_and(|now| self.fail_over(now))
+    }
+
     /// Answers this request with a local 429, unless a `failover` target takes it.
     fn refuse(&mut self, r: &Refusal) -> Action {
-        if self.may_fail_over() && calls::now().is_ok_and(|now| self.fail_over(now)) {
+        if self.fail_over_now() {
             return Action::Continue;
         }
         match self.w.send_limited(r) {
@@ -812,7 +817,7 @@ impl Request {
     /// Answers this request, in its own callback, with the local 429 of the quota window that
     /// refused it (its limit and period in the body).
     fn refuse_with_quota(&mut self, r: &Refusal, e: &crate::quota::Exhausted) -> Action {
-        if self.may_fail_over() && calls::now().is_ok_and(|now| self.fail_over(now)) {
+        if self.fail_over_now() {
             return Action::Continue;
         }
         match self.w.send_quota_limited(r, e.index) {
@@ -831,7 +836,7 @@ impl Request {
     /// model is skipped (the body is no longer in hand).
     fn refuse_waiting(&mut self, r: &Refusal, stat: super::metrics::Id) {
         self.let_go();
-        if self.may_fail_over() && calls::now().is_ok_and(|now| self.fail_over(now)) {
+        if self.fail_over_now() {
             self.resume_stream();
             return;
         }
@@ -1078,7 +1083,7 @@ impl Request {
         } else {
             None
         };
-        let primary = w.with_core(|c| c.provider_state(&SharedData)).ok().map(|s| s.until).filter(|&until| until > now);
+        let primary = self.primary_reset(now);
         verdict.map(|mut v| {
             if let (Some(p), 429) = (primary, status) {
                 if v.retry_at.is_none_or(|r| p < r) {
@@ -1093,11 +1098,17 @@ impl Request {
     /// sooner, it is told that instead.
     fn sooner_with_primary(&self, wait: Option<Duration>) {
         let Ok(now) = calls::now() else { return };
-        let Ok(state) = self.w.with_core(|c| c.provider_state(&SharedData)) else { return };
-        let until = state.until;
-        if until > now && wait.is_none_or(|w| until - now.floor_millis() < w) {
+        let Some(until) = self.primary_reset(now) else { return };
+        if wait.is_none_or(|w| until - now.floor_millis() < w) {
             self.rewrite_429(&Verdict { retry_at: Some(until), ..Verdict::default() }, now);
         }
+    }
+
+    /// The primary's reset, while it is still ahead: what a failover target's 429 says when it
+    /// comes sooner than the target's own.
+    fn primary_reset(&self, now: Instant) -> Option<Instant> {
+        let state = self.w.with_core(|c| c.provider_state(&SharedData)).ok()?;
+        Some(state.until).filter(|&until| until > now)
     }
 
     /// Gives a provider 429 one precise `Retry-After` (and friends) for its client.
