@@ -47,6 +47,10 @@ impl<V> IdMap<V> {
         self.entries.iter().map(|(k, v)| (k, v))
     }
 
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&u32, &mut V)> {
+        self.entries.iter_mut().map(|(k, v)| (&*k, v))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -305,6 +305,8 @@ fn a_slow_client_is_never_let_through_unlimited_and_does_not_turn_body_reading_o
     assert_eq!(vm.lives[&1].upstream, 1);
     // A client that sends headers and then nothing: held until its class's max_wait_ms, then 408.
     assert_eq!(vm.request_headers(2, &chat_headers(&[]), false), Action::Pause);
+    // Its wait counts from the first tick after its headers (a hold reads no clock).
+    vm.tick();
     p.advance_ms(2_000);
     vm.tick();
     assert_eq!(vm.lives[&2].upstream, 0, "not let through after a second");
@@ -329,6 +331,7 @@ fn while_body_delivery_is_unknown_a_bodiless_hold_is_decided_from_its_size_not_l
     }
     assert_eq!(vm.upstream(), 2);
     assert_eq!(vm.request_headers(3, &chat_headers(&[("content-length", "100")]), false), Action::Pause);
+    vm.tick();
     p.advance_ms(1_500);
     vm.tick();
     assert_eq!(vm.lives[&3].upstream, 0, "decided by the limit, not let through: {:?}", vm.lives[&3]);

@@ -370,13 +370,78 @@ proptest! {
         let _ = usage::from_body(&bytes);
     }
 
-    /// A JSON object body reads the same as the one SSE event carrying it.
+    /// A JSON object body reads the same as the one SSE event carrying it, but for the events
+    /// only a stream has (a body is read for its usage fields whatever its `type`).
     #[test]
     fn a_body_reads_like_its_event(data in event()) {
         prop_assume!(data.starts_with('{'));
+        prop_assume!(!["message_start", "content_block_delta"].iter().any(|t| data.contains(t)));
         let sse = format!("data: {data}\n\n");
         prop_assert_eq!(usage::from_body(data.as_bytes()), read_stream([sse.as_bytes()]).0);
     }
+}
+
+proptest! {
+    // Priority among the usage fields shows only in rarer combinations: more cases.
+    #![proptest_config(config(3000))]
+
+    /// A body read from its end gives what serde_json's reading of the whole gives: text with
+    /// quotes, escapes and brackets before, between and after the usage fields, repeated keys
+    /// (the last counts), keys written with an escape, and arrays of such objects.
+    #[test]
+    fn a_body_read_from_its_end_reads_as_a_whole_body(body in answer_body()) {
+        let value: serde_json::Value = serde_json::from_str(&body).expect("generated JSON");
+        let read = |v: &serde_json::Value| read_stream([format!("data: {v}\n\n").as_bytes()]).0;
+        let want = match &value {
+            serde_json::Value::Array(items) => items.iter().rev().filter(|i| i.is_object()).find_map(read),
+            other => read(other),
+        };
+        prop_assert_eq!(usage::from_body(body.as_bytes()), want, "{}", body);
+    }
+}
+
+/// An answer body: an object of members among which the usage fields may be, or an array of
+/// such objects and other values, with any JSON whitespace.
+fn answer_body() -> impl Strategy<Value = String> {
+    let ws = proptest::sample::select(vec!["", " ", "\n", "\r\n  ", "\t"]);
+    let text = r#"[a-z"\\{}\[\]:, é/]{0,10}"#.prop_map(|t| serde_json::Value::String(t).to_string());
+    let filler = prop_oneof![
+        text.clone(),
+        (0i64..1000).prop_map(|n| (n - 500).to_string()),
+        Just("1.5e3".to_owned()),
+        Just("null".to_owned()),
+        Just("true".to_owned()),
+        text.clone().prop_map(|t| format!(r#"[1,{{"a":{t}}},[],{{}}]"#)),
+        text.prop_map(|t| format!(r#"{{"x":[{t},{{"usage":{{"prompt_tokens":9}}}}]}}"#)),
+    ];
+    let n = || 0u64..100_000;
+    let usage = prop_oneof![
+        (n(), n()).prop_map(|(i, o)| format!(r#"{{"prompt_tokens":{i},"completion_tokens":{o}}}"#)),
+        (n(), n(), n()).prop_map(|(i, c, o)| format!(
+            r#"{{"input_tokens":{i},"cache_read_input_tokens":{c},"output_tokens":{o}}}"#
+        )),
+        Just("{}".to_owned()),
+        Just("null".to_owned()),
+    ];
+    let member = prop_oneof![
+        3 => (proptest::sample::select(vec!["choices", "text", "id", "type", "model"]), filler.clone())
+            .prop_map(|(k, v)| (k.to_owned(), v)),
+        2 => usage.clone().prop_map(|u| ("usage".to_owned(), u)),
+        1 => usage.clone().prop_map(|u| ("us\\u0061ge".to_owned(), u)),
+        2 => (usage.clone(), filler.clone()).prop_map(|(u, f)| ("response".to_owned(), format!(r#"{{"output":{f},"usage":{u}}}"#))),
+        2 => usage.prop_map(|u| ("x_groq".to_owned(), format!(r#"{{"usage":{u}}}"#))),
+        2 => (n(), n()).prop_map(|(p, c)| ("usageMetadata".to_owned(), format!(r#"{{"promptTokenCount":{p},"candidatesTokenCount":{c}}}"#))),
+        2 => filler.prop_map(|f| ("usage".to_owned(), f)),
+    ];
+    let object = proptest::collection::vec((member, ws.clone(), ws.clone()), 0..6).prop_map(|members| {
+        let body: Vec<String> = members.into_iter().map(|((k, v), a, b)| format!(r#"{a}"{k}"{b}:{a}{v}{b}"#)).collect();
+        format!("{{{}}}", body.join(","))
+    });
+    prop_oneof![
+        3 => (object.clone(), ws.clone()).prop_map(|(o, w)| format!("{w}{o}{w}")),
+        1 => (proptest::collection::vec(prop_oneof![3 => object, 1 => Just("7".to_owned())], 0..4), ws)
+            .prop_map(|(items, w)| format!("{w}[{w}{}{w}]{w}", items.join(","))),
+    ]
 }
 
 // ---- stored encodings ----

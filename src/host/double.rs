@@ -114,6 +114,8 @@ pub struct State {
     pub call_response_headers: Vec<(String, String)>,
     pub grpc_message: Vec<u8>,
     pub logs: Vec<(u32, String)>,
+    /// Every host call made, by `Host` method: what a request costs in crossings into Envoy.
+    pub host_calls: BTreeMap<&'static str, u64>,
     next_token: u32,
     random: u64,
 }
@@ -192,7 +194,9 @@ impl Double {
         s.metrics.iter().filter(|(_, k, _)| *k == Metric::Counter).map(|(n, _, v)| (n.clone(), *v)).collect()
     }
 
-    fn check(&self, s: &State, call: &'static str) -> Result<(), Status> {
+    /// Counts the call, and fails it if told to.
+    fn check(&self, s: &mut State, call: &'static str) -> Result<(), Status> {
+        *s.host_calls.entry(call).or_default() += 1;
         if s.failing.contains(call) {
             Err(FAILED)
         } else {
@@ -220,7 +224,7 @@ fn map_of(st: &mut Streams, map: Map) -> Option<&mut Vec<(String, String)>> {
 
 impl Host for Double {
     fn get_shared(&self, key: &str) -> Result<(Option<Vec<u8>>, u32), Status> {
-        self.check(&self.state(), "get_shared")?;
+        self.check(&mut self.state(), "get_shared")?;
         Ok(match lock(&self.process.shared).get(key) {
             Some((v, cas)) => (Some(v.clone()), *cas),
             None => (None, 0),
@@ -228,7 +232,7 @@ impl Host for Double {
     }
 
     fn set_shared(&self, key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
-        self.check(&self.state(), "set_shared")?;
+        self.check(&mut self.state(), "set_shared")?;
         let mut shared = lock(&self.process.shared);
         // As Envoy: a CAS of 0 writes unconditionally; a key that does not exist ignores it.
         if let Some((_, now)) = shared.get(key) {
@@ -248,7 +252,7 @@ impl Host for Double {
 
     fn define_metric(&self, kind: Metric, name: &str) -> Result<u32, Status> {
         let mut s = self.state();
-        self.check(&s, "define_metric")?;
+        self.check(&mut s, "define_metric")?;
         if let Some(i) = s.metrics.iter().position(|(n, _, _)| n == name) {
             return Ok(i as u32);
         }
@@ -258,7 +262,7 @@ impl Host for Double {
 
     fn increment_metric(&self, id: u32, by: i64) -> Result<(), Status> {
         let mut s = self.state();
-        self.check(&s, "increment_metric")?;
+        self.check(&mut s, "increment_metric")?;
         match s.metrics.get_mut(id as usize) {
             Some((_, Metric::Counter, v)) if by > 0 => {
                 *v = v.saturating_add(by as u64);
@@ -270,7 +274,7 @@ impl Host for Double {
 
     fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
         let mut s = self.state();
-        self.check(&s, "record_metric")?;
+        self.check(&mut s, "record_metric")?;
         match s.metrics.get_mut(id as usize) {
             Some((_, Metric::Gauge | Metric::Histogram, v)) => {
                 *v = value;
@@ -282,7 +286,7 @@ impl Host for Double {
 
     fn set_effective_context(&self, id: u32) -> Result<(), Status> {
         let mut s = self.state();
-        self.check(&s, "set_effective_context")?;
+        self.check(&mut s, "set_effective_context")?;
         if !s.live.contains(&id) {
             return Err(BAD_ARGUMENT);
         }
@@ -292,7 +296,7 @@ impl Host for Double {
 
     fn resume(&self, stream: Stream) -> Result<(), Status> {
         let mut s = self.state();
-        self.check(&s, "resume")?;
+        self.check(&mut s, "resume")?;
         self.current(&mut s)?;
         let id = s.current;
         s.calls.push(Call::Resume { id, stream });
@@ -301,7 +305,7 @@ impl Host for Double {
 
     fn send_response(&self, status: u32, headers: &[u8], body: &[u8]) -> Result<(), Status> {
         let mut s = self.state();
-        self.check(&s, "send_response")?;
+        self.check(&mut s, "send_response")?;
         self.current(&mut s)?;
         let id = s.current;
         let headers = HeaderMap::read(headers.to_vec()).iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -311,7 +315,7 @@ impl Host for Double {
 
     fn header(&self, map: Map, name: &str) -> Result<Option<String>, Status> {
         let mut s = self.state();
-        self.check(&s, "header")?;
+        self.check(&mut s, "header")?;
         if map == Map::HttpCallResponseHeaders {
             return Ok(s.call_response_headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()));
         }
@@ -322,7 +326,7 @@ impl Host for Double {
 
     fn headers(&self, map: Map) -> Result<HeaderMap, Status> {
         let mut s = self.state();
-        self.check(&s, "headers")?;
+        self.check(&mut s, "headers")?;
         let st = self.current(&mut s)?;
         let m = map_of(st, map).ok_or(NOT_FOUND)?;
         let p: Vec<(&str, &str)> = m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -331,7 +335,7 @@ impl Host for Double {
 
     fn set_header(&self, map: Map, name: &str, value: &str) -> Result<(), Status> {
         let mut s = self.state();
-        self.check(&s, "set_header")?;
+        self.check(&mut s, "set_header")?;
         let st = self.current(&mut s)?;
         let m = map_of(st, map).ok_or(NOT_FOUND)?;
         m.retain(|(k, _)| k != name);
@@ -343,7 +347,7 @@ impl Host for Double {
 
     fn remove_header(&self, map: Map, name: &str) -> Result<(), Status> {
         let mut s = self.state();
-        self.check(&s, "remove_header")?;
+        self.check(&mut s, "remove_header")?;
         let st = self.current(&mut s)?;
         let m = map_of(st, map).ok_or(NOT_FOUND)?;
         m.retain(|(k, _)| k != name);
@@ -354,7 +358,7 @@ impl Host for Double {
 
     fn buffer(&self, buffer: Buffer, max: usize) -> Result<Vec<u8>, Status> {
         let mut s = self.state();
-        self.check(&s, "buffer")?;
+        self.check(&mut s, "buffer")?;
         let bytes = match buffer {
             Buffer::PluginConfiguration => s.configuration.clone(),
             Buffer::GrpcMessage => s.grpc_message.clone(),
@@ -366,7 +370,7 @@ impl Host for Double {
 
     fn set_buffer(&self, buffer: Buffer, _len: usize, bytes: &[u8]) -> Result<(), Status> {
         let mut s = self.state();
-        self.check(&s, "set_buffer")?;
+        self.check(&mut s, "set_buffer")?;
         let stream = self.current(&mut s)?;
         match buffer {
             Buffer::RequestBody => stream.request_body = bytes.to_vec(),
@@ -377,7 +381,7 @@ impl Host for Double {
     }
 
     fn now_ns(&self) -> Result<u64, Status> {
-        self.check(&self.state(), "now_ns")?;
+        self.check(&mut self.state(), "now_ns")?;
         Ok(self.process.now_ns())
     }
 
@@ -394,14 +398,14 @@ impl Host for Double {
 
     fn set_tick_period_ms(&self, ms: u32) -> Result<(), Status> {
         let mut s = self.state();
-        self.check(&s, "set_tick_period_ms")?;
+        self.check(&mut s, "set_tick_period_ms")?;
         s.tick_ms = ms;
         Ok(())
     }
 
     fn http_call(&self, cluster: &str, _headers: &[u8], body: &[u8], _timeout_ms: u32) -> Result<u32, Status> {
         let mut s = self.state();
-        self.check(&s, "http_call")?;
+        self.check(&mut s, "http_call")?;
         s.next_token += 1;
         let token = s.next_token;
         s.calls.push(Call::HttpCall { token, cluster: cluster.to_string(), body: body.to_vec() });
@@ -417,7 +421,7 @@ impl Host for Double {
         _timeout_ms: u32,
     ) -> Result<u32, Status> {
         let mut s = self.state();
-        self.check(&s, "grpc_call")?;
+        self.check(&mut s, "grpc_call")?;
         s.next_token += 1;
         let token = s.next_token;
         let root = s.current;

@@ -33,7 +33,9 @@ pub enum Bodies {
 
 /// Headers held until their body is read.
 struct Held {
-    since: Instant,
+    /// `None` until the next tick stamps it: a request's headers are held without a clock call,
+    /// so its wait counts from the first tick after them (at most `tick_ms` long, never short).
+    since: Option<Instant>,
     body_seen: bool,
     /// A request's (with its class's `max_wait_ms`), or a provider 429's (`None`).
     request_wait: Option<Duration>,
@@ -64,15 +66,15 @@ impl Holds {
         self.bodies.get()
     }
 
-    /// Holds request `id`'s headers until its body is read, at most `max_wait` once bodies are
-    /// known to come.
-    pub fn hold_request(&self, id: u32, now: Instant, max_wait: Duration) -> bool {
-        self.hold(id, Held { since: now.floor_millis(), body_seen: false, request_wait: Some(max_wait) })
+    /// Holds request `id`'s headers until its body is read, at most `max_wait` (from the next
+    /// tick) once bodies are known to come.
+    pub fn hold_request(&self, id: u32, max_wait: Duration) -> bool {
+        self.hold(id, Held { since: None, body_seen: false, request_wait: Some(max_wait) })
     }
 
     /// Holds a provider 429's headers until its body is read.
     pub fn hold_answer(&self, id: u32, now: Instant) -> bool {
-        self.hold(id, Held { since: now.floor_millis(), body_seen: false, request_wait: None })
+        self.hold(id, Held { since: Some(now.floor_millis()), body_seen: false, request_wait: None })
     }
 
     fn hold(&self, id: u32, h: Held) -> bool {
@@ -143,15 +145,16 @@ impl Holds {
         let bodies = self.bodies.get();
         if let Ok(mut h) = self.held.try_borrow_mut() {
             let due: Vec<(u32, Event)> = h
-                .iter()
+                .iter_mut()
                 .filter_map(|(id, e)| {
+                    let since = *e.since.get_or_insert(now);
                     let limit = match e.request_wait {
                         Some(max) if e.body_seen || bodies == Bodies::Delivered => max,
                         Some(_) => REQUEST_BODY_UNKNOWN,
                         None if bodies == Bodies::Delivered => ANSWER_BODY,
                         None => ANSWER_BODY_UNKNOWN,
                     };
-                    let late = now - e.since >= limit || now < e.since;
+                    let late = now - since >= limit || now < since;
                     let ev = if e.request_wait.is_some() { Event::BodyLate } else { Event::AnswerLate };
                     late.then_some((*id, ev))
                 })

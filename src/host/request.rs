@@ -375,39 +375,40 @@ impl Request {
                 log::debug!("llm-ratelimit: cannot set x-envoy-max-retries: status {s}");
             }
         }
-        let now = match calls::now() {
-            Ok(t) => t,
-            Err(s) => return self.fail_open("get_current_time", s),
-        };
         if cfg.fallback.enabled {
             let tenant = cfg.tenant.as_ref().and_then(|t| header(&t.key_header));
             self.cache_key =
                 crate::fallback::Identity::of_request(&cfg.fallback.key_header, &path, tenant.as_deref(), header);
         }
-        if let (Some(rules), Some(t), false) = (&w.estimate, &cfg.tokens, end_of_stream) {
-            // Token limits: the estimate comes from the body, read before the headers go on,
-            // unless it is larger than we hold (then from its size).
-            let length = content_length();
-            let fits = length.is_none_or(|n| n <= t.max_body_bytes);
+        if let (Some(rules), false) = (&w.estimate, end_of_stream) {
+            // Token limits: the estimate comes from the body, read before the headers go on (a
+            // body larger than we hold is told by its first chunk, then estimated from its size).
+            // Neither its length nor the clock is read here: each is a host call.
             let max_wait = Duration::from_millis(cfg.class(self.class).max_wait_ms);
-            if fits && w.holds.bodies() != Bodies::Withheld && w.holds.hold_request(self.id, now, max_wait) {
+            if w.holds.bodies() != Bodies::Withheld && w.holds.hold_request(self.id, max_wait) {
                 self.phase = Phase::ReadingBody;
                 self.path = path;
                 return Action::Pause;
             }
-            let e = estimate::from_unread(rules, &path, length.unwrap_or(0));
+            let e = estimate::from_unread(rules, &path, content_length().unwrap_or(0));
             self.estimated(&e, &path);
         }
-        self.decide(now)
+        self.decide_now()
     }
 
     /// The body of a request held to estimate its tokens: read whole (or as far as
     /// `tokens.max_body_bytes`, which must not exceed Envoy's buffer limit), then decided.
     fn read_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         self.w.holds.body_arrived(self.id);
+        let first = self.body_size == 0;
         self.body_size = size;
         let max = self.max_body();
         if !end_of_stream && size < max {
+            // A body in several chunks: one that says it is larger than we hold is not waited
+            // for, but estimated from its size now.
+            if first && content_length().is_some_and(|n| n > max as u64) {
+                return self.body_read(size, false);
+            }
             return Action::Pause;
         }
         self.body_read(size, end_of_stream)
@@ -1176,7 +1177,7 @@ impl Request {
     /// An admitted request's answer is over, or will never come: its tokens are settled.
     fn settle(&mut self) {
         let w = self.w.clone();
-        self.held.settle(&w, now());
+        self.held.settle(&w, now);
     }
 
     fn store_in_cache(&mut self) {

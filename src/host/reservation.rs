@@ -71,18 +71,21 @@ impl Reservation {
     }
 
     /// Its answer is over, or will never come: what it used settles every gate it reserved at.
-    pub fn settle(&mut self, w: &WorkerContext, now: Instant) {
+    /// `clock` is read only for a tenant's or a quota window's settlement: a request with
+    /// neither pays no clock call.
+    pub fn settle(&mut self, w: &WorkerContext, clock: impl FnOnce() -> Instant) {
         let Some(mut m) = self.meter.take() else { return };
+        let now = (self.tenant.is_some() || self.quota.is_some()).then(clock);
         let used = m.used();
         let need = m.need;
         let count_cached = w.config.tokens.as_ref().is_some_and(|t| t.count_cached_input);
         let spent = used_charge(&used, self.price.as_ref(), count_cached);
         let settled = w.with_target_mut(self.target, |core| {
             core.settle(need, &used);
-            if let Some((tenant, slot)) = &self.tenant {
+            if let (Some((tenant, slot)), Some(now)) = (&self.tenant, now) {
                 core.settle_tenant(&SharedData, tenant, *slot, need.tokens, used.total(), now)?;
             }
-            if let Some((reserved, at)) = &self.quota {
+            if let (Some((reserved, at)), Some(now)) = (&self.quota, now) {
                 core.settle_quotas(&SharedData, reserved, &spent, *at, now)?;
             }
             Ok(())

@@ -47,7 +47,7 @@ pub struct WorkerContext {
     /// The worker's configuration, readable while the core is borrowed.
     pub config: Config,
     pub metrics: Metrics,
-    /// Whether anything reads the request path (path rules, the fallback's key, token limits).
+    /// Whether anything reads the request path (path rules, the fallback's key, a model named in it).
     pub needs_path: bool,
     /// How request bodies are estimated, when token limits are on.
     pub estimate: Option<EstimateRules>,
@@ -71,8 +71,12 @@ impl WorkerContext {
         WorkerContext {
             config: c.clone(),
             metrics,
+            // The path names a model (Gemini, Vertex, Azure, Bedrock), which only per-model
+            // buckets, prices and failover targets look at: otherwise it is not read.
             needs_path: c.fallback.enabled
-                || c.tokens.is_some()
+                || c.tokens.as_ref().is_some_and(|t| !t.per_model.is_empty())
+                || c.prices.is_some()
+                || !c.failover.is_empty()
                 || c.classify.rules.iter().any(|r| matches!(r.matcher, crate::config::Matcher::PathPrefix(_))),
             estimate: c.tokens.as_ref().map(|t| EstimateRules {
                 chars_per_token: t.chars_per_token,

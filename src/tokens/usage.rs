@@ -59,12 +59,17 @@
 //! comments. Non-SSE bodies (a plain JSON error, Gemini's JSON array stream) are for
 //! [`from_body`]: fed to a [`StreamUsage`] they read as nothing.
 //!
-//! [`from_body`] reads a body in place (the estimate's `Scan`), keeping only the few fields the
-//! usage is in, each parsed whole; the rest, such as a long answer's text, is checked and
-//! skipped, never copied. What that reading cannot be sure to read as serde_json does (a key
-//! written with an escape) is read into a `Value` whole, with the same result.
+//! [`from_body`] reads a body from its end ([`tail`](super::tail)): providers put `usage` after
+//! the answer's text, so the last `usage` that reads as one settles it, and nothing before it is
+//! read (a body of valid JSON reads as serde_json's `Value` of it would; one whose text before
+//! its usage is not valid JSON still gives that usage). A body is read for its usage fields
+//! whatever its `type`: the events only a stream has are [`StreamUsage`]'s. Where that reading
+//! cannot be sure (a key written with an escape, no usage near the end and broken text before),
+//! the body is read from its start, in place (the estimate's `Scan`), keeping only the few fields
+//! the usage is in; and what that reading cannot be sure of is read into a `Value` whole.
 
 use super::estimate::Scan;
+use super::tail::Back;
 use serde_json::{Map, Value};
 
 /// The longest line a [`StreamUsage`] keeps, and the most data one event may gather.
@@ -112,6 +117,9 @@ impl Usage {
 /// JSON or reports none. A JSON array (Gemini's stream without `alt=sse`) is read element by
 /// element, the last usage counting.
 pub fn from_body(body: &[u8]) -> Option<Usage> {
+    if let Some(read) = from_end(body) {
+        return read;
+    }
     let json = match pruned(body) {
         Some(json) => json,
         None => serde_json::from_slice(body).ok()?,
@@ -122,6 +130,92 @@ pub fn from_body(body: &[u8]) -> Option<Usage> {
         other => tally.event(other),
     }
     tally.usage
+}
+
+/// [`from_body`] read from the body's end ([`tail`](super::tail)): the top-level object's
+/// members, last first, and of a top-level array its items, last first; `None` when that reading
+/// cannot be sure (a key written with an escape, text that is not JSON), and the body is read
+/// from its start instead.
+fn from_end(body: &[u8]) -> Option<Option<Usage>> {
+    // It must at least open as it closes: a server-sent event stream is not read here.
+    let close = match body.iter().find(|b| !matches!(b, b' ' | b'\n' | b'\t' | b'\r'))? {
+        b'{' => b'}',
+        b'[' => b']',
+        _ => return None,
+    };
+    let mut b = Back::new(body);
+    if b.peek()? != close {
+        return None;
+    }
+    if !b.take(b']') {
+        let usage = object_from_end(&mut b)?;
+        return (usage.is_some() || b.at_start()).then_some(usage);
+    }
+    if !b.take(b'[') {
+        loop {
+            // The last item with a usage counts, as when the items are read in order.
+            if b.peek()? == b'}' {
+                if let Some(usage) = object_from_end(&mut b)? {
+                    return Some(Some(usage));
+                }
+            } else {
+                b.value()?;
+            }
+            if b.take(b'[') {
+                break;
+            }
+            if !b.take(b',') {
+                return None;
+            }
+        }
+    }
+    b.at_start().then_some(None)
+}
+
+/// The usage of the object ending at `b`, as [`Tally::event`] reads a body's: `usage`, else
+/// `response.usage`, else `x_groq.usage`, else `usageMetadata`, of each key its last
+/// occurrence (serde_json keeps that one). Most answers end with their `usage`: once the last
+/// one reads as usage, nothing before it counts, and nothing before it is read.
+fn object_from_end(b: &mut Back) -> Option<Option<Usage>> {
+    const KEYS: [&str; 4] = ["usage", "response", "x_groq", "usageMetadata"];
+    let mut found: [Option<&[u8]>; 4] = [None; 4];
+    if !b.take(b'}') {
+        return None;
+    }
+    if !b.take(b'{') {
+        loop {
+            let (key, value) = b.member()?;
+            if let Some(i) = KEYS.iter().position(|k| k.as_bytes() == key) {
+                if found[i].is_none() {
+                    found[i] = Some(value);
+                    if i == 0 {
+                        if let Some(usage) = usage_of(&serde_json::from_slice(value).ok()?) {
+                            return Some(Some(usage));
+                        }
+                    }
+                }
+            }
+            if b.take(b'{') {
+                break;
+            }
+            if !b.take(b',') {
+                return None;
+            }
+        }
+    }
+    let whole = |v: Option<&[u8]>| v.map(serde_json::from_slice::<Value>).transpose().ok();
+    // Of `response` and `x_groq` (a streamed Responses body holds the whole answer there) only
+    // their `usage`, read in place.
+    let nested = |v: Option<&[u8]>| -> Option<Option<Value>> {
+        let Some(v) = v else { return Some(None) };
+        let mut s = Scan::new(v);
+        let outer = pruned_object(&mut s, &["usage"], &[])?;
+        s.end()?;
+        Some(outer.get("usage").cloned())
+    };
+    let candidates = [whole(found[0])?, nested(found[1])?, nested(found[2])?];
+    let gemini = whole(found[3])?;
+    Some(candidates.iter().flatten().find_map(usage_of).or_else(|| gemini.as_ref().and_then(gemini_usage)))
 }
 
 /// The fields of an event (a body, or an item of a JSON array) that hold its usage, as
