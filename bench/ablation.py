@@ -88,12 +88,17 @@ TOKEN_ROWS = [
     (TOKEN_T, None, True),
     ("(t), both bodies read into a serde_json `Value` (the reading before the in-place one)", "parse-by-value", True),
     ("(t), the answer's usage not parsed (the same usage given)", "usage-unparsed", True),
+    ("(t), the answer read from its start, in place (the reading before the one from its end)", "usage-from-start",
+     True),
     ("(t), the answer's body not read (so not parsed either): settled at the estimate, the same", "answer-unread",
      True),
     ("(t), the request body read but not parsed (the same estimate given)", "request-unparsed", True),
     ("(t), the request body not read (its headers still held until it is in; the same estimate given)",
      "body-unread", True),
     ("(t), the request not held (decided at its headers, with the same estimate)", "not-held", True),
+    ("(t), no sample of the estimate's error per request (one host call)", "no-error-sample", True),
+    ("(t), the body held, read and estimated, no LLM tokens reserved (so no answer read, nothing settled)",
+     "tokens-untaken", True),
 ]
 TOKEN_HEAD = {False: "(c), HEAD as committed", True: "(t), HEAD as committed"}
 # `--base REV`: (c) and (t) built at REV are added too (say, the commit before a change).
@@ -141,7 +146,10 @@ BODY_READ = """        let body = if whole && size <= max { calls::request_body(
             estimate::from_unread(rules, &self.path, content_length().unwrap_or(size as u64))
         };
 """
-FITS = "let fits = length.is_none_or(|n| n <= t.max_body_bytes);\n"
+HOLD = "if w.holds.bodies() != Bodies::Withheld && w.holds.hold_request(self.id, max_wait) {\n"
+RESERVATION = "src/host/reservation.rs"
+ERROR_SAMPLE = "t.estimate_error_pct.record(meter::error_pct(need.tokens, used.total()));\n"
+NEED = "self.estimate = self.w.need(e, path);\n"
 ESTIMATE = "src/tokens/estimate.rs"
 ESTIMATE_FROM_BODY = "pub fn from_body(rules: &EstimateRules, path: &str, body: &[u8]) -> Estimate {\n"
 USAGE = "src/tokens/usage.rs"
@@ -187,17 +195,27 @@ PATCHES = {
     # (No body kept, so none for a failover target's model map either.)
     "body-unread": [(REQUEST, BODY_READ, "        let _ = (whole, max);\n        let body: Vec<u8> = Vec::new();\n"
                      "        let e = estimate::from_unread(rules, &self.path, size as u64);\n", "replace"), SAME_ESTIMATE],
-    # Both bodies read into a serde_json `Value` whole, as before the in-place reading
-    # (`estimate::Fields::scan`, `usage::pruned`): what that reading saves.
-    # (`if false`: the in-place reading still compiled, so nothing is reported unused.)
+    # Both bodies read into a serde_json `Value` whole, as before the in-place readings
+    # (`estimate::Fields::scan`; `usage::from_end`, then `usage::pruned`): what they save.
+    # (`if false`: the in-place readings still compiled, so nothing is reported unused.)
     "parse-by-value": [(ESTIMATE, "let fields = match Fields::scan(body) {",
                         "let fields = match if false { Fields::scan(body) } else { None } {", "replace"),
+                       (USAGE, "if let Some(read) = from_end(body) {",
+                        "if let Some(read) = if false { from_end(body) } else { None } {", "replace"),
                        (USAGE, "let json = match pruned(body) {",
                         "let json = match if false { pruned(body) } else { None } {", "replace")],
+    # The answer read from its start (in place), as before the reading from its end.
+    "usage-from-start": [(USAGE, "if let Some(read) = from_end(body) {",
+                          "if let Some(read) = if false { from_end(body) } else { None } {", "replace")],
     # The request not held: estimated from its content-length at the headers, as a body too
     # large to hold is.
-    "not-held": [(REQUEST, FITS, "let fits = false && length.is_none_or(|n| n <= t.max_body_bytes);\n", "replace"),
-                 SAME_ESTIMATE],
+    "not-held": [(REQUEST, HOLD, "if false && " + HOLD[len("if "):], "replace"), SAME_ESTIMATE],
+    # No sample of the estimate's error per settled request (one host call).
+    "no-error-sample": [(RESERVATION, ERROR_SAMPLE, "let _ = meter::error_pct(need.tokens, used.total());\n",
+                         "replace")],
+    # The body held, read and estimated, but no LLM tokens reserved: no meter, so neither the
+    # answer's reading nor a settlement (against answer-unread: what reserving and settling cost).
+    "tokens-untaken": [(REQUEST, NEED, "self.estimate = None;\n")],
 }
 WASM_OPT = ["-Oz", "--flatten", "--rereloop", "-Oz", "--merge-similar-functions", "-Oz", "--converge",
             "--enable-bulk-memory", "--enable-sign-ext", "--enable-nontrapping-float-to-int",

@@ -414,9 +414,20 @@ fn answer_body() -> impl Strategy<Value = String> {
         text.clone().prop_map(|t| format!(r#"[1,{{"a":{t}}},[],{{}}]"#)),
         text.prop_map(|t| format!(r#"{{"x":[{t},{{"usage":{{"prompt_tokens":9}}}}]}}"#)),
     ];
-    let n = || 0u64..100_000;
+    // Counts as providers write them, and odd ones as serde_json reads them (negative,
+    // fractional, beyond u64, not a number).
+    let n = || {
+        prop_oneof![
+            4 => (0u64..100_000).prop_map(|n| n.to_string()),
+            1 => proptest::sample::select(vec!["-5", "12.7", "1e3", "0.5", "-0", "18446744073709551616", "null", "\"7\""])
+                .prop_map(str::to_owned),
+        ]
+    };
     let usage = prop_oneof![
         (n(), n()).prop_map(|(i, o)| format!(r#"{{"prompt_tokens":{i},"completion_tokens":{o}}}"#)),
+        (n(), n()).prop_map(|(i, c)| format!(
+            r#"{{"prompt_tokens":{i},"prompt_tokens_details":{{"cached_tokens":{c}}},"total_tokens":{i}}}"#
+        )),
         (n(), n(), n()).prop_map(|(i, c, o)| format!(
             r#"{{"input_tokens":{i},"cache_read_input_tokens":{c},"output_tokens":{o}}}"#
         )),

@@ -728,8 +728,32 @@ impl<'a> Scan<'a> {
                 Some(())
             }
             b't' | b'f' | b'n' => self.literal(),
-            _ => self.number().map(drop),
+            _ => self.skip_number(),
         }
+    }
+
+    /// A number skipped: one written as a plain decimal (`-0.25`, `1.5`; no exponent, so never out
+    /// of serde_json's range) is checked here; any other by [`number`](Self::number). A request's
+    /// `temperature` or `top_p` then costs no serde_json parse.
+    fn skip_number(&mut self) -> Option<()> {
+        let rest = self.bytes.get(self.at..)?;
+        let digits = |from: usize| rest.iter().skip(from).take_while(|b| b.is_ascii_digit()).count();
+        let sign = usize::from(rest.first() == Some(&b'-'));
+        let whole = digits(sign);
+        let mut end = sign + whole;
+        let leading_zero = whole > 1 && rest.get(sign) == Some(&b'0');
+        if rest.get(end) == Some(&b'.') {
+            let fraction = digits(end + 1);
+            end += 1 + fraction;
+            if fraction == 0 {
+                return None;
+            }
+        }
+        if whole == 0 || leading_zero || end > 300 || matches!(rest.get(end), Some(b'e' | b'E' | b'+' | b'-' | b'.')) {
+            return self.number().map(drop);
+        }
+        self.at += end;
+        Some(())
     }
 
     /// Any value, parsed by serde_json from its text (for the few small values kept whole).
@@ -753,7 +777,7 @@ impl<'a> Scan<'a> {
     }
 
     /// A number, or any other value skipped (`None` inside).
-    fn number_or_skip(&mut self) -> Option<Option<Number>> {
+    pub(super) fn number_or_skip(&mut self) -> Option<Option<Number>> {
         match self.peek()? {
             b'-' | b'0'..=b'9' => self.number().map(Some),
             _ => self.skip().map(|()| None),
@@ -999,7 +1023,7 @@ mod tests {
         "\\udc00x",
         "\\x",
     ];
-    const NUMBERS_TEXT: [&str; 18] = [
+    const NUMBERS_TEXT: [&str; 26] = [
         "0",
         "7",
         "-0",
@@ -1018,6 +1042,14 @@ mod tests {
         "01",
         "1.",
         "-",
+        "0.2",
+        "-0.25",
+        "01.5",
+        "1.5.3",
+        "-01",
+        "00",
+        "0.",
+        "1.0e",
     ];
     const KEYS: [&str; 40] = [
         "messages",

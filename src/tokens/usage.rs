@@ -70,7 +70,7 @@
 
 use super::estimate::Scan;
 use super::tail::Back;
-use serde_json::{Map, Value};
+use serde_json::{Map, Number, Value};
 
 /// The longest line a [`StreamUsage`] keeps, and the most data one event may gather.
 const MAX_LINE: usize = 64 * 1024;
@@ -189,7 +189,7 @@ fn object_from_end(b: &mut Back) -> Option<Option<Usage>> {
                 if found[i].is_none() {
                     found[i] = Some(value);
                     if i == 0 {
-                        if let Some(usage) = usage_of(&serde_json::from_slice(value).ok()?) {
+                        if let Some(usage) = Counts::scan_all(value)?.usage() {
                             return Some(Some(usage));
                         }
                     }
@@ -203,19 +203,20 @@ fn object_from_end(b: &mut Back) -> Option<Option<Usage>> {
             }
         }
     }
-    let whole = |v: Option<&[u8]>| v.map(serde_json::from_slice::<Value>).transpose().ok();
+    let counts =
+        |v: Option<&[u8]>| -> Option<Option<Counts>> { v.map(Counts::scan_all).map_or(Some(None), |c| c.map(Some)) };
     // Of `response` and `x_groq` (a streamed Responses body holds the whole answer there) only
     // their `usage`, read in place.
-    let nested = |v: Option<&[u8]>| -> Option<Option<Value>> {
+    let nested = |v: Option<&[u8]>| -> Option<Option<Counts>> {
         let Some(v) = v else { return Some(None) };
         let mut s = Scan::new(v);
         let outer = pruned_object(&mut s, &["usage"], &[])?;
         s.end()?;
-        Some(outer.get("usage").cloned())
+        Some(outer.get("usage").map(Counts::of))
     };
-    let candidates = [whole(found[0])?, nested(found[1])?, nested(found[2])?];
-    let gemini = whole(found[3])?;
-    Some(candidates.iter().flatten().find_map(usage_of).or_else(|| gemini.as_ref().and_then(gemini_usage)))
+    let candidates = [counts(found[0])?, nested(found[1])?, nested(found[2])?];
+    let gemini = counts(found[3])?;
+    Some(candidates.iter().flatten().find_map(Counts::usage).or_else(|| gemini.as_ref().and_then(Counts::gemini)))
 }
 
 /// The fields of an event (a body, or an item of a JSON array) that hold its usage, as
@@ -497,7 +498,7 @@ impl Tally {
     fn anthropic(&mut self, usage: Option<&Value>) {
         let Some(usage) = usage.filter(|u| u.is_object()) else { return };
         for (slot, key) in self.anthropic.iter_mut().zip(ANTHROPIC) {
-            if let Some(n) = count(usage, key) {
+            if let Some(n) = usage.get(key).and_then(Value::as_number).map(count) {
                 *slot = n;
             }
         }
@@ -513,38 +514,143 @@ impl Tally {
     }
 }
 
-/// A `usage` object: OpenAI chat (`prompt_tokens`), else OpenAI Responses or Anthropic
-/// (`input_tokens`, cache fields added).
-fn usage_of(usage: &Value) -> Option<Usage> {
-    let cached = |details: &str| usage.get(details).and_then(|d| count(d, "cached_tokens"));
-    let (input, output, cached) = if usage.get("prompt_tokens").is_some() || usage.get("completion_tokens").is_some() {
-        (count(usage, "prompt_tokens"), count(usage, "completion_tokens"), cached("prompt_tokens_details"))
-    } else if ANTHROPIC.iter().any(|key| usage.get(key).is_some()) {
-        let input = ANTHROPIC[..3].iter().filter_map(|key| count(usage, key)).fold(0, u64::saturating_add);
-        let cached = count(usage, "cache_read_input_tokens").or_else(|| cached("input_tokens_details"));
-        (Some(input), count(usage, "output_tokens"), cached)
-    } else {
-        return None;
-    };
-    Some(with_total(input.unwrap_or(0), output.unwrap_or(0), count(usage, "total_tokens"), cached))
+/// The members of a usage object (`usage`, `usageMetadata`) its counts are read from: which of
+/// [`COUNTS`] are present, the count of each that is a number, and the `cached_tokens` of each of
+/// [`DETAILS`]. Read from a `Value` (a stream event) or in place from the text (a body read from
+/// its end: no `Value` built, no serde_json on the way), alike.
+#[derive(Debug, Default)]
+struct Counts {
+    present: u16,
+    counts: [Option<u64>; COUNTS.len()],
+    cached: [Option<u64>; DETAILS.len()],
 }
 
-/// Gemini's `usageMetadata`.
-fn gemini_usage(usage: &Value) -> Option<Usage> {
-    const KEYS: [&str; 5] = [
-        "promptTokenCount",
-        "toolUsePromptTokenCount",
-        "candidatesTokenCount",
-        "thoughtsTokenCount",
-        "totalTokenCount",
-    ];
-    let [prompt, tool_use, candidates, thoughts, total] = KEYS.map(|key| count(usage, key));
-    if [prompt, tool_use, candidates, thoughts, total].iter().all(Option::is_none) {
-        return None;
+const COUNTS: [&str; 13] = [
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "output_tokens",
+    "promptTokenCount",
+    "toolUsePromptTokenCount",
+    "candidatesTokenCount",
+    "thoughtsTokenCount",
+    "totalTokenCount",
+    "cachedContentTokenCount",
+];
+const DETAILS: [&str; 2] = ["prompt_tokens_details", "input_tokens_details"];
+
+impl Counts {
+    /// Of a `Value` (nothing of one that is not an object).
+    fn of(usage: &Value) -> Counts {
+        let mut c = Counts::default();
+        for (i, key) in COUNTS.iter().enumerate() {
+            if let Some(v) = usage.get(key) {
+                c.present |= 1 << i;
+                c.counts[i] = v.as_number().map(count);
+            }
+        }
+        for (i, key) in DETAILS.iter().enumerate() {
+            c.cached[i] = usage.get(key).and_then(|d| d.get("cached_tokens")).and_then(Value::as_number).map(count);
+        }
+        c
     }
-    let sum = |a: Option<u64>, b: Option<u64>| a.unwrap_or(0).saturating_add(b.unwrap_or(0));
-    let cached = count(usage, "cachedContentTokenCount");
-    Some(with_total(sum(prompt, tool_use), sum(candidates, thoughts), total, cached))
+
+    /// Of the value at `s`, read in place as serde_json reads it (a repeated key keeps its last
+    /// value); `None` where [`Scan`] leaves the text to serde_json.
+    fn scan(s: &mut Scan) -> Option<Counts> {
+        let mut c = Counts::default();
+        if s.peek()? != b'{' {
+            return s.skip().map(|()| c);
+        }
+        s.open(b'{')?;
+        let mut first = true;
+        while s.more(b'}', &mut first)? {
+            let key = s.key()?;
+            if let Some(i) = COUNTS.iter().position(|k| k.as_bytes() == key) {
+                c.present |= 1 << i;
+                c.counts[i] = s.number_or_skip()?.as_ref().map(count);
+            } else if let Some(i) = DETAILS.iter().position(|k| k.as_bytes() == key) {
+                c.cached[i] = None;
+                if s.peek()? != b'{' {
+                    s.skip()?;
+                    continue;
+                }
+                s.open(b'{')?;
+                let mut first = true;
+                while s.more(b'}', &mut first)? {
+                    if s.key()? == b"cached_tokens" {
+                        c.cached[i] = s.number_or_skip()?.as_ref().map(count);
+                    } else {
+                        s.skip()?;
+                    }
+                }
+            } else {
+                s.skip()?;
+            }
+        }
+        Some(c)
+    }
+
+    /// Of a whole text (`None`: not JSON, or left to serde_json).
+    fn scan_all(text: &[u8]) -> Option<Counts> {
+        let mut s = Scan::new(text);
+        let c = Counts::scan(&mut s)?;
+        s.end()?;
+        Some(c)
+    }
+
+    fn has(&self, key: &str) -> bool {
+        COUNTS.iter().position(|k| *k == key).is_some_and(|i| self.present & 1 << i != 0)
+    }
+
+    fn get(&self, key: &str) -> Option<u64> {
+        COUNTS.iter().position(|k| *k == key).and_then(|i| self.counts[i])
+    }
+
+    /// A `usage` object: OpenAI chat (`prompt_tokens`), else OpenAI Responses or Anthropic
+    /// (`input_tokens`, cache fields added).
+    fn usage(&self) -> Option<Usage> {
+        let (input, output, cached) = if self.has("prompt_tokens") || self.has("completion_tokens") {
+            (self.get("prompt_tokens"), self.get("completion_tokens"), self.cached[0])
+        } else if ANTHROPIC.iter().any(|key| self.has(key)) {
+            let input = ANTHROPIC[..3].iter().filter_map(|key| self.get(key)).fold(0, u64::saturating_add);
+            let cached = self.get("cache_read_input_tokens").or(self.cached[1]);
+            (Some(input), self.get("output_tokens"), cached)
+        } else {
+            return None;
+        };
+        Some(with_total(input.unwrap_or(0), output.unwrap_or(0), self.get("total_tokens"), cached))
+    }
+
+    /// Gemini's `usageMetadata`.
+    fn gemini(&self) -> Option<Usage> {
+        let [prompt, tool_use, candidates, thoughts, total] = [
+            "promptTokenCount",
+            "toolUsePromptTokenCount",
+            "candidatesTokenCount",
+            "thoughtsTokenCount",
+            "totalTokenCount",
+        ]
+        .map(|key| self.get(key));
+        if [prompt, tool_use, candidates, thoughts, total].iter().all(Option::is_none) {
+            return None;
+        }
+        let sum = |a: Option<u64>, b: Option<u64>| a.unwrap_or(0).saturating_add(b.unwrap_or(0));
+        Some(with_total(sum(prompt, tool_use), sum(candidates, thoughts), total, self.get("cachedContentTokenCount")))
+    }
+}
+
+/// A `usage` object's usage ([`Counts::usage`]).
+fn usage_of(usage: &Value) -> Option<Usage> {
+    Counts::of(usage).usage()
+}
+
+/// Gemini's `usageMetadata` ([`Counts::gemini`]).
+fn gemini_usage(usage: &Value) -> Option<Usage> {
+    Counts::of(usage).gemini()
 }
 
 /// Charges as output whatever a reported total has beyond input and output; the cached part of
@@ -555,11 +661,8 @@ fn with_total(input: u64, output: u64, total: Option<u64>, cached: Option<u64>) 
 }
 
 /// A token count: negatives are 0, fractions truncated, anything beyond `u64` saturates.
-fn count(object: &Value, key: &str) -> Option<u64> {
-    match object.get(key)? {
-        Value::Number(n) => Some(n.as_u64().unwrap_or_else(|| n.as_f64().map_or(0, |f| f as u64))),
-        _ => None,
-    }
+fn count(n: &Number) -> u64 {
+    n.as_u64().unwrap_or_else(|| n.as_f64().map_or(0, |f| f as u64))
 }
 
 fn nested<'a>(json: &'a Value, outer: &str, inner: &str) -> Option<&'a Value> {
