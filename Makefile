@@ -36,6 +36,7 @@ bench: build
 	bench/install-tools.sh
 	python3 bench/run.py
 	python3 bench/ablation.py
+	python3 bench/ablation.py --tokens --together --append
 
 # The rate limit service (rls/): one limit across many Envoy instances, over Redis.
 rls:

@@ -384,13 +384,21 @@ def together(e, c):
 RATE = None
 TOGETHER = False
 CONTROL = "(c) again, a second Envoy alike (the method's own error)"
+# `--together`: the floor of any filter that estimates from the request body and settles from the
+# answer's, measured as its own pair: the empty filter holding each request's headers until its
+# body is in, reading it and each answer's last body chunk (bench/noop-filter `{"bodies":1}`),
+# beside the empty filter.
+FLOOR = "(w) holding the request for its body and reading both bodies, beside (w) (the floor of any token limit)"
+# `--append`: the table is also appended to BENCHMARKS.md (`make bench`, after main()'s tables).
+APPEND = False
 
 
 def tokens_main():
     """`--tokens`: the token-limit rows alone (BENCH_REPS, default 10), interleaved as in main();
-    the table goes to target/bench/ablation-tokens.md (or BENCH_OUT), never into BENCHMARKS.md."""
+    the table goes to target/bench/ablation-tokens.md (or BENCH_OUT), and with `--append` to the end
+    of BENCHMARKS.md too."""
     run.MEASURED.parent.mkdir(parents=True, exist_ok=True)
-    mock, envoys, res = None, [], {}
+    mock, envoys, floor, res = None, [], [], {}
     try:
         mock = run.Mock(*run.MOCK_OPENAI)
         envoys = token_envoys(mock)
@@ -399,21 +407,24 @@ def tokens_main():
             measure(build(AT, None, tree_diff()))
             envoys.append((CONTROL, run.Envoy("c", "mock", 2, upstream_port=mock.port, capacity=lim["capacity"],
                                               rate=lim["rate"], filter_json=run.ours_json(lim["capacity"], lim["rate"]))))
-        for _, e in envoys:
+            floor = [run.Envoy("w", "mock", 2, upstream_port=mock.port, filter_json=json.dumps(j))
+                     for j in ({"bodies": 1}, {})]
+        for e in [e for _, e in envoys] + floor:
             run.wrk(e.url, 1, post=True)
         for rep in range(run.REPS):
             run.log(f"ablation (token limits): repetition {rep + 1}/{run.REPS}")
             if TOGETHER:
                 c = envoys[0][1]
-                for label, e in envoys[1:][::1 if rep % 2 == 0 else -1]:
-                    res.setdefault("together " + label, []).append(together(e, c))
+                pairs = [(label, e, c) for label, e in envoys[1:]] + [(FLOOR, *floor)]
+                for label, e, beside in pairs[::1 if rep % 2 == 0 else -1]:
+                    res.setdefault("together " + label, []).append(together(e, beside))
                 continue
             for label, e in envoys[::1 if rep % 2 == 0 else -1]:
                 r = oha_cpu(e, mock, RATE) if RATE else wrk_cpu(e, mock)
                 res.setdefault("mock " + label, []).append(r["rps"])
                 res.setdefault("cpu " + label, []).append(r)
     finally:
-        for _, e in envoys:
+        for e in [e for _, e in envoys] + floor:
             e.stop()
         if mock:
             mock.stop()
@@ -429,6 +440,10 @@ def tokens_main():
     out = Path(os.environ.get("BENCH_OUT", str(ROOT / "target/bench/ablation-tokens.md")))
     out.write_text("\n".join(token_report(res)) + "\n")
     run.log(f"token-limit ablation written to {out}")
+    if APPEND:
+        with open(ROOT / "BENCHMARKS.md", "a") as f:
+            f.write("\n" + "\n".join(token_report(res)) + "\n")
+        run.log("token-limit ablation appended to BENCHMARKS.md")
 
 
 def token_report(res):
@@ -489,7 +504,8 @@ def token_report(res):
 
 def together_report(res):
     """The `--together` table: each row run at the same time as (c)."""
-    keys = [key for key in res if key.startswith("together ")]
+    floor = "together " + FLOOR
+    keys = [key for key in res if key.startswith("together ") and key != floor]
     tree = res.get("tree")
     source = f"`{res.get('current commit', 'HEAD')}`" + (f" plus the working tree's changes to {tree}" if tree else "")
     lines = ["## Ablation: token limits, part by part, each beside (c)\n",
@@ -516,6 +532,15 @@ def together_report(res):
                      f"{run.med(over_t) or 0:.3f}{run.spread(over_t, 3)} | "
                      f"{run.med(diff(key)):+.1f}{run.spread(diff(key), 1)} | "
                      f"{run.med(minus_t) or 0:+.1f}{run.spread(minus_t, 1)} |")
+    if floor in res and t in res:
+        ratio_w = [r["rps"] / r["rps_c"] for r in res[floor]]
+        diff_w = [r["envoy_us"] - r["envoy_c_us"] for r in res[floor]]
+        lines.append(f"\nThe floor of any token limit, measured as its own pair in the same repetitions: the empty "
+                     f"filter (w) holding each request's headers until its body is in, reading it and each answer's "
+                     f"last body chunk (bench/noop-filter `{{\"bodies\":1}}`), beside (w): "
+                     f"{run.med(ratio_w):.3f}{run.spread(ratio_w, 3)} of its req/s, "
+                     f"{run.med(diff_w):+.1f}{run.spread(diff_w, 1)} µs of Envoy's CPU per request. (t)'s own token "
+                     f"work beyond that floor: {run.med(diff(t)) - run.med(diff_w):+.1f} µs per request.")
     control = "together " + CONTROL
     if control in res:
         lines.append(f"\nThe control, (c) beside another (c), is the method's own error: its ratio "
@@ -725,6 +750,7 @@ if __name__ == "__main__":
     if "--base" in sys.argv[:-1]:
         BASE = sys.argv[sys.argv.index("--base") + 1]
     TOGETHER = "--together" in sys.argv
+    APPEND = "--append" in sys.argv
     if "--rate" in sys.argv[:-1]:
         RATE = int(sys.argv[sys.argv.index("--rate") + 1])
     if "--tokens" in sys.argv:
