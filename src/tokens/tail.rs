@@ -71,8 +71,9 @@ impl<'a> Back<'a> {
 
     /// The value ending here, stepped over: its text.
     pub fn value(&mut self) -> Option<&'a [u8]> {
+        let last = self.peek()?;
         let end = self.at;
-        match self.peek()? {
+        match last {
             b'"' => {
                 self.string()?;
             }
@@ -135,6 +136,8 @@ impl<'a> Back<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     /// Every member of an object, last first.
     fn members(text: &[u8]) -> Option<Vec<(String, String)>> {
