@@ -297,19 +297,13 @@ impl<'a> Fields<'a> {
             } else if let Some((_, inner)) = NESTED_NUMBERS.iter().find(|(k, _)| is(key, k)) {
                 // A repeated object replaces the earlier one whole.
                 inner.iter().for_each(|&(_, at)| f.numbers[at] = None);
-                if s.peek()? != b'{' {
-                    s.skip()?;
-                    continue;
-                }
-                s.open(b'{')?;
-                let mut first = true;
-                while s.more(b'}', &mut first)? {
-                    let key = s.key()?;
+                s.object(|s, key| {
                     match inner.iter().find(|(k, _)| is(key, k)) {
                         Some(&(_, at)) => f.numbers[at] = s.number_or_skip()?,
                         None => s.skip()?,
                     }
-                }
+                    Some(())
+                })?;
             } else {
                 s.skip()?;
             }
@@ -615,6 +609,22 @@ impl<'a> Scan<'a> {
         Some(false)
     }
 
+    /// The members of the object at the position, each key (as [`key`](Self::key) reads it)
+    /// given to `each` to read or skip its value; any other value is skipped. Whether it was an
+    /// object.
+    pub(super) fn object(&mut self, mut each: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<bool> {
+        if self.peek()? != b'{' {
+            return self.skip().map(|()| false);
+        }
+        self.open(b'{')?;
+        let mut first = true;
+        while self.more(b'}', &mut first)? {
+            let key = self.key()?;
+            each(self, key)?;
+        }
+        Some(true)
+    }
+
     /// An object's next key (UTF-8, checked) and its colon; `None` for one written with an
     /// escape.
     pub(super) fn key(&mut self) -> Option<&'a [u8]> {
@@ -718,15 +728,7 @@ impl<'a> Scan<'a> {
                 }
                 Some(())
             }
-            b'{' => {
-                self.open(b'{')?;
-                let mut first = true;
-                while self.more(b'}', &mut first)? {
-                    self.key()?;
-                    self.skip()?;
-                }
-                Some(())
-            }
+            b'{' => self.object(|s, _| s.skip()).map(drop),
             b't' | b'f' | b'n' => self.literal(),
             _ => self.skip_number(),
         }
@@ -850,20 +852,16 @@ impl<'a> Scan<'a> {
 
     /// A part's `source`: when it is an object of `"type": "text"`, the text of its `data`.
     fn source(&mut self, depth: u32) -> Option<Option<Count>> {
-        if self.peek()? != b'{' {
-            return self.skip().map(|()| None);
-        }
         let (mut text, mut data) = (false, Count::default());
-        self.open(b'{')?;
-        let mut first = true;
-        while self.more(b'}', &mut first)? {
-            match self.key()? {
-                b"type" => text = self.str_or_skip()? == Some("text"),
-                b"data" => data = self.walk(depth + 1)?,
-                _ => self.skip()?,
+        let object = self.object(|s, key| {
+            match key {
+                b"type" => text = s.str_or_skip()? == Some("text"),
+                b"data" => data = s.walk(depth + 1)?,
+                _ => s.skip()?,
             }
-        }
-        Some(text.then_some(data))
+            Some(())
+        })?;
+        Some((object && text).then_some(data))
     }
 
     /// [`Count::json`], reading the value: its characters as compact JSON.

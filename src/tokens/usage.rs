@@ -249,25 +249,19 @@ fn pruned(body: &[u8]) -> Option<Value> {
 /// (a repeated key keeps its last value, as in serde_json). A value that is not an object reads
 /// as `null`: nothing in it is read.
 fn pruned_object(s: &mut Scan, whole: &[&str], nested: &[&str]) -> Option<Value> {
-    if s.peek()? != b'{' {
-        return s.skip().map(|()| Value::Null);
-    }
     let mut map = Map::new();
-    s.open(b'{')?;
-    let mut first = true;
-    while s.more(b'}', &mut first)? {
-        let key = s.key()?;
+    let object = s.object(|s, key| {
         let (name, value) = if let Some(name) = whole.iter().find(|name| name.as_bytes() == key) {
             (name, s.value()?)
         } else if let Some(name) = nested.iter().find(|name| name.as_bytes() == key) {
             (name, pruned_object(s, &["usage"], &[])?)
         } else {
-            s.skip()?;
-            continue;
+            return s.skip();
         };
         map.insert((*name).to_owned(), value);
-    }
-    Some(Value::Object(map))
+        Some(())
+    })?;
+    Some(if object { Value::Object(map) } else { Value::Null })
 }
 
 /// Reads the usage of a server-sent event stream (`text/event-stream`) fed chunk by chunk,
@@ -562,35 +556,26 @@ impl Counts {
     /// value); `None` where [`Scan`] leaves the text to serde_json.
     fn scan(s: &mut Scan) -> Option<Counts> {
         let mut c = Counts::default();
-        if s.peek()? != b'{' {
-            return s.skip().map(|()| c);
-        }
-        s.open(b'{')?;
-        let mut first = true;
-        while s.more(b'}', &mut first)? {
-            let key = s.key()?;
+        s.object(|s, key| {
             if let Some(i) = COUNTS.iter().position(|k| k.as_bytes() == key) {
                 c.present |= 1 << i;
                 c.counts[i] = s.number_or_skip()?.as_ref().map(count);
             } else if let Some(i) = DETAILS.iter().position(|k| k.as_bytes() == key) {
+                // A repeated object replaces the earlier one whole.
                 c.cached[i] = None;
-                if s.peek()? != b'{' {
-                    s.skip()?;
-                    continue;
-                }
-                s.open(b'{')?;
-                let mut first = true;
-                while s.more(b'}', &mut first)? {
-                    if s.key()? == b"cached_tokens" {
+                s.object(|s, key| {
+                    if key == b"cached_tokens" {
                         c.cached[i] = s.number_or_skip()?.as_ref().map(count);
                     } else {
                         s.skip()?;
                     }
-                }
+                    Some(())
+                })?;
             } else {
                 s.skip()?;
             }
-        }
+            Some(())
+        })?;
         Some(c)
     }
 
